@@ -1,0 +1,3 @@
+from runfmt.cli import main
+
+main()

@@ -1,0 +1,244 @@
+"""verify and repair: every problem in a run, and the way back to a consistent state."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from runfmt.errors import FormatError, InvalidInputError, RunfmtError, StageFileError
+from runfmt.format import names
+from runfmt.format.checksum import parse_sums, sha256_hex
+from runfmt.format.frames import DataFrame, FrameDecoder
+from runfmt.format.manifest import ChangeSet, FileEntry, Manifest, StageEntry, encode_manifest
+from runfmt.format.records import decode_lines, is_failure
+from runfmt.format.schemas import schema_errors
+from runfmt.format.validate import FileCheck, Problem, check_listing
+from runfmt.locking import commit_lock, writer_alive
+from runfmt.run import commit_locked, load_manifest, revisions, write_sums
+from runfmt.storage import Storage
+
+__all__ = ["RepairReport", "repair_run", "verify_run"]
+
+_CHUNK = 1 << 20
+_SALVAGE_STEP = 64 << 10
+
+
+def verify_run(run: Storage) -> list[Problem]:
+    """Check a run against the spec and its manifest; every problem found, none raised."""
+    try:
+        manifest = load_manifest(run)
+    except RunfmtError as exc:
+        return [Problem(exc.location or run.where(), exc.problem, "MAN-2")]
+    problems: list[Problem] = []
+    manifest_bytes = encode_manifest(manifest)
+    try:
+        current = run.read(names.MANIFEST_FILE)
+    except FileNotFoundError:
+        current = None
+    if current != manifest_bytes:
+        what = "is missing" if current is None else "differs from the newest revision"
+        problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
+    files = run.walk()
+    links = frozenset(run.symlinks())
+    problems += check_listing(manifest, files, links)
+    for stage in manifest.stages:
+        for entry in stage.files:
+            problems += _check_file(run, entry, stage, files.get(entry.path), links)
+    for art in manifest.artifacts:
+        if art.path not in files:
+            problems.append(Problem(art.path, "listed artifact is missing", "LAYOUT-3"))
+        elif not run.inside(art.path):
+            problems.append(Problem(art.path, "artifact goes through a link", "LAYOUT-5"))
+        else:
+            data = run.read(art.path)
+            if len(data) != art.bytes or sha256_hex(data) != art.sha256:
+                problems.append(Problem(art.path, "length or sha256 does not match", "CHECK-1"))
+    if names.SUMS_FILE in files:
+        problems += _check_sums(run, manifest, manifest_bytes)
+    return problems
+
+
+def _check_file(
+    run: Storage, entry: FileEntry, stage: StageEntry, size: int | None, links: frozenset[str]
+) -> list[Problem]:
+    if size is not None and not run.inside(entry.path):
+        return [Problem(entry.path, "listed file goes through a link", "LAYOUT-5")]
+    check = FileCheck(entry, stage)
+    if size is not None:
+        with run.open_read(entry.path) as f:
+            remaining = entry.bytes
+            while remaining > 0:
+                chunk = f.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                check.feed(chunk)
+                remaining -= len(chunk)
+    return check.finish(size)
+
+
+def _check_sums(run: Storage, manifest: Manifest, manifest_bytes: bytes) -> list[Problem]:
+    try:
+        sums = parse_sums(run.read(names.SUMS_FILE).decode("utf-8", "replace"))
+    except FormatError as exc:
+        return [Problem(names.SUMS_FILE, exc.problem, "CHECK-3", repairable=True)]
+    expected = {f.path: f.sha256 for s in manifest.stages for f in s.files}
+    expected |= {a.path: a.sha256 for a in manifest.artifacts}
+    expected[names.MANIFEST_FILE] = sha256_hex(manifest_bytes)
+    if sums != expected or manifest.status == "running":
+        return [Problem(names.SUMS_FILE, "does not match the manifest", "CHECK-3", repairable=True)]
+    return []
+
+
+@dataclass
+class RepairReport:
+    """What `repair_run` did, and what it could not fix."""
+
+    actions: list[str] = field(default_factory=list)
+    salvaged_records: int = 0
+    left: list[Problem] = field(default_factory=list)
+
+
+def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
+    """Bring a crashed run back to a consistent state without losing a committed record.
+
+    Bytes written after the last commit by writers that are gone are salvaged
+    when they form complete, valid frames (``salvage=True``) and are otherwise
+    cut off; files of live writers are left alone (COMMIT-8).
+    """
+    report = RepairReport()
+    with commit_lock(run, timeout=60.0):
+        manifest = _newest_readable(run, report)
+        changes = ChangeSet()
+        files = run.walk()
+        links = run.symlinks()
+        listed = {f.path: (f, s) for s in manifest.stages for f in s.files}
+        for path, size in sorted(files.items()):
+            if not path.startswith(names.STAGES_DIR + "/") or path in links:
+                continue
+            try:
+                stage_name, parsed = names.parse_stage_file(path)
+            except InvalidInputError:
+                report.left.append(Problem(path, "not a stage file name; left alone", "NAME-4"))
+                continue
+            if writer_alive(run, parsed.writer):
+                report.actions.append(f"{path}: writer {parsed.writer} is still running; skipped")
+                continue
+            entry, stage = listed.get(path, (None, manifest.stage(stage_name)))
+            if entry is not None and size == entry.bytes:
+                continue
+            if entry is not None and size < entry.bytes:
+                report.left.append(
+                    Problem(path, f"has {size} bytes, {entry.bytes} committed", "CHECK-1")
+                )
+                continue
+            _repair_file(run, path, entry, stage, salvage, changes, report)
+        for path in files:
+            if path.rsplit("/", 1)[-1].startswith(".tmp-"):
+                run.delete(path)
+        if changes:
+            manifest = commit_locked(run, changes, manifest)
+            report.actions.append(f"committed revision {manifest.revision}")
+        data = encode_manifest(manifest)
+        try:
+            current = run.read(names.MANIFEST_FILE)
+        except FileNotFoundError:
+            current = None
+        if current != data:
+            run.write_atomic(names.MANIFEST_FILE, data)
+            report.actions.append("rewrote manifest.json from the newest revision")
+        if manifest.finished and _check_sums(run, manifest, data):
+            write_sums(run, manifest)
+            report.actions.append("rewrote SHA256SUMS")
+    return report
+
+
+def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
+    """The newest revision that decodes; newer unreadable ones are set aside."""
+    revs = revisions(run)
+    for rev in reversed(revs):
+        try:
+            return load_manifest(run, rev)
+        except FormatError as exc:
+            if rev == revs[0]:
+                raise
+            rel = names.revision_file(rev)
+            data = run.read(rel)
+            run.put(f"{names.MANIFESTS_DIR}/.corrupt-{rev:08d}.json", data)
+            run.delete(rel)
+            report.actions.append(f"{rel}: unreadable ({exc.problem}); moved aside")
+    return load_manifest(run)
+
+
+def _repair_file(
+    run: Storage,
+    path: str,
+    entry: FileEntry | None,
+    stage: StageEntry | None,
+    salvage: bool,
+    changes: ChangeSet,
+    report: RepairReport,
+) -> None:
+    committed = entry.bytes if entry else 0
+    keep, records, failures, header = (
+        _complete_prefix(run.read(path)) if salvage else (0, 0, 0, None)
+    )
+    stage_name, _ = names.parse_stage_file(path)
+    usable = (
+        header is not None
+        and header.get("stage") == stage_name
+        and (
+            stage is None
+            or (header["record_schema_version"], header["key_field"])
+            == (stage.record_schema_version, stage.key_field)
+        )
+    )
+    if not usable or records <= (entry.records if entry else 0):
+        keep = committed
+    if keep == 0:
+        run.delete(path)
+        report.actions.append(f"{path}: removed (no committed or complete records)")
+        return
+    if keep > committed:
+        assert header is not None
+        if stage is None:
+            changes.stages[stage_name] = StageEntry(
+                stage_name,
+                "running",
+                str(header["record_schema_version"]),
+                None if header["key_field"] is None else str(header["key_field"]),
+            )
+        digest = hashlib.sha256(run.read_range(path, 0, keep)).hexdigest()
+        changes.files[path] = FileEntry(path, keep, records, failures, digest)
+        report.salvaged_records += records - (entry.records if entry else 0)
+        report.actions.append(
+            f"{path}: salvaged {records - (entry.records if entry else 0)} records"
+        )
+    size = run.size(path) or 0
+    if size > keep:
+        if run.is_local:
+            run.truncate(path, keep)
+            report.actions.append(f"{path}: cut {size - keep} bytes after the last complete frame")
+        else:
+            report.left.append(Problem(path, "object has a torn tail", "COMMIT-8"))
+
+
+def _complete_prefix(data: bytes) -> tuple[int, int, int, dict[str, object] | None]:
+    """Length, records and failures of the longest valid prefix of whole frames, and the header."""
+    decoder = FrameDecoder()
+    records = failures = end = 0
+    header = None
+    try:
+        for start in range(0, len(data), _SALVAGE_STEP):
+            for event in decoder.feed(data[start : start + _SALVAGE_STEP]):
+                if isinstance(event, DataFrame):
+                    batch = decode_lines(event.content)
+                    records += len(batch)
+                    failures += sum(map(is_failure, batch))
+                    end = event.end
+                elif schema_errors("stage-header", event):
+                    return 0, 0, 0, None
+                else:
+                    header, end = event, decoder.header_end
+    except StageFileError:
+        pass
+    return (end, records, failures, header) if header is not None else (0, 0, 0, None)

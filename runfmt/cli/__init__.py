@@ -1,0 +1,135 @@
+"""The ``runfmt`` command line: parse, call the library, render (rich, or ``--json``).
+
+Commands live in the ``_*.py`` modules of this package, grouped by area; each
+registers on `app`. Heavy imports happen inside commands so that
+``runfmt --help`` starts fast. Exit codes: 0 ok, 1 a problem found or an
+operation failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from runfmt.store import Store
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="runfmt",
+    help="Write, read, verify and manage runs stored in the runfmt format.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@dataclass
+class State:
+    """Options given before the command, shared by every command."""
+
+    store_url: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def store(self, *, read_only: bool = False) -> Store:
+        from runfmt.store import Store
+
+        return Store(self.store_url, self.storage_options, read_only=read_only)
+
+
+def _parse_options(values: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            "-s",
+            envvar="RUNFMT_STORE",
+            help="Store location: a folder or fsspec URL (s3://bucket/prefix). Default ./runs.",
+            show_envvar=True,
+        ),
+    ] = None,
+    storage_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--storage-option",
+            "-o",
+            help="KEY=VALUE passed to fsspec (repeatable; VALUE parsed as JSON when it can be). "
+            "Never stored or printed.",
+        ),
+    ] = None,
+) -> None:
+    """Write, read, verify and manage runs stored in the runfmt format."""
+    ctx.obj = State(store, _parse_options(storage_option or []))
+
+
+def state(ctx: typer.Context) -> State:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, State)
+    return obj
+
+
+def print_json(value: Any) -> None:
+    """Write one JSON document to stdout."""
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print an error to stderr and exit with ``code``."""
+    sys.stderr.write(f"runfmt: error: {message}\n")
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Entry point: run the app; a `RunfmtError` becomes a message and exit 1."""
+    from runfmt.errors import RunfmtError
+
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("runfmt: aborted\n")
+        sys.exit(130)
+    except RunfmtError as exc:
+        sys.stderr.write(f"runfmt: error: {exc}\n")
+        sys.exit(1)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+def _load_commands() -> None:
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_load_commands()

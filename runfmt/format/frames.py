@@ -1,0 +1,244 @@
+"""Stage file framing: the 9-byte empty zstd frame, the skippable header frame, data frames.
+
+A stage file is ``PREFIX + header_frame(header) + data_frame(lines)*`` (spec §5).
+`FrameDecoder` is fed chunks split anywhere and yields the header and each data
+frame's decompressed payload; `FrameDecoder.close` tells a torn tail apart from a
+clean end. Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import zstandard
+
+from runfmt.errors import StageFileError
+
+__all__ = [
+    "HEADER_MAGIC",
+    "MAX_FRAME_CONTENT",
+    "MAX_HEADER_SIZE",
+    "PREFIX",
+    "DataFrame",
+    "FrameDecoder",
+    "FrameEncoder",
+    "Header",
+    "decode_header",
+    "encode_header",
+    "iter_frames",
+]
+
+PREFIX = bytes.fromhex("28b52ffd2000010000")
+"""An empty zstd frame: makes the file start with the zstd magic number (FRAME-1)."""
+ZSTD_MAGIC = PREFIX[:4]
+HEADER_MAGIC = 0x184D2A52
+"""The skippable-frame magic number of the header frame (FRAME-2)."""
+SKIPPABLE_MIN, SKIPPABLE_MAX = 0x184D2A50, 0x184D2A5F
+MAX_HEADER_SIZE = 64 * 1024
+MAX_FRAME_CONTENT = 64 * 1024 * 1024
+"""The largest decompressed size a data frame may declare (FRAME-4)."""
+_FEED = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DataFrame:
+    """A decoded data frame: where it starts and ends in the file, and its content."""
+
+    start: int
+    end: int
+    content: bytes
+
+
+Header = dict[str, Any]
+
+
+def encode_header(header: Header) -> bytes:
+    """The skippable frame carrying ``header`` as compact UTF-8 JSON."""
+    body = orjson.dumps(header)
+    if len(body) > MAX_HEADER_SIZE:
+        raise StageFileError(f"stage file header is {len(body)} bytes, over {MAX_HEADER_SIZE}")
+    return struct.pack("<II", HEADER_MAGIC, len(body)) + body
+
+
+def decode_header(body: bytes) -> Header:
+    """Parse the JSON body of a header frame."""
+    try:
+        header = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise StageFileError(f"header frame is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise StageFileError("header frame is not a JSON object")
+    return header
+
+
+class FrameEncoder:
+    """Compresses payloads into independent zstd frames with content size and checksum."""
+
+    def __init__(self, level: int = 3) -> None:
+        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+
+    def encode(self, payload: bytes) -> bytes:
+        if len(payload) > MAX_FRAME_CONTENT:
+            raise StageFileError(f"frame content of {len(payload)} bytes over {MAX_FRAME_CONTENT}")
+        return self._cctx.compress(payload)
+
+
+class FrameDecoder:
+    """Incremental stage file decoder: `feed` chunks, collect events, then `close`.
+
+    Events are the header (a dict, once, first) and `DataFrame` values, in file
+    order. Raises `StageFileError` with the byte offset on any malformed input.
+    """
+
+    def __init__(self, max_frame_content: int = MAX_FRAME_CONTENT) -> None:
+        self._buf = bytearray()
+        self._offset = 0
+        self._state = "prefix"
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+        self._dobj: Any = None
+        self._frame_start = 0
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._content_size = 0
+        self._skip = 0
+        self._max = max_frame_content
+        self.header: Header | None = None
+        self.header_end = 0
+        self.complete_end = 0
+        """Offset just past the last complete frame (where a torn tail begins)."""
+
+    def feed(self, chunk: bytes) -> list[Header | DataFrame]:
+        self._buf += chunk
+        events: list[Header | DataFrame] = []
+        while self._step(events):
+            pass
+        return events
+
+    def close(self) -> None:
+        """Check that the input ended on a frame boundary, after the header."""
+        if self._state in ("prefix", "header"):
+            where = "header"
+        elif self._buf or self._dobj is not None or self._skip:
+            where = "frame"
+        else:
+            return
+        raise StageFileError(
+            f"truncated {where} at byte {self.complete_end}",
+            hint="the file was cut short; `runfmt repair` restores the last commit",
+        )
+
+    def _error(self, what: str) -> StageFileError:
+        return StageFileError(f"{what} at byte {self._frame_start}")
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        self._offset += n
+        return data
+
+    def _step(self, events: list[Header | DataFrame]) -> bool:
+        if self._skip:
+            n = min(self._skip, len(self._buf))
+            self._take(n)
+            self._skip -= n
+            if not self._skip:
+                self.complete_end = self._offset
+            return bool(n)
+        if self._dobj is not None:
+            return self._decompress(events)
+        if self._state == "prefix":
+            if len(self._buf) < len(PREFIX):
+                if not PREFIX.startswith(bytes(self._buf)):
+                    raise StageFileError("file does not start with the empty zstd frame (FRAME-1)")
+                return False
+            if self._take(len(PREFIX)) != PREFIX:
+                raise StageFileError("file does not start with the empty zstd frame (FRAME-1)")
+            self._state = "header"
+            return True
+        if len(self._buf) < 8:
+            if self._state == "header" and self._buf and not _is_prefix_of_magic(self._buf):
+                raise self._error("expected the header frame")
+            return False
+        self._frame_start = self._offset
+        magic, size = struct.unpack_from("<II", self._buf)
+        if self._state == "header":
+            if magic != HEADER_MAGIC:
+                raise StageFileError(f"expected the header frame at byte {self._offset} (FRAME-2)")
+            if size > MAX_HEADER_SIZE:
+                raise self._error(f"header frame of {size} bytes, over {MAX_HEADER_SIZE}")
+            if len(self._buf) < 8 + size:
+                return False
+            self._take(8)
+            self.header = decode_header(self._take(size))
+            self.header_end = self._offset
+            events.append(self.header)
+            self._state = "frames"
+            self.complete_end = self._offset
+            return True
+        if SKIPPABLE_MIN <= magic <= SKIPPABLE_MAX:
+            self._take(8)
+            self._skip = size
+            if not size:
+                self.complete_end = self._offset
+            return True
+        if bytes(self._buf[:4]) != ZSTD_MAGIC:
+            raise self._error("not a zstd frame")
+        try:
+            params = zstandard.get_frame_parameters(bytes(self._buf[:18]))
+        except zstandard.ZstdError:
+            if len(self._buf) < 18:
+                return False
+            raise self._error("invalid zstd frame header") from None
+        if params.content_size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+            raise self._error("data frame does not declare its content size (FRAME-4)")
+        if params.content_size > self._max:
+            raise self._error(
+                f"data frame declares {params.content_size} bytes, over {self._max} (FRAME-4)"
+            )
+        if not params.has_checksum:
+            raise self._error("data frame has no content checksum (FRAME-3)")
+        self._content_size = params.content_size
+        self._dobj = self._dctx.decompressobj()
+        self._out, self._out_size = [], 0
+        return True
+
+    def _decompress(self, events: list[Header | DataFrame]) -> bool:
+        if not self._buf:
+            return False
+        n = min(len(self._buf), _FEED)
+        chunk = self._take(n)
+        try:
+            out = self._dobj.decompress(chunk)
+        except zstandard.ZstdError as exc:
+            raise self._error(f"corrupt zstd frame: {exc}") from None
+        self._out_size += len(out)
+        if self._out_size > self._content_size:
+            raise self._error("data frame decompresses past its declared size")
+        self._out.append(out)
+        if not self._dobj.eof:
+            return True
+        unused = self._dobj.unused_data
+        if unused:
+            self._buf[:0] = unused
+            self._offset -= len(unused)
+        self._dobj = None
+        if self._out_size != self._content_size:
+            raise self._error("data frame content size does not match its header")
+        events.append(DataFrame(self._frame_start, self._offset, b"".join(self._out)))
+        self.complete_end = self._offset
+        return True
+
+
+def _is_prefix_of_magic(buf: bytearray) -> bool:
+    return struct.pack("<I", HEADER_MAGIC).startswith(bytes(buf[:4]))
+
+
+def iter_frames(data: bytes) -> Iterator[Header | DataFrame]:
+    """Decode a whole stage file held in memory; raises on a torn or corrupt file."""
+    decoder = FrameDecoder()
+    yield from decoder.feed(data)
+    decoder.close()

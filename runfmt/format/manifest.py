@@ -1,0 +1,382 @@
+"""The manifest model: frozen dataclasses, JSON encode/decode, compatibility, merging (spec §4)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from runfmt.errors import ConflictError, InvalidInputError, ManifestError, UnsupportedFormatError
+from runfmt.format import names
+from runfmt.format.schemas import schema_errors
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SUPPORTED_FEATURES",
+    "ArtifactEntry",
+    "ChangeSet",
+    "FileEntry",
+    "Manifest",
+    "StageEntry",
+    "apply_changes",
+    "check_compatible",
+    "decode_manifest",
+    "encode_manifest",
+    "manifest_problems",
+]
+
+FORMAT_VERSION = "1.0"
+SUPPORTED_FEATURES: frozenset[str] = frozenset()
+RunStatus = Literal["running", "completed", "failed", "cancelled"]
+StageStatus = Literal["running", "completed", "failed"]
+RUN_STATUSES = ("running", "completed", "failed", "cancelled")
+STAGE_STATUSES = ("running", "completed", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """A committed stage file: its first ``bytes`` bytes hold ``records`` records."""
+
+    path: str
+    bytes: int
+    records: int
+    failures: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class StageEntry:
+    name: str
+    status: StageStatus = "running"
+    record_schema_version: str = "1"
+    key_field: str | None = None
+    files: tuple[FileEntry, ...] = ()
+
+    @property
+    def records(self) -> int:
+        return sum(f.records for f in self.files)
+
+    @property
+    def failures(self) -> int:
+        return sum(f.failures for f in self.files)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactEntry:
+    path: str
+    bytes: int
+    sha256: str
+    media_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    run_id: str
+    name: str
+    revision: int
+    status: RunStatus
+    created_at: str
+    updated_at: str
+    config: Mapping[str, Any]
+    config_hash: str
+    format_version: str = FORMAT_VERSION
+    required_features: tuple[str, ...] = ()
+    error: str | None = None
+    finished_at: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    counters: Mapping[str, float | int] = field(default_factory=dict)
+    stages: tuple[StageEntry, ...] = ()
+    artifacts: tuple[ArtifactEntry, ...] = ()
+    writer: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Members this reader does not know, kept so a rewrite does not drop them."""
+
+    def stage(self, name: str) -> StageEntry | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def listed_paths(self) -> dict[str, int]:
+        """Every run-relative path the manifest lists, with its byte length."""
+        paths = {f.path: f.bytes for s in self.stages for f in s.files}
+        paths.update((a.path, a.bytes) for a in self.artifacts)
+        return paths
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "running"
+
+
+_KNOWN = frozenset(
+    {
+        "format", "format_version", "required_features", "run_id", "name", "revision", "status",
+        "error", "created_at", "updated_at", "finished_at", "config", "config_hash", "tags",
+        "counters", "stages", "artifacts", "writer",
+    }
+)  # fmt: skip
+
+
+def to_json(m: Manifest) -> dict[str, Any]:
+    """The manifest as a JSON-ready dict, members in spec order."""
+    doc: dict[str, Any] = {
+        "format": "runfmt",
+        "format_version": m.format_version,
+        "required_features": list(m.required_features),
+        "run_id": m.run_id,
+        "name": m.name,
+        "revision": m.revision,
+        "status": m.status,
+        "error": m.error,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+        "finished_at": m.finished_at,
+        "config": m.config,
+        "config_hash": m.config_hash,
+        "tags": dict(m.tags),
+        "counters": dict(m.counters),
+        "stages": [
+            {
+                "name": s.name,
+                "status": s.status,
+                "record_schema_version": s.record_schema_version,
+                "key_field": s.key_field,
+                "files": [
+                    {
+                        "path": f.path,
+                        "bytes": f.bytes,
+                        "records": f.records,
+                        "failures": f.failures,
+                        "sha256": f.sha256,
+                    }
+                    for f in s.files
+                ],
+            }
+            for s in m.stages
+        ],
+        "artifacts": [
+            {"path": a.path, "bytes": a.bytes, "sha256": a.sha256, "media_type": a.media_type}
+            for a in m.artifacts
+        ],
+        "writer": dict(m.writer),
+    }
+    doc.update(m.extra)
+    return doc
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    """Manifest bytes: UTF-8 JSON, two-space indent, trailing newline (MAN-1)."""
+    try:
+        text = json.dumps(to_json(m), indent=2, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"manifest is not valid JSON: {exc}") from None
+    return text.encode("utf-8") + b"\n"
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ManifestError(f"duplicate member {dup!r} (MAN-1)")
+    return obj
+
+
+def _reject_constant(name: str) -> None:
+    raise ManifestError(f"{name} is not valid JSON (MAN-1)")
+
+
+def parse_json(data: bytes) -> Any:
+    """Strict JSON parsing: UTF-8, no duplicate member names, no NaN/Infinity."""
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"not UTF-8: {exc} (MAN-1)") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"not valid JSON: {exc} (MAN-1)") from None
+
+
+def check_compatible(version: object, features: object) -> None:
+    """Refuse data that needs a newer reader (VER-2, VER-3)."""
+    if isinstance(version, str) and version.partition(".")[0].isdigit():
+        major = int(version.partition(".")[0])
+        if major > int(FORMAT_VERSION.partition(".")[0]):
+            raise UnsupportedFormatError(
+                f"format version {version} is newer than this reader ({FORMAT_VERSION}) (VER-2)",
+                hint="upgrade runfmt to read this run",
+            )
+    if isinstance(features, list):
+        unknown = sorted({f for f in features if isinstance(f, str)} - SUPPORTED_FEATURES)
+        if unknown:
+            raise UnsupportedFormatError(
+                f"run requires unknown features {', '.join(unknown)} (VER-3)",
+                hint="upgrade runfmt to read this run",
+            )
+
+
+def manifest_problems(doc: Any) -> list[str]:
+    """Every schema violation and cross-field rule broken by a manifest document."""
+    problems = schema_errors("manifest", doc)
+    if problems or not isinstance(doc, dict):
+        return problems or ["$: not a JSON object"]
+    seen_paths: dict[str, str] = {}
+    stage_names = set()
+    for i, stage in enumerate(doc["stages"]):
+        if stage["name"] in stage_names:
+            problems.append(f"$.stages[{i}]: duplicate stage {stage['name']!r} (MAN-4)")
+        stage_names.add(stage["name"])
+        for j, f in enumerate(stage["files"]):
+            where = f"$.stages[{i}].files[{j}]"
+            if f["path"].split("/")[1] != stage["name"]:
+                problems.append(
+                    f"{where}: {f['path']!r} is not under stages/{stage['name']}/ (MAN-5)"
+                )
+            if f["failures"] > f["records"]:
+                problems.append(f"{where}: more failures than records (MAN-5)")
+            _unique_path(f["path"], where, seen_paths, problems)
+    for i, a in enumerate(doc["artifacts"]):
+        where = f"$.artifacts[{i}]"
+        try:
+            names.validate_artifact_name(a["path"].removeprefix("artifacts/"))
+        except InvalidInputError as exc:
+            problems.append(f"{where}: {exc} (MAN-6)")
+        _unique_path(a["path"], where, seen_paths, problems)
+    return problems
+
+
+def _unique_path(path: str, where: str, seen: dict[str, str], problems: list[str]) -> None:
+    folded = path.casefold()
+    if folded in seen:
+        problems.append(f"{where}: {path!r} collides with {seen[folded]} (MAN-7)")
+    seen[folded] = where
+
+
+def decode_manifest(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes; raises `ManifestError` listing every problem."""
+    doc = parse_json(data)
+    if isinstance(doc, dict):
+        check_compatible(doc.get("format_version"), doc.get("required_features"))
+    problems = manifest_problems(doc)
+    if problems:
+        raise ManifestError("invalid manifest: " + "; ".join(problems))
+    return from_json(doc)
+
+
+def from_json(doc: dict[str, Any]) -> Manifest:
+    """Build the model from a schema-valid document."""
+    return Manifest(
+        run_id=doc["run_id"],
+        name=doc["name"],
+        revision=doc["revision"],
+        status=doc["status"],
+        created_at=doc["created_at"],
+        updated_at=doc["updated_at"],
+        config=doc["config"],
+        config_hash=doc["config_hash"],
+        format_version=doc["format_version"],
+        required_features=tuple(doc["required_features"]),
+        error=doc.get("error"),
+        finished_at=doc.get("finished_at"),
+        tags=doc["tags"],
+        counters=doc["counters"],
+        stages=tuple(
+            StageEntry(
+                name=s["name"],
+                status=s["status"],
+                record_schema_version=s["record_schema_version"],
+                key_field=s["key_field"],
+                files=tuple(
+                    FileEntry(f["path"], f["bytes"], f["records"], f["failures"], f["sha256"])
+                    for f in s["files"]
+                ),
+            )
+            for s in doc["stages"]
+        ),
+        artifacts=tuple(
+            ArtifactEntry(a["path"], a["bytes"], a["sha256"], a["media_type"])
+            for a in doc["artifacts"]
+        ),
+        writer=doc.get("writer", {}),
+        extra={k: v for k, v in doc.items() if k not in _KNOWN},
+    )
+
+
+@dataclass(slots=True)
+class ChangeSet:
+    """What one writer changes in a commit, re-applicable to whatever revision is newest.
+
+    Files are keyed by path (only their writer extends them); counters are
+    deltas, so concurrent writers never lose or double-count (COMMIT-6).
+    """
+
+    stages: dict[str, StageEntry] = field(default_factory=dict)
+    """Stages to declare: name, record schema version, key field (files ignored)."""
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    stage_status: dict[str, StageStatus] = field(default_factory=dict)
+    counters: dict[str, float | int] = field(default_factory=dict)
+    artifacts: dict[str, ArtifactEntry] = field(default_factory=dict)
+    status: RunStatus | None = None
+    error: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return any(
+            (self.stages, self.files, self.stage_status, self.counters, self.artifacts,
+             self.status, self.tags)
+        )  # fmt: skip
+
+
+def apply_changes(base: Manifest, changes: ChangeSet, revision: int, now: str) -> Manifest:
+    """The next revision: ``base`` with ``changes`` merged in (COMMIT-5)."""
+    stages = {s.name: s for s in base.stages}
+    for name, declared in changes.stages.items():
+        current = stages.get(name)
+        if current is None:
+            stages[name] = replace(declared, files=())
+        elif (current.record_schema_version, current.key_field) != (
+            declared.record_schema_version,
+            declared.key_field,
+        ):
+            raise ConflictError(
+                f"stage {name!r} is declared with record schema "
+                f"{current.record_schema_version!r} and key field {current.key_field!r}",
+                hint="use the stage's existing declaration, or a new stage name",
+            )
+    for entry in changes.files.values():
+        stage_name, _ = names.parse_stage_file(entry.path)
+        stage = stages[stage_name]
+        files = list(stage.files)
+        at = next((i for i, f in enumerate(files) if f.path == entry.path), None)
+        if at is None:
+            files.append(entry)
+        elif files[at].bytes <= entry.bytes:
+            files[at] = entry
+        else:
+            raise ConflictError(f"{entry.path}: a newer revision lists more bytes than this writer")
+        stages[stage_name] = replace(stage, files=tuple(files))
+    for name, stage_status in changes.stage_status.items():
+        stages[name] = replace(stages[name], status=stage_status)
+    counters = dict(base.counters)
+    for name, delta in changes.counters.items():
+        counters[name] = counters.get(name, 0) + delta
+    artifacts = {a.path: a for a in base.artifacts} | changes.artifacts
+    status = changes.status or base.status
+    finished = base.finished_at if changes.status in (None, "running") else now
+    return replace(
+        base,
+        revision=revision,
+        updated_at=now,
+        status=status,
+        error=changes.error if changes.status else base.error,
+        finished_at=None if status == "running" else finished,
+        tags={**base.tags, **changes.tags},
+        counters=counters,
+        stages=tuple(stages.values()),
+        artifacts=tuple(artifacts.values()),
+    )

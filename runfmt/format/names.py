@@ -1,0 +1,154 @@
+"""The name grammar: run ids, stage names, stage file names and artifact paths (spec §3)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from runfmt.errors import InvalidInputError
+
+__all__ = [
+    "MANIFESTS_DIR",
+    "MANIFEST_FILE",
+    "SUMS_FILE",
+    "StageFileName",
+    "artifact_path",
+    "format_run_id",
+    "format_stage_file",
+    "is_local_state",
+    "is_run_id",
+    "parse_revision_file",
+    "parse_stage_file",
+    "revision_file",
+    "stage_dir",
+    "validate_artifact_name",
+    "validate_run_id",
+    "validate_stage_name",
+    "validate_writer_id",
+]
+
+MANIFEST_FILE = "manifest.json"
+MANIFESTS_DIR = "_manifests"
+SUMS_FILE = "SHA256SUMS"
+STAGES_DIR = "stages"
+ARTIFACTS_DIR = "artifacts"
+
+_RUN_ID = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,98}[a-z0-9])?")
+_STAGE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_WRITER = re.compile(r"[a-z0-9]{1,32}")
+_STAGE_FILE = re.compile(r"part-(?P<seq>[0-9]{6,})-(?P<writer>[a-z0-9]{1,32})\.jsonl\.zst")
+_SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,198}[A-Za-z0-9_-])?")
+_REVISION = re.compile(r"(?P<rev>[0-9]{8,})\.json")
+_RESERVED_SEGMENTS = frozenset(
+    {"con", "prn", "aux", "nul"}
+    | {f"com{i}" for i in range(1, 10)}
+    | {f"lpt{i}" for i in range(1, 10)}
+)
+
+
+def _check(pattern: re.Pattern[str], value: object, what: str, rule: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise InvalidInputError(
+            f"invalid {what} {value!r}", hint=f"{what}s must match {pattern.pattern} ({rule})"
+        )
+    return value
+
+
+def validate_run_id(value: object) -> str:
+    """Return ``value`` if it is a valid run id, else raise `InvalidInputError`."""
+    return _check(_RUN_ID, value, "run id", "NAME-1")
+
+
+def is_run_id(value: str) -> bool:
+    return _RUN_ID.fullmatch(value) is not None
+
+
+def validate_stage_name(value: object) -> str:
+    """Return ``value`` if it is a valid stage name, else raise `InvalidInputError`."""
+    return _check(_STAGE, value, "stage name", "NAME-2")
+
+
+def validate_writer_id(value: object) -> str:
+    """Return ``value`` if it is a valid writer id, else raise `InvalidInputError`."""
+    return _check(_WRITER, value, "writer id", "NAME-3")
+
+
+def format_run_id(created: datetime, entropy: int) -> str:
+    """A time-sortable run id: ``YYYYMMDD-HHMMSSmmm-xxxxxxxx`` (UTC, 32 bits of entropy)."""
+    return f"{created:%Y%m%d-%H%M%S}{created.microsecond // 1000:03d}-{entropy & 0xFFFFFFFF:08x}"
+
+
+@dataclass(frozen=True, slots=True)
+class StageFileName:
+    """The parts of a stage file name ``part-<seq>-<writer>.jsonl.zst``."""
+
+    seq: int
+    writer: str
+
+
+def format_stage_file(stage: str, seq: int, writer: str) -> str:
+    """The run-relative path of a stage file."""
+    validate_stage_name(stage)
+    validate_writer_id(writer)
+    return f"{STAGES_DIR}/{stage}/part-{seq:06d}-{writer}.jsonl.zst"
+
+
+def parse_stage_file(path: str) -> tuple[str, StageFileName]:
+    """Split a run-relative stage file path into its stage and file name parts."""
+    parts = path.split("/")
+    if len(parts) != 3 or parts[0] != STAGES_DIR:
+        raise InvalidInputError(
+            f"invalid stage file path {path!r}", hint="expected stages/<stage>/<file> (NAME-4)"
+        )
+    stage = validate_stage_name(parts[1])
+    m = _STAGE_FILE.fullmatch(parts[2])
+    if not m:
+        raise InvalidInputError(
+            f"invalid stage file name {parts[2]!r}",
+            hint="expected part-<6+ digits>-<writer id>.jsonl.zst (NAME-4)",
+        )
+    return stage, StageFileName(int(m["seq"]), m["writer"])
+
+
+def stage_dir(stage: str) -> str:
+    """The run-relative folder of a stage's files."""
+    return f"{STAGES_DIR}/{validate_stage_name(stage)}"
+
+
+def validate_artifact_name(name: object) -> str:
+    """Check an artifact name (a relative path below ``artifacts/``) and return it."""
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"invalid artifact name {name!r}", hint="NAME-5")
+    for segment in name.split("/"):
+        if not _SEGMENT.fullmatch(segment) or segment.split(".")[0].lower() in _RESERVED_SEGMENTS:
+            raise InvalidInputError(
+                f"invalid artifact name {name!r}: bad segment {segment!r}",
+                hint=f"segments must match {_SEGMENT.pattern} and not be a device name (NAME-5)",
+            )
+    if len(name) > 512:
+        raise InvalidInputError(f"artifact name longer than 512 characters: {name[:40]!r}...")
+    return name
+
+
+def artifact_path(name: str) -> str:
+    """The run-relative path of an artifact."""
+    return f"{ARTIFACTS_DIR}/{validate_artifact_name(name)}"
+
+
+def revision_file(revision: int) -> str:
+    """The run-relative path of manifest revision ``revision``."""
+    if revision < 1:
+        raise InvalidInputError(f"revision must be >= 1, not {revision}")
+    return f"{MANIFESTS_DIR}/{revision:08d}.json"
+
+
+def parse_revision_file(name: str) -> int | None:
+    """The revision number of a file name in ``_manifests/``, or None for other names."""
+    m = _REVISION.fullmatch(name)
+    return int(m["rev"]) if m and int(m["rev"]) >= 1 else None
+
+
+def is_local_state(name: str) -> bool:
+    """Names beginning with ``.`` are local state: never listed, synced or checksummed."""
+    return name.startswith(".")

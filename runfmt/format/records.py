@@ -1,0 +1,106 @@
+"""Records: JSON objects encoded one per line as UTF-8 JSON Lines (spec §6)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import orjson
+
+from runfmt.errors import InvalidInputError, StageFileError
+
+__all__ = [
+    "ERROR_FIELD",
+    "PARENTS_FIELD",
+    "Record",
+    "decode_lines",
+    "encode_record",
+    "encode_records",
+    "is_failure",
+    "record_key",
+]
+
+Record = dict[str, Any]
+ERROR_FIELD = "_error"
+"""A record whose ``_error`` member is present and not null marks a failure (REC-5)."""
+PARENTS_FIELD = "_parents"
+MAX_KEY_LENGTH = 1024
+_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def encode_record(record: Mapping[str, Any], key_field: str | None = None) -> bytes:
+    """One record as a compact JSON line ending in ``\\n``.
+
+    Refuses what would not read back as the same JSON object: non-objects,
+    non-string member names, NaN and infinities, values JSON has no type for.
+    """
+    if not isinstance(record, dict):
+        raise InvalidInputError(
+            f"a record must be a JSON object (a dict), not {type(record).__name__}"
+        )
+    try:
+        line = orjson.dumps(record, option=_OPTS)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidInputError(f"record is not JSON-serializable: {exc}") from None
+    if b"null" in line:
+        try:
+            json.dumps(record, allow_nan=False)
+        except ValueError:
+            raise InvalidInputError(
+                "record contains NaN or Infinity, which JSON cannot represent"
+            ) from None
+    if key_field is not None:
+        key = record.get(key_field)
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
+            raise InvalidInputError(
+                f"record key field {key_field!r} must be a non-empty string of at most "
+                f"{MAX_KEY_LENGTH} characters, not {key!r:.60}"
+            )
+    return line + b"\n"
+
+
+def encode_records(records: Iterable[Mapping[str, Any]], key_field: str | None = None) -> bytes:
+    """Encode many records; on a bad one nothing is returned and the error names its position."""
+    lines = []
+    for i, record in enumerate(records):
+        try:
+            lines.append(encode_record(record, key_field))
+        except InvalidInputError as exc:
+            raise exc.at(f"record {i}") from None
+    return b"".join(lines)
+
+
+def decode_lines(payload: bytes) -> list[Record]:
+    """Decode a frame's content: whole lines, each one JSON object (REC-1..REC-3).
+
+    Raises `StageFileError` whose ``line`` attribute-free message names the
+    1-based line within the payload.
+    """
+    if not payload:
+        return []
+    if not payload.endswith(b"\n"):
+        raise StageFileError("frame content does not end with a newline (REC-2)")
+    records = []
+    for n, line in enumerate(payload.split(b"\n")[:-1], 1):
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise StageFileError(f"line {n}: not valid UTF-8 JSON: {exc} (REC-1)") from None
+        if type(record) is not dict:
+            raise StageFileError(f"line {n}: not a JSON object (REC-1)")
+        records.append(record)
+    return records
+
+
+def is_failure(record: Mapping[str, Any]) -> bool:
+    """Whether the record marks a failure: it has a non-null ``_error`` member."""
+    return record.get(ERROR_FIELD) is not None
+
+
+def record_key(record: Mapping[str, Any], key_field: str | None) -> str | None:
+    """The record's cache key, or None when the stage has no key field or the record none."""
+    if key_field is None:
+        return None
+    key = record.get(key_field)
+    return key if isinstance(key, str) else None

@@ -1,0 +1,163 @@
+"""Whole-run rules over facts gathered by the I/O layer; every problem, never just the first.
+
+`FileCheck` is fed a stage file's bytes in chunks and reports what is wrong with
+it against its manifest entry. `check_listing` compares a manifest with the
+files found in the run folder. Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from runfmt.errors import StageFileError
+from runfmt.format import names
+from runfmt.format.frames import DataFrame, FrameDecoder
+from runfmt.format.manifest import FileEntry, Manifest, StageEntry
+from runfmt.format.records import decode_lines, is_failure
+from runfmt.format.schemas import schema_errors
+
+__all__ = ["FileCheck", "Problem", "check_listing"]
+
+_RUN_FILES = frozenset({names.MANIFEST_FILE, names.SUMS_FILE})
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a run: where, what, the spec rule, and whether repair fixes it."""
+
+    location: str
+    problem: str
+    rule: str = ""
+    repairable: bool = False
+
+    def __str__(self) -> str:
+        rule = f" ({self.rule})" if self.rule else ""
+        return f"{self.location}: {self.problem}{rule}"
+
+
+class FileCheck:
+    """Checks one listed stage file: length, sha256, header, frames, lines, counts."""
+
+    def __init__(self, entry: FileEntry, stage: StageEntry) -> None:
+        self.entry = entry
+        self.stage = stage
+        self._hash = hashlib.sha256()
+        self._decoder = FrameDecoder()
+        self._seen = 0
+        self._records = 0
+        self._failures = 0
+        self._error: Problem | None = None
+
+    def _fail(self, problem: str, rule: str, line: int | None = None) -> None:
+        if self._error is None:
+            where = self.entry.path if line is None else f"{self.entry.path}:{line}"
+            self._error = Problem(where, problem, rule)
+
+    def feed(self, chunk: bytes) -> None:
+        """Feed the next bytes of the file's listed prefix."""
+        self._hash.update(chunk)
+        self._seen += len(chunk)
+        if self._error is not None:
+            return
+        try:
+            events = self._decoder.feed(chunk)
+        except StageFileError as exc:
+            self._fail(exc.problem, "FRAME-5")
+            return
+        for event in events:
+            if isinstance(event, DataFrame):
+                self._frame(event)
+            else:
+                self._header(event)
+
+    def _header(self, header: Mapping[str, object]) -> None:
+        problems = schema_errors("stage-header", header)
+        if problems:
+            self._fail("invalid header: " + "; ".join(problems), "FRAME-2")
+            return
+        stage, parsed = names.parse_stage_file(self.entry.path)
+        if (header["stage"], header["writer"], header["seq"]) != (stage, parsed.writer, parsed.seq):
+            self._fail("header names another stage or writer than the file name", "FRAME-2")
+        elif (header["record_schema_version"], header["key_field"]) != (
+            self.stage.record_schema_version,
+            self.stage.key_field,
+        ):
+            self._fail(
+                "header record schema version or key field differs from the stage's",
+                "FRAME-2",
+            )
+
+    def _frame(self, frame: DataFrame) -> None:
+        try:
+            records = decode_lines(frame.content)
+        except StageFileError as exc:
+            line_in_frame = exc.problem.split(":")[0].removeprefix("line ")
+            line = self._records + int(line_in_frame) if line_in_frame.isdigit() else None
+            self._fail(exc.problem, "REC-1", line)
+            return
+        self._records += len(records)
+        self._failures += sum(map(is_failure, records))
+
+    def finish(self, file_size: int | None) -> list[Problem]:
+        """All problems found, given the file's actual size (None: missing)."""
+        e = self.entry
+        if file_size is None:
+            return [Problem(e.path, "listed file is missing", "LAYOUT-3")]
+        problems = []
+        if file_size < e.bytes or self._seen < e.bytes:
+            problems.append(
+                Problem(e.path, f"file has {file_size} bytes, manifest lists {e.bytes}", "CHECK-1")
+            )
+            return problems
+        if self._hash.hexdigest() != e.sha256:
+            problems.append(Problem(e.path, "sha256 of the listed bytes does not match", "CHECK-1"))
+        if self._error is None:
+            try:
+                self._decoder.close()
+            except StageFileError as exc:
+                self._fail(exc.problem, "FRAME-5")
+        if self._error is not None:
+            problems.append(self._error)
+        elif (self._records, self._failures) != (e.records, e.failures):
+            problems.append(
+                Problem(
+                    e.path,
+                    f"holds {self._records} records ({self._failures} failures), manifest lists "
+                    f"{e.records} ({e.failures})",
+                    "CHECK-2",
+                )
+            )
+        if file_size > e.bytes:
+            problems.append(
+                Problem(
+                    e.path,
+                    f"{file_size - e.bytes} bytes past the committed length",
+                    "COMMIT-8",
+                    repairable=True,
+                )
+            )
+        return problems
+
+
+def check_listing(
+    manifest: Manifest, files: Mapping[str, int], links: frozenset[str] = frozenset()
+) -> list[Problem]:
+    """Problems in what the run folder holds besides the listed files' contents.
+
+    ``files`` maps every run-relative file path (local state excluded) to its size;
+    ``links`` names those that are symbolic links.
+    """
+    problems = [Problem(p, "symbolic link in a run folder", "LAYOUT-5") for p in sorted(links)]
+    listed = manifest.listed_paths()
+    for path in sorted(files):
+        if path in listed or path in _RUN_FILES or path in links:
+            continue
+        if path.startswith(names.MANIFESTS_DIR + "/"):
+            if names.parse_revision_file(path.split("/", 1)[1]) is None:
+                problems.append(Problem(path, "unexpected file in _manifests/", "LAYOUT-4"))
+            continue
+        repairable = path.startswith(names.STAGES_DIR + "/")
+        problems.append(Problem(path, "file not listed in the manifest", "LAYOUT-4", repairable))
+    return problems

@@ -1,0 +1,78 @@
+"""Writer exclusion: filelock on local disk, a process lock for ``memory://``.
+
+Object stores need no lock: revisions are created with create-only writes
+(COMMIT-2), so there is nothing to hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+from filelock import FileLock, Timeout
+
+from runfmt.errors import LockTimeoutError
+from runfmt.storage import Storage
+
+__all__ = ["commit_lock", "hold_writer_lock", "writer_alive"]
+
+COMMIT_LOCK = ".lock"
+_memory_locks: dict[str, threading.RLock] = {}
+_memory_guard = threading.Lock()
+
+
+def _writer_lock_file(writer: str) -> str:
+    return f".writer-{writer}.lock"
+
+
+@contextlib.contextmanager
+def commit_lock(run: Storage, timeout: float) -> Iterator[None]:
+    """Hold the run's commit lock; `LockTimeoutError` when it is not had within ``timeout``."""
+    if run.is_local:
+        lock = FileLock(run.path(COMMIT_LOCK), timeout=timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise LockTimeoutError(
+                f"another writer held the commit lock for over {timeout:g} s",
+                location=run.where(COMMIT_LOCK),
+                hint="wait for it to finish, or raise lock_timeout",
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+    elif run.protocol == "memory":
+        with _memory_guard:
+            rlock = _memory_locks.setdefault(run.root, threading.RLock())
+        if not rlock.acquire(timeout=timeout):
+            raise LockTimeoutError("commit lock not had in time", location=run.where())
+        try:
+            yield
+        finally:
+            rlock.release()
+    else:
+        yield
+
+
+def hold_writer_lock(run: Storage, writer: str) -> FileLock | None:
+    """Take the lock that marks ``writer`` as alive for as long as its process holds it."""
+    if not run.is_local:
+        return None
+    lock = FileLock(run.path(_writer_lock_file(writer)), timeout=0)
+    lock.acquire()
+    return lock
+
+
+def writer_alive(run: Storage, writer: str) -> bool:
+    """Whether a process still holds ``writer``'s lock (local disk only; elsewhere False)."""
+    if not run.is_local or not run.exists(_writer_lock_file(writer)):
+        return False
+    lock = FileLock(run.path(_writer_lock_file(writer)), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False

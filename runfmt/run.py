@@ -1,0 +1,601 @@
+"""Reading and writing one run: `RunReader` streams committed records, `RunWriter` appends.
+
+A writer buffers records per stage and, at each flush, appends zstd frames to its
+own stage files and commits a new manifest revision (spec §9). A reader trusts
+only what the newest revision lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+from filelock import FileLock
+
+from runfmt._version import __version__
+from runfmt.errors import (
+    ChecksumMismatchError,
+    ConflictError,
+    FormatError,
+    InvalidInputError,
+    ManifestError,
+    ReadOnlyError,
+    RunfmtError,
+    RunNotFoundError,
+    StageFileError,
+)
+from runfmt.format import names
+from runfmt.format.checksum import format_sums, sha256_hex
+from runfmt.format.frames import (
+    PREFIX,
+    DataFrame,
+    FrameDecoder,
+    FrameEncoder,
+    encode_header,
+)
+from runfmt.format.manifest import (
+    FORMAT_VERSION,
+    ArtifactEntry,
+    ChangeSet,
+    FileEntry,
+    Manifest,
+    RunStatus,
+    StageEntry,
+    apply_changes,
+    decode_manifest,
+    encode_manifest,
+)
+from runfmt.format.records import Record, decode_lines, encode_record
+from runfmt.locking import commit_lock, hold_writer_lock
+from runfmt.storage import AppendFile, Storage
+
+__all__ = ["RunReader", "RunWriter", "StageWriter", "commit", "load_manifest", "now_utc"]
+
+KEEP_REVISIONS = 32
+"""Writers keep at least this many newest revisions in ``_manifests/`` (COMMIT-9)."""
+FRAME_TARGET = 1 << 20
+ROLL_BYTES = 1 << 30
+_READ_CHUNK = 1 << 20
+_COMMIT_ATTEMPTS = 100
+WRITER = {"name": "runfmt-python", "version": __version__}
+
+
+def now_utc() -> str:
+    """The current time as an RFC 3339 UTC timestamp with microseconds."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def revisions(run: Storage) -> list[int]:
+    """The revision numbers present in ``_manifests/``, ascending."""
+    found = (names.parse_revision_file(e.name) for e in run.list(names.MANIFESTS_DIR))
+    return sorted(r for r in found if r is not None)
+
+
+def load_manifest(run: Storage, revision: int | None = None) -> Manifest:
+    """The newest (or the given) manifest revision of the run at ``run`` (COMMIT-7)."""
+    if revision is None:
+        revs = revisions(run)
+        if not revs:
+            if run.exists(names.MANIFEST_FILE):
+                raise ManifestError(
+                    "no revisions in _manifests/ (LAYOUT-2)",
+                    location=run.where(),
+                    hint="the folder was copied without _manifests/; copy it whole",
+                )
+            raise RunNotFoundError("no run here", location=run.where())
+        revision = revs[-1]
+    rel = names.revision_file(revision)
+    try:
+        manifest = decode_manifest(run.read(rel))
+    except FileNotFoundError:
+        raise RunNotFoundError(f"revision {revision} is gone", location=run.where(rel)) from None
+    except FormatError as exc:
+        raise exc.at(run.where(rel)) from None
+    if manifest.revision != revision:
+        raise ManifestError(
+            f"file holds revision {manifest.revision}, not {revision} (MAN-3)",
+            location=run.where(rel),
+        )
+    return manifest
+
+
+def commit(
+    run: Storage, changes: ChangeSet, lock_timeout: float, base: Manifest | None = None
+) -> Manifest:
+    """Create the next revision with ``changes`` merged in; retry on a lost race (COMMIT-1..5)."""
+    with commit_lock(run, lock_timeout):
+        return commit_locked(run, changes, base)
+
+
+def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None) -> Manifest:
+    """`commit` for a caller that holds the commit lock already."""
+    for _ in range(_COMMIT_ATTEMPTS):
+        newest = revisions(run)
+        if base is None or not newest or newest[-1] != base.revision:
+            base = load_manifest(run)
+        new = apply_changes(base, changes, base.revision + 1, now_utc())
+        data = encode_manifest(new)
+        if run.create_exclusive(names.revision_file(new.revision), data):
+            run.write_atomic(names.MANIFEST_FILE, data)
+            if new.revision > KEEP_REVISIONS:
+                run.delete(names.revision_file(new.revision - KEEP_REVISIONS))
+            return new
+        base = None
+    raise ConflictError(
+        f"lost {_COMMIT_ATTEMPTS} commit races in a row", location=run.where(), hint="retry later"
+    )
+
+
+def write_sums(run: Storage, manifest: Manifest) -> None:
+    """Write ``SHA256SUMS`` for a finished run: every listed file and ``manifest.json``."""
+    entries = [(f.path, f.sha256) for s in manifest.stages for f in s.files]
+    entries += [(a.path, a.sha256) for a in manifest.artifacts]
+    entries.append((names.MANIFEST_FILE, sha256_hex(encode_manifest(manifest))))
+    run.write_atomic(names.SUMS_FILE, format_sums(entries).encode())
+
+
+class RunReader:
+    """A committed view of one run; `refresh` to see later commits."""
+
+    def __init__(self, run: Storage, manifest: Manifest | None = None) -> None:
+        self.storage = run
+        self.manifest = manifest or load_manifest(run)
+
+    def __repr__(self) -> str:
+        return f"RunReader({self.storage.where()!r}, revision={self.manifest.revision})"
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest.run_id
+
+    def refresh(self) -> Self:
+        self.manifest = load_manifest(self.storage)
+        return self
+
+    def stage(self, name: str) -> StageEntry:
+        entry = self.manifest.stage(name)
+        if entry is None:
+            known = ", ".join(s.name for s in self.manifest.stages) or "none"
+            raise InvalidInputError(
+                f"run has no stage {name!r} (stages: {known})", location=self.storage.where()
+            )
+        return entry
+
+    def records(self, stage: str, *, verify: bool = True) -> Iterator[Record]:
+        """Stream the stage's committed records in order, frame by frame (bounded memory).
+
+        With ``verify``, each file's sha256 is checked once it is read to its end.
+        """
+        entry = self.stage(stage)
+        for f in entry.files:
+            for batch in self._file_batches(f, entry, verify):
+                yield from batch
+
+    def record_batches(self, stage: str, *, verify: bool = True) -> Iterator[list[Record]]:
+        """The stage's records as one list per zstd frame: the fastest way to read them all."""
+        entry = self.stage(stage)
+        for f in entry.files:
+            yield from self._file_batches(f, entry, verify)
+
+    def _file_batches(
+        self, f: FileEntry, stage: StageEntry, verify: bool
+    ) -> Iterator[list[Record]]:
+        where = self.storage.where(f.path)
+        if not self.storage.inside(f.path):
+            raise FormatError("path leaves the run folder or goes through a link (LAYOUT-5)",
+                              location=where)  # fmt: skip
+        digest = hashlib.sha256()
+        decoder = FrameDecoder()
+        remaining, line = f.bytes, 0
+        try:
+            stream = self.storage.open_read(f.path)
+        except FileNotFoundError:
+            raise ChecksumMismatchError("listed file is missing", location=where) from None
+        with stream:
+            while remaining:
+                chunk = stream.read(min(_READ_CHUNK, remaining))
+                if not chunk:
+                    raise ChecksumMismatchError(
+                        f"file ends {remaining} bytes before its listed length {f.bytes} (CHECK-1)",
+                        location=where,
+                        hint="the file was cut short; restore it from a copy",
+                    )
+                remaining -= len(chunk)
+                if verify:
+                    digest.update(chunk)
+                try:
+                    events = decoder.feed(chunk)
+                except StageFileError as exc:
+                    raise exc.at(where) from None
+                for event in events:
+                    if isinstance(event, DataFrame):
+                        try:
+                            batch = decode_lines(event.content)
+                        except StageFileError as exc:
+                            raise StageFileError(exc.problem, location=f"{where}:+{line}") from None
+                        line += len(batch)
+                        yield batch
+                    elif event.get("stage") != stage.name:
+                        raise StageFileError("header names another stage (FRAME-2)", location=where)
+        try:
+            decoder.close()
+        except StageFileError as exc:
+            raise exc.at(where) from None
+        if verify and digest.hexdigest() != f.sha256:
+            raise ChecksumMismatchError(
+                "sha256 of the listed bytes does not match the manifest (CHECK-1)",
+                location=where,
+                hint="run `runfmt verify` for every problem in the run",
+            )
+        if line != f.records:
+            raise ChecksumMismatchError(
+                f"file holds {line} records, manifest lists {f.records} (CHECK-2)", location=where
+            )
+
+    def file_urls(self, stage: str) -> list[str]:
+        """The URLs (or local paths) of the stage's committed files, for external readers."""
+        return [self.storage.where(f.path) for f in self.stage(stage).files]
+
+    def read_artifact(self, name: str) -> bytes:
+        """An artifact's bytes, checked against its listed length and sha256."""
+        path = names.artifact_path(name)
+        entry = next((a for a in self.manifest.artifacts if a.path == path), None)
+        if entry is None:
+            raise InvalidInputError(f"run has no artifact {name!r}", location=self.storage.where())
+        if not self.storage.inside(path):
+            raise FormatError(
+                "artifact goes through a link (LAYOUT-5)", location=self.storage.where(path)
+            )
+        data = self.storage.read(path)
+        if len(data) != entry.bytes or sha256_hex(data) != entry.sha256:
+            raise ChecksumMismatchError("artifact does not match its listed length and sha256",
+                                        location=self.storage.where(path))  # fmt: skip
+        return data
+
+    def keys(self, stage: str) -> set[str]:
+        """Keys of the stage's committed records that are not failures."""
+        entry = self.stage(stage)
+        if entry.key_field is None:
+            return set()
+        kf = entry.key_field
+        return {
+            r[kf]
+            for batch in self.record_batches(stage)
+            for r in batch
+            if isinstance(r.get(kf), str) and r.get("_error") is None
+        }
+
+
+@dataclass(slots=True)
+class _OpenFile:
+    path: str
+    seq: int
+    size: int = 0
+    records: int = 0
+    failures: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+    handle: AppendFile | None = None
+
+
+class StageWriter:
+    """Buffers one stage's records for a `RunWriter`; get one with `RunWriter.stage`."""
+
+    def __init__(self, run: RunWriter, entry: StageEntry, seq: int) -> None:
+        self.name = entry.name
+        self.entry = entry
+        self._run = run
+        self._lines: list[bytes] = []
+        self._pending_bytes = 0
+        self._pending_failures = 0
+        self._seq = seq
+        self._open: _OpenFile | None = None
+
+    def __repr__(self) -> str:
+        return f"StageWriter({self.name!r}, pending={len(self._lines)})"
+
+    @property
+    def pending(self) -> int:
+        return len(self._lines)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Buffer one record; a bad record raises `InvalidInputError` and changes nothing."""
+        line = encode_record(record, self.entry.key_field)
+        self._lines.append(line)
+        self._pending_bytes += len(line)
+        if record.get("_error") is not None:
+            self._pending_failures += 1
+        self._run._appended()
+
+    def extend(self, records: Iterable[Mapping[str, Any]]) -> None:
+        for record in records:
+            self.append(record)
+
+    def complete(self) -> None:
+        """Mark the stage completed at the next commit."""
+        self._run._changes.stage_status[self.name] = "completed"
+
+    def _frames(self, encoder: FrameEncoder) -> tuple[bytes, int, int]:
+        frames, records, failures = [], len(self._lines), self._pending_failures
+        start = size = 0
+        for i, line in enumerate(self._lines):
+            size += len(line)
+            if size >= FRAME_TARGET:
+                frames.append(encoder.encode(b"".join(self._lines[start : i + 1])))
+                start, size = i + 1, 0
+        if start < len(self._lines):
+            frames.append(encoder.encode(b"".join(self._lines[start:])))
+        return b"".join(frames), records, failures
+
+    def _header(self, seq: int) -> bytes:
+        return PREFIX + encode_header(
+            {
+                "format": "runfmt-stage",
+                "format_version": FORMAT_VERSION,
+                "run_id": self._run.run_id,
+                "stage": self.name,
+                "seq": seq,
+                "writer": self._run.writer_id,
+                "record_schema_version": self.entry.record_schema_version,
+                "key_field": self.entry.key_field,
+            }
+        )
+
+    def _write(self, storage: Storage, encoder: FrameEncoder) -> FileEntry | None:
+        """Write the buffered records as frames; return the file's new entry."""
+        if not self._lines:
+            return None
+        data, records, failures = self._frames(encoder)
+        if storage.is_local:
+            f = self._local_file(storage)
+            try:
+                assert f.handle is not None
+                f.handle.write(data)
+                f.handle.sync()
+            except BaseException:
+                self._abandon()
+                raise
+        else:
+            self._seq += 1
+            f = _OpenFile(names.format_stage_file(self.name, self._seq, self._run.writer_id),
+                          self._seq)  # fmt: skip
+            head = self._header(self._seq)
+            f.digest.update(head)
+            f.size = len(head)
+            storage.put(f.path, head + data)
+        f.digest.update(data)
+        f.size += len(data)
+        f.records += records
+        f.failures += failures
+        self._lines.clear()
+        self._pending_bytes = self._pending_failures = 0
+        entry = FileEntry(f.path, f.size, f.records, f.failures, f.digest.copy().hexdigest())
+        if f.handle is not None and f.size >= ROLL_BYTES:
+            self._abandon()
+        return entry
+
+    def _local_file(self, storage: Storage) -> _OpenFile:
+        if self._open is None:
+            self._seq += 1
+            path = names.format_stage_file(self.name, self._seq, self._run.writer_id)
+            f = _OpenFile(path, self._seq, handle=storage.open_append(path))
+            head = self._header(self._seq)
+            f.handle.write(head)  # type: ignore[union-attr]
+            f.digest.update(head)
+            f.size = len(head)
+            self._open = f
+        return self._open
+
+    def _abandon(self) -> None:
+        """Stop appending to the current file; the next flush starts a new one."""
+        if self._open is not None and self._open.handle is not None:
+            self._open.handle.close()
+        self._open = None
+
+
+class RunWriter:
+    """Appends records to a run and commits them; use as a context manager.
+
+    Leaving the ``with`` block normally finishes the run as completed; an
+    exception finishes it as failed with the exception as its error. `close`
+    commits what is buffered and leaves the run resumable.
+    """
+
+    def __init__(
+        self,
+        run: Storage,
+        manifest: Manifest,
+        *,
+        flush_every: int | None = 1000,
+        flush_interval: float | None = 10.0,
+        lock_timeout: float = 30.0,
+        compression_level: int = 3,
+    ) -> None:
+        if run.read_only:
+            raise ReadOnlyError("the store was opened read-only", location=run.where())
+        self.storage = run
+        self.manifest = manifest
+        self.writer_id = secrets.token_hex(4)
+        self.flush_every = flush_every
+        self.flush_interval = flush_interval
+        self.lock_timeout = lock_timeout
+        self._encoder = FrameEncoder(compression_level)
+        self._changes = ChangeSet()
+        self._stages: dict[str, StageWriter] = {}
+        self._pending = 0
+        self._last_flush = time.monotonic()
+        self._lock: FileLock | None = hold_writer_lock(run, self.writer_id)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RunWriter({self.storage.where()!r}, writer={self.writer_id})"
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest.run_id
+
+    def stage(
+        self, name: str, *, record_schema_version: str | None = None, key_field: str | None = None
+    ) -> StageWriter:
+        """The writer of stage ``name``, declared at the next commit if it is new.
+
+        For an existing stage, omitted arguments take its declared values, and
+        different ones raise `ConflictError`.
+        """
+        if name in self._stages:
+            writer = self._stages[name]
+            self._check_declaration(writer.entry, record_schema_version, key_field)
+            return writer
+        names.validate_stage_name(name)
+        existing = self.manifest.stage(name)
+        if existing is not None:
+            self._check_declaration(existing, record_schema_version, key_field)
+            entry = StageEntry(name, existing.status, existing.record_schema_version,
+                               existing.key_field)  # fmt: skip
+        else:
+            version = record_schema_version or "1"
+            if not 0 < len(version) <= 64:
+                raise InvalidInputError(f"record schema version {version!r} must be 1-64 chars")
+            if key_field is not None and not 0 < len(key_field) <= 256:
+                raise InvalidInputError(f"key field {key_field!r} must be 1-256 characters")
+            entry = StageEntry(name, "running", version, key_field)
+        self._changes.stages[name] = entry
+        writer = StageWriter(self, entry, seq=0)
+        self._stages[name] = writer
+        return writer
+
+    @staticmethod
+    def _check_declaration(
+        entry: StageEntry, record_schema_version: str | None, key_field: str | None
+    ) -> None:
+        if (record_schema_version not in (None, entry.record_schema_version)) or (
+            key_field not in (None, entry.key_field)
+        ):
+            raise ConflictError(
+                f"stage {entry.name!r} is declared with record schema version "
+                f"{entry.record_schema_version!r} and key field {entry.key_field!r}",
+                hint="write a new record schema version to a new stage",
+            )
+
+    def append(self, stage: str, record: Mapping[str, Any]) -> None:
+        self.stage(stage).append(record)
+
+    def extend(self, stage: str, records: Iterable[Mapping[str, Any]]) -> None:
+        self.stage(stage).extend(records)
+
+    def count(self, counter: str, delta: float = 1) -> None:
+        """Add ``delta`` to a per-run counter (cost, tokens, ...) at the next commit."""
+        if (
+            isinstance(delta, bool)
+            or not isinstance(delta, int | float)
+            or not math.isfinite(delta)
+        ):
+            raise InvalidInputError(f"counter delta must be a finite number, not {delta!r}")
+        self._changes.counters[counter] = self._changes.counters.get(counter, 0) + delta
+
+    def tag(self, **tags: str) -> None:
+        """Set tags at the next commit."""
+        for k, v in tags.items():
+            if not isinstance(v, str):
+                raise InvalidInputError(f"tag {k!r} must be a string, not {v!r}")
+        self._changes.tags.update(tags)
+
+    def add_artifact(
+        self, name: str, data: bytes, media_type: str = "application/octet-stream"
+    ) -> str:
+        """Store a binary artifact in the run, listed at the next commit; returns its path."""
+        path = names.artifact_path(name)
+        if not self.storage.inside(path):
+            raise InvalidInputError(f"artifact path {path!r} goes through a link")
+        self.storage.put(path, data)
+        self._changes.artifacts[path] = ArtifactEntry(path, len(data), sha256_hex(data), media_type)
+        return path
+
+    def _appended(self) -> None:
+        self._pending += 1
+        if (self.flush_every is not None and self._pending >= self.flush_every) or (
+            self.flush_interval is not None
+            and time.monotonic() - self._last_flush >= self.flush_interval
+        ):
+            self.flush()
+
+    def flush(self) -> Manifest:
+        """Write buffered records and commit a new revision (if anything changed)."""
+        self._check_open()
+        for writer in self._stages.values():
+            entry = writer._write(self.storage, self._encoder)
+            if entry is not None:
+                self._changes.files[entry.path] = entry
+        self._pending = 0
+        self._last_flush = time.monotonic()
+        if self._changes:
+            self.manifest = commit(self.storage, self._changes, self.lock_timeout, self.manifest)
+            self._changes = ChangeSet()
+        return self.manifest
+
+    def finish(self, status: RunStatus = "completed", error: str | None = None) -> Manifest:
+        """Commit what is buffered, set the final status, write ``SHA256SUMS`` and close."""
+        if status == "running":
+            raise InvalidInputError("finish needs completed, failed or cancelled")
+        self._changes.status = status
+        self._changes.error = error
+        if status == "completed":
+            for name, stage in self._stages.items():
+                if stage.entry.status == "running" and name not in self._changes.stage_status:
+                    self._changes.stage_status[name] = "completed"
+        manifest = self.flush()
+        write_sums(self.storage, manifest)
+        self._release()
+        return manifest
+
+    def fail(self, error: str) -> Manifest:
+        return self.finish("failed", error)
+
+    def cancel(self) -> Manifest:
+        return self.finish("cancelled")
+
+    def close(self) -> None:
+        """Commit what is buffered and stop writing; the run stays resumable."""
+        if not self._closed:
+            self.flush()
+            self._release()
+
+    def _release(self) -> None:
+        for writer in self._stages.values():
+            writer._abandon()
+        if self._lock is not None:
+            self._lock.release()
+            self.storage.delete(f".writer-{self.writer_id}.lock")
+            self._lock = None
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidInputError("this writer is closed", location=self.storage.where(),
+                                    hint="resume the run to write more")  # fmt: skip
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._closed:
+            return
+        if exc is None:
+            self.finish("completed")
+            return
+        status: RunStatus = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
+        try:
+            self.finish(status, f"{type(exc).__name__}: {exc}")
+        except RunfmtError:
+            self._release()

@@ -1,0 +1,356 @@
+"""Storage behind one small interface: local disk, ``memory://`` and any fsspec backend.
+
+This is the only module that touches files, and the only place where OS and
+fsspec errors become runfmt errors. Paths given to `Storage` methods are
+relative to its root and use ``/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from runfmt.errors import ReadOnlyError, RunfmtError, StorageError
+
+__all__ = ["AppendFile", "Entry", "Storage"]
+
+_MEMORY_LOCK = threading.Lock()
+_TEMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    name: str
+    is_dir: bool
+    size: int
+
+
+@contextlib.contextmanager
+def _translate(where: str) -> Iterator[None]:
+    try:
+        yield
+    except RunfmtError:
+        raise
+    except FileNotFoundError:
+        raise
+    except FileExistsError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise StorageError(f"{type(exc).__name__}: {exc}", location=where) from exc
+
+
+class Storage:
+    """One store root (a folder or a bucket prefix) and the operations runfmt needs.
+
+    ``storage_options`` go to fsspec only; they are never stored or shown.
+    """
+
+    def __init__(
+        self, url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = False
+    ) -> None:
+        with _translate(url):
+            fs, root = url_to_fs(str(url), **(storage_options or {}))
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self.is_local = self.protocol in ("file", "local")
+        self.root: str = os.path.abspath(root) if self.is_local else str(root).rstrip("/")
+        self.read_only = read_only
+        self.url = self.root if self.is_local else f"{self.protocol}://{self.root}"
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    def child(self, rel: str, *, read_only: bool | None = None) -> Storage:
+        """A `Storage` rooted at ``rel`` below this one, sharing the filesystem."""
+        new = object.__new__(Storage)
+        new.fs, new.protocol, new.is_local = self.fs, self.protocol, self.is_local
+        new.root = self.path(rel)
+        new.read_only = self.read_only if read_only is None else read_only
+        new.url = new.root if self.is_local else f"{self.protocol}://{new.root}"
+        return new
+
+    def path(self, rel: str = "") -> str:
+        """The backend path of ``rel``."""
+        if not rel:
+            return self.root
+        if self.is_local:
+            return os.path.join(self.root, *rel.split("/"))
+        return f"{self.root}/{rel}"
+
+    def where(self, rel: str = "") -> str:
+        """A location for messages: the local path or URL of ``rel``."""
+        return self.path(rel) if self.is_local else f"{self.protocol}://{self.path(rel)}"
+
+    def _writable(self, rel: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError("the store was opened read-only", location=self.where(rel))
+
+    # reads
+
+    def read(self, rel: str) -> bytes:
+        with _translate(self.where(rel)):
+            if self.is_local:
+                with open(self.path(rel), "rb") as f:
+                    return f.read()
+            data: bytes = self.fs.cat_file(self.path(rel))
+            return data
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        with _translate(self.where(rel)):
+            if self.is_local:
+                with open(self.path(rel), "rb") as f:
+                    f.seek(start)
+                    return f.read(end - start)
+            data: bytes = self.fs.cat_file(self.path(rel), start=start, end=end)
+            return data
+
+    def open_read(self, rel: str) -> IO[bytes]:
+        with _translate(self.where(rel)):
+            if self.is_local:
+                return open(self.path(rel), "rb")
+            f: IO[bytes] = self.fs.open(self.path(rel), "rb", block_size=4 << 20)
+            return f
+
+    def exists(self, rel: str = "") -> bool:
+        with _translate(self.where(rel)):
+            if self.is_local:
+                return os.path.exists(self.path(rel))
+            return bool(self.fs.exists(self.path(rel)))
+
+    def is_dir(self, rel: str = "") -> bool:
+        with _translate(self.where(rel)):
+            if self.is_local:
+                return os.path.isdir(self.path(rel))
+            return bool(self.fs.isdir(self.path(rel)))
+
+    def is_link(self, rel: str) -> bool:
+        return self.is_local and os.path.islink(self.path(rel))
+
+    def size(self, rel: str) -> int | None:
+        """The size of a file, or None when it does not exist."""
+        try:
+            with _translate(self.where(rel)):
+                if self.is_local:
+                    return os.stat(self.path(rel)).st_size
+                return int(self.fs.size(self.path(rel)))
+        except FileNotFoundError:
+            return None
+
+    def mtime_ns(self, rel: str) -> int | None:
+        """A change stamp of a file (local mtime), or None where the backend has none cheaply."""
+        if not self.is_local:
+            return None
+        try:
+            return os.stat(self.path(rel)).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    def list(self, rel: str = "") -> list[Entry]:
+        """The children of a folder, without local state (names starting with '.')."""
+        try:
+            with _translate(self.where(rel)):
+                if self.is_local:
+                    with os.scandir(self.path(rel)) as it:
+                        return [
+                            Entry(e.name, e.is_dir(follow_symlinks=False), 0)
+                            for e in it
+                            if not e.name.startswith(".")
+                        ]
+                self.fs.invalidate_cache(self.path(rel))
+                infos = self.fs.ls(self.path(rel), detail=True, refresh=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for info in infos:
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if name and not name.startswith(".") and info["name"].rstrip("/") != self.path(rel):
+                out.append(Entry(name, info["type"] == "directory", int(info.get("size") or 0)))
+        return out
+
+    def walk(self, rel: str = "") -> dict[str, int]:
+        """Every file below ``rel`` (relative to ``rel``) with its size, local state excluded."""
+        base = self.path(rel)
+        found: dict[str, int] = {}
+        with _translate(self.where(rel)):
+            if self.is_local:
+                for dirpath, dirnames, filenames in os.walk(base):
+                    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                    for name in filenames:
+                        if not name.startswith("."):
+                            full = os.path.join(dirpath, name)
+                            relpath = os.path.relpath(full, base).replace(os.sep, "/")
+                            found[relpath] = os.lstat(full).st_size
+                return found
+            self.fs.invalidate_cache(base)
+            for full, info in self.fs.find(base, detail=True, withdirs=False).items():
+                relpath = full[len(base) :].lstrip("/")
+                if relpath and not any(p.startswith(".") for p in relpath.split("/")):
+                    found[relpath] = int(info.get("size") or 0)
+        return found
+
+    def symlinks(self, rel: str = "") -> set[str]:
+        """Run-relative paths below ``rel`` that are symbolic links (local disk only)."""
+        if not self.is_local:
+            return set()
+        base = self.path(rel)
+        links = set()
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in dirnames + filenames:
+                full = os.path.join(dirpath, name)
+                if os.path.islink(full):
+                    links.add(os.path.relpath(full, base).replace(os.sep, "/"))
+        return links
+
+    def inside(self, rel: str) -> bool:
+        """Whether ``rel`` resolves inside the root with no symbolic link on the way."""
+        if not self.is_local:
+            return ".." not in rel.split("/")
+        root = os.path.realpath(self.root)
+        return os.path.realpath(self.path(rel)) == os.path.join(root, *rel.split("/"))
+
+    # writes
+
+    def makedirs(self, rel: str) -> None:
+        self._writable(rel)
+        with _translate(self.where(rel)):
+            if self.is_local:
+                os.makedirs(self.path(rel), exist_ok=True)
+            else:
+                self.fs.makedirs(self.path(rel), exist_ok=True)
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        """Replace ``rel`` with ``data`` so readers see the old or the new bytes, never a mix."""
+        self._writable(rel)
+        with _translate(self.where(rel)):
+            if not self.is_local:
+                self.fs.pipe_file(self.path(rel), data)
+                return
+            target = self.path(rel)
+            tmp = self._local_temp(target, data)
+            os.replace(tmp, target)
+            _fsync_dir(os.path.dirname(target))
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` with ``data`` unless it exists; False when it exists (COMMIT-2)."""
+        self._writable(rel)
+        with _translate(self.where(rel)):
+            if self.is_local:
+                target = self.path(rel)
+                tmp = self._local_temp(target, data)
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return False
+                finally:
+                    os.unlink(tmp)
+                _fsync_dir(os.path.dirname(target))
+                return True
+            if self.protocol == "memory":
+                with _MEMORY_LOCK:
+                    if self.fs.exists(self.path(rel)):
+                        return False
+                    self.fs.pipe_file(self.path(rel), data)
+                    return True
+            try:
+                self.fs.pipe_file(self.path(rel), data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+
+    def put(self, rel: str, data: bytes) -> None:
+        """Write a whole new file (one that no reader trusts until a manifest lists it)."""
+        self._writable(rel)
+        with _translate(self.where(rel)):
+            if self.is_local:
+                target = self.path(rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            else:
+                self.fs.pipe_file(self.path(rel), data)
+
+    def open_append(self, rel: str) -> AppendFile:
+        """A local file opened for appending (created if missing)."""
+        self._writable(rel)
+        if not self.is_local:
+            raise StorageError("append is only offered on local disk", location=self.where(rel))
+        with _translate(self.where(rel)):
+            target = self.path(rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            return AppendFile(target)
+
+    def truncate(self, rel: str, size: int) -> None:
+        """Cut a local file back to ``size`` bytes, durably."""
+        self._writable(rel)
+        with _translate(self.where(rel)), open(self.path(rel), "r+b") as f:
+            f.truncate(size)
+            os.fsync(f.fileno())
+
+    def delete(self, rel: str) -> None:
+        self._writable(rel)
+        with contextlib.suppress(FileNotFoundError), _translate(self.where(rel)):
+            if self.is_local:
+                os.unlink(self.path(rel))
+            else:
+                self.fs.rm_file(self.path(rel))
+
+    def delete_tree(self, rel: str) -> None:
+        self._writable(rel)
+        with contextlib.suppress(FileNotFoundError), _translate(self.where(rel)):
+            self.fs.rm(self.path(rel), recursive=True)
+
+    def _local_temp(self, target: str, data: bytes) -> str:
+        directory = os.path.dirname(target)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+
+class AppendFile:
+    """A local file that grows by whole writes, each made durable by `sync`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.size = os.fstat(self._fd).st_size
+        self._new = self.size == 0
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.size += len(data)
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+        if self._new:
+            _fsync_dir(os.path.dirname(self.path))
+            self._new = False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

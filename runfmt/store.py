@@ -1,0 +1,168 @@
+"""A store: a folder or bucket prefix whose children are run folders (spec §3)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from runfmt.errors import (
+    FormatError,
+    InvalidInputError,
+    RunExistsError,
+    RunNotFoundError,
+)
+from runfmt.format import names
+from runfmt.format.keys import canonical_json, compute_key
+from runfmt.format.manifest import Manifest, encode_manifest, manifest_problems, to_json
+from runfmt.run import WRITER, RunReader, RunWriter, load_manifest, now_utc
+from runfmt.storage import Storage
+
+__all__ = ["DEFAULT_STORE", "Store", "open_run", "resolve_store_url"]
+
+DEFAULT_STORE = "./runs"
+STORE_ENV = "RUNFMT_STORE"
+
+
+def resolve_store_url(url: str | os.PathLike[str] | None = None) -> str:
+    """The store to use: ``url``, else ``$RUNFMT_STORE``, else ``./runs``."""
+    return str(url) if url else os.environ.get(STORE_ENV) or DEFAULT_STORE
+
+
+def open_run(
+    location: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    read_only: bool = True,
+) -> RunReader:
+    """Open the run folder at a path or URL, with no store around it."""
+    return RunReader(Storage(str(location), storage_options, read_only=read_only))
+
+
+class Store:
+    """Runs under one root: create, open, resume and list them.
+
+    ``url`` is a local path or any fsspec URL (``memory://x``, ``s3://bucket/prefix``);
+    ``storage_options`` are passed to fsspec and never stored.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        read_only: bool = False,
+    ) -> None:
+        self.storage = Storage(resolve_store_url(url), storage_options, read_only=read_only)
+        self.read_only = read_only
+
+    def __repr__(self) -> str:
+        return f"Store({self.storage.url!r})"
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def _run_storage(self, run_id: str) -> Storage:
+        return self.storage.child(names.validate_run_id(run_id))
+
+    def create_run(
+        self,
+        name: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+        **writer_options: Any,
+    ) -> RunWriter:
+        """Create a run and return its writer. ``writer_options`` go to `RunWriter`."""
+        config = dict(config or {})
+        if not isinstance(name, str) or not 0 < len(name) <= 200 or not name.isprintable():
+            raise InvalidInputError(f"run name {name!r} must be 1-200 printable characters")
+        tags = dict(tags or {})
+        for key, value in tags.items():
+            if not isinstance(value, str):
+                raise InvalidInputError(f"tag {key!r} must be a string, not {value!r}")
+        canonical_json(config)
+        created = datetime.now(UTC)
+        run_id = run_id or names.format_run_id(created, secrets.randbits(32))
+        run = self._run_storage(run_id)
+        stamp = now_utc()
+        manifest = Manifest(
+            run_id=run_id,
+            name=name,
+            revision=1,
+            status="running",
+            created_at=stamp,
+            updated_at=stamp,
+            config=config,
+            config_hash=compute_key(config),
+            tags=tags,
+            writer=WRITER,
+        )
+        data = encode_manifest(manifest)
+        problems = manifest_problems(to_json(manifest))
+        if problems:
+            raise InvalidInputError("invalid run: " + "; ".join(problems))
+        if not run.create_exclusive(names.revision_file(1), data):
+            raise RunExistsError("a run with this id exists", location=run.where(),
+                                 hint="choose another run_id, or resume the run")  # fmt: skip
+        run.write_atomic(names.MANIFEST_FILE, data)
+        return RunWriter(run, manifest, **writer_options)
+
+    def open_run(self, run: str | os.PathLike[str]) -> RunReader:
+        """Open a run by id, or by the path/URL of its folder."""
+        return RunReader(self.locate(run))
+
+    def locate(self, run: str | os.PathLike[str]) -> Storage:
+        """The storage of a run given by id (in this store) or by folder path/URL."""
+        text = str(run)
+        if names.is_run_id(text) and self._run_storage(text).exists(names.MANIFESTS_DIR):
+            return self._run_storage(text)
+        if "://" in text or os.sep in text or "/" in text or os.path.isdir(text):
+            located = (
+                Storage(text, None, read_only=self.read_only)
+                if "://" in text
+                else (Storage(os.path.abspath(text), None, read_only=self.read_only))
+            )
+            if located.exists(names.MANIFESTS_DIR) or located.exists(names.MANIFEST_FILE):
+                return located
+        raise RunNotFoundError(
+            f"no run {text!r}", location=self.storage.where(),
+            hint="give a run id from `runfmt ls`, or the path of a run folder",
+        )  # fmt: skip
+
+    def resume_run(self, run: str | os.PathLike[str], **writer_options: Any) -> RunWriter:
+        """Reopen a run for writing after a crash or a `RunWriter.close`.
+
+        First repairs what dead writers left (salvaging complete frames, spec
+        COMMIT-8), then marks the run running again if it had finished.
+        """
+        from runfmt.check import repair_run
+
+        storage = self.locate(run)
+        repair_run(storage, salvage=True)
+        writer = RunWriter(storage, load_manifest(storage), **writer_options)
+        storage.delete(names.SUMS_FILE)
+        if writer.manifest.status != "running":
+            writer._changes.status = "running"
+            writer.flush()
+        return writer
+
+    def run_ids(self) -> list[str]:
+        """Ids of the run folders in the store, newest first (by a listing, no reads)."""
+        ids = [e.name for e in self.storage.list() if e.is_dir and names.is_run_id(e.name)]
+        return sorted(ids, reverse=True)
+
+    def runs(self) -> Iterator[RunReader | FormatError]:
+        """Every run in the store, newest id first; an unreadable one yields its error."""
+        for run_id in self.run_ids():
+            run = self._run_storage(run_id)
+            try:
+                yield RunReader(run, load_manifest(run))
+            except RunNotFoundError:
+                continue
+            except FormatError as exc:
+                yield exc
