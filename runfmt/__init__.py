@@ -11,6 +11,11 @@ Open a `Store`, create a run, write records to stages, read them back::
         print(record)
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from runfmt._version import __version__
 from runfmt.errors import (
     ChecksumMismatchError,
@@ -28,11 +33,38 @@ from runfmt.errors import (
     StorageError,
     UnsupportedFormatError,
 )
-from runfmt.format.keys import canonical_json, compute_key
-from runfmt.format.manifest import ArtifactEntry, FileEntry, Manifest, StageEntry
-from runfmt.format.validate import Problem
-from runfmt.run import RunReader, RunWriter, StageWriter
-from runfmt.store import Store, open_run
+
+if TYPE_CHECKING:
+    from runfmt.format.keys import canonical_json, compute_key
+    from runfmt.format.manifest import ArtifactEntry, FileEntry, Manifest, StageEntry
+    from runfmt.format.validate import Problem
+    from runfmt.run import RunReader, RunWriter, StageWriter
+    from runfmt.store import Store, open_run
+
+_LAZY = {
+    "canonical_json": "runfmt.format.keys",
+    "compute_key": "runfmt.format.keys",
+    "ArtifactEntry": "runfmt.format.manifest",
+    "FileEntry": "runfmt.format.manifest",
+    "Manifest": "runfmt.format.manifest",
+    "StageEntry": "runfmt.format.manifest",
+    "Problem": "runfmt.format.validate",
+    "RunReader": "runfmt.run",
+    "RunWriter": "runfmt.run",
+    "StageWriter": "runfmt.run",
+    "Store": "runfmt.store",
+    "open_run": "runfmt.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavier parts of the API on first use, so the CLI starts fast."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'runfmt' has no attribute {name!r}")
+
 
 __all__ = [
     "ArtifactEntry",

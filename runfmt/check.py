@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
-from runfmt.errors import FormatError, InvalidInputError, RunfmtError, StageFileError
+from runfmt.errors import (
+    FormatError,
+    InvalidInputError,
+    RunfmtError,
+    StageFileError,
+    UnsupportedFormatError,
+)
 from runfmt.format import names
 from runfmt.format.checksum import parse_sums, sha256_hex
 from runfmt.format.frames import DataFrame, FrameDecoder
-from runfmt.format.manifest import ChangeSet, FileEntry, Manifest, StageEntry, encode_manifest
+from runfmt.format.manifest import ChangeSet, FileEntry, Manifest, StageEntry
 from runfmt.format.records import decode_lines, is_failure
 from runfmt.format.schemas import schema_errors
 from runfmt.format.validate import FileCheck, Problem, check_listing
@@ -19,6 +26,7 @@ from runfmt.storage import Storage
 
 __all__ = ["RepairReport", "repair_run", "verify_run"]
 
+_RULE_ID = re.compile(r"\(([A-Z]+-[0-9]+)\)")
 _CHUNK = 1 << 20
 _SALVAGE_STEP = 64 << 10
 
@@ -28,9 +36,11 @@ def verify_run(run: Storage) -> list[Problem]:
     try:
         manifest = load_manifest(run)
     except RunfmtError as exc:
-        return [Problem(exc.location or run.where(), exc.problem, "MAN-2")]
+        cited = _RULE_ID.search(exc.problem)
+        rule = cited[1] if cited else "MAN-2"
+        return [Problem(exc.location or run.where(), exc.problem, rule)]
     problems: list[Problem] = []
-    manifest_bytes = encode_manifest(manifest)
+    manifest_bytes = run.read(names.revision_file(manifest.revision))
     try:
         current = run.read(names.MANIFEST_FILE)
     except FileNotFoundError:
@@ -79,6 +89,8 @@ def _check_file(
 def _check_sums(run: Storage, manifest: Manifest, manifest_bytes: bytes) -> list[Problem]:
     try:
         sums = parse_sums(run.read(names.SUMS_FILE).decode("utf-8", "replace"))
+    except FileNotFoundError:
+        return [Problem(names.SUMS_FILE, "missing in a finished run", "CHECK-3", repairable=True)]
     except FormatError as exc:
         return [Problem(names.SUMS_FILE, exc.problem, "CHECK-3", repairable=True)]
     expected = {f.path: f.sha256 for s in manifest.stages for f in s.files}
@@ -138,7 +150,7 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
         if changes:
             manifest = commit_locked(run, changes, manifest)
             report.actions.append(f"committed revision {manifest.revision}")
-        data = encode_manifest(manifest)
+        data = run.read(names.revision_file(manifest.revision))
         try:
             current = run.read(names.MANIFEST_FILE)
         except FileNotFoundError:
@@ -149,6 +161,9 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
         if manifest.finished and _check_sums(run, manifest, data):
             write_sums(run, manifest)
             report.actions.append("rewrote SHA256SUMS")
+        elif not manifest.finished and run.exists(names.SUMS_FILE):
+            run.delete(names.SUMS_FILE)
+            report.actions.append("removed SHA256SUMS of a running run")
     return report
 
 
@@ -158,6 +173,8 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
     for rev in reversed(revs):
         try:
             return load_manifest(run, rev)
+        except UnsupportedFormatError:
+            raise
         except FormatError as exc:
             if rev == revs[0]:
                 raise

@@ -7,15 +7,16 @@ Object stores need no lock: revisions are created with create-only writes
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 
 from filelock import FileLock, Timeout
 
-from runfmt.errors import LockTimeoutError
+from runfmt.errors import LockTimeoutError, ReadOnlyError
 from runfmt.storage import Storage
 
-__all__ = ["commit_lock", "hold_writer_lock", "writer_alive"]
+__all__ = ["commit_lock", "file_lock", "hold_writer_lock", "live_writers", "writer_alive"]
 
 COMMIT_LOCK = ".lock"
 _memory_locks: dict[str, threading.RLock] = {}
@@ -28,7 +29,12 @@ def _writer_lock_file(writer: str) -> str:
 
 @contextlib.contextmanager
 def commit_lock(run: Storage, timeout: float) -> Iterator[None]:
-    """Hold the run's commit lock; `LockTimeoutError` when it is not had within ``timeout``."""
+    """Hold the run's commit lock; `LockTimeoutError` when it is not had within ``timeout``.
+
+    A read-only run is never locked: taking the lock would create a file.
+    """
+    if run.read_only:
+        raise ReadOnlyError("the store was opened read-only", location=run.where())
     if run.is_local:
         lock = FileLock(run.path(COMMIT_LOCK), timeout=timeout)
         try:
@@ -56,6 +62,22 @@ def commit_lock(run: Storage, timeout: float) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def file_lock(path: str, timeout: float) -> Iterator[None]:
+    """Hold an exclusive lock on the local file ``path``; `LockTimeoutError` after ``timeout``."""
+    lock = FileLock(path, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockTimeoutError(
+            f"another process held the lock for over {timeout:g} s", location=path
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def hold_writer_lock(run: Storage, writer: str) -> FileLock | None:
     """Take the lock that marks ``writer`` as alive for as long as its process holds it."""
     if not run.is_local:
@@ -76,3 +98,15 @@ def writer_alive(run: Storage, writer: str) -> bool:
         return True
     lock.release()
     return False
+
+
+def live_writers(run: Storage) -> list[str]:
+    """Ids of the writers whose process still holds their liveness lock (local disk only)."""
+    if not run.is_local:
+        return []
+    try:
+        found = os.listdir(run.path())
+    except FileNotFoundError:
+        return []
+    ids = [n[8:-5] for n in found if n.startswith(".writer-") and n.endswith(".lock")]
+    return sorted(w for w in ids if writer_alive(run, w))

@@ -7,9 +7,14 @@ only what the newest revision lists.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import math
+import mimetypes
+import re
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +35,7 @@ from runfmt.errors import (
     RunfmtError,
     RunNotFoundError,
     StageFileError,
+    StorageError,
 )
 from runfmt.format import names
 from runfmt.format.checksum import format_sums, sha256_hex
@@ -40,6 +46,7 @@ from runfmt.format.frames import (
     FrameEncoder,
     encode_header,
 )
+from runfmt.format.lineage import parent_json, parse_parents
 from runfmt.format.manifest import (
     FORMAT_VERSION,
     ArtifactEntry,
@@ -52,7 +59,13 @@ from runfmt.format.manifest import (
     decode_manifest,
     encode_manifest,
 )
-from runfmt.format.records import Record, decode_lines, encode_record
+from runfmt.format.records import (
+    PARENTS_FIELD,
+    Record,
+    decode_lines,
+    encode_many,
+    encode_record,
+)
 from runfmt.locking import commit_lock, hold_writer_lock
 from runfmt.storage import AppendFile, Storage
 
@@ -64,7 +77,13 @@ FRAME_TARGET = 1 << 20
 ROLL_BYTES = 1 << 30
 _READ_CHUNK = 1 << 20
 _COMMIT_ATTEMPTS = 100
+_EXTEND_BATCH = 1000
 WRITER = {"name": "runfmt-python", "version": __version__}
+HEARTBEAT_INTERVAL = 60.0
+"""Seconds between a writer's heartbeat commits by default (LIFE-3)."""
+MAX_HEARTBEAT_INTERVAL = 100.0
+"""Writers heartbeat at least this often, well inside the abandonment threshold (LIFE-3)."""
+_MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
 
 
 def now_utc() -> str:
@@ -123,9 +142,12 @@ def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None
         new = apply_changes(base, changes, base.revision + 1, now_utc())
         data = encode_manifest(new)
         if run.create_exclusive(names.revision_file(new.revision), data):
-            run.write_atomic(names.MANIFEST_FILE, data)
-            if new.revision > KEEP_REVISIONS:
-                run.delete(names.revision_file(new.revision - KEEP_REVISIONS))
+            # The commit point has passed: a failure now must not make the caller
+            # commit the same changes again (counters would count twice, COMMIT-6).
+            with contextlib.suppress(StorageError):
+                run.write_atomic(names.MANIFEST_FILE, data)
+                if new.revision > KEEP_REVISIONS:
+                    run.delete(names.revision_file(new.revision - KEEP_REVISIONS))
             return new
         base = None
     raise ConflictError(
@@ -137,7 +159,8 @@ def write_sums(run: Storage, manifest: Manifest) -> None:
     """Write ``SHA256SUMS`` for a finished run: every listed file and ``manifest.json``."""
     entries = [(f.path, f.sha256) for s in manifest.stages for f in s.files]
     entries += [(a.path, a.sha256) for a in manifest.artifacts]
-    entries.append((names.MANIFEST_FILE, sha256_hex(encode_manifest(manifest))))
+    current = run.read(names.revision_file(manifest.revision))
+    entries.append((names.MANIFEST_FILE, sha256_hex(current)))
     run.write_atomic(names.SUMS_FILE, format_sums(entries).encode())
 
 
@@ -222,8 +245,15 @@ class RunReader:
                             raise StageFileError(exc.problem, location=f"{where}:+{line}") from None
                         line += len(batch)
                         yield batch
-                    elif event.get("stage") != stage.name:
-                        raise StageFileError("header names another stage (FRAME-2)", location=where)
+                    elif (
+                        event.get("stage"),
+                        event.get("record_schema_version"),
+                        event.get("key_field"),
+                    ) != (stage.name, stage.record_schema_version, stage.key_field):
+                        raise StageFileError(
+                            "header disagrees with the stage's name or declaration (FRAME-2)",
+                            location=where,
+                        )
         try:
             decoder.close()
         except StageFileError as exc:
@@ -243,21 +273,51 @@ class RunReader:
         """The URLs (or local paths) of the stage's committed files, for external readers."""
         return [self.storage.where(f.path) for f in self.stage(stage).files]
 
-    def read_artifact(self, name: str) -> bytes:
-        """An artifact's bytes, checked against its listed length and sha256."""
-        path = names.artifact_path(name)
+    def artifact(self, name: str) -> ArtifactEntry:
+        """The listed entry of artifact ``name`` (its path below ``artifacts/``, or the path)."""
+        path = names.artifact_path(name.removeprefix(names.ARTIFACTS_DIR + "/"))
         entry = next((a for a in self.manifest.artifacts if a.path == path), None)
         if entry is None:
-            raise InvalidInputError(f"run has no artifact {name!r}", location=self.storage.where())
-        if not self.storage.inside(path):
-            raise FormatError(
-                "artifact goes through a link (LAYOUT-5)", location=self.storage.where(path)
+            known = ", ".join(a.path for a in self.manifest.artifacts) or "none"
+            raise InvalidInputError(
+                f"run has no artifact {name!r} (artifacts: {known})", location=self.storage.where()
             )
-        data = self.storage.read(path)
-        if len(data) != entry.bytes or sha256_hex(data) != entry.sha256:
-            raise ChecksumMismatchError("artifact does not match its listed length and sha256",
-                                        location=self.storage.where(path))  # fmt: skip
-        return data
+        return entry
+
+    def read_artifact(self, name: str) -> bytes:
+        """An artifact's bytes, checked against its listed length and sha256."""
+        return b"".join(self.stream_artifact(name))
+
+    def stream_artifact(self, name: str, chunk_size: int = _READ_CHUNK) -> Iterator[bytes]:
+        """An artifact's bytes in chunks (bounded memory); the last chunk is yielded only
+        after the length and sha256 have matched, else `ChecksumMismatchError` (CHECK-1)."""
+        entry = self.artifact(name)
+        where = self.storage.where(entry.path)
+        if not self.storage.inside(entry.path):
+            raise FormatError("artifact goes through a link (LAYOUT-5)", location=where)
+        digest = hashlib.sha256()
+        size = 0
+        held = b""
+        try:
+            stream = self.storage.open_read(entry.path)
+        except FileNotFoundError:
+            raise ChecksumMismatchError("listed artifact is missing", location=where) from None
+        with stream:
+            while chunk := stream.read(chunk_size):
+                digest.update(chunk)
+                size += len(chunk)
+                if size > entry.bytes:
+                    break
+                if held:
+                    yield held
+                held = chunk
+        if size != entry.bytes or digest.hexdigest() != entry.sha256:
+            raise ChecksumMismatchError(
+                "artifact does not match its listed length and sha256 (CHECK-1)", location=where,
+                hint="run `runfmt verify` for every problem in the run",
+            )  # fmt: skip
+        if held:
+            yield held
 
     def keys(self, stage: str) -> set[str]:
         """Keys of the stage's committed records that are not failures."""
@@ -307,6 +367,8 @@ class StageWriter:
     def append(self, record: Mapping[str, Any]) -> None:
         """Buffer one record; a bad record raises `InvalidInputError` and changes nothing."""
         line = encode_record(record, self.entry.key_field)
+        if PARENTS_FIELD in record:
+            parse_parents(record[PARENTS_FIELD])
         self._lines.append(line)
         self._pending_bytes += len(line)
         if record.get("_error") is not None:
@@ -314,15 +376,46 @@ class StageWriter:
         self._run._appended()
 
     def extend(self, records: Iterable[Mapping[str, Any]]) -> None:
-        for record in records:
-            self.append(record)
+        """`append` each record, encoding up to a flush's worth at a time at C speed.
+
+        Flushes fall on the same records as with `append`; a bad record raises
+        after the records before it were appended.
+        """
+        it = iter(records)
+        while True:
+            batch: list[Mapping[str, Any]] = []
+            try:
+                batch.extend(itertools.islice(it, self._run._room()))
+            except BaseException:
+                for record in batch:
+                    self.append(record)
+                raise
+            if not batch:
+                return
+            lines = encode_many(batch, self.entry.key_field)
+            payload = b"".join(lines) if lines is not None else b""
+            if lines is None or b'"_parents":' in payload:
+                for record in batch:
+                    self.append(record)
+                continue
+            self._lines += lines
+            self._pending_bytes += len(payload)
+            if b'"_error":' in payload:
+                self._pending_failures += sum(r.get("_error") is not None for r in batch)
+            self._run._appended(len(batch))
 
     def complete(self) -> None:
         """Mark the stage completed at the next commit."""
         self._run._changes.stage_status[self.name] = "completed"
 
+    def fail(self) -> None:
+        """Mark the stage failed at the next commit."""
+        self._run._changes.stage_status[self.name] = "failed"
+
     def _frames(self, encoder: FrameEncoder) -> tuple[bytes, int, int]:
         frames, records, failures = [], len(self._lines), self._pending_failures
+        if self._pending_bytes < FRAME_TARGET:
+            return encoder.encode(b"".join(self._lines)), records, failures
         start = size = 0
         for i, line in enumerate(self._lines):
             size += len(line)
@@ -416,9 +509,18 @@ class RunWriter:
         flush_interval: float | None = 10.0,
         lock_timeout: float = 30.0,
         compression_level: int = 3,
+        heartbeat_interval: float | None = HEARTBEAT_INTERVAL,
+        until_stage: str | None = None,
     ) -> None:
         if run.read_only:
             raise ReadOnlyError("the store was opened read-only", location=run.where())
+        if heartbeat_interval is not None and not 0 < heartbeat_interval <= MAX_HEARTBEAT_INTERVAL:
+            raise InvalidInputError(
+                f"heartbeat_interval must be in (0, {MAX_HEARTBEAT_INTERVAL:g}] s or None, "
+                f"not {heartbeat_interval!r}",
+                hint="a run not heard from for 300 s is reported abandoned (LIFE-4)",
+            )
+        self.until_stage = None if until_stage is None else names.validate_stage_name(until_stage)
         self.storage = run
         self.manifest = manifest
         self.writer_id = secrets.token_hex(4)
@@ -432,6 +534,15 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._lock: FileLock | None = hold_writer_lock(run, self.writer_id)
         self._closed = False
+        self._mutex = threading.RLock()
+        self._stop_heartbeat = threading.Event()
+        if heartbeat_interval is not None:
+            threading.Thread(
+                target=self._heartbeat_loop,
+                args=(heartbeat_interval,),
+                name=f"runfmt-heartbeat-{self.writer_id}",
+                daemon=True,
+            ).start()
 
     def __repr__(self) -> str:
         return f"RunWriter({self.storage.where()!r}, writer={self.writer_id})"
@@ -507,18 +618,49 @@ class RunWriter:
         self._changes.tags.update(tags)
 
     def add_artifact(
-        self, name: str, data: bytes, media_type: str = "application/octet-stream"
+        self,
+        name: str,
+        data: bytes,
+        media_type: str | None = None,
+        *,
+        parents: list[Mapping[str, str]] | None = None,
     ) -> str:
-        """Store a binary artifact in the run, listed at the next commit; returns its path."""
+        """Store a binary artifact in the run, listed at the next commit; returns its path.
+
+        ``media_type`` defaults to a guess from the name (`mimetypes`), else
+        ``application/octet-stream``; ``parents`` names what it was made from (LIN-1).
+        A listed artifact is never overwritten: listed bytes do not change (LAYOUT-3).
+        """
+        self._check_open()
         path = names.artifact_path(name)
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidInputError(f"artifact data must be bytes, not {type(data).__name__}")
+        media_type = media_type or mimetypes.guess_type(name, strict=False)[0]
+        media_type = media_type or "application/octet-stream"
+        if not _MEDIA_TYPE.fullmatch(media_type):
+            raise InvalidInputError(f"invalid media type {media_type!r}", hint="e.g. image/png")
+        refs = tuple(parent_json(p) for p in parse_parents(parents)) if parents is not None else ()
+        if path in self._changes.artifacts or any(a.path == path for a in self.manifest.artifacts):
+            raise ConflictError(f"artifact {path!r} exists; listed bytes never change",
+                                location=self.storage.where(path),
+                                hint="store the new version under a new name")  # fmt: skip
         if not self.storage.inside(path):
             raise InvalidInputError(f"artifact path {path!r} goes through a link")
+        data = bytes(data)
         self.storage.put(path, data)
-        self._changes.artifacts[path] = ArtifactEntry(path, len(data), sha256_hex(data), media_type)
+        self._changes.artifacts[path] = ArtifactEntry(
+            path, len(data), sha256_hex(data), media_type, refs
+        )
         return path
 
-    def _appended(self) -> None:
-        self._pending += 1
+    def _room(self) -> int:
+        """How many records `StageWriter.extend` may encode before the next check for a flush."""
+        if self.flush_every is None:
+            return _EXTEND_BATCH
+        return max(1, min(_EXTEND_BATCH, self.flush_every - self._pending))
+
+    def _appended(self, count: int = 1) -> None:
+        self._pending += count
         if (self.flush_every is not None and self._pending >= self.flush_every) or (
             self.flush_interval is not None
             and time.monotonic() - self._last_flush >= self.flush_interval
@@ -527,32 +669,78 @@ class RunWriter:
 
     def flush(self) -> Manifest:
         """Write buffered records and commit a new revision (if anything changed)."""
-        self._check_open()
-        for writer in self._stages.values():
-            entry = writer._write(self.storage, self._encoder)
-            if entry is not None:
-                self._changes.files[entry.path] = entry
-        self._pending = 0
-        self._last_flush = time.monotonic()
-        if self._changes:
-            self.manifest = commit(self.storage, self._changes, self.lock_timeout, self.manifest)
-            self._changes = ChangeSet()
-        return self.manifest
+        with self._mutex:
+            self._check_open()
+            for writer in self._stages.values():
+                entry = writer._write(self.storage, self._encoder)
+                if entry is not None:
+                    self._changes.files[entry.path] = entry
+            self._pending = 0
+            self._last_flush = time.monotonic()
+            if self._changes:
+                self._changes.heartbeat = True
+                self.manifest = commit(
+                    self.storage, self._changes, self.lock_timeout, self.manifest
+                )
+                self._changes = ChangeSet()
+            return self.manifest
 
-    def finish(self, status: RunStatus = "completed", error: str | None = None) -> Manifest:
-        """Commit what is buffered, set the final status, write ``SHA256SUMS`` and close."""
+    def heartbeat(self) -> Manifest:
+        """Commit that this writer is alive (``heartbeat_at``, LIFE-3) and what is buffered."""
+        with self._mutex:
+            self._check_open()
+            self._changes.heartbeat = True
+            return self.flush()
+
+    def _heartbeat_loop(self, interval: float) -> None:
+        while not self._stop_heartbeat.wait(interval):
+            with self._mutex:
+                if self._closed:
+                    return
+                try:
+                    self.manifest = commit(
+                        self.storage, ChangeSet(heartbeat=True), self.lock_timeout, self.manifest
+                    )
+                except RunfmtError:
+                    continue
+
+    def finish(
+        self,
+        status: RunStatus = "completed",
+        error: str | None = None,
+        *,
+        through_stage: str | None = None,
+    ) -> Manifest:
+        """Commit what is buffered, set the final status, write ``SHA256SUMS`` and close.
+
+        A completed run stopped on purpose after a stage records it as
+        ``completed_through_stage`` (``through_stage``, else the writer's
+        ``until_stage``; LIFE-2); that stage is marked completed.
+        """
         if status == "running":
             raise InvalidInputError("finish needs completed, failed or cancelled")
-        self._changes.status = status
-        self._changes.error = error
-        if status == "completed":
-            for name, stage in self._stages.items():
-                if stage.entry.status == "running" and name not in self._changes.stage_status:
-                    self._changes.stage_status[name] = "completed"
-        manifest = self.flush()
-        write_sums(self.storage, manifest)
-        self._release()
-        return manifest
+        with self._mutex:
+            self._check_open()
+            through = self.manifest.completed_through_stage
+            if status == "completed":
+                through = through_stage or self.until_stage
+                if through is not None:
+                    if through not in self._stages and self.manifest.stage(through) is None:
+                        raise InvalidInputError(
+                            f"cannot complete through stage {through!r}: the run has no such stage",
+                            location=self.storage.where(),
+                        )
+                    self._changes.stage_status[through] = "completed"
+                for name, stage in self._stages.items():
+                    if stage.entry.status == "running" and name not in self._changes.stage_status:
+                        self._changes.stage_status[name] = "completed"
+            self._changes.status = status
+            self._changes.error = error
+            self._changes.completed_through_stage = through
+            manifest = self.flush()
+            write_sums(self.storage, manifest)
+            self._release()
+            return manifest
 
     def fail(self, error: str) -> Manifest:
         return self.finish("failed", error)
@@ -566,7 +754,15 @@ class RunWriter:
             self.flush()
             self._release()
 
+    def discard(self) -> None:
+        """Stop writing and commit nothing more: buffered records and changes are dropped.
+
+        Bytes already appended past the last commit are debris that `repair` removes.
+        """
+        self._release()
+
     def _release(self) -> None:
+        self._stop_heartbeat.set()
         for writer in self._stages.values():
             writer._abandon()
         if self._lock is not None:

@@ -8,10 +8,11 @@ relative to its root and use ``/``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -20,10 +21,15 @@ from fsspec.core import url_to_fs
 
 from runfmt.errors import ReadOnlyError, RunfmtError, StorageError
 
-__all__ = ["AppendFile", "Entry", "Storage"]
+__all__ = ["EXCLUSIVE_PROTOCOLS", "AppendFile", "Entry", "Storage"]
 
 _MEMORY_LOCK = threading.Lock()
 _TEMP_PREFIX = ".tmp-"
+_STREAM_BLOCK = 8 << 20
+EXCLUSIVE_PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a"})
+"""Backends whose create-only write has exactly one winner (COMMIT-2); others need single-writer."""
+_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_REDACTED = "<redacted>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +39,33 @@ class Entry:
     size: int
 
 
+def _option_values(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _option_values(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _option_values(item)
+
+
+def _secrets(options: dict[str, Any]) -> tuple[str, ...]:
+    """Strings that must never be shown: option values, credentials and fsspec config from env."""
+    found = set(_option_values(options))
+    found.update(os.environ[k] for k in _SECRET_ENV if os.environ.get(k))
+    found.update(v for k, v in os.environ.items() if k.startswith(("FSSPEC_", "AWS_ENDPOINT")))
+    return tuple(sorted((v for v in found if len(v) >= 8), key=len, reverse=True))
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, _REDACTED)
+    return text
+
+
 @contextlib.contextmanager
-def _translate(where: str) -> Iterator[None]:
+def _translate(where: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
     try:
         yield
     except RunfmtError:
@@ -43,8 +74,15 @@ def _translate(where: str) -> Iterator[None]:
         raise
     except FileExistsError:
         raise
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise StorageError(f"{type(exc).__name__}: {exc}", location=where) from exc
+    except (AssertionError, AttributeError, NameError):
+        raise
+    except Exception as exc:
+        message = _redact(f"{type(exc).__name__}: {exc}", secrets)
+        hint = (
+            "install the backend: pip install 'runfmt[s3]'" if isinstance(exc, ImportError) else ""
+        )
+        cause = None if message != f"{type(exc).__name__}: {exc}" else exc
+        raise StorageError(message, location=where, hint=hint) from cause
 
 
 class Storage:
@@ -54,28 +92,58 @@ class Storage:
     """
 
     def __init__(
-        self, url: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = False
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        read_only: bool = False,
+        single_writer: bool = False,
     ) -> None:
-        with _translate(url):
-            fs, root = url_to_fs(str(url), **(storage_options or {}))
+        options = dict(storage_options or {})
+        self._secrets = _secrets(options)
+        with _translate(_redact(str(url), self._secrets), self._secrets):
+            fs, root = url_to_fs(str(url), **options)
         self.fs: fsspec.AbstractFileSystem = fs
         self.protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.is_local = self.protocol in ("file", "local")
         self.root: str = os.path.abspath(root) if self.is_local else str(root).rstrip("/")
         self.read_only = read_only
+        self.single_writer = single_writer
         self.url = self.root if self.is_local else f"{self.protocol}://{self.root}"
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
 
+    @property
+    def exclusive(self) -> bool:
+        """Whether this backend creates files exclusively, so concurrent writers are safe."""
+        return self.protocol in EXCLUSIVE_PROTOCOLS
+
     def child(self, rel: str, *, read_only: bool | None = None) -> Storage:
         """A `Storage` rooted at ``rel`` below this one, sharing the filesystem."""
         new = object.__new__(Storage)
         new.fs, new.protocol, new.is_local = self.fs, self.protocol, self.is_local
+        new._secrets, new.single_writer = self._secrets, self.single_writer
         new.root = self.path(rel)
         new.read_only = self.read_only if read_only is None else read_only
         new.url = new.root if self.is_local else f"{self.protocol}://{new.root}"
         return new
+
+    def at(self, url: str, *, read_only: bool | None = None) -> Storage:
+        """A `Storage` for another URL: on this filesystem (and its options) when the scheme
+        matches, else a new one with no options."""
+        scheme = url.split("://", 1)[0] if "://" in url else "file"
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        ro = self.read_only if read_only is None else read_only
+        if scheme not in protocols or self.is_local:
+            return Storage(url, None, read_only=ro, single_writer=self.single_writer)
+        new = self.child("", read_only=ro)
+        new.root = str(self.fs._strip_protocol(url)).rstrip("/")
+        new.url = f"{self.protocol}://{new.root}"
+        return new
+
+    def _io(self, rel: str) -> contextlib.AbstractContextManager[None]:
+        return _translate(self.where(rel), self._secrets)
 
     def path(self, rel: str = "") -> str:
         """The backend path of ``rel``."""
@@ -92,19 +160,30 @@ class Storage:
     def _writable(self, rel: str) -> None:
         if self.read_only:
             raise ReadOnlyError("the store was opened read-only", location=self.where(rel))
+        if not (self.exclusive or self.single_writer):
+            raise ReadOnlyError(
+                f"{self.protocol}:// cannot create files exclusively, so concurrent writers "
+                "could lose commits (COMMIT-10)",
+                location=self.where(rel),
+                hint="if only one process writes here, open the store with single_writer=True "
+                "(CLI: --single-writer)",
+            )
 
     # reads
 
     def read(self, rel: str) -> bytes:
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if self.is_local:
                 with open(self.path(rel), "rb") as f:
                     return f.read()
+            if self.protocol in ("s3", "s3a"):
+                one_get: bytes = self.fs.cat_file(self.path(rel), max_concurrency=1)
+                return one_get
             data: bytes = self.fs.cat_file(self.path(rel))
             return data
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if self.is_local:
                 with open(self.path(rel), "rb") as f:
                     f.seek(start)
@@ -113,20 +192,20 @@ class Storage:
             return data
 
     def open_read(self, rel: str) -> IO[bytes]:
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if self.is_local:
                 return open(self.path(rel), "rb")
             f: IO[bytes] = self.fs.open(self.path(rel), "rb", block_size=4 << 20)
             return f
 
     def exists(self, rel: str = "") -> bool:
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if self.is_local:
                 return os.path.exists(self.path(rel))
             return bool(self.fs.exists(self.path(rel)))
 
     def is_dir(self, rel: str = "") -> bool:
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if self.is_local:
                 return os.path.isdir(self.path(rel))
             return bool(self.fs.isdir(self.path(rel)))
@@ -137,7 +216,7 @@ class Storage:
     def size(self, rel: str) -> int | None:
         """The size of a file, or None when it does not exist."""
         try:
-            with _translate(self.where(rel)):
+            with self._io(rel):
                 if self.is_local:
                     return os.stat(self.path(rel)).st_size
                 return int(self.fs.size(self.path(rel)))
@@ -156,7 +235,7 @@ class Storage:
     def list(self, rel: str = "") -> list[Entry]:
         """The children of a folder, without local state (names starting with '.')."""
         try:
-            with _translate(self.where(rel)):
+            with self._io(rel):
                 if self.is_local:
                     with os.scandir(self.path(rel)) as it:
                         return [
@@ -179,7 +258,7 @@ class Storage:
         """Every file below ``rel`` (relative to ``rel``) with its size, local state excluded."""
         base = self.path(rel)
         found: dict[str, int] = {}
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if self.is_local:
                 for dirpath, dirnames, filenames in os.walk(base):
                     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -220,7 +299,7 @@ class Storage:
 
     def makedirs(self, rel: str) -> None:
         self._writable(rel)
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if self.is_local:
                 os.makedirs(self.path(rel), exist_ok=True)
             else:
@@ -229,7 +308,7 @@ class Storage:
     def write_atomic(self, rel: str, data: bytes) -> None:
         """Replace ``rel`` with ``data`` so readers see the old or the new bytes, never a mix."""
         self._writable(rel)
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if not self.is_local:
                 self.fs.pipe_file(self.path(rel), data)
                 return
@@ -241,7 +320,7 @@ class Storage:
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` with ``data`` unless it exists; False when it exists (COMMIT-2)."""
         self._writable(rel)
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if self.is_local:
                 target = self.path(rel)
                 tmp = self._local_temp(target, data)
@@ -268,7 +347,7 @@ class Storage:
     def put(self, rel: str, data: bytes) -> None:
         """Write a whole new file (one that no reader trusts until a manifest lists it)."""
         self._writable(rel)
-        with _translate(self.where(rel)):
+        with self._io(rel):
             if self.is_local:
                 target = self.path(rel)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -279,12 +358,44 @@ class Storage:
             else:
                 self.fs.pipe_file(self.path(rel), data)
 
+    def put_stream(self, rel: str, chunks: Iterable[bytes]) -> None:
+        """Write a whole file from ``chunks``; it appears complete or not at all."""
+        self._writable(rel)
+        with self._io(rel):
+            if not self.is_local:
+                out = self.fs.open(self.path(rel), "wb", block_size=_STREAM_BLOCK)
+                try:
+                    for chunk in chunks:
+                        out.write(chunk)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        out.discard()
+                        out.closed = True
+                    raise
+                out.close()
+                return
+            target = self.path(rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(target), f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+            try:
+                with open(tmp, "wb") as f:
+                    for chunk in chunks:
+                        f.write(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(os.path.dirname(target))
+
     def open_append(self, rel: str) -> AppendFile:
         """A local file opened for appending (created if missing)."""
         self._writable(rel)
         if not self.is_local:
             raise StorageError("append is only offered on local disk", location=self.where(rel))
-        with _translate(self.where(rel)):
+        with self._io(rel):
             target = self.path(rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             return AppendFile(target)
@@ -292,13 +403,13 @@ class Storage:
     def truncate(self, rel: str, size: int) -> None:
         """Cut a local file back to ``size`` bytes, durably."""
         self._writable(rel)
-        with _translate(self.where(rel)), open(self.path(rel), "r+b") as f:
+        with self._io(rel), open(self.path(rel), "r+b") as f:
             f.truncate(size)
             os.fsync(f.fileno())
 
     def delete(self, rel: str) -> None:
         self._writable(rel)
-        with contextlib.suppress(FileNotFoundError), _translate(self.where(rel)):
+        with contextlib.suppress(FileNotFoundError), self._io(rel):
             if self.is_local:
                 os.unlink(self.path(rel))
             else:
@@ -306,8 +417,66 @@ class Storage:
 
     def delete_tree(self, rel: str) -> None:
         self._writable(rel)
-        with contextlib.suppress(FileNotFoundError), _translate(self.where(rel)):
+        with contextlib.suppress(FileNotFoundError), self._io(rel):
             self.fs.rm(self.path(rel), recursive=True)
+
+    def local_state(self, rel: str = "") -> tuple[str, ...]:
+        """Names of the local state (names starting with '.') in a local folder; () elsewhere."""
+        if not self.is_local:
+            return ()
+        try:
+            with self._io(rel), os.scandir(self.path(rel)) as it:
+                return tuple(sorted(e.name for e in it if e.name.startswith(".")))
+        except (FileNotFoundError, NotADirectoryError):
+            return ()
+
+    def rename(self, rel: str, new_rel: str) -> None:
+        """Rename a local file or folder atomically; `StorageError` if ``new_rel`` is taken."""
+        self._writable(rel)
+        if not self.is_local:
+            raise StorageError("rename is only offered on local disk", location=self.where(rel))
+        with self._io(rel):
+            if os.path.lexists(self.path(new_rel)):
+                raise StorageError(f"{new_rel} exists", location=self.where(new_rel))
+            os.rename(self.path(rel), self.path(new_rel))
+            _fsync_dir(os.path.dirname(self.path(new_rel)))
+
+    def link_from(
+        self, source: Storage, src_rel: str, rel: str, length: int, *, link: bool = True
+    ) -> bool:
+        """Make ``rel`` hold the first ``length`` bytes of ``source``'s ``src_rel``.
+
+        A hard link (True) when ``link`` is set, both are on one local filesystem
+        and the source is exactly ``length`` bytes long; a copy otherwise (False).
+        """
+        self._writable(rel)
+        if link and self.is_local and source.is_local and source.size(src_rel) == length:
+            with self._io(rel):
+                target = self.path(rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                try:
+                    os.link(source.path(src_rel), target)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                        raise
+                else:
+                    _fsync_dir(os.path.dirname(target))
+                    return True
+
+        def chunks() -> Iterator[bytes]:
+            remaining = length
+            with source.open_read(src_rel) as f:
+                while remaining:
+                    chunk = f.read(min(_STREAM_BLOCK, remaining))
+                    if not chunk:
+                        raise StorageError(
+                            f"file ends {remaining} bytes early", location=source.where(src_rel)
+                        )
+                    remaining -= len(chunk)
+                    yield chunk
+
+        self.put_stream(rel, chunks())
+        return False
 
     def _local_temp(self, target: str, data: bytes) -> str:
         directory = os.path.dirname(target)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runfmt.errors import (
     FormatError,
     InvalidInputError,
+    ReadOnlyError,
     RunExistsError,
     RunNotFoundError,
 )
@@ -19,6 +21,11 @@ from runfmt.format.keys import canonical_json, compute_key
 from runfmt.format.manifest import Manifest, encode_manifest, manifest_problems, to_json
 from runfmt.run import WRITER, RunReader, RunWriter, load_manifest, now_utc
 from runfmt.storage import Storage
+
+if TYPE_CHECKING:
+    from runfmt.cache import Cache
+    from runfmt.index import Index
+    from runfmt.lifecycle import OpenedRun, Policy
 
 __all__ = ["DEFAULT_STORE", "Store", "open_run", "resolve_store_url"]
 
@@ -45,7 +52,8 @@ class Store:
     """Runs under one root: create, open, resume and list them.
 
     ``url`` is a local path or any fsspec URL (``memory://x``, ``s3://bucket/prefix``);
-    ``storage_options`` are passed to fsspec and never stored.
+    ``storage_options`` are passed to fsspec and never stored. A backend that cannot
+    create files exclusively (COMMIT-10) is written only with ``single_writer=True``.
     """
 
     def __init__(
@@ -54,8 +62,12 @@ class Store:
         storage_options: dict[str, Any] | None = None,
         *,
         read_only: bool = False,
+        single_writer: bool = False,
     ) -> None:
-        self.storage = Storage(resolve_store_url(url), storage_options, read_only=read_only)
+        self.storage = Storage(
+            resolve_store_url(url), storage_options, read_only=read_only,
+            single_writer=single_writer,
+        )  # fmt: skip
         self.read_only = read_only
 
     def __repr__(self) -> str:
@@ -101,6 +113,7 @@ class Store:
             config_hash=compute_key(config),
             tags=tags,
             writer=WRITER,
+            heartbeat_at=stamp,
         )
         data = encode_manifest(manifest)
         problems = manifest_problems(to_json(manifest))
@@ -122,11 +135,7 @@ class Store:
         if names.is_run_id(text) and self._run_storage(text).exists(names.MANIFESTS_DIR):
             return self._run_storage(text)
         if "://" in text or os.sep in text or "/" in text or os.path.isdir(text):
-            located = (
-                Storage(text, None, read_only=self.read_only)
-                if "://" in text
-                else (Storage(os.path.abspath(text), None, read_only=self.read_only))
-            )
+            located = self.storage.at(text if "://" in text else os.path.abspath(text))
             if located.exists(names.MANIFESTS_DIR) or located.exists(names.MANIFEST_FILE):
                 return located
         raise RunNotFoundError(
@@ -143,13 +152,59 @@ class Store:
         from runfmt.check import repair_run
 
         storage = self.locate(run)
+        if storage.read_only:
+            raise ReadOnlyError("the store was opened read-only", location=storage.where())
         repair_run(storage, salvage=True)
         writer = RunWriter(storage, load_manifest(storage), **writer_options)
         storage.delete(names.SUMS_FILE)
         if writer.manifest.status != "running":
             writer._changes.status = "running"
-            writer.flush()
+            writer._changes.completed_through_stage = writer.manifest.completed_through_stage
+        writer.heartbeat()
         return writer
+
+    def open_or_create(
+        self,
+        name: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        policy: Policy = "auto",
+        until_stage: str | None = None,
+        **options: Any,
+    ) -> OpenedRun:
+        """The run of ``config`` under its deterministic id, by the existing-run ``policy``:
+        ``auto`` reuses a completed run and resumes any other, ``error`` refuses an
+        existing one, ``rerun`` replaces it (see `runfmt.lifecycle.open_or_create`)."""
+        from runfmt.lifecycle import open_or_create
+
+        return open_or_create(self, name, config, policy=policy, until_stage=until_stage, **options)
+
+    def fork_run(self, source: str | os.PathLike[str], at_stage: str, **options: Any) -> RunWriter:
+        """A new run holding ``source``'s stages before ``at_stage``, to recompute the rest
+        (see `runfmt.fork.fork_run`)."""
+        from runfmt.fork import fork_run
+
+        return fork_run(self, source, at_stage, **options)
+
+    def runs_with_config(self, config: Mapping[str, Any] | str) -> list[RunReader]:
+        """Runs whose config is ``config`` (a mapping, or its ``k1:`` hash), newest id first."""
+        from runfmt.lifecycle import runs_with_config
+
+        return runs_with_config(self, config)
+
+    @functools.cached_property
+    def index(self) -> Index:
+        """The store's SQLite index (derived; `runfmt.index`): fast listing and cache lookups."""
+        from runfmt.index import Index
+
+        return Index.for_storage(self.storage)
+
+    @functools.cached_property
+    def cache(self) -> Cache:
+        """Cross-run cache lookups by record key, served by `index` (`runfmt.cache`)."""
+        from runfmt.cache import Cache
+
+        return Cache(self.index)
 
     def run_ids(self) -> list[str]:
         """Ids of the run folders in the store, newest first (by a listing, no reads)."""

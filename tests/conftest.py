@@ -10,7 +10,13 @@ import pytest
 
 from runfmt.store import Store
 
-pytest_plugins: list[str] = []
+pytest_plugins: list[str] = ["tests.fixtures_tools", "tests.fixtures_s3", "tests.fixtures_manage"]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Collecting no test at all is a failure (exit 1), never pytest's ambiguous exit 5."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

@@ -36,11 +36,15 @@ class State:
 
     store_url: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
+    single_writer: bool = False
 
     def store(self, *, read_only: bool = False) -> Store:
         from runfmt.store import Store
 
-        return Store(self.store_url, self.storage_options, read_only=read_only)
+        return Store(
+            self.store_url, self.storage_options, read_only=read_only,
+            single_writer=self.single_writer,
+        )  # fmt: skip
 
 
 def _parse_options(values: list[str]) -> dict[str, Any]:
@@ -48,7 +52,7 @@ def _parse_options(values: list[str]) -> dict[str, Any]:
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}")
+            raise typer.BadParameter("expected KEY=VALUE (the value is not shown)")
         try:
             options[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -78,9 +82,17 @@ def _main(
             "Never stored or printed.",
         ),
     ] = None,
+    single_writer: Annotated[
+        bool,
+        typer.Option(
+            "--single-writer",
+            help="Allow writing to a backend without create-only writes; only one process "
+            "may write at a time.",
+        ),
+    ] = False,
 ) -> None:
     """Write, read, verify and manage runs stored in the runfmt format."""
-    ctx.obj = State(store, _parse_options(storage_option or []))
+    ctx.obj = State(store, _parse_options(storage_option or []), single_writer)
 
 
 def state(ctx: typer.Context) -> State:
@@ -105,7 +117,7 @@ def main() -> None:
     from runfmt.errors import RunfmtError
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
@@ -115,12 +127,12 @@ def main() -> None:
         sys.stderr.write(f"runfmt: error: {exc}\n")
         sys.exit(1)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(exit_code, int):  # click's, or typer's vendored click's
+            show()
+            sys.exit(exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _load_commands() -> None:

@@ -69,9 +69,9 @@ def decode_header(body: bytes) -> Header:
     try:
         header = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise StageFileError(f"header frame is not valid JSON: {exc}") from None
+        raise StageFileError(f"header frame is not valid JSON: {exc} (FRAME-2)") from None
     if not isinstance(header, dict):
-        raise StageFileError("header frame is not a JSON object")
+        raise StageFileError("header frame is not a JSON object (FRAME-2)")
     return header
 
 
@@ -94,10 +94,11 @@ class FrameDecoder:
     order. Raises `StageFileError` with the byte offset on any malformed input.
     """
 
-    def __init__(self, max_frame_content: int = MAX_FRAME_CONTENT) -> None:
+    def __init__(self, max_frame_content: int = MAX_FRAME_CONTENT, *, start: int = 0) -> None:
+        """``start`` > 0: decode from that offset, a frame boundary after the header."""
         self._buf = bytearray()
-        self._offset = 0
-        self._state = "prefix"
+        self._offset = start
+        self._state = "frames" if start else "prefix"
         self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
         self._dobj: Any = None
         self._frame_start = 0
@@ -107,8 +108,8 @@ class FrameDecoder:
         self._skip = 0
         self._max = max_frame_content
         self.header: Header | None = None
-        self.header_end = 0
-        self.complete_end = 0
+        self.header_end = start
+        self.complete_end = start
         """Offset just past the last complete frame (where a torn tail begins)."""
 
     def feed(self, chunk: bytes) -> list[Header | DataFrame]:

@@ -72,6 +72,8 @@ class ArtifactEntry:
     bytes: int
     sha256: str
     media_type: str = "application/octet-stream"
+    parents: tuple[Mapping[str, str], ...] = ()
+    """Lineage: what the artifact was made from (LIN-1); omitted from the JSON when empty."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,14 @@ class Manifest:
     stages: tuple[StageEntry, ...] = ()
     artifacts: tuple[ArtifactEntry, ...] = ()
     writer: Mapping[str, str] = field(default_factory=dict)
+    heartbeat_at: str | None = None
+    """When a writer last showed it was alive (LIFE-3); omitted from the JSON when None."""
+    completed_through_stage: str | None = None
+    """The last stage a run stopped on purpose after (LIFE-2)."""
+    forked_from: str | None = None
+    """The run this one was forked from (FORK-1)."""
+    forked_at_stage: str | None = None
+    """The first stage this fork recomputed; earlier stages came from ``forked_from``."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Members this reader does not know, kept so a rewrite does not drop them."""
 
@@ -114,7 +124,8 @@ _KNOWN = frozenset(
     {
         "format", "format_version", "required_features", "run_id", "name", "revision", "status",
         "error", "created_at", "updated_at", "finished_at", "config", "config_hash", "tags",
-        "counters", "stages", "artifacts", "writer",
+        "counters", "stages", "artifacts", "writer", "heartbeat_at", "completed_through_stage",
+        "forked_from", "forked_at_stage",
     }
 )  # fmt: skip
 
@@ -156,13 +167,27 @@ def to_json(m: Manifest) -> dict[str, Any]:
             }
             for s in m.stages
         ],
-        "artifacts": [
-            {"path": a.path, "bytes": a.bytes, "sha256": a.sha256, "media_type": a.media_type}
-            for a in m.artifacts
-        ],
+        "artifacts": [_artifact_json(a) for a in m.artifacts],
         "writer": dict(m.writer),
     }
+    for member in _OPTIONAL:
+        value = getattr(m, member)
+        if value is not None:
+            doc[member] = value
     doc.update(m.extra)
+    return doc
+
+
+_OPTIONAL = ("heartbeat_at", "completed_through_stage", "forked_from", "forked_at_stage")
+"""Members written only when set, so manifests without them re-encode byte for byte."""
+
+
+def _artifact_json(a: ArtifactEntry) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "path": a.path, "bytes": a.bytes, "sha256": a.sha256, "media_type": a.media_type
+    }  # fmt: skip
+    if a.parents:
+        doc["parents"] = [dict(p) for p in a.parents]
     return doc
 
 
@@ -247,6 +272,26 @@ def manifest_problems(doc: Any) -> list[str]:
         except InvalidInputError as exc:
             problems.append(f"{where}: {exc} (MAN-6)")
         _unique_path(a["path"], where, seen_paths, problems)
+    problems += _lifecycle_problems(doc, stage_names)
+    return problems
+
+
+def _lifecycle_problems(doc: dict[str, Any], stage_names: set[str]) -> list[str]:
+    problems = []
+    through = doc.get("completed_through_stage")
+    if through is not None and through not in stage_names:
+        problems.append(
+            f"$.completed_through_stage: {through!r} is not a stage of the run (LIFE-2)"
+        )
+    elif doc.get("status") == "completed" and through is not None:
+        stage = next(s for s in doc["stages"] if s["name"] == through)
+        if stage["status"] != "completed":
+            problems.append(
+                f"$.completed_through_stage: stage {through!r} is {stage['status']}, "
+                "not completed (LIFE-2)"
+            )
+    if (doc.get("forked_from") is None) != (doc.get("forked_at_stage") is None):
+        problems.append("$: forked_from and forked_at_stage go together (FORK-1)")
     return problems
 
 
@@ -299,10 +344,16 @@ def from_json(doc: dict[str, Any]) -> Manifest:
             for s in doc["stages"]
         ),
         artifacts=tuple(
-            ArtifactEntry(a["path"], a["bytes"], a["sha256"], a["media_type"])
+            ArtifactEntry(
+                a["path"], a["bytes"], a["sha256"], a["media_type"], tuple(a.get("parents", ()))
+            )
             for a in doc["artifacts"]
         ),
         writer=doc.get("writer", {}),
+        heartbeat_at=doc.get("heartbeat_at"),
+        completed_through_stage=doc.get("completed_through_stage"),
+        forked_from=doc.get("forked_from"),
+        forked_at_stage=doc.get("forked_at_stage"),
         extra={k: v for k, v in doc.items() if k not in _KNOWN},
     )
 
@@ -323,12 +374,16 @@ class ChangeSet:
     artifacts: dict[str, ArtifactEntry] = field(default_factory=dict)
     status: RunStatus | None = None
     error: str | None = None
+    completed_through_stage: str | None = None
+    """Set together with ``status`` (like ``error``): the stage a run stopped after (LIFE-2)."""
     tags: dict[str, str] = field(default_factory=dict)
+    heartbeat: bool = False
+    """Set ``heartbeat_at`` to the commit time: a writer of the run is alive (LIFE-3)."""
 
     def __bool__(self) -> bool:
         return any(
             (self.stages, self.files, self.stage_status, self.counters, self.artifacts,
-             self.status, self.tags)
+             self.status, self.tags, self.heartbeat)
         )  # fmt: skip
 
 
@@ -374,6 +429,10 @@ def apply_changes(base: Manifest, changes: ChangeSet, revision: int, now: str) -
         updated_at=now,
         status=status,
         error=changes.error if changes.status else base.error,
+        completed_through_stage=(
+            changes.completed_through_stage if changes.status else base.completed_through_stage
+        ),
+        heartbeat_at=now if changes.heartbeat else base.heartbeat_at,
         finished_at=None if status == "running" else finished,
         tags={**base.tags, **changes.tags},
         counters=counters,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -15,6 +17,7 @@ __all__ = [
     "PARENTS_FIELD",
     "Record",
     "decode_lines",
+    "encode_many",
     "encode_record",
     "encode_records",
     "is_failure",
@@ -26,7 +29,13 @@ ERROR_FIELD = "_error"
 """A record whose ``_error`` member is present and not null marks a failure (REC-5)."""
 PARENTS_FIELD = "_parents"
 MAX_KEY_LENGTH = 1024
-_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_OPTS = (
+    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_APPEND_NEWLINE
+)
+_SCALARS = frozenset((str, int, bool, type(None)))
+_FLAT = _SCALARS | {float}
+_KEY_TYPES = frozenset((str, type(None)))
+_dumps = functools.partial(orjson.dumps, option=_OPTS)
 
 
 def encode_record(record: Mapping[str, Any], key_field: str | None = None) -> bytes:
@@ -43,7 +52,7 @@ def encode_record(record: Mapping[str, Any], key_field: str | None = None) -> by
         line = orjson.dumps(record, option=_OPTS)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidInputError(f"record is not JSON-serializable: {exc}") from None
-    if b"null" in line:
+    if b"null" in line and not _only_nones(list(record.values()), line) and not _all_finite(record):
         try:
             json.dumps(record, allow_nan=False)
         except ValueError:
@@ -57,7 +66,82 @@ def encode_record(record: Mapping[str, Any], key_field: str | None = None) -> by
                 f"record key field {key_field!r} must be a non-empty string of at most "
                 f"{MAX_KEY_LENGTH} characters, not {key!r:.60}"
             )
-    return line + b"\n"
+    return line
+
+
+def encode_many(records: list[Any], key_field: str | None = None) -> list[bytes] | None:
+    """`encode_record` of each record, at C speed; None when one of them needs `encode_record`.
+
+    None means "not sure" (a refused record, a NaN, a type needing the exact
+    check), never "refused": the caller then encodes one by one.
+    """
+    if set(map(type, records)) != {dict}:
+        return None
+    try:
+        lines = list(map(_dumps, records))
+    except (TypeError, orjson.JSONEncodeError):
+        return None
+    payload = b"".join(lines)
+    if b"null" in payload:
+        values = list(itertools.chain.from_iterable(map(dict.values, records)))
+        if not _only_nones(values, payload) and not all(
+            b"null" not in line or _all_finite(record)
+            for record, line in zip(records, lines, strict=True)
+        ):
+            return None
+    if key_field is not None:
+        keys = list(map(dict.get, records, itertools.repeat(key_field)))
+        named = list(filter(None, keys))
+        if (
+            not set(map(type, keys)) <= _KEY_TYPES
+            or len(named) + keys.count(None) != len(keys)
+            or (named and max(map(len, named)) > MAX_KEY_LENGTH)
+        ):
+            return None
+    return lines
+
+
+def _only_nones(values: list[Any], text: bytes) -> bool:
+    """Whether ``values`` are flat JSON scalars and each ``null`` in their ``text`` is a None.
+
+    (For these builtin types ``count(None)`` counts exactly the None values.)
+
+    orjson writes NaN and infinities as null too; so does a nested None, and
+    strings may hold the word: any of those makes the counts differ.
+    """
+    return set(map(type, values)) <= _FLAT and text.count(b"null") == values.count(None)
+
+
+def _all_finite(record: dict[str, Any]) -> bool:
+    """Whether ``record`` holds only plain JSON types and finite floats (orjson writes NaN as null).
+
+    False sends the caller to the exact check, which also sees types orjson knows and json not.
+    """
+    for value in record.values():
+        kind = type(value)
+        if kind is float:
+            if value - value:
+                return False
+        elif kind not in _SCALARS:
+            return _all_finite_nested(record)
+    return True
+
+
+def _all_finite_nested(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        elif kind is float:
+            if item - item:
+                return False
+        elif kind not in _SCALARS:
+            return False
+    return True
 
 
 def encode_records(records: Iterable[Mapping[str, Any]], key_field: str | None = None) -> bytes:
@@ -81,8 +165,21 @@ def decode_lines(payload: bytes) -> list[Record]:
         return []
     if not payload.endswith(b"\n"):
         raise StageFileError("frame content does not end with a newline (REC-2)")
+    lines = payload.split(b"\n")[:-1]
+    try:
+        records = list(map(orjson.loads, lines))
+    except orjson.JSONDecodeError:
+        pass
+    else:
+        if set(map(type, records)) == {dict}:
+            return records
+    return _decode_one_by_one(lines)
+
+
+def _decode_one_by_one(lines: list[bytes]) -> list[Record]:
+    """`decode_lines` line by line, raising for the first bad line."""
     records = []
-    for n, line in enumerate(payload.split(b"\n")[:-1], 1):
+    for n, line in enumerate(lines, 1):
         try:
             record = orjson.loads(line)
         except orjson.JSONDecodeError as exc:

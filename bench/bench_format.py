@@ -1,0 +1,263 @@
+"""Writing and reading stage files, and the cost of a commit, beside bare loops.
+
+Baselines, measured in the same process on the same records:
+- bare write loop: per 1,000 records, json-encode each (stdlib json or orjson)
+  -> zstd level 3 with checksum -> sha256 -> write to one file;
+- bare read loop: read each frame of that file -> decompress -> split lines -> orjson;
+- atomic replace: temp file + fsync + ``os.replace`` + fsync of the folder.
+
+Records look like evaluation results (id, model, prompt from a shared pool,
+generated output, score, token count, a null error) with Zipf-distributed
+words, sized to exactly 204 or 2,048 bytes per JSON line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zstandard
+from common import Row, median_of, race
+
+from runfmt.run import RunWriter
+from runfmt.store import Store
+
+SECTION = "format"
+FLUSH_EVERY = 1000
+STAGE = "generate"
+
+Record = dict[str, Any]
+Encode = Callable[[Record], bytes]
+
+
+class _Corpus:
+    """Deterministic evaluation-like records of an exact encoded size."""
+
+    def __init__(self, seed: int = 7) -> None:
+        self._rng = random.Random(seed)
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        self._words = [
+            "".join(self._rng.choice(letters) for _ in range(self._rng.randint(2, 9)))
+            for _ in range(5000)
+        ]
+        self._cum = list(itertools.accumulate(1 / (k + 1) ** 1.1 for k in range(5000)))
+        self._prompts = [self.text(2400) for _ in range(300)]
+
+    def text(self, n: int) -> str:
+        out: list[str] = []
+        size = 0
+        while size <= n:
+            for word in self._rng.choices(self._words, cum_weights=self._cum, k=8):
+                out.append(word)
+                size += len(word) + 1
+        return " ".join(out)[:n]
+
+    def record(self, i: int, size: int) -> Record:
+        rng = self._rng
+        record: Record = {
+            "id": f"item-{i:07d}",
+            "model": rng.choice(["m-7b", "m-13b", "m-70b"]),
+            "prompt": "",
+            "output": "",
+            "score": round(rng.random(), 3),
+            "tokens": rng.randint(1, 4000),
+            "error": None,
+        }
+        room = size - len(orjson.dumps(record)) - 1
+        record["prompt"] = rng.choice(self._prompts)[: room // 2]
+        record["output"] = self.text(room - room // 2)
+        return record
+
+    def records(self, n: int, size: int) -> list[Record]:
+        return [self.record(i, size) for i in range(n)]
+
+
+def _stdlib_line(record: Record) -> bytes:
+    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _orjson_line(record: Record) -> bytes:
+    return orjson.dumps(record) + b"\n"
+
+
+def bare_write(records: list[Record], encode: Encode, path: Path) -> list[int]:
+    """The bare write loop; returns the compressed size of each frame."""
+    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
+    digest = hashlib.sha256()
+    sizes = []
+    with open(path, "wb") as f:
+        for start in range(0, len(records), FLUSH_EVERY):
+            payload = b"".join([encode(r) for r in records[start : start + FLUSH_EVERY]])
+            frame = cctx.compress(payload)
+            digest.update(frame)
+            f.write(frame)
+            sizes.append(len(frame))
+    digest.hexdigest()
+    return sizes
+
+
+def bare_read(path: Path, frame_sizes: list[int]) -> int:
+    """The bare read loop over the frames `bare_write` wrote; returns the record count."""
+    dctx = zstandard.ZstdDecompressor()
+    count = 0
+    with open(path, "rb") as f:
+        for size in frame_sizes:
+            lines = dctx.decompress(f.read(size)).split(b"\n")
+            count += len([orjson.loads(line) for line in lines[:-1]])
+    return count
+
+
+def runfmt_write(
+    store: Store, records: list[Record], flush_every: int | None = FLUSH_EVERY, batch: int = 1
+) -> str:
+    """Write the records as one stage of a new run, ``batch`` per call; return the run id."""
+    with store.create_run("bench", flush_every=flush_every) as run:
+        stage = run.stage(STAGE)
+        if batch == 1:
+            for record in records:
+                stage.append(record)
+        else:
+            for start in range(0, len(records), batch):
+                stage.extend(records[start : start + batch])
+    return run.run_id
+
+
+def runfmt_read(store: Store, run_id: str) -> int:
+    return sum(1 for _ in store.open_run(run_id).records(STAGE))
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _throughput(tmp: Path, records: list[Record], label: str, repeat: int) -> Iterable[Row]:
+    n = len(records)
+    bare = tmp / "bare.zst"
+    store = Store(tmp / "runs")
+    run_ids: list[str] = []
+    write = race(
+        repeat,
+        {
+            "json": lambda: bare_write(records, _stdlib_line, bare),
+            "orjson": lambda: bare_write(records, _orjson_line, bare),
+            "runfmt": lambda: run_ids.append(runfmt_write(store, records)),
+            "runfmt_extend": lambda: runfmt_write(store, records, batch=FLUSH_EVERY),
+            "runfmt_once": lambda: runfmt_write(store, records, flush_every=None),
+        },
+    )
+    frame_sizes = bare_write(records, _orjson_line, bare)
+    run_id = run_ids[-1]
+    if not runfmt_read(store, run_id) == n == bare_read(bare, frame_sizes):
+        raise AssertionError("runfmt and the bare loop read back different record counts")
+    read = race(
+        repeat,
+        {
+            "bare": lambda: bare_read(bare, frame_sizes),
+            "runfmt": lambda: runfmt_read(store, run_id),
+        },
+    )
+    run_bytes = _folder_bytes(tmp / "runs" / run_id)
+    bare_bytes = bare.stat().st_size
+    shutil.rmtree(tmp / "runs")
+
+    def rate(seconds: float) -> float:
+        return n / seconds
+
+    yield Row.vs(f"append {label} (vs stdlib json)", rate(write["runfmt"]), "rec/s",
+                 "bare loop, stdlib json", rate(write["json"]))  # fmt: skip
+    yield Row.vs(f"append {label}", rate(write["runfmt"]), "rec/s",
+                 "bare loop, orjson", rate(write["orjson"]), at_least=0.5)  # fmt: skip
+    yield Row.vs(f"extend {label}, 1,000 per call", rate(write["runfmt_extend"]), "rec/s",
+                 "bare loop, orjson", rate(write["orjson"]), at_least=0.5)  # fmt: skip
+    yield Row.vs(f"append {label}, one flush at close", rate(write["runfmt_once"]), "rec/s",
+                 "bare loop, orjson", rate(write["orjson"]))  # fmt: skip
+    yield Row.vs(f"read {label}", rate(read["runfmt"]), "rec/s",
+                 "bare read loop", rate(read["bare"]), at_least=0.7)  # fmt: skip
+    if label.startswith("204"):
+        yield Row.limit(f"disk {label}, whole run folder", run_bytes / n, "B/rec", at_most=50,
+                        baseline="bare loop file", baseline_value=bare_bytes / n)  # fmt: skip
+    else:
+        yield Row.vs(f"disk {label}, whole run folder", run_bytes / n, "B/rec",
+                     "bare loop file", bare_bytes / n)  # fmt: skip
+
+
+def atomic_replace(folder: Path, data: bytes) -> None:
+    """The commit baseline: sibling temp file, fsync, ``os.replace``, fsync of the folder."""
+    tmp = folder / ".tmp-manifest"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / "manifest.json")
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _build_run(store: Store, pool: list[Record], size: int) -> RunWriter:
+    """A running run holding ``size`` records (ids unique), committed every 100,000 records."""
+    writer = store.create_run("bench-commit", flush_every=None, flush_interval=None)
+    stage = writer.stage(STAGE)
+    for start in range(0, size, len(pool)):
+        chunk = [
+            dict(record, id=f"item-{start + i:07d}")
+            for i, record in enumerate(pool[: size - start])
+        ]
+        stage.extend(chunk)
+        if stage.pending >= 100_000:
+            writer.flush()
+    writer.flush()
+    return writer
+
+
+def _commits(tmp: Path, pool: list[Record], small: int, large: int, rounds: int) -> Iterable[Row]:
+    store = Store(tmp / "commit-runs")
+    writers = [_build_run(store, pool, small), _build_run(store, pool, large)]
+    manifest = (tmp / "commit-runs" / writers[1].run_id / "manifest.json").read_bytes()
+    times: list[list[float]] = [[], []]
+    replace: list[float] = []
+    for i in range(rounds):
+        for w, out in zip(writers, times, strict=True):
+            stage = w.stage(STAGE)
+            for j in range(5):
+                stage.append(pool[(i * 5 + j) % len(pool)])
+            start = time.perf_counter()
+            w.flush()
+            out.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        atomic_replace(tmp, manifest)
+        replace.append(time.perf_counter() - start)
+    for w in writers:
+        w.close()
+    ms = 1000.0
+    small_ms, large_ms = median_of(times[0]) * ms, median_of(times[1]) * ms
+    yield Row.vs(f"commit 5 rec, run holds {small:,}", small_ms, "ms",
+                 f"atomic replace+fsync {len(manifest):,} B", median_of(replace) * ms,
+                 at_most=2.5)  # fmt: skip
+    yield Row.vs(f"commit 5 rec, run holds {large:,}", large_ms, "ms",
+                 f"commit, run holds {small:,}", small_ms, at_most=1.5)  # fmt: skip
+
+
+def run(quick: bool) -> Iterable[Row]:
+    corpus = _Corpus()
+    repeat = 1 if quick else 3
+    with tempfile.TemporaryDirectory(prefix="runfmt-bench-") as name:
+        tmp = Path(name)
+        for size, n in ((204, 100_000), (2048, 20_000)):
+            records = corpus.records(n // 50 if quick else n, size)
+            yield from _throughput(tmp, records, f"{size:,} B records", repeat)
+        pool = corpus.records(10_000, 204)
+        large = 5_000 if quick else 1_000_000
+        yield from _commits(tmp, pool, 1_000, large, 5 if quick else 60)

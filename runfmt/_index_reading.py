@@ -1,0 +1,304 @@
+"""How the index reads a store: run stamps, manifests summarized into rows, stage files
+scanned for cache keys. Local stores are read with `os` directly (no fsspec import, so
+that ``runfmt ls`` starts fast); any other store through `runfmt.storage.Storage`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from runfmt.errors import FormatError, RunfmtError, StageFileError
+from runfmt.format import names
+
+if TYPE_CHECKING:
+    from runfmt.storage import Storage
+
+__all__ = [
+    "RACY_NS",
+    "UNREADABLE",
+    "FileWork",
+    "LocalSource",
+    "Row",
+    "Source",
+    "StorageSource",
+    "scan_file",
+    "summarize",
+    "timestamp",
+    "unreadable",
+]
+
+UNREADABLE = "unreadable"
+"""The status listed for a run whose manifest cannot be read (its ``problem`` says why)."""
+RACY_NS = 3_000_000_000
+"""A run whose ``_manifests/`` changed this recently is re-read at the next refresh,
+since a later commit within the same timestamp tick would leave its stamp unchanged."""
+
+
+def timestamp(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+class Source:
+    """How the index reads a store: local disk directly, anything else through `Storage`."""
+
+    url: str
+
+    def run_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def stamp(self, run_id: str) -> str | None:
+        """A value that changes whenever the run commits; None when it is not a run."""
+        raise NotImplementedError
+
+    def manifest(self, run_id: str) -> bytes:
+        """The newest manifest revision's bytes (the listing rule of COMMIT-7)."""
+        raise NotImplementedError
+
+    def open_range(self, run_id: str, path: str, start: int) -> Any:
+        raise NotImplementedError
+
+    def read_range(self, run_id: str, path: str, start: int, end: int) -> bytes:
+        raise NotImplementedError
+
+    def where(self, run_id: str, path: str = "") -> str:
+        raise NotImplementedError
+
+
+class LocalSource(Source):
+    def __init__(self, root: str) -> None:
+        self.url = root
+
+    def run_names(self) -> list[str]:
+        try:
+            with os.scandir(self.url) as it:
+                return [
+                    e.name
+                    for e in it
+                    if names.is_run_id(e.name) and e.is_dir(follow_symlinks=False)
+                ]
+        except FileNotFoundError:
+            return []
+
+    def stamp(self, run_id: str) -> str | None:
+        try:
+            st = os.stat(f"{self.url}/{run_id}/{names.MANIFESTS_DIR}")
+        except OSError:
+            try:
+                st = os.stat(f"{self.url}/{run_id}/{names.MANIFEST_FILE}")
+            except OSError:
+                return None
+            return f"bare:{st.st_mtime_ns}:{st.st_size}"
+        if time.time_ns() - st.st_mtime_ns < RACY_NS:
+            return f"racy:{st.st_ino}:{st.st_mtime_ns}"
+        return f"{st.st_ino}:{st.st_mtime_ns}"
+
+    def manifest(self, run_id: str) -> bytes:
+        folder = f"{self.url}/{run_id}/{names.MANIFESTS_DIR}"
+        try:
+            found = [n for n in os.listdir(folder) if names.parse_revision_file(n) is not None]
+        except FileNotFoundError:
+            found = []
+        if not found:
+            raise FormatError(
+                "no revisions in _manifests/ (LAYOUT-2)",
+                hint="the folder was copied without _manifests/; copy it whole",
+            )
+        newest = max(found, key=lambda n: (len(n), n))
+        with open(f"{folder}/{newest}", "rb") as f:
+            return f.read()
+
+    def _file(self, run_id: str, path: str) -> str:
+        run = os.path.realpath(os.path.join(self.url, run_id))
+        full = os.path.join(run, *path.split("/"))
+        if os.path.realpath(full) != full:
+            raise FormatError("path goes through a link (LAYOUT-5)", location=full)
+        return full
+
+    def open_range(self, run_id: str, path: str, start: int) -> Any:
+        f = open(self._file(run_id, path), "rb")  # noqa: SIM115
+        f.seek(start)
+        return f
+
+    def read_range(self, run_id: str, path: str, start: int, end: int) -> bytes:
+        with open(self._file(run_id, path), "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def where(self, run_id: str, path: str = "") -> str:
+        return os.path.join(self.url, run_id, *path.split("/")) if path else (
+            os.path.join(self.url, run_id))  # fmt: skip
+
+
+class StorageSource(Source):
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.url = storage.url
+
+    def run_names(self) -> list[str]:
+        return [e.name for e in self.storage.list() if e.is_dir and names.is_run_id(e.name)]
+
+    def _revision(self, run_id: str) -> int | None:
+        found = (names.parse_revision_file(e.name)
+                 for e in self.storage.list(f"{run_id}/{names.MANIFESTS_DIR}"))  # fmt: skip
+        return max((r for r in found if r is not None), default=None)
+
+    def stamp(self, run_id: str) -> str | None:
+        revision = self._revision(run_id)
+        if revision is not None:
+            return f"rev:{revision}"
+        size = self.storage.size(f"{run_id}/{names.MANIFEST_FILE}")
+        return None if size is None else f"bare:{size}"
+
+    def manifest(self, run_id: str) -> bytes:
+        revision = self._revision(run_id)
+        if revision is None:
+            raise FormatError("no revisions in _manifests/ (LAYOUT-2)")
+        return self.storage.read(f"{run_id}/{names.revision_file(revision)}")
+
+    def _checked(self, run_id: str, path: str) -> str:
+        rel = f"{run_id}/{path}"
+        if not self.storage.inside(rel):
+            raise FormatError("path leaves the run folder (LAYOUT-5)", location=self.where(run_id))
+        return rel
+
+    def open_range(self, run_id: str, path: str, start: int) -> Any:
+        f = self.storage.open_read(self._checked(run_id, path))
+        f.seek(start)
+        return f
+
+    def read_range(self, run_id: str, path: str, start: int, end: int) -> bytes:
+        return self.storage.read_range(self._checked(run_id, path), start, end)
+
+    def where(self, run_id: str, path: str = "") -> str:
+        return self.storage.where(f"{run_id}/{path}" if path else run_id)
+
+
+@dataclass(slots=True)
+class Row:
+    run_id: str
+    stamp: str
+    revision: int
+    values: tuple[Any, ...]
+    identity: tuple[Any, ...]
+    keyed: list[tuple[str, str, str | None, str, int, str]]
+    """Listed files of keyed stages: (path, stage, key field, schema version, bytes, sha256)."""
+    problem: str | None = None
+
+
+@dataclass(slots=True)
+class FileWork:
+    path: str
+    stage: str
+    version: str
+    seen: tuple[int, str] | None
+    end: int
+    sha256: str
+    reset: bool
+    entries: list[tuple[str, int, int, int]]
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(what)
+
+
+def summarize(run_id: str, stamp: str, data: bytes) -> Row:
+    """The index row of a manifest, with the structural checks the index relies on.
+
+    Full schema validation is `runfmt verify`'s job; a manifest failing these checks
+    is re-read with `decode_manifest` so its row names the exact problem.
+    """
+    try:
+        doc = orjson.loads(data)
+        _check(isinstance(doc, dict), "not an object")
+        version = doc.get("format_version")
+        _check(isinstance(version, str) and version.split(".")[0] == "1", "format version")
+        _check(not doc.get("required_features"), "required features")
+        _check(doc.get("run_id") == run_id, "run id")
+        strings = ("name", "status", "created_at", "updated_at", "config_hash")
+        _check(all(isinstance(doc.get(k), str) for k in strings), "types")
+        revision, tags, counters = doc.get("revision"), doc.get("tags"), doc.get("counters")
+        _check(type(revision) is int and revision >= 1, "revision")
+        _check(isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values()), "tags")
+        _check(isinstance(counters, dict), "counters")
+        stages, keyed = [], []
+        for s in doc["stages"]:
+            stage, key_field, schema = s["name"], s["key_field"], s["record_schema_version"]
+            files = s["files"]
+            _check(isinstance(stage, str) and isinstance(schema, str), "stage")
+            _check(key_field is None or isinstance(key_field, str), "key field")
+            total = failures = size = 0
+            for f in files:
+                n, fails, b = f["records"], f["failures"], f["bytes"]
+                _check(type(n) is int and type(fails) is int and type(b) is int, "file counts")
+                total, failures, size = total + n, failures + fails, size + b
+                if key_field is not None:
+                    _check(names.parse_stage_file(f["path"])[0] == stage, "file path")
+                    keyed.append((f["path"], stage, key_field, schema, b, str(f["sha256"])))
+            stages.append([stage, s["status"], schema, key_field, len(files), total, failures,
+                           size])  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
+        return unreadable(run_id, stamp, _problem(data, run_id))
+    values = (
+        revision, doc["name"], doc["status"], doc["created_at"], timestamp(doc["created_at"]),
+        doc["updated_at"], doc.get("finished_at"), doc.get("heartbeat_at"), doc["config_hash"],
+        doc.get("error"), orjson.dumps(tags).decode(), orjson.dumps(counters).decode(),
+        orjson.dumps(stages).decode(), None,
+    )  # fmt: skip
+    return Row(run_id, stamp, revision, values, (doc["created_at"], doc["config_hash"]), keyed)
+
+
+def _problem(data: bytes, run_id: str) -> str:
+    from runfmt.format.manifest import decode_manifest
+
+    try:
+        manifest = decode_manifest(data)
+    except RunfmtError as exc:
+        return exc.problem
+    if manifest.run_id != run_id:
+        return f"manifest names run {manifest.run_id!r}, not its folder name (LAYOUT-1)"
+    return "manifest is not readable by this version of runfmt's index"
+
+
+def unreadable(run_id: str, stamp: str, problem: str) -> Row:
+    values = (0, "", UNREADABLE, None, None, None, None, None, None, None, "{}", "{}", "[]",
+              problem)  # fmt: skip
+    return Row(run_id, stamp, 0, values, (None, None), [], problem)
+
+
+def scan_file(
+    source: Source, run_id: str, path: str, key_field: str, start: int, end: int
+) -> list[tuple[str, int, int, int]]:
+    """(key, frame start, frame end, line) of the non-failure keyed records in ``[start, end)``."""
+    from runfmt.format.frames import DataFrame, FrameDecoder
+    from runfmt.format.records import decode_lines, is_failure, record_key
+
+    entries: list[tuple[str, int, int, int]] = []
+    decoder = FrameDecoder(start=start)
+    remaining = end - start
+    with source.open_range(run_id, path, start) as stream:
+        while remaining:
+            chunk = stream.read(min(1 << 20, remaining))
+            if not chunk:
+                raise StageFileError("file is shorter than its listed length (CHECK-1)")
+            remaining -= len(chunk)
+            for event in decoder.feed(chunk):
+                if isinstance(event, DataFrame):
+                    for line, record in enumerate(decode_lines(event.content)):
+                        key = record_key(record, key_field)
+                        if key is not None and not is_failure(record):
+                            entries.append((key, event.start, event.end, line))
+    decoder.close()
+    return entries

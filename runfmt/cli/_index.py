@@ -1,0 +1,167 @@
+"""Commands served by the store index: ``ls``, ``index rebuild``, ``cache get``.
+
+A local store's index is opened without importing the storage layer, so that
+``runfmt ls`` stays fast on thousands of runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from runfmt.cli import app, fail, print_json, state
+
+if TYPE_CHECKING:
+    from runfmt.index import Index, RunSummary
+
+index_app = typer.Typer(
+    help="Manage the store's index (derived data, rebuilt from the run folders).",
+    no_args_is_help=True,
+)
+cache_app = typer.Typer(
+    help="Look up committed records by key across every run of the store.",
+    no_args_is_help=True,
+)
+app.add_typer(index_app, name="index")
+app.add_typer(cache_app, name="cache")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _index(ctx: typer.Context) -> Index:
+    from runfmt.index import Index
+
+    st = state(ctx)
+    return Index.for_url(st.store_url or "./runs", st.storage_options)
+
+
+def _tags(values: list[str]) -> dict[str, str]:
+    tags = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--tag")
+        tags[key] = value
+    return tags
+
+
+@app.command("ls")
+def ls(
+    ctx: typer.Context,
+    status: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status",
+            help="Only runs with this status: running, completed, failed, cancelled or "
+            "unreadable (repeatable).",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Only runs whose name matches this glob.")
+    ] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option("--tag", help="Only runs with tag KEY=VALUE (repeatable; all must match)."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="Only runs created since a date (2026-11-01), an ISO time, or an age (7d, 12h).",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=0, help="Show at most this many runs.")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List the store's runs, newest first, from the index (kept in step with the folders)."""
+    from runfmt.errors import InvalidInputError
+    from runfmt.index import parse_since
+
+    try:
+        moment = parse_since(since) if since is not None else None
+    except InvalidInputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from None
+    runs = _index(ctx).runs(
+        status=status or None, name=name, tags=_tags(tag or []), since=moment, limit=limit
+    )
+    if json_:
+        print_json([r.to_json() for r in runs])
+        return
+    _print_runs(runs)
+
+
+def _print_runs(runs: list[RunSummary]) -> None:
+    if not runs:
+        sys.stdout.write("no runs\n")
+        return
+    header = ["RUN ID", "NAME", "STATUS", "CREATED", "STAGES", "RECORDS"]
+    rows = [
+        [
+            r.run_id,
+            r.name,
+            r.status,
+            (r.created_at or "")[:19].replace("T", " "),
+            str(len(r.stages)),
+            str(r.records),
+        ]
+        for r in runs
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in
+                 enumerate(zip(row, widths, strict=True))]  # fmt: skip
+        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+    for r in runs:
+        if r.problem:
+            sys.stderr.write(f"runfmt: {r.run_id}: {r.problem}\n")
+
+
+@index_app.command("rebuild")
+def rebuild(ctx: typer.Context, json_: JsonOpt = False) -> None:
+    """Forget the index and rebuild it from the run folders."""
+    index = _index(ctx)
+    stats = index.rebuild()
+    if json_:
+        print_json({"index": index.path, "runs": stats.runs, "cache_entries": stats.cache_entries,
+                    "seconds": round(stats.seconds, 3)})  # fmt: skip
+        return
+    sys.stdout.write(
+        f"indexed {stats.runs} runs and {stats.cache_entries} cache entries in "
+        f"{stats.seconds:.2f} s ({index.path})\n"
+    )
+
+
+@cache_app.command("get")
+def cache_get(
+    ctx: typer.Context,
+    stage: Annotated[str, typer.Argument(help="The stage whose records to search.")],
+    key: Annotated[str, typer.Argument(help="The record key (e.g. a k1:... cache key).")],
+    record_schema_version: Annotated[
+        str | None,
+        typer.Option(
+            "--record-schema-version",
+            help="Only records of this record schema version (default: any version).",
+        ),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Print the newest committed record with KEY in STAGE, from any run, with its provenance."""
+    from runfmt.cache import Cache
+
+    hit = Cache(_index(ctx)).get(stage, key, record_schema_version=record_schema_version)
+    if hit is None:
+        fail(f"no committed record with key {key!r} in stage {stage!r}")
+    if json_:
+        print_json(hit.to_json())
+        return
+    p = hit.provenance
+    sys.stdout.write(
+        f"run     {p.run_id}\nstage   {p.stage} (record schema version "
+        f"{p.record_schema_version})\nfile    {p.path} (frame at byte {p.frame_start}, "
+        f"line {p.line + 1})\n"
+    )
+    print_json(hit.record)

@@ -1,0 +1,186 @@
+"""Commands on the life of runs: status (quick check), lineage, fork."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from runfmt.cli import app, fail, print_json, state
+
+if TYPE_CHECKING:
+    from runfmt.lifecycle import RunSummary
+    from runfmt.lineage import LineageNode
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+_HEALTH = ("running", "abandoned", "completed", "failed", "cancelled")
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    json_: JsonOpt = False,
+    health: Annotated[
+        str | None,
+        typer.Option("--status", help="Only runs in this state: " + ", ".join(_HEALTH) + "."),
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", help="Only runs whose config hash is this k1:...")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N runs.")] = None,
+) -> None:
+    """One line per run: id, name, state (abandoned when a running run's writer is gone),
+    progress per stage, age. Exit 1 if a run cannot be read."""
+    from runfmt.errors import FormatError
+    from runfmt.lifecycle import now, runs_with_config, summarize
+
+    if health is not None and health not in _HEALTH:
+        fail(f"--status must be one of {', '.join(_HEALTH)}, not {health!r}", 2)
+    store = state(ctx).store(read_only=True)
+    clock = now()
+    runs = runs_with_config(store, config) if config else list(store.runs())
+    summaries: list[RunSummary] = []
+    broken: list[FormatError] = []
+    for run in runs:
+        if isinstance(run, FormatError):
+            broken.append(run)
+        else:
+            summary = summarize(run.manifest, clock)
+            if health is None or summary.health == health:
+                summaries.append(summary)
+    summaries = summaries[:limit]
+    if json_:
+        print_json([s.to_json() for s in summaries])
+    else:
+        for s in summaries:
+            sys.stdout.write(_status_line(s) + "\n")
+        for exc in broken:
+            sys.stdout.write(f"{exc.location or '?'}  unreadable: {exc.problem}\n")
+        if not summaries and not broken:
+            sys.stdout.write(f"no runs in {store.url}\n")
+    if broken:
+        fail(f"{len(broken)} run(s) cannot be read; `runfmt verify` lists every problem")
+
+
+def _status_line(s: RunSummary) -> str:
+    state_text = s.health + (
+        f" through {s.completed_through_stage}" if s.completed_through_stage else ""
+    )
+    stages = (
+        ", ".join(
+            f"{st.name} {st.records}"
+            + (f" ({st.failures} failed)" if st.failures else "")
+            + ("" if st.status == "completed" else f" {st.status}")
+            for st in s.stages
+        )
+        or "no stages"
+    )
+    when = f"{_ago(s.age_seconds)} old"
+    if s.health in ("running", "abandoned"):
+        when += f", seen {_ago(s.idle_seconds)} ago"
+    return f"{s.run_id}  {s.name}  {state_text}  [{stages}]  {when}"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+@app.command()
+def lineage(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="A run id in the store, or the path of a run folder.")],
+    stage: Annotated[str, typer.Argument(help="The stage of the record.")],
+    key: Annotated[str, typer.Argument(help="The record's key (its stage's key field).")],
+    json_: JsonOpt = False,
+    max_depth: Annotated[
+        int, typer.Option("--max-depth", min=1, help="Stop following parents this deep.")
+    ] = 1000,
+) -> None:
+    """Walk a record's lineage (its ``_parents``, their parents, ...) and print the tree.
+
+    Exit 1 if a parent is dangling, part of a cycle, or malformed."""
+    from runfmt.lineage import lineage as walk
+
+    reader = state(ctx).store(read_only=True).open_run(run)
+    root = walk(reader, stage, key, max_depth=max_depth)
+    if json_:
+        print_json(root.to_json())
+    else:
+        _print_tree(root, 0)
+    problems = root.problems()
+    if problems:
+        fail(f"{len(problems)} lineage problem(s): " + "; ".join(problems))
+
+
+def _print_tree(node: LineageNode, depth: int) -> None:
+    note = ""
+    if node.problem:
+        note = f"  !! {node.problem}"
+    elif node.repeated:
+        note = "  (parents shown above)"
+    elif node.artifact is not None:
+        note = f"  ({node.artifact.media_type}, {node.artifact.bytes} bytes)"
+    sys.stdout.write(f"{'  ' * depth}{node.ref}{note}\n")
+    for parent in node.parents:
+        _print_tree(parent, depth + 1)
+
+
+@app.command()
+def fork(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="The run to fork: its id, or its folder's path.")],
+    at_stage: Annotated[
+        str, typer.Argument(help="The first stage to recompute; earlier stages are taken.")
+    ],
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Id of the new run.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Name of the new run.")] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option("--config", help="A JSON file with the new run's config (default: the same)."),
+    ] = None,
+    no_artifacts: Annotated[
+        bool, typer.Option("--no-artifacts", help="Do not take the source's artifacts.")
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Create a run holding RUN's stages before AT_STAGE, ready to be resumed from there.
+
+    The new run records forked_from and forked_at_stage; its files are hard links
+    where the filesystem allows, copies otherwise.
+    """
+    config: dict[str, Any] | None = None
+    if config_file is not None:
+        try:
+            config = json.loads(config_file.read_text("utf-8"))
+        except (OSError, ValueError) as exc:
+            fail(f"{config_file}: cannot read a JSON config: {exc}", 2)
+        if not isinstance(config, dict):
+            fail(f"{config_file}: the config must be a JSON object", 2)
+    store = state(ctx).store()
+    writer = store.fork_run(
+        run,
+        at_stage,
+        run_id=run_id,
+        name=name,
+        config=config,
+        artifacts=not no_artifacts,
+        heartbeat_interval=None,
+    )
+    writer.close()
+    m = writer.manifest
+    taken = [s.name for s in m.stages]
+    if json_:
+        print_json({"run_id": m.run_id, "forked_from": m.forked_from,
+                    "forked_at_stage": m.forked_at_stage, "stages_taken": taken})  # fmt: skip
+    else:
+        sys.stdout.write(
+            f"forked {m.forked_from} at stage {at_stage} into {m.run_id} "
+            f"(took: {', '.join(taken) or 'no stages'})\n"
+        )

@@ -1,0 +1,428 @@
+"""Commands over several runs: diff, compare, report, gc, export, import.
+
+RUN is a run id in the store or the path of a run folder. Heavy modules are
+imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from runfmt.cli import app, fail, print_json, state
+
+if TYPE_CHECKING:
+    from runfmt.compare import Comparison, RunDiff
+    from runfmt.gc import GcPlan
+    from runfmt.run import RunReader
+    from runfmt.store import Store
+
+RunArg = Annotated[str, typer.Argument(help="A run id in the store, or the path of a run folder.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+_FORMATS = ("json", "md", "csv", "latex", "html")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _counter(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> None:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    sys.stdout.write("\n".join(line(r) for r in [headers, *rows]) + "\n")
+
+
+@app.command()
+def diff(ctx: typer.Context, run_a: RunArg, run_b: RunArg, json_: JsonOpt = False) -> None:
+    """Show how two runs differ: config (nested paths), tags, status, counters, stages."""
+    from runfmt.compare import diff_runs
+
+    store = state(ctx).store(read_only=True)
+    result = diff_runs(store.open_run(run_a), store.open_run(run_b))
+    if json_:
+        print_json(result.to_json())
+    else:
+        _print_diff(result)
+
+
+def _print_diff(d: RunDiff) -> None:
+    from runfmt.gc import format_size
+
+    out = sys.stdout.write
+    out(f"A  {d.run_a}  {d.name[0]}  {d.status[0]}\n")
+    out(f"B  {d.run_b}  {d.name[1]}  {d.status[1]}\n")
+    for title, changes in (("config", d.config), ("tags", d.tags)):
+        if not changes:
+            out(f"\n{title}: same\n")
+            continue
+        out(f"\n{title}: {len(changes)} difference{'s' * (len(changes) != 1)}\n")
+        for c in changes:
+            if c.kind == "added":
+                out(f"  + {c.path} = {_show(c.b)}  (only in B)\n")
+            elif c.kind == "removed":
+                out(f"  - {c.path} = {_show(c.a)}  (only in A)\n")
+            else:
+                out(f"  ~ {c.path}: {_show(c.a)} -> {_show(c.b)}\n")
+    if d.counters:
+        out("\ncounters:\n")
+        rows = [[k, _counter(a), _counter(b)] for k, (a, b) in d.counters.items()]
+        _table(["  counter", "A", "B"], [["  " + r[0], *r[1:]] for r in rows], {1, 2})
+    if d.stages:
+        out("\nstages:\n")
+        rows = [
+            [
+                "  " + s.name,
+                s.status_a or "-",
+                s.status_b or "-",
+                str(s.records_a),
+                str(s.records_b),
+                str(s.failures_a),
+                str(s.failures_b),
+                format_size(s.bytes_a),
+                format_size(s.bytes_b),
+            ]
+            for s in d.stages
+        ]
+        headers = [
+            "  stage",
+            "status A",
+            "status B",
+            "records A",
+            "records B",
+            "failed A",
+            "failed B",
+            "size A",
+            "size B",
+        ]
+        _table(headers, rows, {3, 4, 5, 6, 7, 8})
+
+
+@app.command()
+def compare(
+    ctx: typer.Context,
+    run_a: RunArg,
+    run_b: RunArg,
+    stage: Annotated[str, typer.Option("--stage", help="The stage whose records to pair.")],
+    field: Annotated[
+        str,
+        typer.Option("--field", help="The numeric or boolean field to compare (a.b for nested)."),
+    ],
+    key: Annotated[
+        str | None, typer.Option("--key", help="Pair on this field instead of the stage's key.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap.")] = 0,
+    resamples: Annotated[
+        int, typer.Option("--resamples", min=1, max=1_000_000, help="Bootstrap resamples.")
+    ] = 10_000,
+    confidence: Annotated[
+        float, typer.Option("--confidence", min=0.5, max=0.999, help="Confidence level.")
+    ] = 0.95,
+    json_: JsonOpt = False,
+) -> None:
+    """Pair the records of a stage by key and compare a field: means, B - A with a bootstrap CI."""
+    from runfmt.compare import compare_runs
+
+    store = state(ctx).store(read_only=True)
+    result = compare_runs(
+        store.open_run(run_a),
+        store.open_run(run_b),
+        stage,
+        field,
+        key=key,
+        seed=seed,
+        resamples=resamples,
+        confidence=confidence,
+    )
+    if json_:
+        print_json(result.to_json())
+    else:
+        _print_comparison(result)
+
+
+def _print_comparison(c: Comparison) -> None:
+    def keys(found: list[str]) -> str:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        return f"{len(found)}" + (f" ({shown})" if found else "")
+
+    out = sys.stdout.write
+    out(f"{c.stage}.{c.field} paired by {c.key_field}: n = {c.n}\n")
+    out(f"  A  {c.run_a}  mean {c.mean_a:.4f}\n")
+    out(f"  B  {c.run_b}  mean {c.mean_b:.4f}\n")
+    out(
+        f"  B - A  {c.mean_diff:+.4f}  {c.confidence:.0%} CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}]"
+        f"  (percentile bootstrap, {c.resamples} resamples, seed {c.seed})\n"
+    )
+    out(f"  B > A: {c.wins}   B < A: {c.losses}   ties: {c.ties}\n")
+    out(f"  keys only in A: {keys(c.only_a)}   only in B: {keys(c.only_b)}\n")
+    out(f"  failure records left out: A {c.failures_a}, B {c.failures_b}\n")
+
+
+def _runs(store: Store, runs: list[str], name: str | None, limit: int | None) -> list[RunReader]:
+    from runfmt.errors import FormatError
+
+    if runs:
+        return [store.open_run(r) for r in runs]
+    found = []
+    for run in store.runs():
+        if isinstance(run, FormatError):
+            sys.stderr.write(f"runfmt: warning: skipped unreadable run: {run}\n")
+        elif name is None or run.manifest.name == name:
+            found.append(run)
+    found = found[:limit] if limit is not None else found
+    return found[::-1]
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    runs: Annotated[
+        list[str] | None, typer.Argument(help="Runs to report (ids or folders); default: all.")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="json, md, csv, latex or html.")
+    ] = "md",
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="The stage whose records give the metrics.")
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option("--metric", "-m", help="A field of --stage to average (repeatable)."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Only runs with this name (without RUN).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Only the newest N runs (without RUN).")
+    ] = None,
+    digits: Annotated[int, typer.Option("--digits", min=0, max=12, help="Decimals shown.")] = 3,
+    title: Annotated[str, typer.Option("--title", help="Title of the HTML page.")] = (
+        "runfmt report"
+    ),
+    output: Annotated[
+        str | None, typer.Option("--output", "-O", help="Write to this file, not stdout.")
+    ] = None,
+) -> None:
+    """Tables of runs: status, stage counts, counters and metric means, for issues and papers."""
+    if fmt not in _FORMATS:
+        fail(f"unknown format {fmt!r}; choose one of {', '.join(_FORMATS)}", 2)
+    if metric and stage is None:
+        fail("--metric needs --stage", 2)
+    if runs and (name is not None or limit is not None):
+        fail("--name and --limit select runs from the store: give them or RUN, not both", 2)
+    from runfmt.report import build_report, render
+
+    store = state(ctx).store(read_only=True)
+    result = build_report(_runs(store, runs or [], name, limit), stage, metric or [])
+    text = render(result, fmt, digits=digits, title=title)  # type: ignore[arg-type]
+    if output is None:
+        sys.stdout.write(text)
+        return
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(text)
+    sys.stderr.write(f"wrote {fmt} report of {len(result.rows)} runs to {output}\n")
+
+
+def _duration(value: str | None) -> timedelta | None:
+    from runfmt.errors import InvalidInputError
+    from runfmt.gc import parse_duration
+
+    try:
+        return None if value is None else parse_duration(value)
+    except InvalidInputError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _bytes(value: str | None) -> int | None:
+    from runfmt.errors import InvalidInputError
+    from runfmt.gc import parse_size
+
+    try:
+        return None if value is None else parse_size(value)
+    except InvalidInputError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def gc(
+    ctx: typer.Context,
+    keep_last: Annotated[
+        int | None, typer.Option("--keep-last", min=0, help="Keep the newest N runs of each name.")
+    ] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option("--older-than", help="Delete runs not updated for this long: 30d, 12h."),
+    ] = None,
+    only_completed: Annotated[
+        bool, typer.Option("--only-completed", help="Delete only completed runs.")
+    ] = False,
+    max_size: Annotated[
+        str | None,
+        typer.Option("--max-size", help="Delete the oldest runs while the store is over: 10GB."),
+    ] = None,
+    active_within: Annotated[
+        str,
+        typer.Option(
+            "--active-within",
+            help="A running run updated this recently counts as being written: never deleted.",
+        ),
+    ] = "24h",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete; without it, only print.")] = (
+        False
+    ),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only print what would be deleted (the default).")
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Retention: print the runs a policy would delete; delete them with --yes."""
+    if yes and dry_run:
+        fail("--yes and --dry-run contradict each other", 2)
+    if keep_last is None and older_than is None and max_size is None:
+        fail("give a policy: --keep-last N, --older-than AGE or --max-size SIZE", 2)
+    from runfmt.gc import delete_planned, plan_gc
+
+    active = _duration(active_within)
+    assert active is not None
+    store = state(ctx).store(read_only=not yes)
+    plan = plan_gc(
+        store,
+        keep_last=keep_last,
+        older_than=_duration(older_than),
+        only_completed=only_completed,
+        max_size=_bytes(max_size),
+        active_within=active,
+    )
+    deleted: list[str] = []
+    skipped: list[dict[str, str]] = []
+    if yes:
+        deleted, skipped = delete_planned(store, plan, active_within=active)
+    if json_:
+        print_json({**plan.to_json(), "deleted": deleted, "skipped": skipped})
+    else:
+        _print_plan(plan, yes, deleted, skipped)
+    if skipped:
+        raise typer.Exit(1)
+
+
+def _print_plan(
+    plan: GcPlan, applied: bool, deleted: list[str], skipped: list[dict[str, str]]
+) -> None:
+    from runfmt.gc import format_size
+
+    out = sys.stdout.write
+    verb = "deleting" if applied else "would delete"
+    if plan.delete:
+        out(f"{verb} {len(plan.delete)} run(s), {format_size(plan.bytes_freed)}:\n")
+        rows = [
+            ["  " + e.run_id, e.name, e.status, format_size(e.bytes), e.reason] for e in plan.delete
+        ]
+        _table(["  run", "name", "status", "size", "why"], rows, {3})
+    else:
+        out("nothing to delete\n")
+    out(f"keeping {len(plan.keep)} run(s)\n")
+    for e in plan.protected:
+        out(f"  never deleting {e.run_id} ({e.name}): {e.reason}\n")
+    for u in plan.unreadable:
+        out(f"  leaving unreadable {u['run_id']} alone: {u['error']}\n")
+    if plan.over_cap:
+        out(f"still {format_size(plan.over_cap)} over --max-size: the rest may not be deleted\n")
+    if applied:
+        out(f"deleted {len(deleted)} run(s)\n")
+        for s in skipped:
+            sys.stderr.write(f"runfmt: skipped {s['run_id']}: {s['reason']}\n")
+    elif plan.delete:
+        out("run again with --yes to delete\n")
+
+
+@app.command("export")
+def export(
+    ctx: typer.Context,
+    run: RunArg,
+    output: Annotated[
+        str, typer.Argument(help="FILE.tar for the run; FILE.jsonl.zst or FILE.jsonl with --stage.")
+    ],
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="Export only this stage, to one file.")
+    ] = None,
+) -> None:
+    """Export a run to one tar archive, or one stage to one .jsonl.zst / .jsonl file."""
+    from runfmt.transfer import export_run, export_stage
+
+    if stage is None and not output.endswith(".tar"):
+        fail("a run exports to FILE.tar; pass --stage to export one stage", 2)
+    if stage is not None and not output.endswith((".jsonl.zst", ".jsonl")):
+        fail("a stage exports to FILE.jsonl.zst (with its header) or FILE.jsonl", 2)
+    reader = state(ctx).store(read_only=True).open_run(run)
+    if stage is None:
+        manifest = export_run(reader, output)
+        sys.stderr.write(
+            f"exported run {manifest.run_id} (revision {manifest.revision}) to {output}\n"
+        )
+    else:
+        count = export_stage(reader, stage, output)
+        sys.stderr.write(f"exported {count} records of {reader.run_id}/{stage} to {output}\n")
+
+
+@app.command("import")
+def import_(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="A run archive (.tar) or a stage file.")],
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="Archive: import under this run id.")
+    ] = None,
+    into: Annotated[
+        str | None, typer.Option("--into", help="Stage file: append to this existing run.")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Stage file: name of the new run (no --into).")
+    ] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option("--stage", help="Stage file: the stage (must match the file's header)."),
+    ] = None,
+    key_field: Annotated[
+        str | None, typer.Option("--key-field", help="Plain .jsonl: the stage's key field.")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Import a run archive into the store, or a stage file into a run, checking checksums."""
+    from runfmt.transfer import import_run, import_stage
+
+    is_archive = file.endswith((".tar", ".tar.gz", ".tgz"))
+    if not os.path.exists(file):
+        fail(f"{file}: no such file")
+    if is_archive and (into or name or stage or key_field):
+        fail("--into, --name, --stage and --key-field are for stage files, not archives", 2)
+    if not is_archive and run_id:
+        fail("--run-id is for run archives (.tar)", 2)
+    if into and name:
+        fail("--into appends to an existing run; --name names a new one: give one", 2)
+    store = state(ctx).store()
+    if is_archive:
+        result = import_run(store, file, run_id=run_id)
+    else:
+        result = import_stage(store, file, run=into, name=name, stage=stage, key_field=key_field)
+    if json_:
+        print_json(result.to_json())
+    else:
+        counts = ", ".join(f"{k}: {v}" for k, v in result.stages.items()) or "no stages"
+        sys.stdout.write(f"imported into run {result.run_id} ({counts})\n")

@@ -1,0 +1,414 @@
+"""Commands on single runs: demo, show, cat, verify, repair, schema.
+
+RUN is a run id in the store or the path/URL of a run folder, so a copied
+folder works with no store. None of these commands needs the index.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from runfmt.cli import app, fail, print_json, state
+
+if TYPE_CHECKING:
+    from runfmt.format.validate import Problem
+    from runfmt.run import RunReader
+    from runfmt.storage import Storage
+
+RunArg = Annotated[str, typer.Argument(help="A run id in the store, or the path of a run folder.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    seed: Annotated[int, typer.Option(help="Seed of the dataset and the simulated model.")] = 0,
+    items: Annotated[
+        int, typer.Option(min=1, max=100_000, help="Number of questions to evaluate.")
+    ] = 200,
+) -> None:
+    """Write a realistic evaluation run (generate -> parse -> score) into the store and show it."""
+    from runfmt.demo import write_demo_run
+
+    store = state(ctx).store()
+    result = write_demo_run(store, seed=seed, items=items, reuse=store.cache.record)
+    sys.stdout.write(f"wrote run {result.run_id} to {store.url}\n\n")
+    _print_summary(run_summary(store.open_run(result.run_id)))
+    sys.stdout.write(
+        f"\nreused {result.reused} of {result.total} results from earlier runs\n"
+        f"next: runfmt cat {result.run_id} score | head -3\n"
+    )
+
+
+@app.command()
+def show(ctx: typer.Context, run: RunArg, json_: JsonOpt = False) -> None:
+    """Show a run: identity, status, config, tags, counters, stages, files and artifacts."""
+    summary = run_summary(state(ctx).store(read_only=True).open_run(run))
+    if json_:
+        print_json(summary)
+    else:
+        _print_summary(summary)
+
+
+@app.command("cat")
+def cat(
+    ctx: typer.Context,
+    run: RunArg,
+    stage: Annotated[str | None, typer.Argument(help="The stage whose records to print.")] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", min=0, help="Print at most N records.")
+    ] = None,
+    artifact: Annotated[
+        str | None,
+        typer.Option("--artifact", "-a", help="Write this artifact's bytes instead of records."),
+    ] = None,
+) -> None:
+    """Print a stage's committed records as JSON Lines, or an artifact's bytes, on stdout."""
+    if (stage is None) == (artifact is None):
+        fail("give either a STAGE or --artifact NAME", 2)
+    reader = state(ctx).store(read_only=True).open_run(run)
+    out = sys.stdout.buffer
+    try:
+        if artifact is not None:
+            for chunk in reader.stream_artifact(artifact):
+                out.write(chunk)
+        else:
+            assert stage is not None
+            _write_records(out, reader, stage, limit)
+        out.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+
+
+def _write_records(out: Any, reader: RunReader, stage: str, limit: int | None) -> None:
+    import orjson
+
+    left = limit
+    if left == 0:
+        reader.stage(stage)
+        return
+    for batch in reader.record_batches(stage):
+        records = batch if left is None else batch[:left]
+        out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
+        if left is not None:
+            left -= len(records)
+            if left == 0:
+                return
+
+
+@app.command()
+def verify(
+    ctx: typer.Context,
+    runs: Annotated[
+        list[str] | None,
+        typer.Argument(help="Run ids or run folder paths; every run in the store when none."),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Check runs against the spec and their manifests; print every problem; exit 1 if any."""
+    from runfmt.check import verify_run
+
+    store = state(ctx).store(read_only=True)
+    targets = (
+        [store.locate(r) for r in runs]
+        if runs
+        else [store.storage.child(run_id) for run_id in store.run_ids()]
+    )
+    found = [(run, verify_run(run)) for run in targets]
+    bad = [(run, problems) for run, problems in found if problems]
+    if json_:
+        print_json([_problem_json(run, p) for run, problems in bad for p in problems])
+    elif not targets:
+        sys.stdout.write(f"no runs in {store.url}\n")
+    else:
+        for run, problems in found:
+            _print_verdict(run, problems)
+        sys.stdout.write(f"checked {_count(len(found), 'run')}: {len(bad)} with problems\n")
+    if bad:
+        total = sum(len(problems) for _, problems in bad)
+        fail(f"{_count(total, 'problem')} in {len(bad)} of {_count(len(found), 'run')}")
+
+
+def _print_verdict(run: Storage, problems: Sequence[Problem]) -> None:
+    label = _label(run)
+    if not problems:
+        sys.stdout.write(f"ok    {label}\n")
+        return
+    for p in problems:
+        sys.stdout.write(f"{_full_location(run, p.location)}: {p.problem} ({p.rule or '-'})\n")
+    fixable = sum(p.repairable for p in problems)
+    hint = f"; `runfmt repair {label}` fixes {fixable}" if fixable else ""
+    sys.stdout.write(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}\n")
+
+
+def _problem_json(run: Storage, p: Problem) -> dict[str, Any]:
+    return {
+        "run": _label(run),
+        "location": _full_location(run, p.location),
+        "problem": p.problem,
+        "rule": p.rule,
+        "repairable": p.repairable,
+    }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _label(run: Storage) -> str:
+    return run.root.rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
+
+
+def _full_location(run: Storage, location: str) -> str:
+    root = run.where()
+    return location if location.startswith(root) else run.where(location)
+
+
+@app.command()
+def repair(
+    ctx: typer.Context,
+    run: RunArg,
+    drop: Annotated[
+        bool,
+        typer.Option(
+            "--drop",
+            help="Cut off everything written after the last commit instead of salvaging "
+            "complete frames.",
+        ),
+    ] = False,
+) -> None:
+    """Bring a crashed run back to a consistent state; exit 0 when it then verifies."""
+    from runfmt.check import repair_run, verify_run
+
+    storage = state(ctx).store().locate(run)
+    report = repair_run(storage, salvage=not drop)
+    for action in report.actions:
+        sys.stdout.write(f"{action}\n")
+    for p in report.left:
+        sys.stdout.write(f"not repaired: {_full_location(storage, p.location)}: {p.problem}\n")
+    if not report.actions:
+        sys.stdout.write("nothing to repair\n")
+    problems = verify_run(storage)
+    label = _label(storage)
+    if problems:
+        _print_verdict(storage, problems)
+        fail(f"{label}: {_count(len(problems), 'problem')} left after repair")
+    sys.stdout.write(f"ok    {label}: consistent\n")
+
+
+@app.command()
+def schema(
+    name: Annotated[
+        str | None, typer.Argument(help="A schema name; lists the names when omitted.")
+    ] = None,
+) -> None:
+    """Print a JSON Schema of the format (manifest, stage-header, ...)."""
+    from runfmt.format.schemas import SCHEMA_NAMES, load_schema
+
+    if name is None:
+        for known in SCHEMA_NAMES:
+            sys.stdout.write(f"{known}\t{load_schema(known).get('$id', '')}\n")
+        return
+    if name not in SCHEMA_NAMES:
+        fail(f"unknown schema {name!r}; known: {', '.join(SCHEMA_NAMES)}", 2)
+    print_json(load_schema(name))
+
+
+def run_summary(reader: RunReader) -> dict[str, Any]:
+    """The stable JSON view of a run that ``runfmt show --json`` prints."""
+    m = reader.manifest
+    stages = [
+        {
+            "name": s.name,
+            "status": s.status,
+            "record_schema_version": s.record_schema_version,
+            "key_field": s.key_field,
+            "records": s.records,
+            "failures": s.failures,
+            "bytes": s.bytes,
+            "files": [
+                {
+                    "path": f.path,
+                    "bytes": f.bytes,
+                    "records": f.records,
+                    "failures": f.failures,
+                    "sha256": f.sha256,
+                }
+                for f in s.files
+            ],
+        }
+        for s in m.stages
+    ]
+    artifacts = [
+        {
+            "name": a.path.removeprefix("artifacts/"),
+            "path": a.path,
+            "bytes": a.bytes,
+            "media_type": a.media_type,
+            "sha256": a.sha256,
+            "parents": [dict(p) for p in a.parents],
+        }
+        for a in m.artifacts
+    ]
+    from runfmt.lifecycle import health, now
+
+    return {
+        "run_id": m.run_id,
+        "name": m.name,
+        "location": reader.storage.where(),
+        "status": m.status,
+        "health": health(m, now()),
+        "completed_through_stage": m.completed_through_stage,
+        "heartbeat_at": m.heartbeat_at,
+        "forked_from": m.forked_from,
+        "forked_at_stage": m.forked_at_stage,
+        "error": m.error,
+        "revision": m.revision,
+        "format_version": m.format_version,
+        "created_at": m.created_at,
+        "updated_at": m.updated_at,
+        "finished_at": m.finished_at,
+        "config": m.config,
+        "config_hash": m.config_hash,
+        "tags": dict(m.tags),
+        "counters": dict(m.counters),
+        "stages": stages,
+        "artifacts": artifacts,
+        "totals": {
+            "records": sum(s.records for s in m.stages),
+            "failures": sum(s.failures for s in m.stages),
+            "files": sum(len(s.files) for s in m.stages) + len(m.artifacts),
+            "bytes": sum(s.bytes for s in m.stages) + sum(a.bytes for a in m.artifacts),
+        },
+        "writer": dict(m.writer),
+    }
+
+
+def _print_summary(s: Mapping[str, Any]) -> None:
+    fields = [
+        ("run", s["run_id"]),
+        ("name", s["name"]),
+        ("location", s["location"]),
+        ("status", _status_text(s)),
+        ("forked", s["forked_from"] and f"from {s['forked_from']} at stage {s['forked_at_stage']}"),
+        ("heartbeat", s["heartbeat_at"] if s["status"] == "running" else None),
+        ("error", s["error"]),
+        ("created", s["created_at"]),
+        ("updated", f"{s['updated_at']} (revision {s['revision']})"),
+        ("finished", s["finished_at"]),
+        ("tags", " ".join(f"{k}={v}" for k, v in sorted(s["tags"].items()))),
+        ("counters", " ".join(f"{k}={_number(v)}" for k, v in sorted(s["counters"].items()))),
+        ("config", s["config_hash"]),
+    ]
+    for label, value in fields:
+        if value:
+            sys.stdout.write(f"{label:<10}{value}\n")
+    for key, value in _flatten(s["config"]):
+        sys.stdout.write(f"  {key} = {value}\n")
+    totals = s["totals"]
+    sys.stdout.write(
+        f"total     {totals['records']} records ({totals['failures']} failures), "
+        f"{totals['files']} files, {_size(totals['bytes'])}\n"
+    )
+    if s["stages"]:
+        _table(
+            "stages",
+            ["stage", "status", "records", "failures", "files", "size", "key field", "schema"],
+            [
+                [
+                    st["name"],
+                    st["status"],
+                    str(st["records"]),
+                    str(st["failures"]),
+                    str(len(st["files"])),
+                    _size(st["bytes"]),
+                    st["key_field"] or "-",
+                    st["record_schema_version"],
+                ]
+                for st in s["stages"]
+            ],
+            right={2, 3, 4, 5},
+        )
+    if s["artifacts"]:
+        _table(
+            "artifacts",
+            ["artifact", "size", "media type", "sha256"],
+            [
+                [a["name"], _size(a["bytes"]), a["media_type"], a["sha256"][:16]]
+                for a in s["artifacts"]
+            ],
+            right={1},
+        )
+
+
+def _status_text(s: Mapping[str, Any]) -> str:
+    text = str(s["health"])
+    if s["health"] == "abandoned":
+        text += " (status running, but no heartbeat for over 5 minutes: resume or repair it)"
+    if s["completed_through_stage"]:
+        text += f" (through stage {s['completed_through_stage']})"
+    return text
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, str]]:
+    import json
+
+    if isinstance(value, Mapping) and value:
+        for key in sorted(value):
+            yield from _flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
+    elif prefix:
+        yield prefix, json.dumps(value, ensure_ascii=False)
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _table(title: str, headers: list[str], rows: list[list[str]], right: set[int]) -> None:
+    """A table: rich on a terminal, plain aligned columns in a pipe."""
+    if sys.stdout.isatty():
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(
+            title=title,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            padding=(0, 1, 0, 0),
+        )
+        for i, header in enumerate(headers):
+            table.add_column(header, justify="right" if i in right else "left", no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        console = Console()
+        console.print()
+        console.print(table)
+        return
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    sys.stdout.write(f"\n{title}\n")
+    for row in [headers, *rows]:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        sys.stdout.write("  ".join(cells).rstrip() + "\n")

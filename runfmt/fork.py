@@ -1,0 +1,161 @@
+"""Fork and replay: a new run that takes another run's stages up to a stage and
+recomputes from there (spec FORK-1..4).
+
+The fork is a self-contained folder: its copied stage files and artifacts are
+hard links where the filesystem allows and the source is finished, copies of the
+listed bytes otherwise. It appears in the store whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from runfmt.errors import InvalidInputError, ReadOnlyError, RunExistsError, StorageError
+from runfmt.format import names
+from runfmt.format.keys import canonical_json, compute_key
+from runfmt.format.manifest import Manifest, encode_manifest, manifest_problems, to_json
+from runfmt.locking import hold_writer_lock, writer_alive
+from runfmt.run import WRITER, RunWriter, load_manifest, now_utc
+
+if TYPE_CHECKING:
+    from runfmt.storage import Storage
+    from runfmt.store import Store
+
+__all__ = ["fork_run"]
+
+_BUILD_PREFIX = ".fork-"
+_BUILDER = "fork"
+
+
+def fork_run(
+    store: Store,
+    source: str | os.PathLike[str],
+    at_stage: str,
+    *,
+    name: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+    artifacts: bool = True,
+    **writer_options: Any,
+) -> RunWriter:
+    """Create a run holding ``source``'s stages declared before ``at_stage`` and return
+    its writer, to recompute ``at_stage`` and what follows (FORK-1).
+
+    Name, config and tags default to the source's. Every stage taken must be
+    completed. Artifacts are taken too unless ``artifacts=False``; counters
+    start at zero (they count this run's work).
+    """
+    if store.read_only:
+        raise ReadOnlyError("the store was opened read-only", location=store.url)
+    src = store.locate(source)
+    base = load_manifest(src)
+    order = [s.name for s in base.stages]
+    if at_stage not in order:
+        raise InvalidInputError(
+            f"run {base.run_id} has no stage {at_stage!r} to fork at",
+            location=src.where(),
+            hint=f"stages in order: {', '.join(order) or 'none'}",
+        )
+    taken = base.stages[: order.index(at_stage)]
+    unfinished = [s.name for s in taken if s.status != "completed"]
+    if unfinished:
+        raise InvalidInputError(
+            f"stages {', '.join(unfinished)} of run {base.run_id} are not completed",
+            location=src.where(),
+            hint="fork at the first stage that is not completed, or complete it first",
+        )
+    config = dict(base.config if config is None else config)
+    canonical_json(config)
+    run_id = names.validate_run_id(
+        run_id or names.format_run_id(datetime.now(UTC), secrets.randbits(32))
+    )
+    stamp = now_utc()
+    manifest = Manifest(
+        run_id=run_id,
+        name=base.name if name is None else name,
+        revision=1,
+        status="running",
+        created_at=stamp,
+        updated_at=stamp,
+        config=config,
+        config_hash=compute_key(config),
+        tags=dict(base.tags if tags is None else tags),
+        stages=tuple(replace(s, status="completed") for s in taken),
+        artifacts=base.artifacts if artifacts else (),
+        writer=WRITER,
+        heartbeat_at=stamp,
+        forked_from=base.run_id,
+        forked_at_stage=at_stage,
+    )
+    problems = manifest_problems(to_json(manifest))
+    if problems:
+        raise InvalidInputError("invalid fork: " + "; ".join(problems))
+    link = base.status != "running"
+    if store.storage.is_local:
+        _build_local(store, src, manifest, link)
+    else:
+        _build_remote(store, src, manifest)
+    return RunWriter(store._run_storage(run_id), manifest, **writer_options)
+
+
+def _copy_files(src: Storage, dst: Storage, manifest: Manifest, link: bool) -> None:
+    for path, length in manifest.listed_paths().items():
+        if not src.inside(path):
+            raise InvalidInputError(f"{path} goes through a link (LAYOUT-5)", location=src.where())
+        dst.link_from(src, path, path, length, link=link)
+
+
+def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool) -> None:
+    """Build the fork in a hidden folder, then rename it into place (FORK-3)."""
+    _remove_dead_builds(store)
+    build = f"{_BUILD_PREFIX}{secrets.token_hex(6)}"
+    work = store.storage.child(build)
+    work.makedirs("")
+    lock = hold_writer_lock(work, _BUILDER)
+    try:
+        _copy_files(src, work, manifest, link)
+        data = encode_manifest(manifest)
+        work.create_exclusive(names.revision_file(1), data)
+        work.write_atomic(names.MANIFEST_FILE, data)
+        try:
+            store.storage.rename(build, manifest.run_id)
+        except StorageError:
+            raise RunExistsError(
+                "a run with this id exists", location=store.storage.where(manifest.run_id),
+                hint="choose another run_id",
+            ) from None  # fmt: skip
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        store.storage.delete_tree(build)
+        raise
+    if lock is not None:
+        lock.release()
+    store.storage.child(manifest.run_id).delete(f".writer-{_BUILDER}.lock")
+
+
+def _remove_dead_builds(store: Store) -> None:
+    """Delete hidden build folders of forks whose process is gone (killed mid-fork)."""
+    for leftover in store.storage.local_state():
+        if leftover.startswith(_BUILD_PREFIX) and not writer_alive(
+            store.storage.child(leftover), _BUILDER
+        ):
+            store.storage.delete_tree(leftover)
+
+
+def _build_remote(store: Store, src: Storage, manifest: Manifest) -> None:
+    """Copy the files, then create revision 1: a folder without revisions is no run."""
+    dst = store.storage.child(manifest.run_id)
+    if dst.exists(names.MANIFESTS_DIR):
+        raise RunExistsError("a run with this id exists", location=dst.where())
+    _copy_files(src, dst, manifest, link=False)
+    data = encode_manifest(manifest)
+    if not dst.create_exclusive(names.revision_file(1), data):
+        raise RunExistsError("a run with this id exists", location=dst.where())
+    dst.write_atomic(names.MANIFEST_FILE, data)

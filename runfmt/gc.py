@@ -1,0 +1,258 @@
+"""Retention: choose runs to delete by count per name, age, status and total size; delete them.
+
+`plan_gc` only reads; `delete_planned` deletes what a plan chose, checking
+each run again first. A run being written (status ``running`` with a live
+writer, or updated within ``active_within``) is never chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from runfmt.errors import FormatError, InvalidInputError, RunfmtError
+from runfmt.format import names
+from runfmt.locking import commit_lock, live_writers
+from runfmt.run import RunReader, load_manifest
+from runfmt.store import Store
+
+__all__ = [
+    "GcEntry",
+    "GcPlan",
+    "delete_planned",
+    "format_size",
+    "parse_duration",
+    "parse_size",
+    "plan_gc",
+]
+
+DEFAULT_ACTIVE_WITHIN = timedelta(hours=24)
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``2w``, ``45s`` as a `timedelta`."""
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise InvalidInputError(
+            f"invalid duration {text!r}", hint="use a number and s, m, h, d or w: 30d"
+        )
+    return timedelta(seconds=float(m[1]) * _SECONDS[m[2].lower()])
+
+
+def parse_size(text: str) -> int:
+    """``10GB`` (10^9), ``1.5GiB`` (2^30), ``500MB``, ``2048`` (bytes) as a byte count."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise InvalidInputError(
+            f"invalid size {text!r}", hint="use a number and a unit: 10GB, 512MiB"
+        )
+    unit = m[2].lower()
+    power = "bkmgtp".index(unit[0]) if unit and unit[0] != "b" else 0
+    base = 1024 if "i" in unit else 1000
+    return int(float(m[1]) * base**power)
+
+
+def format_size(n: int) -> str:
+    """A byte count for people: ``1.2 GB``."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def _parse_time(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True, slots=True)
+class GcEntry:
+    run_id: str
+    name: str
+    status: str
+    created_at: str
+    updated_at: str
+    revision: int
+    bytes: int
+    reason: str
+
+
+@dataclass(slots=True)
+class GcPlan:
+    """What a retention policy would delete, keep, and never touch."""
+
+    delete: list[GcEntry] = field(default_factory=list)
+    keep: list[GcEntry] = field(default_factory=list)
+    protected: list[GcEntry] = field(default_factory=list)
+    """Runs being written: never deleted."""
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    """Folders whose manifest cannot be read: left alone (see `runfmt verify`)."""
+    over_cap: int = 0
+    """Bytes still above ``max_size`` after every run that may go was chosen."""
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(e.bytes for e in self.delete)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["bytes_freed"] = self.bytes_freed
+        return doc
+
+
+def _entry(run: RunReader, size: int, reason: str) -> GcEntry:
+    m = run.manifest
+    return GcEntry(m.run_id, m.name, m.status, m.created_at, m.updated_at, m.revision, size, reason)
+
+
+def _being_written(run: RunReader, now: datetime, active_within: timedelta) -> str | None:
+    if run.manifest.status != "running":
+        return None
+    if live_writers(run.storage):
+        return "being written (a live writer holds its lock)"
+    idle = now - _parse_time(run.manifest.updated_at)
+    if idle < active_within:
+        return f"being written (updated {int(idle.total_seconds())} s ago)"
+    return None
+
+
+def plan_gc(
+    store: Store,
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    only_completed: bool = False,
+    max_size: int | None = None,
+    active_within: timedelta = DEFAULT_ACTIVE_WITHIN,
+    now: datetime | None = None,
+) -> GcPlan:
+    """Choose the runs a retention policy deletes; reads manifests and sizes, changes nothing.
+
+    A run may go when it is not being written (and is completed, with
+    ``only_completed``). Of those, it is chosen when it is beyond the
+    ``keep_last`` newest of its name and last updated before ``older_than``
+    ago (both, when both are given). Then, while the store holds more than
+    ``max_size`` bytes, the oldest remaining runs that may go are chosen too.
+    """
+    if keep_last is None and older_than is None and max_size is None:
+        raise InvalidInputError(
+            "no retention policy given", hint="pass --keep-last, --older-than or --max-size"
+        )
+    if keep_last is not None and keep_last < 0:
+        raise InvalidInputError(f"keep-last must be 0 or more, not {keep_last}")
+    now = now or datetime.now(UTC)
+    plan = GcPlan()
+    candidates: list[tuple[RunReader, int]] = []
+    for run_id in store.run_ids():
+        try:
+            run = store.open_run(run_id)
+            size = sum(run.storage.walk().values())
+        except FormatError as exc:
+            plan.unreadable.append({"run_id": run_id, "error": str(exc)})
+            continue
+        except RunfmtError:
+            continue
+        busy = _being_written(run, now, active_within)
+        if busy:
+            plan.protected.append(_entry(run, size, busy))
+        elif only_completed and run.manifest.status != "completed":
+            plan.keep.append(_entry(run, size, f"status {run.manifest.status}"))
+        else:
+            candidates.append((run, size))
+    candidates.sort(key=lambda c: (c[0].manifest.created_at, c[0].run_id), reverse=True)
+    rank: dict[str, int] = defaultdict(int)
+    chosen: list[tuple[RunReader, int, str]] = []
+    kept: list[tuple[RunReader, int, str]] = []
+    for run, size in candidates:
+        m = run.manifest
+        rank[m.name] += 1
+        reasons = []
+        keep_reason = ""
+        if keep_last is not None:
+            if rank[m.name] > keep_last:
+                reasons.append(f"beyond the newest {keep_last} of {m.name!r}")
+            else:
+                keep_reason = f"among the newest {keep_last} of {m.name!r}"
+        if older_than is not None:
+            if _parse_time(m.updated_at) < now - older_than:
+                reasons.append(f"not updated for over {_human(older_than)}")
+            else:
+                keep_reason = keep_reason or f"updated within {_human(older_than)}"
+        if (keep_last is not None or older_than is not None) and not keep_reason:
+            chosen.append((run, size, "; ".join(reasons)))
+        else:
+            kept.append((run, size, keep_reason or "within the size cap"))
+    if max_size is not None:
+        total = sum(e.bytes for e in plan.protected + plan.keep) + sum(s for _, s, _ in kept)
+        kept.sort(key=lambda c: (c[0].manifest.created_at, c[0].run_id))
+        while kept and total > max_size:
+            run, size, _ = kept.pop(0)
+            chosen.append((run, size, f"oldest while the store is over {format_size(max_size)}"))
+            total -= size
+        plan.over_cap = max(0, total - max_size)
+    plan.delete = [_entry(r, s, why) for r, s, why in chosen]
+    plan.keep += [_entry(r, s, why) for r, s, why in kept]
+    plan.delete.sort(key=lambda e: e.run_id)
+    plan.keep.sort(key=lambda e: e.run_id)
+    plan.protected.sort(key=lambda e: e.run_id)
+    return plan
+
+
+def _human(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0 and seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def delete_planned(
+    store: Store,
+    plan: GcPlan,
+    *,
+    active_within: timedelta = DEFAULT_ACTIVE_WITHIN,
+    lock_timeout: float = 5.0,
+) -> tuple[list[str], list[dict[str, str]]]:
+    """Delete the runs ``plan`` chose; returns (deleted ids, skipped runs with the reason).
+
+    Each run is checked again under its commit lock: one that gained a
+    revision or a live writer since the plan was made is skipped. The
+    manifest revisions go first, so an interrupted delete leaves no folder
+    that reads as a run. The store's index is told at once; had that failed,
+    its next refresh would notice the missing folders anyway.
+    """
+    deleted: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for entry in plan.delete:
+        run = store.storage.child(names.validate_run_id(entry.run_id))
+        try:
+            with commit_lock(run, lock_timeout):
+                current = load_manifest(run)
+                if current.revision != entry.revision or live_writers(run):
+                    busy = _being_written(RunReader(run, current), datetime.now(UTC), active_within)
+                    skipped.append(
+                        {
+                            "run_id": entry.run_id,
+                            "reason": busy or "changed since the plan was made",
+                        }
+                    )
+                    continue
+                run.delete_tree(names.MANIFESTS_DIR)
+                run.delete(names.MANIFEST_FILE)
+            run.delete_tree("")
+        except RunfmtError as exc:
+            skipped.append({"run_id": entry.run_id, "reason": str(exc)})
+            continue
+        deleted.append(entry.run_id)
+    if deleted:
+        with contextlib.suppress(RunfmtError):
+            store.index.forget(deleted)
+    return deleted, skipped

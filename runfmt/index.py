@@ -1,0 +1,794 @@
+"""The store index: a derived SQLite database that lists runs and finds cached records fast.
+
+Nothing in it is authoritative (spec §12): deleting it loses nothing, and
+`Index.refresh` reconciles it with the store at the cost of one listing of the
+store and one stat per run (a listing of ``_manifests/`` per run on object
+stores); only runs whose stamp changed are re-read, and only the stage bytes
+committed since the last refresh are scanned for cache keys.
+
+A local store keeps its index in ``<store>/.runfmt/index.sqlite``; a remote or
+read-only store in the user cache directory, under a hash of the store URL.
+The database uses WAL journaling on local disks and the rollback journal on
+network filesystems, where WAL's shared memory is unsafe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
+
+import orjson
+
+from runfmt._index_reading import (
+    FileWork,
+    LocalSource,
+    Row,
+    Source,
+    StorageSource,
+    scan_file,
+    summarize,
+    unreadable,
+)
+from runfmt.errors import (
+    FormatError,
+    InvalidInputError,
+    LockTimeoutError,
+    RunfmtError,
+    StorageError,
+)
+from runfmt.format import names
+
+if TYPE_CHECKING:
+    from runfmt.storage import Storage
+    from runfmt.store import Store
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Index",
+    "RefreshStats",
+    "RunSummary",
+    "StageSummary",
+    "forget_runs",
+    "index_location",
+    "is_network_filesystem",
+    "parse_since",
+]
+
+log = logging.getLogger("runfmt.index")
+
+SCHEMA_VERSION = 1
+"""Version of the index's tables (``PRAGMA user_version``); another version is rebuilt."""
+APPLICATION_ID = 0x52554E46
+"""``PRAGMA application_id`` of a runfmt index ("RUNF"): anything else is a foreign file."""
+BATCH_RUNS = 500
+"""Runs re-read per write transaction, so other processes wait briefly."""
+_NETWORK_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph",
+     "glusterfs", "lustre", "gpfs", "beegfs", "davfs", "sshfs", "fuse"}
+)  # fmt: skip
+_CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+_RELATIVE = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs(
+    run_id TEXT PRIMARY KEY,
+    stamp TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT,
+    created_ts REAL,
+    updated_at TEXT,
+    finished_at TEXT,
+    heartbeat_at TEXT,
+    config_hash TEXT,
+    error TEXT,
+    tags TEXT NOT NULL,
+    counters TEXT NOT NULL,
+    stages TEXT NOT NULL,
+    problem TEXT
+);
+CREATE INDEX runs_newest ON runs(created_ts DESC, run_id DESC);
+CREATE TABLE files(
+    file_id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    record_schema_version TEXT NOT NULL,
+    indexed_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    UNIQUE(run_id, path)
+);
+CREATE TABLE cache(
+    stage TEXT NOT NULL,
+    key TEXT NOT NULL,
+    file_id INTEGER NOT NULL,
+    frame_start INTEGER NOT NULL,
+    frame_end INTEGER NOT NULL,
+    line INTEGER NOT NULL
+);
+CREATE INDEX cache_key ON cache(stage, key);
+CREATE INDEX cache_file ON cache(file_id);
+"""
+
+_RUN_COLUMNS = (
+    "run_id, revision, name, status, created_at, updated_at, finished_at, heartbeat_at, "
+    "config_hash, error, tags, counters, stages, problem"
+)
+
+
+class StageSummary(NamedTuple):
+    """A stage's declaration and committed totals, as the newest revision lists them."""
+
+    name: str
+    status: str
+    record_schema_version: str
+    key_field: str | None
+    files: int
+    records: int
+    failures: int
+    bytes: int
+
+
+class RunSummary(NamedTuple):
+    """A run as the index lists it. ``problem`` is set (and ``status`` is ``"unreadable"``)
+    when the run's manifest could not be read. (Named tuples: listing 10,000 runs builds
+    40,000 of these.)"""
+
+    run_id: str
+    name: str
+    status: str
+    revision: int
+    created_at: str | None
+    updated_at: str | None
+    finished_at: str | None
+    heartbeat_at: str | None
+    config_hash: str | None
+    error: str | None
+    tags: Mapping[str, str]
+    counters: Mapping[str, float | int]
+    stages: tuple[StageSummary, ...]
+    problem: str | None = None
+
+    @property
+    def records(self) -> int:
+        return sum(s.records for s in self.stages)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.stages)
+
+    def stage(self, name: str) -> StageSummary | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (what ``runfmt ls --json`` prints per run)."""
+        return {
+            "run_id": self.run_id,
+            "name": self.name,
+            "status": self.status,
+            "revision": self.revision,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "finished_at": self.finished_at,
+            "heartbeat_at": self.heartbeat_at,
+            "config_hash": self.config_hash,
+            "error": self.error,
+            "tags": dict(self.tags),
+            "counters": dict(self.counters),
+            "records": self.records,
+            "bytes": self.bytes,
+            "stages": [s._asdict() for s in self.stages],
+            "problem": self.problem,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshStats:
+    """What one `Index.refresh` did."""
+
+    runs: int
+    read: int
+    removed: int
+    cache_entries: int
+    seconds: float
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """A point in time from ``7d``/``12h``/``30m``/``2w``/``45s``, a date or an ISO 8601 time.
+
+    Times without a zone are UTC.
+    """
+    value = text.strip()
+    m = _RELATIVE.fullmatch(value)
+    if m:
+        return (now or datetime.now(UTC)) - timedelta(seconds=int(m[1]) * _UNITS[m[2]])
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInputError(
+            f"cannot read {text!r} as a time",
+            hint="give a date (2026-11-01), an ISO time (2026-11-01T12:00:00Z) or an age (7d, 12h)",
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _unescape_mount(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def is_network_filesystem(path: str, mounts: str | None = None) -> bool:
+    """Whether ``path`` lies on a network filesystem (NFS, CIFS/SMB, FUSE, ...).
+
+    Reads ``/proc/mounts`` (or ``mounts``, its text); where there is none, assumes
+    a local disk. ``$RUNFMT_INDEX_JOURNAL`` (``wal`` or ``delete``) overrides the
+    journal mode chosen from this.
+    """
+    if mounts is None:
+        try:
+            with open("/proc/mounts", encoding="utf-8", errors="replace") as f:
+                mounts = f.read()
+        except OSError:
+            return False
+    target = os.path.realpath(path)
+    best, best_type = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = _unescape_mount(fields[1])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, fields[2]
+    return best_type in _NETWORK_FS or best_type.split(".")[0] in _NETWORK_FS
+
+
+def _user_cache_dir() -> str:
+    explicit = os.environ.get("RUNFMT_CACHE_DIR")
+    if explicit:
+        return explicit
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~\\AppData\\Local")
+    elif sys.platform == "darwin":
+        base = os.path.expanduser("~/Library/Caches")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "runfmt")
+
+
+def _public_url(url: str) -> str:
+    """The URL without any ``user:password@`` part."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", url)
+
+
+def index_location(url: str, *, local: bool, read_only: bool = False) -> str:
+    """Where the index of the store at ``url`` lives: a file path, or ``:memory:``.
+
+    ``memory://`` stores and local stores that do not exist yet get an in-memory index.
+    """
+    if local and not read_only:
+        return os.path.join(url, ".runfmt", "index.sqlite") if os.path.isdir(url) else ":memory:"
+    if url.startswith("memory://"):
+        return ":memory:"
+    digest = hashlib.sha256(_public_url(url).encode()).hexdigest()[:32]
+    return os.path.join(_user_cache_dir(), "index", f"{digest}.sqlite")
+
+
+class Index:
+    """The SQLite index of one store. Get it as ``Store.index``.
+
+    Every listing query refreshes the index first unless asked not to
+    (``refresh=False``); cache lookups use it as it stands (see `runfmt.cache`).
+    """
+
+    def __init__(self, source: Source, path: str, *, timeout: float = 30.0) -> None:
+        self._source = source
+        self.path = path
+        self.timeout = timeout
+        self._lock = threading.RLock()
+        self._con: sqlite3.Connection | None = None
+        self._opened_ino: int | None = None
+
+    @classmethod
+    def for_storage(cls, storage: Storage, *, timeout: float = 30.0) -> Index:
+        """The index of the store rooted at ``storage`` (a writable local store's folder is
+        created, so that its index is kept on disk from the start)."""
+        if storage.is_local and not storage.read_only:
+            storage.makedirs("")
+        source: Source = LocalSource(storage.root) if storage.is_local else StorageSource(storage)
+        path = index_location(storage.url, local=storage.is_local, read_only=storage.read_only)
+        return cls(source, path, timeout=timeout)
+
+    @classmethod
+    def for_url(
+        cls,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        read_only: bool = False,
+        timeout: float = 30.0,
+    ) -> Index:
+        """Like `for_storage`; a local path is served without importing the storage layer."""
+        local = url.removeprefix("file://")
+        if "://" not in local:
+            root = os.path.abspath(local)
+            return cls(LocalSource(root), index_location(root, local=True, read_only=read_only),
+                       timeout=timeout)  # fmt: skip
+        from runfmt.storage import Storage
+
+        return cls.for_storage(Storage(url, storage_options, read_only=read_only), timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"Index({self._source.url!r}, path={self.path!r})"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    # the database file
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._con is None:
+            self._con = self._open()
+        return self._con
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot create the index folder: {exc}",
+                                   location=self.path) from exc  # fmt: skip
+        for attempt in (1, 2):
+            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                                  check_same_thread=False)  # fmt: skip
+            try:
+                problem = self._prepare(con)
+            except sqlite3.DatabaseError as exc:
+                if not _is_corrupt(exc):
+                    con.close()
+                    raise
+                problem = f"is corrupt ({exc})"
+            if problem is None:
+                with contextlib.suppress(OSError):
+                    self._opened_ino = os.stat(self.path).st_ino
+                return con
+            con.close()
+            if attempt == 2:
+                break
+            log.warning("runfmt: the index %s %s; rebuilding it from the store", self.path, problem)
+            self._discard()
+        raise sqlite3.DatabaseError(f"cannot create the index at {self.path}")
+
+    def _prepare(self, con: sqlite3.Connection) -> str | None:
+        """Set the connection up; a reason to discard the file, or None when it is usable."""
+        con.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        app_id = con.execute("PRAGMA application_id").fetchone()[0]
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if app_id not in (0, APPLICATION_ID):
+            return "is not a runfmt index (a foreign SQLite file)"
+        if app_id == APPLICATION_ID and version > SCHEMA_VERSION:
+            return f"was written by a newer runfmt (index version {version} > {SCHEMA_VERSION})"
+        if app_id == APPLICATION_ID and version < SCHEMA_VERSION:
+            return f"has an older layout (index version {version})"
+        self._set_journal(con)
+        if app_id == APPLICATION_ID:
+            return None
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            app_id = con.execute("PRAGMA application_id").fetchone()[0]
+            tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if app_id == 0 and tables:
+                con.execute("ROLLBACK")
+                return "is not a runfmt index (a foreign SQLite file)"
+            if app_id == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        con.execute(statement)
+                con.execute(
+                    "INSERT INTO meta VALUES ('store', ?)", (_public_url(self._source.url),)
+                )
+                con.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        return None
+
+    def _set_journal(self, con: sqlite3.Connection) -> None:
+        if self.path == ":memory:":
+            return
+        wanted = os.environ.get("RUNFMT_INDEX_JOURNAL", "").lower()
+        if wanted not in ("wal", "delete"):
+            wanted = "delete" if is_network_filesystem(self.path) else "wal"
+        if con.execute("PRAGMA journal_mode").fetchone()[0] != wanted:
+            try:
+                con.execute(f"PRAGMA journal_mode={wanted}")
+            except sqlite3.OperationalError as exc:
+                log.warning("runfmt: the index %s stays in its journal mode, not %s: %s",
+                            self.path, wanted, exc)  # fmt: skip
+        con.execute("PRAGMA synchronous=NORMAL")
+
+    def _discard(self) -> None:
+        """Delete the index file (and its journals) unless another process replaced it already."""
+        if self.path == ":memory:":
+            return
+        from runfmt.locking import file_lock
+
+        with file_lock(self.path + ".lock", self.timeout):
+            try:
+                ino = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                return
+            if self._opened_ino is not None and ino != self._opened_ino:
+                return
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """The connection; a corrupt file found on the way is discarded and rebuilt."""
+        with self._lock:
+            try:
+                yield self._connection()
+            except sqlite3.Error as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: sqlite3.Error) -> NoReturn:
+        """Translate a SQLite error; a corrupt file is discarded and `_Retry` raised."""
+        if not isinstance(exc, sqlite3.DatabaseError) or not _is_corrupt(exc):
+            raise _translate(exc, self.path) from exc
+        log.warning("runfmt: the index %s is corrupt (%s); rebuilding it from the store",
+                    self.path, exc)  # fmt: skip
+        self.close()
+        self._discard()
+        self._opened_ino = None
+        raise _Retry from None
+
+    def _retrying(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _Retry:
+            return fn(*args, **kwargs)
+
+    # reconciling
+
+    def refresh(self) -> RefreshStats:
+        """Bring the index in line with the store: new, changed and removed runs."""
+        result: RefreshStats = self._retrying(self._refresh)
+        return result
+
+    def rebuild(self) -> RefreshStats:
+        """Forget everything indexed and index the whole store again."""
+        self._retrying(self._clear)
+        return self.refresh()
+
+    def _clear(self) -> None:
+        with self._db() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("cache", "files", "runs"):
+                    con.execute(f"DELETE FROM {table}")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def _refresh(self) -> RefreshStats:
+        started = time.perf_counter()
+        with self._db() as con:
+            known = dict(con.execute("SELECT run_id, stamp FROM runs").fetchall())
+            present = self._source.run_names()
+            changed: list[tuple[str, str]] = []
+            gone = set(known) - set(present)
+            for run_id in present:
+                stamp = self._source.stamp(run_id)
+                if stamp is None:
+                    if run_id in known:
+                        gone.add(run_id)
+                elif known.get(run_id) != stamp or stamp.startswith("racy:"):
+                    changed.append((run_id, stamp))
+            entries = 0
+            if gone and not changed:
+                self._write(con, [], {}, gone)
+            for i in range(0, len(changed), BATCH_RUNS):
+                rows = [self._read_run(run_id, stamp) for run_id, stamp in
+                        changed[i : i + BATCH_RUNS]]  # fmt: skip
+                work = self._file_work(con, rows)
+                entries += self._write(con, rows, work, gone if i == 0 else set())
+        return RefreshStats(len(present), len(changed), len(gone), entries,
+                            time.perf_counter() - started)  # fmt: skip
+
+    def _read_run(self, run_id: str, stamp: str) -> Row:
+        try:
+            data = self._source.manifest(run_id)
+        except FileNotFoundError:
+            return unreadable(run_id, stamp, "manifest revision vanished while indexing")
+        except FormatError as exc:
+            return unreadable(run_id, stamp, exc.problem)
+        return summarize(run_id, stamp, data)
+
+    def _file_work(self, con: sqlite3.Connection, rows: Sequence[Row]) -> dict[str, list[FileWork]]:
+        """For each run, the committed stage bytes not yet scanned for cache keys, scanned."""
+        work: dict[str, list[FileWork]] = {}
+        for row in rows:
+            if not row.keyed:
+                continue
+            indexed = {
+                path: (size, sha)
+                for path, size, sha in con.execute(
+                    "SELECT path, indexed_bytes, sha256 FROM files WHERE run_id=?", (row.run_id,)
+                )
+            }
+            items = []
+            for path, stage, key_field, version, size, sha in row.keyed:
+                seen = indexed.get(path)
+                if seen == (size, sha):
+                    continue
+                reset = seen is not None and seen[0] >= size
+                start = seen[0] if seen is not None and not reset else 0
+                try:
+                    entries = scan_file(self._source, row.run_id, path, str(key_field), start, size)
+                except (RunfmtError, OSError) as exc:
+                    log.warning("runfmt: %s: not indexed for the cache: %s",
+                                self._source.where(row.run_id, path), exc)  # fmt: skip
+                    continue
+                items.append(FileWork(path, stage, version, seen, size, sha, reset, entries))
+            work[row.run_id] = items
+        return work
+
+    def _write(
+        self,
+        con: sqlite3.Connection,
+        rows: Sequence[Row],
+        work: Mapping[str, list[FileWork]],
+        gone: set[str],
+    ) -> int:
+        entries = 0
+        batch = orjson.dumps([row.run_id for row in rows]).decode()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            for run_id in gone:
+                self._forget(con, run_id)
+            current = {
+                run_id: (revision, (created, config_hash))
+                for run_id, revision, created, config_hash in con.execute(
+                    "SELECT run_id, revision, created_at, config_hash FROM runs "
+                    "WHERE run_id IN (SELECT value FROM json_each(?))",
+                    (batch,),
+                )
+            }
+            with_files = {
+                run_id
+                for (run_id,) in con.execute(
+                    "SELECT DISTINCT run_id FROM files WHERE run_id IN "
+                    "(SELECT value FROM json_each(?))",
+                    (batch,),
+                )
+            }
+            accepted = []
+            for row in rows:
+                known = current.get(row.run_id)
+                stale = known is not None and known[0] > row.revision and known[1] == row.identity
+                if stale and row.problem is None:
+                    continue
+                if known is not None and (row.problem is not None or known[1] != row.identity):
+                    self._forget(con, row.run_id)
+                    with_files.discard(row.run_id)
+                accepted.append(row)
+            con.executemany(
+                "INSERT OR REPLACE INTO runs(run_id, stamp, revision, name, status, "
+                "created_at, created_ts, updated_at, finished_at, heartbeat_at, config_hash, "
+                "error, tags, counters, stages, problem) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(row.run_id, row.stamp, *row.values) for row in accepted],
+            )
+            for row in accepted:
+                if row.keyed or row.run_id in with_files:
+                    entries += self._write_files(con, row, work.get(row.run_id, []))
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        return entries
+
+    @staticmethod
+    def _write_files(con: sqlite3.Connection, row: Row, items: list[FileWork]) -> int:
+        listed = {path for path, *_ in row.keyed}
+        for file_id, path in con.execute(
+            "SELECT file_id, path FROM files WHERE run_id=?", (row.run_id,)
+        ).fetchall():
+            if path not in listed:
+                con.execute("DELETE FROM cache WHERE file_id=?", (file_id,))
+                con.execute("DELETE FROM files WHERE file_id=?", (file_id,))
+        entries = 0
+        for item in items:
+            found = con.execute(
+                "SELECT file_id, indexed_bytes, sha256 FROM files WHERE run_id=? AND path=?",
+                (row.run_id, item.path),
+            ).fetchone()
+            if (None if found is None else (found[1], found[2])) != item.seen:
+                continue
+            if found is None:
+                file_id = con.execute(
+                    "INSERT INTO files(run_id, path, stage, record_schema_version, indexed_bytes,"
+                    " sha256) VALUES (?,?,?,?,?,?)",
+                    (row.run_id, item.path, item.stage, item.version, item.end, item.sha256),
+                ).lastrowid
+            else:
+                file_id = found[0]
+                if item.reset:
+                    con.execute("DELETE FROM cache WHERE file_id=?", (file_id,))
+                con.execute("UPDATE files SET indexed_bytes=?, sha256=? WHERE file_id=?",
+                            (item.end, item.sha256, file_id))  # fmt: skip
+            con.executemany(
+                "INSERT INTO cache VALUES (?,?,?,?,?,?)",
+                [(item.stage, key, file_id, start, end, line)
+                 for key, start, end, line in item.entries],
+            )  # fmt: skip
+            entries += len(item.entries)
+        return entries
+
+    def forget(self, run_ids: Sequence[str]) -> None:
+        """Drop runs known to be deleted (a refresh would notice too, one stat later)."""
+        self._retrying(self._forget_all, list(run_ids))
+
+    def _forget_all(self, run_ids: list[str]) -> None:
+        with self._db() as con:
+            self._write(con, [], {}, set(run_ids))
+
+    @staticmethod
+    def _forget(con: sqlite3.Connection, run_id: str) -> None:
+        con.execute(
+            "DELETE FROM cache WHERE file_id IN (SELECT file_id FROM files WHERE run_id=?)",
+            (run_id,),
+        )
+        con.execute("DELETE FROM files WHERE run_id=?", (run_id,))
+        con.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
+
+    # queries
+
+    def runs(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        since: datetime | str | None = None,
+        limit: int | None = None,
+        refresh: bool = True,
+    ) -> list[RunSummary]:
+        """Runs newest first (by creation time), filtered.
+
+        ``status``: one or several statuses; ``name``: a glob (``eval-*``, case-sensitive);
+        ``tags``: every key must have that value; ``since``: created at or after (a
+        `datetime`, or text for `parse_since`); ``limit``: at most this many.
+        """
+        if refresh:
+            self.refresh()
+        where: list[str] = []
+        params: list[Any] = []
+        statuses = [status] if isinstance(status, str) else list(status or ())
+        if statuses:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            params += statuses
+        if name is not None:
+            where.append("name GLOB ?")
+            params.append(name)
+        for key, value in (tags or {}).items():
+            where.append("EXISTS (SELECT 1 FROM json_each(runs.tags) AS t "
+                         "WHERE t.key=? AND t.value=?)")  # fmt: skip
+            params += [key, value]
+        if since is not None:
+            moment = parse_since(since) if isinstance(since, str) else since
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            where.append("created_ts >= ?")
+            params.append(moment.timestamp())
+        if limit is not None and limit < 0:
+            raise InvalidInputError(f"limit must be 0 or more, not {limit}")
+        sql = (
+            f"SELECT {_RUN_COLUMNS} FROM runs"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY created_ts DESC, run_id DESC"
+            + (" LIMIT ?" if limit is not None else "")
+        )
+        if limit is not None:
+            params.append(limit)
+        rows = self.query(sql, params)
+        return [_summary(r) for r in rows]
+
+    def run(self, run_id: str, *, refresh: bool = True) -> RunSummary | None:
+        """One run's summary (re-read first if it changed), or None when it is not in the store."""
+        if refresh:
+            self._retrying(self._refresh_one, run_id)
+        rows = self.query(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?", [run_id])
+        return _summary(rows[0]) if rows else None
+
+    def _refresh_one(self, run_id: str) -> None:
+        with self._db() as con:
+            found = con.execute("SELECT stamp FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            stamp = self._source.stamp(run_id) if names.is_run_id(run_id) else None
+            if stamp is None:
+                if found is not None:
+                    self._write(con, [], {}, {run_id})
+                return
+            if found is not None and found[0] == stamp and not stamp.startswith("racy:"):
+                return
+            rows = [self._read_run(run_id, stamp)]
+            self._write(con, rows, self._file_work(con, rows), set())
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read-only SQL query against the index as it stands."""
+        try:
+            return self._query(sql, params)
+        except _Retry:
+            return self._query(sql, params)
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._connection().execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                self._failed(exc)
+
+    def where(self, run_id: str, path: str = "") -> str:
+        return self._source.where(run_id, path)
+
+    def read_range(self, run_id: str, path: str, start: int, end: int) -> bytes:
+        return self._source.read_range(run_id, path, start, end)
+
+
+def forget_runs(store: Store, run_ids: Sequence[str]) -> None:
+    """Tell ``store``'s index that these runs were deleted."""
+    store.index.forget(run_ids)
+
+
+class _Retry(Exception):
+    """The index file was corrupt and has been discarded: run the operation again."""
+
+
+def _translate(exc: sqlite3.Error, path: str) -> RunfmtError:
+    if "locked" in str(exc) or "busy" in str(exc):
+        return LockTimeoutError("the index stayed locked by another process", location=path,
+                                hint="retry, or raise the index timeout")  # fmt: skip
+    return StorageError(f"the index failed: {exc}", location=path,
+                        hint="delete the index file; it is rebuilt from the store")  # fmt: skip
+
+
+def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _CORRUPT_CODES
+    return "malformed" in str(exc) or "not a database" in str(exc)
+
+
+def _summary(row: tuple[Any, ...]) -> RunSummary:
+    (run_id, revision, name, status, created, updated, finished, heartbeat, config_hash, error,
+     tags, counters, stages, problem) = row  # fmt: skip
+    return RunSummary(
+        run_id, name, status, revision, created, updated, finished, heartbeat, config_hash, error,
+        orjson.loads(tags), orjson.loads(counters),
+        tuple(StageSummary(*s) for s in orjson.loads(stages)), problem,
+    )  # fmt: skip

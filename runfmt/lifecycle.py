@@ -1,0 +1,299 @@
+"""Run lifecycle: health (abandoned runs), status summaries, deterministic ids and the
+existing-run policy, finding runs by config (spec §14, LIFE-*, POLICY-*).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from runfmt.errors import (
+    ConflictError,
+    FormatError,
+    InvalidInputError,
+    RunExistsError,
+    RunNotFoundError,
+)
+from runfmt.format import names
+from runfmt.format.keys import compute_key
+from runfmt.format.manifest import Manifest
+from runfmt.locking import live_writers
+from runfmt.run import RunReader, RunWriter, load_manifest, revisions
+
+if TYPE_CHECKING:
+    from runfmt.storage import Storage
+    from runfmt.store import Store
+
+__all__ = [
+    "ABANDON_AFTER",
+    "Health",
+    "OpenedRun",
+    "Policy",
+    "RunSummary",
+    "StageSummary",
+    "deterministic_run_id",
+    "health",
+    "open_or_create",
+    "remove_run",
+    "runs_with_config",
+    "summarize",
+]
+
+ABANDON_AFTER = 300.0
+"""A running run whose last heartbeat is older than this many seconds is abandoned (LIFE-4)."""
+
+Health = Literal["running", "abandoned", "completed", "failed", "cancelled"]
+Policy = Literal["auto", "error", "rerun"]
+Action = Literal["created", "resumed", "reused", "rerun"]
+_SLUG_JUNK = re.compile(r"[^a-z0-9]+")
+_RERUN_PREFIX = ".rerun-"
+_SLUG_MAX = 100 - 17
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 UTC timestamp as written in manifests (fractions beyond µs dropped)."""
+    head, _, frac = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac or '0')[:6]:0<6}+00:00")
+
+
+def last_sign_of_life(m: Manifest) -> str:
+    """``heartbeat_at``, or ``updated_at`` for runs written without heartbeats."""
+    return m.heartbeat_at or m.updated_at
+
+
+def health(m: Manifest, now: datetime) -> Health:
+    """The run's status, with ``running`` runs not heard from in `ABANDON_AFTER` s as
+    ``abandoned`` (LIFE-4)."""
+    if m.status != "running":
+        return m.status
+    age = (now - parse_timestamp(last_sign_of_life(m))).total_seconds()
+    return "abandoned" if age > ABANDON_AFTER else "running"
+
+
+@dataclass(frozen=True, slots=True)
+class StageSummary:
+    name: str
+    status: str
+    records: int
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """What `runfmt status` shows of one run."""
+
+    run_id: str
+    name: str
+    health: Health
+    completed_through_stage: str | None
+    error: str | None
+    created_at: str
+    last_seen: str
+    age_seconds: float
+    """Seconds since the run was created."""
+    idle_seconds: float
+    """Seconds since the last commit or heartbeat."""
+    stages: tuple[StageSummary, ...]
+    counters: Mapping[str, float | int] = field(default_factory=dict)
+    forked_from: str | None = None
+    forked_at_stage: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "name": self.name,
+            "health": self.health,
+            "completed_through_stage": self.completed_through_stage,
+            "error": self.error,
+            "created_at": self.created_at,
+            "last_seen": self.last_seen,
+            "age_seconds": round(self.age_seconds, 3),
+            "idle_seconds": round(self.idle_seconds, 3),
+            "stages": [
+                {"name": s.name, "status": s.status, "records": s.records, "failures": s.failures}
+                for s in self.stages
+            ],
+            "counters": dict(self.counters),
+            "forked_from": self.forked_from,
+            "forked_at_stage": self.forked_at_stage,
+        }
+
+
+def summarize(m: Manifest, now: datetime) -> RunSummary:
+    """A run's lifecycle and per-stage progress as of ``now``."""
+    seen = last_sign_of_life(m)
+    return RunSummary(
+        run_id=m.run_id,
+        name=m.name,
+        health=health(m, now),
+        completed_through_stage=m.completed_through_stage,
+        error=m.error,
+        created_at=m.created_at,
+        last_seen=seen,
+        age_seconds=(now - parse_timestamp(m.created_at)).total_seconds(),
+        idle_seconds=(now - parse_timestamp(seen)).total_seconds(),
+        stages=tuple(StageSummary(s.name, s.status, s.records, s.failures) for s in m.stages),
+        counters=m.counters,
+        forked_from=m.forked_from,
+        forked_at_stage=m.forked_at_stage,
+    )
+
+
+def deterministic_run_id(name: str, config: Mapping[str, Any]) -> str:
+    """``<slug of name>-<first 16 hex digits of the config's key>`` (POLICY-1).
+
+    The same name and config give the same id on any machine (RFC 8785 keys).
+    """
+    slug = _SLUG_JUNK.sub("-", str(name).lower()).strip("-")[:_SLUG_MAX].strip("-") or "run"
+    return names.validate_run_id(f"{slug}-{compute_key(dict(config))[3:19]}")
+
+
+@dataclass(slots=True)
+class OpenedRun:
+    """What `open_or_create` did, and the run: ``writer`` is None when it was reused."""
+
+    action: Action
+    run_id: str
+    reader: RunReader
+    writer: RunWriter | None
+
+
+def _satisfied(m: Manifest, until_stage: str | None) -> bool:
+    """Whether a completed run already holds what a caller stopping at ``until_stage`` wants."""
+    if m.status != "completed":
+        return False
+    if m.completed_through_stage is None or until_stage == m.completed_through_stage:
+        return True
+    stage = m.stage(until_stage) if until_stage is not None else None
+    return stage is not None and stage.status == "completed"
+
+
+def open_or_create(
+    store: Store,
+    name: str,
+    config: Mapping[str, Any] | None = None,
+    *,
+    policy: Policy = "auto",
+    until_stage: str | None = None,
+    run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    **writer_options: Any,
+) -> OpenedRun:
+    """Open the run of ``config`` under its deterministic id, applying the existing-run policy.
+
+    ``auto``: a run that is completed (through ``until_stage``, when given) is
+    reused as is; any other is resumed. ``error``: `RunExistsError` if it exists.
+    ``rerun``: the old run is removed (`remove_run`) and a fresh one created
+    (POLICY-2..4).
+    """
+    if policy not in get_args(Policy):
+        raise InvalidInputError(
+            f"unknown existing-run policy {policy!r}", hint="use auto, error or rerun"
+        )
+    config = dict(config or {})
+    run_id = run_id or deterministic_run_id(name, config)
+    options = {**writer_options, "until_stage": until_stage}
+    storage = store._run_storage(run_id)
+    if policy == "rerun":
+        remove_run(store, run_id)
+    else:
+        existing = _existing(storage)
+        if existing is not None:
+            if policy == "error":
+                raise RunExistsError(
+                    f"run {run_id} exists ({existing.status})", location=storage.where(),
+                    hint="use policy auto to reuse or resume it, or rerun to start afresh",
+                )  # fmt: skip
+            return _reuse_or_resume(store, storage, existing, config, until_stage, options)
+    try:
+        writer = store.create_run(name, config, tags=tags, run_id=run_id, **options)
+    except RunExistsError:
+        if policy != "auto":
+            raise
+        existing = load_manifest(storage)
+        return _reuse_or_resume(store, storage, existing, config, until_stage, options)
+    action: Action = "rerun" if policy == "rerun" else "created"
+    return OpenedRun(action, run_id, RunReader(storage, writer.manifest), writer)
+
+
+def _existing(storage: Storage) -> Manifest | None:
+    try:
+        return load_manifest(storage)
+    except RunNotFoundError:
+        return None
+
+
+def _reuse_or_resume(
+    store: Store,
+    storage: Storage,
+    existing: Manifest,
+    config: dict[str, Any],
+    until_stage: str | None,
+    options: dict[str, Any],
+) -> OpenedRun:
+    if existing.config_hash != compute_key(config):
+        raise ConflictError(
+            f"run {existing.run_id} exists with another config ({existing.config_hash})",
+            location=storage.where(),
+            hint="give another run_id, or use policy rerun to replace it",
+        )
+    if _satisfied(existing, until_stage):
+        return OpenedRun("reused", existing.run_id, RunReader(storage, existing), None)
+    writer = store.resume_run(existing.run_id, **options)
+    return OpenedRun("resumed", existing.run_id, RunReader(storage, writer.manifest), writer)
+
+
+def remove_run(store: Store, run_id: str) -> bool:
+    """Delete run ``run_id`` from the store so that no reader ever sees it half-deleted.
+
+    Local disk: the folder is first renamed to ``.rerun-<id>-<token>`` (atomic,
+    invisible as local state), then deleted; leftovers of an interrupted removal
+    are deleted by the next one. Object stores: ``manifest.json`` and the
+    revisions go first, oldest first, so the run stays readable at its newest
+    revision until it is no run at all; then the data. Refuses while a writer of
+    the run is alive (local disk). Returns whether there was anything to remove.
+    """
+    storage = store._run_storage(run_id)
+    store.storage._writable(run_id)
+    for leftover in store.storage.local_state():
+        if leftover.startswith(f"{_RERUN_PREFIX}{run_id}-"):
+            store.storage.delete_tree(leftover)
+    if not storage.exists():
+        return False
+    live = live_writers(storage)
+    if live:
+        raise ConflictError(
+            f"run {run_id} has a live writer ({', '.join(live)})", location=storage.where(),
+            hint="stop that writer before replacing the run",
+        )  # fmt: skip
+    if store.storage.is_local:
+        aside = f"{_RERUN_PREFIX}{run_id}-{secrets.token_hex(4)}"
+        store.storage.rename(run_id, aside)
+        store.storage.delete_tree(aside)
+        return True
+    storage.delete(names.MANIFEST_FILE)
+    for rev in revisions(storage):
+        storage.delete(names.revision_file(rev))
+    store.storage.delete_tree(run_id)
+    return True
+
+
+def runs_with_config(store: Store, config: Mapping[str, Any] | str) -> list[RunReader]:
+    """Runs whose config is ``config`` (a mapping, or its ``k1:`` hash), newest id first."""
+    wanted = config if isinstance(config, str) else compute_key(dict(config))
+    if not re.fullmatch(r"k1:[0-9a-f]{64}", wanted):
+        raise InvalidInputError(f"invalid config hash {wanted!r}", hint="expected k1:<64 hex>")
+    return [
+        run
+        for run in store.runs()
+        if not isinstance(run, FormatError) and run.manifest.config_hash == wanted
+    ]
+
+
+def now() -> datetime:
+    """The current UTC time (the CLI's clock for `summarize`)."""
+    return datetime.now(UTC)

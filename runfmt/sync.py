@@ -1,0 +1,467 @@
+"""Copy runs between any two locations, driven by their manifests (spec §14, SYNC-1..7).
+
+A run is copied in the order that keeps the destination consistent at every
+moment: its listed files first (only their committed bytes, checked against the
+listed sha256 on the way), then ``SHA256SUMS``, then the manifest revision, then
+``manifest.json``. A reader of the destination trusts only the newest revision,
+so an interrupted sync never shows a run whose files are not all there, and
+running it again finishes the job. An unchanged run costs one small read of the
+destination's ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from runfmt.errors import (
+    ChecksumMismatchError,
+    ConflictError,
+    FormatError,
+    InvalidInputError,
+    RunfmtError,
+    RunNotFoundError,
+)
+from runfmt.format import names
+from runfmt.format.manifest import Manifest, decode_manifest
+from runfmt.run import KEEP_REVISIONS, revisions
+from runfmt.storage import Storage
+
+__all__ = ["Action", "RunResult", "SyncProgress", "SyncReport", "sync"]
+
+Action = Literal["new", "update", "same", "conflict", "delete", "error"]
+_CHUNK = 8 << 20
+_SMALL = 8 << 20
+_RUN_WORKERS = 32
+
+
+class SyncProgress(Protocol):
+    """Receives totals as runs are planned and bytes as they are copied (from many threads)."""
+
+    def planned(self, files: int, nbytes: int) -> None: ...
+
+    def advanced(self, nbytes: int) -> None: ...
+
+    def file_done(self) -> None: ...
+
+
+@dataclass
+class RunResult:
+    """What sync did (or, with ``dry_run``, would do) to one run."""
+
+    run_id: str
+    action: Action
+    revision: int | None = None
+    files: int = 0
+    bytes: int = 0
+    message: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.action not in ("conflict", "error") and not self.problems
+
+
+@dataclass
+class SyncReport:
+    """The outcome of `sync`: one `RunResult` per run seen."""
+
+    src: str
+    dst: str
+    dry_run: bool
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.runs)
+
+    def count(self, action: Action) -> int:
+        return sum(r.action == action for r in self.runs)
+
+    @property
+    def files(self) -> int:
+        return sum(r.files for r in self.runs)
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.runs)
+
+    def to_json(self) -> dict[str, Any]:
+        actions: tuple[Action, ...] = ("new", "update", "same", "conflict", "delete", "error")
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "dry_run": self.dry_run,
+            "ok": self.ok,
+            "runs": {a: self.count(a) for a in actions},
+            "files": self.files,
+            "bytes": self.bytes,
+            "details": [
+                {
+                    "run_id": r.run_id,
+                    "action": r.action,
+                    "revision": r.revision,
+                    "files": r.files,
+                    "bytes": r.bytes,
+                    "message": r.message,
+                    "problems": r.problems,
+                }
+                for r in self.runs
+            ],
+        }
+
+
+@dataclass
+class _Copy:
+    path: str
+    nbytes: int
+    sha256: str
+    check_first: bool
+
+
+@dataclass
+class _Plan:
+    result: RunResult
+    src_bytes: bytes = b""
+    manifest: Manifest | None = None
+    copies: list[_Copy] = field(default_factory=list)
+    dst_revisions: list[int] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    forced: bool = False
+
+
+def _location(where: str | Storage, options: dict[str, Any] | None, single_writer: bool) -> Storage:
+    if isinstance(where, Storage):
+        return where
+    url = where if "://" in where else os.path.abspath(where)
+    return Storage(url, options, single_writer=single_writer)
+
+
+def _is_run(storage: Storage) -> bool:
+    return storage.exists(names.MANIFESTS_DIR) or storage.exists(names.MANIFEST_FILE)
+
+
+def sync(
+    src: str | Storage,
+    dst: str | Storage,
+    *,
+    src_options: dict[str, Any] | None = None,
+    dst_options: dict[str, Any] | None = None,
+    dry_run: bool = False,
+    verify: bool = False,
+    delete: bool = False,
+    force: bool = False,
+    workers: int = 16,
+    single_writer: bool = False,
+    progress: SyncProgress | None = None,
+) -> SyncReport:
+    """Make ``dst`` hold what ``src`` has committed: a whole store, or one run.
+
+    ``src`` and ``dst`` are paths, fsspec URLs or `Storage` objects. When ``src``
+    is a run folder, it goes to ``dst/<run id>`` (or to ``dst`` itself when its
+    last segment is the run id). A destination run that changed on its own is
+    refused (SYNC-4) unless ``force``; ``delete`` removes destination runs that
+    ``src`` lacks (store to store only). Problems are reported per run, never raised.
+    """
+    if workers < 1:
+        raise InvalidInputError(f"workers must be at least 1, not {workers}")
+    source = _location(src, src_options, single_writer)
+    target = _location(dst, dst_options, single_writer)
+    report = SyncReport(source.url, target.url, dry_run)
+    pairs: list[tuple[str, Storage, Storage]]
+    if _is_run(source):
+        run_id = source.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1]
+        if delete:
+            raise InvalidInputError("--delete needs a store as SRC, not one run",
+                                    location=source.where())  # fmt: skip
+        here = target.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] == run_id
+        pairs = [(run_id, source, target if here else target.child(run_id))]
+    elif source.is_dir() or not source.is_local:
+        ids = sorted(e.name for e in source.list() if e.is_dir and names.is_run_id(e.name))
+        pairs = [(i, source.child(i), target.child(i)) for i in ids]
+    else:
+        raise RunNotFoundError("no run or store here", location=source.where())
+    engine = _Engine(dry_run, verify, force, workers, progress)
+    report.runs = engine.run_all(pairs)
+    if delete:
+        known = {run_id for run_id, _, _ in pairs}
+        extra = sorted(
+            e.name
+            for e in target.list()
+            if e.is_dir and names.is_run_id(e.name) and e.name not in known
+        )
+        for run_id in extra:
+            report.runs.append(_delete_run(target.child(run_id), run_id, dry_run))
+    return report
+
+
+def _delete_run(run: Storage, run_id: str, dry_run: bool) -> RunResult:
+    result = RunResult(run_id, "delete", message="not at SRC")
+    if dry_run:
+        return result
+    try:
+        run.delete(names.MANIFEST_FILE)
+        run.delete_tree(names.MANIFESTS_DIR)
+        run.delete_tree("")
+    except RunfmtError as exc:
+        return RunResult(run_id, "error", message=str(exc))
+    return result
+
+
+class _Engine:
+    def __init__(
+        self,
+        dry_run: bool,
+        verify: bool,
+        force: bool,
+        workers: int,
+        progress: SyncProgress | None,
+    ) -> None:
+        self.dry_run = dry_run
+        self.verify = verify
+        self.force = force
+        self.workers = workers
+        self.progress = progress
+        self._lock = threading.Lock()
+
+    def run_all(self, pairs: list[tuple[str, Storage, Storage]]) -> list[RunResult]:
+        with (
+            ThreadPoolExecutor(self.workers, thread_name_prefix="runfmt-sync-file") as files,
+            ThreadPoolExecutor(
+                min(self.workers, _RUN_WORKERS), thread_name_prefix="runfmt-sync-run"
+            ) as runs,
+        ):
+            futures = [runs.submit(self._one, i, s, d, files) for i, s, d in pairs]
+            return [f.result() for f in futures]
+
+    def _one(self, run_id: str, src: Storage, dst: Storage, pool: ThreadPoolExecutor) -> RunResult:
+        try:
+            plan = self._plan(run_id, src, dst)
+            if plan.result.action in ("new", "update") and not self.dry_run:
+                try:
+                    self._apply(plan, src, dst, pool)
+                except FileNotFoundError:
+                    plan = self._plan(run_id, src, dst)
+                    self._apply(plan, src, dst, pool)
+            result = plan.result
+        except ConflictError as exc:
+            return RunResult(run_id, "conflict", message=str(exc))
+        except (RunfmtError, FileNotFoundError) as exc:
+            return RunResult(run_id, "error", message=str(exc))
+        if self.verify and not self.dry_run and result.action in ("new", "update", "same"):
+            from runfmt.check import verify_run
+
+            result.problems = [str(p) for p in verify_run(dst)]
+        return result
+
+    def _plan(self, run_id: str, src: Storage, dst: Storage) -> _Plan:
+        revs = revisions(src)
+        if not revs:
+            raise RunNotFoundError("no manifest revision in _manifests/", location=src.where())
+        src_bytes = src.read(names.revision_file(revs[-1]))
+        manifest = _decode(src_bytes, src.where(names.revision_file(revs[-1])))
+        plan = _Plan(RunResult(run_id, "new", manifest.revision), src_bytes, manifest)
+        try:
+            current = dst.read(names.MANIFEST_FILE)
+        except FileNotFoundError:
+            current = None
+        if current == src_bytes:
+            plan.result.action = "same"
+            return plan
+        files = dst.walk()
+        plan.dst_revisions = sorted(
+            r
+            for p in files
+            if p.startswith(names.MANIFESTS_DIR + "/")
+            and (r := names.parse_revision_file(p.split("/", 1)[1])) is not None
+        )
+        old = self._check_ancestry(plan, src, dst) if plan.dst_revisions else None
+        if old is not None:
+            plan.result.action = "update"
+        listed_old = {f.path: f.sha256 for s in old.stages for f in s.files} if old else {}
+        listed_old |= {a.path: a.sha256 for a in old.artifacts} if old else {}
+        wanted = [(f.path, f.bytes, f.sha256) for s in manifest.stages for f in s.files]
+        wanted += [(a.path, a.bytes, a.sha256) for a in manifest.artifacts]
+        for path, nbytes, sha in wanted:
+            if not src.inside(path):
+                raise FormatError("listed file goes through a link (LAYOUT-5)",
+                                  location=src.where(path))  # fmt: skip
+            size = files.get(path)
+            if size == nbytes and listed_old.get(path) == sha:
+                continue
+            plan.copies.append(_Copy(path, nbytes, sha, check_first=size == nbytes))
+        plan.dropped = sorted(set(listed_old) - {p for p, _, _ in wanted})
+        plan.result.files = len(plan.copies)
+        plan.result.bytes = sum(c.nbytes for c in plan.copies)
+        if plan.result.action == "update" and not plan.copies:
+            plan.result.message = "manifest only"
+        return plan
+
+    def _check_ancestry(self, plan: _Plan, src: Storage, dst: Storage) -> Manifest:
+        """The destination's newest manifest, if ``src`` continues it; else `ConflictError`."""
+        assert plan.manifest is not None
+        newest = plan.dst_revisions[-1]
+        dst_bytes = dst.read(names.revision_file(newest))
+        old = _decode(dst_bytes, dst.where(names.revision_file(newest)))
+        mine = plan.manifest.revision
+        reason = ""
+        if old.run_id != plan.manifest.run_id or old.created_at != plan.manifest.created_at:
+            reason = f"DST holds another run ({old.run_id}, created {old.created_at})"
+        elif newest > mine:
+            reason = f"DST is at revision {newest}, newer than SRC's {mine}"
+        elif newest == mine and dst_bytes != plan.src_bytes:
+            reason = f"DST has different content at revision {mine}"
+        elif newest < mine:
+            try:
+                ancestor = src.read(names.revision_file(newest))
+            except FileNotFoundError:
+                ancestor = None
+            if ancestor is not None and ancestor != dst_bytes:
+                reason = f"DST revision {newest} differs from SRC's revision {newest}"
+            elif ancestor is None and not _continues(old, plan.manifest):
+                reason = f"DST revision {newest} lists files SRC's revision {mine} does not extend"
+        if reason and not self.force:
+            raise ConflictError(
+                f"{reason}: it changed independently (SYNC-4)",
+                location=dst.where(),
+                hint="sync the other way first, or pass --force to make DST a copy of SRC",
+            )
+        plan.forced = bool(reason)
+        return old
+
+    def _apply(self, plan: _Plan, src: Storage, dst: Storage, pool: ThreadPoolExecutor) -> None:
+        assert plan.manifest is not None
+        manifest = plan.manifest
+        if self.progress is not None:
+            self.progress.planned(len(plan.copies), plan.result.bytes)
+        futures: list[Future[bool]] = [pool.submit(self._copy, c, src, dst) for c in plan.copies]
+        errors = [e for f in futures if (e := f.exception()) is not None]
+        if errors:
+            raise errors[0]
+        copied = [c for c, f in zip(plan.copies, futures, strict=True) if f.result()]
+        plan.result.files = len(copied)
+        plan.result.bytes = sum(c.nbytes for c in copied)
+        if manifest.finished and (sums := _read_or_none(src, names.SUMS_FILE)) is not None:
+            dst.write_atomic(names.SUMS_FILE, sums)
+        else:
+            dst.delete(names.SUMS_FILE)
+        rev = names.revision_file(manifest.revision)
+        if plan.forced:
+            dst.write_atomic(rev, plan.src_bytes)
+            for newer in reversed(plan.dst_revisions):
+                if newer > manifest.revision:
+                    dst.delete(names.revision_file(newer))
+        elif not dst.create_exclusive(rev, plan.src_bytes) and dst.read(rev) != plan.src_bytes:
+            raise ConflictError(
+                f"another writer created revision {manifest.revision} meanwhile (SYNC-4)",
+                location=dst.where(rev),
+                hint="run sync again to see what changed",
+            )
+        dst.write_atomic(names.MANIFEST_FILE, plan.src_bytes)
+        for path in plan.dropped:
+            dst.delete(path)
+        for old in plan.dst_revisions:
+            if old <= manifest.revision - KEEP_REVISIONS:
+                dst.delete(names.revision_file(old))
+
+    def _copy(self, copy: _Copy, src: Storage, dst: Storage) -> bool:
+        """Copy one file's committed bytes unless ``dst`` has them already; True if copied."""
+        if copy.check_first and _sha256(dst, copy.path, copy.nbytes) == copy.sha256:
+            self._advance(copy.nbytes, done=True)
+            return False
+        digest = hashlib.sha256()
+
+        def chunks() -> Iterator[bytes]:
+            for chunk in _read_prefix(src, copy.path, copy.nbytes):
+                digest.update(chunk)
+                self._advance(len(chunk))
+                yield chunk
+            if digest.hexdigest() != copy.sha256:
+                raise ChecksumMismatchError(
+                    "SRC bytes do not match their listed sha256; nothing published (SYNC-3)",
+                    location=src.where(copy.path),
+                    hint="run `runfmt verify` and `runfmt repair` on SRC",
+                )
+
+        if not dst.is_local and copy.nbytes <= _SMALL:
+            data = b"".join(chunks())
+            dst.put(copy.path, data)
+        else:
+            dst.put_stream(copy.path, chunks())
+        self._advance(0, done=True)
+        return True
+
+    def _advance(self, nbytes: int, *, done: bool = False) -> None:
+        if self.progress is None:
+            return
+        with self._lock:
+            if nbytes:
+                self.progress.advanced(nbytes)
+            if done:
+                self.progress.file_done()
+
+
+def _decode(data: bytes, where: str) -> Manifest:
+    try:
+        return decode_manifest(data)
+    except FormatError as exc:
+        raise exc.at(where) from None
+
+
+def _continues(old: Manifest, new: Manifest) -> bool:
+    """Whether every file ``old`` lists is listed by ``new`` unchanged or with a longer prefix."""
+    now = {f.path: f for s in new.stages for f in s.files}
+    for stage in old.stages:
+        for f in stage.files:
+            later = now.get(f.path)
+            if later is None or later.bytes < f.bytes:
+                return False
+            if later.bytes == f.bytes and later.sha256 != f.sha256:
+                return False
+    return True
+
+
+def _read_or_none(storage: Storage, rel: str) -> bytes | None:
+    try:
+        return storage.read(rel)
+    except FileNotFoundError:
+        return None
+
+
+def _read_prefix(storage: Storage, rel: str, nbytes: int) -> Iterator[bytes]:
+    """The first ``nbytes`` bytes of a file in chunks; `ChecksumMismatchError` if it is shorter."""
+    if nbytes <= _SMALL:
+        data = storage.read_range(rel, 0, nbytes) if nbytes else b""
+        if len(data) != nbytes:
+            raise ChecksumMismatchError(
+                f"file has {len(data)} bytes, fewer than its listed length {nbytes} (CHECK-1)",
+                location=storage.where(rel),
+            )
+        yield data
+        return
+    remaining = nbytes
+    with storage.open_read(rel) as f:
+        while remaining:
+            chunk = f.read(min(_CHUNK, remaining))
+            if not chunk:
+                raise ChecksumMismatchError(
+                    f"file ends {remaining} bytes before its listed length {nbytes} (CHECK-1)",
+                    location=storage.where(rel),
+                )
+            remaining -= len(chunk)
+            yield chunk
+
+
+def _sha256(storage: Storage, rel: str, nbytes: int) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        for chunk in _read_prefix(storage, rel, nbytes):
+            digest.update(chunk)
+    except (FileNotFoundError, ChecksumMismatchError):
+        return None
+    return digest.hexdigest()

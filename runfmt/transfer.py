@@ -1,0 +1,634 @@
+"""Portable export and import: one stage as one file, a whole run as one tar archive.
+
+Exports read only what the newest manifest revision lists, checking sha256 as
+they go. Imports check everything first (frame checksums, the export header's
+record count and sha256, an archive's manifest and ``SHA256SUMS``), then write
+through `RunWriter` with normal commits, so nothing half-checked is committed.
+Export and import files are local paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import orjson
+
+from runfmt.errors import (
+    ChecksumMismatchError,
+    ConflictError,
+    FormatError,
+    InvalidInputError,
+    RunExistsError,
+    StageFileError,
+)
+from runfmt.format import names
+from runfmt.format.checksum import parse_sums
+from runfmt.format.frames import PREFIX, DataFrame, FrameDecoder, FrameEncoder, encode_header
+from runfmt.format.manifest import FORMAT_VERSION, FileEntry, Manifest, decode_manifest
+from runfmt.format.records import Record, decode_lines, is_failure
+from runfmt.format.schemas import schema_errors
+from runfmt.run import FRAME_TARGET, RunReader, RunWriter, load_manifest, revisions
+from runfmt.store import Store
+
+__all__ = [
+    "ImportResult",
+    "export_run",
+    "export_stage",
+    "import_run",
+    "import_stage",
+    "read_stage_file",
+]
+
+_CHUNK = 1 << 20
+_EXPORT_WRITER = "export"
+_IMPORT_FLUSH = 100_000
+
+
+def _stage_kind(path: str) -> str:
+    if path.endswith(".jsonl.zst"):
+        return "zst"
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    raise InvalidInputError(
+        f"{path}: unknown stage file type", hint="name the file *.jsonl.zst or *.jsonl"
+    )
+
+
+@contextlib.contextmanager
+def _atomic_output(dest: str) -> Iterator[IO[bytes]]:
+    """A temp file next to ``dest`` that replaces it only when the block succeeds."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def export_stage(run: RunReader, stage: str, dest: str | os.PathLike[str]) -> int:
+    """Write the stage's committed records to ``dest``; returns the record count.
+
+    ``*.jsonl.zst`` gives a stage file (spec §5) whose header carries an
+    ``export`` member (record and failure counts, sha256 of the bytes after the
+    header); ``*.jsonl`` gives plain JSON Lines.
+    """
+    dest = os.fspath(dest)
+    kind = _stage_kind(dest)
+    entry = run.stage(stage)
+    records = failures = 0
+    if kind == "jsonl":
+        with _atomic_output(dest) as out:
+            for batch in run.record_batches(stage):
+                for record in batch:
+                    out.write(orjson.dumps(record) + b"\n")
+                    failures += is_failure(record)
+                records += len(batch)
+        return records
+    encoder = FrameEncoder()
+    digest = hashlib.sha256()
+    with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(dest))) as body:
+        pending: list[bytes] = []
+        size = 0
+        for batch in run.record_batches(stage):
+            for record in batch:
+                line = orjson.dumps(record) + b"\n"
+                pending.append(line)
+                size += len(line)
+                failures += is_failure(record)
+                if size >= FRAME_TARGET:
+                    frame = encoder.encode(b"".join(pending))
+                    digest.update(frame)
+                    body.write(frame)
+                    pending, size = [], 0
+            records += len(batch)
+        if pending:
+            frame = encoder.encode(b"".join(pending))
+            digest.update(frame)
+            body.write(frame)
+        header = {
+            "format": "runfmt-stage",
+            "format_version": FORMAT_VERSION,
+            "run_id": run.run_id,
+            "stage": stage,
+            "seq": 0,
+            "writer": _EXPORT_WRITER,
+            "record_schema_version": entry.record_schema_version,
+            "key_field": entry.key_field,
+            "export": {
+                "records": records,
+                "failures": failures,
+                "sha256": digest.hexdigest(),
+                "revision": run.manifest.revision,
+            },
+        }
+        body.seek(0)
+        with _atomic_output(dest) as out:
+            out.write(PREFIX + encode_header(header))
+            while chunk := body.read(_CHUNK):
+                out.write(chunk)
+    return records
+
+
+@dataclass(frozen=True, slots=True)
+class StageFile:
+    """A checked stage export: its header (None for plain JSON Lines) and record counts."""
+
+    path: str
+    header: dict[str, Any] | None
+    records: int
+    failures: int
+
+    @property
+    def stage(self) -> str | None:
+        return None if self.header is None else str(self.header["stage"])
+
+
+def _zst_batches(path: str, f: IO[bytes]) -> Iterator[tuple[dict[str, Any], list[Record]]]:
+    decoder = FrameDecoder()
+    digest = hashlib.sha256()
+    header: dict[str, Any] | None = None
+    records = failures = 0
+    offset = 0
+    while True:
+        chunk = f.read(_CHUNK)
+        if not chunk:
+            break
+        try:
+            events = decoder.feed(chunk)
+        except StageFileError as exc:
+            raise exc.at(path) from None
+        if header is not None or decoder.header is not None:
+            skip = max(0, decoder.header_end - offset)
+            digest.update(chunk[skip:])
+        offset += len(chunk)
+        for event in events:
+            if isinstance(event, DataFrame):
+                try:
+                    batch = decode_lines(event.content)
+                except StageFileError as exc:
+                    raise StageFileError(exc.problem, location=f"{path}:+{records}") from None
+                records += len(batch)
+                failures += sum(map(is_failure, batch))
+                assert header is not None
+                yield header, batch
+            else:
+                problems = schema_errors("stage-header", event)
+                if problems:
+                    raise StageFileError(
+                        "invalid stage file header: " + "; ".join(problems), location=path
+                    )
+                header = event
+    try:
+        decoder.close()
+    except StageFileError as exc:
+        raise exc.at(path) from None
+    if header is None:
+        raise StageFileError("no stage file header", location=path)
+    export = header.get("export")
+    if isinstance(export, dict):
+        if (export.get("records"), export.get("failures")) != (records, failures):
+            raise ChecksumMismatchError(
+                f"file holds {records} records ({failures} failures), its header lists "
+                f"{export.get('records')} ({export.get('failures')})",
+                location=path,
+                hint="the file was changed after export; export it again",
+            )
+        if export.get("sha256") != digest.hexdigest():
+            raise ChecksumMismatchError(
+                "sha256 of the data frames does not match the export header",
+                location=path,
+                hint="the file was changed after export; export it again",
+            )
+    if records == 0:
+        yield header, []
+
+
+def _jsonl_batches(path: str, f: IO[bytes]) -> Iterator[tuple[dict[str, Any], list[Record]]]:
+    batch: list[Record] = []
+    for n, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise StageFileError(f"not valid JSON: {exc}", location=f"{path}:{n}") from None
+        if type(record) is not dict:
+            raise StageFileError("not a JSON object", location=f"{path}:{n}")
+        batch.append(record)
+        if len(batch) >= 10_000:
+            yield {}, batch
+            batch = []
+    yield {}, batch
+
+
+def _stage_batches(path: str) -> Iterator[tuple[dict[str, Any], list[Record]]]:
+    opener = _zst_batches if _stage_kind(path) == "zst" else _jsonl_batches
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise InvalidInputError(f"{path}: no such file") from None
+    with f:
+        yield from opener(path, f)
+
+
+def read_stage_file(path: str | os.PathLike[str]) -> StageFile:
+    """Read a stage export to its end and check it: frames, header, counts and sha256."""
+    path = os.fspath(path)
+    header: dict[str, Any] | None = None
+    records = failures = 0
+    for head, batch in _stage_batches(path):
+        header = head or None
+        records += len(batch)
+        failures += sum(map(is_failure, batch))
+    return StageFile(path, header, records, failures)
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    run_id: str
+    stages: dict[str, int]
+    """Records imported per stage."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "stages": self.stages}
+
+
+def _resolve_stage(found: StageFile, stage: str | None) -> str:
+    if found.stage is not None and stage is not None and stage != found.stage:
+        raise InvalidInputError(
+            f"{found.path}: the file holds stage {found.stage!r}, not {stage!r}",
+            hint=f"omit --stage to import it as {found.stage!r}",
+        )
+    name = stage or found.stage
+    if name is None:
+        raise InvalidInputError(
+            f"{found.path}: plain JSON Lines name no stage", hint="pass --stage"
+        )
+    return names.validate_stage_name(name)
+
+
+def import_stage(
+    store: Store,
+    path: str | os.PathLike[str],
+    *,
+    run: str | None = None,
+    name: str | None = None,
+    stage: str | None = None,
+    key_field: str | None = None,
+) -> ImportResult:
+    """Append the records of a stage export to run ``run``, or to a new run called ``name``.
+
+    The file is checked to its end before anything is written. A finished
+    target run is resumed for the import and finished again with its status.
+    """
+    found = read_stage_file(path)
+    target = _resolve_stage(found, stage)
+    header = found.header or {}
+    if found.header is not None and key_field not in (None, header["key_field"]):
+        raise InvalidInputError(
+            f"{found.path}: the file's stage is keyed by {header['key_field']!r}, not {key_field!r}"
+        )
+    previous = None if run is None else store.open_run(run).manifest
+    existing = None if previous is None else previous.stage(target)
+    if found.header is not None:
+        key, version = header["key_field"], header["record_schema_version"]
+    elif existing is not None:
+        key, version = key_field or existing.key_field, existing.record_schema_version
+    else:
+        key, version = key_field, None
+    if existing is not None and (existing.key_field, existing.record_schema_version) != (
+        key,
+        version,
+    ):
+        raise ConflictError(
+            f"stage {target!r} of run {run} is declared with key field "
+            f"{existing.key_field!r} and record schema version "
+            f"{existing.record_schema_version!r}; the file has {key!r} and {version!r}",
+            hint="import into a new run (--name), or into a run without this stage",
+        )
+    if previous is None:
+        source = str(header.get("run_id", os.path.basename(found.path)))
+        writer = store.create_run(
+            name or "import",
+            tags={"imported_from": source},
+            flush_every=_IMPORT_FLUSH,
+            flush_interval=None,
+        )
+        status, error = "completed", None
+    else:
+        status, error = previous.status, previous.error
+        assert run is not None
+        writer = store.resume_run(run, flush_every=_IMPORT_FLUSH, flush_interval=None)
+    try:
+        stage_writer = writer.stage(target, record_schema_version=version, key_field=key)
+        for _, batch in _stage_batches(found.path):
+            stage_writer.extend(batch)
+    except BaseException:
+        writer.discard()
+        raise
+    if status == "running":
+        writer.close()
+    else:
+        writer.finish(status, error)  # type: ignore[arg-type]
+    return ImportResult(writer.run_id, {target: found.records})
+
+
+def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
+    """Write the run as a tar archive of its folder: manifests, listed files, ``SHA256SUMS``.
+
+    Only what the newest revision lists goes in, each file cut to its listed
+    length and checked against its sha256 on the way. Returns that revision.
+    """
+    storage = run.storage
+    manifest = load_manifest(storage)
+    top = manifest.run_id
+    stamp = _epoch(manifest.updated_at)
+    members: list[tuple[str, int, str | None]] = [(names.MANIFEST_FILE, -1, None)]
+    members += [
+        (names.revision_file(r), -1, None) for r in revisions(storage) if r <= manifest.revision
+    ]
+    members += [(f.path, f.bytes, f.sha256) for s in manifest.stages for f in s.files]
+    members += [(a.path, a.bytes, a.sha256) for a in manifest.artifacts]
+    if manifest.finished and storage.exists(names.SUMS_FILE):
+        members.append((names.SUMS_FILE, -1, None))
+    with (
+        _atomic_output(os.fspath(dest)) as out,
+        tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for rel, size, sha in members:
+            info = tarfile.TarInfo(f"{top}/{rel}")
+            info.mtime, info.mode = stamp, 0o644
+            if sha is None:
+                data = storage.read(rel)
+                if rel == names.MANIFEST_FILE and decode_manifest(data) != manifest:
+                    data = storage.read(names.revision_file(manifest.revision))
+                info.size = len(data)
+                tar.addfile(info, _BytesReader(data))
+                continue
+            if not storage.inside(rel):
+                raise FormatError(
+                    "path leaves the run folder or goes through a link (LAYOUT-5)",
+                    location=storage.where(rel),
+                )
+            info.size = size
+            with storage.open_read(rel) as src:
+                reader = _HashingReader(src, size)
+                tar.addfile(info, reader)
+            if reader.seen != size or reader.hexdigest() != sha:
+                raise ChecksumMismatchError(
+                    "listed bytes do not match the manifest (CHECK-1)",
+                    location=storage.where(rel),
+                    hint="run `runfmt verify` on the run",
+                )
+    return manifest
+
+
+def _epoch(stamp: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        chunk = self._data[self._pos : end]
+        self._pos += len(chunk)
+        return chunk
+
+
+class _HashingReader:
+    """Reads at most ``limit`` bytes from ``src``, hashing them."""
+
+    def __init__(self, src: IO[bytes], limit: int) -> None:
+        self._src, self._left = src, limit
+        self._hash = hashlib.sha256()
+        self.seen = 0
+
+    def read(self, n: int = -1) -> bytes:
+        want = self._left if n < 0 else min(n, self._left)
+        chunk = self._src.read(want) if want else b""
+        self._left -= len(chunk)
+        self.seen += len(chunk)
+        self._hash.update(chunk)
+        if want and not chunk:
+            raise ChecksumMismatchError("file is shorter than its listed length (CHECK-1)")
+        return chunk
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class _Archive:
+    """A run archive opened for import: members checked for safety, manifest decoded."""
+
+    def __init__(self, path: str, tar: tarfile.TarFile) -> None:
+        self.path = path
+        self.tar = tar
+        self.members: dict[str, tarfile.TarInfo] = {}
+        tops = set()
+        for info in tar.getmembers():
+            name = info.name.removeprefix("./")
+            parts = name.split("/")
+            if name.startswith("/") or ".." in parts or not (info.isfile() or info.isdir()):
+                raise FormatError(
+                    f"unsafe archive member {info.name!r} (absolute, '..', link or device)",
+                    location=path,
+                    hint="import only archives made by `runfmt export`",
+                )
+            tops.add(parts[0])
+            if info.isfile() and len(parts) > 1:
+                rel = "/".join(parts[1:])
+                if rel in self.members:
+                    raise FormatError(f"archive holds {name!r} twice", location=path)
+                self.members[rel] = info
+        if len(tops) != 1:
+            raise FormatError(
+                f"archive must hold one run folder, found {len(tops)}: {sorted(tops)[:5]}",
+                location=path,
+            )
+        revs = sorted(
+            r
+            for r in (
+                names.parse_revision_file(k.removeprefix(names.MANIFESTS_DIR + "/"))
+                for k in self.members
+                if k.startswith(names.MANIFESTS_DIR + "/")
+            )
+            if r is not None
+        )
+        if not revs:
+            raise FormatError("archive holds no manifest revision (_manifests/)", location=path)
+        rel = names.revision_file(revs[-1])
+        try:
+            self.manifest = decode_manifest(self.read(rel))
+        except FormatError as exc:
+            raise exc.at(self.where(rel)) from None
+
+    def where(self, rel: str) -> str:
+        return f"{self.path}:{rel}"
+
+    def read(self, rel: str) -> bytes:
+        f = self.open(rel)
+        return f.read()
+
+    def open(self, rel: str) -> IO[bytes]:
+        info = self.members.get(rel)
+        if info is None:
+            raise ChecksumMismatchError(
+                "listed file is missing from the archive", location=self.where(rel)
+            )
+        f = self.tar.extractfile(info)
+        assert f is not None
+        return f
+
+    def digest(self, rel: str, limit: int | None = None) -> tuple[str, int]:
+        """The sha256 of a member's first ``limit`` bytes (all by default), and how many."""
+        digest = hashlib.sha256()
+        seen = 0
+        with self.open(rel) as f:
+            while limit is None or seen < limit:
+                want = _CHUNK if limit is None else min(_CHUNK, limit - seen)
+                chunk = f.read(want)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                seen += len(chunk)
+        return digest.hexdigest(), seen
+
+    def check(self) -> None:
+        """Every listed file and ``SHA256SUMS`` against the manifest (CHECK-1)."""
+        listed = [(f.path, f.bytes, f.sha256) for s in self.manifest.stages for f in s.files]
+        listed += [(a.path, a.bytes, a.sha256) for a in self.manifest.artifacts]
+        known: dict[str, str] = {}
+        for rel, size, sha in listed:
+            got, seen = self.digest(rel, size)
+            if (got, seen) != (sha, size):
+                raise ChecksumMismatchError(
+                    "bytes do not match the length and sha256 the manifest lists (CHECK-1)",
+                    location=self.where(rel),
+                    hint="the archive was changed or damaged",
+                )
+            if self.members[rel].size == size:
+                known[rel] = got
+        if names.SUMS_FILE in self.members:
+            sums = parse_sums(self.read(names.SUMS_FILE).decode("utf-8", "replace"))
+            for rel, sha in sums.items():
+                if (known.get(rel) or self.digest(rel)[0]) != sha:
+                    raise ChecksumMismatchError(
+                        "does not match SHA256SUMS", location=self.where(rel)
+                    )
+
+    def batches(self, entry: FileEntry, stage: str) -> Iterator[list[Record]]:
+        decoder = FrameDecoder()
+        where = self.where(entry.path)
+        with self.open(entry.path) as f:
+            left = entry.bytes
+            while left and (chunk := f.read(min(_CHUNK, left))):
+                left -= len(chunk)
+                try:
+                    events = decoder.feed(chunk)
+                except StageFileError as exc:
+                    raise exc.at(where) from None
+                for event in events:
+                    if isinstance(event, DataFrame):
+                        yield decode_lines(event.content)
+                    elif event.get("stage") != stage:
+                        raise StageFileError("header names another stage (FRAME-2)", location=where)
+        try:
+            decoder.close()
+        except StageFileError as exc:
+            raise exc.at(where) from None
+
+
+def import_run(
+    store: Store, path: str | os.PathLike[str], *, run_id: str | None = None
+) -> ImportResult:
+    """Import a run archive into ``store`` as a new run (id ``run_id`` or the archived one).
+
+    The archive is checked first; then the run is written through `RunWriter`
+    (name, config, tags, stages, records, counters, artifacts, status). On an
+    error the partly imported run is removed.
+    """
+    path = os.fspath(path)
+    try:
+        tar = tarfile.open(path, mode="r:*")  # noqa: SIM115
+    except FileNotFoundError:
+        raise InvalidInputError(f"{path}: no such file") from None
+    except tarfile.TarError as exc:
+        raise FormatError(f"not a tar archive: {exc}", location=path) from None
+    with tar:
+        try:
+            archive = _Archive(path, tar)
+            archive.check()
+        except tarfile.TarError as exc:
+            raise FormatError(f"damaged tar archive: {exc}", location=path) from None
+        m = archive.manifest
+        target = names.validate_run_id(run_id or m.run_id)
+        if store.storage.child(target).exists(names.MANIFESTS_DIR):
+            raise RunExistsError(
+                f"run {target} exists in the store",
+                location=store.storage.where(target),
+                hint="pass --run-id NEW_ID to import a copy under another id",
+            )
+        writer = store.create_run(
+            m.name,
+            m.config,
+            tags=m.tags,
+            run_id=target,
+            flush_every=_IMPORT_FLUSH,
+            flush_interval=None,
+        )
+        try:
+            counts = _write_run(archive, writer)
+        except BaseException:
+            writer.discard()
+            store.storage.child(target).delete_tree("")
+            raise
+    return ImportResult(target, counts)
+
+
+def _write_run(archive: _Archive, writer: RunWriter) -> dict[str, int]:
+    m = archive.manifest
+    counts: dict[str, int] = {}
+    for s in m.stages:
+        stage = writer.stage(
+            s.name, record_schema_version=s.record_schema_version, key_field=s.key_field
+        )
+        counts[s.name] = 0
+        for f in s.files:
+            for batch in archive.batches(f, s.name):
+                stage.extend(batch)
+                counts[s.name] += len(batch)
+        mark: Callable[[], None] | None = {"completed": stage.complete, "failed": stage.fail}.get(
+            s.status
+        )
+        if mark is not None:
+            mark()
+    for a in m.artifacts:
+        writer.add_artifact(
+            a.path.removeprefix("artifacts/"), archive.read(a.path)[: a.bytes], a.media_type
+        )
+    for counter, value in m.counters.items():
+        writer.count(counter, value)
+    if m.status == "running":
+        writer.close()
+    else:
+        writer.finish(m.status, m.error)
+    return counts

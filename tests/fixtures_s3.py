@@ -1,0 +1,114 @@
+"""An S3 API server (moto) on 127.0.0.1 for the session, and stores inside it.
+
+The server runs as a separate process on a free port with dummy credentials;
+tests that need it get the endpoint from `s3_endpoint`. Without ``CI=true`` a
+server that cannot start skips those tests; with it, they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import pytest
+
+__all__ = ["S3_BUCKET", "s3_endpoint", "s3_env", "s3_options", "s3_url"]
+
+S3_BUCKET = "runfmt-test"
+DUMMY_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "runfmt-dummy-key",
+    "AWS_SECRET_ACCESS_KEY": "runfmt-dummy-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _start(port: int, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    env = {**os.environ, **DUMMY_CREDENTIALS}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            err = log.read().decode(errors="replace")
+            raise RuntimeError(f"moto server exited {proc.returncode}: {err[-500:]}")
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+        except OSError:
+            time.sleep(0.1)
+        else:
+            return proc, endpoint
+    proc.kill()
+    raise RuntimeError("moto server did not answer within 30 s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The URL of a moto S3 server on 127.0.0.1, holding the bucket `S3_BUCKET`."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - held open for the server's lifetime
+    try:
+        import boto3
+
+        proc, endpoint = _start(_free_port(), log)
+    except (ImportError, RuntimeError) as exc:
+        log.close()
+        message = f"no S3 server on 127.0.0.1: {exc}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    try:
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=S3_BUCKET)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_options(s3_endpoint: str) -> dict[str, Any]:
+    """Storage options that reach the test server (what ``-o`` would pass)."""
+    return {
+        "endpoint_url": s3_endpoint,
+        "key": DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "secret": DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    }
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str) -> dict[str, str]:
+    """Environment for a subprocess that reaches the server with no options given."""
+    return {**os.environ, **DUMMY_CREDENTIALS, "FSSPEC_S3_ENDPOINT_URL": s3_endpoint}
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str) -> str:
+    """A fresh, empty ``s3://`` prefix for one test."""
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,141 @@
+"""Artifacts: binary files kept in a run, listed with sha256, size and media type,
+verified like stage files, read whole or as a stream, and printed by `runfmt cat`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from runfmt.check import verify_run
+from runfmt.cli import app
+from runfmt.errors import ChecksumMismatchError, ConflictError, InvalidInputError
+from runfmt.format.checksum import sha256_hex
+from runfmt.store import Store
+
+BLOB = bytes(range(256)) * 1000
+
+
+@pytest.mark.parametrize(
+    ("name", "given", "expected"),
+    [
+        ("plot.png", None, "image/png"),
+        ("trace.json", None, "application/json"),
+        ("notes/readme.md", None, "text/markdown"),
+        ("weights.bin", None, "application/octet-stream"),
+        ("no-extension", None, "application/octet-stream"),
+        ("out.png", "application/x-custom+v1", "application/x-custom+v1"),
+    ],
+)
+def test_media_type_is_guessed_from_the_name(
+    store: Store, name: str, given: str | None, expected: str
+) -> None:
+    w = store.create_run("art", heartbeat_interval=None)
+    path = w.add_artifact(name, b"data", given)
+    m = w.finish()
+    [entry] = m.artifacts
+    assert (entry.path, entry.media_type, entry.bytes) == (path, expected, 4)
+    assert entry.sha256 == sha256_hex(b"data")
+    assert verify_run(w.storage) == []
+
+
+def test_stream_reads_in_chunks_and_matches(store: Store) -> None:
+    w = store.create_run("art", heartbeat_interval=None)
+    w.add_artifact("big.bin", BLOB)
+    w.finish()
+    reader = store.open_run(w.run_id)
+    chunks = list(reader.stream_artifact("big.bin", chunk_size=4096))
+    assert len(chunks) == len(BLOB) // 4096 + 1
+    assert b"".join(chunks) == BLOB
+    assert reader.read_artifact("artifacts/big.bin") == BLOB
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(BLOB[:-1]),
+        lambda p: p.write_bytes(BLOB + b"x"),
+        lambda p: p.write_bytes(b"\xff" + BLOB[1:]),
+        lambda p: p.unlink(),
+    ],
+)
+def test_damaged_artifact_is_detected_before_the_last_chunk(store: Store, damage) -> None:
+    w = store.create_run("art", heartbeat_interval=None)
+    w.add_artifact("big.bin", BLOB)
+    w.finish()
+    path = Path(w.storage.root) / "artifacts" / "big.bin"
+    damage(path)
+    reader = store.open_run(w.run_id)
+    received: list[bytes] = []
+    with pytest.raises(ChecksumMismatchError, match="artifact"):
+        received.extend(reader.stream_artifact("big.bin", chunk_size=65536))
+    assert len(b"".join(received)) < len(BLOB), "the last chunk waits for the check"
+    assert any(p.rule in ("CHECK-1", "LAYOUT-3") for p in verify_run(w.storage))
+
+
+def test_listed_artifact_is_never_overwritten(store: Store) -> None:
+    w = store.create_run("art", heartbeat_interval=None)
+    w.add_artifact("a.txt", b"one")
+    with pytest.raises(ConflictError, match="listed bytes never change"):
+        w.add_artifact("a.txt", b"two")
+    w.flush()
+    with pytest.raises(ConflictError):
+        w.add_artifact("a.txt", b"three")
+    w.finish()
+    assert store.open_run(w.run_id).read_artifact("a.txt") == b"one"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "media_type", "message"),
+    [
+        ("../escape", b"x", None, "NAME-5"),
+        ("con.txt", b"x", None, "NAME-5"),
+        ("a:b", b"x", None, "NAME-5"),
+        ("ok.bin", "text", None, "must be bytes"),
+        ("ok.bin", b"x", "Not A Type", "invalid media type"),
+    ],
+)
+def test_bad_artifacts_are_refused_and_nothing_is_written(
+    store: Store, name: str, data: object, media_type: str | None, message: str
+) -> None:
+    w = store.create_run("art", heartbeat_interval=None)
+    with pytest.raises(InvalidInputError, match=message):
+        w.add_artifact(name, data, media_type)  # type: ignore[arg-type]
+    m = w.finish()
+    assert m.artifacts == ()
+    assert not (Path(w.storage.root) / "artifacts").exists()
+
+
+def test_unknown_artifact_names_the_known_ones(store: Store) -> None:
+    w = store.create_run("art", heartbeat_interval=None)
+    w.add_artifact("a.txt", b"1")
+    w.finish()
+    with pytest.raises(
+        InvalidInputError, match=r"no artifact 'b.txt' \(artifacts: artifacts/a.txt"
+    ):
+        store.open_run(w.run_id).read_artifact("b.txt")
+
+
+def test_cat_artifact_writes_its_bytes(store: Store) -> None:
+    w = store.create_run("art", heartbeat_interval=None)
+    w.add_artifact("big.bin", BLOB)
+    w.finish()
+    result = CliRunner().invoke(
+        app, ["--store", store.url, "cat", w.run_id, "--artifact", "big.bin"]
+    )
+    assert result.exit_code == 0
+    assert result.stdout_bytes == BLOB
+    (Path(w.storage.root) / "artifacts" / "big.bin").write_bytes(BLOB[:10])
+    bad = CliRunner().invoke(app, ["--store", store.url, "cat", w.run_id, "--artifact", "big.bin"])
+    assert bad.exit_code == 1
+    assert bad.stdout_bytes == b""
+
+
+def test_artifacts_on_memory_store(memory_store: Store) -> None:
+    w = memory_store.create_run("art", heartbeat_interval=None)
+    w.add_artifact("x/y.json", b"{}")
+    w.finish()
+    reader = memory_store.open_run(w.run_id)
+    assert reader.artifact("x/y.json").media_type == "application/json"
+    assert list(reader.stream_artifact("x/y.json")) == [b"{}"]

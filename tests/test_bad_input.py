@@ -1,0 +1,382 @@
+"""Bad input gives a clear error that names the file or rule, and nothing stored is lost:
+bad records and names, hostile manifests and folders, newer formats, flipped or cut bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+import runfmt
+from runfmt.check import repair_run, verify_run
+from runfmt.cli import main
+from runfmt.errors import (
+    FormatError,
+    InvalidInputError,
+    ManifestError,
+    RunfmtError,
+    UnsupportedFormatError,
+)
+from runfmt.format.frames import PREFIX, FrameEncoder, encode_header
+from runfmt.storage import Storage
+from runfmt.store import Store
+
+QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
+RECORDS = [{"id": f"q{i}", "v": i} for i in range(3)]
+
+
+@pytest.fixture
+def run_dir(store: Store) -> Path:
+    """A small completed run: one stage file of a few hundred bytes, one artifact."""
+    with store.create_run("small", {"m": 1}, **QUIET) as w:
+        w.extend("score", RECORDS)
+        w.add_artifact("notes.txt", b"some notes")
+    return Path(store.url) / w.run_id
+
+
+def stage_file(run_dir: Path) -> Path:
+    [f] = (run_dir / "stages" / "score").glob("*.jsonl.zst")
+    return f
+
+
+def newest_revision(run_dir: Path) -> Path:
+    return sorted((run_dir / "_manifests").glob("*.json"))[-1]
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*")
+            if p.is_file() and not p.name.startswith(".")}  # fmt: skip
+
+
+def rewrite_manifest(run_dir: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Edit the newest revision and manifest.json alike, as a hostile or newer writer would."""
+    rev = newest_revision(run_dir)
+    doc = json.loads(rev.read_bytes())
+    edit(doc)
+    data = json.dumps(doc, indent=2).encode() + b"\n"
+    rev.write_bytes(data)
+    (run_dir / "manifest.json").write_bytes(data)
+
+
+def cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str]:
+    """Run the real entry point in-process: (exit code, stdout + stderr)."""
+    monkeypatch.setattr(sys, "argv", ["runfmt", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    code = info.value.code
+    return code if isinstance(code, int) else 1, out + err
+
+
+# bad records and names
+
+
+@pytest.mark.parametrize(
+    "record",
+    [["not", "an", "object"], "text", {"x": float("nan")}, {"x": float("-inf")}, {1: "int key"},
+     {"when": __import__("datetime").datetime(2026, 1, 1)}, {"x": {1, 2}}, {"x": b"raw"}],
+    ids=["list", "str", "nan", "-inf", "int-key", "datetime", "set", "bytes"],
+)  # fmt: skip
+def test_a_bad_record_is_refused_and_the_run_stays_as_it_was(store: Store, record: Any) -> None:
+    w = store.create_run("eval", **QUIET)
+    w.extend("score", RECORDS)
+    w.flush()
+    before = snapshot(Path(store.url) / w.run_id)
+    with pytest.raises(InvalidInputError, match="JSON"):
+        w.append("score", record)
+    assert snapshot(Path(store.url) / w.run_id) == before
+    w.append("score", {"id": "after"})
+    w.finish()
+    assert [r["id"] for r in store.open_run(w.run_id).records("score")] == [
+        "q0",
+        "q1",
+        "q2",
+        "after",
+    ]
+
+
+@pytest.mark.parametrize("run_id", ["Upper", "a/b", "../escape", "a:b", ".hidden", "-x", "x" * 101])
+def test_a_bad_run_id_is_refused_before_anything_is_written(store: Store, run_id: str) -> None:
+    with pytest.raises(InvalidInputError, match="NAME-1"):
+        store.create_run("eval", run_id=run_id, **QUIET)
+    assert not Path(store.url).exists() or list(Path(store.url).iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["", "x" * 201, "tab\there", "line\nbreak"])
+def test_a_bad_run_name_is_refused(store: Store, name: str) -> None:
+    with pytest.raises(InvalidInputError, match="run name"):
+        store.create_run(name, **QUIET)
+
+
+def test_config_without_a_canonical_form_is_refused(store: Store) -> None:
+    with pytest.raises(InvalidInputError, match="canonical JSON"):
+        store.create_run("eval", {"lr": float("nan")}, **QUIET)
+
+
+@pytest.mark.parametrize("stage", ["Score", "1st", "a/b", "../x", "", "s" * 65, "a b"])
+def test_a_bad_stage_name_is_refused_and_the_writer_goes_on(store: Store, stage: str) -> None:
+    w = store.create_run("eval", **QUIET)
+    with pytest.raises(InvalidInputError, match="NAME-2") as info:
+        w.append(stage, {"id": 1})
+    assert repr(stage)[:20] in str(info.value)
+    w.append("score", {"id": 1})
+    w.finish()
+    reader = store.open_run(w.run_id)
+    assert [s.name for s in reader.manifest.stages] == ["score"]
+    assert verify_run(reader.storage) == []
+
+
+# hostile manifests and folders
+
+
+FILE_PATH = r"\$\.stages\[0\]\.files\[0\]\.path"
+
+
+def _file(doc: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = doc["stages"][0]["files"][0]
+    return entry
+
+
+@pytest.mark.parametrize(
+    ("edit", "rule"),
+    [
+        (lambda d: _file(d).update(path="stages/score/../../../../etc/passwd"), FILE_PATH),
+        (lambda d: _file(d).update(path="/etc/passwd"), FILE_PATH),
+        (lambda d: d["artifacts"][0].update(path="artifacts/../../../etc/passwd"), "MAN-6"),
+        (lambda d: d["artifacts"][0].update(path="artifacts//etc/passwd"), "MAN-6"),
+        (lambda d: d["artifacts"][0].update(path="artifacts/c:/x"), r"\$\.artifacts\[0\]\.path"),
+        (lambda d: d["stages"][0].update(name="other"), "MAN-5"),
+    ],
+    ids=["stage-dotdot", "stage-absolute", "artifact-dotdot", "artifact-absolute",
+         "artifact-drive", "file-outside-its-stage"],
+)  # fmt: skip
+def test_manifest_entries_escaping_the_run_are_refused(
+    run_dir: Path, edit: Callable[[dict[str, Any]], None], rule: str
+) -> None:
+    rewrite_manifest(run_dir, edit)
+    rev = newest_revision(run_dir)
+    with pytest.raises(ManifestError, match=rule) as info:
+        runfmt.open_run(run_dir)
+    assert info.value.location == str(rev)
+    [problem] = verify_run(Storage(str(run_dir)))
+    assert problem.location == str(rev)
+
+
+def test_a_symlinked_stage_file_is_never_followed(run_dir: Path, tmp_path: Path) -> None:
+    f = stage_file(run_dir)
+    outside = tmp_path / "outside.jsonl.zst"
+    outside.write_bytes(f.read_bytes())
+    f.unlink()
+    f.symlink_to(outside)
+    rel = f.relative_to(run_dir).as_posix()
+    with pytest.raises(FormatError, match="LAYOUT-5") as info:
+        list(runfmt.open_run(run_dir).records("score"))
+    assert info.value.location == str(f)
+    problems = verify_run(Storage(str(run_dir)))
+    assert {(p.location, p.rule) for p in problems} == {(rel, "LAYOUT-5")}
+
+
+def test_a_symlinked_stage_folder_is_never_followed(run_dir: Path, tmp_path: Path) -> None:
+    folder = run_dir / "stages" / "score"
+    folder.rename(tmp_path / "moved")
+    folder.symlink_to(tmp_path / "moved")
+    with pytest.raises(FormatError, match="LAYOUT-5"):
+        list(runfmt.open_run(run_dir).records("score"))
+    problems = verify_run(Storage(str(run_dir)))
+    assert ("stages/score", "LAYOUT-5") in {(p.location, p.rule) for p in problems}
+
+
+def test_a_symlinked_artifact_is_never_followed(run_dir: Path, tmp_path: Path) -> None:
+    art = run_dir / "artifacts" / "notes.txt"
+    (tmp_path / "secret").write_bytes(art.read_bytes())
+    art.unlink()
+    art.symlink_to(tmp_path / "secret")
+    with pytest.raises(FormatError, match="LAYOUT-5"):
+        runfmt.open_run(run_dir).read_artifact("notes.txt")
+    assert "LAYOUT-5" in {p.rule for p in verify_run(Storage(str(run_dir)))}
+
+
+def test_a_newer_major_format_is_refused_and_left_untouched(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rewrite_manifest(run_dir, lambda d: d.update(format_version="2.0", x_new={"a": 1}))
+    before = snapshot(run_dir)
+    with pytest.raises(UnsupportedFormatError, match=r"2\.0 is newer.*VER-2") as info:
+        runfmt.open_run(run_dir)
+    assert "upgrade runfmt" in str(info.value)
+    assert info.value.location == str(newest_revision(run_dir))
+    with pytest.raises(UnsupportedFormatError):
+        repair_run(Storage(str(run_dir)))
+    with pytest.raises(UnsupportedFormatError):
+        Store(run_dir.parent).resume_run(run_dir.name)
+    code, out = cli(monkeypatch, capsys, "verify", str(run_dir))
+    assert code == 1
+    assert "VER-2" in out
+    code, out = cli(monkeypatch, capsys, "repair", str(run_dir))
+    assert code == 1
+    assert "VER-2" in out
+    assert snapshot(run_dir) == before
+
+
+def test_an_unknown_required_feature_is_refused(run_dir: Path) -> None:
+    rewrite_manifest(run_dir, lambda d: d.update(required_features=["encrypted-stages"]))
+    with pytest.raises(UnsupportedFormatError, match=r"encrypted-stages.*VER-3"):
+        runfmt.open_run(run_dir)
+
+
+def relist(run_dir: Path, data: bytes, records: int) -> str:
+    """Replace the stage file with ``data`` and list it honestly, so only format rules catch it."""
+    f = stage_file(run_dir)
+    f.write_bytes(data)
+
+    def edit(doc: dict[str, Any]) -> None:
+        _file(doc).update(bytes=len(data), records=records, sha256=hashlib.sha256(data).hexdigest())
+
+    rewrite_manifest(run_dir, edit)
+    (run_dir / "SHA256SUMS").unlink()
+    return f.relative_to(run_dir).as_posix()
+
+
+def header(run_dir: Path) -> bytes:
+    writer = stage_file(run_dir).name.split("-")[2].split(".")[0]
+    return PREFIX + encode_header({
+        "format": "runfmt-stage", "format_version": "1.0", "run_id": run_dir.name,
+        "stage": "score", "seq": 1, "writer": writer, "record_schema_version": "1",
+        "key_field": None,
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "message", "rule", "line"),
+    [
+        (b'{"id":"\xff\xfe"}\n', "not valid UTF-8 JSON", "REC-1", 1),
+        (b'{"id":1}\n{"id":\n', "not valid UTF-8 JSON", "REC-1", 2),
+        (b'{"id":1}\n[1,2]\n', "not a JSON object", "REC-1", 2),
+        (b'{"id":1}', "does not end with a newline", "REC-1", None),
+    ],
+)
+def test_bad_lines_name_the_file_and_line(
+    run_dir: Path, content: bytes, message: str, rule: str, line: int | None
+) -> None:
+    rel = relist(run_dir, header(run_dir) + FrameEncoder().encode(content), 2)
+    [problem] = verify_run(Storage(str(run_dir)))
+    assert problem.location == (rel if line is None else f"{rel}:{line}")
+    assert (message in problem.problem, problem.rule) == (True, rule)
+    with pytest.raises(FormatError, match=message):
+        list(runfmt.open_run(run_dir).records("score"))
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_inflated(run_dir: Path) -> None:
+    bomb = zstandard.ZstdCompressor(write_checksum=True).compress(b"\n" * ((64 << 20) + 1))
+    assert len(bomb) < 10_000
+    rel = relist(run_dir, header(run_dir) + bomb, 1)
+    [problem] = verify_run(Storage(str(run_dir)))
+    assert (problem.location, problem.rule) == (rel, "FRAME-5")
+    assert "FRAME-4" in problem.problem
+    with pytest.raises(FormatError, match="FRAME-4"):
+        list(runfmt.open_run(run_dir).records("score"))
+
+
+# flipped and cut bytes of every listed file
+
+
+def flips(data: bytes, every: int = 1) -> Iterator[bytes]:
+    for pos in range(0, len(data), every):
+        changed = bytearray(data)
+        changed[pos] ^= 0x01 if pos % 2 else 0x80
+        yield bytes(changed)
+
+
+def cuts(data: bytes, every: int = 1) -> Iterator[bytes]:
+    for length in range(0, len(data), every):
+        yield data[:length]
+
+
+def assert_each_detected(run_dir: Path, rel: str, variants: Iterator[bytes], where: str) -> int:
+    path = run_dir / rel
+    original = path.read_bytes()
+    storage = Storage(str(run_dir))
+    n = 0
+    try:
+        for variant in variants:
+            path.write_bytes(variant)
+            problems = verify_run(storage)
+            assert problems, f"{rel}: change #{n} went unnoticed"
+            assert any(p.location.split(":")[0].endswith(where) for p in problems), problems
+            n += 1
+    finally:
+        path.write_bytes(original)
+    assert verify_run(storage) == []
+    return n
+
+
+def test_every_byte_flip_and_cut_of_a_stage_file_is_detected(run_dir: Path) -> None:
+    rel = stage_file(run_dir).relative_to(run_dir).as_posix()
+    data = (run_dir / rel).read_bytes()
+    assert len(data) < 400
+    assert assert_each_detected(run_dir, rel, flips(data), rel) == len(data)
+    assert assert_each_detected(run_dir, rel, cuts(data), rel) == len(data)
+
+
+def test_the_reader_never_returns_records_from_a_changed_stage_file(run_dir: Path) -> None:
+    f = stage_file(run_dir)
+    original = f.read_bytes()
+    for variant in [*flips(original, 3), *cuts(original, 3)]:
+        f.write_bytes(variant)
+        with pytest.raises(RunfmtError):
+            list(runfmt.open_run(run_dir).records("score"))
+    f.write_bytes(original)
+    assert list(runfmt.open_run(run_dir).records("score")) == RECORDS
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "revision", "SHA256SUMS", "artifact"])
+def test_flips_and_cuts_of_the_other_listed_files_are_detected(run_dir: Path, which: str) -> None:
+    rel = {
+        "manifest.json": "manifest.json",
+        "revision": newest_revision(run_dir).relative_to(run_dir).as_posix(),
+        "SHA256SUMS": "SHA256SUMS",
+        "artifact": "artifacts/notes.txt",
+    }[which]
+    data = (run_dir / rel).read_bytes()
+    every = max(1, len(data) // 40)
+    assert assert_each_detected(run_dir, rel, flips(data, every), rel) > 0
+    assert assert_each_detected(run_dir, rel, cuts(data, max(1, len(data) // 12)), rel) > 0
+
+
+def test_repair_never_cuts_a_damaged_committed_file(run_dir: Path) -> None:
+    f = stage_file(run_dir)
+    original = f.read_bytes()
+    f.write_bytes(original[:-5])
+    report = repair_run(Storage(str(run_dir)))
+    rel = f.relative_to(run_dir).as_posix()
+    assert [(p.location, p.rule) for p in report.left] == [(rel, "CHECK-1")]
+    assert f.read_bytes() == original[:-5]
+    f.write_bytes(original)
+    assert verify_run(Storage(str(run_dir))) == []
+    assert list(runfmt.open_run(run_dir).records("score")) == RECORDS
+
+
+def test_cli_verify_exit_codes_and_messages(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(monkeypatch, capsys, "verify", str(run_dir))[0] == 0
+    f = stage_file(run_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+    code, out = cli(monkeypatch, capsys, "verify", str(run_dir))
+    assert code == 1
+    assert f.name in out
+    assert "CHECK-1" in out
+    code, out = cli(monkeypatch, capsys, "show", str(run_dir.parent / "no-such-run"))
+    assert code == 1
+    assert "no-such-run" in out

@@ -1,0 +1,157 @@
+"""The cross-run cache: committed records by key, with provenance, from any run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from runfmt import _index_reading as reading
+from runfmt.cli import app, main
+from runfmt.errors import InvalidInputError
+from runfmt.format.keys import compute_key
+from runfmt.store import Store
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def no_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reading, "RACY_NS", 0)
+
+
+def write_scores(
+    store: Store, keys: list[str], *, version: str = "1", fail: tuple[str, ...] = ()
+) -> str:
+    with store.create_run("eval", {"keys": keys}) as writer:
+        stage = writer.stage("score", key_field="key", record_schema_version=version)
+        for key in keys:
+            error = {"_error": "timeout"} if key in fail else {}
+            stage.append({"key": key, "score": len(key), **error})
+        writer.append("notes", {"key": keys[0], "text": "stage without a key field"})
+    return writer.run_id
+
+
+def test_get_returns_the_committed_record_with_provenance(store: Store) -> None:
+    run_id = write_scores(store, ["a", "bb", "ccc"])
+    hit = store.cache.get("score", "bb")
+    assert hit is not None
+    assert hit.record == {"key": "bb", "score": 2}
+    p = hit.provenance
+    assert (p.run_id, p.stage, p.record_schema_version, p.line) == (run_id, "score", "1", 1)
+    assert p.path.startswith("stages/score/part-")
+    assert Path(p.location).is_file()
+    assert store.cache.lookup("score", "bb") == p
+    assert store.cache.record("score", "bb") == {"key": "bb", "score": 2}
+
+
+def test_misses(store: Store) -> None:
+    write_scores(store, ["a", "b"], fail=("b",))
+    assert store.cache.get("score", "zzz") is None
+    assert store.cache.get("score", "b") is None, "a failure record is never a hit"
+    assert store.cache.get("notes", "a") is None, "a stage without key field has no entries"
+    assert store.cache.get("other", "a") is None
+
+
+def test_contains_answers_many_keys_at_once(store: Store) -> None:
+    write_scores(store, [f"k{i}" for i in range(100)], fail=("k7",))
+    asked = [f"k{i}" for i in range(0, 200, 7)]
+    assert store.cache.contains("score", asked) == {f"k{i}" for i in range(0, 100, 7)} - {"k7"}
+    assert store.cache.contains("score", []) == set()
+    with pytest.raises(InvalidInputError):
+        store.cache.contains("score", [1])  # type: ignore[list-item]
+
+
+def test_record_schema_version_must_match(store: Store) -> None:
+    write_scores(store, ["a"], version="1")
+    write_scores(store, ["b"], version="2")
+    cache = store.cache
+    assert cache.get("score", "a") is not None
+    assert cache.get("score", "b") is None
+    assert cache.get("score", "a", record_schema_version="2") is None
+    assert cache.get("score", "b", record_schema_version="2") is not None
+    assert cache.contains("score", ["a", "b"], record_schema_version=None) == {"a", "b"}
+
+
+def test_newest_run_wins(store: Store) -> None:
+    write_scores(store, ["a"])
+    newer = write_scores(store, ["a", "b"])
+    hit = store.cache.get("score", "a")
+    assert hit is not None
+    assert hit.provenance.run_id == newer
+
+
+def test_only_committed_records_and_incremental_indexing(store: Store) -> None:
+    writer = store.create_run("eval", {})
+    stage = writer.stage("score", key_field="key")
+    stage.extend({"key": f"k{i}"} for i in range(10))
+    writer.flush()
+    stage.append({"key": "pending"})
+    cache = store.cache
+    assert cache.get("score", "k3") is not None
+    assert cache.get("score", "pending") is None, "buffered, not committed"
+
+    writer.flush()
+    stats = store.index.refresh()
+    assert (stats.read, stats.cache_entries) == (1, 1), "only the new bytes are scanned"
+    assert cache.get("score", "pending") is not None
+    writer.finish()
+    assert store.index.query("SELECT count(*) FROM cache") == [(11,)]
+
+
+def test_deleted_or_rewritten_runs_stop_hitting(store: Store, tmp_path: Path) -> None:
+    run_id = write_scores(store, ["a"])
+    cache = store.cache
+    assert cache.get("score", "a") is not None
+    shutil.rmtree(Path(store.url) / run_id)
+    assert cache.get("score", "a") is None, "the stale entry is checked and dropped"
+    assert store.index.runs() == []
+
+
+def test_cli_cache_get(store: Store) -> None:
+    key = compute_key({"question": 1})
+    run_id = write_scores(store, [key])
+    result = runner.invoke(app, ["--store", store.url, "cache", "get", "score", key, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["record"] == {"key": key, "score": len(key)}
+    assert doc["provenance"]["run_id"] == run_id
+
+    result = runner.invoke(app, ["--store", store.url, "cache", "get", "score", key])
+    assert run_id in result.stdout
+    assert '"score"' in result.stdout
+
+    result = runner.invoke(
+        app, ["--store", store.url, "cache", "get", "score", key, "--record-schema-version", "9"]
+    )
+    assert result.exit_code == 1
+
+
+def test_cli_cache_miss_exits_1(
+    store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_scores(store, ["a"])
+    monkeypatch.setattr(sys, "argv", ["runfmt", "--store", store.url, "cache", "get", "score", "x"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    assert "no committed record with key 'x' in stage 'score'" in capsys.readouterr().err
+
+
+def test_demo_twice_reuses_the_first_runs_results(store: Store) -> None:
+    first = runner.invoke(app, ["--store", store.url, "demo", "--items", "40"])
+    assert first.exit_code == 0, first.output
+    assert "reused 0 of" in first.stdout
+    second = runner.invoke(app, ["--store", store.url, "demo", "--items", "40"])
+    assert second.exit_code == 0, second.output
+    line = next(x for x in second.stdout.splitlines() if x.startswith("reused "))
+    reused, total = int(line.split()[1]), int(line.split()[3])
+    assert 0 < reused < total, "everything but the failures is reused"
+
+    runs = store.index.runs()
+    assert len(runs) == 2
+    assert [s.records for s in runs[0].stages] == [s.records for s in runs[1].stages]

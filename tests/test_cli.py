@@ -1,0 +1,507 @@
+"""The run commands of the CLI: demo, show, cat, verify, repair, schema.
+
+Success paths go through typer's CliRunner; exit codes, stderr messages and the
+absence of tracebacks go through the real entry point (`main`, in-process or as
+``python -m runfmt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+from typer.testing import CliRunner, Result
+
+import runfmt
+from runfmt.cli import app, main
+from runfmt.demo import STAGES, DemoResult, write_demo_run
+from runfmt.format.schemas import SCHEMA_NAMES, load_schema
+
+RUN_COMMANDS = ("demo", "show", "cat", "verify", "repair", "schema")
+SHOW_FIELDS = {
+    "run_id", "name", "location", "status", "error", "revision", "format_version",
+    "created_at", "updated_at", "finished_at", "config", "config_hash", "tags", "counters",
+    "stages", "artifacts", "totals", "writer", "health", "completed_through_stage",
+    "heartbeat_at", "forked_from", "forked_at_stage",
+}  # fmt: skip
+
+
+def invoke(store: Path | str, *args: str) -> Result:
+    return CliRunner().invoke(app, ["--store", str(store), *args])
+
+
+def run_main(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    """Run the real entry point in-process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["runfmt", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return code if isinstance(code, int) else 1, out, err
+
+
+def python_m(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runfmt", *args],
+        cwd=cwd,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "RUNFMT_STORE"},
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoResult]:
+    """A store holding one demo run; tests that change it work on a copy."""
+    root = tmp_path_factory.mktemp("demo") / "runs"
+    return root, write_demo_run(runfmt.Store(root))
+
+
+@pytest.fixture
+def copied(demo_store: tuple[Path, DemoResult], tmp_path: Path) -> tuple[Path, str]:
+    """A private copy of the demo store, and the id of its run."""
+    root, result = demo_store
+    shutil.copytree(root, tmp_path / "runs")
+    return tmp_path / "runs", result.run_id
+
+
+# help
+
+
+def test_help_lists_every_command_with_help_text(tmp_path: Path) -> None:
+    proc = python_m("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert set(RUN_COMMANDS) <= set(commands)
+    for name, command in commands.items():
+        assert name in proc.stdout
+        assert (command.help or "").strip(), f"command {name!r} has no help text"
+        for param in command.params:
+            if param.name not in ("help", "ctx"):
+                assert getattr(param, "help", None), f"{name} {param.name} has no help text"
+
+
+# demo
+
+
+def test_demo_writes_a_completed_multi_stage_run_and_shows_it(tmp_path: Path) -> None:
+    result = invoke(tmp_path / "runs", "demo", "--items", "120")
+    assert result.exit_code == 0, result.output
+    (run_id,) = runfmt.Store(tmp_path / "runs").run_ids()
+    manifest = runfmt.Store(tmp_path / "runs").open_run(run_id).manifest
+    total = sum(s.records for s in manifest.stages)
+    assert manifest.status == "completed"
+    assert [s.name for s in manifest.stages] == list(STAGES)
+    assert all(s.status == "completed" and s.key_field == "key" for s in manifest.stages)
+    assert f"wrote run {run_id}" in result.stdout
+    assert "status    completed" in result.stdout
+    assert f"reused 0 of {total} results from earlier runs" in result.stdout
+    for stage in manifest.stages:
+        assert re.search(rf"^{stage.name} +completed +{stage.records} ", result.stdout, re.M)
+
+
+def test_demo_run_is_realistic(demo_store: tuple[Path, DemoResult]) -> None:
+    root, result = demo_store
+    run = runfmt.Store(root).open_run(result.run_id)
+    m = run.manifest
+    assert {"model", "temperature", "dataset", "seed"} <= set(m.config)
+    assert m.tags["purpose"] == "demo"
+    assert m.counters["tokens_in"] > 0
+    assert m.counters["cost_usd"] > 0
+    assert 300 <= result.total == sum(s.records for s in m.stages)
+    generated = list(run.records("generate"))
+    errors = [r for r in generated if r.get("_error") is not None]
+    assert len(errors) == 2
+    assert m.stage("generate").failures == 2  # type: ignore[union-attr]
+    assert all(r["_error"]["type"] == "RateLimitError" for r in errors)
+    for stage in STAGES:
+        keys = [r["key"] for r in run.records(stage)]
+        assert len(set(keys)) == len(keys)
+        assert all(k.startswith("k1:") for k in keys)
+    summary = json.loads(run.read_artifact("summary.json"))
+    scored = list(run.records("score"))
+    assert summary["scored"] == len(scored)
+    assert summary["accuracy"] == round(sum(r["score"] for r in scored) / len(scored), 4)
+    assert run.read_artifact("scores.csv").decode().count("\n") == len(scored) + 1
+
+
+def test_demo_is_deterministic_given_its_seed(demo_store: tuple[Path, DemoResult]) -> None:
+    root, first = demo_store
+    store = runfmt.Store(root.parent / "again")
+    same = store.open_run(write_demo_run(store).run_id)
+    other = store.open_run(write_demo_run(store, seed=1).run_id)
+    original = runfmt.Store(root).open_run(first.run_id)
+    for stage in STAGES:
+        assert list(same.records(stage)) == list(original.records(stage))
+    assert set(other.keys("generate")).isdisjoint(original.keys("generate"))
+
+
+def test_demo_asks_reuse_for_every_item_and_skips_the_work_it_returns(
+    demo_store: tuple[Path, DemoResult], tmp_path: Path
+) -> None:
+    root, first = demo_store
+    earlier = runfmt.Store(root).open_run(first.run_id)
+    committed = {
+        (stage, r["key"]): r
+        for stage in STAGES
+        for r in earlier.records(stage)
+        if r.get("_error") is None
+    }
+    asked: list[tuple[str, str]] = []
+
+    def reuse(stage: str, key: str) -> dict[str, Any] | None:
+        asked.append((stage, key))
+        return committed.get((stage, key))
+
+    store = runfmt.Store(tmp_path / "runs")
+    second = write_demo_run(store, reuse=reuse)
+    assert len(asked) == second.total == first.total
+    assert second.reused == len(committed)
+    assert second.computed == first.total - len(committed)
+    run = store.open_run(second.run_id)
+    for stage in STAGES:
+        assert list(run.records(stage)) == list(earlier.records(stage))
+    assert run.manifest.counters.get("tokens_in", 0) == 0
+
+
+# show
+
+
+def test_show_json_is_a_stable_object(demo_store: tuple[Path, DemoResult]) -> None:
+    root, first = demo_store
+    result = invoke(root, "show", first.run_id, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    manifest = runfmt.Store(root).open_run(first.run_id).manifest
+    assert set(doc) == SHOW_FIELDS
+    assert doc["run_id"] == first.run_id
+    assert doc["status"] == "completed"
+    assert doc["config"] == manifest.config
+    assert doc["counters"] == dict(manifest.counters)
+    assert [(s["name"], s["records"], s["failures"]) for s in doc["stages"]] == [
+        (s.name, s.records, s.failures) for s in manifest.stages
+    ]
+    assert {a["name"] for a in doc["artifacts"]} == {"summary.json", "scores.csv"}
+    assert doc["totals"]["records"] == first.total
+    assert doc["totals"]["files"] == len(manifest.listed_paths())
+    assert doc["totals"]["bytes"] == sum(manifest.listed_paths().values())
+
+
+def test_show_text_has_identity_config_stages_and_artifacts(
+    demo_store: tuple[Path, DemoResult],
+) -> None:
+    root, first = demo_store
+    result = invoke(root, "show", first.run_id)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert f"run       {first.run_id}\n" in out
+    assert '  model = "demo-llm-7b"\n' in out
+    assert "tags      dataset=arith-mix model=demo-llm-7b purpose=demo\n" in out
+    assert "\nstages\nstage     status     records  failures" in out
+    assert "\nartifacts\n" in out
+    assert "summary.json" in out
+    assert "error" not in out.split("\nstages\n")[0]
+
+
+def test_show_reads_a_copied_folder_with_no_store(
+    demo_store: tuple[Path, DemoResult], tmp_path: Path
+) -> None:
+    root, first = demo_store
+    folder = tmp_path / "elsewhere" / "my-run"
+    shutil.copytree(root / first.run_id, folder)
+    result = invoke(tmp_path / "no-store-here", "show", str(folder), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["location"] == str(folder)
+    assert not (tmp_path / "no-store-here").exists()
+
+
+def test_show_reports_a_failed_run_with_its_error(tmp_path: Path) -> None:
+    store = runfmt.Store(tmp_path / "runs")
+    writer = store.create_run("broken", {"model": "m"})
+    writer.append("generate", {"x": 1})
+    writer.fail("ValueError: model server went away")
+    result = invoke(tmp_path / "runs", "show", writer.run_id)
+    assert result.exit_code == 0, result.output
+    assert "status    failed\n" in result.stdout
+    assert "error     ValueError: model server went away\n" in result.stdout
+
+
+# cat
+
+
+def test_cat_prints_the_stage_as_json_lines(demo_store: tuple[Path, DemoResult]) -> None:
+    root, first = demo_store
+    records = list(runfmt.Store(root).open_run(first.run_id).records("score"))
+    result = invoke(root, "cat", first.run_id, "score")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in result.stdout.splitlines()] == records
+    limited = invoke(root, "cat", first.run_id, "score", "--limit", "3")
+    assert [json.loads(line) for line in limited.stdout.splitlines()] == records[:3]
+    assert invoke(root, "cat", first.run_id, "score", "-n", "0").stdout == ""
+
+
+def test_cat_writes_artifact_bytes(demo_store: tuple[Path, DemoResult]) -> None:
+    root, first = demo_store
+    expected = (root / first.run_id / "artifacts" / "scores.csv").read_bytes()
+    for name in ("scores.csv", "artifacts/scores.csv"):
+        result = invoke(root, "cat", first.run_id, "--artifact", name)
+        assert result.exit_code == 0, result.output
+        assert result.stdout_bytes == expected
+
+
+def test_cat_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    store = runfmt.Store(tmp_path / "runs")
+    with store.create_run("big", flush_every=None) as writer:
+        writer.extend("lines", ({"i": i, "text": "x" * 100} for i in range(5000)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runfmt", "--store", str(tmp_path / "runs"),
+         "cat", writer.run_id, "lines"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    assert json.loads(proc.stdout.readline()) == {"i": 0, "text": "x" * 100}
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
+
+
+# schema
+
+
+def test_schema_lists_names_and_prints_each(tmp_path: Path) -> None:
+    listing = invoke(tmp_path, "schema")
+    assert listing.exit_code == 0
+    assert [line.split("\t")[0] for line in listing.stdout.splitlines()] == list(SCHEMA_NAMES)
+    for name in SCHEMA_NAMES:
+        result = invoke(tmp_path, "schema", name)
+        assert result.exit_code == 0
+        assert json.loads(result.stdout) == load_schema(name)
+
+
+# failure paths through the real entry point
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["show", "no-such-run"], 1, "no run 'no-such-run'"),
+        (["cat", "{run}", "judge"], 1, "run has no stage 'judge' (stages: generate, parse, score)"),
+        (["cat", "{run}", "--artifact", "nope.txt"], 1, "run has no artifact 'nope.txt'"),
+        (["cat", "{run}"], 2, "give either a STAGE or --artifact NAME"),
+        (["cat", "{run}", "score", "--artifact", "scores.csv"], 2, "give either a STAGE"),
+        (["verify", "no-such-run"], 1, "no run 'no-such-run'"),
+        (["schema", "nope"], 2, "unknown schema 'nope'"),
+        (["show"], 2, "Missing argument"),
+        (["cat", "{run}", "score", "--limit", "-1"], 2, "--limit"),
+    ],
+)
+def test_user_errors_exit_with_a_message_and_no_traceback(
+    demo_store: tuple[Path, DemoResult],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    code: int,
+    message: str,
+) -> None:
+    root, first = demo_store
+    args = [a.replace("{run}", first.run_id) for a in args]
+    exit_code, out, err = run_main(["--store", str(root), *args], monkeypatch, capsys)
+    assert exit_code == code
+    assert message in err
+    assert "Traceback" not in err + out
+
+
+def test_bad_store_url_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    proc = python_m("--store", "nosuchproto://bucket/runs", "show", "r1", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("runfmt: error: nosuchproto://bucket/runs")
+    assert "Protocol not known" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_run_end_to_end(tmp_path: Path) -> None:
+    proc = python_m("--store", str(tmp_path / "runs"), "cat", "r1", "score", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("runfmt: error: ")
+    assert "no run 'r1'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# verify and repair
+
+
+def test_verify_passes_on_a_sound_store(demo_store: tuple[Path, DemoResult]) -> None:
+    root, first = demo_store
+    result = invoke(root, "verify")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"ok    {first.run_id}\nchecked 1 run: 0 with problems\n"
+    assert json.loads(invoke(root, "verify", "--json").stdout) == []
+
+
+def test_verify_of_an_empty_store(tmp_path: Path) -> None:
+    result = invoke(tmp_path / "runs", "verify")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("no runs in ")
+
+
+def test_verify_names_the_corrupted_file_and_exits_1(
+    copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, run_id = copied
+    (stage_file,) = (root / run_id / "stages" / "score").iterdir()
+    data = bytearray(stage_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    stage_file.write_bytes(bytes(data))
+    sound = runfmt.Store(root).open_run(run_id).manifest
+    other = runfmt.Store(root).create_run("other", {})
+    other.finish()
+
+    code, out, err = run_main(["--store", str(root), "verify"], monkeypatch, capsys)
+    assert code == 1
+    assert f"{stage_file}: sha256 of the listed bytes does not match (CHECK-1)\n" in out
+    assert f"FAIL  {run_id}: " in out
+    assert f"ok    {other.run_id}\n" in out
+    assert "checked 2 runs: 1 with problems" in out
+    assert err.startswith("runfmt: error: ")
+    assert "in 1 of 2 runs" in err
+
+    code, out, _ = run_main(["--store", str(root), "verify", "--json", run_id], monkeypatch, capsys)
+    assert code == 1
+    problems = json.loads(out)
+    assert {p["rule"] for p in problems} >= {"CHECK-1"}
+    assert all(p["location"] == str(stage_file) and p["run"] == run_id for p in problems)
+
+    code, out, err = run_main(["--store", str(root), "repair", run_id], monkeypatch, capsys)
+    assert code == 1
+    assert str(stage_file) in out
+    assert "left after repair" in err
+    assert runfmt.Store(root).open_run(run_id).manifest == sound
+
+
+def test_an_unreadable_manifest_is_named_by_show_and_verify(
+    copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, run_id = copied
+    newest = sorted((root / run_id / "_manifests").iterdir())[-1]
+    newest.write_text('{"format": "runfmt", broken')
+
+    code, out, err = run_main(["--store", str(root), "show", run_id], monkeypatch, capsys)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"runfmt: error: {newest}: not valid JSON")
+    assert "Traceback" not in err
+
+    code, out, err = run_main(["--store", str(root), "verify", run_id], monkeypatch, capsys)
+    assert code == 1
+    assert out.startswith(f"{newest}: not valid JSON")
+    assert f"FAIL  {run_id}: 1 problem\n" in out
+
+
+CRASHING_WRITER = textwrap.dedent(
+    """
+    import os, sys
+    import runfmt, runfmt.run
+    store = runfmt.Store(sys.argv[1])
+    writer = store.create_run("crashy", run_id="crashy", flush_every=None, flush_interval=None)
+    stage = writer.stage("gen", key_field="key")
+    stage.extend({"key": runfmt.compute_key(i), "i": i} for i in range(10))
+    writer.flush()
+    stage.extend({"key": runfmt.compute_key(i), "i": i} for i in range(10, 25))
+    runfmt.run.commit = lambda *args, **kwargs: os._exit(9)  # dies before committing
+    writer.flush()
+    """
+)
+
+
+@pytest.fixture
+def crashed(tmp_path: Path) -> Path:
+    """A store whose run ``crashy`` has 10 committed records and 15 written after the commit."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_WRITER)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "runs")], check=False, timeout=60
+    )
+    assert proc.returncode == 9
+    return tmp_path / "runs"
+
+
+def test_repair_salvages_a_crashed_run(crashed: Path) -> None:
+    before = invoke(crashed, "verify", "crashy")
+    assert before.exit_code == 1
+    assert "bytes past the committed length (COMMIT-8)" in before.stdout
+    assert "`runfmt repair crashy` fixes 1" in before.stdout
+
+    result = invoke(crashed, "repair", "crashy")
+    assert result.exit_code == 0, result.output
+    assert "salvaged 15 records" in result.stdout
+    assert result.stdout.endswith("ok    crashy: consistent\n")
+    assert invoke(crashed, "verify", "crashy").exit_code == 0
+    lines = invoke(crashed, "cat", "crashy", "gen").stdout.splitlines()
+    assert [json.loads(line)["i"] for line in lines] == list(range(25))
+    assert invoke(crashed, "repair", "crashy").stdout.startswith("nothing to repair\n")
+
+
+def test_repair_drop_keeps_only_committed_records(crashed: Path) -> None:
+    result = invoke(crashed, "repair", "crashy", "--drop")
+    assert result.exit_code == 0, result.output
+    assert "cut " in result.stdout
+    lines = invoke(crashed, "cat", "crashy", "gen").stdout.splitlines()
+    assert [json.loads(line)["i"] for line in lines] == list(range(10))
+
+
+def test_demo_then_show_end_to_end(tmp_path: Path) -> None:
+    demo = python_m("demo", "--items", "50", cwd=tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    (run_id,) = [name for name in os.listdir(tmp_path / "runs") if not name.startswith(".")]
+    show = python_m("show", run_id, "--json", cwd=tmp_path)
+    assert show.returncode == 0, show.stderr
+    assert json.loads(show.stdout)["status"] == "completed"
+    verify = python_m("verify", cwd=tmp_path)
+    assert (verify.returncode, verify.stderr) == (0, "")
+
+
+# README
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def _readme_section(title: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def test_readme_python_api_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    section = _readme_section("Python API")
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RUNFMT_STORE", raising=False)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "completed [('generate', 2, 0), ('score', 1, 1)]" in out
+    (run_id,) = runfmt.Store(tmp_path / "runs").run_ids()
+    assert invoke(tmp_path / "runs", "verify", run_id).exit_code == 0
+
+
+def test_readme_documents_every_run_command() -> None:
+    section = _readme_section("Command line")
+    for name in RUN_COMMANDS:
+        assert f"**`runfmt {name}" in section, f"`runfmt {name}` is not documented"

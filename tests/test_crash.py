@@ -1,0 +1,177 @@
+"""Writers killed with SIGKILL at random moments: the run always opens, `repair` then `verify`
+pass, and no committed record is lost or duplicated (COMMIT-7, COMMIT-8).
+
+The crash loop forks its writers from a multiprocessing forkserver that has runfmt
+imported already, so each of the many real processes starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runfmt.check import repair_run, verify_run
+from runfmt.run import RunReader
+from runfmt.store import Store
+
+ITERATIONS = 36
+WRITER_OPTIONS: dict[str, Any] = {
+    "flush_every": None,
+    "flush_interval": None,
+    "heartbeat_interval": None,
+}
+
+
+def crash_writer(store_url: str, run_id: str, tag: str, progress: str, seed: int) -> None:
+    """Resume the run and commit batches forever, logging each commit's record count."""
+    rng = random.Random(seed)
+    fd = os.open(progress, os.O_WRONLY | os.O_APPEND)
+    writer = Store(store_url).resume_run(run_id, **WRITER_OPTIONS)
+    os.write(fd, b"ready\n")
+    done = 0
+    while True:
+        batch = rng.randint(1, 40)
+        for i in range(done, done + batch):
+            writer.append("score", {"id": f"{tag}-{i}", "pad": "x" * rng.randint(0, 300)})
+            if i % 3 == 0:
+                writer.append("judge", {"id": f"{tag}-{i}", "ok": True})
+        if rng.random() < 0.3:
+            writer.count("batches")
+        writer.flush()
+        done += batch
+        os.write(fd, f"{done}\n".encode())
+
+
+def committed_counts(progress: Path) -> tuple[bool, int]:
+    """Whether the writer got past resuming, and the record count of its last logged commit."""
+    lines = progress.read_text().split("\n")[:-1]
+    counts = [int(line) for line in lines if line.isdigit()]
+    return "ready" in lines, counts[-1] if counts else 0
+
+
+def ids_by_tag(reader: RunReader, stage: str) -> dict[str, list[int]]:
+    """Record numbers per writer tag, in stored order."""
+    found: dict[str, list[int]] = defaultdict(list)
+    if reader.manifest.stage(stage) is None:
+        return found
+    for r in reader.records(stage):
+        tag, _, n = r["id"].rpartition("-")
+        found[tag].append(int(n))
+    return found
+
+
+@pytest.fixture(scope="module")
+def forkserver() -> multiprocessing.context.ForkServerContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["runfmt.store", "runfmt.check", __name__])
+    return ctx
+
+
+def test_kill_9_at_random_moments(
+    store: Store, tmp_path: Path, forkserver: multiprocessing.context.ForkServerContext
+) -> None:
+    seed = int(os.environ.get("RUNFMT_CRASH_SEED") or random.randrange(2**32))
+    rng = random.Random(seed)
+    store.create_run("crash", {"seed": seed}, **WRITER_OPTIONS).close()
+    [run_id] = store.run_ids()
+    expected: dict[str, int] = {}
+    kills_while_writing = 0
+    started = time.monotonic()
+    for it in range(ITERATIONS):
+        tag, progress = f"w{it}", tmp_path / f"progress-{it}"
+        progress.touch()
+        proc = forkserver.Process(
+            target=crash_writer, args=(store.url, run_id, tag, str(progress), rng.randrange(2**32))
+        )
+        proc.start()
+        if rng.random() < 0.8:
+            deadline = time.monotonic() + 10
+            while not committed_counts(progress)[0] and time.monotonic() < deadline:
+                time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.2))
+        os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        proc.join()
+        assert proc.exitcode == -signal.SIGKILL, f"iteration {it} (seed {seed}): writer exited"
+        ready, committed = committed_counts(progress)
+        kills_while_writing += ready
+
+        reader = store.open_run(run_id)
+        report = repair_run(reader.storage)
+        assert report.left == [], f"iteration {it} (seed {seed}): {report.left}"
+        assert verify_run(reader.storage) == [], f"iteration {it} (seed {seed}): {report.actions}"
+
+        reader = store.open_run(run_id)
+        found = ids_by_tag(reader, "score")
+        n = len(found.get(tag, []))
+        assert found.get(tag, []) == list(range(n)), f"iteration {it}: gaps or duplicates"
+        assert n >= committed, f"iteration {it} (seed {seed}): lost committed records"
+        if n:
+            expected[tag] = n
+        assert {t: len(v) for t, v in found.items()} == expected, f"iteration {it}: older lost"
+        judged = ids_by_tag(reader, "judge")
+        assert all(v == sorted(set(v)) for v in judged.values())
+    assert kills_while_writing >= ITERATIONS // 2
+    assert sum(1 for n in expected.values() if n) >= ITERATIONS // 4
+    assert sum(expected.values()) > 0
+    assert time.monotonic() - started < 60
+    print(
+        f"seed {seed}: {len(expected)} of {ITERATIONS} writers committed "
+        f"{sum(expected.values())} records; {kills_while_writing} killed while writing"
+    )
+
+
+WRITER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from runfmt.store import Store
+    writer = Store(sys.argv[1]).resume_run(
+        sys.argv[2], flush_every=None, flush_interval=None, heartbeat_interval=None
+    )
+    n = 0
+    while True:
+        writer.extend("score", [{"id": f"a-{i}"} for i in range(n, n + 25)])
+        writer.flush()
+        n += 25
+        print(n, flush=True)
+    """
+)
+
+
+def test_resume_after_a_crash_keeps_every_committed_record(store: Store) -> None:
+    store.create_run("crash", **WRITER_OPTIONS).close()
+    [run_id] = store.run_ids()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER_SCRIPT, store.url, run_id],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    reported = [int(proc.stdout.readline()) for _ in range(4)]
+    proc.send_signal(signal.SIGKILL)
+    rest = proc.communicate()[0]
+    reported += [int(x) for x in re.findall(r"^\d+$", rest, re.M)]
+    committed = reported[-1]
+
+    writer = store.resume_run(run_id, **WRITER_OPTIONS)
+    writer.extend("score", [{"id": f"b-{i}"} for i in range(10)])
+    writer.finish()
+    reader = store.open_run(run_id)
+    ids = [r["id"] for r in reader.records("score")]
+    first = [i for i in ids if i.startswith("a-")]
+    assert len(first) >= committed
+    assert first == [f"a-{i}" for i in range(len(first))]
+    assert ids[len(first) :] == [f"b-{i}" for i in range(10)]
+    assert reader.manifest.status == "completed"
+    assert verify_run(reader.storage) == []

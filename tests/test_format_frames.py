@@ -1,0 +1,202 @@
+"""Stage file framing (FRAME-*): decoding is the same wherever the input is split, and any cut
+that does not fall on a frame boundary is reported."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runfmt.errors import StageFileError
+from runfmt.format.frames import (
+    HEADER_MAGIC,
+    PREFIX,
+    DataFrame,
+    FrameDecoder,
+    FrameEncoder,
+    Header,
+    encode_header,
+    iter_frames,
+)
+from runfmt.format.records import decode_lines, encode_records
+
+HEADER: Header = {
+    "format": "runfmt-stage",
+    "format_version": "1.0",
+    "run_id": "r1",
+    "stage": "score",
+    "seq": 1,
+    "writer": "w1",
+    "record_schema_version": "1",
+    "key_field": None,
+}
+
+
+def stage_file(payloads: list[bytes], header: Header = HEADER) -> bytes:
+    encoder = FrameEncoder()
+    return PREFIX + encode_header(header) + b"".join(encoder.encode(p) for p in payloads)
+
+
+def decode(chunks: list[bytes]) -> list[Header | DataFrame]:
+    decoder = FrameDecoder()
+    events = [e for chunk in chunks for e in decoder.feed(chunk)]
+    decoder.close()
+    return events
+
+
+def decode_records(data: bytes) -> list[dict[str, object]]:
+    return [r for e in decode([data]) if isinstance(e, DataFrame) for r in decode_lines(e.content)]
+
+
+def boundaries(events: list[Header | DataFrame], header_end: int) -> list[int]:
+    return [header_end] + [e.end for e in events if isinstance(e, DataFrame)]
+
+
+PAYLOADS = [
+    encode_records([{"i": i, "text": "x" * (i % 7)} for i in range(n)]) for n in (1, 5, 0, 3)
+]
+PAYLOADS = [p for p in PAYLOADS if p]
+SMALL = stage_file(PAYLOADS)
+
+
+def test_whole_file_decodes_to_header_and_every_frame() -> None:
+    events = list(iter_frames(SMALL))
+    assert events[0] == HEADER
+    frames = [e for e in events if isinstance(e, DataFrame)]
+    assert len(frames) == len(events) - 1
+    assert [f.content for f in frames] == PAYLOADS
+    assert frames[0].start == len(PREFIX) + len(encode_header(HEADER))
+    assert frames[-1].end == len(SMALL)
+    assert sum(len(decode_lines(f.content)) for f in frames) == 9
+
+
+def test_python_zstandard_alone_would_stop_at_the_first_frame() -> None:
+    """The trap the decoder exists for: decompress() returns only the first data frame."""
+    first_frame = SMALL[len(PREFIX) + len(encode_header(HEADER)) :]
+    assert zstandard.ZstdDecompressor().decompress(first_frame) == PAYLOADS[0]
+    assert len(PAYLOADS) > 1
+
+
+@settings(max_examples=150)
+@given(
+    payloads=st.lists(
+        st.binary(min_size=1, max_size=300).map(lambda b: b.hex().encode() + b"\n"),
+        min_size=0,
+        max_size=4,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=12),
+)
+def test_same_events_wherever_the_input_is_split(payloads: list[bytes], cuts: list[int]) -> None:
+    data = stage_file(payloads)
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert decode(chunks) == decode([data])
+    assert decode([data[i : i + 1] for i in range(len(data))]) == decode([data])
+
+
+def test_every_truncation_off_a_frame_boundary_is_detected() -> None:
+    decoder = FrameDecoder()
+    whole = decoder.feed(SMALL)
+    cuts_ok = boundaries(whole, decoder.header_end)
+    for length in range(len(SMALL)):
+        truncated = SMALL[:length]
+        if length not in cuts_ok:
+            with pytest.raises(StageFileError, match=r"truncated|at byte"):
+                decode([truncated])
+            continue
+        events = decode([truncated])
+        assert events == whole[: len(events)]
+
+
+def test_truncation_reports_where_the_complete_part_ends() -> None:
+    decoder = FrameDecoder()
+    events = decoder.feed(SMALL[:-3])
+    with pytest.raises(StageFileError, match="truncated frame") as info:
+        decoder.close()
+    last_complete = [e for e in events if isinstance(e, DataFrame)][-1].end
+    assert decoder.complete_end == last_complete
+    assert f"at byte {last_complete}" in info.value.problem
+    assert "repair" in info.value.hint
+
+
+def test_every_byte_flip_inside_data_frames_is_detected() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(SMALL)
+    for pos in range(decoder.header_end, len(SMALL)):
+        flipped = bytearray(SMALL)
+        flipped[pos] ^= 0xFF
+        with pytest.raises(StageFileError):
+            decode_records(bytes(flipped))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_skippable_frames_between_data_frames_are_skipped(chunked: bool) -> None:
+    encoder = FrameEncoder()
+    skippable = struct.pack("<II", 0x184D2A5E, 5) + b"hello"
+    empty_skippable = struct.pack("<II", 0x184D2A50, 0)
+    data = (
+        PREFIX
+        + encode_header(HEADER)
+        + encoder.encode(b"{}\n")
+        + skippable
+        + empty_skippable
+        + encoder.encode(b'{"a":1}\n')
+    )
+    chunks = [data[i : i + 1] for i in range(len(data))] if chunked else [data]
+    contents = [e.content for e in decode(chunks) if isinstance(e, DataFrame)]
+    assert contents == [b"{}\n", b'{"a":1}\n']
+
+
+def test_file_must_start_with_the_empty_zstd_frame() -> None:
+    with pytest.raises(StageFileError, match="FRAME-1"):
+        decode([encode_header(HEADER) + FrameEncoder().encode(b"{}\n")])
+    with pytest.raises(StageFileError, match="FRAME-1"):
+        FrameDecoder().feed(b"\x28\xb5\x2f\xfc")
+
+
+def test_header_frame_must_follow_the_prefix() -> None:
+    with pytest.raises(StageFileError, match="FRAME-2"):
+        decode([PREFIX + FrameEncoder().encode(b"{}\n")])
+    body = b'{"not": "closed"'
+    with pytest.raises(StageFileError, match="header frame is not valid JSON"):
+        decode([PREFIX + struct.pack("<II", HEADER_MAGIC, len(body)) + body])
+    with pytest.raises(StageFileError, match="not a JSON object"):
+        decode([PREFIX + struct.pack("<II", HEADER_MAGIC, 2) + b"[]"])
+
+
+def test_empty_input_and_a_lone_prefix_are_truncated_headers() -> None:
+    for data in (b"", PREFIX, PREFIX + encode_header(HEADER)[:6]):
+        with pytest.raises(StageFileError, match="truncated header"):
+            decode([data])
+
+
+def test_data_frames_must_carry_a_checksum() -> None:
+    frame = zstandard.ZstdCompressor(write_checksum=False).compress(b"{}\n")
+    with pytest.raises(StageFileError, match="FRAME-3"):
+        decode([PREFIX + encode_header(HEADER) + frame])
+
+
+def test_data_frames_must_declare_their_size() -> None:
+    cctx = zstandard.ZstdCompressor(write_checksum=True, write_content_size=False)
+    stream = cctx.compressobj()
+    frame = stream.compress(b"{}\n") + stream.flush()
+    with pytest.raises(StageFileError, match="FRAME-4"):
+        decode([PREFIX + encode_header(HEADER) + frame])
+
+
+def test_declared_size_is_bounded_before_decompressing() -> None:
+    bomb = FrameEncoder().encode(b"\0" * 100_000)
+    assert len(bomb) < 200
+    decoder = FrameDecoder(max_frame_content=50_000)
+    with pytest.raises(StageFileError, match=r"declares 100000 bytes, over 50000 \(FRAME-4\)"):
+        decoder.feed(PREFIX + encode_header(HEADER) + bomb)
+
+
+def test_oversized_header_is_refused() -> None:
+    with pytest.raises(StageFileError, match="over"):
+        encode_header({"pad": "x" * 70_000})
+    with pytest.raises(StageFileError, match="header frame of"):
+        FrameDecoder().feed(PREFIX + struct.pack("<II", HEADER_MAGIC, 10**9))

@@ -1,0 +1,367 @@
+"""The manifest (MAN-*, VER-*, COMMIT-5/6): round trips, compatibility, and the commit merge."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runfmt.errors import ConflictError, ManifestError, UnsupportedFormatError
+from runfmt.format.manifest import (
+    FORMAT_VERSION,
+    RUN_STATUSES,
+    ArtifactEntry,
+    ChangeSet,
+    FileEntry,
+    Manifest,
+    RunStatus,
+    StageEntry,
+    apply_changes,
+    check_compatible,
+    decode_manifest,
+    encode_manifest,
+    to_json,
+)
+
+SHA = "ab" * 32
+KEY = "k1:" + "cd" * 32
+TS = "2026-11-22T20:00:00.000000Z"
+
+ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
+run_ids = st.tuples(
+    st.text(ALNUM, min_size=1, max_size=6), st.sampled_from(".-_"), st.text(ALNUM, max_size=6)
+).map(lambda t: t[0] + t[1] + t[2] if t[2] else t[0])
+stage_names = st.tuples(st.sampled_from("abcz"), st.text(ALNUM + "_-", max_size=8)).map("".join)
+writers = st.text(ALNUM, min_size=1, max_size=8)
+timestamps = st.datetimes(min_value=datetime(1000, 1, 1)).map(
+    lambda d: d.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+)
+sha256s = st.binary(min_size=32, max_size=32).map(bytes.hex)
+label = st.text("AZaz09_.:/-", min_size=1, max_size=12)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+counters = st.dictionaries(
+    label, st.integers(-(10**6), 10**6) | st.floats(-1e6, 1e6, allow_nan=False), max_size=3
+)
+
+
+@st.composite
+def file_entries(draw: st.DrawFn, stage: str, seqs: st.SearchStrategy[int]) -> FileEntry:
+    records = draw(st.integers(0, 10**6))
+    return FileEntry(
+        path=f"stages/{stage}/part-{draw(seqs):06d}-{draw(writers)}.jsonl.zst",
+        bytes=draw(st.integers(0, 2**40)),
+        records=records,
+        failures=draw(st.integers(0, records)),
+        sha256=draw(sha256s),
+    )
+
+
+@st.composite
+def stage_entries(draw: st.DrawFn, name: str) -> StageEntry:
+    files = draw(
+        st.lists(
+            file_entries(name, st.integers(0, 10**7)),
+            max_size=3,
+            unique_by=lambda f: f.path.casefold(),
+        )
+    )
+    return StageEntry(
+        name=name,
+        status=draw(st.sampled_from(["running", "completed", "failed"])),
+        record_schema_version=draw(st.text(min_size=1, max_size=8)),
+        key_field=draw(st.none() | st.text(min_size=1, max_size=8)),
+        files=tuple(files),
+    )
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> Manifest:
+    names_ = draw(st.lists(stage_names, max_size=3, unique=True))
+    artifact_names = draw(
+        st.lists(
+            st.lists(stage_names.map("f".__add__), min_size=1, max_size=3).map("/".join),
+            max_size=2,
+            unique=True,
+        )
+    )
+    status: RunStatus = draw(st.sampled_from(RUN_STATUSES))
+    return Manifest(
+        run_id=draw(run_ids),
+        name=draw(st.text(min_size=1, max_size=20)),
+        revision=draw(st.integers(1, 10**9)),
+        status=status,
+        created_at=draw(timestamps),
+        updated_at=draw(timestamps),
+        config=draw(st.dictionaries(st.text(max_size=6), json_values, max_size=3)),
+        config_hash=KEY,
+        required_features=(),
+        error=draw(st.none() | st.text(max_size=30)) if status == "failed" else None,
+        finished_at=None if status == "running" else draw(timestamps),
+        tags=draw(st.dictionaries(label, st.text(max_size=10), max_size=3)),
+        counters=draw(counters),
+        stages=tuple(draw(stage_entries(n)) for n in names_),
+        artifacts=tuple(
+            ArtifactEntry(
+                f"artifacts/{a}",
+                draw(st.integers(0, 10**9)),
+                draw(sha256s),
+                draw(st.sampled_from(["application/octet-stream", "image/png"])),
+            )
+            for a in artifact_names
+        ),
+        writer={"name": "runfmt-python", "version": "0.1.0"},
+        extra=draw(st.dictionaries(stage_names.map("x_".__add__), json_values, max_size=2)),
+    )
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(manifests())
+def test_manifest_round_trips(manifest: Manifest) -> None:
+    data = encode_manifest(manifest)
+    assert data.endswith(b"}\n")
+    assert decode_manifest(data) == manifest
+    assert encode_manifest(decode_manifest(data)) == data
+
+
+def base_manifest(**changes: Any) -> Manifest:
+    m = Manifest(
+        run_id="r1",
+        name="eval",
+        revision=1,
+        status="running",
+        created_at=TS,
+        updated_at=TS,
+        config={"model": "m1"},
+        config_hash=KEY,
+    )
+    return replace(m, **changes)
+
+
+def doc(**changes: Any) -> dict[str, Any]:
+    d = to_json(base_manifest())
+    d.update(changes)
+    return d
+
+
+def test_unknown_optional_members_are_kept() -> None:
+    data = json.dumps(doc(x_future={"a": [1]}, another=None)).encode()
+    m = decode_manifest(data)
+    assert m.extra == {"x_future": {"a": [1]}, "another": None}
+    assert json.loads(encode_manifest(m))["x_future"] == {"a": [1]}
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.7", "0.3"])
+def test_older_and_same_major_versions_are_read(version: str) -> None:
+    assert decode_manifest(json.dumps(doc(format_version=version)).encode()).format_version == (
+        version
+    )
+
+
+def test_a_newer_major_version_is_refused() -> None:
+    major = int(FORMAT_VERSION.split(".")[0]) + 1
+    with pytest.raises(UnsupportedFormatError, match=r"format version 2\.0 is newer.*VER-2") as e:
+        decode_manifest(json.dumps(doc(format_version=f"{major}.0", stages="any")).encode())
+    assert "upgrade" in e.value.hint
+
+
+def test_an_unknown_required_feature_is_refused() -> None:
+    with pytest.raises(UnsupportedFormatError, match=r"unknown features time-travel.*VER-3"):
+        decode_manifest(json.dumps(doc(required_features=["time-travel"])).encode())
+    with pytest.raises(UnsupportedFormatError, match="VER-3"):
+        check_compatible("1.0", ["a", "b"])
+    check_compatible("1.0", [])
+
+
+BAD_MANIFESTS = [
+    (b'{"a": 1, "a": 2}', "duplicate member 'a'"),
+    (b"{\xff}", "not UTF-8"),
+    (b'{"revision": NaN}', "NaN is not valid JSON"),
+    (b"[1]", "not a JSON object|is not of type 'object'"),
+    (json.dumps(doc(revision=0)).encode(), r"\$\.revision"),
+    (json.dumps(doc(status="paused")).encode(), r"\$\.status"),
+    (json.dumps(doc(run_id="Bad/Id")).encode(), r"\$\.run_id"),
+    (json.dumps(doc(config_hash="md5:x")).encode(), r"\$\.config_hash"),
+    (json.dumps(doc(counters={"c": "1"})).encode(), r"\$\.counters\.c"),
+    (
+        json.dumps({k: v for k, v in doc().items() if k != "stages"}).encode(),
+        "'stages' is a required",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), BAD_MANIFESTS)
+def test_invalid_manifests_are_refused_with_the_rule(data: bytes, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        decode_manifest(data)
+
+
+def stage_doc(name: str, paths: list[str]) -> dict[str, Any]:
+    files = [{"path": p, "bytes": 10, "records": 1, "failures": 0, "sha256": SHA} for p in paths]
+    return {
+        "name": name,
+        "status": "running",
+        "record_schema_version": "1",
+        "key_field": None,
+        "files": files,
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"stages": [stage_doc("a", []), stage_doc("a", [])]}, "duplicate stage 'a'.*MAN-4"),
+        (
+            {"stages": [stage_doc("a", ["stages/b/part-000001-w.jsonl.zst"])]},
+            "not under stages/a/.*MAN-5",
+        ),
+        (
+            {"stages": [stage_doc("a", ["stages/a/../../x/part-000001-w.jsonl.zst"])]},
+            r"\$\.stages\[0\]\.files\[0\]\.path",
+        ),
+        ({"stages": [stage_doc("a", ["/etc/passwd"])]}, r"\$\.stages\[0\]\.files\[0\]\.path"),
+        ({"stages": [stage_doc("a", ["stages/a/part-000001-w.jsonl.zst"] * 2)]}, "collides.*MAN-7"),
+        (
+            {
+                "artifacts": [
+                    {
+                        "path": "artifacts/../../etc/passwd",
+                        "bytes": 1,
+                        "sha256": SHA,
+                        "media_type": "text/plain",
+                    }
+                ]
+            },
+            "bad segment '..'.*MAN-6",
+        ),
+        (
+            {
+                "artifacts": [
+                    {
+                        "path": "artifacts//abs",
+                        "bytes": 1,
+                        "sha256": SHA,
+                        "media_type": "text/plain",
+                    }
+                ]
+            },
+            "MAN-6",
+        ),
+        (
+            {
+                "artifacts": [
+                    {
+                        "path": f"artifacts/{n}",
+                        "bytes": 1,
+                        "sha256": SHA,
+                        "media_type": "text/plain",
+                    }
+                    for n in ("Plot.png", "plot.PNG")
+                ]
+            },
+            "collides.*MAN-7",
+        ),
+    ],
+)
+def test_manifest_rules_name_the_member_and_rule(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        decode_manifest(json.dumps(doc(**changes)).encode())
+
+
+def test_every_problem_is_listed() -> None:
+    with pytest.raises(ManifestError) as info:
+        decode_manifest(json.dumps(doc(revision=0, status="paused", name="")).encode())
+    for member in ("$.revision", "$.status", "$.name"):
+        assert member in info.value.problem
+
+
+# apply_changes: the merge every commit performs
+
+
+@st.composite
+def change_sequences(draw: st.DrawFn) -> list[tuple[str, ChangeSet]]:
+    """Commits of several writers, each extending only its own files, in some interleaving."""
+    writer_ids = draw(st.lists(writers, min_size=1, max_size=3, unique=True))
+    sizes: dict[str, int] = {}
+    out = []
+    for _ in range(draw(st.integers(1, 8))):
+        w = draw(st.sampled_from(writer_ids))
+        stage = draw(st.sampled_from(["gen", "score"]))
+        changes = ChangeSet(stages={stage: StageEntry(stage)})
+        for _ in range(draw(st.integers(0, 2))):
+            path = f"stages/{stage}/part-{draw(st.integers(1, 3)):06d}-{w}.jsonl.zst"
+            sizes[path] = sizes.get(path, 0) + draw(st.integers(0, 1000))
+            changes.files[path] = FileEntry(path, sizes[path], sizes[path] // 10, 0, SHA)
+        changes.counters = draw(counters)
+        out.append((w, changes))
+    return out
+
+
+@settings(max_examples=80)
+@given(base_counters=counters, commits=change_sequences())
+def test_merge_sums_counters_and_never_loses_a_file(
+    base_counters: dict[str, float], commits: list[tuple[str, ChangeSet]]
+) -> None:
+    m = base_manifest(counters=base_counters)
+    latest: dict[str, FileEntry] = {}
+    for i, (_, changes) in enumerate(commits):
+        m = apply_changes(m, changes, m.revision + 1, TS)
+        latest.update(changes.files)
+        assert m.revision == i + 2
+        listed = {f.path: f for s in m.stages for f in s.files}
+        assert listed == latest
+        assert all(f.path.startswith(f"stages/{s.name}/") for s in m.stages for f in s.files)
+    for name in {*base_counters, *(k for _, c in commits for k in c.counters)}:
+        expected = base_counters.get(name, 0) + sum(c.counters.get(name, 0) for _, c in commits)
+        assert m.counters[name] == pytest.approx(expected)
+    assert len({s.name for s in m.stages}) == len(m.stages)
+    decode_manifest(encode_manifest(m))
+
+
+def test_a_file_listed_longer_elsewhere_cannot_shrink() -> None:
+    path = "stages/score/part-000001-w1.jsonl.zst"
+    m = apply_changes(
+        base_manifest(),
+        ChangeSet(
+            stages={"score": StageEntry("score")}, files={path: FileEntry(path, 100, 5, 0, SHA)}
+        ),
+        2,
+        TS,
+    )
+    with pytest.raises(ConflictError, match="lists more bytes"):
+        apply_changes(m, ChangeSet(files={path: FileEntry(path, 50, 2, 0, SHA)}), 3, TS)
+
+
+def test_a_stage_redeclared_differently_is_a_conflict() -> None:
+    m = apply_changes(
+        base_manifest(), ChangeSet(stages={"s": StageEntry("s", key_field="id")}), 2, TS
+    )
+    assert apply_changes(m, ChangeSet(stages={"s": StageEntry("s", key_field="id")}), 3, TS)
+    with pytest.raises(ConflictError, match="stage 's' is declared"):
+        apply_changes(m, ChangeSet(stages={"s": StageEntry("s", record_schema_version="2")}), 3, TS)
+
+
+def test_status_error_and_finish_time() -> None:
+    later = "2026-11-22T21:00:00.000000Z"
+    failed = apply_changes(base_manifest(), ChangeSet(status="failed", error="boom"), 2, later)
+    assert (failed.status, failed.error, failed.finished_at) == ("failed", "boom", later)
+    tagged = apply_changes(failed, ChangeSet(tags={"k": "v"}), 3, TS)
+    assert (tagged.status, tagged.error, tagged.finished_at) == ("failed", "boom", later)
+    resumed = apply_changes(failed, ChangeSet(status="running"), 3, TS)
+    assert (resumed.status, resumed.finished_at) == ("running", None)
+    assert not ChangeSet()
+    assert ChangeSet(counters={"c": 1})

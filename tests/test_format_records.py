@@ -1,0 +1,143 @@
+"""Records as JSON lines (REC-*): what is written reads back as the same object, or is refused."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runfmt.errors import InvalidInputError, StageFileError
+from runfmt.format.records import (
+    decode_lines,
+    encode_record,
+    encode_records,
+    is_failure,
+    record_key,
+)
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+records = st.dictionaries(st.text(max_size=8), json_values, max_size=5)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal as JSON values, with -0.0 and 0.0 and int/float kept apart."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, float):
+        return type(b) is float and a == b and math.copysign(1, a) == math.copysign(1, b)
+    return type(a) is type(b) and a == b
+
+
+@given(records)
+def test_record_round_trips(record: dict[str, Any]) -> None:
+    line = encode_record(record)
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    [back] = decode_lines(line)
+    assert same(back, record)
+
+
+@settings(max_examples=30)
+@given(st.lists(records, max_size=5))
+def test_many_records_round_trip_in_order(batch: list[dict[str, Any]]) -> None:
+    back = decode_lines(encode_records(batch))
+    assert len(back) == len(batch)
+    assert all(map(same, back, batch))
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ([1, 2], "JSON object"),
+        ("text", "JSON object"),
+        (None, "JSON object"),
+        (42, "JSON object"),
+        ({"x": math.nan}, "NaN or Infinity"),
+        ({"x": math.inf}, "NaN or Infinity"),
+        ({"x": [1, {"y": -math.inf}]}, "NaN or Infinity"),
+        ({1: "a"}, "not JSON-serializable"),
+        ({("a",): 1}, "not JSON-serializable"),
+        ({"when": datetime.datetime(2026, 1, 1)}, "not JSON-serializable"),
+        ({"day": datetime.date(2026, 1, 1)}, "not JSON-serializable"),
+        ({"x": decimal.Decimal("1.5")}, "not JSON-serializable"),
+        ({"x": {1, 2}}, "not JSON-serializable"),
+        ({"x": b"bytes"}, "not JSON-serializable"),
+        ({"x": 2**64}, "not JSON-serializable"),
+        ({"x": object()}, "not JSON-serializable"),
+    ],
+    ids=lambda v: type(v).__name__ if not isinstance(v, str) else v[:12],
+)
+def test_unrepresentable_records_are_refused(record: Any, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        encode_record(record)
+
+
+def test_nan_is_refused_even_beside_null() -> None:
+    with pytest.raises(InvalidInputError, match="NaN"):
+        encode_record({"a": None, "b": math.nan})
+
+
+def test_bad_record_in_a_batch_is_named_and_nothing_returned() -> None:
+    with pytest.raises(InvalidInputError) as info:
+        encode_records([{"ok": 1}, {"ok": 2}, {"bad": math.nan}])
+    assert info.value.location == "record 2"
+    assert str(info.value).startswith("record 2: ")
+
+
+@pytest.mark.parametrize("key", ["", "x" * 1025, 3, ["k"]])
+def test_bad_keys_are_refused(key: object) -> None:
+    with pytest.raises(InvalidInputError, match="key field 'id'"):
+        encode_record({"id": key}, key_field="id")
+
+
+def test_keys_and_failures() -> None:
+    assert record_key({"id": "k1"}, "id") == "k1"
+    assert record_key({"id": "k1"}, None) is None
+    assert record_key({"other": 1}, "id") is None
+    assert encode_record({"other": 1}, key_field="id") == b'{"other":1}\n'
+    assert is_failure({"_error": "timeout"})
+    assert is_failure({"_error": {"type": "E"}})
+    assert not is_failure({"_error": None})
+    assert not is_failure({"score": 1})
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b'{"a":1}', "does not end with a newline"),
+        (b'{"a":1}\n[1]\n', "line 2: not a JSON object"),
+        (b'{"a":1}\n\n', "line 2: not valid UTF-8 JSON"),
+        (b'{"a":\xff}\n', "line 1: not valid UTF-8 JSON"),
+        (b'{"a":NaN}\n', "line 1: not valid UTF-8 JSON"),
+        (b'{"a":1\n', "line 1: not valid UTF-8 JSON"),
+        (b'"x"\n', "line 1: not a JSON object"),
+    ],
+)
+def test_bad_payloads_name_the_line_and_rule(payload: bytes, message: str) -> None:
+    with pytest.raises(StageFileError, match=message) as info:
+        decode_lines(payload)
+    assert "REC-" in str(info.value)
+
+
+def test_empty_payload_has_no_records() -> None:
+    assert decode_lines(b"") == []

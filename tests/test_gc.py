@@ -1,0 +1,161 @@
+"""`runfmt gc`: retention by count per name, age, status and size; never a run being written."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from runfmt.errors import InvalidInputError
+from runfmt.gc import delete_planned, format_size, parse_duration, parse_size, plan_gc
+from runfmt.store import Store
+from tests.fixtures_manage import Cli, MakeRun
+
+LATER = datetime.now(UTC) + timedelta(days=3)
+
+
+def ids(entries: list) -> list[str]:  # type: ignore[type-arg]
+    return sorted(e.run_id for e in entries)
+
+
+@pytest.fixture
+def runs(store: Store, make_run: MakeRun) -> Store:
+    payload = {"s": (None, [{"text": "x" * 200, "i": i} for i in range(50)])}
+    for i in range(3):
+        make_run(store, "a", {"i": i}, payload, run_id=f"a{i}")
+    for i in range(2):
+        make_run(store, "b", {"i": i}, payload, run_id=f"b{i}", status="failed")
+    return store
+
+
+def test_parse_duration_and_size() -> None:
+    assert parse_duration("30d") == timedelta(days=30)
+    assert parse_duration("1.5h") == timedelta(minutes=90)
+    assert parse_duration("2w") == timedelta(weeks=2)
+    assert parse_size("10GB") == 10**10
+    assert parse_size("1.5GiB") == 3 * 2**29
+    assert parse_size("2048") == 2048
+    assert parse_size("512 kb") == 512_000
+    assert format_size(1_234_567) == "1.2 MB"
+    assert format_size(999) == "999 B"
+    for bad in ("30", "d", "-1d", "3 days"):
+        with pytest.raises(InvalidInputError, match="invalid duration"):
+            parse_duration(bad)
+    for bad in ("GB", "1XB", "-5MB"):
+        with pytest.raises(InvalidInputError, match="invalid size"):
+            parse_size(bad)
+
+
+def test_keep_last_is_per_name(runs: Store) -> None:
+    plan = plan_gc(runs, keep_last=1)
+    assert ids(plan.delete) == ["a0", "a1", "b0"]
+    assert ids(plan.keep) == ["a2", "b1"]
+    assert "beyond the newest 1 of 'a'" in plan.delete[0].reason
+    assert plan.bytes_freed == sum(e.bytes for e in plan.delete) > 0
+
+
+def test_only_completed_spares_other_statuses(runs: Store) -> None:
+    plan = plan_gc(runs, keep_last=1, only_completed=True)
+    assert ids(plan.delete) == ["a0", "a1"]
+    assert "b0" in ids(plan.keep)
+
+
+def test_older_than_uses_the_last_update(runs: Store) -> None:
+    assert plan_gc(runs, older_than=timedelta(days=1)).delete == []
+    plan = plan_gc(runs, older_than=timedelta(days=1), now=LATER)
+    assert ids(plan.delete) == ["a0", "a1", "a2", "b0", "b1"]
+    both = plan_gc(runs, older_than=timedelta(days=1), keep_last=2, now=LATER)
+    assert ids(both.delete) == ["a0"]
+
+
+def test_max_size_deletes_oldest_until_under_the_cap(runs: Store) -> None:
+    sizes = {e.run_id: e.bytes for e in plan_gc(runs, keep_last=99).keep}
+    total = sum(sizes.values())
+    plan = plan_gc(runs, max_size=total - sizes["a0"] - 1)
+    assert ids(plan.delete) == ["a0", "a1"]
+    assert plan.over_cap == 0
+    assert plan_gc(runs, max_size=total).delete == []
+    assert plan_gc(runs, max_size=0).over_cap == 0
+    assert len(plan_gc(runs, max_size=0).delete) == 5
+
+
+def test_runs_being_written_are_never_chosen(store: Store, make_run: MakeRun) -> None:
+    live = store.create_run("a", {}, run_id="live")
+    live.append("s", {"i": 1})
+    live.flush()
+    make_run(store, "a", {}, {"s": (None, [{"i": 1}])}, run_id="crashed", status="running")
+    plan = plan_gc(store, keep_last=0, max_size=0, now=LATER)
+    assert ids(plan.protected) == ["live"]
+    assert "live writer" in plan.protected[0].reason
+    assert ids(plan.delete) == ["crashed"]
+    assert plan.over_cap > 0
+    recent = plan_gc(store, keep_last=0)
+    assert ids(recent.protected) == ["crashed", "live"]
+    assert "updated" in recent.protected[0].reason
+    live.finish()
+
+
+def test_delete_planned_rechecks_each_run_and_updates_the_index(runs: Store) -> None:
+    runs.index.refresh()
+    assert runs.index.run("a1", refresh=False) is not None
+    plan = plan_gc(runs, keep_last=1)
+    resumed = runs.resume_run("a0")
+    resumed.append("s", {"i": 99})
+    resumed.flush()
+    deleted, skipped = delete_planned(runs, plan)
+    resumed.close()
+    assert deleted == ["a1", "b0"]
+    assert skipped == [{"run_id": "a0", "reason": "being written (a live writer holds its lock)"}]
+    assert runs.run_ids() == ["b1", "a2", "a0"]
+    assert not runs.storage.exists("a1")
+    assert runs.index.run("a1", refresh=False) is None
+    assert runs.index.run("a0", refresh=False) is not None
+
+
+def test_cli_prints_plan_and_deletes_only_with_yes(runs: Store, cli: Cli) -> None:
+    code, out, _ = cli(runs, "gc", "--keep-last", "1")
+    assert code == 0
+    assert "would delete 3 run(s)" in out
+    assert "a0" in out
+    assert "run again with --yes" in out
+    assert len(runs.run_ids()) == 5
+    code, out, _ = cli(runs, "gc", "--keep-last", "1", "--dry-run", "--json")
+    assert [e["run_id"] for e in json.loads(out)["delete"]] == ["a0", "a1", "b0"]
+    assert len(runs.run_ids()) == 5
+    code, out, _ = cli(runs, "gc", "--keep-last", "1", "--yes")
+    assert code == 0
+    assert "deleted 3 run(s)" in out
+    assert runs.run_ids() == ["b1", "a2"]
+    code, out, _ = cli(runs, "ls", "--json")
+    assert code == 0
+    assert sorted(r["run_id"] for r in json.loads(out)) == ["a2", "b1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give a policy"),
+        (["--older-than", "soon"], "invalid duration 'soon'"),
+        (["--max-size", "lots"], "invalid size 'lots'"),
+        (["--keep-last", "1", "--yes", "--dry-run"], "contradict"),
+        (["--keep-last", "-1"], "greater than or equal to 0"),
+    ],
+)
+def test_cli_usage_errors_exit_2(runs: Store, cli: Cli, args: list[str], message: str) -> None:
+    code, out, err = cli(runs, "gc", *args)
+    assert code == 2
+    assert out == ""
+    assert message in err
+    assert len(runs.run_ids()) == 5
+
+
+def test_unreadable_runs_are_left_alone(runs: Store, cli: Cli) -> None:
+    runs.storage.put("a0/_manifests/00000003.json", b"{broken")
+    plan = plan_gc(runs, keep_last=0)
+    assert [u["run_id"] for u in plan.unreadable] == ["a0"]
+    assert "a0" not in ids(plan.delete)
+    code, out, _ = cli(runs, "gc", "--keep-last", "0", "--yes")
+    assert code == 0
+    assert "leaving unreadable a0 alone" in out
+    assert runs.run_ids() == ["a0"]

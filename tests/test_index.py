@@ -1,0 +1,361 @@
+"""The store index: listing, reconciling with the folders, robustness, concurrency."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from runfmt import _index_reading as reading
+from runfmt import index as index_module
+from runfmt.cli import app, main
+from runfmt.errors import InvalidInputError
+from runfmt.index import Index, is_network_filesystem, parse_since
+from runfmt.store import Store
+
+runner = CliRunner()
+
+
+def write_run(
+    store: Store,
+    name: str = "eval",
+    *,
+    tags: dict[str, str] | None = None,
+    records: int = 3,
+    status: str = "completed",
+) -> str:
+    writer = store.create_run(name, {"name": name}, tags=tags or {})
+    stage = writer.stage("score", key_field="key")
+    for i in range(records):
+        stage.append({"key": f"{name}-{i}", "value": i})
+    if status == "running":
+        writer.close()
+    else:
+        writer.finish(status)  # type: ignore[arg-type]
+    return writer.run_id
+
+
+def index_path(store: Store) -> Path:
+    return Path(store.url) / ".runfmt" / "index.sqlite"
+
+
+def cli(store: Store, *args: str) -> Any:
+    return runner.invoke(app, ["--store", store.url, *args])
+
+
+@pytest.fixture(autouse=True)
+def no_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trust every stamp at once, so tests can count which runs a refresh re-reads."""
+    monkeypatch.setattr(reading, "RACY_NS", 0)
+
+
+def test_lists_newest_first_with_every_filter(store: Store) -> None:
+    a = write_run(store, "eval-a", tags={"model": "m1", "split": "dev"})
+    b = write_run(store, "eval-b", tags={"model": "m2"}, status="failed")
+    c = write_run(store, "train-c", tags={"model": "m1"}, status="running")
+    idx = store.index
+
+    assert [r.run_id for r in idx.runs()] == [c, b, a]
+    assert [r.run_id for r in idx.runs(status="failed")] == [b]
+    assert [r.run_id for r in idx.runs(status=["failed", "running"])] == [c, b]
+    assert [r.run_id for r in idx.runs(name="eval-*")] == [b, a]
+    assert [r.run_id for r in idx.runs(tags={"model": "m1"})] == [c, a]
+    assert [r.run_id for r in idx.runs(tags={"model": "m1", "split": "dev"})] == [a]
+    assert [r.run_id for r in idx.runs(limit=2)] == [c, b]
+    assert idx.runs(since="1d") != []
+    assert idx.runs(since=datetime.now(UTC) + timedelta(hours=1)) == []
+
+    run = idx.run(a)
+    assert run is not None
+    assert (run.name, run.status, run.records, run.tags) == ("eval-a", "completed", 3, {
+        "model": "m1", "split": "dev"})  # fmt: skip
+    score = run.stage("score")
+    assert score is not None
+    assert (score.records, score.files, score.key_field) == (3, 1, "key")
+    assert score.bytes == store.open_run(a).manifest.stage("score").bytes  # type: ignore[union-attr]
+
+
+def test_cli_ls_json_and_text(store: Store) -> None:
+    a = write_run(store, "eval-a", tags={"model": "m1"})
+    b = write_run(store, "eval-b", status="failed")
+
+    result = cli(store, "ls", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["run_id"] for r in rows] == [b, a]
+    assert rows[1]["tags"] == {"model": "m1"}
+    assert rows[1]["stages"][0]["records"] == 3
+
+    result = cli(store, "ls", "--tag", "model=m1", "--status", "completed", "--limit", "5")
+    assert result.exit_code == 0
+    assert a in result.stdout
+    assert b not in result.stdout
+    assert cli(store, "ls", "--name", "nothing*").stdout == "no runs\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--since", "yesterday-ish"], "cannot read"),
+        (["--tag", "no-equals-sign"], "KEY=VALUE"),
+        (["--limit", "-1"], "--limit"),
+    ],
+)
+def test_cli_ls_bad_usage_exits_2(store: Store, args: list[str], message: str) -> None:
+    result = cli(store, "ls", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_parse_since() -> None:
+    now = datetime(2026, 11, 22, 12, tzinfo=UTC)
+    assert parse_since("7d", now) == now - timedelta(days=7)
+    assert parse_since("12h", now) == now - timedelta(hours=12)
+    assert parse_since("2026-11-01") == datetime(2026, 11, 1, tzinfo=UTC)
+    assert parse_since("2026-11-01T10:00:00+02:00") == datetime(2026, 11, 1, 8, tzinfo=UTC)
+    with pytest.raises(InvalidInputError, match="cannot read"):
+        parse_since("last week")
+
+
+def test_copied_folder_appears_and_deleted_folder_disappears(store: Store, tmp_path: Path) -> None:
+    a = write_run(store, "a")
+    b = write_run(store, "b")
+    assert len(store.index.runs()) == 2
+
+    other = Store(tmp_path / "other")
+    c = write_run(other, "copied")
+    shutil.copytree(Path(other.url) / c, Path(store.url) / c)
+    shutil.rmtree(Path(store.url) / a)
+
+    assert [r.run_id for r in store.index.runs()] == [c, b]
+    assert [r.run_id for r in Store(store.url).index.runs()] == [c, b]
+
+
+def _commit_more(url: str, run_id: str) -> None:
+    writer = Store(url).resume_run(run_id)
+    writer.append("score", {"key": "late", "value": 99})
+    writer.finish("completed")
+
+
+def test_run_committed_by_another_process_shows_its_new_state(store: Store) -> None:
+    run_id = write_run(store, "a", status="running")
+    assert store.index.run(run_id).status == "running"  # type: ignore[union-attr]
+
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_commit_more, args=(store.url, run_id))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+
+    (run,) = store.index.runs()
+    assert (run.status, run.records) == ("completed", 4)
+
+
+def test_refresh_rereads_only_changed_runs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = [write_run(store, f"r{i}") for i in range(5)]
+    first = store.index.refresh()
+    assert (first.runs, first.read) == (5, 5)
+
+    reads: list[str] = []
+    original = reading.LocalSource.manifest
+
+    def counting(self: reading.LocalSource, run_id: str) -> bytes:
+        reads.append(run_id)
+        return original(self, run_id)
+
+    monkeypatch.setattr(reading.LocalSource, "manifest", counting)
+    assert store.index.refresh().read == 0
+    _commit_more(store.url, ids[2])
+    assert store.index.refresh().read == 1
+    assert reads == [ids[2]]
+
+
+def test_deleting_the_index_loses_nothing(store: Store) -> None:
+    ids = [write_run(store, f"r{i}") for i in range(3)]
+    assert len(store.index.runs()) == 3
+    store.index.close()
+    index_path(store).unlink()
+
+    assert [r.run_id for r in Store(store.url).index.runs()] == ids[::-1]
+    assert index_path(store).exists()
+
+
+def test_cli_index_rebuild(store: Store) -> None:
+    write_run(store, "a")
+    write_run(store, "b", records=5)
+    result = cli(store, "index", "rebuild")
+    assert result.exit_code == 0, result.output
+    assert "indexed 2 runs and 8 cache entries" in result.stdout
+    result = cli(store, "index", "rebuild", "--json")
+    assert json.loads(result.stdout)["cache_entries"] == 8
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "garbage":
+        path.write_bytes(b"this is not a database at all" * 200)
+    elif how == "foreign":
+        path.unlink()
+        con = sqlite3.connect(path)
+        con.execute("CREATE TABLE other(x)")
+        con.commit()
+        con.close()
+    else:
+        con = sqlite3.connect(path)
+        con.execute("PRAGMA user_version=99")
+        con.close()
+
+
+@pytest.mark.parametrize(
+    ("how", "warning"),
+    [("garbage", "corrupt"), ("foreign", "not a runfmt index"), ("newer", "newer runfmt")],
+)
+def test_damaged_index_is_rebuilt_with_a_warning(
+    store: Store, how: str, warning: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = [write_run(store, f"r{i}") for i in range(2)]
+    store.index.runs()
+    store.index.close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{index_path(store)}{suffix}").unlink(missing_ok=True)
+    _damage(index_path(store), how)
+
+    with caplog.at_level(logging.WARNING, logger="runfmt.index"):
+        runs = Store(store.url).index.runs()
+    assert [r.run_id for r in runs] == ids[::-1]
+    assert warning in caplog.text
+    con = sqlite3.connect(index_path(store))
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert con.execute("PRAGMA user_version").fetchone() == (index_module.SCHEMA_VERSION,)
+
+
+def test_unreadable_run_is_listed_with_its_problem(store: Store) -> None:
+    good = write_run(store, "good")
+    bad = write_run(store, "bad")
+    for path in (Path(store.url) / bad / "_manifests").iterdir():
+        path.write_text("{not json")
+
+    runs = {r.run_id: r for r in store.index.runs()}
+    assert runs[good].status == "completed"
+    assert runs[bad].status == "unreadable"
+    assert "not valid JSON" in (runs[bad].problem or "")
+    result = cli(store, "ls", "--status", "unreadable")
+    assert result.exit_code == 0
+    assert bad in result.stdout
+    assert good not in result.stdout
+
+
+def test_reading_a_run_never_needs_the_index(
+    store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_id = write_run(store, "a")
+    (Path(store.url) / ".runfmt").write_text("not a folder")
+    assert [r["value"] for r in store.open_run(run_id).records("score")] == [0, 1, 2]
+
+    monkeypatch.setattr(sys, "argv", ["runfmt", "--store", store.url, "ls"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "cannot create the index folder" in err
+    assert "Traceback" not in err
+
+
+def test_network_filesystem_detection() -> None:
+    mounts = (
+        "/dev/sda1 / ext4 rw 0 0\n"
+        "server:/export /mnt/nfs nfs4 rw 0 0\n"
+        "//host/share /mnt/my\\040share cifs rw 0 0\n"
+        "sshfs#x /mnt/ssh fuse.sshfs rw 0 0\n"
+    )
+    assert not is_network_filesystem("/home/user/runs", mounts)
+    assert is_network_filesystem("/mnt/nfs/runs/.runfmt/index.sqlite", mounts)
+    assert is_network_filesystem("/mnt/my share/runs", mounts)
+    assert is_network_filesystem("/mnt/ssh/x", mounts)
+    assert not is_network_filesystem("/mnt/nfsother", mounts)
+
+
+@pytest.mark.parametrize(("env", "mode"), [(None, "wal"), ("delete", "delete")])
+def test_journal_mode(
+    store: Store, monkeypatch: pytest.MonkeyPatch, env: str | None, mode: str
+) -> None:
+    if env:
+        monkeypatch.setenv("RUNFMT_INDEX_JOURNAL", env)
+    write_run(store)
+    store.index.runs()
+    con = sqlite3.connect(index_path(store))
+    assert con.execute("PRAGMA journal_mode").fetchone() == (mode,)
+
+
+def test_network_filesystem_gets_the_rollback_journal(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(index_module, "is_network_filesystem", lambda path: True)
+    write_run(store)
+    store.index.runs()
+    con = sqlite3.connect(index_path(store))
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+
+
+def test_read_only_and_remote_stores_keep_the_index_in_the_user_cache(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory_store: Store
+) -> None:
+    monkeypatch.setenv("RUNFMT_CACHE_DIR", str(tmp_path / "cache"))
+    run_id = write_run(store)
+    readonly = Store(store.url, read_only=True)
+    assert [r.run_id for r in readonly.index.runs()] == [run_id]
+    assert not (Path(store.url) / ".runfmt").exists()
+    assert readonly.index.path.startswith(str(tmp_path / "cache"))
+
+    remote = Index.for_url("s3://user:secret@bucket/runs")
+    assert remote.path.startswith(str(tmp_path / "cache"))
+    assert "secret" not in remote.path
+    assert Index.for_url("s3://bucket/runs").path == remote.path
+
+    memory_id = write_run(memory_store)
+    assert [r.run_id for r in memory_store.index.runs()] == [memory_id]
+
+
+def _writer_process(url: str, worker: int, runs: int) -> None:
+    store = Store(url)
+    for i in range(runs):
+        write_run(store, f"w{worker}-{i}", records=20)
+        store.index.refresh()
+
+
+def test_concurrent_writers_and_indexers_lose_nothing(store: Store) -> None:
+    os.makedirs(store.url, exist_ok=True)
+    store.index.refresh()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer_process, args=(store.url, w, 6)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+
+    fresh = Index.for_url(store.url)
+    listed = fresh.runs(refresh=False)
+    assert len(listed) == 24
+    assert {r.status for r in listed} == {"completed"}
+    assert fresh.query("SELECT count(*), count(DISTINCT key) FROM cache") == [(480, 480)]
+    assert fresh.query("PRAGMA integrity_check") == [("ok",)]
+
+
+def test_forget_runs_drops_deleted_runs_at_once(store: Store) -> None:
+    keep = write_run(store, "keep")
+    drop = write_run(store, "drop")
+    assert len(store.index.runs()) == 2
+    shutil.rmtree(Path(store.url) / drop)
+    index_module.forget_runs(store, [drop])
+    assert [r.run_id for r in store.index.runs(refresh=False)] == [keep]
+    assert store.index.query("SELECT count(*) FROM cache") == [(3,)]

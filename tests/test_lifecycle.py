@@ -1,0 +1,425 @@
+"""Run lifecycle: statuses, progress, completed_through_stage, heartbeats and abandonment,
+deterministic ids, the existing-run policy and `runfmt status`."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from runfmt.cli import app
+from runfmt.errors import (
+    ConflictError,
+    InvalidInputError,
+    ManifestError,
+    RunExistsError,
+)
+from runfmt.format.keys import compute_key
+from runfmt.format.manifest import decode_manifest, encode_manifest, to_json
+from runfmt.format.names import is_run_id
+from runfmt.lifecycle import (
+    ABANDON_AFTER,
+    deterministic_run_id,
+    health,
+    now,
+    parse_timestamp,
+    summarize,
+)
+from runfmt.run import load_manifest
+from runfmt.store import Store
+
+CONFIG = {"model": "m1", "temperature": 0.0}
+
+
+def write_stage(writer: object, stage: str, n: int, failures: int = 0) -> None:
+    for i in range(n):
+        record = {"key": f"q{i}", "v": i}
+        if i < failures:
+            record["_error"] = "timeout"
+        writer.append(stage, record)  # type: ignore[attr-defined]
+
+
+# statuses and progress
+
+
+@pytest.mark.parametrize(
+    ("finish", "status", "error"),
+    [
+        (lambda w: w.finish(), "completed", None),
+        (lambda w: w.fail("boom: model down"), "failed", "boom: model down"),
+        (lambda w: w.cancel(), "cancelled", None),
+    ],
+)
+def test_final_statuses_and_per_stage_progress(store: Store, finish, status, error) -> None:
+    w = store.create_run("eval", CONFIG, heartbeat_interval=None)
+    w.stage("generate", key_field="key")
+    write_stage(w, "generate", 10, failures=3)
+    m = finish(w)
+    assert (m.status, m.error) == (status, error)
+    assert m.finished_at is not None
+    summary = summarize(load_manifest(store.locate(m.run_id)), now())
+    assert summary.health == status
+    assert [(s.name, s.records, s.failures) for s in summary.stages] == [("generate", 10, 3)]
+
+
+def test_exception_in_with_block_fails_the_run_with_the_error(store: Store) -> None:
+    w = store.create_run("eval", heartbeat_interval=None)
+
+    def crash() -> None:
+        with w:
+            w.append("generate", {"v": 1})
+            raise RuntimeError("judge crashed")
+
+    with pytest.raises(RuntimeError):
+        crash()
+    m = load_manifest(store.locate(w.run_id))
+    assert (m.status, m.error) == ("failed", "RuntimeError: judge crashed")
+    assert m.stage("generate").records == 1  # type: ignore[union-attr]
+
+
+# completed_through_stage
+
+
+def test_until_stage_completes_the_run_through_that_stage(store: Store) -> None:
+    w = store.create_run("eval", CONFIG, until_stage="generate", heartbeat_interval=None)
+    write_stage(w, "generate", 4)
+    m = w.finish()
+    assert (m.status, m.completed_through_stage) == ("completed", "generate")
+    assert m.stage("generate").status == "completed"  # type: ignore[union-attr]
+    assert summarize(m, now()).health == "completed"
+
+
+def test_resume_keeps_through_stage_until_the_full_run_completes(store: Store) -> None:
+    w = store.create_run("eval", CONFIG, heartbeat_interval=None)
+    write_stage(w, "generate", 2)
+    first = w.finish(through_stage="generate")
+    w = store.resume_run(first.run_id, heartbeat_interval=None)
+    assert (w.manifest.status, w.manifest.completed_through_stage) == ("running", "generate")
+    write_stage(w, "score", 2)
+    m = w.finish()
+    assert (m.status, m.completed_through_stage) == ("completed", None)
+    assert [s.status for s in m.stages] == ["completed", "completed"]
+
+
+def test_finish_through_unknown_stage_is_refused_and_run_stays_open(store: Store) -> None:
+    w = store.create_run("eval", heartbeat_interval=None)
+    write_stage(w, "generate", 1)
+    with pytest.raises(InvalidInputError, match="no such stage"):
+        w.finish(through_stage="score")
+    assert w.finish().status == "completed"
+
+
+def test_until_stage_must_be_a_stage_name(store: Store) -> None:
+    with pytest.raises(InvalidInputError, match="NAME-2"):
+        store.create_run("eval", until_stage="Bad Stage", heartbeat_interval=None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"completed_through_stage": "nope"}, "not a stage of the run"),
+        ({"completed_through_stage": "generate", "status": "completed"}, "not completed"),
+        ({"forked_from": "other-run"}, "go together"),
+        ({"forked_at_stage": "generate"}, "go together"),
+    ],
+)
+def test_manifest_lifecycle_rules_are_checked(store: Store, change, message) -> None:
+    w = store.create_run("eval", heartbeat_interval=None)
+    write_stage(w, "generate", 1)
+    w.close()
+    doc = to_json(load_manifest(store.locate(w.run_id)))
+    doc.update(change)
+    with pytest.raises(ManifestError, match=message):
+        decode_manifest(json.dumps(doc).encode())
+
+
+def test_manifest_without_new_members_re_encodes_byte_for_byte(store: Store) -> None:
+    w = store.create_run("eval", heartbeat_interval=None)
+    m = replace(w.manifest, heartbeat_at=None)
+    data = encode_manifest(m)
+    assert b"heartbeat_at" not in data
+    assert b"forked_from" not in data
+    assert encode_manifest(decode_manifest(data)) == data
+    w.close()
+
+
+# heartbeats and abandonment
+
+
+def test_every_commit_and_the_heartbeat_thread_refresh_heartbeat_at(store: Store) -> None:
+    w = store.create_run("eval", heartbeat_interval=0.05)
+    first = w.manifest.heartbeat_at
+    assert first == w.manifest.created_at
+    deadline = time.monotonic() + 5
+    while load_manifest(w.storage).heartbeat_at == first and time.monotonic() < deadline:
+        time.sleep(0.02)
+    beat = load_manifest(w.storage)
+    assert beat.heartbeat_at is not None
+    assert beat.heartbeat_at > first
+    w.append("generate", {"v": 1})
+    flushed = w.flush()
+    assert flushed.heartbeat_at is not None
+    assert flushed.heartbeat_at >= beat.heartbeat_at
+    m = w.finish()
+    revision = load_manifest(w.storage).revision
+    time.sleep(0.2)
+    assert load_manifest(w.storage).revision == revision, "heartbeats stop when the writer closes"
+    assert m.status == "completed"
+
+
+def test_repair_commit_is_not_a_heartbeat(store: Store) -> None:
+    from runfmt.check import repair_run
+    from runfmt.format.manifest import ChangeSet
+    from runfmt.run import commit
+
+    w = store.create_run("eval", heartbeat_interval=None)
+    beat = w.manifest.heartbeat_at
+    m = commit(w.storage, ChangeSet(tags={"x": "y"}), 5.0)
+    assert (m.heartbeat_at, m.revision) == (beat, 2)
+    repair_run(w.storage)
+    assert load_manifest(w.storage).heartbeat_at == beat
+    w.close()
+
+
+def test_running_run_without_heartbeat_becomes_abandoned(store: Store) -> None:
+    w = store.create_run("eval", heartbeat_interval=None)
+    m = w.manifest
+    seen = parse_timestamp(m.heartbeat_at or "")
+    assert health(m, seen + timedelta(seconds=ABANDON_AFTER)) == "running"
+    assert health(m, seen + timedelta(seconds=ABANDON_AFTER + 1)) == "abandoned"
+    old = replace(m, heartbeat_at=None, updated_at="2020-01-01T00:00:00Z")
+    assert health(old, now()) == "abandoned", "runs without heartbeat_at fall back to updated_at"
+    done = replace(m, status="completed")
+    assert health(done, seen + timedelta(days=365)) == "completed"
+    w.close()
+
+
+@pytest.mark.parametrize("interval", [0, -1, 101, float("nan")])
+def test_heartbeat_interval_outside_the_threshold_is_refused(store: Store, interval) -> None:
+    w = store.create_run("eval", heartbeat_interval=None)
+    with pytest.raises(InvalidInputError, match="heartbeat_interval"):
+        store.resume_run(w.run_id, heartbeat_interval=interval)
+    w.close()
+
+
+def test_timestamps_with_nanoseconds_parse() -> None:
+    assert parse_timestamp("2026-11-01T12:00:00.123456789Z").microsecond == 123456
+    assert parse_timestamp("2026-11-01T12:00:00Z").second == 0
+
+
+# deterministic ids
+
+
+def test_deterministic_run_id_is_stable_and_in_the_grammar() -> None:
+    rid = deterministic_run_id("My Eval: GSM8K (v2)", CONFIG)
+    assert rid == f"my-eval-gsm8k-v2-{compute_key(CONFIG)[3:19]}"
+    assert rid == deterministic_run_id("My Eval: GSM8K (v2)", {"temperature": 0.0, "model": "m1"})
+    assert rid != deterministic_run_id("My Eval: GSM8K (v2)", {**CONFIG, "model": "m2"})
+    for name in ("x" * 500, "!!!", "ÜNÏ", "-a-", "a.b_c"):
+        assert is_run_id(deterministic_run_id(name, {}))
+        assert len(deterministic_run_id(name, {})) <= 100
+    assert deterministic_run_id("???", {}).startswith("run-")
+
+
+# existing-run policy
+
+
+def test_auto_creates_then_reuses_a_completed_run(store: Store) -> None:
+    opened = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert opened.action == "created"
+    assert opened.run_id == deterministic_run_id("eval", CONFIG)
+    assert opened.writer is not None
+    write_stage(opened.writer, "generate", 3)
+    opened.writer.finish()
+    again = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert (again.action, again.writer) == ("reused", None)
+    assert sum(1 for _ in again.reader.records("generate")) == 3
+
+
+def test_auto_resumes_an_incomplete_run_without_losing_records(store: Store) -> None:
+    opened = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert opened.writer is not None
+    write_stage(opened.writer, "generate", 3)
+    opened.writer.close()
+    again = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert again.action == "resumed"
+    assert again.writer is not None
+    assert again.reader.manifest.stage("generate").records == 3  # type: ignore[union-attr]
+    again.writer.append("generate", {"key": "q3"})
+    m = again.writer.finish()
+    assert m.stage("generate").records == 4  # type: ignore[union-attr]
+
+
+def test_auto_resumes_failed_runs(store: Store) -> None:
+    opened = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert opened.writer is not None
+    opened.writer.fail("crash")
+    again = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert again.action == "resumed"
+    assert again.writer is not None
+    assert (again.writer.manifest.status, again.writer.manifest.error) == ("running", None)
+    again.writer.close()
+
+
+def test_auto_with_until_stage_reuses_or_continues(store: Store) -> None:
+    first = store.open_or_create("eval", CONFIG, until_stage="generate", heartbeat_interval=None)
+    assert first.writer is not None
+    write_stage(first.writer, "generate", 2)
+    assert first.writer.finish().completed_through_stage == "generate"
+    same = store.open_or_create("eval", CONFIG, until_stage="generate", heartbeat_interval=None)
+    assert same.action == "reused"
+    more = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert more.action == "resumed", "a run completed only through generate is continued"
+    assert more.writer is not None
+    write_stage(more.writer, "score", 2)
+    more.writer.finish()
+    full = store.open_or_create("eval", CONFIG, until_stage="generate", heartbeat_interval=None)
+    assert full.action == "reused"
+
+
+def test_error_policy_refuses_an_existing_run(store: Store) -> None:
+    opened = store.open_or_create("eval", CONFIG, policy="error", heartbeat_interval=None)
+    assert opened.writer is not None
+    opened.writer.finish()
+    with pytest.raises(RunExistsError, match="exists"):
+        store.open_or_create("eval", CONFIG, policy="error", heartbeat_interval=None)
+
+
+def test_rerun_replaces_the_old_run(store: Store) -> None:
+    opened = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert opened.writer is not None
+    write_stage(opened.writer, "generate", 5)
+    old = opened.writer.finish()
+    again = store.open_or_create("eval", CONFIG, policy="rerun", heartbeat_interval=None)
+    assert (again.action, again.run_id) == ("rerun", old.run_id)
+    assert again.writer is not None
+    assert (again.writer.manifest.revision, again.writer.manifest.stages) == (1, ())
+    again.writer.finish()
+    assert store.run_ids() == [old.run_id]
+    assert not any(p.name.startswith(".rerun-") for p in Path(store.url).iterdir())
+    assert not (Path(store.url) / old.run_id / "stages").exists()
+
+
+def test_rerun_refuses_while_a_writer_is_alive(store: Store) -> None:
+    opened = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert opened.writer is not None
+    write_stage(opened.writer, "generate", 2)
+    opened.writer.flush()
+    with pytest.raises(ConflictError, match="live writer"):
+        store.open_or_create("eval", CONFIG, policy="rerun", heartbeat_interval=None)
+    assert opened.writer.finish().stage("generate").records == 2  # type: ignore[union-attr]
+
+
+def test_rerun_on_memory_store(memory_store: Store) -> None:
+    opened = memory_store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert opened.writer is not None
+    write_stage(opened.writer, "generate", 2)
+    opened.writer.finish()
+    again = memory_store.open_or_create("eval", CONFIG, policy="rerun", heartbeat_interval=None)
+    assert again.writer is not None
+    assert again.writer.finish().stages == ()
+
+
+def test_existing_run_with_another_config_is_a_conflict(store: Store) -> None:
+    w = store.create_run("eval", {"model": "m1"}, run_id="fixed-id", heartbeat_interval=None)
+    w.finish()
+    with pytest.raises(ConflictError, match="another config"):
+        store.open_or_create("eval", {"model": "m2"}, run_id="fixed-id")
+
+
+def test_unknown_policy_is_refused(store: Store) -> None:
+    with pytest.raises(InvalidInputError, match="auto, error or rerun"):
+        store.open_or_create("eval", CONFIG, policy="replace")  # type: ignore[arg-type]
+    assert store.run_ids() == []
+
+
+# config snapshots
+
+
+def test_runs_sharing_a_config_are_found_by_hash(store: Store) -> None:
+    for name, config in (("a", CONFIG), ("b", CONFIG), ("c", {"model": "m2"})):
+        store.create_run(name, config, heartbeat_interval=None).finish()
+    found = store.runs_with_config(CONFIG)
+    assert sorted(r.manifest.name for r in found) == ["a", "b"]
+    assert [r.run_id for r in store.runs_with_config(compute_key(CONFIG))] == [
+        r.run_id for r in found
+    ]
+    assert found[0].manifest.config == CONFIG
+    with pytest.raises(InvalidInputError, match="config hash"):
+        store.runs_with_config("sha256:abc")
+
+
+# runfmt status
+
+
+def test_status_prints_one_line_per_run(store: Store) -> None:
+    done = store.create_run("done-run", CONFIG, heartbeat_interval=None)
+    write_stage(done, "generate", 4, failures=1)
+    done.finish(through_stage="generate")
+    live = store.create_run("live-run", CONFIG, heartbeat_interval=None)
+    write_stage(live, "generate", 2)
+    live.flush()
+    result = CliRunner().invoke(app, ["--store", store.url, "status"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 2
+    line = next(x for x in lines if "done-run" in x)
+    assert "completed through generate" in line
+    assert "generate 4 (1 failed)" in line
+    assert "running" in next(x for x in lines if "live-run" in x)
+    result = CliRunner().invoke(app, ["--store", store.url, "status", "--json", "--limit", "1"])
+    doc = json.loads(result.output)
+    assert len(doc) == 1
+    assert set(doc[0]) >= {"run_id", "health", "stages", "age_seconds", "idle_seconds"}
+    live.close()
+
+
+def test_status_shows_abandoned_runs(store: Store) -> None:
+    w = store.create_run("dead", heartbeat_interval=None)
+    w.close()
+    run = Path(w.storage.root)
+    for path in [run / "manifest.json", *(run / "_manifests").iterdir()]:
+        doc = json.loads(path.read_bytes())
+        doc["heartbeat_at"] = doc["updated_at"] = "2026-01-01T00:00:00Z"
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    result = CliRunner().invoke(app, ["--store", store.url, "status", "--status", "abandoned"])
+    assert result.exit_code == 0
+    assert "abandoned" in result.output
+    assert "dead" in result.output
+    shown = CliRunner().invoke(app, ["--store", store.url, "show", w.run_id, "--json"])
+    assert json.loads(shown.output)["health"] == "abandoned"
+
+
+def test_status_filters_by_config_and_reports_bad_input(store: Store) -> None:
+    store.create_run("a", CONFIG, heartbeat_interval=None).finish()
+    store.create_run("b", {"other": 1}, heartbeat_interval=None).finish()
+    result = CliRunner().invoke(
+        app, ["--store", store.url, "status", "--config", compute_key(CONFIG)]
+    )
+    assert result.exit_code == 0
+    assert len(result.output.splitlines()) == 1
+    bad = CliRunner().invoke(app, ["--store", store.url, "status", "--status", "zombie"])
+    assert bad.exit_code == 2
+
+
+def test_status_exits_1_on_an_unreadable_run(store: Store) -> None:
+    w = store.create_run("ok", heartbeat_interval=None)
+    w.finish()
+    broken = Path(store.url) / "20260101-000000000-deadbeef" / "_manifests"
+    broken.mkdir(parents=True)
+    (broken / "00000001.json").write_text("{not json")
+    result = CliRunner().invoke(app, ["--store", store.url, "status"])
+    assert result.exit_code == 1
+    assert "unreadable" in result.output
+    assert "ok" in result.output
+
+
+def test_status_of_an_empty_store(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["--store", str(tmp_path / "none"), "status"])
+    assert result.exit_code == 0
+    assert "no runs" in result.output

@@ -1,0 +1,153 @@
+"""Several processes writing one run: commits merge and never lose one another's work; a
+held commit lock makes a writer wait, then fail with `LockTimeoutError` (COMMIT-1..6)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runfmt.check import verify_run
+from runfmt.errors import LockTimeoutError
+from runfmt.store import Store
+
+QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from runfmt.store import Store
+    url, run_id, tag, commits = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    writer = Store(url).resume_run(
+        run_id, flush_every=None, flush_interval=None, heartbeat_interval=None, lock_timeout=60
+    )
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for c in range(commits):
+        writer.extend("score", [{"id": f"{tag}-{c}-{i}"} for i in range(10)])
+        writer.count("commits")
+        writer.count("cost", 0.5)
+        writer.flush()
+    writer.close()
+    """
+)
+
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from runfmt.locking import commit_lock
+    from runfmt.storage import Storage
+    with commit_lock(Storage(sys.argv[1]), timeout=10):
+        print("held", flush=True)
+        sys.stdin.readline()
+    """
+)
+
+
+def spawn(script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(proc: subprocess.Popen[str], word: str) -> None:
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == word
+
+
+def new_run(store: Store) -> str:
+    w = store.create_run("shared", **QUIET)
+    w.close()
+    return w.run_id
+
+
+def test_two_processes_writing_one_run_both_survive(store: Store) -> None:
+    run_id = new_run(store)
+    commits = 15
+    procs = [spawn(WRITER, store.url, run_id, tag, str(commits)) for tag in ("a", "b")]
+    for p in procs:
+        wait_for(p, "ready")
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    reader = store.open_run(run_id)
+    assert verify_run(reader.storage) == []
+    ids = [r["id"] for r in reader.records("score")]
+    assert len(ids) == len(set(ids)) == 2 * commits * 10
+    for tag in ("a", "b"):
+        mine = [i for i in ids if i.startswith(f"{tag}-")]
+        assert mine == [f"{tag}-{c}-{i}" for c in range(commits) for i in range(10)]
+    assert reader.manifest.counters == {"commits": 2 * commits, "cost": commits * 1.0}
+    stage = reader.stage("score")
+    assert len({f.path.rsplit("-", 1)[1] for f in stage.files}) == 2
+    assert reader.manifest.revision >= 2 * commits + 1
+
+
+def test_a_held_commit_lock_times_out_and_loses_nothing(store: Store) -> None:
+    run_id = new_run(store)
+    run_dir = Path(store.url) / run_id
+    writer = store.resume_run(run_id, lock_timeout=0.3, **QUIET)
+    writer.extend("score", [{"id": i} for i in range(5)])
+    writer.flush()
+    holder = spawn(HOLDER, str(run_dir))
+    wait_for(holder, "held")
+    writer.extend("score", [{"id": i} for i in range(5, 9)])
+    started = time.monotonic()
+    with pytest.raises(LockTimeoutError) as info:
+        writer.flush()
+    assert time.monotonic() - started >= 0.25
+    assert info.value.location == str(run_dir / ".lock")
+    assert "commit lock" in info.value.problem
+    assert "lock_timeout" in info.value.hint
+    assert [r["id"] for r in store.open_run(run_id).records("score")] == list(range(5))
+
+    holder.communicate("release\n", timeout=30)
+    writer.flush()
+    writer.finish()
+    reader = store.open_run(run_id)
+    assert [r["id"] for r in reader.records("score")] == list(range(9))
+    assert verify_run(reader.storage) == []
+
+
+def test_a_writer_waits_for_the_commit_lock(store: Store) -> None:
+    run_id = new_run(store)
+    writer = store.resume_run(run_id, lock_timeout=30, **QUIET)
+    holder = spawn(HOLDER, str(Path(store.url) / run_id))
+    wait_for(holder, "held")
+    release = threading.Timer(0.4, holder.communicate, args=("release\n",))
+    release.start()
+    writer.append("score", {"id": 1})
+    started = time.monotonic()
+    writer.flush()
+    waited = time.monotonic() - started
+    release.join()
+    assert holder.returncode == 0
+    assert waited >= 0.35
+    writer.finish()
+    assert [r["id"] for r in store.open_run(run_id).records("score")] == [1]
+
+
+def test_a_killed_lock_holder_does_not_block_commits(store: Store) -> None:
+    run_id = new_run(store)
+    holder = spawn(HOLDER, str(Path(store.url) / run_id))
+    wait_for(holder, "held")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    writer = store.resume_run(run_id, lock_timeout=5, **QUIET)
+    writer.append("score", {"id": 1})
+    writer.finish()
+    assert verify_run(store.open_run(run_id).storage) == []

@@ -1,0 +1,144 @@
+"""`runfmt report`: runs x status, stage counts, counters and metric means in json/md/csv/latex."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from runfmt.errors import InvalidInputError
+from runfmt.report import build_report, latex_escape, render
+from runfmt.store import Store
+from tests.fixtures_manage import Cli, MakeRun
+
+
+@pytest.fixture
+def runs(store: Store, make_run: MakeRun) -> list[str]:
+    first = make_run(
+        store,
+        "base_line & co",
+        stages={
+            "score": (
+                "id",
+                [
+                    {"id": "q1", "acc": True, "ms": 10},
+                    {"id": "q2", "acc": False, "ms": 30},
+                    {"id": "q3", "_error": "timeout"},
+                ],
+            )
+        },
+        counters={"cost_usd": 0.25},
+        run_id="r1",
+    )
+    second = make_run(
+        store,
+        "tuned",
+        stages={
+            "score": ("id", [{"id": "q1", "acc": True}, {"id": "q2", "acc": True}]),
+            "parse": (None, [{"ok": 1}]),
+        },
+        counters={"cost_usd": 1, "tokens": 1200},
+        status="failed",
+        run_id="r2",
+    )
+    return [first, second]
+
+
+def test_build_report_aggregates_means_without_failures(store: Store, runs: list[str]) -> None:
+    report = build_report([store.open_run(r) for r in runs], "score", ["acc", "ms"])
+    r1, r2 = report.rows
+    assert (r1.metrics["acc"].mean, r1.metrics["acc"].count) == (0.5, 2)
+    assert (r1.metrics["ms"].mean, r1.metrics["ms"].count) == (20.0, 2)
+    assert (r2.metrics["ms"].mean, r2.metrics["ms"].missing) == (None, 2)
+    assert r1.stages["score"].failures == 1
+    assert r2.status == "failed"
+    assert report.stage_names == ["score", "parse"]
+    assert report.counter_names == ["cost_usd", "tokens"]
+
+
+def test_markdown_pastes_into_an_issue(store: Store, runs: list[str], cli: Cli) -> None:
+    code, out, _ = cli(store, "report", *runs, "--stage", "score", "-m", "acc", "--digits", "2")
+    assert code == 0
+    assert out == (
+        "| run | name | status | score | parse | cost_usd | tokens | acc (mean) | acc (n) |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "| r1 | base_line & co | completed | 3 (1 failed) |  | 0.25 |  | 0.50 | 2 |\n"
+        "| r2 | tuned | failed | 2 | 1 | 1 | 1200 | 1.00 | 2 |\n"
+    )
+
+
+def test_latex_is_booktabs_and_escaped(store: Store, runs: list[str], cli: Cli) -> None:
+    code, out, _ = cli(store, "report", *runs, "--format", "latex", "--stage", "score", "-m", "acc")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1] == r"\begin{tabular}{lllrrrrrr}"
+    assert lines[2] == r"\toprule"
+    assert lines[4] == r"\midrule"
+    assert lines[-2:] == [r"\bottomrule", r"\end{tabular}"]
+    assert r"r1 & base\_line \& co & completed & 3 (1 failed) &  & 0.25 &  & 0.500 & 2 \\" in lines
+    assert r"cost\_usd" in lines[3]
+    assert latex_escape("50% of $x_1^2 {a} #1 ~ \\") == (
+        r"50\% of \$x\_1\textasciicircum{}2 \{a\} \#1 \textasciitilde{} \textbackslash{}"
+    )
+
+
+def test_csv_and_json_keep_full_values(store: Store, runs: list[str], cli: Cli) -> None:
+    code, out, _ = cli(store, "report", *runs, "--format", "csv", "--stage", "score", "-m", "acc")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["run_id"] for r in rows] == ["r1", "r2"]
+    assert rows[0]["score.failures"] == "1"
+    assert rows[0]["parse.records"] == ""
+    assert rows[0]["acc.mean"] == "0.5"
+    assert rows[1]["counter.tokens"] == "1200"
+    code, out, _ = cli(store, "report", *runs, "--format", "json", "--stage", "score", "-m", "acc")
+    doc = json.loads(out)
+    assert doc["runs"][0]["metrics"]["acc"] == {"mean": 0.5, "count": 2, "missing": 0}
+    assert doc["runs"][1]["stages"]["parse"]["records"] == 1
+
+
+def test_all_runs_oldest_first_with_name_filter(store: Store, runs: list[str], cli: Cli) -> None:
+    code, out, _ = cli(store, "report", "--format", "csv")
+    assert code == 0
+    assert [r["run_id"] for r in csv.DictReader(io.StringIO(out))] == ["r1", "r2"]
+    code, out, _ = cli(store, "report", "--format", "csv", "--name", "tuned")
+    assert [r["run_id"] for r in csv.DictReader(io.StringIO(out))] == ["r2"]
+
+
+def test_output_file(store: Store, runs: list[str], cli: Cli, tmp_path: Path) -> None:
+    target = tmp_path / "table.md"
+    code, out, err = cli(store, "report", *runs, "--output", str(target))
+    assert code == 0
+    assert out == ""
+    assert "wrote md report of 2 runs" in err
+    assert target.read_text().startswith("| run | name | status |")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--format", "docx"], 2, "unknown format 'docx'"),
+        (["-m", "acc"], 2, "--metric needs --stage"),
+        (["--stage", "nope", "-m", "acc"], 1, "no run has a stage 'nope' (stages: parse, score)"),
+        (["--stage", "score", "-m", "nope"], 1, "no record of stage 'score' has a field 'nope'"),
+        (["--stage", "score", "-m", "id"], 1, "field 'id' is 'q1', not a number"),
+        (["missing-run"], 1, "no run 'missing-run'"),
+        (["r1", "--limit", "1"], 2, "give them or RUN, not both"),
+    ],
+)
+def test_bad_input(
+    store: Store, runs: list[str], cli: Cli, args: list[str], code: int, message: str
+) -> None:
+    got, out, err = cli(store, "report", *args)
+    assert got == code
+    assert out == ""
+    assert message in err
+
+
+def test_render_rejects_unknown_format(store: Store, runs: list[str]) -> None:
+    report = build_report([store.open_run(runs[0])])
+    with pytest.raises(InvalidInputError, match="unknown report format"):
+        render(report, "pdf")  # type: ignore[arg-type]

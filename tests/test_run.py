@@ -1,0 +1,191 @@
+"""Writing and reading runs through the Python API: what a framework relies on."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import runfmt
+from runfmt.check import verify_run
+from runfmt.errors import ConflictError, InvalidInputError, ReadOnlyError
+from runfmt.format.keys import compute_key
+from runfmt.store import Store
+
+QUIET: dict[str, Any] = {"flush_interval": None, "heartbeat_interval": None}
+
+
+def rows(n: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"id": f"q{i}", "answer": i * 1.5, "ok": i % 3 != 0} for i in range(start, start + n)]
+
+
+def stage_files(store: Store, run_id: str) -> list[Path]:
+    return sorted((Path(store.url) / run_id / "stages").rglob("*.jsonl.zst"))
+
+
+def test_records_read_back_in_order_per_stage(store: Store) -> None:
+    with store.create_run("eval", {"model": "m1", "n": 3}, tags={"team": "a"}, **QUIET) as w:
+        w.extend("generate", rows(250))
+        w.extend("score", [{"id": r["id"], "correct": r["ok"]} for r in rows(250)])
+        w.count("cost_usd", 0.25)
+        w.count("cost_usd", 0.5)
+    reader = store.open_run(w.run_id)
+    m = reader.manifest
+    assert list(reader.records("generate")) == rows(250)
+    assert [r["id"] for r in reader.records("score")] == [r["id"] for r in rows(250)]
+    assert (m.status, m.name, dict(m.tags), dict(m.counters)) == (
+        "completed", "eval", {"team": "a"}, {"cost_usd": 0.75},
+    )  # fmt: skip
+    assert m.config == {"model": "m1", "n": 3}
+    assert m.config_hash == compute_key({"model": "m1", "n": 3})
+    assert [(s.name, s.status, s.records) for s in m.stages] == [
+        ("generate", "completed", 250), ("score", "completed", 250),
+    ]  # fmt: skip
+    assert m.finished_at is not None
+    assert verify_run(reader.storage) == []
+
+
+def test_each_flush_commits_a_revision_and_appends_to_the_same_file(store: Store) -> None:
+    w = store.create_run("eval", flush_every=100, **QUIET)
+    snapshots = []
+    for batch in range(4):
+        w.extend("score", rows(100, start=batch * 100))
+        assert w.manifest.revision == batch + 2
+        committed = store.open_run(w.run_id).manifest.stage("score")
+        assert committed is not None
+        assert committed.records == (batch + 1) * 100
+        [path] = stage_files(store, w.run_id)
+        snapshots.append(path.read_bytes())
+    for earlier, later in itertools.pairwise(snapshots):
+        assert later.startswith(earlier), "bytes already listed must never change"
+    w.close()
+    assert store.open_run(w.run_id).manifest.status == "running"
+
+
+def test_buffered_records_are_invisible_until_a_flush(store: Store) -> None:
+    w = store.create_run("eval", flush_every=None, **QUIET)
+    w.extend("score", rows(10))
+    assert store.open_run(w.run_id).manifest.stages == ()
+    w.flush()
+    assert len(list(store.open_run(w.run_id).records("score"))) == 10
+    w.close()
+
+
+def test_flush_interval_flushes_on_time(store: Store) -> None:
+    w = store.create_run("eval", flush_every=None, flush_interval=0.05, heartbeat_interval=None)
+    w.append("score", {"id": "a"})
+    time.sleep(0.06)
+    w.append("score", {"id": "b"})
+    assert [r["id"] for r in store.open_run(w.run_id).records("score")] == ["a", "b"]
+    w.close()
+
+
+def test_an_exception_in_the_with_block_fails_the_run(store: Store) -> None:
+    w = store.create_run("eval", **QUIET)
+
+    def work() -> None:
+        with w:
+            w.extend("score", rows(5))
+            raise RuntimeError("model server went away")
+
+    with pytest.raises(RuntimeError):
+        work()
+    m = store.open_run(w.run_id).manifest
+    assert (m.status, m.error) == ("failed", "RuntimeError: model server went away")
+    assert len(list(store.open_run(w.run_id).records("score"))) == 5
+
+
+@pytest.mark.parametrize(("how", "status"), [("fail", "failed"), ("cancel", "cancelled")])
+def test_finish_as_failed_or_cancelled(store: Store, how: str, status: str) -> None:
+    w = store.create_run("eval", **QUIET)
+    w.extend("score", rows(3))
+    m = w.fail("judge crashed") if how == "fail" else w.cancel()
+    assert m.status == status
+    assert (Path(store.url) / w.run_id / "SHA256SUMS").exists()
+    assert verify_run(store.open_run(w.run_id).storage) == []
+
+
+def test_a_closed_run_resumes_and_keeps_every_record(store: Store) -> None:
+    w = store.create_run("eval", **QUIET)
+    w.extend("score", rows(20))
+    w.close()
+    with pytest.raises(InvalidInputError, match="closed"):
+        w.flush()
+    w2 = store.resume_run(w.run_id, **QUIET)
+    w2.extend("score", rows(20, start=20))
+    w2.finish()
+    assert list(store.open_run(w.run_id).records("score")) == rows(40)
+
+
+def test_a_finished_run_resumed_is_running_again(store: Store) -> None:
+    with store.create_run("eval", **QUIET) as w:
+        w.extend("score", rows(2))
+    w2 = store.resume_run(w.run_id, **QUIET)
+    assert store.open_run(w.run_id).manifest.status == "running"
+    assert not (Path(store.url) / w.run_id / "SHA256SUMS").exists()
+    w2.finish()
+    assert verify_run(store.open_run(w.run_id).storage) == []
+
+
+def test_bad_records_change_nothing(store: Store) -> None:
+    w = store.create_run("eval", flush_every=2, **QUIET)
+    w.append("score", {"id": "a"})
+    for bad in ([1], {"x": float("nan")}, {3: "int key"}):
+        with pytest.raises(InvalidInputError):
+            w.append("score", bad)  # type: ignore[arg-type]
+    w.append("score", {"id": "b"})
+    w.finish()
+    assert [r["id"] for r in store.open_run(w.run_id).records("score")] == ["a", "b"]
+
+
+def test_key_field_values_are_checked(store: Store) -> None:
+    w = store.create_run("eval", **QUIET)
+    stage = w.stage("score", key_field="key")
+    stage.append({"key": "k1:abc", "v": 1})
+    with pytest.raises(InvalidInputError, match="key field 'key'"):
+        stage.append({"key": 42})
+    with pytest.raises(ConflictError, match="declared"):
+        w.stage("score", key_field="other")
+    w.finish()
+    reader = store.open_run(w.run_id)
+    assert reader.keys("score") == {"k1:abc"}
+    assert reader.stage("score").key_field == "key"
+
+
+def test_runs_open_by_id_and_by_path(store: Store) -> None:
+    with store.create_run("eval", **QUIET) as w:
+        w.extend("score", rows(3))
+    folder = Path(store.url) / w.run_id
+    for reader in (store.open_run(w.run_id), store.open_run(folder), runfmt.open_run(folder)):
+        assert reader.run_id == w.run_id
+        assert list(reader.records("score")) == rows(3)
+    assert store.run_ids() == [w.run_id]
+
+
+def test_read_only_store_refuses_writes(store: Store) -> None:
+    with store.create_run("eval", **QUIET) as w:
+        w.extend("score", rows(1))
+    ro = Store(store.url, read_only=True)
+    with pytest.raises(ReadOnlyError):
+        ro.create_run("other")
+    with pytest.raises(ReadOnlyError):
+        ro.resume_run(w.run_id)
+    assert list(ro.open_run(w.run_id).records("score")) == rows(1)
+
+
+def test_unknown_stage_names_the_known_ones(store: Store) -> None:
+    with store.create_run("eval", **QUIET) as w:
+        w.extend("score", rows(1))
+    with pytest.raises(InvalidInputError, match=r"no stage 'scores' \(stages: score\)"):
+        list(store.open_run(w.run_id).records("scores"))
+
+
+def test_memory_store_round_trip(memory_store: Store) -> None:
+    with memory_store.create_run("eval", flush_every=7, **QUIET) as w:
+        w.extend("score", rows(30))
+    reader = memory_store.open_run(w.run_id)
+    assert list(reader.records("score")) == rows(30)
+    assert verify_run(reader.storage) == []

@@ -1,0 +1,191 @@
+"""runfmt on an S3 API server: create-only commits, many writer processes, options and secrets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import register_implementation
+from typer.testing import CliRunner
+
+from runfmt.check import verify_run
+from runfmt.cli import app
+from runfmt.errors import ReadOnlyError, StorageError
+from runfmt.format import names
+from runfmt.storage import Storage
+from runfmt.store import Store
+
+SECRET = "s3cr3t-value-never-shown"
+
+
+def test_create_exclusive_has_one_winner_per_race(s3_url: str, s3_options: dict[str, Any]) -> None:
+    storage = Storage(s3_url, s3_options)
+    for race in range(20):
+        wins: list[int] = []
+        barrier = threading.Barrier(4)
+
+        def attempt(
+            k: int, race: int = race, wins: list[int] = wins, barrier: threading.Barrier = barrier
+        ) -> None:
+            barrier.wait()
+            if storage.create_exclusive(f"race/{race:03d}.json", str(k).encode()):
+                wins.append(k)
+
+        threads = [threading.Thread(target=attempt, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1
+        assert storage.read(f"race/{race:03d}.json") == str(wins[0]).encode()
+
+
+_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from runfmt.run import RunWriter, load_manifest
+    from runfmt.store import Store
+    url, run_id, worker = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    run = Store(url, json.loads(sys.argv[4])).locate(run_id)
+    writer = RunWriter(run, load_manifest(run), flush_every=None, flush_interval=None)
+    for step in range(4):
+        writer.extend("work", [{"worker": worker, "step": step, "n": n} for n in range(10)])
+        writer.flush()
+    writer.close()
+    """
+)
+
+
+def test_writer_processes_appending_to_one_run_lose_no_commit(
+    s3_url: str, s3_options: dict[str, Any]
+) -> None:
+    store = Store(s3_url, s3_options)
+    first = store.create_run("array-job", {"workers": 4})
+    first.close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, s3_url, first.run_id, str(k), json.dumps(s3_options)]
+        )
+        for k in range(3)
+    ]
+    assert [p.wait(120) for p in procs] == [0, 0, 0]
+    reader = store.open_run(first.run_id)
+    got = sorted((r["worker"], r["step"], r["n"]) for r in reader.records("work"))
+    assert got == [(w, s, n) for w in range(3) for s in range(4) for n in range(10)]
+    assert len(reader.stage("work").files) == 12
+    assert verify_run(reader.storage) == []
+
+
+def test_errors_never_show_secrets_or_endpoint() -> None:
+    options = {
+        "endpoint_url": "http://127.0.0.1:9/private-endpoint",
+        "key": "runfmt-key-id-shown-nowhere",
+        "secret": SECRET,
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+    }
+    storage = Storage("s3://bucket/prefix", options)
+    with pytest.raises(StorageError) as caught:
+        storage.read("manifest.json")
+    text = str(caught.value)
+    assert "private-endpoint" not in text
+    assert SECRET not in text
+    assert caught.value.__cause__ is None or SECRET not in str(caught.value.__cause__)
+
+
+def test_cli_errors_never_show_secrets(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "runfmt",
+            "-s", "s3://bucket/prefix",
+            "-o", "endpoint_url=http://127.0.0.1:9/private-endpoint",
+            "-o", f"secret={SECRET}",
+            "-o", "key=runfmt-key-id-shown-nowhere",
+            "-o", 'config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 1}',
+            "show", "20260101-000000000-00000000",
+        ],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "runfmt: error:" in result.stderr
+    for shown in (result.stdout, result.stderr):
+        assert SECRET not in shown
+        assert "private-endpoint" not in shown
+        assert "runfmt-key-id-shown-nowhere" not in shown
+    assert not any(
+        SECRET in p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file()
+    )
+
+
+class _NoCreateFS(MemoryFileSystem):
+    """A backend whose create-only write is a check-then-write (like fsspec's generic one)."""
+
+    protocol = "nocreate"
+    root_marker = "/"
+
+
+register_implementation("nocreate", _NoCreateFS, clobber=True)
+
+
+def test_backend_without_exclusive_create_needs_single_writer() -> None:
+    with pytest.raises(ReadOnlyError, match="COMMIT-10") as caught:
+        Store("nocreate://refused").create_run("x")
+    assert "single_writer" in caught.value.hint
+    with Store("nocreate://allowed", single_writer=True).create_run("x") as writer:
+        writer.append("gen", {"n": 1})
+    reader = Store("nocreate://allowed").open_run(writer.run_id)
+    assert list(reader.records("gen")) == [{"n": 1}]
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["-s", "nocreate://cli", "demo"])
+    assert refused.exit_code != 0
+    allowed = runner.invoke(app, ["-s", "nocreate://cli", "--single-writer", "demo"])
+    assert allowed.exit_code == 0, allowed.output
+
+
+def _cli(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "runfmt", *args],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    if ok:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_commands_work_on_a_bucket(
+    s3_url: str, s3_env: dict[str, str], s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    env = {**s3_env, "RUNFMT_STORE": s3_url, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    _cli(env, "demo")
+    listed = json.loads(_cli(env, "ls", "--json").stdout)
+    assert len(listed) == 1
+    run_id = listed[0]["run_id"]
+    runner = CliRunner()
+    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+
+    def invoke(*args: str, code: int = 0) -> str:
+        result = runner.invoke(app, ["-s", s3_url, *opts, *args])
+        assert result.exit_code == code, result.output
+        return result.stdout
+
+    assert run_id in invoke("show", run_id)
+    reader = Store(s3_url, s3_options).open_run(run_id)
+    stage = reader.manifest.stages[0].name
+    lines = invoke("cat", run_id, stage).splitlines()
+    assert [json.loads(line) for line in lines] == list(reader.records(stage))
+    invoke("verify", run_id)
+    reader.storage.delete(names.MANIFEST_FILE)
+    invoke("verify", run_id, code=1)
+    invoke("repair", run_id)
+    invoke("verify", run_id)
+    written = [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
+    assert written, "the index of a remote store lives in the user cache directory"
+    for secret in (s3_env["AWS_SECRET_ACCESS_KEY"], s3_env["FSSPEC_S3_ENDPOINT_URL"]):
+        assert not any(secret.encode() in data for data in written)

@@ -1,0 +1,335 @@
+"""`runfmt sync`: manifest-driven copies between local folders, memory:// and S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+from typer.testing import CliRunner
+
+from runfmt.check import verify_run
+from runfmt.cli import app
+from runfmt.errors import RunNotFoundError
+from runfmt.format import names
+from runfmt.run import RunWriter, load_manifest
+from runfmt.storage import Storage
+from runfmt.store import Store
+from runfmt.sync import sync
+
+
+def _run(store: Store, n: int, name: str = "run", stages: tuple[str, ...] = ("gen",)) -> str:
+    with store.create_run(name, {"n": n}) as writer:
+        for stage in stages:
+            writer.extend(stage, [{"i": i, "stage": stage} for i in range(n)])
+        writer.add_artifact("notes.txt", f"{name} {n}".encode())
+    return writer.run_id
+
+
+def _committed(storage: Storage) -> dict[str, bytes]:
+    """The bytes a reader of the run sees: listed files, manifests and SHA256SUMS."""
+    manifest = load_manifest(storage)
+    paths = [*manifest.listed_paths(), names.MANIFEST_FILE, names.revision_file(manifest.revision)]
+    if storage.exists(names.SUMS_FILE):
+        paths.append(names.SUMS_FILE)
+    return {p: storage.read(p) for p in paths}
+
+
+def _same_runs(src: Store, dst: Store) -> None:
+    assert dst.run_ids() == src.run_ids()
+    for run_id in src.run_ids():
+        assert _committed(dst.locate(run_id)) == _committed(src.locate(run_id))
+        assert verify_run(dst.locate(run_id)) == []
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Store:
+    store = Store(tmp_path / "src")
+    for n in (3, 5, 8):
+        _run(store, n, f"run{n}", ("gen", "score"))
+    return store
+
+
+@pytest.fixture
+def memory_url() -> Iterator[str]:
+    url = f"memory://sync-{uuid.uuid4().hex}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def test_copies_a_store_then_a_resync_copies_nothing(src: Store, tmp_path: Path) -> None:
+    report = sync(src.url, str(tmp_path / "dst"))
+    assert report.ok
+    assert (report.count("new"), report.count("same")) == (3, 0)
+    assert report.files == 3 * 3
+    dst = Store(tmp_path / "dst")
+    _same_runs(src, dst)
+    again = sync(src.url, str(tmp_path / "dst"))
+    assert (again.count("same"), again.files, again.bytes) == (3, 0, 0)
+
+
+def test_same_bytes_through_s3_and_memory(
+    src: Store, tmp_path: Path, s3_url: str, s3_options: dict[str, Any], memory_url: str
+) -> None:
+    assert sync(src.url, s3_url, dst_options=s3_options).ok
+    assert sync(s3_url, memory_url, src_options=s3_options).ok
+    assert sync(memory_url, s3_url + "-copy", dst_options=s3_options).ok
+    assert sync(s3_url + "-copy", str(tmp_path / "back"), src_options=s3_options).ok
+    s3_to_s3 = sync(s3_url, s3_url + "-copy", src_options=s3_options, dst_options=s3_options)
+    assert (s3_to_s3.count("same"), s3_to_s3.files) == (3, 0)
+    for store in (Store(s3_url, s3_options), Store(memory_url), Store(tmp_path / "back")):
+        _same_runs(src, store)
+
+
+def test_one_run_goes_into_the_destination_store(src: Store, tmp_path: Path) -> None:
+    run_id = src.run_ids()[1]
+    folder = src.locate(run_id).root
+    assert sync(folder, str(tmp_path / "dst")).count("new") == 1
+    assert sync(folder, str(tmp_path / "dst" / run_id)).count("same") == 1
+    dst = Store(tmp_path / "dst")
+    assert dst.run_ids() == [run_id]
+    assert _committed(dst.locate(run_id)) == _committed(src.locate(run_id))
+
+
+def test_only_new_files_and_committed_bytes_are_copied(tmp_path: Path) -> None:
+    src = Store(tmp_path / "src")
+    writer = src.create_run("growing", flush_every=None, flush_interval=None)
+    writer.extend("gen", [{"i": i} for i in range(10)])
+    writer.flush()
+    dst_url = str(tmp_path / "dst")
+    assert sync(src.url, dst_url).files == 1
+    writer.extend("gen", [{"i": i} for i in range(10, 20)])
+    writer.extend("other", [{"i": 0}])
+    writer.flush()
+    entry = src.open_run(writer.run_id).stage("gen").files[0]
+    with open(src.locate(writer.run_id).path(entry.path), "ab") as f:
+        f.write(b"uncommitted bytes of a frame being written")
+    report = sync(src.url, dst_url)
+    assert (report.count("update"), report.files) == (1, 2)
+    copied = Store(dst_url).locate(writer.run_id)
+    assert copied.size(entry.path) == entry.bytes
+    assert [r["i"] for r in Store(dst_url).open_run(writer.run_id).records("gen")] == list(
+        range(20)
+    )
+    assert verify_run(copied) == []
+    writer.close()
+
+
+def test_a_destination_run_changed_independently_is_refused_unless_forced(
+    src: Store, tmp_path: Path
+) -> None:
+    run_id = src.run_ids()[0]
+    dst_url = str(tmp_path / "dst")
+    sync(src.url, dst_url)
+    dst = Store(dst_url)
+    with dst.resume_run(run_id) as writer:
+        writer.append("gen", {"i": "only at dst"})
+    before = _committed(dst.locate(run_id))
+    report = sync(src.url, dst_url)
+    assert not report.ok
+    refused = next(r for r in report.runs if r.run_id == run_id)
+    assert refused.action == "conflict"
+    assert "changed independently" in refused.message
+    assert "--force" in refused.message
+    assert _committed(dst.locate(run_id)) == before
+    result = CliRunner().invoke(app, ["sync", src.url, dst_url])
+    assert result.exit_code == 1
+    assert "changed independently" in result.stderr
+    forced = sync(src.url, dst_url, force=True)
+    assert forced.ok
+    _same_runs(src, dst)
+
+
+def test_diverged_history_is_a_conflict(src: Store, tmp_path: Path) -> None:
+    run_id = src.run_ids()[0]
+    dst_url = str(tmp_path / "dst")
+    sync(src.url, dst_url)
+    with Store(dst_url).resume_run(run_id) as writer:
+        writer.append("gen", {"i": "dst"})
+    with src.resume_run(run_id, flush_every=1) as writer:
+        writer.extend("gen", [{"i": "src"}] * 4)
+    assert (
+        load_manifest(src.locate(run_id)).revision
+        > load_manifest(Store(dst_url).locate(run_id)).revision
+    )
+    (result,) = [r for r in sync(src.url, dst_url).runs if r.run_id == run_id]
+    assert result.action == "conflict"
+    assert "differs from SRC's revision" in result.message
+
+
+def test_dry_run_writes_nothing(src: Store, tmp_path: Path) -> None:
+    report = sync(src.url, str(tmp_path / "dst"), dry_run=True)
+    assert report.count("new") == 3
+    assert report.files == 9
+    assert report.bytes == sum(
+        sum(load_manifest(src.locate(i)).listed_paths().values()) for i in src.run_ids()
+    )
+    assert not (tmp_path / "dst").exists()
+
+
+def test_delete_removes_destination_runs_only_when_asked(src: Store, tmp_path: Path) -> None:
+    dst_url = str(tmp_path / "dst")
+    extra = _run(Store(dst_url), 2, "only-at-dst")
+    assert sync(src.url, dst_url).ok
+    assert extra in Store(dst_url).run_ids()
+    dry = sync(src.url, dst_url, delete=True, dry_run=True)
+    assert [r.run_id for r in dry.runs if r.action == "delete"] == [extra]
+    assert extra in Store(dst_url).run_ids()
+    assert sync(src.url, dst_url, delete=True).count("delete") == 1
+    assert Store(dst_url).run_ids() == src.run_ids()
+
+
+def test_verify_checks_checksums_at_the_destination(src: Store, tmp_path: Path) -> None:
+    dst_url = str(tmp_path / "dst")
+    sync(src.url, dst_url)
+    run_id = src.run_ids()[0]
+    storage = Store(dst_url).locate(run_id)
+    path = load_manifest(storage).stages[0].files[0].path
+    data = bytearray(storage.read(path))
+    data[-2] ^= 0x01
+    storage.put(path, bytes(data))
+    assert sync(src.url, dst_url).ok
+    checked = sync(src.url, dst_url, verify=True)
+    assert not checked.ok
+    (bad,) = [r for r in checked.runs if r.problems]
+    assert bad.run_id == run_id
+    assert path in bad.problems[0]
+
+
+def test_corrupt_source_file_is_never_published(src: Store, tmp_path: Path) -> None:
+    run_id = src.run_ids()[0]
+    storage = src.locate(run_id)
+    path = load_manifest(storage).stages[0].files[0].path
+    data = bytearray(storage.read(path))
+    data[-2] ^= 0x01
+    storage.put(path, bytes(data))
+    report = sync(src.url, str(tmp_path / "dst"))
+    (bad,) = [r for r in report.runs if not r.ok]
+    assert (bad.run_id, bad.action) == (run_id, "error")
+    assert "sha256" in bad.message
+    dst = Store(tmp_path / "dst")
+    with pytest.raises(RunNotFoundError):
+        dst.open_run(run_id)
+    for other in set(src.run_ids()) - {run_id}:
+        assert verify_run(dst.locate(other)) == []
+
+
+def test_progress_receives_bytes_and_files(src: Store, tmp_path: Path) -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.planned_files = self.planned_bytes = self.bytes = self.files = 0
+
+        def planned(self, files: int, nbytes: int) -> None:
+            self.planned_files += files
+            self.planned_bytes += nbytes
+
+        def advanced(self, nbytes: int) -> None:
+            self.bytes += nbytes
+
+        def file_done(self) -> None:
+            self.files += 1
+
+    seen = Recorder()
+    report = sync(src.url, str(tmp_path / "dst"), progress=seen)
+    assert seen.planned_files == seen.files == report.files == 9
+    assert seen.planned_bytes == seen.bytes == report.bytes
+
+
+def test_cli_json_summary(src: Store, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["sync", src.url, str(tmp_path / "dst"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["runs"]["new"] == 3
+    assert doc["files"] == 9
+    assert {d["action"] for d in doc["details"]} == {"new"}
+    again = json.loads(
+        runner.invoke(app, ["sync", src.url, str(tmp_path / "dst"), "--json"]).stdout
+    )
+    assert (again["runs"]["same"], again["files"]) == (3, 0)
+    text = runner.invoke(app, ["sync", src.url, str(tmp_path / "dst"), "--dry-run"])
+    assert text.exit_code == 0
+    assert "3 unchanged" in text.stdout
+
+
+def test_an_interrupted_commit_is_finished_by_the_next_sync(src: Store, tmp_path: Path) -> None:
+    dst_url = str(tmp_path / "dst")
+    sync(src.url, dst_url)
+    run_id = src.run_ids()[0]
+    storage = Store(dst_url).locate(run_id)
+    storage.delete(names.MANIFEST_FILE)
+    manifest = load_manifest(storage)
+    storage.delete(names.revision_file(manifest.revision))
+    with pytest.raises(RunNotFoundError):
+        Store(dst_url).open_run(run_id)
+    report = sync(src.url, dst_url)
+    (done,) = [r for r in report.runs if r.run_id == run_id]
+    assert (done.action, done.files) == ("new", 0)
+    _same_runs(src, Store(dst_url))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_killed_sync_never_shows_a_partial_run_and_resumes(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    src = Store(tmp_path / "src")
+    runs = 40 if where == "local" else 12
+    for n in range(runs):
+        _run(src, 200 + n, f"r{n}")
+    env = dict(os.environ)
+    options: dict[str, Any] = {}
+    if where == "s3":
+        dst_url = request.getfixturevalue("s3_url")
+        options = request.getfixturevalue("s3_options")
+        env = request.getfixturevalue("s3_env")
+    else:
+        dst_url = str(tmp_path / "dst")
+    dst = Store(dst_url, options)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runfmt", "sync", src.url, dst_url, "--workers", "1", "--json"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(dst.run_ids()) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shown = 0
+    for run_id in dst.run_ids():
+        if not dst.storage.child(run_id).exists(names.MANIFESTS_DIR):
+            with pytest.raises(RunNotFoundError):
+                dst.open_run(run_id)
+            continue
+        shown += 1
+        storage = dst.locate(run_id)
+        assert [p for p in verify_run(storage) if p.rule != "COMMIT-7"] == []
+        expected = load_manifest(src.locate(run_id)).stages[0].records
+        assert len(list(dst.open_run(run_id).records("gen"))) == expected
+    assert shown < runs, "the sync finished before it was killed"
+    report = sync(src.url, dst_url, dst_options=options)
+    assert report.ok
+    _same_runs(src, Store(dst_url, options))
+
+
+def test_writer_running_at_source_is_synced_as_committed(tmp_path: Path) -> None:
+    src = Store(tmp_path / "src")
+    writer: RunWriter = src.create_run("live", flush_every=None, flush_interval=None)
+    writer.extend("gen", [{"i": i} for i in range(5)])
+    writer.flush()
+    writer.append("gen", {"i": "buffered"})
+    sync(src.url, str(tmp_path / "dst"))
+    reader = Store(tmp_path / "dst").open_run(writer.run_id)
+    assert reader.manifest.status == "running"
+    assert [r["i"] for r in reader.records("gen")] == list(range(5))
+    writer.close()

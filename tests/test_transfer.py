@@ -1,0 +1,349 @@
+"""`runfmt export` / `runfmt import`: a stage as one file, a run as one tar, checked on import."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from runfmt.check import verify_run
+from runfmt.errors import ChecksumMismatchError, FormatError, RunExistsError, StageFileError
+from runfmt.format.frames import PREFIX, iter_frames
+from runfmt.store import Store
+from runfmt.transfer import export_run, export_stage, import_run, import_stage, read_stage_file
+from tests.fixtures_manage import Cli, MakeRun
+
+SCORES = [{"id": f"q{i}", "correct": i % 3 == 0, "text": "é" * (i % 5)} for i in range(40)] + [
+    {"id": "q99", "_error": "timeout"}
+]
+
+
+@pytest.fixture
+def source(store: Store, make_run: MakeRun) -> str:
+    writer = store.create_run(
+        "eval", {"model": {"name": "m1"}}, tags={"team": "x"}, run_id="src-run"
+    )
+    writer.stage("score", key_field="id", record_schema_version="2").extend(SCORES)
+    writer.stage("gen").extend([{"n": i} for i in range(5)])
+    writer.flush()
+    writer.stage("gen").extend([{"n": 5}])
+    writer.count("cost_usd", 0.5)
+    writer.add_artifact("plots/a.txt", b"hello", "text/plain")
+    writer.stage("score").complete()
+    writer.finish("failed", "boom")
+    return writer.run_id
+
+
+@pytest.fixture
+def other(tmp_path: Path) -> Store:
+    return Store(tmp_path / "other")
+
+
+def records(store: Store, run: str, stage: str) -> list[dict[str, object]]:
+    return list(store.open_run(run).records(stage))
+
+
+def test_stage_round_trip_through_a_zst_file(
+    store: Store, source: str, other: Store, tmp_path: Path, require_tool: Callable[[str], str]
+) -> None:
+    path = tmp_path / "score.jsonl.zst"
+    assert export_stage(store.open_run(source), "score", path) == len(SCORES)
+    assert path.read_bytes().startswith(PREFIX)
+    header = next(iter_frames(path.read_bytes()))
+    assert isinstance(header, dict)
+    assert header["stage"] == "score"
+    assert header["key_field"] == "id"
+    assert header["export"]["records"] == 41
+    assert header["export"]["failures"] == 1
+    plain = subprocess.run([require_tool("zstdcat"), str(path)], capture_output=True, check=True)
+    assert [json.loads(line) for line in plain.stdout.splitlines()] == SCORES
+    result = import_stage(other, path, name="copied")
+    run = other.open_run(result.run_id)
+    assert result.stages == {"score": 41}
+    assert run.manifest.name == "copied"
+    assert run.manifest.tags == {"imported_from": "src-run"}
+    assert run.stage("score").key_field == "id"
+    assert run.stage("score").record_schema_version == "2"
+    assert run.stage("score").failures == 1
+    assert records(other, result.run_id, "score") == SCORES
+    assert verify_run(run.storage) == []
+
+
+def test_stage_import_into_an_existing_run_keeps_its_status(
+    store: Store, source: str, make_run: MakeRun, tmp_path: Path
+) -> None:
+    path = tmp_path / "gen.jsonl"
+    export_stage(store.open_run(source), "gen", path)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"n": i} for i in range(6)
+    ]
+    target = make_run(store, "t", {}, {"gen": (None, [{"n": -1}])})
+    import_stage(store, path, run=target, stage="gen")
+    run = store.open_run(target)
+    assert run.manifest.status == "completed"
+    assert [r["n"] for r in run.records("gen")] == [-1, 0, 1, 2, 3, 4, 5]
+    assert verify_run(run.storage) == []
+
+
+def test_plain_jsonl_needs_a_stage_and_may_name_a_key(
+    store: Store, tmp_path: Path, cli: Cli
+) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"k": "a", "v": 1}\n\n{"k": "b", "v": 2}\n')
+    code, _, err = cli(store, "import", str(path))
+    assert code == 1
+    assert "plain JSON Lines name no stage" in err
+    code, out, _ = cli(store, "import", str(path), "--stage", "s", "--key-field", "k", "--json")
+    assert code == 0
+    run = store.open_run(json.loads(out)["run_id"])
+    assert run.stage("s").key_field == "k"
+    assert run.keys("s") == {"a", "b"}
+
+
+def test_bad_jsonl_lines_are_refused_with_their_line(store: Store, tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(StageFileError, match="not a JSON object") as info:
+        import_stage(store, path, stage="s")
+    assert info.value.location.endswith("bad.jsonl:2")
+    assert store.run_ids() == []
+
+
+def test_tampered_stage_file_is_refused_and_nothing_is_written(
+    store: Store, source: str, make_run: MakeRun, tmp_path: Path
+) -> None:
+    good = tmp_path / "score.jsonl.zst"
+    export_stage(store.open_run(source), "score", good)
+    target = make_run(store, "t", {}, {"score": ("id", [{"id": "z", "correct": 1}])})
+    data = bytearray(good.read_bytes())
+    data[-10] ^= 0x01
+    flipped = tmp_path / "flipped.jsonl.zst"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(StageFileError, match=r"corrupt zstd frame|checksum"):
+        import_stage(store, flipped, run=target)
+    gen = tmp_path / "gen.jsonl.zst"
+    export_stage(store.open_run(source), "gen", gen)
+    head_end = (
+        len(PREFIX)
+        + 8
+        + int.from_bytes(good.read_bytes()[len(PREFIX) + 4 : len(PREFIX) + 8], "little")
+    )
+    gen_head_end = (
+        len(PREFIX)
+        + 8
+        + int.from_bytes(gen.read_bytes()[len(PREFIX) + 4 : len(PREFIX) + 8], "little")
+    )
+    swapped = tmp_path / "swapped.jsonl.zst"
+    swapped.write_bytes(good.read_bytes()[:head_end] + gen.read_bytes()[gen_head_end:])
+    with pytest.raises(ChecksumMismatchError, match="file holds 6 records"):
+        import_stage(store, swapped, run=target)
+    truncated = tmp_path / "cut.jsonl.zst"
+    truncated.write_bytes(good.read_bytes()[:-3])
+    with pytest.raises(StageFileError, match="truncated"):
+        import_stage(store, truncated, run=target)
+    run = store.open_run(target)
+    assert run.manifest.revision == 2
+    assert run.stage("score").records == 1
+
+
+def test_wrong_stage_is_refused(store: Store, source: str, tmp_path: Path, cli: Cli) -> None:
+    path = tmp_path / "score.jsonl.zst"
+    export_stage(store.open_run(source), "score", path)
+    code, out, err = cli(store, "import", str(path), "--stage", "parse")
+    assert code == 1
+    assert out == ""
+    assert "the file holds stage 'score', not 'parse'" in err
+    assert "omit --stage" in err
+
+
+def test_run_archive_round_trip(store: Store, source: str, other: Store, tmp_path: Path) -> None:
+    archive = tmp_path / "run.tar"
+    export_run(store.open_run(source), archive)
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "src-run/manifest.json" in names
+    assert "src-run/SHA256SUMS" in names
+    assert "src-run/_manifests/00000001.json" in names
+    assert "src-run/artifacts/plots/a.txt" in names
+    result = import_run(other, archive)
+    assert result.run_id == "src-run"
+    assert result.stages == {"score": 41, "gen": 6}
+    a, b = store.open_run(source).manifest, other.open_run("src-run").manifest
+    assert (b.name, b.config, b.config_hash, b.tags, b.counters) == (
+        a.name,
+        a.config,
+        a.config_hash,
+        a.tags,
+        a.counters,
+    )
+    assert (b.status, b.error) == ("failed", "boom")
+    assert [
+        (s.name, s.status, s.key_field, s.record_schema_version, s.records, s.failures)
+        for s in b.stages
+    ] == [
+        (s.name, s.status, s.key_field, s.record_schema_version, s.records, s.failures)
+        for s in a.stages
+    ]
+    assert records(other, "src-run", "score") == SCORES
+    assert other.open_run("src-run").read_artifact("plots/a.txt") == b"hello"
+    assert verify_run(other.open_run("src-run").storage) == []
+
+
+def test_archive_of_a_running_run_holds_only_committed_bytes(
+    store: Store, other: Store, tmp_path: Path
+) -> None:
+    writer = store.create_run("live", {}, run_id="live-run")
+    writer.extend("s", [{"i": i} for i in range(3)])
+    writer.flush()
+    writer.stage("s").append({"i": 3})
+    writer.stage("s")._write(writer.storage, writer._encoder)
+    export_run(store.open_run("live-run"), tmp_path / "live.tar")
+    writer.close()
+    import_run(other, tmp_path / "live.tar")
+    run = other.open_run("live-run")
+    assert run.manifest.status == "running"
+    assert [r["i"] for r in run.records("s")] == [0, 1, 2]
+
+
+def _rewrite(archive: Path, target: Path, change: Callable[[str, bytes], bytes | None]) -> None:
+    with tarfile.open(archive) as src, tarfile.open(target, "w") as dst:
+        for info in src.getmembers():
+            data = src.extractfile(info).read() if info.isfile() else b""  # type: ignore[union-attr]
+            new = change(info.name, data)
+            if new is None:
+                continue
+            info.size = len(new)
+            dst.addfile(info, io.BytesIO(new))
+
+
+def test_tampered_archive_is_refused_and_nothing_imported(
+    store: Store, source: str, other: Store, tmp_path: Path, cli: Cli
+) -> None:
+    archive = tmp_path / "run.tar"
+    export_run(store.open_run(source), archive)
+
+    def flip(name: str, data: bytes) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 1]) if "/stages/score/" in name else data
+
+    bad = tmp_path / "bad.tar"
+    _rewrite(archive, bad, flip)
+    with pytest.raises(ChecksumMismatchError, match="do not match the length and sha256") as info:
+        import_run(other, bad)
+    assert "stages/score/part-" in info.value.location
+    assert other.run_ids() == []
+
+    def drop(name: str, data: bytes) -> bytes | None:
+        return None if name.endswith("plots/a.txt") else data
+
+    _rewrite(archive, bad, drop)
+    code, _, err = cli(other, "import", str(bad))
+    assert code == 1
+    assert "listed file is missing from the archive" in err
+
+    def manifest(name: str, data: bytes) -> bytes:
+        return data + b" " if name.endswith("/manifest.json") else data
+
+    _rewrite(archive, bad, manifest)
+    with pytest.raises(ChecksumMismatchError, match="does not match SHA256SUMS") as info:
+        import_run(other, bad)
+    assert info.value.location.endswith("bad.tar:manifest.json")
+    assert other.run_ids() == []
+
+
+def test_unsafe_archive_members_are_refused(other: Store, tmp_path: Path) -> None:
+    bad = tmp_path / "evil.tar"
+    with tarfile.open(bad, "w") as tar:
+        info = tarfile.TarInfo("run/../../evil")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(FormatError, match="unsafe archive member"):
+        import_run(other, bad)
+    with tarfile.open(bad, "w") as tar:
+        link = tarfile.TarInfo("run/manifest.json")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    with pytest.raises(FormatError, match="unsafe archive member"):
+        import_run(other, bad)
+    (tmp_path / "not.tar").write_bytes(b"plain text, no tar")
+    with pytest.raises(FormatError, match="not a tar archive"):
+        import_run(other, tmp_path / "not.tar")
+
+
+def test_existing_run_id_is_refused_then_imported_under_a_new_id(
+    store: Store, source: str, tmp_path: Path, cli: Cli
+) -> None:
+    archive = tmp_path / "run.tar"
+    code, _, err = cli(store, "export", source, str(archive))
+    assert code == 0
+    assert "exported run src-run" in err
+    code, out, err = cli(store, "import", str(archive))
+    assert code == 1
+    assert out == ""
+    assert "run src-run exists in the store" in err
+    assert "--run-id" in err
+    with pytest.raises(RunExistsError):
+        import_run(store, archive)
+    code, out, _ = cli(store, "import", str(archive), "--run-id", "copy-2")
+    assert code == 0
+    assert "imported into run copy-2 (score: 41, gen: 6)" in out
+    assert records(store, "copy-2", "score") == SCORES
+
+
+def test_cli_stage_export_and_usage_errors(
+    store: Store, source: str, tmp_path: Path, cli: Cli
+) -> None:
+    out_file = tmp_path / "s.jsonl.zst"
+    code, _, err = cli(store, "export", source, str(out_file), "--stage", "score")
+    assert code == 0
+    assert "exported 41 records of src-run/score" in err
+    assert read_stage_file(out_file).records == 41
+    (tmp_path / "x.csv").write_text("a,b\n")
+    cases = [
+        (["export", source, str(tmp_path / "x.zip")], 2, "a run exports to FILE.tar"),
+        (["export", source, str(tmp_path / "x.tar"), "--stage", "score"], 2, "FILE.jsonl.zst"),
+        (["export", source, str(tmp_path / "x.jsonl"), "--stage", "nope"], 1, "no stage 'nope'"),
+        (["export", "no-such-run", str(tmp_path / "x.tar")], 1, "no run 'no-such-run'"),
+        (["import", str(tmp_path / "missing.tar")], 1, "no such file"),
+        (["import", str(out_file), "--run-id", "x"], 2, "--run-id is for run archives"),
+        (["import", str(out_file), "--into", source, "--name", "n"], 2, "give one"),
+        (["import", str(out_file), "--into", "no-such-run"], 1, "no run 'no-such-run'"),
+        (["import", str(tmp_path / "x.csv")], 1, "unknown stage file type"),
+    ]
+    for args, code, message in cases:
+        got, _, err = cli(store, *args)
+        assert (got, message in err) == (code, True), (args, err)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_conflicting_declaration_is_refused_before_the_run_changes(
+    store: Store, source: str, make_run: MakeRun, tmp_path: Path, cli: Cli
+) -> None:
+    path = tmp_path / "score.jsonl.zst"
+    export_stage(store.open_run(source), "score", path)
+    target = make_run(store, "t", {}, {"score": ("qid", [{"qid": "z", "correct": 1}])})
+    before = store.open_run(target).manifest
+    code, _, err = cli(store, "import", str(path), "--into", target)
+    assert code == 1
+    assert "is declared with key field 'qid'" in err
+    after = store.open_run(target).manifest
+    assert (after.revision, after.status) == (before.revision, "completed")
+    plain = tmp_path / "more.jsonl"
+    plain.write_text('{"qid": "y", "correct": 0}\n')
+    import_stage(store, plain, run=target, stage="score")
+    assert store.open_run(target).keys("score") == {"y", "z"}
+
+
+def test_memory_store_round_trip(
+    store: Store, source: str, memory_store: Store, tmp_path: Path
+) -> None:
+    export_run(store.open_run(source), tmp_path / "run.tar")
+    import_run(memory_store, tmp_path / "run.tar")
+    export_run(memory_store.open_run(source), tmp_path / "again.tar")
+    export_stage(memory_store.open_run(source), "score", tmp_path / "s.jsonl.zst")
+    assert read_stage_file(tmp_path / "s.jsonl.zst").records == len(SCORES)
+    assert records(memory_store, source, "score") == SCORES
