@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from runfmt.format.keys import canonical_json, compute_key
     from runfmt.format.manifest import ArtifactEntry, FileEntry, Manifest, StageEntry
     from runfmt.format.validate import Problem
+    from runfmt.lifecycle import OpenedRun, deterministic_run_id
     from runfmt.run import RunReader, RunWriter, StageWriter
     from runfmt.store import Store, open_run
 
@@ -49,6 +50,8 @@ _LAZY = {
     "Manifest": "runfmt.format.manifest",
     "StageEntry": "runfmt.format.manifest",
     "Problem": "runfmt.format.validate",
+    "OpenedRun": "runfmt.lifecycle",
+    "deterministic_run_id": "runfmt.lifecycle",
     "RunReader": "runfmt.run",
     "RunWriter": "runfmt.run",
     "StageWriter": "runfmt.run",
@@ -77,6 +80,7 @@ __all__ = [
     "LockTimeoutError",
     "Manifest",
     "ManifestError",
+    "OpenedRun",
     "Problem",
     "ReadOnlyError",
     "RunExistsError",
@@ -93,5 +97,6 @@ __all__ = [
     "__version__",
     "canonical_json",
     "compute_key",
+    "deterministic_run_id",
     "open_run",
 ]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -33,6 +35,10 @@ __all__ = [
     "unreadable",
 ]
 
+REMOTE_REQUESTS = 16
+"""Requests in flight at once when reconciling with a remote store."""
+T = TypeVar("T")
+R = TypeVar("R")
 UNREADABLE = "unreadable"
 """The status listed for a run whose manifest cannot be read (its ``problem`` says why)."""
 RACY_NS = 3_000_000_000
@@ -74,6 +80,10 @@ class Source:
 
     def where(self, run_id: str, path: str = "") -> str:
         raise NotImplementedError
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``fn`` over ``items``, in order (concurrently where each call waits on the network)."""
+        return [fn(item) for item in items]
 
 
 class LocalSource(Source):
@@ -137,8 +147,8 @@ class LocalSource(Source):
             return f.read(end - start)
 
     def where(self, run_id: str, path: str = "") -> str:
-        return os.path.join(self.url, run_id, *path.split("/")) if path else (
-            os.path.join(self.url, run_id))  # fmt: skip
+        rel = f"{run_id}/{path}" if path else run_id
+        return f"{self.url}{os.sep}{rel.replace('/', os.sep)}"
 
 
 class StorageSource(Source):
@@ -184,6 +194,12 @@ class StorageSource(Source):
     def where(self, run_id: str, path: str = "") -> str:
         return self.storage.where(f"{run_id}/{path}" if path else run_id)
 
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        if len(items) < 2:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(min(REMOTE_REQUESTS, len(items))) as pool:
+            return list(pool.map(fn, items))
+
 
 @dataclass(slots=True)
 class Row:
@@ -195,6 +211,12 @@ class Row:
     keyed: list[tuple[str, str, str | None, str, int, str]]
     """Listed files of keyed stages: (path, stage, key field, schema version, bytes, sha256)."""
     problem: str | None = None
+
+    @property
+    def created_ts(self) -> float | None:
+        """The creation time as a POSIX timestamp (``values`` follows the runs table)."""
+        created: float | None = self.values[4]
+        return created
 
 
 @dataclass(slots=True)
@@ -254,8 +276,8 @@ def summarize(run_id: str, stamp: str, data: bytes) -> Row:
     values = (
         revision, doc["name"], doc["status"], doc["created_at"], timestamp(doc["created_at"]),
         doc["updated_at"], doc.get("finished_at"), doc.get("heartbeat_at"), doc["config_hash"],
-        doc.get("error"), orjson.dumps(tags).decode(), orjson.dumps(counters).decode(),
-        orjson.dumps(stages).decode(), None,
+        doc.get("error"),
+        orjson.dumps({"tags": tags, "counters": counters, "stages": stages}).decode(), None,
     )  # fmt: skip
     return Row(run_id, stamp, revision, values, (doc["created_at"], doc["config_hash"]), keyed)
 
@@ -272,9 +294,11 @@ def _problem(data: bytes, run_id: str) -> str:
     return "manifest is not readable by this version of runfmt's index"
 
 
+_EMPTY = '{"tags":{},"counters":{},"stages":[]}'
+
+
 def unreadable(run_id: str, stamp: str, problem: str) -> Row:
-    values = (0, "", UNREADABLE, None, None, None, None, None, None, None, "{}", "{}", "[]",
-              problem)  # fmt: skip
+    values = (0, "", UNREADABLE, None, None, None, None, None, None, None, _EMPTY, problem)
     return Row(run_id, stamp, 0, values, (None, None), [], problem)
 
 

@@ -11,8 +11,7 @@ several runs hold a key, the newest run wins.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -28,10 +27,9 @@ DEFAULT_VERSION = "1"
 _CANDIDATES = 8
 
 _LOOKUP = (
-    "SELECT f.run_id, f.path, f.record_schema_version, c.frame_start, c.frame_end, c.line "
-    "FROM cache AS c JOIN files AS f ON f.file_id = c.file_id "
-    "JOIN runs AS r ON r.run_id = f.run_id WHERE c.stage = ? AND c.key = ? {version}"
-    "ORDER BY r.created_ts DESC, r.run_id DESC LIMIT ?"
+    "SELECT f.created_ts, f.run_id, f.path, f.record_schema_version, c.frame_start, c.frame_end,"
+    " c.line FROM cache AS c JOIN files AS f ON f.file_id = c.file_id "
+    "WHERE c.stage = ? AND c.key = ? {version}"
 )
 _CONTAINS = (
     "SELECT DISTINCT c.key FROM cache AS c JOIN files AS f ON f.file_id = c.file_id "
@@ -45,8 +43,7 @@ _SQL = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Provenance:
+class Provenance(NamedTuple):
     """Where a cached record is: run, stage, file, and its position in the file."""
 
     run_id: str
@@ -62,20 +59,10 @@ class Provenance:
     """The path or URL of the stage file."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "stage": self.stage,
-            "path": self.path,
-            "record_schema_version": self.record_schema_version,
-            "frame_start": self.frame_start,
-            "frame_end": self.frame_end,
-            "line": self.line,
-            "location": self.location,
-        }
+        return self._asdict()
 
 
-@dataclass(frozen=True, slots=True)
-class CacheHit:
+class CacheHit(NamedTuple):
     """A committed record with the key asked for, and where it came from."""
 
     key: str
@@ -115,10 +102,12 @@ class Cache:
     ) -> list[Provenance]:
         self._ensure()
         sql = _SQL["lookup", version is not None]
-        params: list[Any] = [stage, key, *([version] if version is not None else []), limit]
+        rows = self.index.query(sql, [stage, key, *([version] if version is not None else [])])
+        if len(rows) > 1:
+            rows.sort(key=lambda r: (r[0] or 0.0, r[1]), reverse=True)
         return [
             Provenance(run_id, stage, path, v, start, end, line, self.index.where(run_id, path))
-            for run_id, path, v, start, end, line in self.index.query(sql, params)
+            for _, run_id, path, v, start, end, line in rows[:limit]
         ]
 
     def lookup(

@@ -255,28 +255,28 @@ FEW_VALUES = 32
 
 
 def _binomial(rng: random.Random, trials: int, num: int, den: int) -> int:
-    """An exact Binomial(trials, num/den) draw: all trials at once, one bit each.
+    """An exact Binomial(trials, num/den) draw.
 
-    Each trial compares a uniform number with num/den digit by binary digit;
-    the random digits of every trial come from one ``getrandbits(trials)``.
+    Each trial compares a uniform number with num/den, binary digit by digit.
+    Trials still undecided are exchangeable, so one digit step needs only how
+    many of them drew a 1: the popcount of ``getrandbits(undecided)``. About
+    two random bits per trial in all.
     """
     if trials == 0 or num == 0:
         return 0
     if num >= den:
         return trials
-    undecided, ones, rest = (1 << trials) - 1, 0, num
-    while undecided:
+    undecided, ones, rest = trials, 0, num
+    while undecided and rest:
         rest *= 2
-        draw = rng.getrandbits(trials)
+        drew_one = rng.getrandbits(undecided).bit_count()
         if rest >= den:
             rest -= den
-            ones |= undecided & ~draw
-            undecided &= draw
+            ones += undecided - drew_one
+            undecided = drew_one
         else:
-            undecided &= ~draw
-        if rest == 0:
-            break
-    return ones.bit_count()
+            undecided -= drew_one
+    return ones
 
 
 def _resample_sums(diffs: list[float], resamples: int, rng: random.Random) -> Iterator[float]:

@@ -67,10 +67,12 @@ __all__ = [
 
 log = logging.getLogger("runfmt.index")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 """Version of the index's tables (``PRAGMA user_version``); another version is rebuilt."""
 APPLICATION_ID = 0x52554E46
 """``PRAGMA application_id`` of a runfmt index ("RUNF"): anything else is a foreign file."""
+CACHE_KIB = 32768
+"""SQLite page cache per connection: enough for the key index of a million cache entries."""
 BATCH_RUNS = 500
 """Runs re-read per write transaction, so other processes wait briefly."""
 _NETWORK_FS = frozenset(
@@ -96,15 +98,14 @@ CREATE TABLE runs(
     heartbeat_at TEXT,
     config_hash TEXT,
     error TEXT,
-    tags TEXT NOT NULL,
-    counters TEXT NOT NULL,
-    stages TEXT NOT NULL,
+    detail TEXT NOT NULL,
     problem TEXT
 );
 CREATE INDEX runs_newest ON runs(created_ts DESC, run_id DESC);
 CREATE TABLE files(
     file_id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
+    created_ts REAL,
     path TEXT NOT NULL,
     stage TEXT NOT NULL,
     record_schema_version TEXT NOT NULL,
@@ -126,7 +127,7 @@ CREATE INDEX cache_file ON cache(file_id);
 
 _RUN_COLUMNS = (
     "run_id, revision, name, status, created_at, updated_at, finished_at, heartbeat_at, "
-    "config_hash, error, tags, counters, stages, problem"
+    "config_hash, error, detail, problem"
 )
 
 
@@ -143,25 +144,54 @@ class StageSummary(NamedTuple):
     bytes: int
 
 
-class RunSummary(NamedTuple):
-    """A run as the index lists it. ``problem`` is set (and ``status`` is ``"unreadable"``)
-    when the run's manifest could not be read. (Named tuples: listing 10,000 runs builds
-    40,000 of these.)"""
+_Detail = tuple[dict[str, str], dict[str, float | int], tuple[StageSummary, ...]]
 
-    run_id: str
-    name: str
-    status: str
-    revision: int
-    created_at: str | None
-    updated_at: str | None
-    finished_at: str | None
-    heartbeat_at: str | None
-    config_hash: str | None
-    error: str | None
-    tags: Mapping[str, str]
-    counters: Mapping[str, float | int]
-    stages: tuple[StageSummary, ...]
-    problem: str | None = None
+
+class RunSummary:
+    """A run as the index lists it. ``problem`` is set (and ``status`` is ``"unreadable"``)
+    when the run's manifest could not be read.
+
+    ``tags``, ``counters`` and ``stages`` are decoded on first access, so listing
+    10,000 runs only pays for what is looked at.
+    """
+
+    __slots__ = (
+        "_decoded", "_detail", "config_hash", "created_at", "error", "finished_at",
+        "heartbeat_at", "name", "problem", "revision", "run_id", "status", "updated_at",
+    )  # fmt: skip
+
+    def __init__(self, row: tuple[Any, ...]) -> None:
+        (self.run_id, self.revision, self.name, self.status, self.created_at, self.updated_at,
+         self.finished_at, self.heartbeat_at, self.config_hash, self.error, self._detail,
+         self.problem) = row  # fmt: skip
+        self._decoded: _Detail | None = None
+
+    def __repr__(self) -> str:
+        return f"RunSummary({self.run_id!r}, name={self.name!r}, status={self.status!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunSummary) and self.to_json() == other.to_json()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _detailed(self) -> _Detail:
+        if self._decoded is None:
+            detail = orjson.loads(self._detail)
+            stages = tuple(StageSummary(*s) for s in detail["stages"])
+            self._decoded = (detail["tags"], detail["counters"], stages)
+        return self._decoded
+
+    @property
+    def tags(self) -> Mapping[str, str]:
+        return self._detailed()[0]
+
+    @property
+    def counters(self) -> Mapping[str, float | int]:
+        return self._detailed()[1]
+
+    @property
+    def stages(self) -> tuple[StageSummary, ...]:
+        return self._detailed()[2]
 
     @property
     def records(self) -> int:
@@ -378,6 +408,7 @@ class Index:
     def _prepare(self, con: sqlite3.Connection) -> str | None:
         """Set the connection up; a reason to discard the file, or None when it is usable."""
         con.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        con.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         app_id = con.execute("PRAGMA application_id").fetchone()[0]
         version = con.execute("PRAGMA user_version").fetchone()[0]
         if app_id not in (0, APPLICATION_ID):
@@ -499,8 +530,9 @@ class Index:
             present = self._source.run_names()
             changed: list[tuple[str, str]] = []
             gone = set(known) - set(present)
-            for run_id in present:
-                stamp = self._source.stamp(run_id)
+            for run_id, stamp in zip(
+                present, self._source.map(self._source.stamp, present), strict=True
+            ):
                 if stamp is None:
                     if run_id in known:
                         gone.add(run_id)
@@ -510,14 +542,14 @@ class Index:
             if gone and not changed:
                 self._write(con, [], {}, gone)
             for i in range(0, len(changed), BATCH_RUNS):
-                rows = [self._read_run(run_id, stamp) for run_id, stamp in
-                        changed[i : i + BATCH_RUNS]]  # fmt: skip
+                rows = self._source.map(self._read_run, changed[i : i + BATCH_RUNS])
                 work = self._file_work(con, rows)
                 entries += self._write(con, rows, work, gone if i == 0 else set())
         return RefreshStats(len(present), len(changed), len(gone), entries,
                             time.perf_counter() - started)  # fmt: skip
 
-    def _read_run(self, run_id: str, stamp: str) -> Row:
+    def _read_run(self, change: tuple[str, str]) -> Row:
+        run_id, stamp = change
         try:
             data = self._source.manifest(run_id)
         except FileNotFoundError:
@@ -597,8 +629,7 @@ class Index:
             con.executemany(
                 "INSERT OR REPLACE INTO runs(run_id, stamp, revision, name, status, "
                 "created_at, created_ts, updated_at, finished_at, heartbeat_at, config_hash, "
-                "error, tags, counters, stages, problem) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "error, detail, problem) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(row.run_id, row.stamp, *row.values) for row in accepted],
             )
             for row in accepted:
@@ -630,9 +661,17 @@ class Index:
                 continue
             if found is None:
                 file_id = con.execute(
-                    "INSERT INTO files(run_id, path, stage, record_schema_version, indexed_bytes,"
-                    " sha256) VALUES (?,?,?,?,?,?)",
-                    (row.run_id, item.path, item.stage, item.version, item.end, item.sha256),
+                    "INSERT INTO files(run_id, created_ts, path, stage, record_schema_version, "
+                    "indexed_bytes, sha256) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        row.run_id,
+                        row.created_ts,
+                        item.path,
+                        item.stage,
+                        item.version,
+                        item.end,
+                        item.sha256,
+                    ),
                 ).lastrowid
             else:
                 file_id = found[0]
@@ -695,7 +734,7 @@ class Index:
             where.append("name GLOB ?")
             params.append(name)
         for key, value in (tags or {}).items():
-            where.append("EXISTS (SELECT 1 FROM json_each(runs.tags) AS t "
+            where.append("EXISTS (SELECT 1 FROM json_each(runs.detail, '$.tags') AS t "
                          "WHERE t.key=? AND t.value=?)")  # fmt: skip
             params += [key, value]
         if since is not None:
@@ -715,14 +754,14 @@ class Index:
         if limit is not None:
             params.append(limit)
         rows = self.query(sql, params)
-        return [_summary(r) for r in rows]
+        return [RunSummary(r) for r in rows]
 
     def run(self, run_id: str, *, refresh: bool = True) -> RunSummary | None:
         """One run's summary (re-read first if it changed), or None when it is not in the store."""
         if refresh:
             self._retrying(self._refresh_one, run_id)
         rows = self.query(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?", [run_id])
-        return _summary(rows[0]) if rows else None
+        return RunSummary(rows[0]) if rows else None
 
     def _refresh_one(self, run_id: str) -> None:
         with self._db() as con:
@@ -734,7 +773,7 @@ class Index:
                 return
             if found is not None and found[0] == stamp and not stamp.startswith("racy:"):
                 return
-            rows = [self._read_run(run_id, stamp)]
+            rows = [self._read_run((run_id, stamp))]
             self._write(con, rows, self._file_work(con, rows), set())
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -782,13 +821,3 @@ def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
     if code is not None:
         return (code & 0xFF) in _CORRUPT_CODES
     return "malformed" in str(exc) or "not a database" in str(exc)
-
-
-def _summary(row: tuple[Any, ...]) -> RunSummary:
-    (run_id, revision, name, status, created, updated, finished, heartbeat, config_hash, error,
-     tags, counters, stages, problem) = row  # fmt: skip
-    return RunSummary(
-        run_id, name, status, revision, created, updated, finished, heartbeat, config_hash, error,
-        orjson.loads(tags), orjson.loads(counters),
-        tuple(StageSummary(*s) for s in orjson.loads(stages)), problem,
-    )  # fmt: skip

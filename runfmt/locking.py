@@ -19,6 +19,9 @@ from runfmt.storage import Storage
 __all__ = ["commit_lock", "file_lock", "hold_writer_lock", "live_writers", "writer_alive"]
 
 COMMIT_LOCK = ".lock"
+_COMMIT_POLL = 0.002
+"""Seconds between tries for a held commit lock (filelock's 0.05 s default let one busy
+writer win every race while another waited, measured in tests/test_locking.py)."""
 _memory_locks: dict[str, threading.RLock] = {}
 _memory_guard = threading.Lock()
 
@@ -38,7 +41,7 @@ def commit_lock(run: Storage, timeout: float) -> Iterator[None]:
     if run.is_local:
         lock = FileLock(run.path(COMMIT_LOCK), timeout=timeout)
         try:
-            lock.acquire()
+            lock.acquire(poll_interval=_COMMIT_POLL)
         except Timeout:
             raise LockTimeoutError(
                 f"another writer held the commit lock for over {timeout:g} s",

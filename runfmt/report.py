@@ -112,12 +112,18 @@ def _metrics(run: RunReader, stage: str, fields: Sequence[str]) -> dict[str, Met
             if is_failure(record):
                 continue
             for name in fields:
-                try:
-                    raw = field_value(record, name)
-                except KeyError:
-                    missing[name] += 1
-                    continue
-                sums[name] += numeric_value(raw, name, where)
+                if name in record:
+                    raw = record[name]
+                else:
+                    try:
+                        raw = field_value(record, name)
+                    except KeyError:
+                        missing[name] += 1
+                        continue
+                if type(raw) is float or type(raw) is int or type(raw) is bool:
+                    sums[name] += raw
+                else:
+                    sums[name] += numeric_value(raw, name, where)
                 counts[name] += 1
     return {
         name: Metric(
@@ -399,10 +405,13 @@ def _html(report: Report, digits: int, title: str) -> str:
                 cls = f' class="status-{html.escape(r.status)}"'
             cells.append(f"<td{cls}>{html.escape(c.cell(r))}</td>")
         rows.append(f'<tr data-run="{html.escape(r.run_id)}">{"".join(cells)}</tr>')
-    charts = "".join(
-        f"<h2>{html.escape(name)} (mean of stage {html.escape(report.stage or '')})</h2>"
-        + _chart(report, name, digits)
-        for name in report.metrics
+    charts = (
+        "".join(
+            f"<h2>{html.escape(name)} (mean of stage {html.escape(report.stage or '')})</h2>"
+            + _chart(report, name, digits)
+            for name in report.metrics
+        )
+        or "<p><small>No chart: pass --stage and --metric to chart a metric.</small></p>"
     )
     return (
         "<!DOCTYPE html>\n"

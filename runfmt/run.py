@@ -693,15 +693,20 @@ class RunWriter:
             return self.flush()
 
     def _heartbeat_loop(self, interval: float) -> None:
+        """Commit a heartbeat every ``interval`` s until the writer closes or the run is gone."""
         while not self._stop_heartbeat.wait(interval):
             with self._mutex:
                 if self._closed:
                     return
                 try:
+                    if not self.storage.exists(names.MANIFESTS_DIR):
+                        return
                     self.manifest = commit(
                         self.storage, ChangeSet(heartbeat=True), self.lock_timeout, self.manifest
                     )
-                except RunfmtError:
+                except RunNotFoundError:
+                    return
+                except (RunfmtError, OSError):
                     continue
 
     def finish(
@@ -750,9 +755,10 @@ class RunWriter:
 
     def close(self) -> None:
         """Commit what is buffered and stop writing; the run stays resumable."""
-        if not self._closed:
-            self.flush()
-            self._release()
+        with self._mutex:
+            if not self._closed:
+                self.flush()
+                self._release()
 
     def discard(self) -> None:
         """Stop writing and commit nothing more: buffered records and changes are dropped.
@@ -762,14 +768,15 @@ class RunWriter:
         self._release()
 
     def _release(self) -> None:
-        self._stop_heartbeat.set()
-        for writer in self._stages.values():
-            writer._abandon()
-        if self._lock is not None:
-            self._lock.release()
-            self.storage.delete(f".writer-{self.writer_id}.lock")
-            self._lock = None
-        self._closed = True
+        with self._mutex:
+            self._stop_heartbeat.set()
+            for writer in self._stages.values():
+                writer._abandon()
+            if self._lock is not None:
+                self._lock.release()
+                self.storage.delete(f".writer-{self.writer_id}.lock")
+                self._lock = None
+            self._closed = True
 
     def _check_open(self) -> None:
         if self._closed:

@@ -64,6 +64,18 @@ def _redact(text: str, secrets: tuple[str, ...]) -> str:
     return text
 
 
+def _create_refused(exc: BaseException) -> bool:
+    """Whether a create-only PUT was refused: 412 (the name is taken; s3fs maps it to
+    `FileExistsError` only when the reply names the condition, which not every
+    S3-compatible server does) or 409 (a concurrent conditional write; try again)."""
+    response = getattr(exc.__cause__, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = response.get("Error", {}).get("Code")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
 @contextlib.contextmanager
 def _translate(where: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
     try:
@@ -342,6 +354,10 @@ class Storage:
                 self.fs.pipe_file(self.path(rel), data, mode="create")
             except FileExistsError:
                 return False
+            except OSError as exc:
+                if _create_refused(exc):
+                    return False
+                raise
             return True
 
     def put(self, rel: str, data: bytes) -> None:
@@ -389,6 +405,12 @@ class Storage:
                     os.unlink(tmp)
                 raise
             _fsync_dir(os.path.dirname(target))
+
+    def upload(self, rel: str, local_path: str) -> None:
+        """Write a whole file from a local one (in parallel parts where the backend can)."""
+        self._writable(rel)
+        with self._io(rel):
+            self.fs.put_file(local_path, self.path(rel))
 
     def open_append(self, rel: str) -> AppendFile:
         """A local file opened for appending (created if missing)."""

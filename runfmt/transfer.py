@@ -27,11 +27,18 @@ from runfmt.errors import (
     InvalidInputError,
     RunExistsError,
     StageFileError,
+    UnsupportedFormatError,
 )
 from runfmt.format import names
 from runfmt.format.checksum import parse_sums
 from runfmt.format.frames import PREFIX, DataFrame, FrameDecoder, FrameEncoder, encode_header
-from runfmt.format.manifest import FORMAT_VERSION, FileEntry, Manifest, decode_manifest
+from runfmt.format.manifest import (
+    FORMAT_VERSION,
+    FileEntry,
+    Manifest,
+    check_compatible,
+    decode_manifest,
+)
 from runfmt.format.records import Record, decode_lines, is_failure
 from runfmt.format.schemas import schema_errors
 from runfmt.run import FRAME_TARGET, RunReader, RunWriter, load_manifest, revisions
@@ -186,6 +193,10 @@ def _zst_batches(path: str, f: IO[bytes]) -> Iterator[tuple[dict[str, Any], list
                 assert header is not None
                 yield header, batch
             else:
+                try:
+                    check_compatible(event.get("format_version"), None)
+                except UnsupportedFormatError as exc:
+                    raise exc.at(path) from None
                 problems = schema_errors("stage-header", event)
                 if problems:
                     raise StageFileError(
@@ -351,10 +362,12 @@ def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
     """Write the run as a tar archive of its folder: manifests, listed files, ``SHA256SUMS``.
 
     Only what the newest revision lists goes in, each file cut to its listed
-    length and checked against its sha256 on the way. Returns that revision.
+    length and checked against its sha256 on the way; ``manifest.json`` holds
+    that revision (COMMIT-7). Returns it.
     """
     storage = run.storage
     manifest = load_manifest(storage)
+    newest = storage.read(names.revision_file(manifest.revision))
     top = manifest.run_id
     stamp = _epoch(manifest.updated_at)
     members: list[tuple[str, int, str | None]] = [(names.MANIFEST_FILE, -1, None)]
@@ -373,9 +386,10 @@ def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
             info = tarfile.TarInfo(f"{top}/{rel}")
             info.mtime, info.mode = stamp, 0o644
             if sha is None:
-                data = storage.read(rel)
-                if rel == names.MANIFEST_FILE and decode_manifest(data) != manifest:
-                    data = storage.read(names.revision_file(manifest.revision))
+                try:
+                    data = newest if rel == names.MANIFEST_FILE else storage.read(rel)
+                except FileNotFoundError:
+                    continue
                 info.size = len(data)
                 tar.addfile(info, _BytesReader(data))
                 continue
@@ -385,9 +399,16 @@ def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
                     location=storage.where(rel),
                 )
             info.size = size
-            with storage.open_read(rel) as src:
-                reader = _HashingReader(src, size)
-                tar.addfile(info, reader)
+            try:
+                with storage.open_read(rel) as src:
+                    reader = _HashingReader(src, size)
+                    tar.addfile(info, reader)
+            except FileNotFoundError:
+                raise ChecksumMismatchError(
+                    "listed file is missing", location=storage.where(rel)
+                ) from None
+            except ChecksumMismatchError as exc:
+                raise exc.at(storage.where(rel)) from None
             if reader.seen != size or reader.hexdigest() != sha:
                 raise ChecksumMismatchError(
                     "listed bytes do not match the manifest (CHECK-1)",

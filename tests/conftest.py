@@ -7,10 +7,17 @@ from collections.abc import Iterator
 
 import fsspec
 import pytest
+from hypothesis import HealthCheck, settings
 
 from runfmt.store import Store
 
 pytest_plugins: list[str] = ["tests.fixtures_tools", "tests.fixtures_s3", "tests.fixtures_manage"]
+
+
+settings.register_profile(
+    "runfmt", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)  # timing checks fail spuriously on a loaded 2-core machine
+settings.load_profile("runfmt")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

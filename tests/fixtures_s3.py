@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import pytest
 
-__all__ = ["S3_BUCKET", "s3_endpoint", "s3_env", "s3_options", "s3_url"]
+__all__ = ["S3_BUCKET", "SERVER", "s3_endpoint", "s3_env", "s3_options", "s3_url"]
 
 S3_BUCKET = "runfmt-test"
 DUMMY_CREDENTIALS = {
@@ -37,8 +37,31 @@ def _free_port() -> int:
         return port
 
 
+SERVER = """
+import sys, threading
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+app = DomainDispatcherApplication(create_backend_app)
+lock = threading.Lock()
+
+def one_at_a_time(environ, start_response):
+    with lock:
+        return [b"".join(app(environ, start_response))]
+
+run_simple("127.0.0.1", int(sys.argv[1]), one_at_a_time, threaded=True)
+"""
+"""moto's S3 server, handling one request at a time.
+
+moto checks ``If-None-Match: *`` and then stores the object without a lock, so on its
+threaded server two racing create-only PUTs can both succeed (seen here: 3 winners of
+4); S3 itself makes the check and the write one step. Serving requests one at a time
+gives the test server S3's semantics.
+"""
+
+
 def _start(port: int, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
-    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    cmd = [sys.executable, "-c", SERVER, str(port)]
     env = {**os.environ, **DUMMY_CREDENTIALS}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     endpoint = f"http://127.0.0.1:{port}"
@@ -63,7 +86,7 @@ def s3_endpoint() -> Iterator[str]:
     """The URL of a moto S3 server on 127.0.0.1, holding the bucket `S3_BUCKET`."""
     log = tempfile.TemporaryFile()  # noqa: SIM115 - held open for the server's lifetime
     try:
-        import boto3
+        import s3fs
 
         proc, endpoint = _start(_free_port(), log)
     except (ImportError, RuntimeError) as exc:
@@ -73,14 +96,12 @@ def s3_endpoint() -> Iterator[str]:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     try:
-        client = boto3.client(
-            "s3",
+        fs = s3fs.S3FileSystem(
             endpoint_url=endpoint,
-            aws_access_key_id=DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1",
+            key=DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret=DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         )
-        client.create_bucket(Bucket=S3_BUCKET)
+        fs.mkdir(S3_BUCKET)
         yield endpoint
     finally:
         proc.terminate()

@@ -12,16 +12,18 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import pytest
+from filelock import FileLock
 
 __all__ = ["duckdb_module", "require_tool"]
 
 _APT_PACKAGES = {"zstd": "zstd", "zstdcat": "zstd", "jq": "jq", "sha256sum": "coreutils"}
-_install_lock = threading.Lock()
+_INSTALL_LOCK = Path(tempfile.gettempdir()) / "runfmt-test-install.lock"
 
 
 def _unavailable(what: str, detail: str) -> None:
@@ -36,7 +38,8 @@ def _apt_install(package: str) -> str:
         return "apt-get not found"
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+    wait = ["-o", "DPkg::Lock::Timeout=300"]
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *wait, package]):
         done = subprocess.run(sudo + cmd, capture_output=True, text=True, env=env, check=False)
         if done.returncode:
             return f"`{' '.join(cmd)}` exited {done.returncode}: {done.stderr.strip()[-500:]}"
@@ -46,9 +49,10 @@ def _apt_install(package: str) -> str:
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        with _install_lock:
-            detail = _apt_install(_APT_PACKAGES.get(name, name))
-        path = shutil.which(name)
+        with FileLock(_INSTALL_LOCK):
+            path = shutil.which(name)
+            detail = "" if path else _apt_install(_APT_PACKAGES.get(name, name))
+        path = path or shutil.which(name)
         if path is None:
             _unavailable(f"the `{name}` command", detail or "not on PATH after installing")
     assert path is not None
@@ -67,12 +71,13 @@ def duckdb_module() -> ModuleType:
     try:
         return importlib.import_module("duckdb")
     except ImportError:
-        done = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "duckdb"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        with FileLock(_INSTALL_LOCK):
+            done = subprocess.run(
+                [sys.executable, "-m", "pip", "install", "-q", "duckdb"],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
         importlib.invalidate_caches()
         try:
             return importlib.import_module("duckdb")

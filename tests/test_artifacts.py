@@ -61,6 +61,7 @@ def test_stream_reads_in_chunks_and_matches(store: Store) -> None:
     ],
 )
 def test_damaged_artifact_is_detected_before_the_last_chunk(store: Store, damage) -> None:
+    """ART-2."""
     w = store.create_run("art", heartbeat_interval=None)
     w.add_artifact("big.bin", BLOB)
     w.finish()
@@ -75,6 +76,7 @@ def test_damaged_artifact_is_detected_before_the_last_chunk(store: Store, damage
 
 
 def test_listed_artifact_is_never_overwritten(store: Store) -> None:
+    """ART-1."""
     w = store.create_run("art", heartbeat_interval=None)
     w.add_artifact("a.txt", b"one")
     with pytest.raises(ConflictError, match="listed bytes never change"):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
@@ -37,12 +40,26 @@ def test_quick_format_run_prints_every_row_with_its_baseline() -> None:
         assert (row["ok"] is None) == (row["target"] == "")
 
 
-def test_quick_format_run_prints_one_table() -> None:
-    done = _bench("format")
-    assert done.returncode == 0, done.stderr
-    header = next(line for line in done.stdout.splitlines() if line.startswith("section"))
-    assert header.split() == ["section", "case", "runfmt", "baseline", "target", "result", "ratio"]
-    assert "load average" in done.stdout
+def test_rows_render_as_one_table_with_ratios_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("bench_run", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.Row.vs("append", 300_000.0, "rec/s", "bare loop", 400_000.0, at_least=0.5)
+    lines = bench.render([("format", row)]).splitlines()
+    assert lines[0].split() == [
+        "section",
+        "case",
+        "runfmt",
+        "baseline",
+        "target",
+        "result",
+        "ratio",
+    ]
+    assert lines[2].split()[-3:] == ["0.5x", "PASS", "0.75x"]
+    assert "format" in bench.discover()
 
 
 def test_unknown_section_is_a_usage_error() -> None:

@@ -9,7 +9,8 @@ import statistics
 
 import pytest
 
-from runfmt.compare import bootstrap_ci, compare_runs, config_changes, diff_runs
+from runfmt import compare
+from runfmt.compare import _binomial, bootstrap_ci, compare_runs, config_changes, diff_runs
 from runfmt.errors import InvalidInputError, RunNotFoundError
 from runfmt.store import Store
 from tests.fixtures_manage import Cli, MakeRun
@@ -270,3 +271,30 @@ def test_failure_records_without_a_key_are_counted(store: Store, make_run: MakeR
     b = make_run(store, "e", {}, {"s": ("id", [{"id": "a", "v": 3}])})
     c = compare_runs(store.open_run(a), store.open_run(b), "s", "v", resamples=10)
     assert (c.n, c.mean_diff, c.failures_a) == (1, 2.0, 1)
+
+
+def test_exact_binomial_draws_follow_the_binomial_law() -> None:
+    rng = random.Random(5)
+    draws = 30_000
+    counts = [0] * 4
+    for _ in range(draws):
+        counts[_binomial(rng, 3, 1, 3)] += 1
+    for k in range(4):
+        p = math.comb(3, k) * (1 / 3) ** k * (2 / 3) ** (3 - k)
+        assert counts[k] / draws == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / draws))
+    assert _binomial(rng, 50, 0, 7) == 0
+    assert _binomial(rng, 50, 7, 7) == 50
+    big = [_binomial(rng, 10_000, 3, 10) for _ in range(200)]
+    assert statistics.fmean(big) == pytest.approx(3000, abs=4 * math.sqrt(2100 / 200))
+
+
+def test_few_value_bootstrap_agrees_with_drawing_every_pair(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = random.Random(2)
+    diffs = [rng.choice([-1.0, 0.0, 0.0, 1.0]) for _ in range(300)]
+    fast = bootstrap_ci(diffs, resamples=2000, confidence=0.9, seed=0)
+    monkeypatch.setattr(compare, "FEW_VALUES", 0)
+    slow = bootstrap_ci(diffs, resamples=2000, confidence=0.9, seed=0)
+    assert fast != slow
+    assert fast == pytest.approx(slow, abs=0.01)

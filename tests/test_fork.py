@@ -64,6 +64,7 @@ def test_fork_takes_stages_before_the_fork_point_and_records_provenance(store: S
 
 
 def test_fork_of_a_finished_run_hard_links_its_files(store: Store) -> None:
+    """FORK-3: hard links where allowed."""
     pipeline(store)
     store.fork_run("src", "parse", run_id="fork1", heartbeat_interval=None).close()
     root = Path(store.url)
@@ -75,6 +76,7 @@ def test_fork_of_a_finished_run_hard_links_its_files(store: Store) -> None:
 
 
 def test_fork_of_a_running_run_copies_only_the_listed_bytes(store: Store) -> None:
+    """FORK-3: no hard link to a file a live writer may extend."""
     src = pipeline(store, finish=False)
     src.append("score", {"key": "late", "stage": "score"})
     src.flush()

@@ -80,7 +80,7 @@ def test_python_zstandard_alone_would_stop_at_the_first_frame() -> None:
     assert len(PAYLOADS) > 1
 
 
-@settings(max_examples=150)
+@settings(max_examples=80)
 @given(
     payloads=st.lists(
         st.binary(min_size=1, max_size=300).map(lambda b: b.hex().encode() + b"\n"),

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runfmt.errors import ConflictError, ManifestError, UnsupportedFormatError
@@ -129,7 +129,7 @@ def manifests(draw: st.DrawFn) -> Manifest:
     )
 
 
-@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40)
 @given(manifests())
 def test_manifest_round_trips(manifest: Manifest) -> None:
     data = encode_manifest(manifest)
@@ -311,7 +311,7 @@ def change_sequences(draw: st.DrawFn) -> list[tuple[str, ChangeSet]]:
     return out
 
 
-@settings(max_examples=80)
+@settings(max_examples=50)
 @given(base_counters=counters, commits=change_sequences())
 def test_merge_sums_counters_and_never_loses_a_file(
     base_counters: dict[str, float], commits: list[tuple[str, ChangeSet]]

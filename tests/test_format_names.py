@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runfmt.errors import InvalidInputError
@@ -143,6 +143,7 @@ def test_parse_stage_file(path: str, expected: tuple[str, int, str] | None) -> N
     assert (stage, parsed.seq, parsed.writer) == expected
 
 
+@settings(max_examples=50)
 @given(
     stage=st.from_regex(r"\A[a-z][a-z0-9_-]{0,63}\Z"),
     seq=st.integers(min_value=0, max_value=10**9),

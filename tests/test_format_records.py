@@ -48,6 +48,7 @@ def same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+@settings(max_examples=50)
 @given(records)
 def test_record_round_trips(record: dict[str, Any]) -> None:
     line = encode_record(record)
@@ -57,7 +58,7 @@ def test_record_round_trips(record: dict[str, Any]) -> None:
     assert same(back, record)
 
 
-@settings(max_examples=30)
+@settings(max_examples=20)
 @given(st.lists(records, max_size=5))
 def test_many_records_round_trip_in_order(batch: list[dict[str, Any]]) -> None:
     back = decode_lines(encode_records(batch))

@@ -359,3 +359,25 @@ def test_forget_runs_drops_deleted_runs_at_once(store: Store) -> None:
     index_module.forget_runs(store, [drop])
     assert [r.run_id for r in store.index.runs(refresh=False)] == [keep]
     assert store.index.query("SELECT count(*) FROM cache") == [(3,)]
+
+
+def test_remote_store_reconciles_and_serves_the_cache(
+    s3_url: str, s3_options: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNFMT_CACHE_DIR", str(tmp_path / "cache"))
+    store = Store(s3_url, s3_options)
+    a = write_run(store, "a")
+    b = write_run(store, "b")
+    assert [r.run_id for r in store.index.runs()] == [b, a]
+    hit = store.cache.get("score", "a-1")
+    assert hit is not None
+    assert (hit.record, hit.provenance.run_id) == ({"key": "a-1", "value": 1}, a)
+
+    store.storage.delete_tree(a)
+    c = write_run(store, "c")
+    again = Store(s3_url, s3_options)
+    assert again.index.path == store.index.path
+    assert [r.run_id for r in again.index.runs()] == [c, b]
+    assert again.cache.get("score", "a-1") is None
+    assert Path(store.index.path).parent == tmp_path / "cache" / "index"
+    assert Path(store.index.path).is_file()

@@ -56,6 +56,7 @@ def write_stage(writer: object, stage: str, n: int, failures: int = 0) -> None:
     ],
 )
 def test_final_statuses_and_per_stage_progress(store: Store, finish, status, error) -> None:
+    """LIFE-1: health is the status; progress comes from the manifest."""
     w = store.create_run("eval", CONFIG, heartbeat_interval=None)
     w.stage("generate", key_field="key")
     write_stage(w, "generate", 10, failures=3)
@@ -187,6 +188,7 @@ def test_repair_commit_is_not_a_heartbeat(store: Store) -> None:
 
 
 def test_running_run_without_heartbeat_becomes_abandoned(store: Store) -> None:
+    """LIFE-4: abandoned after 300 s without a heartbeat; a reading, never stored."""
     w = store.create_run("eval", heartbeat_interval=None)
     m = w.manifest
     seen = parse_timestamp(m.heartbeat_at or "")
@@ -216,6 +218,7 @@ def test_timestamps_with_nanoseconds_parse() -> None:
 
 
 def test_deterministic_run_id_is_stable_and_in_the_grammar() -> None:
+    """POLICY-1."""
     rid = deterministic_run_id("My Eval: GSM8K (v2)", CONFIG)
     assert rid == f"my-eval-gsm8k-v2-{compute_key(CONFIG)[3:19]}"
     assert rid == deterministic_run_id("My Eval: GSM8K (v2)", {"temperature": 0.0, "model": "m1"})
@@ -230,6 +233,7 @@ def test_deterministic_run_id_is_stable_and_in_the_grammar() -> None:
 
 
 def test_auto_creates_then_reuses_a_completed_run(store: Store) -> None:
+    """POLICY-2."""
     opened = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
     assert opened.action == "created"
     assert opened.run_id == deterministic_run_id("eval", CONFIG)
@@ -283,6 +287,7 @@ def test_auto_with_until_stage_reuses_or_continues(store: Store) -> None:
 
 
 def test_error_policy_refuses_an_existing_run(store: Store) -> None:
+    """POLICY-3."""
     opened = store.open_or_create("eval", CONFIG, policy="error", heartbeat_interval=None)
     assert opened.writer is not None
     opened.writer.finish()
@@ -291,6 +296,7 @@ def test_error_policy_refuses_an_existing_run(store: Store) -> None:
 
 
 def test_rerun_replaces_the_old_run(store: Store) -> None:
+    """POLICY-4: the old data is deleted, no hidden folder is left."""
     opened = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
     assert opened.writer is not None
     write_stage(opened.writer, "generate", 5)
@@ -423,3 +429,32 @@ def test_status_of_an_empty_store(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--store", str(tmp_path / "none"), "status"])
     assert result.exit_code == 0
     assert "no runs" in result.output
+
+
+def test_auto_loser_of_a_creation_race_resumes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POLICY-2: two processes create the same id; COMMIT-3 picks one, the other resumes."""
+    import runfmt.lifecycle
+
+    winner = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert winner.writer is not None
+    winner.writer.close()
+    monkeypatch.setattr(runfmt.lifecycle, "_existing", lambda storage: None)
+    loser = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert (loser.action, loser.run_id) == ("resumed", winner.run_id)
+    assert loser.writer is not None
+    loser.writer.close()
+    with pytest.raises(RunExistsError):
+        store.open_or_create("eval", CONFIG, policy="error", heartbeat_interval=None)
+
+
+def test_heartbeat_thread_stops_when_the_run_is_gone(store: Store) -> None:
+    """A heartbeat never recreates a deleted run folder (a lock file would)."""
+    import shutil
+
+    w = store.create_run("eval", heartbeat_interval=0.02)
+    shutil.rmtree(w.storage.root)
+    time.sleep(0.2)
+    assert not Path(w.storage.root).exists()
+    w._release()

@@ -121,6 +121,7 @@ def make_source(url: str) -> None:
 
 @pytest.mark.parametrize("op", ["fork", "rerun"])
 def test_kill_at_every_write(op: str, tmp_path: Path) -> None:
+    """FORK-4 and POLICY-4: no half-made or half-deleted run is ever visible."""
     template = tmp_path / "template"
     make_source(str(template))
     source_bytes = snapshot(template / "src")

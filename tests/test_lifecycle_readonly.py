@@ -64,6 +64,7 @@ MUTATIONS: dict[str, Callable[[Store], Any]] = {
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
 def test_every_mutating_call_raises_read_only_error(ro: Store, name: str) -> None:
+    """RO-1."""
     before = everything(Path(ro.url))
     with pytest.raises(ReadOnlyError, match="read-only"):
         MUTATIONS[name](ro)

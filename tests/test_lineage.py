@@ -46,6 +46,7 @@ def refs(node: Any) -> list[str]:
 
 
 def test_lineage_walks_records_and_artifacts(store: Store, run_id: str) -> None:
+    """LIN-2 resolution; LIN-3: a reference reached twice is expanded once."""
     root = lineage(store.open_run(run_id), "score", "a")
     assert refs(root) == [
         "score/a", "parse/a", "generate/a", "artifacts/prompt.txt", "generate/a",

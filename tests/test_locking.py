@@ -3,6 +3,8 @@ held commit lock makes a writer wait, then fail with `LockTimeoutError` (COMMIT-
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import subprocess
@@ -95,6 +97,21 @@ def test_two_processes_writing_one_run_both_survive(store: Store) -> None:
     stage = reader.stage("score")
     assert len({f.path.rsplit("-", 1)[1] for f in stage.files}) == 2
     assert reader.manifest.revision >= 2 * commits + 1
+    assert writer_switches(Path(store.url) / run_id) >= 2, "the writers never interleaved"
+
+
+def writer_switches(run_dir: Path) -> int:
+    """How often the writer whose file grew changes from one kept revision to the next."""
+    growers = []
+    before: dict[str, int] = {}
+    for rev in sorted((run_dir / "_manifests").glob("*.json")):
+        doc = json.loads(rev.read_bytes())
+        sizes = {f["path"]: f["bytes"] for s in doc["stages"] for f in s["files"]}
+        grown = [p.rsplit("-", 1)[1] for p, n in sizes.items() if n > before.get(p, 0)]
+        if len(grown) == 1:
+            growers.append(grown[0])
+        before = sizes
+    return sum(a != b for a, b in itertools.pairwise(growers))
 
 
 def test_a_held_commit_lock_times_out_and_loses_nothing(store: Store) -> None:

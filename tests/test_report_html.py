@@ -91,3 +91,13 @@ def test_html_renders_runs_progress_and_chart_in_chromium(
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 10_000
+
+
+def test_html_without_metrics_says_how_to_get_a_chart(
+    store: Store, make_run: MakeRun, cli: Cli
+) -> None:
+    make_run(store, "only", {}, {"s": (None, [{"x": 1}])})
+    code, out, _ = cli(store, "report", "--format", "html")
+    assert code == 0
+    assert "<svg" not in out
+    assert "No chart: pass --stage and --metric" in out

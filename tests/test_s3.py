@@ -27,7 +27,7 @@ SECRET = "s3cr3t-value-never-shown"
 
 def test_create_exclusive_has_one_winner_per_race(s3_url: str, s3_options: dict[str, Any]) -> None:
     storage = Storage(s3_url, s3_options)
-    for race in range(20):
+    for race in range(30):
         wins: list[int] = []
         barrier = threading.Barrier(4)
 
@@ -121,6 +121,40 @@ def test_cli_errors_never_show_secrets(tmp_path: Path) -> None:
     assert not any(
         SECRET in p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file()
     )
+
+
+class _ClientError(Exception):
+    def __init__(self, code: str, status: int) -> None:
+        super().__init__(code)
+        self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+class _CompatFS(MemoryFileSystem):
+    """An S3-compatible server as s3fs reports it: a 412 without the condition named is a
+    plain OSError, and a first conditional write meets a concurrent one (409)."""
+
+    protocol = "s3compat"
+    root_marker = "/"
+    conflicts = 1
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kw: Any) -> None:
+        if mode == "create" and _CompatFS.conflicts:
+            _CompatFS.conflicts -= 1
+            raise OSError(5, "conflict") from _ClientError("ConditionalRequestConflict", 409)
+        if mode == "create" and self.exists(path):
+            raise OSError(22, "pre-condition failed") from _ClientError("PreconditionFailed", 412)
+        super().pipe_file(path, value, **kw)
+
+
+register_implementation("s3compat", _CompatFS, clobber=True)
+
+
+def test_refused_create_only_puts_count_as_lost_races() -> None:
+    storage = Storage("s3compat://races", single_writer=True)
+    assert storage.create_exclusive("a.json", b"1") is False
+    assert storage.create_exclusive("a.json", b"1") is True
+    assert storage.create_exclusive("a.json", b"2") is False
+    assert storage.read("a.json") == b"1"
 
 
 class _NoCreateFS(MemoryFileSystem):

@@ -15,6 +15,8 @@ from typing import Any
 
 import fsspec
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import register_implementation
 from typer.testing import CliRunner
 
 from runfmt.check import verify_run
@@ -38,17 +40,22 @@ def _run(store: Store, n: int, name: str = "run", stages: tuple[str, ...] = ("ge
 def _committed(storage: Storage) -> dict[str, bytes]:
     """The bytes a reader of the run sees: listed files, manifests and SHA256SUMS."""
     manifest = load_manifest(storage)
-    paths = [*manifest.listed_paths(), names.MANIFEST_FILE, names.revision_file(manifest.revision)]
+    found = {p: storage.read_range(p, 0, n) for p, n in manifest.listed_paths().items()}
+    paths = [names.MANIFEST_FILE, names.revision_file(manifest.revision)]
     if storage.exists(names.SUMS_FILE):
         paths.append(names.SUMS_FILE)
-    return {p: storage.read(p) for p in paths}
+    return found | {p: storage.read(p) for p in paths}
 
 
 def _same_runs(src: Store, dst: Store) -> None:
+    """DST holds exactly SRC's committed bytes, nothing past a listed length, and verifies."""
     assert dst.run_ids() == src.run_ids()
     for run_id in src.run_ids():
-        assert _committed(dst.locate(run_id)) == _committed(src.locate(run_id))
-        assert verify_run(dst.locate(run_id)) == []
+        copy = dst.locate(run_id)
+        assert _committed(copy) == _committed(src.locate(run_id))
+        for path, length in load_manifest(copy).listed_paths().items():
+            assert copy.size(path) == length
+        assert verify_run(copy) == []
 
 
 @pytest.fixture
@@ -69,6 +76,7 @@ def memory_url() -> Iterator[str]:
 
 
 def test_copies_a_store_then_a_resync_copies_nothing(src: Store, tmp_path: Path) -> None:
+    """SYNC-1, SYNC-6: an unchanged run is recognised by its manifest and not copied again."""
     report = sync(src.url, str(tmp_path / "dst"))
     assert report.ok
     assert (report.count("new"), report.count("same")) == (3, 0)
@@ -103,6 +111,7 @@ def test_one_run_goes_into_the_destination_store(src: Store, tmp_path: Path) -> 
 
 
 def test_only_new_files_and_committed_bytes_are_copied(tmp_path: Path) -> None:
+    """SYNC-2: missing or longer files only, and never past the listed length."""
     src = Store(tmp_path / "src")
     writer = src.create_run("growing", flush_every=None, flush_interval=None)
     writer.extend("gen", [{"i": i} for i in range(10)])
@@ -129,6 +138,7 @@ def test_only_new_files_and_committed_bytes_are_copied(tmp_path: Path) -> None:
 def test_a_destination_run_changed_independently_is_refused_unless_forced(
     src: Store, tmp_path: Path
 ) -> None:
+    """SYNC-4: a newer DST revision is refused; --force makes DST a copy of SRC."""
     run_id = src.run_ids()[0]
     dst_url = str(tmp_path / "dst")
     sync(src.url, dst_url)
@@ -152,6 +162,7 @@ def test_a_destination_run_changed_independently_is_refused_unless_forced(
 
 
 def test_diverged_history_is_a_conflict(src: Store, tmp_path: Path) -> None:
+    """SYNC-4: DST's revision is not the one SRC went through."""
     run_id = src.run_ids()[0]
     dst_url = str(tmp_path / "dst")
     sync(src.url, dst_url)
@@ -179,6 +190,7 @@ def test_dry_run_writes_nothing(src: Store, tmp_path: Path) -> None:
 
 
 def test_delete_removes_destination_runs_only_when_asked(src: Store, tmp_path: Path) -> None:
+    """SYNC-7."""
     dst_url = str(tmp_path / "dst")
     extra = _run(Store(dst_url), 2, "only-at-dst")
     assert sync(src.url, dst_url).ok
@@ -208,6 +220,7 @@ def test_verify_checks_checksums_at_the_destination(src: Store, tmp_path: Path) 
 
 
 def test_corrupt_source_file_is_never_published(src: Store, tmp_path: Path) -> None:
+    """SYNC-3: bytes that do not match the listed sha256 fail the run before it is published."""
     run_id = src.run_ids()[0]
     storage = src.locate(run_id)
     path = load_manifest(storage).stages[0].files[0].path
@@ -264,6 +277,7 @@ def test_cli_json_summary(src: Store, tmp_path: Path) -> None:
 
 
 def test_an_interrupted_commit_is_finished_by_the_next_sync(src: Store, tmp_path: Path) -> None:
+    """SYNC-2, SYNC-5: files left by an interrupted sync are hashed at DST, not copied again."""
     dst_url = str(tmp_path / "dst")
     sync(src.url, dst_url)
     run_id = src.run_ids()[0]
@@ -283,6 +297,7 @@ def test_an_interrupted_commit_is_finished_by_the_next_sync(src: Store, tmp_path
 def test_a_killed_sync_never_shows_a_partial_run_and_resumes(
     where: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    """SYNC-5, SYNC-6: killed at any point, DST shows whole runs only; a re-run completes."""
     src = Store(tmp_path / "src")
     runs = 40 if where == "local" else 12
     for n in range(runs):
@@ -333,3 +348,75 @@ def test_writer_running_at_source_is_synced_as_committed(tmp_path: Path) -> None
     assert reader.manifest.status == "running"
     assert [r["i"] for r in reader.records("gen")] == list(range(5))
     writer.close()
+
+
+class _DroppingFS(MemoryFileSystem):
+    """memory:// whose connection drops after a budget of writes."""
+
+    protocol = "dropping"
+    root_marker = "/"
+    budget = 0
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        if _DroppingFS.budget <= 0:
+            raise ConnectionResetError("connection reset by peer")
+        _DroppingFS.budget -= 1
+        super().pipe_file(path, value, mode=mode, **kwargs)
+
+
+register_implementation("dropping", _DroppingFS, clobber=True)
+
+
+def test_a_dropped_connection_never_shows_a_partial_run_and_resync_completes(
+    src: Store,
+) -> None:
+    dst_url = f"dropping://sync-{uuid.uuid4().hex}"
+    _DroppingFS.budget = 8
+    report = sync(src.url, dst_url, single_writer=True, workers=2)
+    failed = [r for r in report.runs if r.action == "error"]
+    assert failed, "the connection should have dropped during the sync"
+    assert all("connection reset" in r.message for r in failed)
+    dst = Store(dst_url, single_writer=True)
+    for run in report.runs:
+        if dst.storage.child(run.run_id).exists(names.MANIFESTS_DIR):
+            problems = verify_run(dst.locate(run.run_id))
+            assert [p for p in problems if p.rule != "COMMIT-7"] == []
+        else:
+            assert run in failed
+            with pytest.raises(RunNotFoundError):
+                dst.open_run(run.run_id)
+    _DroppingFS.budget = 1000
+    assert sync(src.url, dst_url, single_writer=True).ok
+    _same_runs(src, dst)
+    _DroppingFS().rm(dst_url, recursive=True)
+
+
+def test_large_files_are_streamed_or_uploaded_whole(
+    tmp_path: Path, s3_url: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files above the in-memory size: a finished run's are uploaded whole, a live run's
+    committed prefix is streamed; both checked against the listed sha256 (SYNC-3)."""
+    monkeypatch.setattr("runfmt.sync._SMALL", 512)
+    monkeypatch.setattr("runfmt.sync._CHUNK", 700)
+    src = Store(tmp_path / "src")
+    done = _run(src, 300, "finished")
+    live = src.create_run("live", flush_every=None, flush_interval=None)
+    live.extend("gen", [{"i": i, "pad": "x" * (i % 50)} for i in range(300)])
+    live.flush()
+    with open(
+        src.locate(live.run_id).path(src.open_run(live.run_id).stage("gen").files[0].path), "ab"
+    ) as f:
+        f.write(b"not committed")
+    assert sync(src.url, s3_url, dst_options=s3_options).ok
+    assert sync(s3_url, str(tmp_path / "back"), src_options=s3_options).ok
+    _same_runs(src, Store(s3_url, s3_options))
+    _same_runs(src, Store(tmp_path / "back"))
+    storage = src.locate(done)
+    path = load_manifest(storage).stages[0].files[0].path
+    data = bytearray(storage.read(path))
+    data[100] ^= 0x01
+    storage.put(path, bytes(data))
+    (bad,) = sync(src.url, s3_url + "-2", dst_options=s3_options, workers=1).runs[1:]
+    assert (bad.run_id, bad.action) == (done, "error")
+    assert "SYNC-3" in bad.message
+    live.close()

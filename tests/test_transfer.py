@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import tarfile
 from collections.abc import Callable
@@ -12,8 +13,14 @@ from pathlib import Path
 import pytest
 
 from runfmt.check import verify_run
-from runfmt.errors import ChecksumMismatchError, FormatError, RunExistsError, StageFileError
-from runfmt.format.frames import PREFIX, iter_frames
+from runfmt.errors import (
+    ChecksumMismatchError,
+    FormatError,
+    RunExistsError,
+    StageFileError,
+    UnsupportedFormatError,
+)
+from runfmt.format.frames import PREFIX, encode_header, iter_frames
 from runfmt.store import Store
 from runfmt.transfer import export_run, export_stage, import_run, import_stage, read_stage_file
 from tests.fixtures_manage import Cli, MakeRun
@@ -51,6 +58,7 @@ def records(store: Store, run: str, stage: str) -> list[dict[str, object]]:
 def test_stage_round_trip_through_a_zst_file(
     store: Store, source: str, other: Store, tmp_path: Path, require_tool: Callable[[str], str]
 ) -> None:
+    """EXP-1: a stage export is a stage file with an export header; its records come back."""
     path = tmp_path / "score.jsonl.zst"
     assert export_stage(store.open_run(source), "score", path) == len(SCORES)
     assert path.read_bytes().startswith(PREFIX)
@@ -117,6 +125,7 @@ def test_bad_jsonl_lines_are_refused_with_their_line(store: Store, tmp_path: Pat
 def test_tampered_stage_file_is_refused_and_nothing_is_written(
     store: Store, source: str, make_run: MakeRun, tmp_path: Path
 ) -> None:
+    """EXP-1: frames, counts and sha256 are checked before anything is written."""
     good = tmp_path / "score.jsonl.zst"
     export_stage(store.open_run(source), "score", good)
     target = make_run(store, "t", {}, {"score": ("id", [{"id": "z", "correct": 1}])})
@@ -152,6 +161,7 @@ def test_tampered_stage_file_is_refused_and_nothing_is_written(
 
 
 def test_wrong_stage_is_refused(store: Store, source: str, tmp_path: Path, cli: Cli) -> None:
+    """EXP-1: a stage export is not imported under another stage name."""
     path = tmp_path / "score.jsonl.zst"
     export_stage(store.open_run(source), "score", path)
     code, out, err = cli(store, "import", str(path), "--stage", "parse")
@@ -162,6 +172,7 @@ def test_wrong_stage_is_refused(store: Store, source: str, tmp_path: Path, cli: 
 
 
 def test_run_archive_round_trip(store: Store, source: str, other: Store, tmp_path: Path) -> None:
+    """EXP-2, EXP-4: the archive is the run folder; the import keeps identity, data and status."""
     archive = tmp_path / "run.tar"
     export_run(store.open_run(source), archive)
     with tarfile.open(archive) as tar:
@@ -197,6 +208,7 @@ def test_run_archive_round_trip(store: Store, source: str, other: Store, tmp_pat
 def test_archive_of_a_running_run_holds_only_committed_bytes(
     store: Store, other: Store, tmp_path: Path
 ) -> None:
+    """EXP-2: only what the newest revision lists, cut to its listed length."""
     writer = store.create_run("live", {}, run_id="live-run")
     writer.extend("s", [{"i": i} for i in range(3)])
     writer.flush()
@@ -224,6 +236,7 @@ def _rewrite(archive: Path, target: Path, change: Callable[[str, bytes], bytes |
 def test_tampered_archive_is_refused_and_nothing_imported(
     store: Store, source: str, other: Store, tmp_path: Path, cli: Cli
 ) -> None:
+    """EXP-3: listed files and SHA256SUMS are checked before anything is written."""
     archive = tmp_path / "run.tar"
     export_run(store.open_run(source), archive)
 
@@ -256,6 +269,7 @@ def test_tampered_archive_is_refused_and_nothing_imported(
 
 
 def test_unsafe_archive_members_are_refused(other: Store, tmp_path: Path) -> None:
+    """EXP-3: absolute paths, "..", links and devices are refused."""
     bad = tmp_path / "evil.tar"
     with tarfile.open(bad, "w") as tar:
         info = tarfile.TarInfo("run/../../evil")
@@ -277,6 +291,7 @@ def test_unsafe_archive_members_are_refused(other: Store, tmp_path: Path) -> Non
 def test_existing_run_id_is_refused_then_imported_under_a_new_id(
     store: Store, source: str, tmp_path: Path, cli: Cli
 ) -> None:
+    """EXP-3: an existing run is never replaced."""
     archive = tmp_path / "run.tar"
     code, _, err = cli(store, "export", source, str(archive))
     assert code == 0
@@ -347,3 +362,33 @@ def test_memory_store_round_trip(
     export_stage(memory_store.open_run(source), "score", tmp_path / "s.jsonl.zst")
     assert read_stage_file(tmp_path / "s.jsonl.zst").records == len(SCORES)
     assert records(memory_store, source, "score") == SCORES
+
+
+def test_export_refuses_a_damaged_run_and_leaves_no_file(
+    store: Store, source: str, tmp_path: Path
+) -> None:
+    run = store.open_run(source)
+    path = run.stage("score").files[0].path
+    data = bytearray(run.storage.read(path))
+    data[-5] ^= 0x01
+    run.storage.put(path, bytes(data))
+    with pytest.raises(ChecksumMismatchError) as info:
+        export_run(run, tmp_path / "run.tar")
+    assert info.value.location.endswith(path.replace("/", os.sep))
+    assert not (tmp_path / "run.tar").exists()
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+
+
+def test_stage_export_from_a_newer_major_version_is_refused(
+    store: Store, source: str, tmp_path: Path
+) -> None:
+    good = tmp_path / "score.jsonl.zst"
+    export_stage(store.open_run(source), "score", good)
+    raw = good.read_bytes()
+    header = next(iter_frames(raw))
+    assert isinstance(header, dict)
+    start = len(PREFIX) + 8 + int.from_bytes(raw[len(PREFIX) + 4 : len(PREFIX) + 8], "little")
+    newer = tmp_path / "newer.jsonl.zst"
+    newer.write_bytes(PREFIX + encode_header({**header, "format_version": "2.0"}) + raw[start:])
+    with pytest.raises(UnsupportedFormatError, match="newer than this reader"):
+        import_stage(store, newer, name="x")

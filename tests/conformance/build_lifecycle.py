@@ -1,4 +1,4 @@
-"""Conformance cases of spec §14.1 (lifecycle, forks, lineage), built with the format core.
+"""Conformance cases of spec §14.2 (lifecycle, forks, lineage), built with the format core.
 
 `tests/conformance/build.py` writes them with the rest of the suite.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conformance.build import GEN, RUN_ID, SCORE, T1, Case, base, running
+from tests.conformance.builder import GEN, RUN_ID, SCORE, T1, Case, base, running
 
 SOURCE_ID = "20261031-090000000-99aa88bb"
 

@@ -1,0 +1,546 @@
+"""The invalid cases of the conformance suite: one fault each, named after it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import zstandard
+
+from runfmt.format.frames import PREFIX
+from runfmt.format.keys import compute_key
+from tests.conformance.builder import (
+    ENCODER,
+    GEN,
+    HEADER_MAGIC,
+    Case,
+    base,
+    data_frame,
+    flip,
+    running,
+    sha256_of,
+    skippable,
+)
+
+
+def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
+    """Each case with its extra case.json members (``error``, ``repairable``)."""
+    out: list[tuple[Case, dict[str, Any]]] = []
+
+    def add(c: Case, error: str | None = None, repairable: bool = False) -> Case:
+        extra: dict[str, Any] = {"repairable": repairable}
+        if error:
+            extra["error"] = error
+        out.append((c, extra))
+        return c
+
+    def raw(c: Case, mutate: Callable[[bytes], bytes]) -> None:
+        data = mutate(c.manifest_bytes())
+        c.revisions = {c.doc["revision"]: data}
+        c.manifest_json = data
+
+    # manifest and versions
+    c = add(
+        running(
+            "invalid",
+            "manifest-newer-major",
+            "format_version 2.0: a newer MAJOR is refused.",
+            ["VER-2"],
+        ),
+        "UnsupportedFormatError",
+    )
+    c.doc["format_version"] = "2.0"
+    c = add(
+        running(
+            "invalid",
+            "manifest-unknown-required-feature",
+            "required_features names a feature this reader does not know.",
+            ["VER-3"],
+        ),
+        "UnsupportedFormatError",
+    )
+    c.doc["required_features"] = ["time-travel"]
+    c = add(
+        running("invalid", "manifest-not-json", "The revision is cut in the middle.", ["MAN-1"]),
+        "ManifestError",
+    )
+    raw(c, lambda b: b[: len(b) // 2])
+    c = add(
+        running(
+            "invalid", "manifest-duplicate-member", "The manifest names 'status' twice.", ["MAN-1"]
+        ),
+        "ManifestError",
+    )
+    raw(
+        c,
+        lambda b: b.replace(
+            b'"status": "running",', b'"status": "running",\n  "status": "completed",', 1
+        ),
+    )
+    c = add(
+        running("invalid", "manifest-nan", "A counter holds NaN, which JSON has not.", ["MAN-1"]),
+        "ManifestError",
+    )
+    raw(c, lambda b: b.replace(b'"counters": {}', b'"counters": {"x": NaN}', 1))
+    c = add(
+        running(
+            "invalid", "manifest-not-utf8", "The name holds a byte that is not UTF-8.", ["MAN-1"]
+        ),
+        "ManifestError",
+    )
+    raw(c, lambda b: b.replace(b'"name": "manifest-not-utf8"', b'"name": "bad \xff"', 1))
+    c = add(
+        running("invalid", "manifest-missing-member", "The manifest has no run_id.", ["MAN-2"]),
+        "ManifestError",
+    )
+    del c.doc["run_id"]
+    c = add(
+        running(
+            "invalid",
+            "manifest-bad-run-id",
+            "The run id has capitals and a colon.",
+            ["MAN-2", "NAME-1"],
+        ),
+        "ManifestError",
+    )
+    c.doc["run_id"] = "Run:1"
+    c = add(
+        running(
+            "invalid",
+            "manifest-bad-stage-name",
+            "A stage is named 'Generate'.",
+            ["MAN-2", "NAME-2"],
+        ),
+        "ManifestError",
+    )
+    c.doc["stages"][0]["name"] = "Generate"
+    c = add(
+        running(
+            "invalid",
+            "manifest-bad-config-hash",
+            "config_hash is not a k1 key.",
+            ["MAN-2", "KEY-2"],
+        ),
+        "ManifestError",
+    )
+    c.doc["config_hash"] = "sha256:" + "0" * 64
+    c = add(
+        running(
+            "invalid",
+            "manifest-revision-mismatch",
+            "_manifests/00000003.json holds revision 2.",
+            ["MAN-3"],
+        ),
+        "ManifestError",
+    )
+    c.doc["revision"] = 2
+    c.revisions = {3: c.manifest_bytes()}
+    c = add(
+        running("invalid", "duplicate-stage", "Two stages are named 'generate'.", ["MAN-4"]),
+        "ManifestError",
+    )
+    c.doc["stages"].append(copy.deepcopy(c.doc["stages"][0]) | {"files": []})
+    c = add(
+        running(
+            "invalid",
+            "file-in-other-stage",
+            "Stage 'score' lists a file under stages/generate/.",
+            ["MAN-5"],
+        ),
+        "ManifestError",
+    )
+    c.stage("score")
+    c.doc["stages"][1]["files"] = c.doc["stages"][0]["files"]
+    c.doc["stages"][0]["files"] = []
+    c = add(
+        running(
+            "invalid",
+            "failures-exceed-records",
+            "A file lists more failures than records.",
+            ["MAN-5"],
+        ),
+        "ManifestError",
+    )
+    c.doc["stages"][0]["files"][0]["failures"] = 5
+    c = add(
+        running(
+            "invalid",
+            "path-escapes-run",
+            "An artifact path climbs out of the run with '..'.",
+            ["MAN-6", "LAYOUT-5", "NAME-5"],
+        ),
+        "ManifestError",
+    )
+    c.artifact("report.txt", b"x")
+    c.doc["artifacts"][0]["path"] = "artifacts/../../outside.txt"
+    c.outside["outside.txt"] = b"x"
+    c = add(
+        running(
+            "invalid",
+            "artifact-device-name",
+            "An artifact named 'aux.txt', a device name on Windows.",
+            ["MAN-6", "NAME-5"],
+        ),
+        "ManifestError",
+    )
+    c.artifact("aux.txt", b"x")
+    c = add(
+        running(
+            "invalid",
+            "case-colliding-paths",
+            "Artifacts 'Report.txt' and 'report.txt' collide on case-insensitive filesystems.",
+            ["MAN-7"],
+        ),
+        "ManifestError",
+    )
+    c.artifact("Report.txt", b"A")
+    c.artifact("report.txt", b"b")
+
+    # layout
+    c = add(
+        running(
+            "invalid",
+            "no-revisions",
+            "manifest.json without _manifests/ (a copy that left the folder out).",
+            ["LAYOUT-2"],
+        ),
+        "ManifestError",
+    )
+    c.revisions = {0: b""}
+    c = add(
+        running(
+            "invalid", "missing-stage-file", "A listed stage file does not exist.", ["LAYOUT-3"]
+        ),
+        "ChecksumMismatchError",
+    )
+    c.files.clear()
+    c = add(
+        running("invalid", "missing-artifact", "A listed artifact does not exist.", ["LAYOUT-3"]),
+        "FormatError",
+    )
+    path = c.artifact("gone.bin", b"\x00\x01")
+    del c.files[path]
+    c = add(
+        running(
+            "invalid",
+            "unlisted-file",
+            "A file at the run root that no manifest lists.",
+            ["LAYOUT-4"],
+        )
+    )
+    c.files["notes.txt"] = b"hello\n"
+    c = add(
+        running(
+            "invalid",
+            "unexpected-file-in-manifests",
+            "_manifests/ holds a file that is not a revision.",
+            ["LAYOUT-4", "NAME-6"],
+        )
+    )
+    c.files["_manifests/latest.json"] = b"{}\n"
+    c = add(
+        running(
+            "invalid",
+            "symlink-stage-file",
+            "The listed stage file is a symbolic link "
+            "to a copy outside the run (made at test time: see setup).",
+            ["LAYOUT-5"],
+        ),
+        "FormatError",
+    )
+    target = c.doc["stages"][0]["files"][0]["path"]
+    c.outside["outside/part.jsonl.zst"] = c.files.pop(target)
+    c.setup.append({"symlink": f"run/{target}", "target": "outside/part.jsonl.zst"})
+
+    # stage files
+    def corrupt_file(
+        name: str,
+        description: str,
+        rules: list[str],
+        error: str,
+        mutate: Callable[[bytes], bytes],
+        relist: bool = True,
+    ) -> Case:
+        c = add(running("invalid", name, description, rules), error)
+        path = c.doc["stages"][0]["files"][0]["path"]
+        c.files[path] = mutate(c.files[path])
+        if relist:
+            c.entry(path).update(bytes=len(c.files[path]), sha256=sha256_of(c.files[path]))
+        return c
+
+    def header_len(data: bytes) -> int:
+        return len(PREFIX) + 8 + int(struct.unpack_from("<I", data, len(PREFIX) + 4)[0])
+
+    corrupt_file(
+        "frame-missing-prefix",
+        "The file starts with the header frame, without the empty zstd frame.",
+        ["FRAME-1"],
+        "StageFileError",
+        lambda b: b[len(PREFIX) :],
+    )
+    corrupt_file(
+        "header-wrong-magic",
+        "The header frame uses skippable magic 0x184D2A50.",
+        ["FRAME-2"],
+        "StageFileError",
+        lambda b: PREFIX + struct.pack("<I", 0x184D2A50) + b[len(PREFIX) + 4 :],
+    )
+
+    c = add(
+        running(
+            "invalid",
+            "header-names-other-stage",
+            "The header says stage 'score' in a file under stages/generate/.",
+            ["FRAME-2"],
+        ),
+        "StageFileError",
+    )
+    c.doc["stages"][0]["files"].clear()
+    c.file("generate", [GEN[:2]], header={"stage": "score"})
+    c = add(
+        running(
+            "invalid",
+            "header-declaration-mismatch",
+            "The header's key_field differs from the stage's declaration.",
+            ["FRAME-2", "VER-5"],
+        ),
+        "StageFileError",
+    )
+    c.doc["stages"][0]["files"].clear()
+    c.file("generate", [GEN[:2]], header={"key_field": "id"})
+    c = add(
+        running("invalid", "header-not-json", "The header frame's body is not JSON.", ["FRAME-2"]),
+        "StageFileError",
+    )
+    c.doc["stages"][0]["files"].clear()
+    path = c.file("generate", [GEN[:2]])
+    c.files[path] = PREFIX + skippable(b"{not json}", HEADER_MAGIC) + data_frame(GEN[:2])
+    c.entry(path).update(bytes=len(c.files[path]), sha256=sha256_of(c.files[path]))
+
+    big = 64 * 1024 * 1024 // 3 + 1
+    oversize = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(b"{}\n" * big)
+    corrupt_file(
+        "frame-content-over-64mib",
+        f"A data frame declares {big * 3} bytes of content, over the 64 MiB limit.",
+        ["FRAME-4"],
+        "StageFileError",
+        lambda b: b + oversize,
+    )
+    corrupt_file(
+        "frame-truncated-tail",
+        "The listed bytes end inside a data frame (length and sha256 listed for the cut file).",
+        ["FRAME-5"],
+        "StageFileError",
+        lambda b: b[:-5],
+    )
+    corrupt_file(
+        "frame-garbage-after-header",
+        "Bytes that are no frame follow the header.",
+        ["FRAME-5"],
+        "StageFileError",
+        lambda b: b[: header_len(b)] + b"GARBAGE!" + b[header_len(b) :],
+    )
+    short = ENCODER.encode(b'{"a":1}\n')
+    corrupt_file(
+        "frame-content-size-wrong",
+        "A data frame declares 9 bytes of content and holds 8.",
+        ["FRAME-4", "FRAME-5"],
+        "StageFileError",
+        lambda b: b + short[:5] + b"\x09" + short[6:],
+    )
+    corrupt_file(
+        "flipped-byte",
+        "One bit flipped inside a data frame; the manifest still lists the original sha256.",
+        ["CHECK-1", "FRAME-3"],
+        "FormatError",
+        lambda b: flip(b, len(b) - 12),
+        relist=False,
+    )
+    c = add(
+        running(
+            "invalid",
+            "sha256-mismatch",
+            "The file is intact but the manifest lists another sha256.",
+            ["CHECK-1"],
+        ),
+        "ChecksumMismatchError",
+    )
+    c.doc["stages"][0]["files"][0]["sha256"] = "0" * 64
+    corrupt_file(
+        "file-shorter-than-listed",
+        "The file was cut after the commit: it is shorter than its listed length.",
+        ["CHECK-1"],
+        "ChecksumMismatchError",
+        lambda b: b[:-7],
+        relist=False,
+    )
+    c = add(
+        running(
+            "invalid",
+            "artifact-sha256-mismatch",
+            "An artifact's bytes differ from its listed sha256.",
+            ["CHECK-1"],
+        ),
+        "ChecksumMismatchError",
+    )
+    path = c.artifact("report.txt", b"accuracy 0.5\n")
+    c.files[path] = b"accuracy 0.9\n"
+    c = add(
+        running(
+            "invalid",
+            "record-count-mismatch",
+            "The manifest lists 3 records where the file holds 2.",
+            ["CHECK-2"],
+        ),
+        "ChecksumMismatchError",
+    )
+    c.doc["stages"][0]["files"][0]["records"] = 3
+    c = add(
+        running(
+            "invalid",
+            "failure-count-mismatch",
+            "The manifest lists 1 failure where the file holds none.",
+            ["CHECK-2"],
+        )
+    )
+    c.doc["stages"][0]["files"][0]["failures"] = 1
+
+    def bad_lines(name: str, description: str, rules: list[str], payload: bytes) -> None:
+        c = add(running("invalid", name, description, rules), "StageFileError")
+        c.doc["stages"][0]["files"].clear()
+        path = c.file("generate", [])
+        c.files[path] += ENCODER.encode(payload)
+        c.entry(path).update(bytes=len(c.files[path]), sha256=sha256_of(c.files[path]), records=1)
+
+    bad_lines("record-not-object", "A line holds a JSON array.", ["REC-1"], b"[1, 2]\n")
+    bad_lines("record-invalid-json", "A line is not JSON.", ["REC-1"], b"{'single': 1}\n")
+    bad_lines(
+        "record-invalid-utf8",
+        "A line holds a byte that is not UTF-8.",
+        ["REC-1"],
+        b'{"a": "\xc3\x28"}\n',
+    )
+    bad_lines("record-empty-line", "An empty line between records.", ["REC-1"], b'{"a": 1}\n\n')
+    bad_lines(
+        "frame-partial-line",
+        "A data frame's content does not end with a newline: a record split across frames.",
+        ["REC-2"],
+        b'{"a": 1}\n{"b":',
+    )
+
+    # SHA256SUMS
+    c = add(
+        base(
+            "invalid",
+            "sums-mismatch",
+            "SHA256SUMS lists another digest for manifest.json.",
+            ["CHECK-3"],
+        ),
+        repairable=True,
+    )
+    digest = sha256_of(c.manifest_bytes()).encode()
+    c.sums_mutate = lambda b: b.replace(digest, b"f" * 64)
+    c = add(
+        running("invalid", "sums-on-running-run", "A running run carries SHA256SUMS.", ["CHECK-3"]),
+        repairable=True,
+    )
+    c.files["SHA256SUMS"] = b"0" * 64 + b"  manifest.json\n"
+    c = add(
+        running(
+            "invalid",
+            "sums-malformed",
+            "SHA256SUMS holds a line that is not '<sha256>  <path>'.",
+            ["CHECK-3"],
+        ),
+        repairable=True,
+    )
+    c.finish()
+    c.files["SHA256SUMS"] = b"not a sums line\n"
+    c.sums = False
+
+    # crash states (repair fixes them)
+    c = add(
+        running(
+            "invalid",
+            "stale-manifest-json",
+            "A crash between creating revision 3 and "
+            "replacing manifest.json: manifest.json holds revision 2.",
+            ["COMMIT-7"],
+        ),
+        repairable=True,
+    )
+    older = copy.deepcopy(c.doc) | {"revision": 2, "stages": []}
+    c.manifest_json = (
+        json.dumps(older | {"config_hash": compute_key(older["config"])}, indent=2) + "\n"
+    ).encode()
+    c = add(
+        running(
+            "invalid",
+            "missing-manifest-json",
+            "manifest.json is gone; the revisions are intact.",
+            ["COMMIT-7"],
+        ),
+        repairable=True,
+    )
+    c.manifest_json = b""
+
+    c = add(
+        running(
+            "invalid",
+            "uncommitted-frames",
+            "Complete frames appended after the last "
+            "commit (a crash before the next revision): repair salvages them.",
+            ["COMMIT-8"],
+        ),
+        repairable=True,
+    )
+    path = c.doc["stages"][0]["files"][0]["path"]
+    c.files[path] += data_frame([GEN[2]]) + data_frame([{"key": "k1:q4", "late": True}])
+    c = add(
+        running(
+            "invalid",
+            "torn-tail",
+            "A frame cut short after the last commit: repair "
+            "cuts it off, keeping the committed records.",
+            ["COMMIT-8"],
+        ),
+        repairable=True,
+    )
+    path = c.doc["stages"][0]["files"][0]["path"]
+    c.files[path] += data_frame([GEN[2]])[:-6]
+    c = add(
+        running(
+            "invalid",
+            "unlisted-stage-file",
+            "A stage file that no revision lists (a "
+            "crash before its first commit): repair salvages its complete frames.",
+            ["COMMIT-8", "LAYOUT-4"],
+        ),
+        repairable=True,
+    )
+    listed = c.doc["stages"][0]["files"][0]
+    c.file(
+        "generate", [[{"key": "k1:late", "n": 1}], [{"key": "k1:later", "n": 2}]], writer="e5f6a7b8"
+    )
+    c.doc["stages"][0]["files"] = [listed]
+    c = add(
+        running(
+            "invalid",
+            "newest-revision-corrupt",
+            "The newest revision is not JSON "
+            "(storage damage): repair sets it aside and the previous one is current.",
+            ["COMMIT-7", "MAN-1"],
+        ),
+        "ManifestError",
+        repairable=True,
+    )
+    prev = copy.deepcopy(c.doc) | {"revision": 2}
+    prev_bytes = (
+        json.dumps(prev | {"config_hash": compute_key(prev["config"])}, indent=2) + "\n"
+    ).encode()
+    c.revisions = {2: prev_bytes, 3: b'{"format": "runfmt", "revis'}
+    c.manifest_json = prev_bytes
+    return out
