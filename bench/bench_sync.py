@@ -59,7 +59,7 @@ class _Server:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{port}"
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        self._log: IO[bytes] = tempfile.TemporaryFile("a+b")  # noqa: SIM115
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _SERVER, str(port)],
             env={**os.environ, **_CREDENTIALS},

@@ -40,6 +40,7 @@ from runfmt.errors import (
 from runfmt.format import names
 from runfmt.format.checksum import format_sums, sha256_hex
 from runfmt.format.frames import (
+    MAX_FRAME_CONTENT,
     PREFIX,
     DataFrame,
     FrameDecoder,
@@ -74,6 +75,8 @@ __all__ = ["RunReader", "RunWriter", "StageWriter", "commit", "load_manifest", "
 KEEP_REVISIONS = 32
 """Writers keep at least this many newest revisions in ``_manifests/`` (COMMIT-9)."""
 FRAME_TARGET = 1 << 20
+MAX_RECORD_BYTES = MAX_FRAME_CONTENT - FRAME_TARGET
+"""The longest record line: it and the lines before it in its frame fit in one frame."""
 ROLL_BYTES = 1 << 30
 _READ_CHUNK = 1 << 20
 _COMMIT_ATTEMPTS = 100
@@ -367,6 +370,12 @@ class StageWriter:
     def append(self, record: Mapping[str, Any]) -> None:
         """Buffer one record; a bad record raises `InvalidInputError` and changes nothing."""
         line = encode_record(record, self.entry.key_field)
+        if len(line) > MAX_RECORD_BYTES:
+            raise InvalidInputError(
+                f"record of {len(line)} bytes is over the {MAX_RECORD_BYTES}-byte limit "
+                "(a frame holds at most 64 MiB, FRAME-4)",
+                hint="store large values as artifacts (add_artifact) and refer to them",
+            )
         if PARENTS_FIELD in record:
             parse_parents(record[PARENTS_FIELD])
         self._lines.append(line)
@@ -394,7 +403,7 @@ class StageWriter:
                 return
             lines = encode_many(batch, self.entry.key_field)
             payload = b"".join(lines) if lines is not None else b""
-            if lines is None or b'"_parents":' in payload:
+            if lines is None or b'"_parents":' in payload or len(payload) > MAX_RECORD_BYTES:
                 for record in batch:
                     self.append(record)
                 continue

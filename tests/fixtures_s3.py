@@ -8,6 +8,7 @@ server that cannot start skips those tests; with it, they fail.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,12 +16,21 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import pytest
 
-__all__ = ["S3_BUCKET", "SERVER", "s3_endpoint", "s3_env", "s3_options", "s3_url"]
+__all__ = [
+    "S3_BUCKET",
+    "SERVER",
+    "s3_endpoint",
+    "s3_env",
+    "s3_options",
+    "s3_requests",
+    "s3_server",
+    "s3_url",
+]
 
 S3_BUCKET = "runfmt-test"
 DUMMY_CREDENTIALS = {
@@ -82,9 +92,9 @@ def _start(port: int, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """The URL of a moto S3 server on 127.0.0.1, holding the bucket `S3_BUCKET`."""
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - held open for the server's lifetime
+def s3_server() -> Iterator[tuple[str, IO[bytes]]]:
+    """A moto S3 server on 127.0.0.1 holding the bucket `S3_BUCKET`: its URL and request log."""
+    log = tempfile.TemporaryFile("a+b")  # noqa: SIM115 - open while the server lives; appends only
     try:
         import s3fs
 
@@ -102,7 +112,7 @@ def s3_endpoint() -> Iterator[str]:
             secret=DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         )
         fs.mkdir(S3_BUCKET)
-        yield endpoint
+        yield endpoint, log
     finally:
         proc.terminate()
         try:
@@ -111,6 +121,27 @@ def s3_endpoint() -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def s3_endpoint(s3_server: tuple[str, IO[bytes]]) -> str:
+    """The URL of the test S3 server."""
+    return s3_server[0]
+
+
+@pytest.fixture
+def s3_requests(s3_server: tuple[str, IO[bytes]]) -> Callable[[], list[str]]:
+    """A function returning the requests (``"GET /bucket/key"``) served since it was made."""
+    log = s3_server[1]
+    start = log.seek(0, os.SEEK_END)
+
+    def served() -> list[str]:
+        time.sleep(0.1)
+        log.seek(start)
+        lines = log.read().decode(errors="replace").splitlines()
+        return [m[1] for line in lines if (m := re.search(r'"([A-Z]+ \S+) HTTP/1\.1"', line))]
+
+    return served
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from runfmt.errors import (
     UnsupportedFormatError,
 )
 from runfmt.format.frames import PREFIX, FrameEncoder, encode_header
+from runfmt.run import MAX_RECORD_BYTES
 from runfmt.storage import Storage
 from runfmt.store import Store
 
@@ -102,6 +103,33 @@ def test_a_bad_record_is_refused_and_the_run_stays_as_it_was(store: Store, recor
         "q2",
         "after",
     ]
+
+
+@pytest.mark.parametrize("bulk", [False, True], ids=["append", "extend"])
+def test_a_record_too_large_for_a_frame_is_refused_and_the_writer_goes_on(
+    store: Store, bulk: bool
+) -> None:
+    w = store.create_run("eval", **QUIET)
+    overhead = len(b'{"id":"big","t":""}\n')
+    filler = [{"id": f"f{i}", "t": "y" * 1015} for i in range(1000)]
+    w.extend("score", filler)
+
+    def add(record: dict[str, str]) -> None:
+        if bulk:
+            w.extend("score", [record])
+        else:
+            w.append("score", record)
+
+    biggest = {"id": "big", "t": "x" * (MAX_RECORD_BYTES - overhead)}
+    w.append("score", biggest)
+    too_big = {"id": "big", "t": "x" * (MAX_RECORD_BYTES - overhead + 1)}
+    with pytest.raises(InvalidInputError, match=f"over the {MAX_RECORD_BYTES}-byte limit"):
+        add(too_big)
+    w.append("score", {"id": "after"})
+    w.finish()
+    reader = store.open_run(w.run_id)
+    assert [r["id"] for r in reader.records("score")][-3:] == ["f999", "big", "after"]
+    assert verify_run(reader.storage) == []
 
 
 @pytest.mark.parametrize("run_id", ["Upper", "a/b", "../escape", "a:b", ".hidden", "-x", "x" * 101])

@@ -132,6 +132,7 @@ def test_keys_and_failures() -> None:
         (b'{"a":NaN}\n', "line 1: not valid UTF-8 JSON"),
         (b'{"a":1\n', "line 1: not valid UTF-8 JSON"),
         (b'"x"\n', "line 1: not a JSON object"),
+        (b'{"a":1}\n[1]\n{"a":\n', "line 2: not a JSON object"),
     ],
 )
 def test_bad_payloads_name_the_line_and_rule(payload: bytes, message: str) -> None:

@@ -168,3 +168,26 @@ def test_a_killed_lock_holder_does_not_block_commits(store: Store) -> None:
     writer.append("score", {"id": 1})
     writer.finish()
     assert verify_run(store.open_run(run_id).storage) == []
+
+
+def test_readers_during_writes_see_whole_commits(store: Store) -> None:
+    run_id = new_run(store)
+    commits = 40
+    proc = spawn(WRITER, store.url, run_id, "a", str(commits))
+    wait_for(proc, "ready")
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    seen: set[int] = set()
+    running = True
+    while running:
+        running = proc.poll() is None
+        reader = store.open_run(run_id)
+        if reader.manifest.stage("score") is None:
+            continue
+        ids = [r["id"] for r in reader.records("score")]
+        assert ids == [f"a-{c}-{i}" for c in range(len(ids) // 10) for i in range(10)]
+        seen.add(len(ids))
+    assert proc.wait() == 0
+    assert max(seen) == commits * 10
+    assert len(seen) >= 2

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +224,25 @@ def test_commands_work_on_a_bucket(
     assert written, "the index of a remote store lives in the user cache directory"
     for secret in (s3_env["AWS_SECRET_ACCESS_KEY"], s3_env["FSSPEC_S3_ENDPOINT_URL"]):
         assert not any(secret.encode() in data for data in written)
+
+
+def test_reading_from_a_bucket_fetches_only_what_it_needs(
+    s3_url: str, s3_options: dict[str, Any], s3_requests: Callable[[], list[str]]
+) -> None:
+    store = Store(s3_url, s3_options)
+    with store.create_run("read-me") as writer:
+        for stage in ("generate", "score"):
+            writer.extend(stage, [{"i": i, "stage": stage} for i in range(50)])
+    reader = store.open_run(writer.run_id)
+    runner = CliRunner()
+    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+    served = s3_requests()
+    assert runner.invoke(app, ["-s", s3_url, *opts, "show", writer.run_id]).exit_code == 0
+    assert not [r for r in s3_requests()[len(served) :] if "/stages/" in r]
+    served = s3_requests()
+    result = runner.invoke(app, ["-s", s3_url, *opts, "cat", writer.run_id, "score"])
+    assert len(result.stdout.splitlines()) == 50
+    fetched = [r for r in s3_requests()[len(served) :] if "/stages/" in r]
+    assert fetched
+    assert all("/stages/score/" in r for r in fetched)
+    assert len(fetched) <= 2 * len(reader.stage("score").files)

@@ -416,7 +416,18 @@ def test_large_files_are_streamed_or_uploaded_whole(
     data = bytearray(storage.read(path))
     data[100] ^= 0x01
     storage.put(path, bytes(data))
-    (bad,) = sync(src.url, s3_url + "-2", dst_options=s3_options, workers=1).runs[1:]
-    assert (bad.run_id, bad.action) == (done, "error")
+    report = sync(src.url, s3_url + "-2", dst_options=s3_options)
+    assert {r.run_id: r.action for r in report.runs} == {done: "error", live.run_id: "new"}
+    (bad,) = [r for r in report.runs if r.run_id == done]
     assert "SYNC-3" in bad.message
+    live_storage = src.locate(live.run_id)
+    live_path = load_manifest(live_storage).stages[0].files[0].path
+    with open(live_storage.path(live_path), "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    report = sync(src.url, s3_url + "-3", dst_options=s3_options)
+    assert {r.run_id: r.action for r in report.runs}[live.run_id] == "error"
+    assert not Storage(s3_url + "-3", s3_options).child(live.run_id).exists(live_path)
     live.close()
