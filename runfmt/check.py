@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass, field
 
 from runfmt.errors import (
@@ -144,9 +145,7 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
                 )
                 continue
             _repair_file(run, path, entry, stage, salvage, changes, report)
-        for path in files:
-            if path.rsplit("/", 1)[-1].startswith(".tmp-"):
-                run.delete(path)
+        _remove_leftovers(run, report)
         if changes:
             manifest = commit_locked(run, changes, manifest)
             report.actions.append(f"committed revision {manifest.revision}")
@@ -165,6 +164,23 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
             run.delete(names.SUMS_FILE)
             report.actions.append("removed SHA256SUMS of a running run")
     return report
+
+
+def _remove_leftovers(run: Storage, report: RepairReport) -> None:
+    """Delete temp files older than a minute and the lock files of writers that are gone."""
+    cutoff = time.time_ns() - 60 * 10**9
+    for folder in ("", names.MANIFESTS_DIR):
+        for name in run.local_state(folder):
+            rel = f"{folder}/{name}" if folder else name
+            stale_temp = name.startswith(".tmp-") and (run.mtime_ns(rel) or cutoff) < cutoff
+            dead_writer = (
+                name.startswith(".writer-")
+                and name.endswith(".lock")
+                and not writer_alive(run, name[len(".writer-") : -len(".lock")])
+            )
+            if stale_temp or dead_writer:
+                run.delete(rel)
+                report.actions.append(f"{rel}: removed leftover local state")
 
 
 def _newest_readable(run: Storage, report: RepairReport) -> Manifest:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import orjson
+
 from runfmt.errors import ConflictError, InvalidInputError, ManifestError, UnsupportedFormatError
 from runfmt.format import names
 from runfmt.format.schemas import schema_errors
@@ -27,6 +29,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "1.0"
+_MANIFEST_OPTS = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
 SUPPORTED_FEATURES: frozenset[str] = frozenset()
 RunStatus = Literal["running", "completed", "failed", "cancelled"]
 StageStatus = Literal["running", "completed", "failed"]
@@ -194,10 +197,9 @@ def _artifact_json(a: ArtifactEntry) -> dict[str, Any]:
 def encode_manifest(m: Manifest) -> bytes:
     """Manifest bytes: UTF-8 JSON, two-space indent, trailing newline (MAN-1)."""
     try:
-        text = json.dumps(to_json(m), indent=2, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        return orjson.dumps(to_json(m), option=_MANIFEST_OPTS)
+    except orjson.JSONEncodeError as exc:
         raise InvalidInputError(f"manifest is not valid JSON: {exc}") from None
-    return text.encode("utf-8") + b"\n"
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
