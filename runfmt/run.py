@@ -604,10 +604,10 @@ class RunWriter:
             )
 
     def append(self, stage: str, record: Mapping[str, Any]) -> None:
-        self.stage(stage).append(record)
+        (self._stages.get(stage) or self.stage(stage)).append(record)
 
     def extend(self, stage: str, records: Iterable[Mapping[str, Any]]) -> None:
-        self.stage(stage).extend(records)
+        (self._stages.get(stage) or self.stage(stage)).extend(records)
 
     def count(self, counter: str, delta: float = 1) -> None:
         """Add ``delta`` to a per-run counter (cost, tokens, ...) at the next commit."""
