@@ -223,28 +223,12 @@ def schema(
 
 def run_summary(reader: RunReader) -> dict[str, Any]:
     """The stable JSON view of a run that ``runfmt show --json`` prints."""
+    from runfmt.format.manifest import to_json
+
     m = reader.manifest
     stages = [
-        {
-            "name": s.name,
-            "status": s.status,
-            "record_schema_version": s.record_schema_version,
-            "key_field": s.key_field,
-            "records": s.records,
-            "failures": s.failures,
-            "bytes": s.bytes,
-            "files": [
-                {
-                    "path": f.path,
-                    "bytes": f.bytes,
-                    "records": f.records,
-                    "failures": f.failures,
-                    "sha256": f.sha256,
-                }
-                for f in s.files
-            ],
-        }
-        for s in m.stages
+        entry | {"records": s.records, "failures": s.failures, "bytes": s.bytes}
+        for s, entry in zip(m.stages, to_json(m)["stages"], strict=True)
     ]
     artifacts = [
         {
