@@ -80,6 +80,7 @@ MAX_RECORD_BYTES = MAX_FRAME_CONTENT - FRAME_TARGET
 ROLL_BYTES = 1 << 30
 _READ_CHUNK = 1 << 20
 _COMMIT_ATTEMPTS = 100
+_PRUNE_EVERY = 8
 _EXTEND_BATCH = 1000
 WRITER = {"name": "runfmt-python", "version": __version__}
 HEARTBEAT_INTERVAL = 60.0
@@ -149,8 +150,10 @@ def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None
             # commit the same changes again (counters would count twice, COMMIT-6).
             with contextlib.suppress(StorageError):
                 run.write_atomic(names.MANIFEST_FILE, data)
-                if new.revision > KEEP_REVISIONS:
-                    run.delete(names.revision_file(new.revision - KEEP_REVISIONS))
+                if new.revision % _PRUNE_EVERY == 0:
+                    for old in newest:
+                        if old <= new.revision - KEEP_REVISIONS:
+                            run.delete(names.revision_file(old))
             return new
         base = None
     raise ConflictError(
