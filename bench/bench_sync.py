@@ -33,22 +33,8 @@ _CREDENTIALS = {
 }
 
 
-_SERVER = """
-import sys, threading
-from werkzeug.serving import run_simple
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-
-app = DomainDispatcherApplication(create_backend_app)
-lock = threading.Lock()
-
-def one_at_a_time(environ, start_response):
-    with lock:
-        return [b"".join(app(environ, start_response))]
-
-run_simple("127.0.0.1", int(sys.argv[1]), one_at_a_time, threaded=True)
-"""
-"""moto serving one request at a time, so create-only PUTs are atomic as on S3 (see
-tests/fixtures_s3.py)."""
+_SERVER = str(Path(__file__).resolve().parents[1] / "tests" / "moto_server.py")
+"""moto serving one request at a time, so create-only PUTs are atomic as on S3."""
 
 
 class _Server:
@@ -61,7 +47,7 @@ class _Server:
         self.endpoint = f"http://127.0.0.1:{port}"
         self._log: IO[bytes] = tempfile.TemporaryFile("a+b")  # noqa: SIM115
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _SERVER, str(port)],
+            [sys.executable, _SERVER, str(port)],
             env={**os.environ, **_CREDENTIALS},
             stdout=subprocess.DEVNULL,
             stderr=self._log,

@@ -17,6 +17,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
 import pytest
@@ -47,31 +48,12 @@ def _free_port() -> int:
         return port
 
 
-SERVER = """
-import sys, threading
-from werkzeug.serving import run_simple
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-
-app = DomainDispatcherApplication(create_backend_app)
-lock = threading.Lock()
-
-def one_at_a_time(environ, start_response):
-    with lock:
-        return [b"".join(app(environ, start_response))]
-
-run_simple("127.0.0.1", int(sys.argv[1]), one_at_a_time, threaded=True)
-"""
-"""moto's S3 server, handling one request at a time.
-
-moto checks ``If-None-Match: *`` and then stores the object without a lock, so on its
-threaded server two racing create-only PUTs can both succeed (seen here: 3 winners of
-4); S3 itself makes the check and the write one step. Serving requests one at a time
-gives the test server S3's semantics.
-"""
+SERVER = str(Path(__file__).with_name("moto_server.py"))
+"""The moto server script (tests/moto_server.py), run as ``python SERVER PORT``."""
 
 
 def _start(port: int, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
-    cmd = [sys.executable, "-c", SERVER, str(port)]
+    cmd = [sys.executable, SERVER, str(port)]
     env = {**os.environ, **DUMMY_CREDENTIALS}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     endpoint = f"http://127.0.0.1:{port}"
