@@ -42,10 +42,7 @@ def verify_run(run: Storage) -> list[Problem]:
         return [Problem(exc.location or run.where(), exc.problem, rule)]
     problems: list[Problem] = []
     manifest_bytes = run.read(names.revision_file(manifest.revision))
-    try:
-        current = run.read(names.MANIFEST_FILE)
-    except FileNotFoundError:
-        current = None
+    current = _read_optional(run, names.MANIFEST_FILE)
     if current != manifest_bytes:
         what = "is missing" if current is None else "differs from the newest revision"
         problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
@@ -67,6 +64,13 @@ def verify_run(run: Storage) -> list[Problem]:
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
     return problems
+
+
+def _read_optional(run: Storage, rel: str) -> bytes | None:
+    try:
+        return run.read(rel)
+    except FileNotFoundError:
+        return None
 
 
 def _check_file(
@@ -150,11 +154,7 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
             manifest = commit_locked(run, changes, manifest)
             report.actions.append(f"committed revision {manifest.revision}")
         data = run.read(names.revision_file(manifest.revision))
-        try:
-            current = run.read(names.MANIFEST_FILE)
-        except FileNotFoundError:
-            current = None
-        if current != data:
+        if _read_optional(run, names.MANIFEST_FILE) != data:
             run.write_atomic(names.MANIFEST_FILE, data)
             report.actions.append("rewrote manifest.json from the newest revision")
         if manifest.finished and _check_sums(run, manifest, data):
