@@ -81,6 +81,13 @@ def copied(demo_store: tuple[Path, DemoResult], tmp_path: Path) -> tuple[Path, s
 # help
 
 
+def test_every_command_module_is_loaded() -> None:
+    import runfmt.cli
+
+    modules = {p.stem for p in Path(runfmt.cli.__file__).parent.glob("_*.py")} - {"__init__"}
+    assert modules == set(runfmt.cli._AREAS)
+
+
 def test_help_lists_every_command_with_help_text(tmp_path: Path) -> None:
     proc = python_m("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

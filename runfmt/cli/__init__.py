@@ -1,7 +1,7 @@
 """The ``runfmt`` command line: parse, call the library, render (rich, or ``--json``).
 
-Commands live in the ``_*.py`` modules of this package, grouped by area; each
-registers on `app`. Heavy imports happen inside commands so that
+Commands live in the ``_*.py`` modules of this package, grouped by area and
+listed in `_AREAS`; each registers on `app`. Heavy imports happen inside commands so that
 ``runfmt --help`` starts fast. Exit codes: 0 ok, 1 a problem found or an
 operation failed, 2 bad usage.
 """
@@ -135,13 +135,15 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+_AREAS = ("_runs", "_index", "_lifecycle", "_manage", "_sync", "_conformance")
+"""Command modules, in the order ``runfmt --help`` lists their commands."""
+
+
 def _load_commands() -> None:
     import importlib
-    import pkgutil
 
-    for module in pkgutil.iter_modules(__path__):
-        if module.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{module.name}")
+    for area in _AREAS:
+        importlib.import_module(f"{__name__}.{area}")
 
 
 _load_commands()
