@@ -16,12 +16,10 @@ __all__ = [
     "artifact_path",
     "format_run_id",
     "format_stage_file",
-    "is_local_state",
     "is_run_id",
     "parse_revision_file",
     "parse_stage_file",
     "revision_file",
-    "stage_dir",
     "validate_artifact_name",
     "validate_run_id",
     "validate_stage_name",
@@ -111,11 +109,6 @@ def parse_stage_file(path: str) -> tuple[str, StageFileName]:
     return stage, StageFileName(int(m["seq"]), m["writer"])
 
 
-def stage_dir(stage: str) -> str:
-    """The run-relative folder of a stage's files."""
-    return f"{STAGES_DIR}/{validate_stage_name(stage)}"
-
-
 def validate_artifact_name(name: object) -> str:
     """Check an artifact name (a relative path below ``artifacts/``) and return it."""
     if not isinstance(name, str) or not name:
@@ -147,8 +140,3 @@ def parse_revision_file(name: str) -> int | None:
     """The revision number of a file name in ``_manifests/``, or None for other names."""
     m = _REVISION.fullmatch(name)
     return int(m["rev"]) if m and int(m["rev"]) >= 1 else None
-
-
-def is_local_state(name: str) -> bool:
-    """Names beginning with ``.`` are local state: never listed, synced or checksummed."""
-    return name.startswith(".")
