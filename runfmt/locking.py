@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from filelock import FileLock, Timeout
@@ -22,6 +23,8 @@ COMMIT_LOCK = ".lock"
 _COMMIT_POLL = 0.002
 """Seconds between tries for a held commit lock (filelock's 0.05 s default let one busy
 writer win every race while another waited, measured in tests/test_locking.py)."""
+_THREAD_LOCKS = 16
+_thread_locks = threading.local()
 _memory_locks: dict[str, threading.RLock] = {}
 _memory_guard = threading.Lock()
 
@@ -39,9 +42,9 @@ def commit_lock(run: Storage, timeout: float) -> Iterator[None]:
     if run.read_only:
         raise ReadOnlyError("the store was opened read-only", location=run.where())
     if run.is_local:
-        lock = FileLock(run.path(COMMIT_LOCK), timeout=timeout)
+        lock = _thread_lock(run.path(COMMIT_LOCK))
         try:
-            lock.acquire(poll_interval=_COMMIT_POLL)
+            lock.acquire(timeout=timeout, poll_interval=_COMMIT_POLL)
         except Timeout:
             raise LockTimeoutError(
                 f"another writer held the commit lock for over {timeout:g} s",
@@ -63,6 +66,26 @@ def commit_lock(run: Storage, timeout: float) -> Iterator[None]:
             rlock.release()
     else:
         yield
+
+
+def _thread_lock(path: str) -> FileLock:
+    """This thread's lock object for ``path``, reused: making one costs more than the flock.
+
+    Each thread has its own objects, so threads exclude each other (one flock each).
+    """
+    cache: OrderedDict[str, FileLock] | None = getattr(_thread_locks, "cache", None)
+    if cache is None:
+        cache = _thread_locks.cache = OrderedDict()
+    lock = cache.get(path)
+    if lock is None:
+        lock = cache[path] = FileLock(path, thread_local=False)
+        if len(cache) > _THREAD_LOCKS:
+            oldest = next(iter(cache))
+            if not cache[oldest].is_locked:
+                del cache[oldest]
+    else:
+        cache.move_to_end(path)
+    return lock
 
 
 @contextlib.contextmanager

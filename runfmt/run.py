@@ -97,8 +97,7 @@ def now_utc() -> str:
 
 def revisions(run: Storage) -> list[int]:
     """The revision numbers present in ``_manifests/``, ascending."""
-    found = (names.parse_revision_file(e.name) for e in run.list(names.MANIFESTS_DIR))
-    return sorted(r for r in found if r is not None)
+    return sorted(filter(None, map(names.parse_revision_file, run.names(names.MANIFESTS_DIR))))
 
 
 def load_manifest(run: Storage, revision: int | None = None) -> Manifest:

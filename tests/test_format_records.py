@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import enum
 import math
+import uuid
 from typing import Any
 
 import pytest
@@ -35,6 +37,14 @@ json_values = st.recursive(
     max_leaves=12,
 )
 records = st.dictionaries(st.text(max_size=8), json_values, max_size=5)
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
 
 
 def same(a: Any, b: Any) -> bool:
@@ -85,12 +95,19 @@ def test_many_records_round_trip_in_order(batch: list[dict[str, Any]]) -> None:
         ({"x": b"bytes"}, "not JSON-serializable"),
         ({"x": 2**64}, "not JSON-serializable"),
         ({"x": object()}, "not JSON-serializable"),
+        ({"id": uuid.UUID(int=1)}, "not JSON-serializable"),
+        ({"x": [{"color": Color.RED}]}, "not JSON-serializable"),
     ],
     ids=lambda v: type(v).__name__ if not isinstance(v, str) else v[:12],
 )
 def test_unrepresentable_records_are_refused(record: Any, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         encode_record(record)
+
+
+def test_str_and_int_subclasses_are_written_as_their_json_value() -> None:
+    [back] = decode_lines(encode_record({"level": Level.HIGH, "t": (1, "a")}))
+    assert back == {"level": 3, "t": [1, "a"]}
 
 
 def test_nan_is_refused_even_beside_null() -> None:

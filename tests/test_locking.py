@@ -19,6 +19,7 @@ import pytest
 
 from runfmt.check import verify_run
 from runfmt.errors import LockTimeoutError
+from runfmt.locking import commit_lock
 from runfmt.store import Store
 
 QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
@@ -138,6 +139,32 @@ def test_a_held_commit_lock_times_out_and_loses_nothing(store: Store) -> None:
     reader = store.open_run(run_id)
     assert [r["id"] for r in reader.records("score")] == list(range(9))
     assert verify_run(reader.storage) == []
+
+
+def test_threads_of_one_process_take_turns_at_the_commit_lock(store: Store) -> None:
+    """Each thread reuses its own lock object: a thread holding the lock excludes the others."""
+    run_id = new_run(store)
+    run = store.open_run(run_id).storage
+    inside: list[int] = []
+    overlaps: list[int] = []
+
+    def commit_many(tag: int) -> None:
+        for _ in range(30):
+            with commit_lock(run, timeout=30):
+                inside.append(tag)
+                if len(inside) > 1:
+                    overlaps.append(tag)
+                time.sleep(0.001)
+                inside.remove(tag)
+
+    threads = [threading.Thread(target=commit_many, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == []
+    with commit_lock(run, timeout=1), commit_lock(run, timeout=1):
+        pass  # a thread's own lock is reentrant
 
 
 def test_a_writer_waits_for_the_commit_lock(store: Store) -> None:

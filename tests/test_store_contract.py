@@ -47,6 +47,10 @@ class TestStoreContract:
         assert [s.name for s in reader.manifest.stages] == ["gen", "score"]
         assert verify_run(reader.storage) == []
         assert reader.storage.exists(names.SUMS_FILE)
+        assert sorted(reader.storage.names()) == sorted(e.name for e in reader.storage.list())
+        expected = {"_manifests", "manifest.json", "stages", "SHA256SUMS"}
+        assert set(reader.storage.names()) == expected
+        assert reader.storage.names("nothing-here") == ()
 
     def test_flush_is_visible_to_a_new_reader_before_close(self, any_store: Store) -> None:
         writer = any_store.create_run("visible")

@@ -37,7 +37,6 @@ _STAGE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _WRITER = re.compile(r"[a-z0-9]{1,32}")
 _STAGE_FILE = re.compile(r"part-(?P<seq>[0-9]{6,})-(?P<writer>[a-z0-9]{1,32})\.jsonl\.zst")
 _SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,198}[A-Za-z0-9_-])?")
-_REVISION = re.compile(r"(?P<rev>[0-9]{8,})\.json")
 _RESERVED_SEGMENTS = frozenset(
     {"con", "prn", "aux", "nul"}
     | {f"com{i}" for i in range(1, 10)}
@@ -138,5 +137,7 @@ def revision_file(revision: int) -> str:
 
 def parse_revision_file(name: str) -> int | None:
     """The revision number of a file name in ``_manifests/``, or None for other names."""
-    m = _REVISION.fullmatch(name)
-    return int(m["rev"]) if m and int(m["rev"]) >= 1 else None
+    digits = name[:-5]
+    if len(digits) < 8 or not name.endswith(".json") or not digits.isascii():
+        return None
+    return int(digits) or None if digits.isdigit() else None

@@ -33,7 +33,6 @@ _OPTS = (
     orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_APPEND_NEWLINE
 )
 _SCALARS = frozenset((str, int, bool, type(None)))
-_FLAT = _SCALARS | {float}
 _KEY_TYPES = frozenset((str, type(None)))
 _dumps = functools.partial(orjson.dumps, option=_OPTS)
 
@@ -52,13 +51,8 @@ def encode_record(record: Mapping[str, Any], key_field: str | None = None) -> by
         line = orjson.dumps(record, option=_OPTS)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidInputError(f"record is not JSON-serializable: {exc}") from None
-    if b"null" in line and not _only_nones(list(record.values()), line) and not _all_finite(record):
-        try:
-            json.dumps(record, allow_nan=False)
-        except ValueError:
-            raise InvalidInputError(
-                "record contains NaN or Infinity, which JSON cannot represent"
-            ) from None
+    if not _all_finite(record):
+        _exact_check(record)
     if key_field is not None:
         key = record.get(key_field)
         if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
@@ -81,14 +75,8 @@ def encode_many(records: list[Any], key_field: str | None = None) -> list[bytes]
         lines = list(map(_dumps, records))
     except (TypeError, orjson.JSONEncodeError):
         return None
-    payload = b"".join(lines)
-    if b"null" in payload:
-        values = list(itertools.chain.from_iterable(map(dict.values, records)))
-        if not _only_nones(values, payload) and not all(
-            b"null" not in line or _all_finite(record)
-            for record, line in zip(records, lines, strict=True)
-        ):
-            return None
+    if not all(map(_all_finite, records)):
+        return None
     if key_field is not None:
         keys = list(map(dict.get, records, itertools.repeat(key_field)))
         named = list(filter(None, keys))
@@ -101,21 +89,26 @@ def encode_many(records: list[Any], key_field: str | None = None) -> list[bytes]
     return lines
 
 
-def _only_nones(values: list[Any], text: bytes) -> bool:
-    """Whether ``values`` are flat JSON scalars and each ``null`` in their ``text`` is a None.
+def _exact_check(record: dict[str, Any]) -> None:
+    """Refuse what stdlib json refuses, though orjson would encode it.
 
-    (For these builtin types ``count(None)`` counts exactly the None values.)
-
-    orjson writes NaN and infinities as null too; so does a nested None, and
-    strings may hold the word: any of those makes the counts differ.
+    orjson writes NaN and infinities as null, and UUIDs or enums as their
+    values: none of those reads back as the same record.
     """
-    return set(map(type, values)) <= _FLAT and text.count(b"null") == values.count(None)
+    try:
+        json.dumps(record, allow_nan=False)
+    except ValueError:
+        raise InvalidInputError(
+            "record contains NaN or Infinity, which JSON cannot represent"
+        ) from None
+    except TypeError as exc:
+        raise InvalidInputError(f"record is not JSON-serializable: {exc}") from None
 
 
 def _all_finite(record: dict[str, Any]) -> bool:
     """Whether ``record`` holds only plain JSON types and finite floats (orjson writes NaN as null).
 
-    False sends the caller to the exact check, which also sees types orjson knows and json not.
+    False sends the caller to `_exact_check`, which also sees types orjson knows and json not.
     """
     for value in record.values():
         kind = type(value)
