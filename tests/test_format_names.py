@@ -178,6 +178,10 @@ def test_run_ids_sort_by_creation_time() -> None:
         ("0000001.json", None),
         (".tmp-00000001.json", None),
         ("00000001.json.bak", None),
+        ("0000000\u0661.json", None),
+        ("+0000001.json", None),
+        ("0000 001.json", None),
+        ("00000001.JSON", None),
     ],
 )
 def test_revision_files(name: str, revision: int | None) -> None:
