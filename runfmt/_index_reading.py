@@ -68,6 +68,10 @@ class Source:
         """A value that changes whenever the run commits; None when it is not a run."""
         raise NotImplementedError
 
+    def stamps(self, run_ids: Sequence[str]) -> list[str | None]:
+        """`stamp` of each run, in order."""
+        return self.map(self.stamp, run_ids)
+
     def manifest(self, run_id: str) -> bytes:
         """The newest manifest revision's bytes (the listing rule of COMMIT-7)."""
         raise NotImplementedError
@@ -93,26 +97,35 @@ class LocalSource(Source):
     def run_names(self) -> list[str]:
         try:
             with os.scandir(self.url) as it:
-                return [
-                    e.name
-                    for e in it
-                    if names.is_run_id(e.name) and e.is_dir(follow_symlinks=False)
-                ]
+                return names.run_ids([e.name for e in it if e.is_dir(follow_symlinks=False)])
         except FileNotFoundError:
             return []
 
     def stamp(self, run_id: str) -> str | None:
-        try:
-            st = os.stat(f"{self.url}/{run_id}/{names.MANIFESTS_DIR}")
-        except OSError:
+        return self.stamps([run_id])[0]
+
+    def stamps(self, run_ids: Sequence[str]) -> list[str | None]:
+        """One stat per run, of its ``_manifests/`` (the reconcile's whole cost)."""
+        stat, root, folder = os.stat, self.url, names.MANIFESTS_DIR
+        racy = time.time_ns() - RACY_NS
+        found: list[str | None] = []
+        for run_id in run_ids:
             try:
-                st = os.stat(f"{self.url}/{run_id}/{names.MANIFEST_FILE}")
+                st = stat(f"{root}/{run_id}/{folder}")
             except OSError:
-                return None
-            return f"bare:{st.st_mtime_ns}:{st.st_size}"
-        if time.time_ns() - st.st_mtime_ns < RACY_NS:
-            return f"racy:{st.st_ino}:{st.st_mtime_ns}"
-        return f"{st.st_ino}:{st.st_mtime_ns}"
+                found.append(self._bare_stamp(run_id))
+                continue
+            mtime = st.st_mtime_ns
+            found.append(f"racy:{st.st_ino}:{mtime}" if mtime > racy else f"{st.st_ino}:{mtime}")
+        return found
+
+    def _bare_stamp(self, run_id: str) -> str | None:
+        """The stamp of a folder with ``manifest.json`` but no ``_manifests/`` (unreadable)."""
+        try:
+            st = os.stat(f"{self.url}/{run_id}/{names.MANIFEST_FILE}")
+        except OSError:
+            return None
+        return f"bare:{st.st_mtime_ns}:{st.st_size}"
 
     def manifest(self, run_id: str) -> bytes:
         folder = f"{self.url}/{run_id}/{names.MANIFESTS_DIR}"
@@ -205,18 +218,35 @@ class StorageSource(Source):
 class Row:
     run_id: str
     stamp: str
-    revision: int
-    values: tuple[Any, ...]
-    identity: tuple[Any, ...]
+    listed: dict[str, Any]
+    """What the index lists of the run (`runfmt.index.RunSummary` members)."""
     keyed: list[tuple[str, str, str | None, str, int, str]]
     """Listed files of keyed stages: (path, stage, key field, schema version, bytes, sha256)."""
-    problem: str | None = None
+    created_ts: float | None = None
+    """The creation time as a POSIX timestamp."""
 
     @property
-    def created_ts(self) -> float | None:
-        """The creation time as a POSIX timestamp (``values`` follows the runs table)."""
-        created: float | None = self.values[4]
-        return created
+    def revision(self) -> int:
+        revision: int = self.listed["revision"]
+        return revision
+
+    @property
+    def problem(self) -> str | None:
+        problem: str | None = self.listed["problem"]
+        return problem
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        """What a run's folder keeps for life: a change means another run took its name."""
+        return self.listed["created_at"], self.listed["config_hash"]
+
+    @property
+    def values(self) -> tuple[Any, ...]:
+        """The runs table's columns after ``run_id`` and ``stamp``."""
+        d = self.listed
+        return (d["revision"], d["name"], d["status"], d["created_at"], self.created_ts,
+                d["updated_at"], d["finished_at"], d["heartbeat_at"], d["config_hash"],
+                d["error"], orjson.dumps(d).decode(), d["problem"])  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -273,13 +303,14 @@ def summarize(run_id: str, stamp: str, data: bytes) -> Row:
                            size])  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
         return unreadable(run_id, stamp, _problem(data, run_id))
-    values = (
-        revision, doc["name"], doc["status"], doc["created_at"], timestamp(doc["created_at"]),
-        doc["updated_at"], doc.get("finished_at"), doc.get("heartbeat_at"), doc["config_hash"],
-        doc.get("error"),
-        orjson.dumps({"tags": tags, "counters": counters, "stages": stages}).decode(), None,
-    )  # fmt: skip
-    return Row(run_id, stamp, revision, values, (doc["created_at"], doc["config_hash"]), keyed)
+    listed = {
+        "revision": revision, "name": doc["name"], "status": doc["status"],
+        "created_at": doc["created_at"], "updated_at": doc["updated_at"],
+        "finished_at": doc.get("finished_at"), "heartbeat_at": doc.get("heartbeat_at"),
+        "config_hash": doc["config_hash"], "error": doc.get("error"), "problem": None,
+        "tags": tags, "counters": counters, "stages": stages,
+    }  # fmt: skip
+    return Row(run_id, stamp, listed, keyed, timestamp(doc["created_at"]))
 
 
 def _problem(data: bytes, run_id: str) -> str:
@@ -294,12 +325,13 @@ def _problem(data: bytes, run_id: str) -> str:
     return "manifest is not readable by this version of runfmt's index"
 
 
-_EMPTY = '{"tags":{},"counters":{},"stages":[]}'
-
-
 def unreadable(run_id: str, stamp: str, problem: str) -> Row:
-    values = (0, "", UNREADABLE, None, None, None, None, None, None, None, _EMPTY, problem)
-    return Row(run_id, stamp, 0, values, (None, None), [], problem)
+    listed = {
+        "revision": 0, "name": "", "status": UNREADABLE, "created_at": None,
+        "updated_at": None, "finished_at": None, "heartbeat_at": None, "config_hash": None,
+        "error": None, "problem": problem, "tags": {}, "counters": {}, "stages": [],
+    }  # fmt: skip
+    return Row(run_id, stamp, listed, [])
 
 
 def scan_file(

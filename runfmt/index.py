@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TypeVar
 
 import orjson
 
@@ -66,8 +66,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("runfmt.index")
+T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the index's tables (``PRAGMA user_version``); another version is rebuilt."""
 APPLICATION_ID = 0x52554E46
 """``PRAGMA application_id`` of a runfmt index ("RUNF"): anything else is a foreign file."""
@@ -125,10 +126,7 @@ CREATE INDEX cache_key ON cache(stage, key);
 CREATE INDEX cache_file ON cache(file_id);
 """
 
-_RUN_COLUMNS = (
-    "run_id, revision, name, status, created_at, updated_at, finished_at, heartbeat_at, "
-    "config_hash, error, detail, problem"
-)
+_RUN_COLUMNS = "run_id, detail"
 
 
 class StageSummary(NamedTuple):
@@ -144,27 +142,44 @@ class StageSummary(NamedTuple):
     bytes: int
 
 
-_Detail = tuple[dict[str, str], dict[str, float | int], tuple[StageSummary, ...]]
+class _Field(Generic[T]):
+    """A `RunSummary` member, read from its JSON on first access."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    def __get__(self, summary: RunSummary, owner: type | None = None) -> T:
+        value: T = summary._fields()[self._name]
+        return value
 
 
 class RunSummary:
     """A run as the index lists it. ``problem`` is set (and ``status`` is ``"unreadable"``)
     when the run's manifest could not be read.
 
-    ``tags``, ``counters`` and ``stages`` are decoded on first access, so listing
-    10,000 runs only pays for what is looked at.
+    Members other than ``run_id`` are decoded from one JSON column on first
+    access, so listing 10,000 runs only pays for what is looked at.
     """
 
-    __slots__ = (
-        "_decoded", "_detail", "config_hash", "created_at", "error", "finished_at",
-        "heartbeat_at", "name", "problem", "revision", "run_id", "status", "updated_at",
-    )  # fmt: skip
+    __slots__ = ("_decoded", "_detail", "run_id")
 
-    def __init__(self, row: tuple[Any, ...]) -> None:
-        (self.run_id, self.revision, self.name, self.status, self.created_at, self.updated_at,
-         self.finished_at, self.heartbeat_at, self.config_hash, self.error, self._detail,
-         self.problem) = row  # fmt: skip
-        self._decoded: _Detail | None = None
+    revision: _Field[int] = _Field()
+    name: _Field[str] = _Field()
+    status: _Field[str] = _Field()
+    created_at: _Field[str | None] = _Field()
+    updated_at: _Field[str | None] = _Field()
+    finished_at: _Field[str | None] = _Field()
+    heartbeat_at: _Field[str | None] = _Field()
+    config_hash: _Field[str | None] = _Field()
+    error: _Field[str | None] = _Field()
+    problem: _Field[str | None] = _Field()
+    tags: _Field[Mapping[str, str]] = _Field()
+    counters: _Field[Mapping[str, float | int]] = _Field()
+    stages: _Field[tuple[StageSummary, ...]] = _Field()
+
+    def __init__(self, row: tuple[str, str]) -> None:
+        self.run_id, self._detail = row
+        self._decoded: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"RunSummary({self.run_id!r}, name={self.name!r}, status={self.status!r})"
@@ -174,24 +189,12 @@ class RunSummary:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def _detailed(self) -> _Detail:
+    def _fields(self) -> dict[str, Any]:
         if self._decoded is None:
-            detail = orjson.loads(self._detail)
-            stages = tuple(StageSummary(*s) for s in detail["stages"])
-            self._decoded = (detail["tags"], detail["counters"], stages)
+            decoded = orjson.loads(self._detail)
+            decoded["stages"] = tuple(StageSummary(*s) for s in decoded["stages"])
+            self._decoded = decoded
         return self._decoded
-
-    @property
-    def tags(self) -> Mapping[str, str]:
-        return self._detailed()[0]
-
-    @property
-    def counters(self) -> Mapping[str, float | int]:
-        return self._detailed()[1]
-
-    @property
-    def stages(self) -> tuple[StageSummary, ...]:
-        return self._detailed()[2]
 
     @property
     def records(self) -> int:
@@ -331,6 +334,7 @@ class Index:
         self._lock = threading.RLock()
         self._con: sqlite3.Connection | None = None
         self._opened_ino: int | None = None
+        self._stamps: tuple[sqlite3.Connection, int, dict[str, str]] | None = None
 
     @classmethod
     def for_storage(cls, storage: Storage, *, timeout: float = 30.0) -> Index:
@@ -514,6 +518,7 @@ class Index:
 
     def _clear(self) -> None:
         with self._db() as con:
+            self._stamps = None
             con.execute("BEGIN IMMEDIATE")
             try:
                 for table in ("cache", "files", "runs"):
@@ -526,13 +531,11 @@ class Index:
     def _refresh(self) -> RefreshStats:
         started = time.perf_counter()
         with self._db() as con:
-            known = dict(con.execute("SELECT run_id, stamp FROM runs").fetchall())
+            known = self._indexed_stamps(con)
             present = self._source.run_names()
             changed: list[tuple[str, str]] = []
             gone = set(known) - set(present)
-            for run_id, stamp in zip(
-                present, self._source.map(self._source.stamp, present), strict=True
-            ):
+            for run_id, stamp in zip(present, self._source.stamps(present), strict=True):
                 if stamp is None:
                     if run_id in known:
                         gone.add(run_id)
@@ -547,6 +550,15 @@ class Index:
                 entries += self._write(con, rows, work, gone if i == 0 else set())
         return RefreshStats(len(present), len(changed), len(gone), entries,
                             time.perf_counter() - started)  # fmt: skip
+
+    def _indexed_stamps(self, con: sqlite3.Connection) -> dict[str, str]:
+        """Each indexed run's stamp, kept from the last refresh while no other connection
+        has written (SQLite's ``data_version``): a refresh that finds nothing new reads
+        no row."""
+        version: int = con.execute("PRAGMA data_version").fetchone()[0]
+        if self._stamps is None or self._stamps[:2] != (con, version):
+            self._stamps = (con, version, dict(con.execute("SELECT run_id, stamp FROM runs")))
+        return self._stamps[2]
 
     def _read_run(self, change: tuple[str, str]) -> Row:
         run_id, stamp = change
@@ -596,6 +608,7 @@ class Index:
     ) -> int:
         entries = 0
         batch = orjson.dumps([row.run_id for row in rows]).decode()
+        self._stamps = None
         con.execute("BEGIN IMMEDIATE")
         try:
             for run_id in gone:

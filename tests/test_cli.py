@@ -22,7 +22,7 @@ import typer.main
 from typer.testing import CliRunner, Result
 
 import runfmt
-from runfmt.cli import app, main
+from runfmt.cli import _app_for, app, main
 from runfmt.demo import STAGES, DemoResult, write_demo_run
 from runfmt.format.schemas import SCHEMA_NAMES, load_schema
 
@@ -512,3 +512,25 @@ def test_readme_documents_every_run_command() -> None:
     section = _readme_section("Command line")
     for name in RUN_COMMANDS:
         assert f"**`runfmt {name}" in section, f"`runfmt {name}` is not documented"
+
+
+def _command_names(typer_app: typer.Typer) -> list[str]:
+    return [c.name or c.callback.__name__ for c in typer_app.registered_commands]  # type: ignore[union-attr]
+
+
+def test_a_command_is_built_alone_and_usage_stays_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`main` builds only the invoked command; help, typos and no command see all of them."""
+    every = _command_names(app)
+    assert _command_names(_app_for(["--store", "ls", "-o", "a=b", "show", "RUN"])) == ["show"]
+    index_only = _app_for(["-s", str(tmp_path), "index", "rebuild"])
+    assert _command_names(index_only) == []
+    assert [g.name for g in index_only.registered_groups] == ["index"]
+    for args in ([], ["--help"], ["--store", "x"], ["lss"], ["--store=x", "nope", "ls"]):
+        assert _app_for(args) is app
+    assert _command_names(app) == every
+    code, _, err = run_main(["--store", str(tmp_path), "lss"], monkeypatch, capsys)
+    assert (code, "Did you mean 'ls'" in err) == (2, True)
+    code, out, _ = run_main(["--store", str(tmp_path), "ls", "--json"], monkeypatch, capsys)
+    assert (code, json.loads(out)) == (0, [])

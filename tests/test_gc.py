@@ -139,7 +139,7 @@ def test_cli_prints_plan_and_deletes_only_with_yes(runs: Store, cli: Cli) -> Non
         (["--older-than", "soon"], "invalid duration 'soon'"),
         (["--max-size", "lots"], "invalid size 'lots'"),
         (["--keep-last", "1", "--yes", "--dry-run"], "contradict"),
-        (["--keep-last", "-1"], "greater than or equal to 0"),
+        (["--keep-last", "-1"], "Invalid value for '--keep-last'"),
     ],
 )
 def test_cli_usage_errors_exit_2(runs: Store, cli: Cli, args: list[str], message: str) -> None:

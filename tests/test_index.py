@@ -180,6 +180,20 @@ def test_refresh_rereads_only_changed_runs(store: Store, monkeypatch: pytest.Mon
     assert reads == [ids[2]]
 
 
+def test_a_refresh_sees_what_another_connection_wrote(store: Store) -> None:
+    """The stamps a refresh keeps in memory are dropped when another connection writes."""
+    ids = [write_run(store, f"r{i}") for i in range(3)]
+    mine = store.index
+    assert len(mine.runs()) == 3
+    assert mine.refresh().read == 0
+    other = Index.for_url(store.url)
+    other.forget([ids[1]])
+    assert [r.run_id for r in other.runs(refresh=False)] == [ids[2], ids[0]]
+    assert [r.run_id for r in mine.runs()] == ids[::-1]
+    assert mine.refresh().read == 0
+    other.close()
+
+
 def test_deleting_the_index_loses_nothing(store: Store) -> None:
     ids = [write_run(store, f"r{i}") for i in range(3)]
     assert len(store.index.runs()) == 3

@@ -8,6 +8,7 @@ operation failed, 2 bad usage.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 if TYPE_CHECKING:
+    from typer.models import CommandInfo
+
     from runfmt.store import Store
 
 __all__ = ["app", "main"]
@@ -117,7 +120,7 @@ def main() -> None:
     from runfmt.errors import RunfmtError
 
     try:
-        code = app(standalone_mode=False)
+        code = _app_for(sys.argv[1:])(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
@@ -133,6 +136,35 @@ def main() -> None:
             sys.exit(exit_code)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+_ROOT_VALUE_OPTIONS = frozenset({"--store", "-s", "--storage-option", "-o"})
+
+
+def _command_name(info: CommandInfo) -> str:
+    """The name typer gives a command: its own, else its function's with ``-`` for ``_``."""
+    name = info.name or getattr(info.callback, "__name__", "")
+    return str(name).lower().replace("_", "-")
+
+
+def _app_for(args: list[str]) -> typer.Typer:
+    """`app` with only the command ``args`` invoke, when they name one: building every
+    command's parameters costs more than the rest of a short command's start-up."""
+    words = iter(args)
+    for word in words:
+        if word in _ROOT_VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            break
+    else:
+        return app
+    commands = [c for c in app.registered_commands if _command_name(c) == word]
+    groups = [g for g in app.registered_groups if g.name == word]
+    if not commands and not groups:
+        return app
+    only = copy.copy(app)
+    only.registered_commands, only.registered_groups = commands, groups
+    return only
 
 
 _AREAS = ("_runs", "_index", "_lifecycle", "_manage", "_sync", "_conformance")

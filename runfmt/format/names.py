@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,6 +21,7 @@ __all__ = [
     "parse_revision_file",
     "parse_stage_file",
     "revision_file",
+    "run_ids",
     "validate_artifact_name",
     "validate_run_id",
     "validate_stage_name",
@@ -59,6 +61,11 @@ def validate_run_id(value: object) -> str:
 
 def is_run_id(value: str) -> bool:
     return _RUN_ID.fullmatch(value) is not None
+
+
+def run_ids(candidates: Iterable[str]) -> list[str]:
+    """The run ids among ``candidates``, in order."""
+    return list(filter(_RUN_ID.fullmatch, candidates))
 
 
 def validate_stage_name(value: object) -> str:
