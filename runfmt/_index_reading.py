@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,9 +68,20 @@ class Source:
         """A value that changes whenever the run commits; None when it is not a run."""
         raise NotImplementedError
 
-    def stamps(self, run_ids: Sequence[str]) -> list[str | None]:
-        """`stamp` of each run, in order."""
-        return self.map(self.stamp, run_ids)
+    def changes(
+        self, run_ids: Sequence[str], known: Mapping[str, str]
+    ) -> tuple[list[tuple[str, str]], set[str]]:
+        """The runs whose stamp is not the ``known`` one (or is racy), with their new stamp;
+        and the known ones that are no longer runs."""
+        changed: list[tuple[str, str]] = []
+        lost: set[str] = set()
+        for run_id, stamp in zip(run_ids, self.map(self.stamp, run_ids), strict=True):
+            if stamp is None:
+                if run_id in known:
+                    lost.add(run_id)
+            elif known.get(run_id) != stamp or stamp.startswith("racy:"):
+                changed.append((run_id, stamp))
+        return changed, lost
 
     def manifest(self, run_id: str) -> bytes:
         """The newest manifest revision's bytes (the listing rule of COMMIT-7)."""
@@ -90,6 +101,12 @@ class Source:
         return [fn(item) for item in items]
 
 
+def _stamp_of(st: os.stat_result, racy: int) -> str:
+    """A stamp from the stat of ``_manifests/``: ``racy:`` when changed after ``racy`` (ns)."""
+    mtime = st.st_mtime_ns
+    return f"racy:{st.st_ino}:{mtime}" if mtime > racy else f"{st.st_ino}:{mtime}"
+
+
 class LocalSource(Source):
     def __init__(self, root: str) -> None:
         self.url = root
@@ -102,22 +119,34 @@ class LocalSource(Source):
             return []
 
     def stamp(self, run_id: str) -> str | None:
-        return self.stamps([run_id])[0]
+        try:
+            st = os.stat(f"{self.url}/{run_id}/{names.MANIFESTS_DIR}")
+        except OSError:
+            return self._bare_stamp(run_id)
+        return _stamp_of(st, time.time_ns() - RACY_NS)
 
-    def stamps(self, run_ids: Sequence[str]) -> list[str | None]:
-        """One stat per run, of its ``_manifests/`` (the reconcile's whole cost)."""
-        stat, root, folder = os.stat, self.url, names.MANIFESTS_DIR
+    def changes(
+        self, run_ids: Sequence[str], known: Mapping[str, str]
+    ) -> tuple[list[tuple[str, str]], set[str]]:
+        """One stat per run, of its ``_manifests/``: the whole cost of a refresh that finds
+        nothing new (one loop, as this runs over every run at every listing)."""
+        stat, root, folder, get = os.stat, self.url, names.MANIFESTS_DIR, known.get
         racy = time.time_ns() - RACY_NS
-        found: list[str | None] = []
+        changed: list[tuple[str, str]] = []
+        lost: set[str] = set()
         for run_id in run_ids:
             try:
-                st = stat(f"{root}/{run_id}/{folder}")
+                stamp = _stamp_of(stat(f"{root}/{run_id}/{folder}"), racy)
             except OSError:
-                found.append(self._bare_stamp(run_id))
-                continue
-            mtime = st.st_mtime_ns
-            found.append(f"racy:{st.st_ino}:{mtime}" if mtime > racy else f"{st.st_ino}:{mtime}")
-        return found
+                bare = self._bare_stamp(run_id)
+                if bare is None:
+                    if run_id in known:
+                        lost.add(run_id)
+                    continue
+                stamp = bare
+            if get(run_id) != stamp or stamp.startswith("racy:"):
+                changed.append((run_id, stamp))
+        return changed, lost
 
     def _bare_stamp(self, run_id: str) -> str | None:
         """The stamp of a folder with ``manifest.json`` but no ``_manifests/`` (unreadable)."""

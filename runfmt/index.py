@@ -533,14 +533,8 @@ class Index:
         with self._db() as con:
             known = self._indexed_stamps(con)
             present = self._source.run_names()
-            changed: list[tuple[str, str]] = []
-            gone = set(known) - set(present)
-            for run_id, stamp in zip(present, self._source.stamps(present), strict=True):
-                if stamp is None:
-                    if run_id in known:
-                        gone.add(run_id)
-                elif known.get(run_id) != stamp or stamp.startswith("racy:"):
-                    changed.append((run_id, stamp))
+            changed, lost = self._source.changes(present, known)
+            gone = set(known).difference(present) | lost
             entries = 0
             if gone and not changed:
                 self._write(con, [], {}, gone)
