@@ -147,4 +147,6 @@ def parse_revision_file(name: str) -> int | None:
     digits = name[:-5]
     if len(digits) < 8 or not name.endswith(".json") or not digits.isascii():
         return None
-    return int(digits) or None if digits.isdigit() else None
+    if not digits.isdigit():
+        return None
+    return int(digits) or None
