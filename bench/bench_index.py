@@ -113,6 +113,10 @@ def _ls_process(root: Path) -> None:
     )
 
 
+def _help_process() -> None:
+    subprocess.run([sys.executable, "-m", "runfmt", "--help"], check=True, capture_output=True)
+
+
 def _python_start() -> None:
     subprocess.run([sys.executable, "-c", "pass"], check=True)
 
@@ -198,6 +202,14 @@ def listing_rows(root: Path, runs: int) -> Iterator[Row]:
         at_most=0.5,
         baseline="python -c pass",
         baseline_value=best_cpu_of(3, _python_start, children=True),
+    )
+    yield Row.limit(
+        "runfmt --help (process)",
+        best_of(3, _help_process),
+        "s",
+        at_most=0.3,
+        baseline="python -c pass",
+        baseline_value=best_of(3, _python_start),
     )
 
 
