@@ -8,10 +8,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -24,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RACY_NS",
     "UNREADABLE",
+    "Changes",
     "FileWork",
     "LocalSource",
     "Row",
@@ -56,6 +56,17 @@ def timestamp(value: object) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
+class Changes(NamedTuple):
+    """What a reconciling pass over the store found."""
+
+    present: int
+    """How many runs the store holds."""
+    changed: list[tuple[str, str]]
+    """The runs to read again, with their new stamp."""
+    gone: set[str]
+    """The indexed runs that are no longer in the store."""
+
+
 class Source:
     """How the index reads a store: local disk directly, anything else through `Storage`."""
 
@@ -68,20 +79,19 @@ class Source:
         """A value that changes whenever the run commits; None when it is not a run."""
         raise NotImplementedError
 
-    def changes(
-        self, run_ids: Sequence[str], known: Mapping[str, str]
-    ) -> tuple[list[tuple[str, str]], set[str]]:
-        """The runs whose stamp is not the ``known`` one (or is racy), with their new stamp;
-        and the known ones that are no longer runs."""
+    def changes(self, known: Mapping[str, str]) -> Changes:
+        """The store's runs compared with the ``known`` stamps: which changed (or are racy),
+        with their new stamp, and which known ones are no longer runs."""
+        present = self.run_names()
         changed: list[tuple[str, str]] = []
-        lost: set[str] = set()
-        for run_id, stamp in zip(run_ids, self.map(self.stamp, run_ids), strict=True):
+        gone = set(known).difference(present)
+        for run_id, stamp in zip(present, self.map(self.stamp, present), strict=True):
             if stamp is None:
                 if run_id in known:
-                    lost.add(run_id)
+                    gone.add(run_id)
             elif known.get(run_id) != stamp or stamp.startswith("racy:"):
                 changed.append((run_id, stamp))
-        return changed, lost
+        return Changes(len(present), changed, gone)
 
     def manifest(self, run_id: str) -> bytes:
         """The newest manifest revision's bytes (the listing rule of COMMIT-7)."""
@@ -111,13 +121,6 @@ class LocalSource(Source):
     def __init__(self, root: str) -> None:
         self.url = root
 
-    def run_names(self) -> list[str]:
-        try:
-            with os.scandir(self.url) as it:
-                return names.run_ids([e.name for e in it if e.is_dir(follow_symlinks=False)])
-        except FileNotFoundError:
-            return []
-
     def stamp(self, run_id: str) -> str | None:
         try:
             st = os.stat(f"{self.url}/{run_id}/{names.MANIFESTS_DIR}")
@@ -125,28 +128,47 @@ class LocalSource(Source):
             return self._bare_stamp(run_id)
         return _stamp_of(st, time.time_ns() - RACY_NS)
 
-    def changes(
-        self, run_ids: Sequence[str], known: Mapping[str, str]
-    ) -> tuple[list[tuple[str, str]], set[str]]:
-        """One stat per run, of its ``_manifests/``: the whole cost of a refresh that finds
-        nothing new (one loop, as this runs over every run at every listing)."""
-        stat, root, folder, get = os.stat, self.url, names.MANIFESTS_DIR, known.get
+    def changes(self, known: Mapping[str, str]) -> Changes:
+        """One listing of the store and one stat per run, of its ``_manifests/``: the whole
+        cost of a refresh that finds nothing new. This loop runs over every run at every
+        listing, so it does only that (a name already indexed is not matched against the
+        run id grammar again)."""
+        try:
+            with os.scandir(self.url) as entries:
+                folders = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            folders = []
+        stat, get, prefix = os.stat, known.get, self.url + "/"
+        suffix = "/" + names.MANIFESTS_DIR
         racy = time.time_ns() - RACY_NS
         changed: list[tuple[str, str]] = []
-        lost: set[str] = set()
-        for run_id in run_ids:
+        gone: set[str] = set()
+        present = seen = 0
+        for run_id in folders:
+            old = get(run_id)
+            if old is not None:
+                seen += 1
+            elif not names.is_run_id(run_id):
+                continue
             try:
-                stamp = _stamp_of(stat(f"{root}/{run_id}/{folder}"), racy)
+                st = stat(prefix + run_id + suffix)
             except OSError:
-                bare = self._bare_stamp(run_id)
-                if bare is None:
-                    if run_id in known:
-                        lost.add(run_id)
+                stamp = self._bare_stamp(run_id)
+                if stamp is None:
+                    if old is not None:
+                        gone.add(run_id)
                     continue
-                stamp = bare
-            if get(run_id) != stamp or stamp.startswith("racy:"):
+                recent = False
+            else:
+                mtime = st.st_mtime_ns
+                recent = mtime > racy
+                stamp = f"racy:{st.st_ino}:{mtime}" if recent else f"{st.st_ino}:{mtime}"
+            present += 1
+            if recent or old != stamp:
                 changed.append((run_id, stamp))
-        return changed, lost
+        if seen < len(known):
+            gone.update(set(known).difference(folders))
+        return Changes(present, changed, gone)
 
     def _bare_stamp(self, run_id: str) -> str | None:
         """The stamp of a folder with ``manifest.json`` but no ``_manifests/`` (unreadable)."""
@@ -239,6 +261,8 @@ class StorageSource(Source):
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         if len(items) < 2:
             return [fn(item) for item in items]
+        from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(min(REMOTE_REQUESTS, len(items))) as pool:
             return list(pool.map(fn, items))
 

@@ -15,8 +15,6 @@ network filesystems, where WAL's shared memory is unsafe.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import logging
 import os
 import re
 import sqlite3
@@ -65,10 +63,9 @@ __all__ = [
     "parse_since",
 ]
 
-log = logging.getLogger("runfmt.index")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Version of the index's tables (``PRAGMA user_version``); another version is rebuilt."""
 APPLICATION_ID = 0x52554E46
 """``PRAGMA application_id`` of a runfmt index ("RUNF"): anything else is a foreign file."""
@@ -103,6 +100,7 @@ CREATE TABLE runs(
     problem TEXT
 );
 CREATE INDEX runs_newest ON runs(created_ts DESC, run_id DESC);
+CREATE INDEX runs_stamp ON runs(run_id, stamp);
 CREATE TABLE files(
     file_id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
@@ -316,6 +314,8 @@ def index_location(url: str, *, local: bool, read_only: bool = False) -> str:
         return os.path.join(url, ".runfmt", "index.sqlite") if os.path.isdir(url) else ":memory:"
     if url.startswith("memory://"):
         return ":memory:"
+    import hashlib
+
     digest = hashlib.sha256(_public_url(url).encode()).hexdigest()[:32]
     return os.path.join(_user_cache_dir(), "index", f"{digest}.sqlite")
 
@@ -405,7 +405,7 @@ class Index:
             con.close()
             if attempt == 2:
                 break
-            log.warning("runfmt: the index %s %s; rebuilding it from the store", self.path, problem)
+            _warn("runfmt: the index %s %s; rebuilding it from the store", self.path, problem)
             self._discard()
         raise sqlite3.DatabaseError(f"cannot create the index at {self.path}")
 
@@ -457,8 +457,8 @@ class Index:
             try:
                 con.execute(f"PRAGMA journal_mode={wanted}")
             except sqlite3.OperationalError as exc:
-                log.warning("runfmt: the index %s stays in its journal mode, not %s: %s",
-                            self.path, wanted, exc)  # fmt: skip
+                _warn("runfmt: the index %s stays in its journal mode, not %s: %s",
+                      self.path, wanted, exc)  # fmt: skip
         con.execute("PRAGMA synchronous=NORMAL")
 
     def _discard(self) -> None:
@@ -491,8 +491,8 @@ class Index:
         """Translate a SQLite error; a corrupt file is discarded and `_Retry` raised."""
         if not isinstance(exc, sqlite3.DatabaseError) or not _is_corrupt(exc):
             raise _translate(exc, self.path) from exc
-        log.warning("runfmt: the index %s is corrupt (%s); rebuilding it from the store",
-                    self.path, exc)  # fmt: skip
+        _warn("runfmt: the index %s is corrupt (%s); rebuilding it from the store",
+              self.path, exc)  # fmt: skip
         self.close()
         self._discard()
         self._opened_ino = None
@@ -531,10 +531,8 @@ class Index:
     def _refresh(self) -> RefreshStats:
         started = time.perf_counter()
         with self._db() as con:
-            known = self._indexed_stamps(con)
-            present = self._source.run_names()
-            changed, lost = self._source.changes(present, known)
-            gone = set(known).difference(present) | lost
+            present, changed, gone = self._source.changes(self._indexed_stamps(con))
+            changed.sort()  # run ids sort by creation time: rows are stored in listing order
             entries = 0
             if gone and not changed:
                 self._write(con, [], {}, gone)
@@ -542,7 +540,7 @@ class Index:
                 rows = self._source.map(self._read_run, changed[i : i + BATCH_RUNS])
                 work = self._file_work(con, rows)
                 entries += self._write(con, rows, work, gone if i == 0 else set())
-        return RefreshStats(len(present), len(changed), len(gone), entries,
+        return RefreshStats(present, len(changed), len(gone), entries,
                             time.perf_counter() - started)  # fmt: skip
 
     def _indexed_stamps(self, con: sqlite3.Connection) -> dict[str, str]:
@@ -586,8 +584,8 @@ class Index:
                 try:
                     entries = scan_file(self._source, row.run_id, path, str(key_field), start, size)
                 except (RunfmtError, OSError) as exc:
-                    log.warning("runfmt: %s: not indexed for the cache: %s",
-                                self._source.where(row.run_id, path), exc)  # fmt: skip
+                    _warn("runfmt: %s: not indexed for the cache: %s",
+                          self._source.where(row.run_id, path), exc)  # fmt: skip
                     continue
                 items.append(FileWork(path, stage, version, seen, size, sha, reset, entries))
             work[row.run_id] = items
@@ -811,6 +809,13 @@ def forget_runs(store: Store, run_ids: Sequence[str]) -> None:
 
 class _Retry(Exception):
     """The index file was corrupt and has been discarded: run the operation again."""
+
+
+def _warn(message: str, *args: object) -> None:
+    """Log a warning of the ``runfmt.index`` logger (`logging` is imported only then)."""
+    import logging
+
+    logging.getLogger("runfmt.index").warning(message, *args)
 
 
 def _translate(exc: sqlite3.Error, path: str) -> RunfmtError:

@@ -141,6 +141,29 @@ def test_copied_folder_appears_and_deleted_folder_disappears(store: Store, tmp_p
     assert [r.run_id for r in Store(store.url).index.runs()] == [c, b]
 
 
+def test_reconciling_lists_run_folders_only(store: Store, tmp_path: Path) -> None:
+    """Files, links and names outside the run id grammar are never listed; a listed run
+    whose folder became a file or a link is dropped; one left with only ``manifest.json``
+    is listed as unreadable."""
+    keep, bare, to_file, to_link = (write_run(store, n) for n in ("k", "b", "f", "l"))
+    assert len(store.index.runs()) == 4
+    root = Path(store.url)
+    outside = Store(tmp_path / "outside")
+    linked = write_run(outside, "linked")
+    (root / linked).symlink_to(Path(outside.url) / linked, target_is_directory=True)
+    (root / "20260101-000000000-0000000f").write_text("a file named like a run")
+    shutil.copytree(root / keep, root / "Not_A_Run")
+    shutil.rmtree(root / bare / "_manifests")
+    shutil.rmtree(root / to_file)
+    (root / to_file).write_text("")
+    shutil.move(root / to_link, tmp_path / to_link)
+    (root / to_link).symlink_to(tmp_path / to_link, target_is_directory=True)
+
+    runs = {r.run_id: r.status for r in store.index.runs()}
+    assert runs == {keep: "completed", bare: "unreadable"}
+    assert store.index.refresh().read == 0
+
+
 def _commit_more(url: str, run_id: str) -> None:
     writer = Store(url).resume_run(run_id)
     writer.append("score", {"key": "late", "value": 99})
