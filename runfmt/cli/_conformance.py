@@ -1,7 +1,5 @@
 """``runfmt dump``: the reader contract of the conformance suite (spec §13)."""
 
-from __future__ import annotations
-
 import sys
 from typing import Annotated
 

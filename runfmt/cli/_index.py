@@ -4,8 +4,6 @@ A local store's index is opened without importing the storage layer, so that
 ``runfmt ls`` stays fast on thousands of runs.
 """
 
-from __future__ import annotations
-
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -30,7 +28,7 @@ app.add_typer(cache_app, name="cache")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
-def _index(ctx: typer.Context) -> Index:
+def _index(ctx: typer.Context) -> "Index":
     from runfmt.index import Index
 
     st = state(ctx)
@@ -94,7 +92,7 @@ def ls(
     _print_runs(runs)
 
 
-def _print_runs(runs: list[RunSummary]) -> None:
+def _print_runs(runs: "list[RunSummary]") -> None:
     if not runs:
         sys.stdout.write("no runs\n")
         return

@@ -1,7 +1,5 @@
 """Commands on the life of runs: status (quick check), lineage, fork."""
 
-from __future__ import annotations
-
 import json
 import sys
 from pathlib import Path
@@ -65,7 +63,7 @@ def status(
         fail(f"{len(broken)} run(s) cannot be read; `runfmt verify` lists every problem")
 
 
-def _status_line(s: RunSummary) -> str:
+def _status_line(s: "RunSummary") -> str:
     state_text = s.health + (
         f" through {s.completed_through_stage}" if s.completed_through_stage else ""
     )
@@ -119,7 +117,7 @@ def lineage(
         fail(f"{len(problems)} lineage problem(s): " + "; ".join(problems))
 
 
-def _print_tree(node: LineageNode, depth: int) -> None:
+def _print_tree(node: "LineageNode", depth: int) -> None:
     note = ""
     if node.problem:
         note = f"  !! {node.problem}"

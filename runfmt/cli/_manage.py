@@ -4,8 +4,6 @@ RUN is a run id in the store or the path of a run folder. Heavy modules are
 imported inside the commands.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import sys
@@ -64,7 +62,7 @@ def diff(ctx: typer.Context, run_a: RunArg, run_b: RunArg, json_: JsonOpt = Fals
         _print_diff(result)
 
 
-def _print_diff(d: RunDiff) -> None:
+def _print_diff(d: "RunDiff") -> None:
     from runfmt.gc import format_size
 
     out = sys.stdout.write
@@ -158,7 +156,7 @@ def compare(
         _print_comparison(result)
 
 
-def _print_comparison(c: Comparison) -> None:
+def _print_comparison(c: "Comparison") -> None:
     def keys(found: list[str]) -> str:
         shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
         return f"{len(found)}" + (f" ({shown})" if found else "")
@@ -176,7 +174,9 @@ def _print_comparison(c: Comparison) -> None:
     out(f"  failure records left out: A {c.failures_a}, B {c.failures_b}\n")
 
 
-def _runs(store: Store, runs: list[str], name: str | None, limit: int | None) -> list[RunReader]:
+def _runs(
+    store: "Store", runs: list[str], name: str | None, limit: int | None
+) -> "list[RunReader]":
     from runfmt.errors import FormatError
 
     if runs:
@@ -324,7 +324,7 @@ def gc(
 
 
 def _print_plan(
-    plan: GcPlan, applied: bool, deleted: list[str], skipped: list[dict[str, str]]
+    plan: "GcPlan", applied: bool, deleted: list[str], skipped: list[dict[str, str]]
 ) -> None:
     from runfmt.gc import format_size
 

@@ -4,8 +4,6 @@ RUN is a run id in the store or the path/URL of a run folder, so a copied
 folder works with no store. None of these commands needs the index.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -87,7 +85,7 @@ def cat(
         raise typer.Exit(0) from None
 
 
-def _write_records(out: Any, reader: RunReader, stage: str, limit: int | None) -> None:
+def _write_records(out: Any, reader: "RunReader", stage: str, limit: int | None) -> None:
     import orjson
 
     left = limit
@@ -136,7 +134,7 @@ def verify(
         fail(f"{_count(total, 'problem')} in {len(bad)} of {_count(len(found), 'run')}")
 
 
-def _print_verdict(run: Storage, problems: Sequence[Problem]) -> None:
+def _print_verdict(run: "Storage", problems: "Sequence[Problem]") -> None:
     label = _label(run)
     if not problems:
         sys.stdout.write(f"ok    {label}\n")
@@ -148,7 +146,7 @@ def _print_verdict(run: Storage, problems: Sequence[Problem]) -> None:
     sys.stdout.write(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}\n")
 
 
-def _problem_json(run: Storage, p: Problem) -> dict[str, Any]:
+def _problem_json(run: "Storage", p: "Problem") -> dict[str, Any]:
     return {
         "run": _label(run),
         "location": _full_location(run, p.location),
@@ -162,11 +160,11 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _label(run: Storage) -> str:
+def _label(run: "Storage") -> str:
     return run.root.rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
 
 
-def _full_location(run: Storage, location: str) -> str:
+def _full_location(run: "Storage", location: str) -> str:
     root = run.where()
     return location if location.startswith(root) else run.where(location)
 
@@ -221,7 +219,7 @@ def schema(
     print_json(load_schema(name))
 
 
-def run_summary(reader: RunReader) -> dict[str, Any]:
+def run_summary(reader: "RunReader") -> dict[str, Any]:
     """The stable JSON view of a run that ``runfmt show --json`` prints."""
     from runfmt.format.manifest import to_json
 

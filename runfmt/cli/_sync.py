@@ -1,7 +1,5 @@
 """``runfmt sync SRC DST``: copy new and changed runs between any two locations."""
 
-from __future__ import annotations
-
 import os
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
@@ -19,7 +17,7 @@ if TYPE_CHECKING:
 class _Bar:
     """A rich progress bar in bytes, with files done out of files planned."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, progress: "Progress") -> None:
         self._progress = progress
         self._files = 0
         self._done = 0
@@ -49,7 +47,7 @@ def _side(location: str, ctx: typer.Context) -> str:
     return state(ctx).store(read_only=True).storage.child(location).where()
 
 
-def _summary(report: SyncReport) -> str:
+def _summary(report: "SyncReport") -> str:
     verb = "would copy" if report.dry_run else "copied"
     parts = [
         f"{verb} {report.count('new')} new and {report.count('update')} changed runs "
