@@ -120,6 +120,26 @@ def _stamp_of(st: os.stat_result, racy: int) -> str:
 class LocalSource(Source):
     def __init__(self, root: str) -> None:
         self.url = root
+        self._listing: tuple[tuple[int, int, int], list[str], frozenset[str]] | None = None
+
+    def _run_folders(self, racy: int) -> tuple[list[str], frozenset[str]]:
+        """The store's folders named like runs (links excluded), listed again only when
+        the store folder's own stat changed: adding, removing or renaming an entry changes
+        its mtime (POSIX) and a folder its link count, so an unchanged, non-racy stat means
+        the same names."""
+        try:
+            st = os.stat(self.url)
+        except FileNotFoundError:
+            return [], frozenset()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_nlink)
+        if self._listing is not None and self._listing[0] == stamp:
+            return self._listing[1], self._listing[2]
+        with os.scandir(self.url) as entries:
+            folders = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        runs = names.run_ids(folders)
+        listing = (stamp, runs, frozenset(runs))
+        self._listing = listing if st.st_mtime_ns <= racy else None
+        return listing[1], listing[2]
 
     def stamp(self, run_id: str) -> str | None:
         try:
@@ -129,33 +149,22 @@ class LocalSource(Source):
         return _stamp_of(st, time.time_ns() - RACY_NS)
 
     def changes(self, known: Mapping[str, str]) -> Changes:
-        """One listing of the store and one stat per run, of its ``_manifests/``: the whole
-        cost of a refresh that finds nothing new. This loop runs over every run at every
-        listing, so it does only that (a name already indexed is not matched against the
-        run id grammar again)."""
-        try:
-            with os.scandir(self.url) as entries:
-                folders = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            folders = []
+        """One stat per run, of its ``_manifests/``, and one of the store folder: the whole
+        cost of a refresh that finds nothing new, so this loop does only that."""
+        racy = time.time_ns() - RACY_NS
+        runs, run_set = self._run_folders(racy)
         stat, get, prefix = os.stat, known.get, self.url + "/"
         suffix = "/" + names.MANIFESTS_DIR
-        racy = time.time_ns() - RACY_NS
         changed: list[tuple[str, str]] = []
-        gone: set[str] = set()
-        present = seen = 0
-        for run_id in folders:
-            old = get(run_id)
-            if old is not None:
-                seen += 1
-            elif not names.is_run_id(run_id):
-                continue
+        gone = set(known.keys() - run_set)
+        present = 0
+        for run_id in runs:
             try:
                 st = stat(prefix + run_id + suffix)
             except OSError:
                 stamp = self._bare_stamp(run_id)
                 if stamp is None:
-                    if old is not None:
+                    if run_id in known:
                         gone.add(run_id)
                     continue
                 recent = False
@@ -164,10 +173,8 @@ class LocalSource(Source):
                 recent = mtime > racy
                 stamp = f"racy:{st.st_ino}:{mtime}" if recent else f"{st.st_ino}:{mtime}"
             present += 1
-            if recent or old != stamp:
+            if recent or get(run_id) != stamp:
                 changed.append((run_id, stamp))
-        if seen < len(known):
-            gone.update(set(known).difference(folders))
         return Changes(present, changed, gone)
 
     def _bare_stamp(self, run_id: str) -> str | None:

@@ -759,7 +759,7 @@ class Index:
         if limit is not None:
             params.append(limit)
         rows = self.query(sql, params)
-        return [RunSummary(r) for r in rows]
+        return list(map(RunSummary, rows))
 
     def run(self, run_id: str, *, refresh: bool = True) -> RunSummary | None:
         """One run's summary (re-read first if it changed), or None when it is not in the store."""

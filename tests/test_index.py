@@ -127,10 +127,23 @@ def test_parse_since() -> None:
         parse_since("last week")
 
 
-def test_copied_folder_appears_and_deleted_folder_disappears(store: Store, tmp_path: Path) -> None:
+def _settle(store: Store, settled: bool) -> None:
+    """With ``settled``, date the store folder a minute back and list it: the index then
+    remembers the listing until the folder's own stamp changes."""
+    if settled:
+        past = datetime.now(UTC).timestamp() - 60
+        os.utime(store.url, (past, past))
+        store.index.runs()
+
+
+@pytest.mark.parametrize("settled", [False, True])
+def test_copied_folder_appears_and_deleted_folder_disappears(
+    store: Store, tmp_path: Path, settled: bool
+) -> None:
     a = write_run(store, "a")
     b = write_run(store, "b")
     assert len(store.index.runs()) == 2
+    _settle(store, settled)
 
     other = Store(tmp_path / "other")
     c = write_run(other, "copied")
@@ -141,12 +154,14 @@ def test_copied_folder_appears_and_deleted_folder_disappears(store: Store, tmp_p
     assert [r.run_id for r in Store(store.url).index.runs()] == [c, b]
 
 
-def test_reconciling_lists_run_folders_only(store: Store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("settled", [False, True])
+def test_reconciling_lists_run_folders_only(store: Store, tmp_path: Path, settled: bool) -> None:
     """Files, links and names outside the run id grammar are never listed; a listed run
     whose folder became a file or a link is dropped; one left with only ``manifest.json``
     is listed as unreadable."""
     keep, bare, to_file, to_link = (write_run(store, n) for n in ("k", "b", "f", "l"))
     assert len(store.index.runs()) == 4
+    _settle(store, settled)
     root = Path(store.url)
     outside = Store(tmp_path / "outside")
     linked = write_run(outside, "linked")
