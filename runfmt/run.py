@@ -61,6 +61,7 @@ from runfmt.format.manifest import (
     encode_manifest,
 )
 from runfmt.format.records import (
+    ERROR_FIELD,
     PARENTS_FIELD,
     Record,
     decode_lines,
@@ -357,7 +358,6 @@ class StageWriter:
         self.entry = entry
         self._run = run
         self._lines: list[bytes] = []
-        self._pending_bytes = 0
         self._pending_failures = 0
         self._seq = seq
         self._open: _OpenFile | None = None
@@ -381,8 +381,7 @@ class StageWriter:
         if PARENTS_FIELD in record:
             parse_parents(record[PARENTS_FIELD])
         self._lines.append(line)
-        self._pending_bytes += len(line)
-        if record.get("_error") is not None:
+        if record.get(ERROR_FIELD) is not None:
             self._pending_failures += 1
         self._run._appended()
 
@@ -410,9 +409,8 @@ class StageWriter:
                     self.append(record)
                 continue
             self._lines += lines
-            self._pending_bytes += len(payload)
             if b'"_error":' in payload:
-                self._pending_failures += sum(r.get("_error") is not None for r in batch)
+                self._pending_failures += sum(r.get(ERROR_FIELD) is not None for r in batch)
             self._run._appended(len(batch))
 
     def complete(self) -> None:
@@ -425,7 +423,7 @@ class StageWriter:
 
     def _frames(self, encoder: FrameEncoder) -> tuple[bytes, int, int]:
         frames, records, failures = [], len(self._lines), self._pending_failures
-        if self._pending_bytes < FRAME_TARGET:
+        if sum(map(len, self._lines)) < FRAME_TARGET:
             return encoder.encode(b"".join(self._lines)), records, failures
         start = size = 0
         for i, line in enumerate(self._lines):
@@ -478,7 +476,7 @@ class StageWriter:
         f.records += records
         f.failures += failures
         self._lines.clear()
-        self._pending_bytes = self._pending_failures = 0
+        self._pending_failures = 0
         entry = FileEntry(f.path, f.size, f.records, f.failures, f.digest.copy().hexdigest())
         if f.handle is not None and f.size >= ROLL_BYTES:
             self._abandon()
