@@ -24,6 +24,7 @@ from pathlib import Path
 import orjson
 from common import Row, best_of, median_of
 
+from runfmt.cache import Cache
 from runfmt.format import names
 from runfmt.format.keys import compute_key
 from runfmt.format.manifest import FileEntry, Manifest, StageEntry, encode_manifest
@@ -281,6 +282,23 @@ def cache_rows(root: Path, runs: int, per_run: int) -> Iterator[Row]:
     )
     get = _per_call(lambda k: cache.get("score", k), sample[:500])
     yield Row(f"cache get (reads 1 frame) median, {len(keys):,} keys", get * 1e6, "us")
+    ordered = keys[len(keys) // 2 : len(keys) // 2 + 1000]
+    in_order = _cold(store, lambda c: [c.get("score", k) for k in ordered]) / len(ordered)
+    yield Row(
+        "cache get, 1,000 keys in written order, per key",
+        in_order * 1e6,
+        "us",
+        "cache get (reads 1 frame)",
+        get * 1e6,
+    )
+    many = _cold(store, lambda c: c.get_many("score", ordered)) / len(ordered)
+    yield Row(
+        "cache get_many, the same 1,000 keys, per key",
+        many * 1e6,
+        "us",
+        "1,000 gets in written order",
+        in_order * 1e6,
+    )
     batch = sample[:1000] + [compute_key({"missing": i}) for i in range(1000)]
     contains = best_of(5, lambda: cache.contains("score", batch))
     yield Row(
@@ -290,6 +308,18 @@ def cache_rows(root: Path, runs: int, per_run: int) -> Iterator[Row]:
         "1,000 lookups",
         lookup * 1000 * 1000,
     )
+
+
+def _cold(store: Store, fn: Callable[[Cache], object], repeat: int = 3) -> float:
+    """The shortest of ``repeat`` timed calls of ``fn`` on a new `Cache` (no frames kept)."""
+    times = []
+    for _ in range(repeat):
+        cache = Cache(store.index)
+        cache.refresh()
+        start = time.perf_counter()
+        fn(cache)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _per_call(fn: Callable[[str], object], args: list[str], *, cpu: bool = False) -> float:

@@ -103,6 +103,10 @@ class Source:
     def read_range(self, run_id: str, path: str, start: int, end: int) -> bytes:
         raise NotImplementedError
 
+    def size(self, run_id: str, path: str) -> int | None:
+        """The size of a run's file, or None when it is gone: one stat (or info) call."""
+        raise NotImplementedError
+
     def where(self, run_id: str, path: str = "") -> str:
         raise NotImplementedError
 
@@ -217,6 +221,12 @@ class LocalSource(Source):
             f.seek(start)
             return f.read(end - start)
 
+    def size(self, run_id: str, path: str) -> int | None:
+        try:
+            return os.stat(f"{self.url}/{run_id}/{path}").st_size
+        except OSError:
+            return None
+
     def where(self, run_id: str, path: str = "") -> str:
         rel = f"{run_id}/{path}" if path else run_id
         return f"{self.url}{os.sep}{rel.replace('/', os.sep)}"
@@ -261,6 +271,9 @@ class StorageSource(Source):
 
     def read_range(self, run_id: str, path: str, start: int, end: int) -> bytes:
         return self.storage.read_range(self._checked(run_id, path), start, end)
+
+    def size(self, run_id: str, path: str) -> int | None:
+        return self.storage.size(self._checked(run_id, path))
 
     def where(self, run_id: str, path: str = "") -> str:
         return self.storage.where(f"{run_id}/{path}" if path else run_id)

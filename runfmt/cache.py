@@ -10,6 +10,8 @@ several runs hold a key, the newest run wins.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -25,6 +27,11 @@ __all__ = ["DEFAULT_VERSION", "Cache", "CacheHit", "Provenance"]
 DEFAULT_VERSION = "1"
 """The record schema version a lookup asks for by default: the writer's default."""
 _CANDIDATES = 8
+_FRAMES = 4
+"""Decoded frames kept for reuse (writers make frames near 1 MiB)."""
+_FRAME_BYTES = 16 << 20
+"""The content bytes kept beyond the newest frame, which is always kept (the spec caps a
+frame at 64 MiB): so at most max(16 MiB, one frame) of content is held."""
 
 _LOOKUP = (
     "SELECT f.created_ts, f.run_id, f.path, f.record_schema_version, c.frame_start, c.frame_end,"
@@ -35,10 +42,15 @@ _CONTAINS = (
     "SELECT DISTINCT c.key FROM cache AS c JOIN files AS f ON f.file_id = c.file_id "
     "WHERE c.stage = ? AND c.key IN (SELECT value FROM json_each(?)) {version}"
 )
+_MANY = (
+    "SELECT c.key, f.created_ts, f.run_id, f.path, f.record_schema_version, c.frame_start,"
+    " c.frame_end, c.line FROM cache AS c JOIN files AS f ON f.file_id = c.file_id "
+    "WHERE c.stage = ? AND c.key IN (SELECT value FROM json_each(?)) {version}"
+)
 _VERSION = "AND f.record_schema_version = ? "
 _SQL = {
     (name, versioned): sql.format(version=_VERSION if versioned else "")
-    for name, sql in (("lookup", _LOOKUP), ("contains", _CONTAINS))
+    for name, sql in (("lookup", _LOOKUP), ("contains", _CONTAINS), ("many", _MANY))
     for versioned in (False, True)
 }
 
@@ -73,17 +85,36 @@ class CacheHit(NamedTuple):
         return {"key": self.key, "record": self.record, "provenance": self.provenance.to_json()}
 
 
+_Frame = tuple[str, str, int, int]
+"""A frame's run id, path, start and end."""
+
+
+def _rank(
+    created_ts: float | None, run_id: str, path: str, start: int, line: int
+) -> tuple[Any, ...]:
+    """Newest run first; within a run, the last record written."""
+    return created_ts or 0.0, run_id, path, start, line
+
+
 class Cache:
     """Cross-run lookups by key. Get it as ``Store.cache``.
 
     The first lookup refreshes the index; later ones use it as it stands, so
     call `refresh` to see runs committed since (a miss only costs a recompute).
     ``record_schema_version=None`` matches any version.
+
+    The lines of the few frames read last are kept, so gets of keys in the same
+    frame decompress it once; a kept frame is served only while its file still
+    exists and is long enough (one stat, or one size request on an object store).
+    Safe to share across threads, like the index.
     """
 
     def __init__(self, index: Index) -> None:
         self.index = index
         self._fresh = False
+        self._frames: OrderedDict[_Frame, tuple[list[bytes], int]] = OrderedDict()
+        self._frames_lock = threading.Lock()
+        self._key_fields: dict[tuple[str, str], str] = {}
 
     def __repr__(self) -> str:
         return f"Cache({self.index!r})"
@@ -97,6 +128,12 @@ class Cache:
         if not self._fresh:
             self.refresh()
 
+    def _provenance(
+        self, stage: str, run_id: str, path: str, version: str, start: int, end: int, line: int
+    ) -> Provenance:
+        return Provenance(run_id, stage, path, version, start, end, line,
+                          self.index.where(run_id, path))  # fmt: skip
+
     def _candidates(
         self, stage: str, key: str, version: str | None, limit: int
     ) -> list[Provenance]:
@@ -104,11 +141,8 @@ class Cache:
         sql = _SQL["lookup", version is not None]
         rows = self.index.query(sql, [stage, key, *([version] if version is not None else [])])
         if len(rows) > 1:
-            rows.sort(key=lambda r: (r[0] or 0.0, r[1]), reverse=True)
-        return [
-            Provenance(run_id, stage, path, v, start, end, line, self.index.where(run_id, path))
-            for _, run_id, path, v, start, end, line in rows[:limit]
-        ]
+            rows.sort(key=lambda r: _rank(r[0], r[1], r[2], r[4], r[6]), reverse=True)
+        return [self._provenance(stage, *row[1:]) for row in rows[:limit]]
 
     def lookup(
         self, stage: str, key: str, *, record_schema_version: str | None = DEFAULT_VERSION
@@ -122,16 +156,61 @@ class Cache:
     ) -> CacheHit | None:
         """The newest committed, non-failure record with ``key`` in ``stage``, or None.
 
-        Reads the one zstd frame that holds it (its checksum is verified). A
-        candidate whose file no longer matches the index is re-indexed and skipped.
+        Reads the one zstd frame that holds it (its checksum is verified), unless
+        that frame is one of the few kept from earlier calls. A candidate whose
+        file no longer matches the index is re-indexed and skipped.
         """
         for where in self._candidates(stage, key, record_schema_version, _CANDIDATES):
-            record = self._read(where)
-            key_field = self._key_field(where)
-            if record is not None and key_field is not None and record.get(key_field) == key:
+            record = _record(self._lines(where), where.line, self._key_field(where), key)
+            if record is not None:
                 return CacheHit(key, record, where)
             self.index.run(where.run_id)
         return None
+
+    def get_many(
+        self,
+        stage: str,
+        keys: Iterable[str],
+        *,
+        record_schema_version: str | None = DEFAULT_VERSION,
+    ) -> dict[str, CacheHit]:
+        """The hits among ``keys`` (misses are absent), by the rules of `get`.
+
+        One index query for all of them; each frame holding a hit is read once.
+        A key whose newest candidate no longer matches its file falls back to `get`.
+        """
+        wanted = _strings(keys)
+        if not wanted:
+            return {}
+        self._ensure()
+        version = record_schema_version
+        params: list[Any] = [stage, orjson.dumps(wanted).decode()]
+        params += [version] if version is not None else []
+        newest: dict[str, tuple[tuple[Any, ...], Provenance]] = {}
+        for key, created_ts, run_id, path, v, start, end, line in self.index.query(
+            _SQL["many", version is not None], params
+        ):
+            rank = _rank(created_ts, run_id, path, start, line)
+            if key not in newest or rank > newest[key][0]:
+                newest[key] = rank, self._provenance(stage, run_id, path, v, start, end, line)
+        by_frame: dict[_Frame, list[tuple[str, Provenance]]] = {}
+        for key, (_, where) in newest.items():
+            frame = where.run_id, where.path, where.frame_start, where.frame_end
+            by_frame.setdefault(frame, []).append((key, where))
+        hits: dict[str, CacheHit] = {}
+        for frame in sorted(by_frame):
+            found = by_frame[frame]
+            lines = self._lines(found[0][1])
+            for key, where in found:
+                record = _record(lines, where.line, self._key_field(where), key)
+                hit = (
+                    CacheHit(key, record, where)
+                    if record is not None
+                    else self.get(stage, key, record_schema_version=version)
+                )
+                if hit is not None:
+                    hits[key] = hit
+        return {key: hits[key] for key in wanted if key in hits}
 
     def record(
         self, stage: str, key: str, *, record_schema_version: str | None = DEFAULT_VERSION
@@ -141,24 +220,54 @@ class Cache:
         return None if hit is None else hit.record
 
     def _key_field(self, where: Provenance) -> str | None:
+        """The stage's key field, kept once known: a stage's declaration never changes."""
+        known = self._key_fields.get((where.run_id, where.stage))
+        if known is not None:
+            return known
         summary = self.index.run(where.run_id, refresh=False)
         stage = summary.stage(where.stage) if summary else None
-        return stage.key_field if stage else None
+        if stage is None or stage.key_field is None:
+            return None
+        self._key_fields[where.run_id, where.stage] = stage.key_field
+        return stage.key_field
 
-    def _read(self, where: Provenance) -> Record | None:
+    def _lines(self, where: Provenance) -> list[bytes] | None:
+        """The lines of the frame holding ``where``: kept from an earlier read while its
+        file is still long enough, else read (checksum verified); None when unreadable."""
+        frame = where.run_id, where.path, where.frame_start, where.frame_end
+        with self._frames_lock:
+            kept = self._frames.get(frame)
+            if kept is not None:
+                self._frames.move_to_end(frame)
+        if kept is not None:
+            try:
+                size = self.index.file_size(where.run_id, where.path)
+            except (RunfmtError, OSError):
+                size = None
+            if size is not None and size >= where.frame_end:
+                return kept[0]
+            with self._frames_lock:
+                self._frames.pop(frame, None)
+            return None
         try:
             data = self.index.read_range(where.run_id, where.path, where.frame_start,
                                          where.frame_end)  # fmt: skip
             decoder = FrameDecoder(start=where.frame_start)
             frames = [e for e in decoder.feed(data) if isinstance(e, DataFrame)]
             decoder.close()
-            lines = frames[0].content.split(b"\n") if len(frames) == 1 else []
-            record = orjson.loads(lines[where.line]) if where.line < len(lines) - 1 else None
-        except (RunfmtError, OSError, orjson.JSONDecodeError):
+        except (RunfmtError, OSError):
             return None
-        if not isinstance(record, dict) or is_failure(record):
+        if len(frames) != 1:
             return None
-        return record
+        content = frames[0].content
+        lines = content.split(b"\n")
+        with self._frames_lock:
+            self._frames[frame] = lines, len(content)
+            self._frames.move_to_end(frame)
+            held = sum(size for _, size in self._frames.values())
+            while len(self._frames) > 1 and (len(self._frames) > _FRAMES or held > _FRAME_BYTES):
+                held -= self._frames.popitem(last=False)[1][1]
+        return lines
 
     def contains(
         self,
@@ -169,13 +278,32 @@ class Cache:
     ) -> set[str]:
         """Which of ``keys`` have a committed record in ``stage``: one query for all of them."""
         self._ensure()
-        wanted = list(keys)
+        wanted = _strings(keys)
         if not wanted:
             return set()
-        if not all(isinstance(k, str) for k in wanted):
-            raise InvalidInputError("cache keys must be strings")
         version = record_schema_version
         sql = _SQL["contains", version is not None]
         params: list[Any] = [stage, orjson.dumps(wanted).decode()]
         params += [version] if version is not None else []
         return {row[0] for row in self.index.query(sql, params)}
+
+
+def _strings(keys: Iterable[str]) -> list[str]:
+    """``keys`` without repeats, in order; InvalidInputError unless all are strings."""
+    wanted = list(keys)
+    if not all(isinstance(k, str) for k in wanted):
+        raise InvalidInputError("cache keys must be strings")
+    return list(dict.fromkeys(wanted))
+
+
+def _record(lines: list[bytes] | None, line: int, key_field: str | None, key: str) -> Record | None:
+    """The non-failure record at ``line`` of a frame's lines whose key field is ``key``."""
+    if lines is None or key_field is None or line >= len(lines) - 1:
+        return None
+    try:
+        record = orjson.loads(lines[line])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or is_failure(record) or record.get(key_field) != key:
+        return None
+    return record

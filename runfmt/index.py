@@ -801,6 +801,10 @@ class Index:
     def read_range(self, run_id: str, path: str, start: int, end: int) -> bytes:
         return self._source.read_range(run_id, path, start, end)
 
+    def file_size(self, run_id: str, path: str) -> int | None:
+        """The size of a run's file, or None when it is gone (no read of its content)."""
+        return self._source.size(run_id, path)
+
 
 def forget_runs(store: Store, run_ids: Sequence[str]) -> None:
     """Tell ``store``'s index that these runs were deleted."""

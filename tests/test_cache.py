@@ -7,10 +7,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import fsspec
 import pytest
 from typer.testing import CliRunner
 
 from runfmt import _index_reading as reading
+from runfmt import cache as cache_module
+from runfmt.cache import Cache
 from runfmt.cli import app, main
 from runfmt.errors import InvalidInputError
 from runfmt.format.keys import compute_key
@@ -110,6 +113,118 @@ def test_deleted_or_rewritten_runs_stop_hitting(store: Store, tmp_path: Path) ->
     shutil.rmtree(Path(store.url) / run_id)
     assert cache.get("score", "a") is None, "the stale entry is checked and dropped"
     assert store.index.runs() == []
+
+
+@pytest.fixture(params=["local", "memory"])
+def any_store(request: pytest.FixtureRequest) -> Store:
+    """The local store, then the memory:// one."""
+    found: Store = request.getfixturevalue("store" if request.param == "local" else "memory_store")
+    return found
+
+
+def count_reads(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """The (run id, frame start) of every frame the index reads from now on."""
+    reads: list[tuple[str, int]] = []
+    read_range = store.index.read_range
+
+    def counted(run_id: str, path: str, start: int, end: int) -> bytes:
+        reads.append((run_id, start))
+        return read_range(run_id, path, start, end)
+
+    monkeypatch.setattr(store.index, "read_range", counted)
+    return reads
+
+
+def remove_run(store: Store, run_id: str) -> None:
+    if store.url.startswith("memory://"):
+        fsspec.filesystem("memory").rm(f"{store.url}/{run_id}", recursive=True)
+    else:
+        shutil.rmtree(Path(store.url) / run_id)
+
+
+def test_consecutive_gets_in_one_frame_read_it_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [f"k{i}" for i in range(50)]
+    write_scores(store, keys)
+    cache = store.cache
+    cache.refresh()
+    reads = count_reads(store, monkeypatch)
+    assert [cache.record("score", k) for k in keys] == [{"key": k, "score": len(k)} for k in keys]
+    assert len(reads) == 1
+
+
+def test_only_the_last_few_frames_are_kept(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    kept = cache_module._FRAMES
+    runs = [write_scores(store, [f"r{i}"]) for i in range(kept + 1)]
+    cache = store.cache
+    cache.refresh()
+    reads = count_reads(store, monkeypatch)
+    for _ in range(2):
+        assert all(cache.get("score", f"r{i}") for i in range(kept))
+    assert [r for r, _ in reads] == runs[:kept], "the last frames are kept"
+    for _ in range(2):
+        assert all(cache.get("score", f"r{i}") for i in range(kept + 1))
+    assert len(reads) == kept + 1 + (kept + 1), "cycling through one frame more reads each"
+
+
+def test_a_kept_frame_whose_file_is_gone_is_not_served(any_store: Store) -> None:
+    store = any_store
+    older = write_scores(store, ["a", "b"])
+    newer = write_scores(store, ["a"])
+    cache = store.cache
+    hit = cache.get("score", "a")
+    assert hit is not None
+    assert hit.provenance.run_id == newer
+    remove_run(store, newer)
+    hit = cache.get("score", "a")
+    assert hit is not None
+    assert hit.provenance.run_id == older, "the other run's record"
+    assert [r.run_id for r in store.index.runs(refresh=False)] == [older], "re-indexed"
+    remove_run(store, older)
+    assert cache.get("score", "a") is None
+    assert cache.get_many("score", ["a", "b"]) == {}
+
+
+def test_a_kept_frame_of_a_truncated_file_is_not_served(store: Store) -> None:
+    write_scores(store, ["a"])
+    cache = store.cache
+    hit = cache.get("score", "a")
+    assert hit is not None
+    with open(hit.provenance.location, "r+b") as f:
+        f.truncate(hit.provenance.frame_end - 1)
+    assert cache.get("score", "a") is None
+
+
+def test_get_many_is_get_for_each_key(any_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = any_store
+    older = write_scores(store, ["a", "b", "c", "f"], fail=("f",))
+    newer = write_scores(store, ["b", "c", "g"], fail=("c",))
+    keys = ["a", "b", "c", "f", "g", "zz", "a"]
+    reads = count_reads(store, monkeypatch)
+    many = Cache(store.index).get_many("score", iter(keys))
+    assert sorted(run_id for run_id, _ in reads) == [older, newer], "each frame read once"
+    assert many == {k: hit for k in keys if (hit := store.cache.get("score", k)) is not None}
+    assert list(many) == ["a", "b", "c", "g"]
+    runs = {k: hit.provenance.run_id for k, hit in many.items()}
+    assert runs == {"a": older, "b": newer, "c": older, "g": newer}
+    assert store.cache.get_many("score", keys, record_schema_version="2") == {}
+    assert store.cache.get_many("score", []) == {}
+
+    remove_run(store, newer)
+    many = store.cache.get_many("score", keys)
+    assert {k: hit.provenance.run_id for k, hit in many.items()} == {
+        "a": older,
+        "b": older,
+        "c": older,
+    }
+
+
+@pytest.mark.parametrize("keys", [[1], ["a", None], [b"a"]])
+def test_get_many_wants_string_keys(store: Store, keys: list[object]) -> None:
+    write_scores(store, ["a"])
+    with pytest.raises(InvalidInputError, match="cache keys must be strings"):
+        store.cache.get_many("score", keys)  # type: ignore[arg-type]
 
 
 def test_cli_cache_get(store: Store) -> None:
