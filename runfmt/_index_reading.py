@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 import orjson
 
-from runfmt.errors import FormatError, RunfmtError, StageFileError
+from runfmt.errors import FormatError, RunfmtError, RunNotFoundError, StageFileError
 from runfmt.format import names
 
 if TYPE_CHECKING:
@@ -115,6 +115,16 @@ class Source:
         return [fn(item) for item in items]
 
 
+def _no_revision(has_manifest_file: bool) -> NoReturn:
+    """A folder without revisions is a damaged run with ``manifest.json``, else no run."""
+    if has_manifest_file:
+        raise FormatError(
+            "no revisions in _manifests/ (LAYOUT-2)",
+            hint="the folder was copied without _manifests/; copy it whole",
+        )
+    raise RunNotFoundError("no revision and no manifest.json: not a run (LAYOUT-2)")
+
+
 def _stamp_of(st: os.stat_result, racy: int) -> str:
     """A stamp from the stat of ``_manifests/``: ``racy:`` when changed after ``racy`` (ns)."""
     mtime = st.st_mtime_ns
@@ -196,10 +206,7 @@ class LocalSource(Source):
         except FileNotFoundError:
             found = []
         if not found:
-            raise FormatError(
-                "no revisions in _manifests/ (LAYOUT-2)",
-                hint="the folder was copied without _manifests/; copy it whole",
-            )
+            _no_revision(os.path.exists(f"{self.url}/{run_id}/{names.MANIFEST_FILE}"))
         newest = max(found, key=lambda n: (len(n), n))
         with open(f"{folder}/{newest}", "rb") as f:
             return f.read()
@@ -255,7 +262,7 @@ class StorageSource(Source):
     def manifest(self, run_id: str) -> bytes:
         revision = self._revision(run_id)
         if revision is None:
-            raise FormatError("no revisions in _manifests/ (LAYOUT-2)")
+            _no_revision(self.storage.exists(f"{run_id}/{names.MANIFEST_FILE}"))
         return self.storage.read(f"{run_id}/{names.revision_file(revision)}")
 
     def _checked(self, run_id: str, path: str) -> str:

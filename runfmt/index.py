@@ -43,6 +43,7 @@ from runfmt.errors import (
     InvalidInputError,
     LockTimeoutError,
     RunfmtError,
+    RunNotFoundError,
     StorageError,
 )
 from runfmt.format import names
@@ -537,9 +538,13 @@ class Index:
             if gone and not changed:
                 self._write(con, [], {}, gone)
             for i in range(0, len(changed), BATCH_RUNS):
-                rows = self._source.map(self._read_run, changed[i : i + BATCH_RUNS])
+                batch = changed[i : i + BATCH_RUNS]
+                read = self._source.map(self._read_run, batch)
+                rows = [row for row in read if row is not None]
+                not_runs = {b[0] for b, row in zip(batch, read, strict=True) if row is None}
+                present -= len(not_runs)
                 work = self._file_work(con, rows)
-                entries += self._write(con, rows, work, gone if i == 0 else set())
+                entries += self._write(con, rows, work, (gone if i == 0 else set()) | not_runs)
         return RefreshStats(present, len(changed), len(gone), entries,
                             time.perf_counter() - started)  # fmt: skip
 
@@ -552,10 +557,14 @@ class Index:
             self._stamps = (con, version, dict(con.execute("SELECT run_id, stamp FROM runs")))
         return self._stamps[2]
 
-    def _read_run(self, change: tuple[str, str]) -> Row:
+    def _read_run(self, change: tuple[str, str]) -> Row | None:
+        """The run's row; None when the folder is not a run (yet): no revision and no
+        ``manifest.json`` (LAYOUT-2), as a creation or a copy in progress leaves it."""
         run_id, stamp = change
         try:
             data = self._source.manifest(run_id)
+        except RunNotFoundError:
+            return None
         except FileNotFoundError:
             return unreadable(run_id, stamp, "manifest revision vanished while indexing")
         except FormatError as exc:
@@ -778,8 +787,12 @@ class Index:
                 return
             if found is not None and found[0] == stamp and not stamp.startswith("racy:"):
                 return
-            rows = [self._read_run((run_id, stamp))]
-            self._write(con, rows, self._file_work(con, rows), set())
+            row = self._read_run((run_id, stamp))
+            if row is None:
+                if found is not None:
+                    self._write(con, [], {}, {run_id})
+                return
+            self._write(con, [row], self._file_work(con, [row]), set())
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of a read-only SQL query against the index as it stands."""

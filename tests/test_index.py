@@ -179,6 +179,37 @@ def test_reconciling_lists_run_folders_only(store: Store, tmp_path: Path, settle
     assert store.index.refresh().read == 0
 
 
+def test_a_folder_without_revisions_is_not_a_run_until_one_appears(
+    store: Store, tmp_path: Path
+) -> None:
+    """LAYOUT-2: an empty ``_manifests/`` (a creation or a copy cut short before its first
+    revision) is not listed; with a revision it is; with only ``manifest.json`` it is
+    listed as unreadable."""
+    done = write_run(store, "done")
+    other = Store(tmp_path / "other")
+    pending = write_run(other, "pending")
+    folder = Path(store.url) / pending
+    (folder / "_manifests").mkdir(parents=True)
+    (folder / "_manifests" / ".tmp-revision").write_bytes(b"{")
+    assert [r.run_id for r in store.index.runs()] == [done]
+    assert store.index.run(pending) is None
+    assert Store(store.url).index.run(pending) is None
+
+    revision = max((Path(other.url) / pending / "_manifests").glob("0*.json"))
+    shutil.copy(revision, folder / "_manifests" / revision.name)
+    assert store.index.run(pending) is not None
+    assert {r.run_id: r.status for r in store.index.runs()} == {done: "completed",
+                                                                pending: "completed"}  # fmt: skip
+
+    shutil.rmtree(folder / "_manifests")
+    (folder / "_manifests").mkdir()
+    (folder / "manifest.json").write_bytes(revision.read_bytes())
+    summary = store.index.run(pending)
+    assert summary is not None
+    assert summary.status == "unreadable"
+    assert "LAYOUT-2" in str(summary.problem)
+
+
 def _commit_more(url: str, run_id: str) -> None:
     writer = Store(url).resume_run(run_id)
     writer.append("score", {"key": "late", "value": 99})

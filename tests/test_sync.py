@@ -23,7 +23,7 @@ from runfmt.check import verify_run
 from runfmt.cli import app
 from runfmt.errors import RunNotFoundError
 from runfmt.format import names
-from runfmt.run import RunWriter, load_manifest
+from runfmt.run import RunWriter, load_manifest, revisions
 from runfmt.storage import Storage
 from runfmt.store import Store
 from runfmt.sync import sync
@@ -321,12 +321,15 @@ def test_a_killed_sync_never_shows_a_partial_run_and_resumes(
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     shown = 0
+    listed = {r.run_id for r in dst.index.runs()}
     for run_id in dst.run_ids():
-        if not dst.storage.child(run_id).exists(names.MANIFESTS_DIR):
+        if not revisions(dst.storage.child(run_id)):
             with pytest.raises(RunNotFoundError):
                 dst.open_run(run_id)
+            assert run_id not in listed
             continue
         shown += 1
+        assert run_id in listed
         storage = dst.locate(run_id)
         assert [p for p in verify_run(storage) if p.rule != "COMMIT-7"] == []
         expected = load_manifest(src.locate(run_id)).stages[0].records
