@@ -202,30 +202,16 @@ def listing_rows(root: Path, runs: int) -> Iterator[Row]:
     )
     index.close()
     process = partial(_ls_process, root)
-    yield Row.limit(
-        "runfmt ls --json --limit 50 (process)",
-        best_of(3, process),
-        "s",
-        at_most=0.5,
-        baseline="python -c pass",
-        baseline_value=best_of(3, _python_start),
-    )
-    yield Row.limit(
-        "runfmt ls --json --limit 50 (process, CPU time)",
-        best_cpu_of(3, process, children=True),
-        "s",
-        at_most=0.5,
-        baseline="python -c pass",
-        baseline_value=best_cpu_of(3, _python_start, children=True),
-    )
-    yield Row.limit(
-        "runfmt --help (process)",
-        best_of(3, _help_process),
-        "s",
-        at_most=0.3,
-        baseline="python -c pass",
-        baseline_value=best_of(3, _python_start),
-    )
+    start = best_of(3, _python_start)
+    for case, seconds, base, limit in (
+        ("runfmt ls --json --limit 50 (process)", best_of(3, process), start, 0.5),
+        ("runfmt ls --json --limit 50 (process, CPU time)",
+         best_cpu_of(3, process, children=True),
+         best_cpu_of(3, _python_start, children=True), 0.5),
+        ("runfmt --help (process)", best_of(3, _help_process), start, 0.3),
+    ):  # fmt: skip
+        yield Row.limit(case, seconds, "s", at_most=limit, baseline="python -c pass",
+                        baseline_value=base)  # fmt: skip
 
 
 def cache_rows(root: Path, runs: int, per_run: int) -> Iterator[Row]:

@@ -781,13 +781,9 @@ class Index:
         with self._db() as con:
             found = con.execute("SELECT stamp FROM runs WHERE run_id=?", (run_id,)).fetchone()
             stamp = self._source.stamp(run_id) if names.is_run_id(run_id) else None
-            if stamp is None:
-                if found is not None:
-                    self._write(con, [], {}, {run_id})
+            if stamp is not None and found == (stamp,) and not stamp.startswith("racy:"):
                 return
-            if found is not None and found[0] == stamp and not stamp.startswith("racy:"):
-                return
-            row = self._read_run((run_id, stamp))
+            row = None if stamp is None else self._read_run((run_id, stamp))
             if row is None:
                 if found is not None:
                     self._write(con, [], {}, {run_id})

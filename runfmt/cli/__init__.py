@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer.main import get_command_name
 
 if TYPE_CHECKING:
     from typer.models import CommandInfo
@@ -146,9 +147,8 @@ _ROOT_VALUE_OPTIONS = frozenset({"--store", "-s", "--storage-option", "-o"})
 
 
 def _command_name(info: "CommandInfo") -> str:
-    """The name typer gives a command: its own, else its function's with ``-`` for ``_``."""
-    name = info.name or getattr(info.callback, "__name__", "")
-    return str(name).lower().replace("_", "-")
+    """The name typer gives a command (as `typer.main.get_command` does)."""
+    return info.name or get_command_name(getattr(info.callback, "__name__", ""))
 
 
 def _app_for(args: list[str]) -> typer.Typer:
