@@ -222,8 +222,8 @@ class _BareCommit:
 
     Append and fsync a data file, flock, list the revisions, create the next one
     (temp, fsync, link, unlink, fsync of the folder), replace ``manifest.json``
-    (temp, fsync, rename, fsync of the folder), unlock; every 8th commit unlinks
-    8 old revisions.
+    (temp, rename: the copy of a running run is not made durable), unlock; every
+    8th commit unlinks 8 old revisions.
     """
 
     def __init__(self, folder: Path, manifest: bytes) -> None:
@@ -244,7 +244,9 @@ class _BareCommit:
         os.link(tmp, revisions / f"{self.revision:08d}.json")
         os.unlink(tmp)
         _fsync_folder(revisions)
-        atomic_replace(self.folder, self.manifest)
+        copy = self.folder / ".tmp-manifest"
+        copy.write_bytes(self.manifest)
+        os.replace(copy, self.folder / "manifest.json")
         fcntl.flock(lock, fcntl.LOCK_UN)
         os.close(lock)
         if self.revision % 8 == 0 and self.revision > 32:

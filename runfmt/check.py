@@ -22,7 +22,7 @@ from runfmt.format.records import decode_lines, is_failure
 from runfmt.format.schemas import schema_errors
 from runfmt.format.validate import FileCheck, Problem, check_listing
 from runfmt.locking import commit_lock, writer_alive
-from runfmt.run import commit_locked, load_manifest, revisions, write_sums
+from runfmt.run import commit_locked, load_manifest, revisions, write_manifest_copy, write_sums
 from runfmt.storage import Storage
 
 __all__ = ["RepairReport", "repair_run", "verify_run"]
@@ -155,7 +155,7 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
             report.actions.append(f"committed revision {manifest.revision}")
         data = run.read(names.revision_file(manifest.revision))
         if _read_optional(run, names.MANIFEST_FILE) != data:
-            run.write_atomic(names.MANIFEST_FILE, data)
+            write_manifest_copy(run, data, finished=manifest.finished)
             report.actions.append("rewrote manifest.json from the newest revision")
         if manifest.finished and _check_sums(run, manifest, data):
             write_sums(run, manifest)

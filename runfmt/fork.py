@@ -20,7 +20,7 @@ from runfmt.format import names
 from runfmt.format.keys import canonical_json, compute_key
 from runfmt.format.manifest import Manifest, encode_manifest, manifest_problems, to_json
 from runfmt.locking import hold_writer_lock, writer_alive
-from runfmt.run import WRITER, RunWriter, load_manifest, now_utc
+from runfmt.run import WRITER, RunWriter, load_manifest, now_utc, write_manifest_copy
 
 if TYPE_CHECKING:
     from runfmt.storage import Storage
@@ -122,7 +122,7 @@ def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool) -> 
         _copy_files(src, work, manifest, link)
         data = encode_manifest(manifest)
         work.create_exclusive(names.revision_file(1), data)
-        work.write_atomic(names.MANIFEST_FILE, data)
+        write_manifest_copy(work, data, finished=manifest.finished)
         try:
             store.storage.rename(build, manifest.run_id)
         except StorageError:
@@ -158,4 +158,4 @@ def _build_remote(store: Store, src: Storage, manifest: Manifest) -> None:
     data = encode_manifest(manifest)
     if not dst.create_exclusive(names.revision_file(1), data):
         raise RunExistsError("a run with this id exists", location=dst.where())
-    dst.write_atomic(names.MANIFEST_FILE, data)
+    write_manifest_copy(dst, data, finished=manifest.finished)

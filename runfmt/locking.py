@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections import OrderedDict
+import time
 from collections.abc import Iterator
 
-from filelock import FileLock, Timeout
+from filelock import FileLock, Timeout, lock_descriptor, unlock_descriptor
 
-from runfmt.errors import LockTimeoutError, ReadOnlyError
+from runfmt.errors import LockTimeoutError, ReadOnlyError, RunNotFoundError
 from runfmt.storage import Storage
 
 __all__ = ["commit_lock", "file_lock", "hold_writer_lock", "live_writers", "writer_alive"]
@@ -23,8 +23,7 @@ COMMIT_LOCK = ".lock"
 _COMMIT_POLL = 0.002
 """Seconds between tries for a held commit lock (filelock's 0.05 s default let one busy
 writer win every race while another waited, measured in tests/test_locking.py)."""
-_THREAD_LOCKS = 16
-_thread_locks = threading.local()
+_held = threading.local()
 _memory_locks: dict[str, threading.RLock] = {}
 _memory_guard = threading.Lock()
 
@@ -42,19 +41,8 @@ def commit_lock(run: Storage, timeout: float) -> Iterator[None]:
     if run.read_only:
         raise ReadOnlyError("the store was opened read-only", location=run.where())
     if run.is_local:
-        lock = _thread_lock(run.path(COMMIT_LOCK))
-        try:
-            lock.acquire(timeout=timeout, poll_interval=_COMMIT_POLL)
-        except Timeout:
-            raise LockTimeoutError(
-                f"another writer held the commit lock for over {timeout:g} s",
-                location=run.where(COMMIT_LOCK),
-                hint="wait for it to finish, or raise lock_timeout",
-            ) from None
-        try:
+        with _flock(run, timeout):
             yield
-        finally:
-            lock.release()
     elif run.protocol == "memory":
         with _memory_guard:
             rlock = _memory_locks.setdefault(run.root, threading.RLock())
@@ -68,24 +56,41 @@ def commit_lock(run: Storage, timeout: float) -> Iterator[None]:
         yield
 
 
-def _thread_lock(path: str) -> FileLock:
-    """This thread's lock object for ``path``, reused: making one costs more than the flock.
+@contextlib.contextmanager
+def _flock(run: Storage, timeout: float) -> Iterator[None]:
+    """The commit lock as filelock's bare descriptor lock, polled until ``timeout``.
 
-    Each thread has its own objects, so threads exclude each other (one flock each).
+    It is the same flock `FileLock` takes, at 8 us instead of the 200 us of a reused
+    `FileLock` (filelock 4.2). A descriptor per hold makes threads exclude each other;
+    a thread already holding the lock holds it again at once.
     """
-    cache: OrderedDict[str, FileLock] | None = getattr(_thread_locks, "cache", None)
-    if cache is None:
-        cache = _thread_locks.cache = OrderedDict()
-    lock = cache.get(path)
-    if lock is None:
-        lock = cache[path] = FileLock(path, thread_local=False)
-        if len(cache) > _THREAD_LOCKS:
-            oldest = next(iter(cache))
-            if not cache[oldest].is_locked:
-                del cache[oldest]
-    else:
-        cache.move_to_end(path)
-    return lock
+    path = run.path(COMMIT_LOCK)
+    held: set[str] = _held.__dict__.setdefault("paths", set())
+    if path in held:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except FileNotFoundError:
+        raise RunNotFoundError("the run folder is gone", location=run.where()) from None
+    try:
+        deadline = time.monotonic() + timeout
+        while not lock_descriptor(fd, blocking=False):
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    f"another writer held the commit lock for over {timeout:g} s",
+                    location=path,
+                    hint="wait for it to finish, or raise lock_timeout",
+                )
+            time.sleep(_COMMIT_POLL)
+        held.add(path)
+        try:
+            yield
+        finally:
+            held.discard(path)
+            unlock_descriptor(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

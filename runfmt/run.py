@@ -149,7 +149,7 @@ def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None
             # The commit point has passed: a failure now must not make the caller
             # commit the same changes again (counters would count twice, COMMIT-6).
             with contextlib.suppress(StorageError):
-                run.write_atomic(names.MANIFEST_FILE, data)
+                write_manifest_copy(run, data, finished=new.finished)
                 if new.revision % _PRUNE_EVERY == 0:
                     for old in newest:
                         if old <= new.revision - KEEP_REVISIONS:
@@ -159,6 +159,15 @@ def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None
     raise ConflictError(
         f"lost {_COMMIT_ATTEMPTS} commit races in a row", location=run.where(), hint="retry later"
     )
+
+
+def write_manifest_copy(run: Storage, data: bytes, *, finished: bool) -> None:
+    """Replace ``manifest.json`` with a revision's bytes (COMMIT-7).
+
+    Durably only for a finished run, whose ``SHA256SUMS`` lists the copy: no reader relies
+    on it otherwise, and `repair` rewrites one that a power loss left stale.
+    """
+    run.write_atomic(names.MANIFEST_FILE, data, durable=finished)
 
 
 def write_sums(run: Storage, manifest: Manifest) -> None:

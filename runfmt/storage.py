@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -327,17 +327,22 @@ class Storage:
             else:
                 self.fs.makedirs(self.path(rel), exist_ok=True)
 
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        """Replace ``rel`` with ``data`` so readers see the old or the new bytes, never a mix."""
+    def write_atomic(self, rel: str, data: bytes, *, durable: bool = True) -> None:
+        """Replace ``rel`` with ``data`` so readers see the old or the new bytes, never a mix.
+
+        ``durable=False`` skips the two ``fsync`` calls, for a copy that no reader
+        relies on after a power loss (``manifest.json``, COMMIT-7).
+        """
         self._writable(rel)
         with self._io(rel):
             if not self.is_local:
                 self.fs.pipe_file(self.path(rel), data)
                 return
             target = self.path(rel)
-            tmp = self._local_temp(target, data)
+            tmp = self._local_temp(target, data, durable=durable)
             os.replace(tmp, target)
-            _fsync_dir(os.path.dirname(target))
+            if durable:
+                _fsync_dir(os.path.dirname(target))
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` with ``data`` unless it exists; False when it exists (COMMIT-2)."""
@@ -402,7 +407,7 @@ class Storage:
                 return
             target = self.path(rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(target), f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+            tmp = os.path.join(os.path.dirname(target), _TEMP_PREFIX + secrets.token_hex(16))
             try:
                 with open(tmp, "wb") as f:
                     for chunk in chunks:
@@ -510,18 +515,20 @@ class Storage:
         self.put_stream(rel, chunks())
         return False
 
-    def _local_temp(self, target: str, data: bytes) -> str:
+    def _local_temp(self, target: str, data: bytes, *, durable: bool = True) -> str:
         directory = os.path.dirname(target)
-        tmp = os.path.join(directory, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+        tmp = os.path.join(directory, _TEMP_PREFIX + secrets.token_hex(16))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileNotFoundError:
             os.makedirs(directory, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(fd)
+        try:
+            _write_all(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         return tmp
 
 
@@ -535,10 +542,7 @@ class AppendFile:
         self._new = self.size == 0
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        _write_all(self._fd, data)
         self.size += len(data)
 
     def sync(self) -> None:
@@ -551,6 +555,12 @@ class AppendFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(path: str) -> None:

@@ -19,7 +19,14 @@ from runfmt.errors import (
 from runfmt.format import names
 from runfmt.format.keys import canonical_json, compute_key
 from runfmt.format.manifest import Manifest, encode_manifest, manifest_problems, to_json
-from runfmt.run import WRITER, RunReader, RunWriter, load_manifest, now_utc
+from runfmt.run import (
+    WRITER,
+    RunReader,
+    RunWriter,
+    load_manifest,
+    now_utc,
+    write_manifest_copy,
+)
 from runfmt.storage import Storage
 
 if TYPE_CHECKING:
@@ -122,7 +129,7 @@ class Store:
         if not run.create_exclusive(names.revision_file(1), data):
             raise RunExistsError("a run with this id exists", location=run.where(),
                                  hint="choose another run_id, or resume the run")  # fmt: skip
-        run.write_atomic(names.MANIFEST_FILE, data)
+        write_manifest_copy(run, data, finished=False)
         return RunWriter(run, manifest, **writer_options)
 
     def open_run(self, run: str | os.PathLike[str]) -> RunReader:

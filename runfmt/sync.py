@@ -29,7 +29,7 @@ from runfmt.errors import (
 )
 from runfmt.format import names
 from runfmt.format.manifest import Manifest, decode_manifest
-from runfmt.run import KEEP_REVISIONS, revisions
+from runfmt.run import KEEP_REVISIONS, revisions, write_manifest_copy
 from runfmt.storage import Storage
 
 __all__ = ["Action", "RunResult", "SyncProgress", "SyncReport", "sync"]
@@ -364,7 +364,7 @@ class _Engine:
                 location=dst.where(rev),
                 hint="run sync again to see what changed",
             )
-        dst.write_atomic(names.MANIFEST_FILE, plan.src_bytes)
+        write_manifest_copy(dst, plan.src_bytes, finished=manifest.finished)
         for path in plan.dropped:
             dst.delete(path)
         for old in plan.dst_revisions:

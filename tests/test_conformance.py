@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -265,6 +266,45 @@ def test_listed_bytes_never_change(store: Store) -> None:
     for entry, prefix in prefixes:
         assert final[: entry.bytes] == prefix
         assert hashlib.sha256(prefix).hexdigest() == entry.sha256
+
+
+def test_what_a_commit_makes_durable_and_in_which_order(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-1, COMMIT-2, COMMIT-7, COMMIT-11: the data, then the revision and its folder;
+    ``manifest.json`` only when the revision finishes the run, before ``SHA256SUMS``."""
+    w = store.create_run("durable", run_id="durable", flush_every=None, flush_interval=None)
+    root = Path(w.storage.root)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        synced.append(target.relative_to(root).as_posix() if target != root else ".")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    w.append("gen", {"i": 1})
+    w.flush()
+    stage_file = w.manifest.stages[0].files[0].path
+    rev2 = [n for n in synced if n.startswith("_manifests/.tmp-")]
+    assert synced == [stage_file, "stages/gen", *rev2, "_manifests"]
+    synced.clear()
+    w.append("gen", {"i": 2})
+    w.flush()
+    assert synced == [
+        stage_file,
+        next(n for n in synced if n.startswith("_manifests/")),
+        "_manifests",
+    ]
+    synced.clear()
+    w.finish()
+    copy = [n for n in synced if n.startswith(".tmp-")]
+    assert synced[-4:] == [copy[0], ".", copy[1], "."], "manifest.json, then SHA256SUMS"
+    assert (
+        Path(root / "manifest.json").read_bytes()
+        == Path(root / "_manifests" / "00000004.json").read_bytes()
+    )
 
 
 def test_a_lost_race_rereads_merges_and_takes_the_next_revision(store: Store) -> None:

@@ -142,7 +142,7 @@ def test_a_held_commit_lock_times_out_and_loses_nothing(store: Store) -> None:
 
 
 def test_threads_of_one_process_take_turns_at_the_commit_lock(store: Store) -> None:
-    """Each thread reuses its own lock object: a thread holding the lock excludes the others."""
+    """Each hold has its own descriptor: a thread holding the lock excludes the others."""
     run_id = new_run(store)
     run = store.open_run(run_id).storage
     inside: list[int] = []
