@@ -131,12 +131,19 @@ def _stamp_of(st: os.stat_result, racy: int) -> str:
     return f"racy:{st.st_ino}:{mtime}" if mtime > racy else f"{st.st_ino}:{mtime}"
 
 
+class _Listing(NamedTuple):
+    runs: list[str]
+    paths: list[str]
+    """Each run's ``_manifests/`` folder, the path a refresh stats."""
+    run_set: frozenset[str]
+
+
 class LocalSource(Source):
     def __init__(self, root: str) -> None:
         self.url = root
-        self._listing: tuple[tuple[int, int, int], list[str], frozenset[str]] | None = None
+        self._listing: tuple[tuple[int, int, int], _Listing] | None = None
 
-    def _run_folders(self, racy: int) -> tuple[list[str], frozenset[str]]:
+    def _run_folders(self, racy: int) -> _Listing:
         """The store's folders named like runs (links excluded), listed again only when
         the store folder's own stat changed: adding, removing or renaming an entry changes
         its mtime (POSIX) and a folder its link count, so an unchanged, non-racy stat means
@@ -144,16 +151,17 @@ class LocalSource(Source):
         try:
             st = os.stat(self.url)
         except FileNotFoundError:
-            return [], frozenset()
+            return _Listing([], [], frozenset())
         stamp = (st.st_ino, st.st_mtime_ns, st.st_nlink)
         if self._listing is not None and self._listing[0] == stamp:
-            return self._listing[1], self._listing[2]
+            return self._listing[1]
         with os.scandir(self.url) as entries:
             folders = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
         runs = names.run_ids(folders)
-        listing = (stamp, runs, frozenset(runs))
-        self._listing = listing if st.st_mtime_ns <= racy else None
-        return listing[1], listing[2]
+        suffix = "/" + names.MANIFESTS_DIR
+        listing = _Listing(runs, [f"{self.url}/{r}{suffix}" for r in runs], frozenset(runs))
+        self._listing = (stamp, listing) if st.st_mtime_ns <= racy else None
+        return listing
 
     def stamp(self, run_id: str) -> str | None:
         try:
@@ -166,15 +174,14 @@ class LocalSource(Source):
         """One stat per run, of its ``_manifests/``, and one of the store folder: the whole
         cost of a refresh that finds nothing new, so this loop does only that."""
         racy = time.time_ns() - RACY_NS
-        runs, run_set = self._run_folders(racy)
-        stat, get, prefix = os.stat, known.get, self.url + "/"
-        suffix = "/" + names.MANIFESTS_DIR
+        runs, paths, run_set = self._run_folders(racy)
+        stat, get = os.stat, known.get
         changed: list[tuple[str, str]] = []
         gone = set(known.keys() - run_set)
         present = 0
-        for run_id in runs:
+        for run_id, path in zip(runs, paths, strict=True):
             try:
-                st = stat(prefix + run_id + suffix)
+                st = stat(path)
             except OSError:
                 stamp = self._bare_stamp(run_id)
                 if stamp is None:
