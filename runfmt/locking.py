@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 from filelock import FileLock, Timeout, lock_descriptor, unlock_descriptor
 
-from runfmt.errors import LockTimeoutError, ReadOnlyError, RunNotFoundError
+from runfmt.errors import LockTimeoutError, ReadOnlyError, RunNotFoundError, StorageError
 from runfmt.storage import Storage
 
 __all__ = ["commit_lock", "file_lock", "hold_writer_lock", "live_writers", "writer_alive"]
@@ -73,6 +73,12 @@ def _flock(run: Storage, timeout: float) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except FileNotFoundError:
         raise RunNotFoundError("the run folder is gone", location=run.where()) from None
+    except OSError as exc:
+        raise StorageError(
+            f"cannot open the commit lock: {exc.strerror}",
+            location=path,
+            hint="the run folder must be writable, and .lock a plain file",
+        ) from exc
     try:
         deadline = time.monotonic() + timeout
         while not lock_descriptor(fd, blocking=False):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from typing import Any
 import pytest
 
 from runfmt.check import verify_run
-from runfmt.errors import LockTimeoutError
+from runfmt.errors import LockTimeoutError, RunNotFoundError, StorageError
 from runfmt.locking import commit_lock
+from runfmt.storage import Storage
 from runfmt.store import Store
 
 QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
@@ -139,6 +141,25 @@ def test_a_held_commit_lock_times_out_and_loses_nothing(store: Store) -> None:
     reader = store.open_run(run_id)
     assert [r["id"] for r in reader.records("score")] == list(range(9))
     assert verify_run(reader.storage) == []
+
+
+def test_a_commit_lock_that_cannot_be_opened_is_a_clear_error(store: Store) -> None:
+    run_id = new_run(store)
+    run_dir = Path(store.url) / run_id
+    writer = store.resume_run(run_id, **QUIET)
+    writer.append("score", {"id": 1})
+    os.unlink(run_dir / ".lock")
+    os.symlink(run_dir / "elsewhere", run_dir / ".lock")
+    with pytest.raises(StorageError) as info:
+        writer.flush()
+    assert info.value.location == str(run_dir / ".lock")
+    assert not (run_dir / "elsewhere").exists(), "the lock never follows a link"
+    os.unlink(run_dir / ".lock")
+    writer.finish()
+    assert [r["id"] for r in store.open_run(run_id).records("score")] == [1]
+    shutil.rmtree(run_dir)
+    with pytest.raises(RunNotFoundError), commit_lock(Storage(str(run_dir)), timeout=1):
+        pass
 
 
 def test_threads_of_one_process_take_turns_at_the_commit_lock(store: Store) -> None:
