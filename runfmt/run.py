@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import math
 import mimetypes
+import operator
 import re
 import secrets
 import threading
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from filelock import FileLock
 
@@ -412,14 +413,18 @@ class StageWriter:
             if not batch:
                 return
             lines = encode_many(batch, self.entry.key_field)
-            payload = b"".join(lines) if lines is not None else b""
-            if lines is None or b'"_parents":' in payload or len(payload) > MAX_RECORD_BYTES:
+            if (
+                lines is None
+                or max(map(len, lines)) > MAX_RECORD_BYTES
+                or any(map(operator.contains, batch, itertools.repeat(PARENTS_FIELD)))
+            ):
                 for record in batch:
                     self.append(record)
                 continue
             self._lines += lines
-            if b'"_error":' in payload:
-                self._pending_failures += sum(r.get(ERROR_FIELD) is not None for r in batch)
+            dicts = cast("list[dict[str, Any]]", batch)  # encode_many took only dicts
+            errors = list(map(dict.get, dicts, itertools.repeat(ERROR_FIELD)))
+            self._pending_failures += len(errors) - errors.count(None)
             self._run._appended(len(batch))
 
     def complete(self) -> None:

@@ -59,6 +59,8 @@ def test_extend_commits_what_append_commits(store: Store, flush_every: int | Non
         {"key": 7},
         {"key": "k" * 1025},
         {1: "non-string member name"},
+        {"key": "x", "_parents": "not a list of references"},
+        {"key": "x", "blob": "b" * (64 << 20)},
         ["not", "an", "object"],
     ],
 )
