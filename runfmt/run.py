@@ -43,10 +43,9 @@ from runfmt.format.checksum import format_sums, sha256_hex
 from runfmt.format.frames import (
     MAX_FRAME_CONTENT,
     PREFIX,
-    DataFrame,
-    FrameDecoder,
     FrameEncoder,
     encode_header,
+    stage_events,
 )
 from runfmt.format.lineage import parent_json, parse_parents
 from runfmt.format.manifest import (
@@ -65,7 +64,6 @@ from runfmt.format.records import (
     ERROR_FIELD,
     PARENTS_FIELD,
     Record,
-    decode_lines,
     encode_many,
     encode_record,
 )
@@ -231,13 +229,13 @@ class RunReader:
             raise FormatError("path leaves the run folder or goes through a link (LAYOUT-5)",
                               location=where)  # fmt: skip
         digest = hashlib.sha256()
-        decoder = FrameDecoder()
-        remaining, line = f.bytes, 0
         try:
             stream = self.storage.open_read(f.path)
         except FileNotFoundError:
             raise ChecksumMismatchError("listed file is missing", location=where) from None
-        with stream:
+
+        def chunks() -> Iterator[bytes]:
+            remaining = f.bytes
             while remaining:
                 chunk = stream.read(min(_READ_CHUNK, remaining))
                 if not chunk:
@@ -249,31 +247,24 @@ class RunReader:
                 remaining -= len(chunk)
                 if verify:
                     digest.update(chunk)
-                try:
-                    events = decoder.feed(chunk)
-                except StageFileError as exc:
-                    raise exc.at(where) from None
-                for event in events:
-                    if isinstance(event, DataFrame):
-                        try:
-                            batch = decode_lines(event.content)
-                        except StageFileError as exc:
-                            raise StageFileError(exc.problem, location=f"{where}:+{line}") from None
-                        line += len(batch)
-                        yield batch
-                    elif (
-                        event.get("stage"),
-                        event.get("record_schema_version"),
-                        event.get("key_field"),
-                    ) != (stage.name, stage.record_schema_version, stage.key_field):
-                        raise StageFileError(
-                            "header disagrees with the stage's name or declaration (FRAME-2)",
-                            location=where,
-                        )
-        try:
-            decoder.close()
-        except StageFileError as exc:
-            raise exc.at(where) from None
+                yield chunk
+
+        declared = (stage.name, stage.record_schema_version, stage.key_field)
+        line = 0
+        with stream:
+            for event in stage_events(chunks(), where):
+                if isinstance(event, list):
+                    line += len(event)
+                    yield event
+                elif (
+                    event.get("stage"),
+                    event.get("record_schema_version"),
+                    event.get("key_field"),
+                ) != declared:
+                    raise StageFileError(
+                        "header disagrees with the stage's name or declaration (FRAME-2)",
+                        location=where,
+                    )
         if verify and digest.hexdigest() != f.sha256:
             raise ChecksumMismatchError(
                 "sha256 of the listed bytes does not match the manifest (CHECK-1)",

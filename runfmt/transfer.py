@@ -31,7 +31,7 @@ from runfmt.errors import (
 )
 from runfmt.format import names
 from runfmt.format.checksum import parse_sums
-from runfmt.format.frames import PREFIX, DataFrame, FrameDecoder, FrameEncoder, encode_header
+from runfmt.format.frames import PREFIX, FrameDecoder, FrameEncoder, encode_header, stage_events
 from runfmt.format.manifest import (
     FORMAT_VERSION,
     FileEntry,
@@ -39,7 +39,7 @@ from runfmt.format.manifest import (
     check_compatible,
     decode_manifest,
 )
-from runfmt.format.records import Record, decode_lines, is_failure
+from runfmt.format.records import Record, is_failure
 from runfmt.format.schemas import schema_errors
 from runfmt.run import FRAME_TARGET, RunReader, RunWriter, load_manifest, revisions
 from runfmt.store import Store
@@ -169,44 +169,31 @@ def _zst_batches(path: str, f: IO[bytes]) -> Iterator[tuple[dict[str, Any], list
     digest = hashlib.sha256()
     header: dict[str, Any] | None = None
     records = failures = 0
-    offset = 0
-    while True:
-        chunk = f.read(_CHUNK)
-        if not chunk:
-            break
+
+    def chunks() -> Iterator[bytes]:
+        """The file's chunks; the digest covers what follows the header (EXP-2)."""
+        offset = 0
+        while chunk := f.read(_CHUNK):
+            yield chunk
+            if decoder.header is not None:
+                digest.update(chunk[max(0, decoder.header_end - offset) :])
+            offset += len(chunk)
+
+    for event in stage_events(chunks(), path, decoder):
+        if isinstance(event, list):
+            records += len(event)
+            failures += sum(map(is_failure, event))
+            assert header is not None
+            yield header, event
+            continue
         try:
-            events = decoder.feed(chunk)
-        except StageFileError as exc:
+            check_compatible(event.get("format_version"), None)
+        except UnsupportedFormatError as exc:
             raise exc.at(path) from None
-        if header is not None or decoder.header is not None:
-            skip = max(0, decoder.header_end - offset)
-            digest.update(chunk[skip:])
-        offset += len(chunk)
-        for event in events:
-            if isinstance(event, DataFrame):
-                try:
-                    batch = decode_lines(event.content)
-                except StageFileError as exc:
-                    raise StageFileError(exc.problem, location=f"{path}:+{records}") from None
-                records += len(batch)
-                failures += sum(map(is_failure, batch))
-                assert header is not None
-                yield header, batch
-            else:
-                try:
-                    check_compatible(event.get("format_version"), None)
-                except UnsupportedFormatError as exc:
-                    raise exc.at(path) from None
-                problems = schema_errors("stage-header", event)
-                if problems:
-                    raise StageFileError(
-                        "invalid stage file header: " + "; ".join(problems), location=path
-                    )
-                header = event
-    try:
-        decoder.close()
-    except StageFileError as exc:
-        raise exc.at(path) from None
+        problems = schema_errors("stage-header", event)
+        if problems:
+            raise StageFileError("invalid stage file header: " + "; ".join(problems), location=path)
+        header = event
     if header is None:
         raise StageFileError("no stage file header", location=path)
     export = header.get("export")
@@ -557,25 +544,20 @@ class _Archive:
                     )
 
     def batches(self, entry: FileEntry, stage: str) -> Iterator[list[Record]]:
-        decoder = FrameDecoder()
         where = self.where(entry.path)
-        with self.open(entry.path) as f:
+
+        def chunks(f: IO[bytes]) -> Iterator[bytes]:
             left = entry.bytes
             while left and (chunk := f.read(min(_CHUNK, left))):
                 left -= len(chunk)
-                try:
-                    events = decoder.feed(chunk)
-                except StageFileError as exc:
-                    raise exc.at(where) from None
-                for event in events:
-                    if isinstance(event, DataFrame):
-                        yield decode_lines(event.content)
-                    elif event.get("stage") != stage:
-                        raise StageFileError("header names another stage (FRAME-2)", location=where)
-        try:
-            decoder.close()
-        except StageFileError as exc:
-            raise exc.at(where) from None
+                yield chunk
+
+        with self.open(entry.path) as f:
+            for event in stage_events(chunks(f), where):
+                if isinstance(event, list):
+                    yield event
+                elif event.get("stage") != stage:
+                    raise StageFileError("header names another stage (FRAME-2)", location=where)
 
 
 def import_run(

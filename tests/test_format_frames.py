@@ -20,6 +20,7 @@ from runfmt.format.frames import (
     Header,
     encode_header,
     iter_frames,
+    stage_events,
 )
 from runfmt.format.records import decode_lines, encode_records
 
@@ -95,6 +96,36 @@ def test_same_events_wherever_the_input_is_split(payloads: list[bytes], cuts: li
     chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     assert decode(chunks) == decode([data])
     assert decode([data[i : i + 1] for i in range(len(data))]) == decode([data])
+
+
+@settings(max_examples=40)
+@given(
+    batches=st.lists(
+        st.lists(
+            st.dictionaries(st.text(max_size=5), st.integers(-(2**63), 2**63 - 1), max_size=3),
+            min_size=1,
+        ),
+        max_size=4,
+    ),
+    size=st.integers(min_value=1, max_value=200),
+)
+def test_stage_events_yield_the_header_then_each_frames_records(
+    batches: list[list[dict[str, object]]], size: int
+) -> None:
+    data = stage_file([encode_records(b) for b in batches])
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    assert list(stage_events(chunks, "f.jsonl.zst")) == [HEADER, *batches]
+
+
+def test_stage_events_name_the_file_and_the_records_before_a_bad_line() -> None:
+    data = stage_file([encode_records([{"i": 1}, {"i": 2}]), b'{"i": 3}\nnot json\n'])
+    with pytest.raises(StageFileError) as info:
+        list(stage_events([data], "f.jsonl.zst"))
+    assert info.value.location == "f.jsonl.zst:+2"
+    assert "line 2" in info.value.problem
+    with pytest.raises(StageFileError) as info:
+        list(stage_events([data[:-3]], "f.jsonl.zst"))
+    assert info.value.location == "f.jsonl.zst"
 
 
 def test_every_truncation_off_a_frame_boundary_is_detected() -> None:

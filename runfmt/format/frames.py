@@ -9,7 +9,7 @@ clean end. Nothing here performs I/O.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import orjson
 import zstandard
 
 from runfmt.errors import StageFileError
+from runfmt.format.records import Record, decode_lines
 
 __all__ = [
     "HEADER_MAGIC",
@@ -30,6 +31,7 @@ __all__ = [
     "decode_header",
     "encode_header",
     "iter_frames",
+    "stage_events",
 ]
 
 PREFIX = bytes.fromhex("28b52ffd2000010000")
@@ -243,3 +245,35 @@ def iter_frames(data: bytes) -> Iterator[Header | DataFrame]:
     decoder = FrameDecoder()
     yield from decoder.feed(data)
     decoder.close()
+
+
+def stage_events(
+    chunks: Iterable[bytes], where: str, decoder: FrameDecoder | None = None
+) -> Iterator[Header | list[Record]]:
+    """Decode a stage file given in chunks: its header (a dict), then each data frame's
+    records (a list); raises on a torn or corrupt file.
+
+    Errors name ``where``; a bad line also the number of records before its frame
+    (``where:+N``). Pass ``decoder`` to read its offsets while chunks are fed.
+    """
+    decoder = decoder or FrameDecoder()
+    line = 0
+    for chunk in chunks:
+        try:
+            events = decoder.feed(chunk)
+        except StageFileError as exc:
+            raise exc.at(where) from None
+        for event in events:
+            if not isinstance(event, DataFrame):
+                yield event
+                continue
+            try:
+                batch = decode_lines(event.content)
+            except StageFileError as exc:
+                raise StageFileError(exc.problem, location=f"{where}:+{line}") from None
+            line += len(batch)
+            yield batch
+    try:
+        decoder.close()
+    except StageFileError as exc:
+        raise exc.at(where) from None
