@@ -72,7 +72,11 @@ def _flock(run: Storage, timeout: float) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except FileNotFoundError:
-        raise RunNotFoundError("the run folder is gone", location=run.where()) from None
+        raise RunNotFoundError(
+            "the run folder is gone",
+            location=run.where(),
+            hint="it was deleted (gc, rm) while open; write to a new run",
+        ) from None
     except OSError as exc:
         raise StorageError(
             f"cannot open the commit lock: {exc.strerror}",

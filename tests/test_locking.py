@@ -158,8 +158,10 @@ def test_a_commit_lock_that_cannot_be_opened_is_a_clear_error(store: Store) -> N
     writer.finish()
     assert [r["id"] for r in store.open_run(run_id).records("score")] == [1]
     shutil.rmtree(run_dir)
-    with pytest.raises(RunNotFoundError), commit_lock(Storage(str(run_dir)), timeout=1):
+    with pytest.raises(RunNotFoundError) as gone, commit_lock(Storage(str(run_dir)), timeout=1):
         pass
+    assert gone.value.location == str(run_dir)
+    assert "new run" in gone.value.hint
 
 
 def test_threads_of_one_process_take_turns_at_the_commit_lock(store: Store) -> None:
