@@ -24,6 +24,7 @@ from pathlib import Path
 import orjson
 from common import Row, best_of, median_of
 
+from runfmt._index_reading import RACY_NS
 from runfmt.cache import Cache
 from runfmt.format import names
 from runfmt.format.keys import compute_key
@@ -86,11 +87,15 @@ def list_by_reading(root: Path) -> list[dict[str, object]]:
 
 
 def _age(root: Path) -> None:
-    """Date every folder back a minute, as a store not written to in the last seconds."""
+    """Make the store look untouched for a while: its folder dated back a minute, and the
+    racy window of its runs waited out (their stamp is a change time, which no tool can set)."""
     old = time.time() - 60
-    for entry in os.scandir(root):
-        if entry.is_dir() and not entry.name.startswith("."):
-            os.utime(os.path.join(entry.path, names.MANIFESTS_DIR), (old, old))
+    newest = max(
+        os.stat(os.path.join(entry.path, names.MANIFESTS_DIR)).st_ctime_ns
+        for entry in os.scandir(root)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+    time.sleep(max(0, newest + RACY_NS - time.time_ns()) / 1e9)
     os.utime(root, (old, old))
 
 

@@ -5,7 +5,9 @@ that ``runfmt ls`` starts fast); any other store through `runfmt.storage.Storage
 
 from __future__ import annotations
 
+import operator
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +30,9 @@ __all__ = [
     "LocalSource",
     "Row",
     "Source",
+    "Stamp",
     "StorageSource",
+    "is_racy",
     "scan_file",
     "summarize",
     "timestamp",
@@ -44,6 +48,17 @@ UNREADABLE = "unreadable"
 RACY_NS = 3_000_000_000
 """A run whose ``_manifests/`` changed this recently is re-read at the next refresh,
 since a later commit within the same timestamp tick would leave its stamp unchanged."""
+Stamp = int | str
+"""What tells that a run changed: on local disk the change time (ns) of its ``_manifests/``;
+text when it was taken otherwise (``racy:``, ``bare:``, ``rev:`` on object stores)."""
+_change_ns = operator.attrgetter("st_mtime_ns" if sys.platform == "win32" else "st_ctime_ns")
+"""The inode change time: every entry added or removed changes it, and unlike the modification
+time no copy can set it back. Windows reports the creation time there: its mtime instead."""
+
+
+def is_racy(stamp: Stamp) -> bool:
+    """Whether the run changed too recently for its stamp to show a later change."""
+    return isinstance(stamp, str) and stamp.startswith("racy:")
 
 
 def timestamp(value: object) -> float | None:
@@ -61,7 +76,7 @@ class Changes(NamedTuple):
 
     present: int
     """How many runs the store holds."""
-    changed: list[tuple[str, str]]
+    changed: list[tuple[str, Stamp]]
     """The runs to read again, with their new stamp."""
     gone: set[str]
     """The indexed runs that are no longer in the store."""
@@ -75,21 +90,21 @@ class Source:
     def run_names(self) -> list[str]:
         raise NotImplementedError
 
-    def stamp(self, run_id: str) -> str | None:
+    def stamp(self, run_id: str) -> Stamp | None:
         """A value that changes whenever the run commits; None when it is not a run."""
         raise NotImplementedError
 
-    def changes(self, known: Mapping[str, str]) -> Changes:
+    def changes(self, known: Mapping[str, Stamp]) -> Changes:
         """The store's runs compared with the ``known`` stamps: which changed (or are racy),
         with their new stamp, and which known ones are no longer runs."""
         present = self.run_names()
-        changed: list[tuple[str, str]] = []
+        changed: list[tuple[str, Stamp]] = []
         gone = set(known).difference(present)
         for run_id, stamp in zip(present, self.map(self.stamp, present), strict=True):
             if stamp is None:
                 if run_id in known:
                     gone.add(run_id)
-            elif known.get(run_id) != stamp or stamp.startswith("racy:"):
+            elif known.get(run_id) != stamp or is_racy(stamp):
                 changed.append((run_id, stamp))
         return Changes(len(present), changed, gone)
 
@@ -125,10 +140,10 @@ def _no_revision(has_manifest_file: bool) -> NoReturn:
     raise RunNotFoundError("no revision and no manifest.json: not a run (LAYOUT-2)")
 
 
-def _stamp_of(st: os.stat_result, racy: int) -> str:
+def _stamp_of(st: os.stat_result, racy: int) -> Stamp:
     """A stamp from the stat of ``_manifests/``: ``racy:`` when changed after ``racy`` (ns)."""
-    mtime = st.st_mtime_ns
-    return f"racy:{st.st_ino}:{mtime}" if mtime > racy else f"{st.st_ino}:{mtime}"
+    changed: int = _change_ns(st)
+    return f"racy:{changed}" if changed > racy else changed
 
 
 class _Listing(NamedTuple):
@@ -163,39 +178,40 @@ class LocalSource(Source):
         self._listing = (stamp, listing) if st.st_mtime_ns <= racy else None
         return listing
 
-    def stamp(self, run_id: str) -> str | None:
+    def stamp(self, run_id: str) -> Stamp | None:
         try:
             st = os.stat(f"{self.url}/{run_id}/{names.MANIFESTS_DIR}")
         except OSError:
             return self._bare_stamp(run_id)
         return _stamp_of(st, time.time_ns() - RACY_NS)
 
-    def changes(self, known: Mapping[str, str]) -> Changes:
+    def changes(self, known: Mapping[str, Stamp]) -> Changes:
         """One stat per run, of its ``_manifests/``, and one of the store folder: the whole
         cost of a refresh that finds nothing new, so this loop does only that."""
         racy = time.time_ns() - RACY_NS
         runs, paths, run_set = self._run_folders(racy)
-        stat, get = os.stat, known.get
-        changed: list[tuple[str, str]] = []
+        stat, get, change_ns = os.stat, known.get, _change_ns
+        changed: list[tuple[str, Stamp]] = []
         gone = set(known.keys() - run_set)
         present = 0
         for run_id, path in zip(runs, paths, strict=True):
             try:
-                st = stat(path)
+                ns: int = change_ns(stat(path))
             except OSError:
-                stamp = self._bare_stamp(run_id)
-                if stamp is None:
+                bare = self._bare_stamp(run_id)
+                if bare is None:
                     if run_id in known:
                         gone.add(run_id)
                     continue
-                recent = False
-            else:
-                mtime = st.st_mtime_ns
-                recent = mtime > racy
-                stamp = f"racy:{st.st_ino}:{mtime}" if recent else f"{st.st_ino}:{mtime}"
+                present += 1
+                if get(run_id) != bare:
+                    changed.append((run_id, bare))
+                continue
             present += 1
-            if recent or get(run_id) != stamp:
-                changed.append((run_id, stamp))
+            if ns > racy:
+                changed.append((run_id, f"racy:{ns}"))
+            elif get(run_id) != ns:
+                changed.append((run_id, ns))
         return Changes(present, changed, gone)
 
     def _bare_stamp(self, run_id: str) -> str | None:
@@ -259,7 +275,7 @@ class StorageSource(Source):
                  for e in self.storage.list(f"{run_id}/{names.MANIFESTS_DIR}"))  # fmt: skip
         return max((r for r in found if r is not None), default=None)
 
-    def stamp(self, run_id: str) -> str | None:
+    def stamp(self, run_id: str) -> Stamp | None:
         revision = self._revision(run_id)
         if revision is not None:
             return f"rev:{revision}"
@@ -304,7 +320,7 @@ class StorageSource(Source):
 @dataclass(slots=True)
 class Row:
     run_id: str
-    stamp: str
+    stamp: Stamp
     listed: dict[str, Any]
     """What the index lists of the run (`runfmt.index.RunSummary` members)."""
     keyed: list[tuple[str, str, str | None, str, int, str]]
@@ -353,7 +369,7 @@ def _check(cond: bool, what: str) -> None:
         raise ValueError(what)
 
 
-def summarize(run_id: str, stamp: str, data: bytes) -> Row:
+def summarize(run_id: str, stamp: Stamp, data: bytes) -> Row:
     """The index row of a manifest, with the structural checks the index relies on.
 
     Full schema validation is `runfmt verify`'s job; a manifest failing these checks
@@ -412,7 +428,7 @@ def _problem(data: bytes, run_id: str) -> str:
     return "manifest is not readable by this version of runfmt's index"
 
 
-def unreadable(run_id: str, stamp: str, problem: str) -> Row:
+def unreadable(run_id: str, stamp: Stamp, problem: str) -> Row:
     listed = {
         "revision": 0, "name": "", "status": UNREADABLE, "created_at": None,
         "updated_at": None, "finished_at": None, "heartbeat_at": None, "config_hash": None,

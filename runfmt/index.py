@@ -33,7 +33,9 @@ from runfmt._index_reading import (
     LocalSource,
     Row,
     Source,
+    Stamp,
     StorageSource,
+    is_racy,
     scan_file,
     summarize,
     unreadable,
@@ -66,7 +68,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 """Version of the index's tables (``PRAGMA user_version``); another version is rebuilt."""
 APPLICATION_ID = 0x52554E46
 """``PRAGMA application_id`` of a runfmt index ("RUNF"): anything else is a foreign file."""
@@ -86,7 +88,7 @@ _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE runs(
     run_id TEXT PRIMARY KEY,
-    stamp TEXT NOT NULL,
+    stamp NOT NULL,  -- an integer or text (Stamp): no type affinity, so ints stay ints
     revision INTEGER NOT NULL,
     name TEXT NOT NULL,
     status TEXT NOT NULL,
@@ -335,7 +337,7 @@ class Index:
         self._lock = threading.RLock()
         self._con: sqlite3.Connection | None = None
         self._opened_ino: int | None = None
-        self._stamps: tuple[sqlite3.Connection, int, dict[str, str]] | None = None
+        self._stamps: tuple[sqlite3.Connection, int, dict[str, Stamp]] | None = None
 
     @classmethod
     def for_storage(cls, storage: Storage, *, timeout: float = 30.0) -> Index:
@@ -548,7 +550,7 @@ class Index:
         return RefreshStats(present, len(changed), len(gone), entries,
                             time.perf_counter() - started)  # fmt: skip
 
-    def _indexed_stamps(self, con: sqlite3.Connection) -> dict[str, str]:
+    def _indexed_stamps(self, con: sqlite3.Connection) -> dict[str, Stamp]:
         """Each indexed run's stamp, kept from the last refresh while no other connection
         has written (SQLite's ``data_version``): a refresh that finds nothing new reads
         no row."""
@@ -557,7 +559,7 @@ class Index:
             self._stamps = (con, version, dict(con.execute("SELECT run_id, stamp FROM runs")))
         return self._stamps[2]
 
-    def _read_run(self, change: tuple[str, str]) -> Row | None:
+    def _read_run(self, change: tuple[str, Stamp]) -> Row | None:
         """The run's row; None when the folder is not a run (yet): no revision and no
         ``manifest.json`` (LAYOUT-2), as a creation or a copy in progress leaves it."""
         run_id, stamp = change
@@ -781,7 +783,7 @@ class Index:
         with self._db() as con:
             found = con.execute("SELECT stamp FROM runs WHERE run_id=?", (run_id,)).fetchone()
             stamp = self._source.stamp(run_id) if names.is_run_id(run_id) else None
-            if stamp is not None and found == (stamp,) and not stamp.startswith("racy:"):
+            if stamp is not None and found == (stamp,) and not is_racy(stamp):
                 return
             row = None if stamp is None else self._read_run((run_id, stamp))
             if row is None:

@@ -230,6 +230,33 @@ def test_run_committed_by_another_process_shows_its_new_state(store: Store) -> N
     assert (run.status, run.records) == ("completed", 4)
 
 
+def test_run_updated_in_place_with_its_times_kept_shows_its_new_state(
+    store: Store, tmp_path: Path
+) -> None:
+    """``rsync -a`` of a newer copy over an indexed run keeps the folders' inodes and sets
+    ``_manifests/`` back to the source's mtime: the stamp is the change time, which it
+    cannot set, so the run is read again."""
+    run_id = write_run(store, "a", status="running")
+    assert store.index.run(run_id).status == "running"  # type: ignore[union-attr]
+    manifests = Path(store.url) / run_id / "_manifests"
+    before = manifests.stat()
+
+    newer = tmp_path / "newer"
+    shutil.copytree(Path(store.url) / run_id, newer / run_id)
+    _commit_more(str(newer), run_id)
+    for item in (newer / run_id).rglob("*"):
+        if item.is_file():
+            target = Path(store.url) / run_id / item.relative_to(newer / run_id)
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy2(item, target)
+    os.utime(manifests, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (manifests.stat().st_ino, manifests.stat().st_mtime_ns) == (
+        before.st_ino, before.st_mtime_ns)  # fmt: skip
+
+    (run,) = store.index.runs()
+    assert (run.status, run.records) == ("completed", 4)
+
+
 def test_refresh_rereads_only_changed_runs(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = [write_run(store, f"r{i}") for i in range(5)]
     first = store.index.refresh()
