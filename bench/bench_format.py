@@ -29,7 +29,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,36 +95,36 @@ def _orjson_line(record: Record) -> bytes:
     return orjson.dumps(record) + b"\n"
 
 
-def bare_write(records: list[Record], encode: Encode, path: Path) -> list[int]:
-    """The bare write loop; returns the compressed size of each frame."""
+def _bare_frames(records: list[Record], encode: Encode) -> Iterator[bytes]:
+    """The bare loop's frames, one per 1,000 records, each added to a running sha256."""
     cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
     digest = hashlib.sha256()
+    for start in range(0, len(records), FLUSH_EVERY):
+        payload = b"".join([encode(r) for r in records[start : start + FLUSH_EVERY]])
+        frame = cctx.compress(payload)
+        digest.update(frame)
+        yield frame
+    digest.hexdigest()
+
+
+def bare_write(records: list[Record], encode: Encode, path: Path) -> list[int]:
+    """The bare write loop; returns the compressed size of each frame."""
     sizes = []
     with open(path, "wb") as f:
-        for start in range(0, len(records), FLUSH_EVERY):
-            payload = b"".join([encode(r) for r in records[start : start + FLUSH_EVERY]])
-            frame = cctx.compress(payload)
-            digest.update(frame)
+        for frame in _bare_frames(records, encode):
             f.write(frame)
             sizes.append(len(frame))
-    digest.hexdigest()
     return sizes
 
 
 def bare_durable_write(records: list[Record], folder: Path) -> None:
     """The orjson bare loop, each frame committed with the commit protocol's bare system
     calls (`_BareCommit`): the floor of any writer that makes every flush durable."""
-    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
-    digest = hashlib.sha256()
     shutil.rmtree(folder, ignore_errors=True)
     bare = _BareCommit(folder, b"{}".ljust(1024))
-    for start in range(0, len(records), FLUSH_EVERY):
-        payload = b"".join([_orjson_line(r) for r in records[start : start + FLUSH_EVERY]])
-        frame = cctx.compress(payload)
-        digest.update(frame)
+    for frame in _bare_frames(records, _orjson_line):
         bare.commit(frame)
     bare.close()
-    digest.hexdigest()
 
 
 def bare_read(path: Path, frame_sizes: list[int]) -> int:

@@ -89,6 +89,10 @@ _Frame = tuple[str, str, int, int]
 """A frame's run id, path, start and end."""
 
 
+def _frame(where: Provenance) -> _Frame:
+    return where.run_id, where.path, where.frame_start, where.frame_end
+
+
 def _rank(
     created_ts: float | None, run_id: str, path: str, start: int, line: int
 ) -> tuple[Any, ...]:
@@ -195,8 +199,7 @@ class Cache:
                 newest[key] = rank, self._provenance(stage, run_id, path, v, start, end, line)
         by_frame: dict[_Frame, list[tuple[str, Provenance]]] = {}
         for key, (_, where) in newest.items():
-            frame = where.run_id, where.path, where.frame_start, where.frame_end
-            by_frame.setdefault(frame, []).append((key, where))
+            by_frame.setdefault(_frame(where), []).append((key, where))
         hits: dict[str, CacheHit] = {}
         for frame in sorted(by_frame):
             found = by_frame[frame]
@@ -234,7 +237,7 @@ class Cache:
     def _lines(self, where: Provenance) -> list[bytes] | None:
         """The lines of the frame holding ``where``: kept from an earlier read while its
         file is still long enough, else read (checksum verified); None when unreadable."""
-        frame = where.run_id, where.path, where.frame_start, where.frame_end
+        frame = _frame(where)
         with self._frames_lock:
             kept = self._frames.get(frame)
             if kept is not None:
