@@ -11,6 +11,7 @@ from runfmt.errors import (
     FormatError,
     InvalidInputError,
     RunfmtError,
+    RunNotFoundError,
     StageFileError,
     UnsupportedFormatError,
 )
@@ -19,10 +20,16 @@ from runfmt.format.checksum import parse_sums, sha256_hex
 from runfmt.format.frames import DataFrame, FrameDecoder
 from runfmt.format.manifest import ChangeSet, FileEntry, Manifest, StageEntry
 from runfmt.format.records import decode_lines, is_failure
-from runfmt.format.schemas import schema_errors
-from runfmt.format.validate import FileCheck, Problem, check_listing
+from runfmt.format.validate import FileCheck, Problem, check_listing, header_problem
 from runfmt.locking import commit_lock, writer_alive
-from runfmt.run import commit_locked, load_manifest, revisions, write_manifest_copy, write_sums
+from runfmt.run import (
+    commit_locked,
+    load_manifest,
+    revisions,
+    sums_of,
+    write_manifest_copy,
+    write_sums,
+)
 from runfmt.storage import Storage
 
 __all__ = ["RepairReport", "repair_run", "verify_run"]
@@ -37,10 +44,8 @@ def verify_run(run: Storage) -> list[Problem]:
     try:
         manifest = load_manifest(run)
     except RunfmtError as exc:
-        cited = _RULE_ID.search(exc.problem)
-        rule = cited[1] if cited else "MAN-2"
-        return [Problem(exc.location or run.where(), exc.problem, rule)]
-    problems: list[Problem] = []
+        return [_manifest_problem(exc, exc.location or run.where())]
+    problems = _older_revision_problems(run, manifest.revision)
     manifest_bytes = run.read(names.revision_file(manifest.revision))
     current = _read_optional(run, names.MANIFEST_FILE)
     if current != manifest_bytes:
@@ -64,6 +69,27 @@ def verify_run(run: Storage) -> list[Problem]:
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
     return problems
+
+
+def _older_revision_problems(run: Storage, newest: int) -> list[Problem]:
+    """Each kept older revision must be a valid manifest too (MAN-2): `repair` falls back
+    on them."""
+    problems = []
+    for revision in revisions(run):
+        if revision < newest:
+            try:
+                load_manifest(run, revision)
+            except RunNotFoundError:
+                continue
+            except RunfmtError as exc:
+                problems.append(_manifest_problem(exc, names.revision_file(revision)))
+    return problems
+
+
+def _manifest_problem(exc: RunfmtError, location: str) -> Problem:
+    """A manifest that could not be loaded, under the rule its error cites (else MAN-2)."""
+    cited = _RULE_ID.search(exc.problem)
+    return Problem(location, exc.problem, cited[1] if cited else "MAN-2")
 
 
 def _read_optional(run: Storage, rel: str) -> bytes | None:
@@ -92,18 +118,21 @@ def _check_file(
 
 
 def _check_sums(run: Storage, manifest: Manifest, manifest_bytes: bytes) -> list[Problem]:
+    """``SHA256SUMS`` must be byte for byte what CHECK-3 makes of the manifest."""
     try:
-        sums = parse_sums(run.read(names.SUMS_FILE).decode("utf-8", "replace"))
+        data = run.read(names.SUMS_FILE)
     except FileNotFoundError:
         return [Problem(names.SUMS_FILE, "missing in a finished run", "CHECK-3", repairable=True)]
+    if manifest.status == "running":
+        return [Problem(names.SUMS_FILE, "present in a running run", "CHECK-3", repairable=True)]
+    if data == sums_of(manifest, manifest_bytes):
+        return []
+    try:
+        parse_sums(data.decode("utf-8", "replace"))
     except FormatError as exc:
         return [Problem(names.SUMS_FILE, exc.problem, "CHECK-3", repairable=True)]
-    expected = {f.path: f.sha256 for s in manifest.stages for f in s.files}
-    expected |= {a.path: a.sha256 for a in manifest.artifacts}
-    expected[names.MANIFEST_FILE] = sha256_hex(manifest_bytes)
-    if sums != expected or manifest.status == "running":
-        return [Problem(names.SUMS_FILE, "does not match the manifest", "CHECK-3", repairable=True)]
-    return []
+    return [Problem(names.SUMS_FILE, "differs from the manifest's digests, their order or "
+                    "their line endings", "CHECK-3", repairable=True)]  # fmt: skip
 
 
 @dataclass
@@ -216,15 +245,7 @@ def _repair_file(
         _complete_prefix(run.read(path)) if salvage else (0, 0, 0, None)
     )
     stage_name, _ = names.parse_stage_file(path)
-    usable = (
-        header is not None
-        and header.get("stage") == stage_name
-        and (
-            stage is None
-            or (header["record_schema_version"], header["key_field"])
-            == (stage.record_schema_version, stage.key_field)
-        )
-    )
+    usable = header is not None and header_problem(header, path, stage) is None
     if not usable or records <= (entry.records if entry else 0):
         keep = committed
     if keep == 0:
@@ -268,8 +289,6 @@ def _complete_prefix(data: bytes) -> tuple[int, int, int, dict[str, object] | No
                     records += len(batch)
                     failures += sum(map(is_failure, batch))
                     end = event.end
-                elif schema_errors("stage-header", event):
-                    return 0, 0, 0, None
                 else:
                     header, end = event, decoder.header_end
     except StageFileError:

@@ -23,6 +23,9 @@ COMMIT_LOCK = ".lock"
 _COMMIT_POLL = 0.002
 """Seconds between tries for a held commit lock (filelock's 0.05 s default let one busy
 writer win every race while another waited, measured in tests/test_locking.py)."""
+_OWN_LOCK_WAIT = 5.0
+"""Seconds a new writer waits for its own liveness lock: its id is fresh, so only a
+`writer_alive` probe of another process (a repair) can hold it, for microseconds."""
 _held = threading.local()
 _memory_locks: dict[str, threading.RLock] = {}
 _memory_guard = threading.Lock()
@@ -123,8 +126,8 @@ def hold_writer_lock(run: Storage, writer: str) -> FileLock | None:
     """Take the lock that marks ``writer`` as alive for as long as its process holds it."""
     if not run.is_local:
         return None
-    lock = FileLock(run.path(_writer_lock_file(writer)), timeout=0)
-    lock.acquire()
+    lock = FileLock(run.path(_writer_lock_file(writer)))
+    lock.acquire(timeout=_OWN_LOCK_WAIT, poll_interval=_COMMIT_POLL)
     return lock
 
 

@@ -50,6 +50,7 @@ from runfmt.format.frames import (
 from runfmt.format.lineage import parent_json, parse_parents
 from runfmt.format.manifest import (
     FORMAT_VERSION,
+    MAX_ERROR,
     ArtifactEntry,
     ChangeSet,
     FileEntry,
@@ -57,6 +58,9 @@ from runfmt.format.manifest import (
     RunStatus,
     StageEntry,
     apply_changes,
+    check_counter,
+    check_error,
+    check_tags,
     decode_manifest,
     encode_manifest,
 )
@@ -67,6 +71,7 @@ from runfmt.format.records import (
     encode_many,
     encode_record,
 )
+from runfmt.format.validate import header_problem
 from runfmt.locking import commit_lock, hold_writer_lock
 from runfmt.storage import AppendFile, Storage
 
@@ -169,13 +174,19 @@ def write_manifest_copy(run: Storage, data: bytes, *, finished: bool) -> None:
     run.write_atomic(names.MANIFEST_FILE, data, durable=finished)
 
 
-def write_sums(run: Storage, manifest: Manifest) -> None:
-    """Write ``SHA256SUMS`` for a finished run: every listed file and ``manifest.json``."""
+def sums_of(manifest: Manifest, manifest_bytes: bytes) -> bytes:
+    """What ``SHA256SUMS`` holds for a finished run: every listed file and ``manifest.json``
+    (a copy of ``manifest_bytes``), sorted by path (CHECK-3)."""
     entries = [(f.path, f.sha256) for s in manifest.stages for f in s.files]
     entries += [(a.path, a.sha256) for a in manifest.artifacts]
+    entries.append((names.MANIFEST_FILE, sha256_hex(manifest_bytes)))
+    return format_sums(entries).encode()
+
+
+def write_sums(run: Storage, manifest: Manifest) -> None:
+    """Write ``SHA256SUMS`` for a finished run."""
     current = run.read(names.revision_file(manifest.revision))
-    entries.append((names.MANIFEST_FILE, sha256_hex(current)))
-    run.write_atomic(names.SUMS_FILE, format_sums(entries).encode())
+    run.write_atomic(names.SUMS_FILE, sums_of(manifest, current))
 
 
 class RunReader:
@@ -249,31 +260,29 @@ class RunReader:
                     digest.update(chunk)
                 yield chunk
 
-        declared = (stage.name, stage.record_schema_version, stage.key_field)
-        line = 0
+        line = failures = 0
         with stream:
             for event in stage_events(chunks(), where):
                 if isinstance(event, list):
                     line += len(event)
+                    errors = list(map(dict.get, event, itertools.repeat(ERROR_FIELD)))
+                    failures += len(errors) - errors.count(None)
                     yield event
-                elif (
-                    event.get("stage"),
-                    event.get("record_schema_version"),
-                    event.get("key_field"),
-                ) != declared:
-                    raise StageFileError(
-                        "header disagrees with the stage's name or declaration (FRAME-2)",
-                        location=where,
-                    )
+                else:
+                    problem = header_problem(event, f.path, stage)
+                    if problem is not None:
+                        raise StageFileError(f"{problem} (FRAME-2)", location=where)
         if verify and digest.hexdigest() != f.sha256:
             raise ChecksumMismatchError(
                 "sha256 of the listed bytes does not match the manifest (CHECK-1)",
                 location=where,
                 hint="run `runfmt verify` for every problem in the run",
             )
-        if line != f.records:
+        if (line, failures) != (f.records, f.failures):
             raise ChecksumMismatchError(
-                f"file holds {line} records, manifest lists {f.records} (CHECK-2)", location=where
+                f"file holds {line} records ({failures} failures), manifest lists "
+                f"{f.records} ({f.failures} failures) (CHECK-2)",
+                location=where,
             )
 
     def file_urls(self, stage: str) -> list[str]:
@@ -622,13 +631,13 @@ class RunWriter:
             or not math.isfinite(delta)
         ):
             raise InvalidInputError(f"counter delta must be a finite number, not {delta!r}")
-        self._changes.counters[counter] = self._changes.counters.get(counter, 0) + delta
+        pending = self._changes.counters.get(counter, 0) + delta
+        check_counter(counter, self.manifest.counters.get(counter, 0) + pending)
+        self._changes.counters[counter] = pending
 
     def tag(self, **tags: str) -> None:
         """Set tags at the next commit."""
-        for k, v in tags.items():
-            if not isinstance(v, str):
-                raise InvalidInputError(f"tag {k!r} must be a string, not {v!r}")
+        check_tags(tags)
         self._changes.tags.update(tags)
 
     def add_artifact(
@@ -736,8 +745,9 @@ class RunWriter:
         ``completed_through_stage`` (``through_stage``, else the writer's
         ``until_stage``; LIFE-2); that stage is marked completed.
         """
-        if status == "running":
-            raise InvalidInputError("finish needs completed, failed or cancelled")
+        if status not in ("completed", "failed", "cancelled"):
+            raise InvalidInputError(f"finish needs completed, failed or cancelled, not {status!r}")
+        check_error(status, error)
         with self._mutex:
             self._check_open()
             through = self.manifest.completed_through_stage
@@ -813,6 +823,6 @@ class RunWriter:
             return
         status: RunStatus = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
         try:
-            self.finish(status, f"{type(exc).__name__}: {exc}")
+            self.finish(status, f"{type(exc).__name__}: {exc}"[:MAX_ERROR])
         except RunfmtError:
             self._release()

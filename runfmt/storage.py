@@ -381,11 +381,12 @@ class Storage:
         with self._io(rel):
             if self.is_local:
                 target = self.path(rel)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
+                _make_folders(os.path.dirname(target))
                 with open(target, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                _fsync_dir(os.path.dirname(target))
             else:
                 self.fs.pipe_file(self.path(rel), data)
 
@@ -406,7 +407,7 @@ class Storage:
                 out.close()
                 return
             target = self.path(rel)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            _make_folders(os.path.dirname(target))
             tmp = os.path.join(os.path.dirname(target), _TEMP_PREFIX + secrets.token_hex(16))
             try:
                 with open(tmp, "wb") as f:
@@ -434,7 +435,7 @@ class Storage:
             raise StorageError("append is only offered on local disk", location=self.where(rel))
         with self._io(rel):
             target = self.path(rel)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            _make_folders(os.path.dirname(target))
             return AppendFile(target)
 
     def truncate(self, rel: str, size: int) -> None:
@@ -490,7 +491,7 @@ class Storage:
         if link and self.is_local and source.is_local and source.size(src_rel) == length:
             with self._io(rel):
                 target = self.path(rel)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
+                _make_folders(os.path.dirname(target))
                 try:
                     os.link(source.path(src_rel), target)
                 except OSError as exc:
@@ -521,7 +522,7 @@ class Storage:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileNotFoundError:
-            os.makedirs(directory, exist_ok=True)
+            _make_folders(directory)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             _write_all(fd, data)
@@ -561,6 +562,19 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _make_folders(directory: str) -> None:
+    """Create ``directory`` and its missing parents, each new one made durable by a sync of
+    its parent (a folder's entry is data of its parent)."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+        _fsync_dir(os.path.dirname(folder))
 
 
 def _fsync_dir(path: str) -> None:

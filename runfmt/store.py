@@ -18,7 +18,13 @@ from runfmt.errors import (
 )
 from runfmt.format import names
 from runfmt.format.keys import canonical_json, compute_key
-from runfmt.format.manifest import Manifest, encode_manifest, manifest_problems, to_json
+from runfmt.format.manifest import (
+    Manifest,
+    check_tags,
+    encode_manifest,
+    manifest_problems,
+    to_json,
+)
 from runfmt.run import (
     WRITER,
     RunReader,
@@ -101,9 +107,7 @@ class Store:
         if not isinstance(name, str) or not 0 < len(name) <= 200 or not name.isprintable():
             raise InvalidInputError(f"run name {name!r} must be 1-200 printable characters")
         tags = dict(tags or {})
-        for key, value in tags.items():
-            if not isinstance(value, str):
-                raise InvalidInputError(f"tag {key!r} must be a string, not {value!r}")
+        check_tags(tags)
         canonical_json(config)
         created = datetime.now(UTC)
         run_id = run_id or names.format_run_id(created, secrets.randbits(32))

@@ -150,6 +150,62 @@ def test_config_without_a_canonical_form_is_refused(store: Store) -> None:
         store.create_run("eval", {"lr": float("nan")}, **QUIET)
 
 
+@pytest.mark.parametrize("label", ["", "a b", "x" * 129, "é", "new\nline"])
+def test_a_bad_tag_or_counter_is_refused_and_the_run_stays_readable(
+    store: Store, label: str
+) -> None:
+    """Tag and counter names follow the manifest's grammar and tag values its length, at the
+    call: a bad one never reaches a revision, where it would make the run unreadable."""
+    w = store.create_run("eval", **QUIET)
+    with pytest.raises(InvalidInputError, match="tag name"):
+        w.tag(**{label: "v"})
+    with pytest.raises(InvalidInputError, match="counter name"):
+        w.count(label, 1)
+    with pytest.raises(InvalidInputError, match="counter name"):
+        w.count(3, 1)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="at most 1024"):
+        w.tag(long="x" * 1025)
+    with pytest.raises(InvalidInputError, match="tag name"):
+        store.create_run("eval", tags={label: "v"}, **QUIET)
+    w.tag(good="x" * 1024)
+    w.count("cost_usd", 0.5)
+    w.append("score", {"id": 1})
+    w.finish()
+    reader = store.open_run(w.run_id)
+    assert (reader.manifest.tags, reader.manifest.counters) == ({"good": "x" * 1024},
+                                                                {"cost_usd": 0.5})  # fmt: skip
+    assert verify_run(reader.storage) == []
+
+
+def test_a_counter_that_would_overflow_is_refused(store: Store) -> None:
+    w = store.create_run("eval", **QUIET)
+    w.count("big", 1e308)
+    w.flush()
+    with pytest.raises(InvalidInputError, match="overflow"):
+        w.count("big", 1e308)
+    w.finish()
+    reader = store.open_run(w.run_id)
+    assert reader.manifest.counters == {"big": 1e308}
+    assert verify_run(reader.storage) == []
+
+
+def test_an_error_message_goes_only_with_a_failure_and_fits_the_manifest(store: Store) -> None:
+    w = store.create_run("eval", **QUIET)
+    with pytest.raises(InvalidInputError, match="MAN-9"):
+        w.finish("completed", "not an error")
+    with pytest.raises(InvalidInputError, match="at most 65536"):
+        w.fail("x" * 65537)
+    with pytest.raises(InvalidInputError, match="not 'done'"):
+        w.finish("done")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError), store.create_run("eval", **QUIET) as raising:
+        raise RuntimeError("y" * 100_000)
+    failed = store.open_run(raising.run_id).manifest
+    assert (failed.status, len(failed.error or "")) == ("failed", 65536)
+    w.fail("x" * 65536)
+    for run in store.runs():
+        assert verify_run(store.locate(run.run_id)) == []
+
+
 @pytest.mark.parametrize("stage", ["Score", "1st", "a/b", "../x", "", "s" * 65, "a b"])
 def test_a_bad_stage_name_is_refused_and_the_writer_goes_on(store: Store, stage: str) -> None:
     w = store.create_run("eval", **QUIET)
@@ -391,6 +447,34 @@ def test_repair_never_cuts_a_damaged_committed_file(run_dir: Path) -> None:
     f.write_bytes(original)
     assert verify_run(Storage(str(run_dir))) == []
     assert list(runfmt.open_run(run_dir).records("score")) == RECORDS
+
+
+@pytest.mark.parametrize(
+    ("header", "salvaged"),
+    [({}, True), ({"writer": "other1", "seq": 7}, False), ({"format": "nope"}, False)],
+)
+def test_repair_salvages_only_a_file_whose_header_matches_it(
+    store: Store, header: dict[str, Any], salvaged: bool
+) -> None:
+    """COMMIT-8: an unlisted stage file is salvaged only when its header is valid and names
+    the file's own stage, writer and seq; committed bytes could never be taken back."""
+    w = store.create_run("eval", **QUIET)
+    w.append("score", {"id": "a"})
+    w.flush()
+    w.close()
+    run_dir = Path(store.url) / w.run_id
+    head = {"format": "runfmt-stage", "format_version": "1.0", "run_id": w.run_id,
+            "stage": "score", "seq": 2, "writer": "deadbeef", "record_schema_version": "1",
+            "key_field": None} | header  # fmt: skip
+    frames = FrameEncoder().encode(b'{"id":"b"}\n')
+    stray = run_dir / "stages" / "score" / "part-000002-deadbeef.jsonl.zst"
+    stray.write_bytes(PREFIX + encode_header(head) + frames)
+
+    repair_run(Storage(str(run_dir)))
+    assert stray.exists() == salvaged
+    assert verify_run(Storage(str(run_dir))) == []
+    ids = [r["id"] for r in runfmt.open_run(run_dir).records("score")]
+    assert ids == (["a", "b"] if salvaged else ["a"])
 
 
 def test_cli_verify_exit_codes_and_messages(

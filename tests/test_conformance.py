@@ -268,13 +268,8 @@ def test_listed_bytes_never_change(store: Store) -> None:
         assert hashlib.sha256(prefix).hexdigest() == entry.sha256
 
 
-def test_what_a_commit_makes_durable_and_in_which_order(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """COMMIT-1, COMMIT-2, COMMIT-7, COMMIT-11: the data, then the revision and its folder;
-    ``manifest.json`` only when the revision finishes the run, before ``SHA256SUMS``."""
-    w = store.create_run("durable", run_id="durable", flush_every=None, flush_interval=None)
-    root = Path(w.storage.root)
+def _spy_fsync(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
+    """The run-relative paths ``os.fsync`` is called on from now on, in order."""
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -284,11 +279,38 @@ def test_what_a_commit_makes_durable_and_in_which_order(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+def test_an_artifact_and_its_new_folders_are_durable_before_the_commit(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-1: the new ``artifacts/`` and ``artifacts/plots/`` are synced in their parents,
+    the file and then its folder, all before the revision that lists it."""
+    w = store.create_run("durable", run_id="durable", flush_every=None, flush_interval=None)
+    synced = _spy_fsync(monkeypatch, Path(w.storage.root))
+    path = w.add_artifact("plots/loss.png", b"\x89PNG")
+    w.flush()
+    rev = next(n for n in synced if n.startswith("_manifests/"))
+    assert synced == [".", "artifacts", path, "artifacts/plots", rev, "_manifests"]
+
+
+def test_what_a_commit_makes_durable_and_in_which_order(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-1, COMMIT-2, COMMIT-7, COMMIT-11: new folders, the data, then the revision and
+    its folder; ``manifest.json`` only when the revision finishes the run, before
+    ``SHA256SUMS``."""
+    w = store.create_run("durable", run_id="durable", flush_every=None, flush_interval=None)
+    root = Path(w.storage.root)
+    synced = _spy_fsync(monkeypatch, root)
     w.append("gen", {"i": 1})
     w.flush()
     stage_file = w.manifest.stages[0].files[0].path
     rev2 = [n for n in synced if n.startswith("_manifests/.tmp-")]
-    assert synced == [stage_file, "stages/gen", *rev2, "_manifests"]
+    assert synced == [".", "stages", stage_file, "stages/gen", *rev2, "_manifests"], (
+        "the new stages/ and stages/gen/ in their parents, the data, the revision"
+    )
     synced.clear()
     w.append("gen", {"i": 2})
     w.flush()

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runfmt.errors import ConflictError, ManifestError, UnsupportedFormatError
+from runfmt.format.keys import compute_key
 from runfmt.format.manifest import (
     FORMAT_VERSION,
     RUN_STATUSES,
@@ -29,7 +30,7 @@ from runfmt.format.manifest import (
 )
 
 SHA = "ab" * 32
-KEY = "k1:" + "cd" * 32
+KEY = compute_key({"model": "m1"})
 TS = "2026-11-22T20:00:00.000000Z"
 
 ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -46,7 +47,7 @@ label = st.text("AZaz09_.:/-", min_size=1, max_size=12)
 json_values = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(2**63), 2**63)
+    | st.integers(-(2**53) + 1, 2**53 - 1)
     | st.text(max_size=8)
     | st.floats(allow_nan=False, allow_infinity=False),
     lambda inner: (
@@ -100,6 +101,7 @@ def manifests(draw: st.DrawFn) -> Manifest:
         )
     )
     status: RunStatus = draw(st.sampled_from(RUN_STATUSES))
+    config = draw(st.dictionaries(st.text(max_size=6), json_values, max_size=3))
     return Manifest(
         run_id=draw(run_ids),
         name=draw(st.text(min_size=1, max_size=20)),
@@ -107,8 +109,8 @@ def manifests(draw: st.DrawFn) -> Manifest:
         status=status,
         created_at=draw(timestamps),
         updated_at=draw(timestamps),
-        config=draw(st.dictionaries(st.text(max_size=6), json_values, max_size=3)),
-        config_hash=KEY,
+        config=config,
+        config_hash=compute_key(config),
         required_features=(),
         error=draw(st.none() | st.text(max_size=30)) if status == "failed" else None,
         finished_at=None if status == "running" else draw(timestamps),

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from runfmt import _index_reading as reading
 from runfmt import index as index_module
+from runfmt.check import verify_run
 from runfmt.cli import app, main
 from runfmt.errors import InvalidInputError
 from runfmt.index import Index, is_network_filesystem, parse_since
@@ -177,6 +178,24 @@ def test_reconciling_lists_run_folders_only(store: Store, tmp_path: Path, settle
     runs = {r.run_id: r.status for r in store.index.runs()}
     assert runs == {keep: "completed", bare: "unreadable"}
     assert store.index.refresh().read == 0
+
+
+def test_a_copy_under_another_run_id_is_unreadable_in_the_store_but_reads_by_path(
+    store: Store, tmp_path: Path
+) -> None:
+    """LAYOUT-1: in a store a folder's name is its run id; a copy renamed by hand is listed as
+    unreadable there, and opened by its path it reads and verifies under any name."""
+    run_id = write_run(store, "a")
+    other = "20200101-000000000-00000001"
+    shutil.copytree(Path(store.url) / run_id, Path(store.url) / other)
+    listed = {r.run_id: r for r in store.index.runs()}
+    assert (listed[run_id].status, listed[other].status) == ("completed", "unreadable")
+    assert "LAYOUT-1" in str(listed[other].problem)
+
+    renamed = tmp_path / "my backup"
+    shutil.copytree(Path(store.url) / run_id, renamed)
+    assert [r["key"] for r in store.open_run(renamed).records("score")] == ["a-0", "a-1", "a-2"]
+    assert verify_run(store.locate(str(renamed))) == []
 
 
 def test_a_folder_without_revisions_is_not_a_run_until_one_appears(

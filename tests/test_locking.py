@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 from runfmt.check import verify_run
 from runfmt.errors import LockTimeoutError, RunNotFoundError, StorageError
@@ -28,9 +30,11 @@ QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat
 
 WRITER = textwrap.dedent(
     """
-    import sys
+    import sys, time
+    from runfmt.run import load_manifest
     from runfmt.store import Store
     url, run_id, tag, commits = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    peers = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     writer = Store(url).resume_run(
         run_id, flush_every=None, flush_interval=None, heartbeat_interval=None, lock_timeout=60
     )
@@ -41,6 +45,8 @@ WRITER = textwrap.dedent(
         writer.count("commits")
         writer.count("cost", 0.5)
         writer.flush()
+        while c == 0 and len(load_manifest(writer.storage).stage("score").files) < peers:
+            time.sleep(0.005)  # every peer's first commit: the writers always interleave
     writer.close()
     """
 )
@@ -80,7 +86,7 @@ def new_run(store: Store) -> str:
 def test_two_processes_writing_one_run_both_survive(store: Store) -> None:
     run_id = new_run(store)
     commits = 15
-    procs = [spawn(WRITER, store.url, run_id, tag, str(commits)) for tag in ("a", "b")]
+    procs = [spawn(WRITER, store.url, run_id, tag, str(commits), "2") for tag in ("a", "b")]
     for p in procs:
         wait_for(p, "ready")
     for p in procs:
@@ -188,6 +194,23 @@ def test_threads_of_one_process_take_turns_at_the_commit_lock(store: Store) -> N
     assert overlaps == []
     with commit_lock(run, timeout=1), commit_lock(run, timeout=1):
         pass  # a thread's own lock is reentrant
+
+
+def test_a_liveness_probe_at_a_writers_start_does_not_fail_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repair elsewhere probes each writer's lock (`writer_alive`); one that catches a new
+    writer's lock file between its creation and its lock only delays that writer."""
+    run_id = new_run(store)
+    monkeypatch.setattr(secrets, "token_hex", lambda n: "abcd1234")
+    probe = FileLock(str(Path(store.url) / run_id / ".writer-abcd1234.lock"), thread_local=False)
+    probe.acquire()
+    threading.Timer(0.2, probe.release).start()
+    writer = store.resume_run(run_id, **QUIET)
+    assert writer.writer_id == "abcd1234"
+    writer.append("score", {"id": 1})
+    writer.close()
+    assert [r["id"] for r in store.open_run(run_id).records("score")] == [1]
 
 
 def test_a_writer_waits_for_the_commit_lock(store: Store) -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Literal
 
 import orjson
 
 from runfmt.errors import ConflictError, InvalidInputError, ManifestError, UnsupportedFormatError
 from runfmt.format import names
+from runfmt.format.keys import compute_key
 from runfmt.format.schemas import schema_errors
 
 __all__ = [
@@ -23,6 +27,9 @@ __all__ = [
     "StageEntry",
     "apply_changes",
     "check_compatible",
+    "check_counter",
+    "check_error",
+    "check_tags",
     "decode_manifest",
     "encode_manifest",
     "manifest_problems",
@@ -35,6 +42,11 @@ RunStatus = Literal["running", "completed", "failed", "cancelled"]
 StageStatus = Literal["running", "completed", "failed"]
 RUN_STATUSES = ("running", "completed", "failed", "cancelled")
 STAGE_STATUSES = ("running", "completed", "failed")
+LABEL = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+"""The grammar of tag and counter names."""
+MAX_TAG_VALUE = 1024
+MAX_ERROR = 65536
+_TIMESTAMPS = ("created_at", "updated_at", "finished_at", "heartbeat_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +292,27 @@ def manifest_problems(doc: Any) -> list[str]:
 
 def _lifecycle_problems(doc: dict[str, Any], stage_names: set[str]) -> list[str]:
     problems = []
+    status = doc["status"]
+    if (doc.get("finished_at") is None) != (status == "running"):
+        problems.append(
+            f"$.finished_at: must be null exactly when the run is running, not {status} (MAN-9)"
+        )
+    if doc.get("error") is not None and status not in ("failed", "cancelled"):
+        problems.append(f"$.error: a {status} run has no error message (MAN-9)")
+    for member in _TIMESTAMPS:
+        value = doc.get(member)
+        if isinstance(value, str):
+            try:
+                datetime.fromisoformat(value)
+            except ValueError as exc:
+                problems.append(f"$.{member}: {value!r} is not a real time: {exc} (MAN-9)")
+    try:
+        key = compute_key(doc["config"])
+    except InvalidInputError as exc:
+        problems.append(f"$.config: {exc.problem} (KEY-4)")
+    else:
+        if key != doc["config_hash"]:
+            problems.append("$.config_hash: is not the key of config (KEY-4)")
     through = doc.get("completed_through_stage")
     if through is not None and through not in stage_names:
         problems.append(
@@ -389,6 +422,43 @@ class ChangeSet:
         )  # fmt: skip
 
 
+def check_tags(tags: Mapping[Any, Any]) -> None:
+    """Refuse tags a manifest cannot hold: names in `LABEL`, values strings of at most
+    `MAX_TAG_VALUE` characters."""
+    for name, value in tags.items():
+        if not isinstance(name, str) or not LABEL.fullmatch(name):
+            raise InvalidInputError(
+                f"tag name {name!r} must be 1-128 letters, digits or _.:/- characters"
+            )
+        if not isinstance(value, str) or len(value) > MAX_TAG_VALUE:
+            raise InvalidInputError(
+                f"tag {name!r} must be a string of at most {MAX_TAG_VALUE} characters, "
+                f"not {value!r:.60}"
+            )
+
+
+def check_counter(name: object, total: float) -> None:
+    """Refuse a counter a manifest cannot hold: a name in `LABEL`, a finite total."""
+    if not isinstance(name, str) or not LABEL.fullmatch(name):
+        raise InvalidInputError(
+            f"counter name {name!r} must be 1-128 letters, digits or _.:/- characters"
+        )
+    if not math.isfinite(total):
+        raise InvalidInputError(f"counter {name!r} would overflow to {total}")
+
+
+def check_error(status: str, error: object) -> None:
+    """Refuse an ``error`` that MAN-9 does not allow with ``status``."""
+    if error is None:
+        return
+    if status not in ("failed", "cancelled"):
+        raise InvalidInputError(f"a {status} run has no error message (MAN-9)")
+    if not isinstance(error, str) or len(error) > MAX_ERROR:
+        raise InvalidInputError(
+            f"the error message must be a string of at most {MAX_ERROR} characters"
+        )
+
+
 def apply_changes(base: Manifest, changes: ChangeSet, revision: int, now: str) -> Manifest:
     """The next revision: ``base`` with ``changes`` merged in (COMMIT-5)."""
     stages = {s.name: s for s in base.stages}
@@ -422,6 +492,7 @@ def apply_changes(base: Manifest, changes: ChangeSet, revision: int, now: str) -
     counters = dict(base.counters)
     for name, delta in changes.counters.items():
         counters[name] = counters.get(name, 0) + delta
+        check_counter(name, counters[name])
     artifacts = {a.path: a for a in base.artifacts} | changes.artifacts
     status = changes.status or base.status
     finished = base.finished_at if changes.status in (None, "running") else now

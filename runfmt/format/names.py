@@ -37,7 +37,10 @@ ARTIFACTS_DIR = "artifacts"
 _RUN_ID = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,98}[a-z0-9])?")
 _STAGE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _WRITER = re.compile(r"[a-z0-9]{1,32}")
-_STAGE_FILE = re.compile(r"part-(?P<seq>[0-9]{6,})-(?P<writer>[a-z0-9]{1,32})\.jsonl\.zst")
+_STAGE_FILE = re.compile(
+    r"part-(?P<seq>[0-9]{6}|[1-9][0-9]{6,})-(?P<writer>[a-z0-9]{1,32})\.jsonl\.zst"
+)
+_REVISION_FILE = re.compile(r"([0-9]{8}|[1-9][0-9]{8,})\.json")
 _SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,198}[A-Za-z0-9_-])?")
 _RESERVED_SEGMENTS = frozenset(
     {"con", "prn", "aux", "nul"}
@@ -110,7 +113,8 @@ def parse_stage_file(path: str) -> tuple[str, StageFileName]:
     if not m:
         raise InvalidInputError(
             f"invalid stage file name {parts[2]!r}",
-            hint="expected part-<6+ digits>-<writer id>.jsonl.zst (NAME-4)",
+            hint="expected part-<seq, 6 digits or more without extra zeros>-<writer id>"
+            ".jsonl.zst (NAME-4)",
         )
     return stage, StageFileName(int(m["seq"]), m["writer"])
 
@@ -144,9 +148,5 @@ def revision_file(revision: int) -> str:
 
 def parse_revision_file(name: str) -> int | None:
     """The revision number of a file name in ``_manifests/``, or None for other names."""
-    digits = name[:-5]
-    if len(digits) < 8 or not name.endswith(".json") or not digits.isascii():
-        return None
-    if not digits.isdigit():
-        return None
-    return int(digits) or None
+    m = _REVISION_FILE.fullmatch(name)
+    return int(m[1]) or None if m else None

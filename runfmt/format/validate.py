@@ -18,9 +18,27 @@ from runfmt.format.manifest import FileEntry, Manifest, StageEntry
 from runfmt.format.records import decode_lines, is_failure
 from runfmt.format.schemas import schema_errors
 
-__all__ = ["FileCheck", "Problem", "check_listing"]
+__all__ = ["FileCheck", "Problem", "check_listing", "header_problem"]
 
 _RUN_FILES = frozenset({names.MANIFEST_FILE, names.SUMS_FILE})
+
+
+def header_problem(header: Mapping[str, object], path: str, stage: StageEntry | None) -> str | None:
+    """What is wrong with the header of the stage file at ``path`` (FRAME-2), or None: it must
+    follow its schema, name the file's stage, writer and seq, and carry the declaration of
+    ``stage`` (when the stage is declared)."""
+    problems = schema_errors("stage-header", header)
+    if problems:
+        return "invalid header: " + "; ".join(problems)
+    name, parsed = names.parse_stage_file(path)
+    if (header["stage"], header["writer"], header["seq"]) != (name, parsed.writer, parsed.seq):
+        return "header names another stage or writer than the file name"
+    if stage is not None and (header["record_schema_version"], header["key_field"]) != (
+        stage.record_schema_version,
+        stage.key_field,
+    ):
+        return "header record schema version or key field differs from the stage's"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,21 +91,9 @@ class FileCheck:
                 self._header(event)
 
     def _header(self, header: Mapping[str, object]) -> None:
-        problems = schema_errors("stage-header", header)
-        if problems:
-            self._fail("invalid header: " + "; ".join(problems), "FRAME-2")
-            return
-        stage, parsed = names.parse_stage_file(self.entry.path)
-        if (header["stage"], header["writer"], header["seq"]) != (stage, parsed.writer, parsed.seq):
-            self._fail("header names another stage or writer than the file name", "FRAME-2")
-        elif (header["record_schema_version"], header["key_field"]) != (
-            self.stage.record_schema_version,
-            self.stage.key_field,
-        ):
-            self._fail(
-                "header record schema version or key field differs from the stage's",
-                "FRAME-2",
-            )
+        problem = header_problem(header, self.entry.path, self.stage)
+        if problem is not None:
+            self._fail(problem, "FRAME-2")
 
     def _frame(self, frame: DataFrame) -> None:
         try:

@@ -81,7 +81,7 @@ cat > _manifests/00000002.json <<EOF
  "made_with": "plain tools, an unknown member readers ignore"}
 EOF
 cp _manifests/00000002.json manifest.json
-sha256sum manifest.json "$F" artifacts/summary.txt > SHA256SUMS
+sha256sum manifest.json "$F" artifacts/summary.txt | LC_ALL=C sort -k 2 > SHA256SUMS
 sha256sum -c --quiet SHA256SUMS
 zstd -q -t "$F"
 

@@ -130,6 +130,25 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "config-hash-mismatch",
+            "config_hash is a well-formed key, but of another config.",
+            ["KEY-4"],
+        ),
+        "ManifestError",
+    )
+    c.doc["config_hash"] = compute_key({"model": "another"})
+    for name, description, changes in (
+        ("finished-at-on-running-run", "A running run has a finished_at time.",
+         {"finished_at": "2026-11-01T12:00:05.000000Z"}),
+        ("error-on-running-run", "A running run has an error message.", {"error": "oops"}),
+        ("timestamp-not-a-date", "created_at matches the pattern but is month 13, day 45.",
+         {"created_at": "2026-13-45T12:00:00.000000Z"}),
+    ):  # fmt: skip
+        c = add(running("invalid", name, description, ["MAN-9"]), "ManifestError")
+        c.doc.update(changes)
+    c = add(
+        running(
+            "invalid",
             "manifest-revision-mismatch",
             "_manifests/00000003.json holds revision 2.",
             ["MAN-3"],
@@ -244,6 +263,24 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "revision-name-not-canonical",
+            "_manifests/ also holds 000000003.json, a second spelling of revision 3.",
+            ["LAYOUT-4", "NAME-6"],
+        )
+    )
+    c.files["_manifests/000000003.json"] = c.manifest_bytes()
+    c = add(
+        running(
+            "invalid",
+            "older-revision-corrupt",
+            "Revision 2, older than the current 3, is not JSON.",
+            ["MAN-2", "MAN-1"],
+        )
+    )
+    c.revisions = {2: b'{"format": "runfmt", "revis', 3: c.manifest_bytes()}
+    c = add(
+        running(
+            "invalid",
             "symlink-stage-file",
             "The listed stage file is a symbolic link "
             "to a copy outside the run (made at test time: see setup).",
@@ -300,6 +337,28 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     )
     c.doc["stages"][0]["files"].clear()
     c.file("generate", [GEN[:2]], header={"stage": "score"})
+    c = add(
+        running(
+            "invalid",
+            "header-names-other-writer",
+            "The header names writer 'other1' and seq 7 in the file of writer w1, seq 1.",
+            ["FRAME-2"],
+        ),
+        "StageFileError",
+    )
+    c.doc["stages"][0]["files"].clear()
+    c.file("generate", [GEN[:2]], header={"writer": "other1", "seq": 7})
+    c = add(
+        running(
+            "invalid",
+            "header-invalid",
+            "The header's format member is 'nope' instead of 'runfmt-stage'.",
+            ["FRAME-2"],
+        ),
+        "StageFileError",
+    )
+    c.doc["stages"][0]["files"].clear()
+    c.file("generate", [GEN[:2]], header={"format": "nope"})
     c = add(
         running(
             "invalid",
@@ -404,7 +463,8 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
             "failure-count-mismatch",
             "The manifest lists 1 failure where the file holds none.",
             ["CHECK-2"],
-        )
+        ),
+        "ChecksumMismatchError",
     )
     c.doc["stages"][0]["files"][0]["failures"] = 1
 
@@ -443,6 +503,18 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     )
     digest = sha256_of(c.manifest_bytes()).encode()
     c.sums_mutate = lambda b: b.replace(digest, b"f" * 64)
+    c = add(
+        base(
+            "invalid",
+            "sums-out-of-order",
+            "SHA256SUMS lists the right digests, manifest.json first instead of sorted by path.",
+            ["CHECK-3"],
+        ),
+        repairable=True,
+    )
+    c.sums_mutate = lambda b: b"".join(
+        sorted(b.splitlines(keepends=True), key=lambda line: b"  manifest.json" not in line)
+    )
     c = add(
         running("invalid", "sums-on-running-run", "A running run carries SHA256SUMS.", ["CHECK-3"]),
         repairable=True,
