@@ -18,7 +18,7 @@ from runfmt.errors import (
 from runfmt.format import names
 from runfmt.format.checksum import parse_sums, sha256_hex
 from runfmt.format.frames import DataFrame, FrameDecoder
-from runfmt.format.manifest import ChangeSet, FileEntry, Manifest, StageEntry
+from runfmt.format.manifest import ChangeSet, FileEntry, Manifest, StageEntry, decode_manifest
 from runfmt.format.records import decode_lines, is_failure
 from runfmt.format.validate import FileCheck, Problem, check_listing, header_problem
 from runfmt.locking import commit_lock, writer_alive
@@ -221,14 +221,27 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
         except UnsupportedFormatError:
             raise
         except FormatError as exc:
+            rel = names.revision_file(rev)
+            copy = _read_optional(run, names.MANIFEST_FILE) if rev == revs[-1] else None
+            if copy is not None and _holds_revision(copy, rev):
+                run.write_atomic(rel, copy)
+                report.actions.append(f"{rel}: unreadable ({exc.problem}); rewritten from "
+                                      "manifest.json, its copy")  # fmt: skip
+                return load_manifest(run, rev)
             if rev == revs[0]:
                 raise
-            rel = names.revision_file(rev)
             data = run.read(rel)
             run.put(f"{names.MANIFESTS_DIR}/.corrupt-{rev:08d}.json", data)
             run.delete(rel)
             report.actions.append(f"{rel}: unreadable ({exc.problem}); moved aside")
     return load_manifest(run)
+
+
+def _holds_revision(data: bytes, revision: int) -> bool:
+    try:
+        return decode_manifest(data).revision == revision
+    except FormatError:
+        return False
 
 
 def _repair_file(

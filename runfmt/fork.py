@@ -15,7 +15,13 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from runfmt.errors import InvalidInputError, ReadOnlyError, RunExistsError, StorageError
+from runfmt.errors import (
+    ChecksumMismatchError,
+    InvalidInputError,
+    ReadOnlyError,
+    RunExistsError,
+    StorageError,
+)
 from runfmt.format import names
 from runfmt.format.keys import canonical_json, compute_key
 from runfmt.format.manifest import Manifest, encode_manifest, manifest_problems, to_json
@@ -105,10 +111,24 @@ def fork_run(
 
 
 def _copy_files(src: Storage, dst: Storage, manifest: Manifest, link: bool) -> None:
+    """Link or copy each taken file, checked against its listed sha256: a fork never starts
+    from damaged data (CHECK-1)."""
+    digests = {f.path: f.sha256 for s in manifest.stages for f in s.files}
+    digests |= {a.path: a.sha256 for a in manifest.artifacts}
     for path, length in manifest.listed_paths().items():
         if not src.inside(path):
             raise InvalidInputError(f"{path} goes through a link (LAYOUT-5)", location=src.where())
-        dst.link_from(src, path, path, length, link=link)
+        try:
+            dst.link_from(src, path, path, length, link=link)
+        except FileNotFoundError:
+            raise ChecksumMismatchError("listed file is missing (LAYOUT-3)",
+                                        location=src.where(path)) from None  # fmt: skip
+        if dst.prefix_sha256(path, length) != digests[path]:
+            raise ChecksumMismatchError(
+                "length or sha256 differs from the listed one (CHECK-1)",
+                location=src.where(path),
+                hint="run `runfmt verify` on the source run; fork a run that verifies",
+            )
 
 
 def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool) -> None:

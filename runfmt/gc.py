@@ -34,6 +34,7 @@ DEFAULT_ACTIVE_WITHIN = timedelta(hours=24)
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*", re.IGNORECASE)
+_MAX_DURATION = 1000 * 365.25 * 86400
 
 
 def parse_duration(text: str) -> timedelta:
@@ -43,7 +44,10 @@ def parse_duration(text: str) -> timedelta:
         raise InvalidInputError(
             f"invalid duration {text!r}", hint="use a number and s, m, h, d or w: 30d"
         )
-    return timedelta(seconds=float(m[1]) * _SECONDS[m[2].lower()])
+    seconds = float(m[1]) * _SECONDS[m[2].lower()]
+    if seconds > _MAX_DURATION:
+        raise InvalidInputError(f"duration {text!r} is over 1,000 years")
+    return timedelta(seconds=seconds)
 
 
 def parse_size(text: str) -> int:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TypeVar
 import orjson
 
 from runfmt._index_reading import (
+    UNREADABLE,
     FileWork,
     LocalSource,
     Row,
@@ -128,6 +129,9 @@ CREATE INDEX cache_file ON cache(file_id);
 """
 
 _RUN_COLUMNS = "run_id, detail"
+_STATUSES = frozenset(("running", "completed", "failed", "cancelled", UNREADABLE))
+"""RUN_STATUSES of `runfmt.format.manifest` (not imported: it loads jsonschema, which
+``runfmt ls`` must not wait for) and the index's own ``unreadable``."""
 
 
 class StageSummary(NamedTuple):
@@ -249,7 +253,10 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     value = text.strip()
     m = _RELATIVE.fullmatch(value)
     if m:
-        return (now or datetime.now(UTC)) - timedelta(seconds=int(m[1]) * _UNITS[m[2]])
+        try:
+            return (now or datetime.now(UTC)) - timedelta(seconds=int(m[1]) * _UNITS[m[2]])
+        except OverflowError:
+            raise InvalidInputError(f"{text!r} reaches back before the year 1") from None
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -311,10 +318,14 @@ def _public_url(url: str) -> str:
 def index_location(url: str, *, local: bool, read_only: bool = False) -> str:
     """Where the index of the store at ``url`` lives: a file path, or ``:memory:``.
 
-    ``memory://`` stores and local stores that do not exist yet get an in-memory index.
+    ``memory://`` stores and local stores that do not exist yet get an in-memory index; a
+    local store this process may not write is indexed in the user cache, like a read-only one.
     """
     if local and not read_only:
-        return os.path.join(url, ".runfmt", "index.sqlite") if os.path.isdir(url) else ":memory:"
+        if not os.path.isdir(url):
+            return ":memory:"
+        if os.access(url, os.W_OK):
+            return os.path.join(url, ".runfmt", "index.sqlite")
     if url.startswith("memory://"):
         return ":memory:"
     import hashlib
@@ -743,6 +754,12 @@ class Index:
         where: list[str] = []
         params: list[Any] = []
         statuses = [status] if isinstance(status, str) else list(status or ())
+        unknown = sorted(set(statuses) - _STATUSES)
+        if unknown:
+            raise InvalidInputError(
+                f"unknown status {', '.join(map(repr, unknown))}",
+                hint="use running, completed, failed, cancelled or unreadable",
+            )
         if statuses:
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             params += statuses

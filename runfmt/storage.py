@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import secrets
 import threading
@@ -19,13 +20,14 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from runfmt.errors import ReadOnlyError, RunfmtError, StorageError
+from runfmt.errors import ChecksumMismatchError, ReadOnlyError, RunfmtError, StorageError
 
 __all__ = ["EXCLUSIVE_PROTOCOLS", "AppendFile", "Entry", "Storage"]
 
 _MEMORY_LOCK = threading.Lock()
 _TEMP_PREFIX = ".tmp-"
 _STREAM_BLOCK = 8 << 20
+_READ_CHUNK = 8 << 20
 EXCLUSIVE_PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a"})
 """Backends whose create-only write has exactly one winner (COMMIT-2); others need single-writer."""
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -209,6 +211,40 @@ class Storage:
                 return open(self.path(rel), "rb")
             f: IO[bytes] = self.fs.open(self.path(rel), "rb", block_size=4 << 20)
             return f
+
+    def read_prefix(self, rel: str, nbytes: int) -> Iterator[bytes]:
+        """The first ``nbytes`` bytes of a file, in chunks; `ChecksumMismatchError` when the
+        file is shorter."""
+        if nbytes <= _READ_CHUNK:
+            data = self.read_range(rel, 0, nbytes) if nbytes else b""
+            if len(data) != nbytes:
+                raise ChecksumMismatchError(
+                    f"file has {len(data)} bytes, fewer than its listed length {nbytes} (CHECK-1)",
+                    location=self.where(rel),
+                )
+            yield data
+            return
+        remaining = nbytes
+        with self.open_read(rel) as f:
+            while remaining:
+                chunk = f.read(min(_READ_CHUNK, remaining))
+                if not chunk:
+                    raise ChecksumMismatchError(
+                        f"file ends {remaining} bytes before its listed length {nbytes} (CHECK-1)",
+                        location=self.where(rel),
+                    )
+                remaining -= len(chunk)
+                yield chunk
+
+    def prefix_sha256(self, rel: str, nbytes: int) -> str | None:
+        """The sha256 of a file's first ``nbytes`` bytes; None when it is missing or shorter."""
+        digest = hashlib.sha256()
+        try:
+            for chunk in self.read_prefix(rel, nbytes):
+                digest.update(chunk)
+        except (FileNotFoundError, ChecksumMismatchError):
+            return None
+        return digest.hexdigest()
 
     def exists(self, rel: str = "") -> bool:
         with self._io(rel):

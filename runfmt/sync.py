@@ -35,7 +35,6 @@ from runfmt.storage import Storage
 __all__ = ["Action", "RunResult", "SyncProgress", "SyncReport", "sync"]
 
 Action = Literal["new", "update", "same", "conflict", "delete", "error"]
-_CHUNK = 8 << 20
 _SMALL = 8 << 20
 _RUN_WORKERS = 32
 
@@ -183,7 +182,9 @@ def sync(
                                     location=source.where())  # fmt: skip
         here = target.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] == run_id
         pairs = [(run_id, source, target if here else target.child(run_id))]
+        _check_apart(source, pairs[0][2])
     elif source.is_dir() or not source.is_local:
+        _check_apart(source, target)
         ids = sorted(e.name for e in source.list() if e.is_dir and names.is_run_id(e.name))
         pairs = [(i, source.child(i), target.child(i)) for i in ids]
     else:
@@ -200,6 +201,22 @@ def sync(
         for run_id in extra:
             report.runs.append(_delete_run(target.child(run_id), run_id, dry_run))
     return report
+
+
+def _check_apart(source: Storage, target: Storage) -> None:
+    """Refuse a destination that is the source, or lies inside it or around it: the copy
+    would land in what is being copied."""
+    if source.protocol != target.protocol:
+        return
+    a, b = (
+        (os.path.realpath(s.root) if s.is_local else s.root).replace(os.sep, "/").rstrip("/") + "/"
+        for s in (source, target)
+    )
+    if a.startswith(b) or b.startswith(a):
+        raise InvalidInputError(
+            f"the destination {target.where()} overlaps the source {source.where()}",
+            hint="sync to a folder outside the source (and not around it)",
+        )
 
 
 def _delete_run(run: Storage, run_id: str, dry_run: bool) -> RunResult:
@@ -373,7 +390,7 @@ class _Engine:
 
     def _copy(self, copy: _Copy, src: Storage, dst: Storage) -> bool:
         """Copy one file's committed bytes unless ``dst`` has them already; True if copied."""
-        if copy.check_first and _sha256(dst, copy.path, copy.nbytes) == copy.sha256:
+        if copy.check_first and dst.prefix_sha256(copy.path, copy.nbytes) == copy.sha256:
             self._advance(copy.nbytes, done=True)
             return False
         if (
@@ -383,7 +400,7 @@ class _Engine:
             and not dst.is_local
             and src.size(copy.path) == copy.nbytes
         ):
-            if _sha256(src, copy.path, copy.nbytes) != copy.sha256:
+            if src.prefix_sha256(copy.path, copy.nbytes) != copy.sha256:
                 raise _mismatch(src, copy.path)
             dst.upload(copy.path, src.path(copy.path))
             self._advance(copy.nbytes, done=True)
@@ -391,7 +408,7 @@ class _Engine:
         digest = hashlib.sha256()
 
         def chunks() -> Iterator[bytes]:
-            for chunk in _read_prefix(src, copy.path, copy.nbytes):
+            for chunk in src.read_prefix(copy.path, copy.nbytes):
                 digest.update(chunk)
                 self._advance(len(chunk))
                 yield chunk
@@ -449,37 +466,3 @@ def _read_or_none(storage: Storage, rel: str) -> bytes | None:
         return storage.read(rel)
     except FileNotFoundError:
         return None
-
-
-def _read_prefix(storage: Storage, rel: str, nbytes: int) -> Iterator[bytes]:
-    """The first ``nbytes`` bytes of a file in chunks; `ChecksumMismatchError` if it is shorter."""
-    if nbytes <= _SMALL:
-        data = storage.read_range(rel, 0, nbytes) if nbytes else b""
-        if len(data) != nbytes:
-            raise ChecksumMismatchError(
-                f"file has {len(data)} bytes, fewer than its listed length {nbytes} (CHECK-1)",
-                location=storage.where(rel),
-            )
-        yield data
-        return
-    remaining = nbytes
-    with storage.open_read(rel) as f:
-        while remaining:
-            chunk = f.read(min(_CHUNK, remaining))
-            if not chunk:
-                raise ChecksumMismatchError(
-                    f"file ends {remaining} bytes before its listed length {nbytes} (CHECK-1)",
-                    location=storage.where(rel),
-                )
-            remaining -= len(chunk)
-            yield chunk
-
-
-def _sha256(storage: Storage, rel: str, nbytes: int) -> str | None:
-    digest = hashlib.sha256()
-    try:
-        for chunk in _read_prefix(storage, rel, nbytes):
-            digest.update(chunk)
-    except (FileNotFoundError, ChecksumMismatchError):
-        return None
-    return digest.hexdigest()

@@ -477,6 +477,37 @@ def test_repair_salvages_only_a_file_whose_header_matches_it(
     assert ids == (["a", "b"] if salvaged else ["a"])
 
 
+def test_repair_rewrites_a_damaged_newest_revision_from_its_intact_copy(run_dir: Path) -> None:
+    """The newest revision cut short while ``manifest.json`` still holds it: repair restores
+    it from that copy instead of falling back to the previous revision."""
+    before = snapshot(run_dir)
+    rev = newest_revision(run_dir)
+    rev.write_bytes(rev.read_bytes()[:100])
+    assert verify_run(Storage(str(run_dir)))
+    report = repair_run(Storage(str(run_dir)))
+    assert any("rewritten from manifest.json" in a for a in report.actions), report.actions
+    assert snapshot(run_dir) == before
+    assert verify_run(Storage(str(run_dir))) == []
+
+
+@pytest.mark.parametrize(
+    ("rel", "repairable"),
+    [("stages/score/part-000009-dead.jsonl.zst", True), ("stages/unknown/a.jsonl.zst", False),
+     ("stages/score/notes.txt", False), ("notes.txt", False)],
+)  # fmt: skip
+def test_verify_offers_repair_only_for_what_repair_fixes(
+    run_dir: Path, rel: str, repairable: bool
+) -> None:
+    """An unlisted file is repairable only when named as a stage file: repair leaves others
+    alone, so verify must not keep recommending it."""
+    (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / rel).write_bytes(b"x")
+    [problem] = verify_run(Storage(str(run_dir)))
+    assert (problem.location, problem.rule, problem.repairable) == (rel, "LAYOUT-4", repairable)
+    repair_run(Storage(str(run_dir)))
+    assert (run_dir / rel).exists() != repairable
+
+
 def test_cli_verify_exit_codes_and_messages(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -326,6 +326,12 @@ def test_schema_lists_names_and_prints_each(tmp_path: Path) -> None:
         (["schema", "nope"], 2, "unknown schema 'nope'"),
         (["show"], 2, "Missing argument"),
         (["cat", "{run}", "score", "--limit", "-1"], 2, "--limit"),
+        (["ls", "--since", "3000000d"], 2, "before the year 1"),
+        (["ls", "--status", "Completed"], 2, "unknown status 'Completed'"),
+        (["gc", "--older-than", "3000000d"], 2, "over 1,000 years"),
+        (["report", "--output", "/nonexistent/r.md"], 1, "No such file or directory"),
+        (["export", "{run}", "/nonexistent/r.tar"], 1, "No such file or directory"),
+        (["--store", "{file}", "ls"], 1, "Not a directory"),
     ],
 )
 def test_user_errors_exit_with_a_message_and_no_traceback(
@@ -337,7 +343,8 @@ def test_user_errors_exit_with_a_message_and_no_traceback(
     message: str,
 ) -> None:
     root, first = demo_store
-    args = [a.replace("{run}", first.run_id) for a in args]
+    file = str(root / first.run_id / "manifest.json")
+    args = [a.replace("{run}", first.run_id).replace("{file}", file) for a in args]
     exit_code, out, err = run_main(["--store", str(root), *args], monkeypatch, capsys)
     assert exit_code == code
     assert message in err

@@ -13,7 +13,13 @@ from typer.testing import CliRunner
 
 from runfmt.check import verify_run
 from runfmt.cli import app
-from runfmt.errors import InvalidInputError, ReadOnlyError, RunExistsError, RunNotFoundError
+from runfmt.errors import (
+    ChecksumMismatchError,
+    InvalidInputError,
+    ReadOnlyError,
+    RunExistsError,
+    RunNotFoundError,
+)
 from runfmt.format.keys import compute_key
 from runfmt.run import RunWriter
 from runfmt.store import Store, open_run
@@ -103,6 +109,26 @@ def test_forked_folder_copied_alone_still_verifies_and_reads(store: Store, tmp_p
     assert len(list(reader.records("generate"))) == 3
     assert reader.read_artifact("prompt.txt") == b"Answer briefly.\n"
     assert verify_run(reader.storage) == []
+
+
+@pytest.mark.parametrize("finish", [True, False], ids=["linked", "copied"])
+@pytest.mark.parametrize("damage", ["flip", "missing"])
+def test_fork_refuses_damaged_data_and_leaves_nothing(
+    store: Store, finish: bool, damage: str
+) -> None:
+    """CHECK-1: a taken file must match its listed sha256, or no fork is made."""
+    pipeline(store, finish=finish)
+    [f] = (Path(store.url) / "src" / "stages" / "generate").glob("*.zst")
+    if damage == "flip":
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 1
+        f.write_bytes(bytes(data))
+    else:
+        f.unlink()
+    with pytest.raises(ChecksumMismatchError, match=r"CHECK-1|LAYOUT-3") as info:
+        store.fork_run("src", "score", run_id="fork1")
+    assert f.name in str(info.value)
+    assert sorted(p.name for p in Path(store.url).iterdir()) == ["src"]
 
 
 def test_fork_at_the_first_stage_takes_nothing(store: Store) -> None:

@@ -454,6 +454,23 @@ def test_read_only_and_remote_stores_keep_the_index_in_the_user_cache(
     assert [r.run_id for r in memory_store.index.runs()] == [memory_id]
 
 
+def test_a_store_this_process_may_not_write_is_indexed_in_the_user_cache(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's store, readable but not writable: ``ls`` works from the user cache."""
+    monkeypatch.setenv("RUNFMT_CACHE_DIR", str(tmp_path / "cache"))
+    run_id = write_run(store)
+    writable = os.access
+    monkeypatch.setattr(
+        index_module.os, "access", lambda p, mode: mode != os.W_OK and writable(p, mode)
+    )
+    assert cli(Store(store.url), "ls", "--json").exit_code == 0
+    index = Index.for_url(store.url)
+    assert index.path.startswith(str(tmp_path / "cache"))
+    assert [r.run_id for r in index.runs()] == [run_id]
+    assert not (Path(store.url) / ".runfmt").exists()
+
+
 def _writer_process(url: str, worker: int, runs: int) -> None:
     store = Store(url)
     for i in range(runs):

@@ -27,6 +27,7 @@ from runfmt.run import RunWriter, load_manifest, revisions
 from runfmt.storage import Storage
 from runfmt.store import Store
 from runfmt.sync import sync
+from tests.fixtures_manage import Cli
 
 
 def _run(store: Store, n: int, name: str = "run", stages: tuple[str, ...] = ("gen",)) -> str:
@@ -276,6 +277,37 @@ def test_cli_json_summary(src: Store, tmp_path: Path) -> None:
     assert "3 unchanged" in text.stdout
 
 
+def test_a_new_destination_named_like_a_run_id_is_a_folder_here(
+    src: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Cli
+) -> None:
+    """Only the id of a run in ``--store`` names that run; ``backup`` is ``./backup``."""
+    monkeypatch.chdir(tmp_path)
+    assert cli(src, "sync", src.url, "backup")[0] == 0
+    _same_runs(src, Store(tmp_path / "backup"))
+    assert not (Path(src.url) / "backup").exists()
+    run_id = src.run_ids()[0]
+    assert cli(src, "sync", run_id, "one")[0] == 0
+    assert Store(tmp_path / "one").run_ids() == [run_id]
+
+
+@pytest.mark.parametrize("inside", ["run", "store", "around"])
+def test_a_destination_overlapping_the_source_is_refused(
+    src: Store, tmp_path: Path, inside: str, cli: Cli
+) -> None:
+    """The copy would land in what is being copied: refused, nothing written."""
+    run_id = src.run_ids()[0]
+    before = {p: p.stat().st_size for p in Path(src.url).rglob("*") if p.is_file()}
+    source, dst = {
+        "run": (src.url, f"{src.url}/{run_id}"),
+        "store": (f"{src.url}/{run_id}", src.url),
+        "around": (src.url, str(tmp_path)),
+    }[inside]
+    code, _, err = cli(src, "sync", source, dst)
+    assert code == 1
+    assert "overlaps the source" in err
+    assert {p: p.stat().st_size for p in Path(src.url).rglob("*") if p.is_file()} == before
+
+
 def test_an_interrupted_commit_is_finished_by_the_next_sync(src: Store, tmp_path: Path) -> None:
     """SYNC-2, SYNC-5: files left by an interrupted sync are hashed at DST, not copied again."""
     dst_url = str(tmp_path / "dst")
@@ -400,7 +432,7 @@ def test_large_files_are_streamed_or_uploaded_whole(
     """Files above the in-memory size: a finished run's are uploaded whole, a live run's
     committed prefix is streamed; both checked against the listed sha256 (SYNC-3)."""
     monkeypatch.setattr("runfmt.sync._SMALL", 512)
-    monkeypatch.setattr("runfmt.sync._CHUNK", 700)
+    monkeypatch.setattr("runfmt.storage._READ_CHUNK", 700)
     src = Store(tmp_path / "src")
     done = _run(src, 300, "finished")
     live = src.create_run("live", flush_every=None, flush_interval=None)

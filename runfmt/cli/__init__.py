@@ -121,7 +121,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def main() -> None:
-    """Entry point: run the app; a `RunfmtError` becomes a message and exit 1."""
+    """Entry point: run the app; a `RunfmtError` or a failed file operation becomes a
+    message and exit 1."""
     from runfmt.errors import RunfmtError
 
     try:
@@ -133,6 +134,10 @@ def main() -> None:
         sys.exit(130)
     except RunfmtError as exc:
         sys.stderr.write(f"runfmt: error: {exc}\n")
+        sys.exit(1)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"runfmt: error: {exc.strerror or exc}{where}\n")
         sys.exit(1)
     except Exception as exc:
         show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)

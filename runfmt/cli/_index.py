@@ -83,9 +83,13 @@ def ls(
         moment = parse_since(since) if since is not None else None
     except InvalidInputError as exc:
         raise typer.BadParameter(str(exc), param_hint="--since") from None
-    runs = _index(ctx).runs(
-        status=status or None, name=name, tags=_tags(tag or []), since=moment, limit=limit
-    )
+    index = _index(ctx)
+    try:
+        runs = index.runs(
+            status=status or None, name=name, tags=_tags(tag or []), since=moment, limit=limit
+        )
+    except InvalidInputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--status") from None
     if json_:
         print_json([r.to_json() for r in runs])
         return

@@ -39,12 +39,13 @@ class _Bar:
 
 
 def _side(location: str, ctx: typer.Context) -> str:
-    """A run id given as SRC or DST means that run in the ``--store``."""
+    """The id of a run in the ``--store`` means that run; anything else is a path or URL."""
     from runfmt.format import names
 
     if "://" in location or os.path.exists(location) or not names.is_run_id(location):
         return location
-    return state(ctx).store(read_only=True).storage.child(location).where()
+    run = state(ctx).store(read_only=True).storage.child(location)
+    return run.where() if run.exists(names.MANIFESTS_DIR) else location
 
 
 def _summary(report: "SyncReport") -> str:

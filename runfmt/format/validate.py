@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runfmt.errors import StageFileError
+from runfmt.errors import InvalidInputError, StageFileError
 from runfmt.format import names
 from runfmt.format.frames import DataFrame, FrameDecoder
 from runfmt.format.manifest import FileEntry, Manifest, StageEntry
@@ -164,6 +164,16 @@ def check_listing(
             if names.parse_revision_file(path.split("/", 1)[1]) is None:
                 problems.append(Problem(path, "unexpected file in _manifests/", "LAYOUT-4"))
             continue
-        repairable = path.startswith(names.STAGES_DIR + "/")
-        problems.append(Problem(path, "file not listed in the manifest", "LAYOUT-4", repairable))
+        problems.append(
+            Problem(path, "file not listed in the manifest", "LAYOUT-4", _is_stage_file(path))
+        )
     return problems
+
+
+def _is_stage_file(path: str) -> bool:
+    """Whether ``path`` is named as a stage file (NAME-4): `repair` salvages or removes those."""
+    try:
+        names.parse_stage_file(path)
+    except InvalidInputError:
+        return False
+    return True
