@@ -144,3 +144,10 @@ def test_integral_floats_and_ints_give_one_key() -> None:
     assert compute_key({"n": 1.0}) == compute_key({"n": 1})
     assert compute_key({"n": -0.0}) == compute_key({"n": 0})
     assert compute_key({"n": 1}) != compute_key({"n": "1"})
+
+
+def test_a_large_number_has_a_key_only_when_written_as_a_double() -> None:
+    """KEY-3: ``1e16`` is the double it denotes; the integer 10**16 is out of range."""
+    assert compute_key({"x": 1e16}).startswith("k1:")
+    with pytest.raises(InvalidInputError, match="no canonical JSON form"):
+        compute_key({"x": 10**16})

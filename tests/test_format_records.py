@@ -160,3 +160,24 @@ def test_bad_payloads_name_the_line_and_rule(payload: bytes, message: str) -> No
 
 def test_empty_payload_has_no_records() -> None:
     assert decode_lines(b"") == []
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """A record whose objects and arrays nest ``levels`` deep, the record included."""
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = [value]
+    return {"v": value}
+
+
+def test_records_nest_up_to_254_levels() -> None:
+    """REC-3: writers refuse deeper records; readers accept that depth."""
+    line = encode_record(_nested(254))
+    assert decode_lines(line) == [_nested(254)]
+    with pytest.raises(InvalidInputError, match="not JSON-serializable"):
+        encode_record(_nested(255))
+
+
+def test_a_duplicate_member_name_keeps_the_last_value() -> None:
+    """REC-3: a reader keeps the last value of a repeated member (or refuses the line)."""
+    assert decode_lines(b'{"a":1,"a":2}\n') == [{"a": 2}]
