@@ -537,19 +537,7 @@ class Storage:
                     _fsync_dir(os.path.dirname(target))
                     return True
 
-        def chunks() -> Iterator[bytes]:
-            remaining = length
-            with source.open_read(src_rel) as f:
-                while remaining:
-                    chunk = f.read(min(_STREAM_BLOCK, remaining))
-                    if not chunk:
-                        raise StorageError(
-                            f"file ends {remaining} bytes early", location=source.where(src_rel)
-                        )
-                    remaining -= len(chunk)
-                    yield chunk
-
-        self.put_stream(rel, chunks())
+        self.put_stream(rel, source.read_prefix(src_rel, length))
         return False
 
     def _local_temp(self, target: str, data: bytes, *, durable: bool = True) -> str:
