@@ -89,7 +89,9 @@ def _older_revision_problems(run: Storage, newest: int) -> list[Problem]:
 def _manifest_problem(exc: RunfmtError, location: str) -> Problem:
     """A manifest that could not be loaded, under the rule its error cites (else MAN-2)."""
     cited = _RULE_ID.search(exc.problem)
-    return Problem(location, exc.problem, cited[1] if cited else "MAN-2")
+    if cited is None:
+        return Problem(location, exc.problem, "MAN-2")
+    return Problem(location, exc.problem.replace(cited[0], "").strip(), cited[1])
 
 
 def _read_optional(run: Storage, rel: str) -> bytes | None:

@@ -823,6 +823,11 @@ class Index:
             except sqlite3.Error as exc:
                 self._failed(exc)
 
+    @property
+    def url(self) -> str:
+        """The indexed store's path or URL."""
+        return self._source.url
+
     def where(self, run_id: str, path: str = "") -> str:
         return self._source.where(run_id, path)
 

@@ -258,6 +258,28 @@ def test_show_reports_a_failed_run_with_its_error(tmp_path: Path) -> None:
     assert "error     ValueError: model server went away\n" in result.stdout
 
 
+def test_show_and_ls_escape_control_characters(tmp_path: Path) -> None:
+    """A tag, error or hand-edited name cannot fake a line of output or send the terminal
+    escapes."""
+    store = runfmt.Store(tmp_path / "runs")
+    writer = store.create_run("eval", {"k": "v\nstatus    completed"}, tags={"t": "\x1b]0;x\x07"})
+    writer.fail("boom\nstatus    completed")
+    shown = invoke(tmp_path / "runs", "show", writer.run_id).stdout
+    assert "error     boom\\nstatus    completed\n" in shown
+    assert "t=\\x1b]0;x\\x07" in shown
+    assert [line for line in shown.splitlines() if line.startswith("status")] == [
+        "status    failed"
+    ]
+    assert "\x1b" not in shown
+
+    newest = max((tmp_path / "runs" / writer.run_id / "_manifests").glob("*.json"))
+    doc = json.loads(newest.read_bytes())
+    newest.write_text(json.dumps(doc | {"name": "a\x1b[2Jb"}))
+    listed = invoke(tmp_path / "runs", "ls").stdout
+    assert "a\\x1b[2Jb" in listed
+    assert "\x1b" not in listed
+
+
 # cat
 
 
@@ -434,6 +456,7 @@ def test_an_unreadable_manifest_is_named_by_show_and_verify(
     code, out, err = run_main(["--store", str(root), "verify", run_id], monkeypatch, capsys)
     assert code == 1
     assert out.startswith(f"{newest}: not valid JSON")
+    assert out.count("(MAN-1)") == 1, "the rule is named once"
     assert f"FAIL  {run_id}: 1 problem\n" in out
 
 

@@ -101,7 +101,7 @@ def test_cli_ls_json_and_text(store: Store) -> None:
     assert result.exit_code == 0
     assert a in result.stdout
     assert b not in result.stdout
-    assert cli(store, "ls", "--name", "nothing*").stdout == "no runs\n"
+    assert cli(store, "ls", "--name", "nothing*").stdout == f"no runs in {store.url}\n"
 
 
 @pytest.mark.parametrize(

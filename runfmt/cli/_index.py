@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from runfmt.cli import app, fail, print_json, state
+from runfmt.cli import app, fail, print_json, printable, state
 
 if TYPE_CHECKING:
     from runfmt.index import Index, RunSummary
@@ -93,18 +93,18 @@ def ls(
     if json_:
         print_json([r.to_json() for r in runs])
         return
-    _print_runs(runs)
+    _print_runs(runs, index)
 
 
-def _print_runs(runs: "list[RunSummary]") -> None:
+def _print_runs(runs: "list[RunSummary]", index: "Index") -> None:
     if not runs:
-        sys.stdout.write("no runs\n")
+        sys.stdout.write(f"no runs in {index.url}\n")
         return
     header = ["RUN ID", "NAME", "STATUS", "CREATED", "STAGES", "RECORDS"]
     rows = [
         [
             r.run_id,
-            r.name,
+            printable(r.name),
             r.status,
             (r.created_at or "")[:19].replace("T", " "),
             str(len(r.stages)),

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, fail, print_json, state
+from runfmt.cli import app, fail, print_json, printable, state
 
 if TYPE_CHECKING:
     from runfmt.format.validate import Problem
@@ -291,9 +291,9 @@ def _print_summary(s: Mapping[str, Any]) -> None:
     ]
     for label, value in fields:
         if value:
-            sys.stdout.write(f"{label:<10}{value}\n")
+            sys.stdout.write(f"{label:<10}{printable(str(value))}\n")
     for key, value in _flatten(s["config"]):
-        sys.stdout.write(f"  {key} = {value}\n")
+        sys.stdout.write(f"  {printable(f'{key} = {value}')}\n")
     totals = s["totals"]
     sys.stdout.write(
         f"total     {totals['records']} records ({totals['failures']} failures), "
