@@ -37,6 +37,7 @@ from runfmt.errors import (
     RunNotFoundError,
     StageFileError,
     StorageError,
+    UnsupportedFormatError,
 )
 from runfmt.format import names
 from runfmt.format.checksum import format_sums, sha256_hex
@@ -58,6 +59,7 @@ from runfmt.format.manifest import (
     RunStatus,
     StageEntry,
     apply_changes,
+    check_compatible,
     check_counter,
     check_error,
     check_tags,
@@ -267,6 +269,10 @@ class RunReader:
                     line += len(event)
                     yield event
                 else:
+                    try:
+                        check_compatible(event.get("format_version"), None)
+                    except UnsupportedFormatError as exc:
+                        raise exc.at(where) from None
                     problem = header_problem(event, f.path, stage)
                     if problem is not None:
                         raise StageFileError(f"{problem} (FRAME-2)", location=where)

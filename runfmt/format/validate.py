@@ -11,10 +11,10 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runfmt.errors import InvalidInputError, StageFileError
+from runfmt.errors import InvalidInputError, StageFileError, UnsupportedFormatError
 from runfmt.format import names
 from runfmt.format.frames import DataFrame, FrameDecoder
-from runfmt.format.manifest import FileEntry, Manifest, StageEntry
+from runfmt.format.manifest import FileEntry, Manifest, StageEntry, check_compatible
 from runfmt.format.records import decode_lines, is_failure
 from runfmt.format.schemas import schema_errors
 
@@ -30,6 +30,10 @@ def header_problem(header: Mapping[str, object], path: str, stage: StageEntry | 
     problems = schema_errors("stage-header", header)
     if problems:
         return "invalid header: " + "; ".join(problems)
+    try:
+        check_compatible(header["format_version"], None)
+    except UnsupportedFormatError as exc:
+        return exc.problem
     name, parsed = names.parse_stage_file(path)
     if (header["stage"], header["writer"], header["seq"]) != (name, parsed.writer, parsed.seq):
         return "header names another stage or writer than the file name"
@@ -93,7 +97,7 @@ class FileCheck:
     def _header(self, header: Mapping[str, object]) -> None:
         problem = header_problem(header, self.entry.path, self.stage)
         if problem is not None:
-            self._fail(problem, "FRAME-2")
+            self._fail(problem, "VER-2" if problem.endswith("(VER-2)") else "FRAME-2")
 
     def _frame(self, frame: DataFrame) -> None:
         try:

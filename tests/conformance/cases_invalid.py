@@ -362,6 +362,17 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "header-newer-major",
+            "A stage file's header says format_version 2.0 in a 1.0 run.",
+            ["VER-2"],
+        ),
+        "UnsupportedFormatError",
+    )
+    c.doc["stages"][0]["files"].clear()
+    c.file("generate", [GEN[:2]], header={"format_version": "2.0"})
+    c = add(
+        running(
+            "invalid",
             "header-declaration-mismatch",
             "The header's key_field differs from the stage's declaration.",
             ["FRAME-2", "VER-5"],
