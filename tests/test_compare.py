@@ -259,6 +259,10 @@ def test_compare_usage_errors_exit_2(store: Store, pair: tuple[str, str], cli: C
     assert "--stage" in err
     code, _, _ = cli(store, "compare", *pair, "--stage", "s", "--field", "x", "--resamples", "0")
     assert code == 2
+    code, _, err = cli(store, "compare", *pair, "--stage", "s", "--field", "x",
+                       "--confidence", "nan")  # fmt: skip
+    assert code == 2
+    assert "--confidence" in err
 
 
 def test_compare_unknown_run_raises(store: Store, pair: tuple[str, str]) -> None:

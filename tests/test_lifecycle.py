@@ -411,6 +411,9 @@ def test_status_filters_by_config_and_reports_bad_input(store: Store) -> None:
     assert len(result.output.splitlines()) == 1
     bad = CliRunner().invoke(app, ["--store", store.url, "status", "--status", "zombie"])
     assert bad.exit_code == 2
+    bad = CliRunner().invoke(app, ["--store", store.url, "status", "--config", "garbage"])
+    assert bad.exit_code == 2
+    assert "--config" in bad.output
 
 
 def test_status_exits_1_on_an_unreadable_run(store: Store) -> None:

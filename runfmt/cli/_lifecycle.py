@@ -32,14 +32,17 @@ def status(
 ) -> None:
     """One line per run: id, name, state (abandoned when a running run's writer is gone),
     progress per stage, age. Exit 1 if a run cannot be read."""
-    from runfmt.errors import FormatError
+    from runfmt.errors import FormatError, InvalidInputError
     from runfmt.lifecycle import now, runs_with_config, summarize
 
     if health is not None and health not in _HEALTH:
         fail(f"--status must be one of {', '.join(_HEALTH)}, not {health!r}", 2)
     store = state(ctx).store(read_only=True)
     clock = now()
-    runs = runs_with_config(store, config) if config else list(store.runs())
+    try:
+        runs = runs_with_config(store, config) if config else list(store.runs())
+    except InvalidInputError as bad:
+        raise typer.BadParameter(str(bad), param_hint="--config") from None
     summaries: list[RunSummary] = []
     broken: list[FormatError] = []
     for run in runs:
@@ -101,7 +104,7 @@ def lineage(
         int, typer.Option("--max-depth", min=1, help="Stop following parents this deep.")
     ] = 1000,
 ) -> None:
-    """Walk a record's lineage (its ``_parents``, their parents, ...) and print the tree.
+    """Walk a record's lineage (its _parents, their parents, ...) and print the tree.
 
     Exit 1 if a parent is dangling, part of a cycle, or malformed."""
     from runfmt.lineage import lineage as walk

@@ -5,6 +5,7 @@ imported inside the commands.
 """
 
 import json
+import math
 import os
 import sys
 from datetime import timedelta
@@ -139,6 +140,10 @@ def compare(
     """Pair the records of a stage by key and compare a field: means, B - A with a bootstrap CI."""
     from runfmt.compare import compare_runs
 
+    if math.isnan(confidence):
+        raise typer.BadParameter(
+            "must be a number between 0.5 and 0.999", param_hint="--confidence"
+        )
     store = state(ctx).store(read_only=True)
     result = compare_runs(
         store.open_run(run_a),
