@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,9 +25,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RACY_NS",
+    "RUN_STATUSES",
     "UNREADABLE",
     "Changes",
     "FileWork",
+    "KeyedFile",
     "LocalSource",
     "Row",
     "Source",
@@ -45,6 +48,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 UNREADABLE = "unreadable"
 """The status listed for a run whose manifest cannot be read (its ``problem`` says why)."""
+RUN_STATUSES = ("running", "completed", "failed", "cancelled")
+"""`runfmt.format.manifest.RUN_STATUSES`, not imported from there: it loads jsonschema,
+which ``runfmt ls`` must not wait for."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 RACY_NS = 3_000_000_000
 """A run whose ``_manifests/`` changed this recently is re-read at the next refresh,
 since a later commit within the same timestamp tick would leave its stamp unchanged."""
@@ -108,8 +115,8 @@ class Source:
                 changed.append((run_id, stamp))
         return Changes(len(present), changed, gone)
 
-    def manifest(self, run_id: str) -> bytes:
-        """The newest manifest revision's bytes (the listing rule of COMMIT-7)."""
+    def manifest(self, run_id: str) -> tuple[int, bytes]:
+        """The newest manifest revision's number and bytes (the listing rule of COMMIT-7)."""
         raise NotImplementedError
 
     def open_range(self, run_id: str, path: str, start: int) -> Any:
@@ -222,17 +229,17 @@ class LocalSource(Source):
             return None
         return f"bare:{st.st_mtime_ns}:{st.st_size}"
 
-    def manifest(self, run_id: str) -> bytes:
+    def manifest(self, run_id: str) -> tuple[int, bytes]:
         folder = f"{self.url}/{run_id}/{names.MANIFESTS_DIR}"
         try:
-            found = [n for n in os.listdir(folder) if names.parse_revision_file(n) is not None]
+            found = list(filter(None, map(names.parse_revision_file, os.listdir(folder))))
         except FileNotFoundError:
             found = []
         if not found:
             _no_revision(os.path.exists(f"{self.url}/{run_id}/{names.MANIFEST_FILE}"))
-        newest = max(found, key=lambda n: (len(n), n))
-        with open(f"{folder}/{newest}", "rb") as f:
-            return f.read()
+        newest = max(found)
+        with open(f"{self.url}/{run_id}/{names.revision_file(newest)}", "rb") as f:
+            return newest, f.read()
 
     def _file(self, run_id: str, path: str) -> str:
         run = os.path.realpath(os.path.join(self.url, run_id))
@@ -270,23 +277,26 @@ class StorageSource(Source):
     def run_names(self) -> list[str]:
         return [e.name for e in self.storage.list() if e.is_dir and names.is_run_id(e.name)]
 
-    def _revision(self, run_id: str) -> int | None:
-        found = (names.parse_revision_file(e.name)
-                 for e in self.storage.list(f"{run_id}/{names.MANIFESTS_DIR}"))  # fmt: skip
-        return max((r for r in found if r is not None), default=None)
+    def _newest(self, run_id: str) -> tuple[int, str] | None:
+        """The newest revision's number and version (`Entry.version`)."""
+        listing = self.storage.list(f"{run_id}/{names.MANIFESTS_DIR}")
+        found = [(revision, e.version) for e in listing
+                 if (revision := names.parse_revision_file(e.name)) is not None]  # fmt: skip
+        return max(found, default=None)
 
     def stamp(self, run_id: str) -> Stamp | None:
-        revision = self._revision(run_id)
-        if revision is not None:
-            return f"rev:{revision}"
+        newest = self._newest(run_id)
+        if newest is not None:
+            return f"rev:{newest[0]}:{newest[1]}"
         size = self.storage.size(f"{run_id}/{names.MANIFEST_FILE}")
         return None if size is None else f"bare:{size}"
 
-    def manifest(self, run_id: str) -> bytes:
-        revision = self._revision(run_id)
-        if revision is None:
+    def manifest(self, run_id: str) -> tuple[int, bytes]:
+        newest = self._newest(run_id)
+        if newest is None:
             _no_revision(self.storage.exists(f"{run_id}/{names.MANIFEST_FILE}"))
-        return self.storage.read(f"{run_id}/{names.revision_file(revision)}")
+        revision = newest[0]
+        return revision, self.storage.read(f"{run_id}/{names.revision_file(revision)}")
 
     def _checked(self, run_id: str, path: str) -> str:
         rel = f"{run_id}/{path}"
@@ -317,16 +327,30 @@ class StorageSource(Source):
             return list(pool.map(fn, items))
 
 
+class KeyedFile(NamedTuple):
+    """A listed file of a stage with a key field."""
+
+    path: str
+    stage: str
+    key_field: str
+    record_schema_version: str
+    bytes: int
+    sha256: str
+    ordinal: int
+    """The file's place in its stage's list: later files hold later records."""
+
+
 @dataclass(slots=True)
 class Row:
     run_id: str
     stamp: Stamp
     listed: dict[str, Any]
     """What the index lists of the run (`runfmt.index.RunSummary` members)."""
-    keyed: list[tuple[str, str, str | None, str, int, str]]
-    """Listed files of keyed stages: (path, stage, key field, schema version, bytes, sha256)."""
+    keyed: list[KeyedFile]
     created_ts: float | None = None
     """The creation time as a POSIX timestamp."""
+    partial: bool = False
+    """Whether some of its keyed files could not be indexed: the next refresh reads it again."""
 
     @property
     def revision(self) -> int:
@@ -354,12 +378,11 @@ class Row:
 
 @dataclass(slots=True)
 class FileWork:
-    path: str
-    stage: str
-    version: str
+    """A keyed file's newly scanned bytes: what was indexed before (length, sha256), whether
+    that is dropped (a replaced file), and the (key, frame start, frame end, line) found."""
+
+    file: KeyedFile
     seen: tuple[int, str] | None
-    end: int
-    sha256: str
     reset: bool
     entries: list[tuple[str, int, int, int]]
 
@@ -369,11 +392,12 @@ def _check(cond: bool, what: str) -> None:
         raise ValueError(what)
 
 
-def summarize(run_id: str, stamp: Stamp, data: bytes) -> Row:
-    """The index row of a manifest, with the structural checks the index relies on.
+def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
+    """The index row of manifest revision ``revision``, with the checks the index relies on.
 
-    Full schema validation is `runfmt verify`'s job; a manifest failing these checks
-    is re-read with `decode_manifest` so its row names the exact problem.
+    Full schema validation is `runfmt verify`'s job (a few milliseconds a manifest, too
+    slow for a rebuild); a manifest failing these checks is re-read with
+    `decode_manifest` so that its row names the exact problem.
     """
     try:
         doc = orjson.loads(data)
@@ -382,10 +406,14 @@ def summarize(run_id: str, stamp: Stamp, data: bytes) -> Row:
         _check(isinstance(version, str) and version.split(".")[0] == "1", "format version")
         _check(not doc.get("required_features"), "required features")
         _check(doc.get("run_id") == run_id, "run id")
+        _check(doc.get("revision") == revision and type(doc["revision"]) is int, "revision")
         strings = ("name", "status", "created_at", "updated_at", "config_hash")
         _check(all(isinstance(doc.get(k), str) for k in strings), "types")
-        revision, tags, counters = doc.get("revision"), doc.get("tags"), doc.get("counters")
-        _check(type(revision) is int and revision >= 1, "revision")
+        status, finished, error = doc["status"], doc.get("finished_at"), doc.get("error")
+        _check(status in RUN_STATUSES, "status")
+        _check((status == "running") == (finished is None), "finished_at")
+        _check(error is None or status in ("failed", "cancelled"), "error")
+        tags, counters = doc.get("tags"), doc.get("counters")
         _check(isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values()), "tags")
         _check(isinstance(counters, dict), "counters")
         stages, keyed = [], []
@@ -395,28 +423,29 @@ def summarize(run_id: str, stamp: Stamp, data: bytes) -> Row:
             _check(isinstance(stage, str) and isinstance(schema, str), "stage")
             _check(key_field is None or isinstance(key_field, str), "key field")
             total = failures = size = 0
-            for f in files:
-                n, fails, b = f["records"], f["failures"], f["bytes"]
+            for ordinal, f in enumerate(files):
+                n, fails, b, sha = f["records"], f["failures"], f["bytes"], f["sha256"]
                 _check(type(n) is int and type(fails) is int and type(b) is int, "file counts")
+                _check(isinstance(sha, str) and _SHA256.fullmatch(sha) is not None, "sha256")
                 total, failures, size = total + n, failures + fails, size + b
                 if key_field is not None:
                     _check(names.parse_stage_file(f["path"])[0] == stage, "file path")
-                    keyed.append((f["path"], stage, key_field, schema, b, str(f["sha256"])))
+                    keyed.append(KeyedFile(f["path"], stage, key_field, schema, b, sha, ordinal))
             stages.append([stage, s["status"], schema, key_field, len(files), total, failures,
                            size])  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError):
-        return unreadable(run_id, stamp, _problem(data, run_id))
+        return unreadable(run_id, stamp, _problem(data, run_id, revision))
     listed = {
-        "revision": revision, "name": doc["name"], "status": doc["status"],
+        "revision": revision, "name": doc["name"], "status": status,
         "created_at": doc["created_at"], "updated_at": doc["updated_at"],
-        "finished_at": doc.get("finished_at"), "heartbeat_at": doc.get("heartbeat_at"),
-        "config_hash": doc["config_hash"], "error": doc.get("error"), "problem": None,
+        "finished_at": finished, "heartbeat_at": doc.get("heartbeat_at"),
+        "config_hash": doc["config_hash"], "error": error, "problem": None,
         "tags": tags, "counters": counters, "stages": stages,
     }  # fmt: skip
     return Row(run_id, stamp, listed, keyed, timestamp(doc["created_at"]))
 
 
-def _problem(data: bytes, run_id: str) -> str:
+def _problem(data: bytes, run_id: str, revision: int) -> str:
     from runfmt.format.manifest import decode_manifest
 
     try:
@@ -425,6 +454,8 @@ def _problem(data: bytes, run_id: str) -> str:
         return exc.problem
     if manifest.run_id != run_id:
         return f"manifest names run {manifest.run_id!r}, not its folder name (LAYOUT-1)"
+    if manifest.revision != revision:
+        return f"file holds revision {manifest.revision}, not {revision} (MAN-3)"
     return "manifest is not readable by this version of runfmt's index"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -33,20 +33,21 @@ _FRAME_BYTES = 16 << 20
 """The content bytes kept beyond the newest frame, which is always kept (the spec caps a
 frame at 64 MiB): so at most max(16 MiB, one frame) of content is held."""
 
-_LOOKUP = (
-    "SELECT f.created_ts, f.run_id, f.path, f.record_schema_version, c.frame_start, c.frame_end,"
-    " c.line FROM cache AS c JOIN files AS f ON f.file_id = c.file_id "
-    "WHERE c.stage = ? AND c.key = ? {version}"
+_COLUMNS = (
+    "f.created_ts, f.run_id, f.ordinal, c.frame_start, c.line, "
+    "f.path, f.record_schema_version, c.frame_end, f.key_field"
 )
+"""A candidate: its rank (`_rank`), then the rest of its provenance and its key field."""
+_JOIN = " FROM cache AS c JOIN files AS f ON f.file_id = c.file_id "
+_LOOKUP = "SELECT " + _COLUMNS + _JOIN + "WHERE c.stage = ? AND c.key = ? {version}"
 _CONTAINS = (
-    "SELECT DISTINCT c.key FROM cache AS c JOIN files AS f ON f.file_id = c.file_id "
-    "WHERE c.stage = ? AND c.key IN (SELECT value FROM json_each(?)) {version}"
-)
+    "SELECT DISTINCT c.key" + _JOIN
+    + "WHERE c.stage = ? AND c.key IN (SELECT value FROM json_each(?)) {version}"
+)  # fmt: skip
 _MANY = (
-    "SELECT c.key, f.created_ts, f.run_id, f.path, f.record_schema_version, c.frame_start,"
-    " c.frame_end, c.line FROM cache AS c JOIN files AS f ON f.file_id = c.file_id "
-    "WHERE c.stage = ? AND c.key IN (SELECT value FROM json_each(?)) {version}"
-)
+    "SELECT c.key, " + _COLUMNS + _JOIN
+    + "WHERE c.stage = ? AND c.key IN (SELECT value FROM json_each(?)) {version}"
+)  # fmt: skip
 _VERSION = "AND f.record_schema_version = ? "
 _SQL = {
     (name, versioned): sql.format(version=_VERSION if versioned else "")
@@ -93,11 +94,11 @@ def _frame(where: Provenance) -> _Frame:
     return where.run_id, where.path, where.frame_start, where.frame_end
 
 
-def _rank(
-    created_ts: float | None, run_id: str, path: str, start: int, line: int
-) -> tuple[Any, ...]:
-    """Newest run first; within a run, the last record written."""
-    return created_ts or 0.0, run_id, path, start, line
+def _rank(candidate: Sequence[Any]) -> tuple[Any, ...]:
+    """Newest run first; within a run, the last record written: the later file in its
+    stage's list, then the later frame and line."""
+    created_ts, run_id, ordinal, start, line = candidate[:5]
+    return created_ts or 0.0, run_id, ordinal, start, line
 
 
 class Cache:
@@ -118,7 +119,6 @@ class Cache:
         self._fresh = False
         self._frames: OrderedDict[_Frame, tuple[list[bytes], int]] = OrderedDict()
         self._frames_lock = threading.Lock()
-        self._key_fields: dict[tuple[str, str], str] = {}
 
     def __repr__(self) -> str:
         return f"Cache({self.index!r})"
@@ -132,28 +132,28 @@ class Cache:
         if not self._fresh:
             self.refresh()
 
-    def _provenance(
-        self, stage: str, run_id: str, path: str, version: str, start: int, end: int, line: int
-    ) -> Provenance:
-        return Provenance(run_id, stage, path, version, start, end, line,
-                          self.index.where(run_id, path))  # fmt: skip
+    def _provenance(self, stage: str, candidate: Sequence[Any]) -> tuple[Provenance, str]:
+        """A candidate's provenance and the key field of its stage."""
+        _, run_id, _, start, line, path, version, end, key_field = candidate
+        where = self.index.where(run_id, path)
+        return Provenance(run_id, stage, path, version, start, end, line, where), key_field
 
     def _candidates(
         self, stage: str, key: str, version: str | None, limit: int
-    ) -> list[Provenance]:
+    ) -> list[tuple[Provenance, str]]:
         self._ensure()
         sql = _SQL["lookup", version is not None]
         rows = self.index.query(sql, [stage, key, *([version] if version is not None else [])])
         if len(rows) > 1:
-            rows.sort(key=lambda r: _rank(r[0], r[1], r[2], r[4], r[6]), reverse=True)
-        return [self._provenance(stage, *row[1:]) for row in rows[:limit]]
+            rows.sort(key=_rank, reverse=True)
+        return [self._provenance(stage, row) for row in rows[:limit]]
 
     def lookup(
         self, stage: str, key: str, *, record_schema_version: str | None = DEFAULT_VERSION
     ) -> Provenance | None:
         """Where the newest committed record with ``key`` is, from the index alone."""
         found = self._candidates(stage, key, record_schema_version, 1)
-        return found[0] if found else None
+        return found[0][0] if found else None
 
     def get(
         self, stage: str, key: str, *, record_schema_version: str | None = DEFAULT_VERSION
@@ -164,8 +164,8 @@ class Cache:
         that frame is one of the few kept from earlier calls. A candidate whose
         file no longer matches the index is re-indexed and skipped.
         """
-        for where in self._candidates(stage, key, record_schema_version, _CANDIDATES):
-            record = _record(self._lines(where), where.line, self._key_field(where), key)
+        for where, key_field in self._candidates(stage, key, record_schema_version, _CANDIDATES):
+            record = _record(self._lines(where), where.line, key_field, key)
             if record is not None:
                 return CacheHit(key, record, where)
             self.index.run(where.run_id)
@@ -190,22 +190,21 @@ class Cache:
         version = record_schema_version
         params: list[Any] = [stage, orjson.dumps(wanted).decode()]
         params += [version] if version is not None else []
-        newest: dict[str, tuple[tuple[Any, ...], Provenance]] = {}
-        for key, created_ts, run_id, path, v, start, end, line in self.index.query(
-            _SQL["many", version is not None], params
-        ):
-            rank = _rank(created_ts, run_id, path, start, line)
-            if key not in newest or rank > newest[key][0]:
-                newest[key] = rank, self._provenance(stage, run_id, path, v, start, end, line)
-        by_frame: dict[_Frame, list[tuple[str, Provenance]]] = {}
-        for key, (_, where) in newest.items():
-            by_frame.setdefault(_frame(where), []).append((key, where))
+        newest: dict[str, tuple[Any, ...]] = {}
+        for row in self.index.query(_SQL["many", version is not None], params):
+            key = row[0]
+            if key not in newest or _rank(row[1:]) > _rank(newest[key][1:]):
+                newest[key] = row
+        by_frame: dict[_Frame, list[tuple[str, Provenance, str]]] = {}
+        for key, row in newest.items():
+            where, key_field = self._provenance(stage, row[1:])
+            by_frame.setdefault(_frame(where), []).append((key, where, key_field))
         hits: dict[str, CacheHit] = {}
         for frame in sorted(by_frame):
             found = by_frame[frame]
             lines = self._lines(found[0][1])
-            for key, where in found:
-                record = _record(lines, where.line, self._key_field(where), key)
+            for key, where, key_field in found:
+                record = _record(lines, where.line, key_field, key)
                 hit = (
                     CacheHit(key, record, where)
                     if record is not None
@@ -221,18 +220,6 @@ class Cache:
         """`get` without the provenance: a ready-made ``reuse(stage, key)`` hook."""
         hit = self.get(stage, key, record_schema_version=record_schema_version)
         return None if hit is None else hit.record
-
-    def _key_field(self, where: Provenance) -> str | None:
-        """The stage's key field, kept once known: a stage's declaration never changes."""
-        known = self._key_fields.get((where.run_id, where.stage))
-        if known is not None:
-            return known
-        summary = self.index.run(where.run_id, refresh=False)
-        stage = summary.stage(where.stage) if summary else None
-        if stage is None or stage.key_field is None:
-            return None
-        self._key_fields[where.run_id, where.stage] = stage.key_field
-        return stage.key_field
 
     def _lines(self, where: Provenance) -> list[bytes] | None:
         """The lines of the frame holding ``where``: kept from an earlier read while its
@@ -299,9 +286,9 @@ def _strings(keys: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def _record(lines: list[bytes] | None, line: int, key_field: str | None, key: str) -> Record | None:
+def _record(lines: list[bytes] | None, line: int, key_field: str, key: str) -> Record | None:
     """The non-failure record at ``line`` of a frame's lines whose key field is ``key``."""
-    if lines is None or key_field is None or line >= len(lines) - 1:
+    if lines is None or line >= len(lines) - 1:
         return None
     try:
         record = orjson.loads(lines[line])

@@ -23,12 +23,13 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TypeVar
 
 import orjson
 
 from runfmt._index_reading import (
+    RUN_STATUSES,
     UNREADABLE,
     FileWork,
     LocalSource,
@@ -53,7 +54,6 @@ from runfmt.format import names
 
 if TYPE_CHECKING:
     from runfmt.storage import Storage
-    from runfmt.store import Store
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -61,7 +61,6 @@ __all__ = [
     "RefreshStats",
     "RunSummary",
     "StageSummary",
-    "forget_runs",
     "index_location",
     "is_network_filesystem",
     "parse_since",
@@ -69,7 +68,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """Version of the index's tables (``PRAGMA user_version``); another version is rebuilt."""
 APPLICATION_ID = 0x52554E46
 """``PRAGMA application_id`` of a runfmt index ("RUNF"): anything else is a foreign file."""
@@ -81,7 +80,8 @@ _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph",
      "glusterfs", "lustre", "gpfs", "beegfs", "davfs", "sshfs", "fuse"}
 )  # fmt: skip
-_CORRUPT_CODES = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+_CORRUPT_CODES = frozenset({10, 11, 26})  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB
+_JOURNALS = ("-wal", "-shm", "-journal")
 _RELATIVE = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -111,7 +111,9 @@ CREATE TABLE files(
     created_ts REAL,
     path TEXT NOT NULL,
     stage TEXT NOT NULL,
+    key_field TEXT NOT NULL,
     record_schema_version TEXT NOT NULL,
+    ordinal INTEGER NOT NULL,  -- the file's place in its stage's list
     indexed_bytes INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     UNIQUE(run_id, path)
@@ -129,9 +131,12 @@ CREATE INDEX cache_file ON cache(file_id);
 """
 
 _RUN_COLUMNS = "run_id, detail"
-_STATUSES = frozenset(("running", "completed", "failed", "cancelled", UNREADABLE))
-"""RUN_STATUSES of `runfmt.format.manifest` (not imported: it loads jsonschema, which
-``runfmt ls`` must not wait for) and the index's own ``unreadable``."""
+_STATUSES = frozenset((*RUN_STATUSES, UNREADABLE))
+_ROUNDS = 5
+"""Reads of one run while other processes index it at the same time (`Index._reindex`)."""
+_RETRY = "retry"
+"""The stamp of a run indexed only in part (a file that could not be scanned yet, a
+concurrent refresh): it equals no stamp a store gives, so the next refresh reads it again."""
 
 
 class StageSummary(NamedTuple):
@@ -311,21 +316,25 @@ def _user_cache_dir() -> str:
 
 
 def _public_url(url: str) -> str:
-    """The URL without any ``user:password@`` part."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", url)
+    """The URL without credentials (a ``user:password@`` part). A user without a password
+    stays: in ``abfs://container@account`` it names the container."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@:]*:[^/@]*@", r"\1", url)
 
 
 def index_location(url: str, *, local: bool, read_only: bool = False) -> str:
     """Where the index of the store at ``url`` lives: a file path, or ``:memory:``.
 
     ``memory://`` stores and local stores that do not exist yet get an in-memory index; a
-    local store this process may not write is indexed in the user cache, like a read-only one.
+    local store whose index this process may not write (another user's store) is indexed in
+    the user cache, like a read-only one.
     """
     if local and not read_only:
         if not os.path.isdir(url):
             return ":memory:"
-        if os.access(url, os.W_OK):
-            return os.path.join(url, ".runfmt", "index.sqlite")
+        folder = os.path.join(url, ".runfmt")
+        path = os.path.join(folder, "index.sqlite")
+        if all(os.access(p, os.W_OK) for p in (url, folder, path) if p == url or os.path.exists(p)):
+            return path
     if url.startswith("memory://"):
         return ":memory:"
     import hashlib
@@ -399,9 +408,12 @@ class Index:
         if self.path != ":memory:":
             try:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                if not os.path.exists(self.path):
+                    self._create_file()
             except OSError as exc:
-                raise StorageError(f"cannot create the index folder: {exc}",
-                                   location=self.path) from exc  # fmt: skip
+                _warn("runfmt: cannot keep the index at %s (%s); indexing in memory",
+                      self.path, exc)  # fmt: skip
+                self.path = ":memory:"
         for attempt in (1, 2):
             con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                   check_same_thread=False)  # fmt: skip
@@ -475,6 +487,29 @@ class Index:
                       self.path, wanted, exc)  # fmt: skip
         con.execute("PRAGMA synchronous=NORMAL")
 
+    def _create_file(self) -> None:
+        """Create an empty index file, first deleting the journals that a deleted one left:
+        SQLite would pair them with the new file (a disk I/O error)."""
+        from runfmt.locking import file_lock
+
+        with file_lock(self.path + ".lock", self.timeout):
+            if os.path.exists(self.path):
+                return
+            for suffix in _JOURNALS:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+            with open(self.path, "ab"):
+                pass
+
+    def _moved(self) -> bool:
+        """Whether the index file was deleted or replaced since this process opened it."""
+        if self._con is None or self.path == ":memory:":
+            return False
+        try:
+            return os.stat(self.path).st_ino != self._opened_ino
+        except FileNotFoundError:
+            return True
+
     def _discard(self) -> None:
         """Delete the index file (and its journals) unless another process replaced it already."""
         if self.path == ":memory:":
@@ -488,7 +523,7 @@ class Index:
                 return
             if self._opened_ino is not None and ino != self._opened_ino:
                 return
-            for suffix in ("", "-wal", "-shm", "-journal"):
+            for suffix in ("", *_JOURNALS):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path + suffix)
 
@@ -502,7 +537,11 @@ class Index:
                 self._failed(exc)
 
     def _failed(self, exc: sqlite3.Error) -> NoReturn:
-        """Translate a SQLite error; a corrupt file is discarded and `_Retry` raised."""
+        """Translate a SQLite error; `_Retry` when the file was deleted or replaced (it is
+        opened again) or is corrupt (it is discarded first)."""
+        if self._moved():
+            self.close()
+            raise _Retry from None
         if not isinstance(exc, sqlite3.DatabaseError) or not _is_corrupt(exc):
             raise _translate(exc, self.path) from exc
         _warn("runfmt: the index %s is corrupt (%s); rebuilding it from the store",
@@ -544,12 +583,17 @@ class Index:
 
     def _refresh(self) -> RefreshStats:
         started = time.perf_counter()
+        with self._lock:
+            if self._moved():
+                self.close()
         with self._db() as con:
-            present, changed, gone = self._source.changes(self._indexed_stamps(con))
+            known = dict(self._indexed_stamps(con))
+            present, changed, gone = self._source.changes(known)
             changed.sort()  # run ids sort by creation time: rows are stored in listing order
             entries = 0
+            raced: list[str] = []
             if gone and not changed:
-                self._write(con, [], {}, gone)
+                self._write(con, [], {}, gone, known)
             for i in range(0, len(changed), BATCH_RUNS):
                 batch = changed[i : i + BATCH_RUNS]
                 read = self._source.map(self._read_run, batch)
@@ -557,7 +601,12 @@ class Index:
                 not_runs = {b[0] for b, row in zip(batch, read, strict=True) if row is None}
                 present -= len(not_runs)
                 work = self._file_work(con, rows)
-                entries += self._write(con, rows, work, (gone if i == 0 else set()) | not_runs)
+                gone_now = (gone if i == 0 else set()) | not_runs
+                written, lost = self._write(con, rows, work, gone_now, known)
+                entries += written
+                raced += lost
+            for run_id in raced:
+                entries += self._reindex(con, run_id)
         return RefreshStats(present, len(changed), len(gone), entries,
                             time.perf_counter() - started)  # fmt: skip
 
@@ -575,17 +624,23 @@ class Index:
         ``manifest.json`` (LAYOUT-2), as a creation or a copy in progress leaves it."""
         run_id, stamp = change
         try:
-            data = self._source.manifest(run_id)
+            revision, data = self._source.manifest(run_id)
         except RunNotFoundError:
             return None
         except FileNotFoundError:
             return unreadable(run_id, stamp, "manifest revision vanished while indexing")
         except FormatError as exc:
             return unreadable(run_id, stamp, exc.problem)
-        return summarize(run_id, stamp, data)
+        except OSError as exc:
+            return unreadable(run_id, stamp, f"cannot read its newest revision: {exc}")
+        return summarize(run_id, stamp, revision, data)
 
     def _file_work(self, con: sqlite3.Connection, rows: Sequence[Row]) -> dict[str, list[FileWork]]:
-        """For each run, the committed stage bytes not yet scanned for cache keys, scanned."""
+        """For each run, the committed stage bytes not yet scanned for cache keys, scanned.
+
+        A file that cannot be scanned (a copy still in progress, damage) is left out and
+        its run marked `Row.partial`, so that the next refresh tries again.
+        """
         work: dict[str, list[FileWork]] = {}
         for row in rows:
             if not row.keyed:
@@ -597,19 +652,21 @@ class Index:
                 )
             }
             items = []
-            for path, stage, key_field, version, size, sha in row.keyed:
-                seen = indexed.get(path)
-                if seen == (size, sha):
+            for file in row.keyed:
+                seen = indexed.get(file.path)
+                if seen == (file.bytes, file.sha256):
                     continue
-                reset = seen is not None and seen[0] >= size
+                reset = seen is not None and seen[0] >= file.bytes
                 start = seen[0] if seen is not None and not reset else 0
                 try:
-                    entries = scan_file(self._source, row.run_id, path, str(key_field), start, size)
+                    entries = scan_file(self._source, row.run_id, file.path, file.key_field,
+                                        start, file.bytes)  # fmt: skip
                 except (RunfmtError, OSError) as exc:
-                    _warn("runfmt: %s: not indexed for the cache: %s",
-                          self._source.where(row.run_id, path), exc)  # fmt: skip
+                    _warn("runfmt: %s: not indexed for the cache yet: %s",
+                          self._source.where(row.run_id, file.path), exc)  # fmt: skip
+                    row.partial = True
                     continue
-                items.append(FileWork(path, stage, version, seen, size, sha, reset, entries))
+                items.append(FileWork(file, seen, reset, entries))
             work[row.run_id] = items
         return work
 
@@ -619,7 +676,15 @@ class Index:
         rows: Sequence[Row],
         work: Mapping[str, list[FileWork]],
         gone: set[str],
-    ) -> int:
+        known: Mapping[str, Stamp],
+    ) -> tuple[int, list[str]]:
+        """Store ``rows`` and forget ``gone``, in one transaction: the cache entries added,
+        and the runs another process indexed meanwhile.
+
+        ``known`` holds the stamps indexed when the rows were read. A run whose stamp has
+        changed since is not written: the other process may have read it before or after
+        this one did, so the caller reads it again (`_reindex`).
+        """
         entries = 0
         batch = orjson.dumps([row.run_id for row in rows]).decode()
         self._stamps = None
@@ -628,9 +693,9 @@ class Index:
             for run_id in gone:
                 self._forget(con, run_id)
             current = {
-                run_id: (revision, (created, config_hash))
-                for run_id, revision, created, config_hash in con.execute(
-                    "SELECT run_id, revision, created_at, config_hash FROM runs "
+                run_id: (stamp, (created, config_hash))
+                for run_id, stamp, created, config_hash in con.execute(
+                    "SELECT run_id, stamp, created_at, config_hash FROM runs "
                     "WHERE run_id IN (SELECT value FROM json_each(?))",
                     (batch,),
                 )
@@ -643,72 +708,73 @@ class Index:
                     (batch,),
                 )
             }
-            accepted = []
+            accepted, raced = [], []
             for row in rows:
-                known = current.get(row.run_id)
-                stale = known is not None and known[0] > row.revision and known[1] == row.identity
-                if stale and row.problem is None:
+                indexed = current.get(row.run_id)
+                if (None if indexed is None else indexed[0]) != known.get(row.run_id):
+                    raced.append(row.run_id)
                     continue
-                if known is not None and (row.problem is not None or known[1] != row.identity):
+                if indexed is not None and (row.problem is not None or indexed[1] != row.identity):
                     self._forget(con, row.run_id)
                     with_files.discard(row.run_id)
                 accepted.append(row)
+            for row in accepted:
+                if row.keyed or row.run_id in with_files:
+                    entries += self._write_files(con, row, work.get(row.run_id, []))
             con.executemany(
                 "INSERT OR REPLACE INTO runs(run_id, stamp, revision, name, status, "
                 "created_at, created_ts, updated_at, finished_at, heartbeat_at, config_hash, "
                 "error, detail, problem) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(row.run_id, row.stamp, *row.values) for row in accepted],
-            )
-            for row in accepted:
-                if row.keyed or row.run_id in with_files:
-                    entries += self._write_files(con, row, work.get(row.run_id, []))
+                [(row.run_id, _RETRY if row.partial else row.stamp, *row.values)
+                 for row in accepted],
+            )  # fmt: skip
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
-        return entries
+        return entries, raced
 
     @staticmethod
     def _write_files(con: sqlite3.Connection, row: Row, items: list[FileWork]) -> int:
-        listed = {path for path, *_ in row.keyed}
-        for file_id, path in con.execute(
-            "SELECT file_id, path FROM files WHERE run_id=?", (row.run_id,)
+        """Store a run's scanned files; `Row.partial` when one changed under the scan."""
+        listed = {file.path: file.ordinal for file in row.keyed}
+        indexed = {}
+        for file_id, path, ordinal, size, sha in con.execute(
+            "SELECT file_id, path, ordinal, indexed_bytes, sha256 FROM files WHERE run_id=?",
+            (row.run_id,),
         ).fetchall():
             if path not in listed:
                 con.execute("DELETE FROM cache WHERE file_id=?", (file_id,))
                 con.execute("DELETE FROM files WHERE file_id=?", (file_id,))
+                continue
+            indexed[path] = file_id, (size, sha)
+            if ordinal != listed[path]:
+                con.execute("UPDATE files SET ordinal=? WHERE file_id=?", (listed[path], file_id))
         entries = 0
         for item in items:
-            found = con.execute(
-                "SELECT file_id, indexed_bytes, sha256 FROM files WHERE run_id=? AND path=?",
-                (row.run_id, item.path),
-            ).fetchone()
-            if (None if found is None else (found[1], found[2])) != item.seen:
+            file = item.file
+            found = indexed.get(file.path)
+            if (None if found is None else found[1]) != item.seen:
+                row.partial = True
                 continue
             if found is None:
                 file_id = con.execute(
-                    "INSERT INTO files(run_id, created_ts, path, stage, record_schema_version, "
-                    "indexed_bytes, sha256) VALUES (?,?,?,?,?,?,?)",
-                    (
-                        row.run_id,
-                        row.created_ts,
-                        item.path,
-                        item.stage,
-                        item.version,
-                        item.end,
-                        item.sha256,
-                    ),
-                ).lastrowid
+                    "INSERT INTO files(run_id, created_ts, path, stage, key_field, "
+                    "record_schema_version, ordinal, indexed_bytes, sha256) "
+                    "VALUES (?,?,?,?,?,?,?,?,?)",
+                    (row.run_id, row.created_ts, file.path, file.stage, file.key_field,
+                     file.record_schema_version, file.ordinal, file.bytes, file.sha256),
+                ).lastrowid  # fmt: skip
             else:
                 file_id = found[0]
                 if item.reset:
                     con.execute("DELETE FROM cache WHERE file_id=?", (file_id,))
                 con.execute("UPDATE files SET indexed_bytes=?, sha256=? WHERE file_id=?",
-                            (item.end, item.sha256, file_id))  # fmt: skip
+                            (file.bytes, file.sha256, file_id))  # fmt: skip
             con.executemany(
                 "INSERT INTO cache VALUES (?,?,?,?,?,?)",
-                [(item.stage, key, file_id, start, end, line)
+                [(file.stage, key, file_id, start, end, line)
                  for key, start, end, line in item.entries],
             )  # fmt: skip
             entries += len(item.entries)
@@ -720,7 +786,7 @@ class Index:
 
     def _forget_all(self, run_ids: list[str]) -> None:
         with self._db() as con:
-            self._write(con, [], {}, set(run_ids))
+            self._write(con, [], {}, set(run_ids), {})
 
     @staticmethod
     def _forget(con: sqlite3.Connection, run_id: str) -> None:
@@ -739,7 +805,7 @@ class Index:
         status: str | Sequence[str] | None = None,
         name: str | None = None,
         tags: Mapping[str, str] | None = None,
-        since: datetime | str | None = None,
+        since: datetime | date | str | None = None,
         limit: int | None = None,
         refresh: bool = True,
     ) -> list[RunSummary]:
@@ -747,7 +813,8 @@ class Index:
 
         ``status``: one or several statuses; ``name``: a glob (``eval-*``, case-sensitive);
         ``tags``: every key must have that value; ``since``: created at or after (a
-        `datetime`, or text for `parse_since`); ``limit``: at most this many.
+        `datetime`, a `date`, meaning its midnight UTC, or text for `parse_since`);
+        ``limit``: at most this many.
         """
         if refresh:
             self.refresh()
@@ -771,11 +838,8 @@ class Index:
                          "WHERE t.key=? AND t.value=?)")  # fmt: skip
             params += [key, value]
         if since is not None:
-            moment = parse_since(since) if isinstance(since, str) else since
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
             where.append("created_ts >= ?")
-            params.append(moment.timestamp())
+            params.append(_moment(since).timestamp())
         if limit is not None and limit < 0:
             raise InvalidInputError(f"limit must be 0 or more, not {limit}")
         sql = (
@@ -798,16 +862,26 @@ class Index:
 
     def _refresh_one(self, run_id: str) -> None:
         with self._db() as con:
+            self._reindex(con, run_id)
+
+    def _reindex(self, con: sqlite3.Connection, run_id: str) -> int:
+        """Bring one run's entry up to date: read it again while other processes index
+        it at the same time (a few rounds; the next refresh does the rest)."""
+        for _ in range(_ROUNDS):
             found = con.execute("SELECT stamp FROM runs WHERE run_id=?", (run_id,)).fetchone()
             stamp = self._source.stamp(run_id) if names.is_run_id(run_id) else None
             if stamp is not None and found == (stamp,) and not is_racy(stamp):
-                return
+                return 0
             row = None if stamp is None else self._read_run((run_id, stamp))
             if row is None:
                 if found is not None:
-                    self._write(con, [], {}, {run_id})
-                return
-            self._write(con, [row], self._file_work(con, [row]), set())
+                    self._write(con, [], {}, {run_id}, {})
+                return 0
+            known = {} if found is None else {run_id: found[0]}
+            entries, raced = self._write(con, [row], self._file_work(con, [row]), set(), known)
+            if not raced:
+                return entries
+        return 0
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of a read-only SQL query against the index as it stands."""
@@ -839,13 +913,19 @@ class Index:
         return self._source.size(run_id, path)
 
 
-def forget_runs(store: Store, run_ids: Sequence[str]) -> None:
-    """Tell ``store``'s index that these runs were deleted."""
-    store.index.forget(run_ids)
-
-
 class _Retry(Exception):
     """The index file was corrupt and has been discarded: run the operation again."""
+
+
+def _moment(since: datetime | date | str) -> datetime:
+    """``since`` of `Index.runs` as an aware time (a date is its midnight UTC)."""
+    if isinstance(since, str):
+        return parse_since(since)
+    if isinstance(since, datetime):
+        return since if since.tzinfo else since.replace(tzinfo=UTC)
+    if isinstance(since, date):
+        return datetime(since.year, since.month, since.day, tzinfo=UTC)
+    raise InvalidInputError(f"since must be a datetime, a date or text, not {since!r}")
 
 
 def _warn(message: str, *args: object) -> None:

@@ -4,6 +4,7 @@ existing-run policy, finding runs by config (spec §14, LIFE-*, POLICY-*).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from runfmt.errors import (
     FormatError,
     InvalidInputError,
     RunExistsError,
+    RunfmtError,
     RunNotFoundError,
 )
 from runfmt.format import names
@@ -274,11 +276,13 @@ def remove_run(store: Store, run_id: str) -> bool:
         aside = f"{_RERUN_PREFIX}{run_id}-{secrets.token_hex(4)}"
         store.storage.rename(run_id, aside)
         store.storage.delete_tree(aside)
-        return True
-    storage.delete(names.MANIFEST_FILE)
-    for rev in revisions(storage):
-        storage.delete(names.revision_file(rev))
-    store.storage.delete_tree(run_id)
+    else:
+        storage.delete(names.MANIFEST_FILE)
+        for rev in revisions(storage):
+            storage.delete(names.revision_file(rev))
+        store.storage.delete_tree(run_id)
+    with contextlib.suppress(RunfmtError):
+        store.index.forget([run_id])
     return True
 
 

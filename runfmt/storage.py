@@ -34,11 +34,18 @@ _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"
 _REDACTED = "<redacted>"
 
 
+_VERSION_KEYS = ("ETag", "generation", "LastModified", "mtime", "updated", "created")
+"""Members of an fsspec listing entry that change whenever an object is written again."""
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     name: str
     is_dir: bool
     size: int
+    version: str = ""
+    """What changes when the object is written again (its ETag, generation or time), as the
+    backend lists it; empty on local disk."""
 
 
 def _option_values(value: Any) -> Iterator[str]:
@@ -299,7 +306,9 @@ class Storage:
         for info in infos:
             name = info["name"].rstrip("/").rsplit("/", 1)[-1]
             if name and not name.startswith(".") and info["name"].rstrip("/") != self.path(rel):
-                out.append(Entry(name, info["type"] == "directory", int(info.get("size") or 0)))
+                version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k) is not None), "")
+                size = int(info.get("size") or 0)
+                out.append(Entry(name, info["type"] == "directory", size, version))
         return out
 
     def names(self, rel: str = "") -> tuple[str, ...]:

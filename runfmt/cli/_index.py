@@ -36,11 +36,15 @@ def _index(ctx: typer.Context) -> "Index":
 
 
 def _tags(values: list[str]) -> dict[str, str]:
-    tags = {}
+    tags: dict[str, str] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--tag")
+        if tags.get(key, value) != value:
+            raise typer.BadParameter(
+                f"tag {key!r} asked with two values; a run has one", param_hint="--tag"
+            )
         tags[key] = value
     return tags
 
@@ -92,14 +96,15 @@ def ls(
         raise typer.BadParameter(str(exc), param_hint="--status") from None
     if json_:
         print_json([r.to_json() for r in runs])
-        return
-    _print_runs(runs, index)
-
-
-def _print_runs(runs: "list[RunSummary]", index: "Index") -> None:
-    if not runs:
+    elif runs:
+        _print_runs(runs)
+    elif status or name or tag or since or limit == 0:
+        sys.stdout.write(f"no runs in {index.url} match\n")
+    else:
         sys.stdout.write(f"no runs in {index.url}\n")
-        return
+
+
+def _print_runs(runs: "list[RunSummary]") -> None:
     header = ["RUN ID", "NAME", "STATUS", "CREATED", "STAGES", "RECORDS"]
     rows = [
         [
