@@ -26,7 +26,14 @@ from runfmt.format import names
 from runfmt.format.keys import canonical_json, compute_key
 from runfmt.format.manifest import Manifest, encode_manifest, manifest_problems, to_json
 from runfmt.locking import hold_writer_lock, writer_alive
-from runfmt.run import WRITER, RunWriter, load_manifest, now_utc, write_manifest_copy
+from runfmt.run import (
+    WRITER,
+    RunWriter,
+    create_revision,
+    load_manifest,
+    now_utc,
+    write_manifest_copy,
+)
 
 if TYPE_CHECKING:
     from runfmt.storage import Storage
@@ -176,6 +183,6 @@ def _build_remote(store: Store, src: Storage, manifest: Manifest) -> None:
         raise RunExistsError("a run with this id exists", location=dst.where())
     _copy_files(src, dst, manifest, link=False)
     data = encode_manifest(manifest)
-    if not dst.create_exclusive(names.revision_file(1), data):
+    if not create_revision(dst, 1, data):
         raise RunExistsError("a run with this id exists", location=dst.where())
     write_manifest_copy(dst, data, finished=manifest.finished)

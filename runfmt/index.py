@@ -321,8 +321,9 @@ def _public_url(url: str) -> str:
     return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@:]*:[^/@]*@", r"\1", url)
 
 
-def index_location(url: str, *, local: bool, read_only: bool = False) -> str:
-    """Where the index of the store at ``url`` lives: a file path, or ``:memory:``.
+def index_location(url: str, *, local: bool, read_only: bool = False, endpoint: str = "") -> str:
+    """Where the index of the store at ``url`` (on service ``endpoint``, if named) lives: a
+    file path, or ``:memory:``.
 
     ``memory://`` stores and local stores that do not exist yet get an in-memory index; a
     local store whose index this process may not write (another user's store) is indexed in
@@ -339,7 +340,8 @@ def index_location(url: str, *, local: bool, read_only: bool = False) -> str:
         return ":memory:"
     import hashlib
 
-    digest = hashlib.sha256(_public_url(url).encode()).hexdigest()[:32]
+    place = _public_url(url) + (f" at {_public_url(endpoint)}" if endpoint else "")
+    digest = hashlib.sha256(place.encode()).hexdigest()[:32]
     return os.path.join(_user_cache_dir(), "index", f"{digest}.sqlite")
 
 
@@ -366,7 +368,8 @@ class Index:
         if storage.is_local and not storage.read_only:
             storage.makedirs("")
         source: Source = LocalSource(storage.root) if storage.is_local else StorageSource(storage)
-        path = index_location(storage.url, local=storage.is_local, read_only=storage.read_only)
+        path = index_location(storage.url, local=storage.is_local, read_only=storage.read_only,
+                              endpoint=storage.endpoint)  # fmt: skip
         return cls(source, path, timeout=timeout)
 
     @classmethod

@@ -257,7 +257,9 @@ def remove_run(store: Store, run_id: str) -> bool:
     are deleted by the next one. Object stores: ``manifest.json`` and the
     revisions go first, oldest first, so the run stays readable at its newest
     revision until it is no run at all; then the data. Refuses while a writer of
-    the run is alive (local disk). Returns whether there was anything to remove.
+    the run is alive: its liveness lock is held (local disk), or the run is running
+    and not abandoned (object stores, LIFE-4). Returns whether there was anything to
+    remove.
     """
     storage = store._run_storage(run_id)
     store.storage._writable(run_id)
@@ -272,6 +274,16 @@ def remove_run(store: Store, run_id: str) -> bool:
             f"run {run_id} has a live writer ({', '.join(live)})", location=storage.where(),
             hint="stop that writer before replacing the run",
         )  # fmt: skip
+    if not storage.is_local:
+        existing = _existing(storage)
+        if existing is not None and health(existing, now()) == "running":
+            raise ConflictError(
+                f"run {run_id} is running: its writer was heard from at "
+                f"{last_sign_of_life(existing)} (LIFE-4)",
+                location=storage.where(),
+                hint=f"stop that writer, or wait until the run is abandoned "
+                f"({ABANDON_AFTER:.0f} s without a heartbeat)",
+            )
     if store.storage.is_local:
         aside = f"{_RERUN_PREFIX}{run_id}-{secrets.token_hex(4)}"
         store.storage.rename(run_id, aside)

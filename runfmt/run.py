@@ -135,6 +135,19 @@ def load_manifest(run: Storage, revision: int | None = None) -> Manifest:
     return manifest
 
 
+def create_revision(run: Storage, revision: int, data: bytes) -> bool:
+    """Create manifest revision ``revision`` only if it does not exist (COMMIT-2); True too
+    when it holds ``data`` already: a create-only PUT whose response was lost is retried by
+    the client, and the retry is refused (HTTP 412) because the first attempt landed."""
+    rel = names.revision_file(revision)
+    if run.create_exclusive(rel, data):
+        return True
+    try:
+        return run.read(rel) == data
+    except FileNotFoundError:
+        return False
+
+
 def commit(
     run: Storage, changes: ChangeSet, lock_timeout: float, base: Manifest | None = None
 ) -> Manifest:
@@ -144,14 +157,26 @@ def commit(
 
 
 def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None) -> Manifest:
-    """`commit` for a caller that holds the commit lock already."""
+    """`commit` for a caller that holds the commit lock already.
+
+    A newer revision than ``base`` is merged into, unless it belongs to another run with
+    the same id (created since, by a rerun): then `ConflictError`, and nothing is written.
+    """
+    born = None if base is None else base.created_at
     for _ in range(_COMMIT_ATTEMPTS):
         newest = revisions(run)
         if base is None or not newest or newest[-1] != base.revision:
             base = load_manifest(run)
+            if born is not None and base.created_at != born:
+                raise ConflictError(
+                    f"the run was replaced by another run with its id (created "
+                    f"{base.created_at}) since this writer opened it",
+                    location=run.where(),
+                    hint="this writer's uncommitted changes are dropped; write a new run",
+                )
         new = apply_changes(base, changes, base.revision + 1, now_utc())
         data = encode_manifest(new)
-        if run.create_exclusive(names.revision_file(new.revision), data):
+        if create_revision(run, new.revision, data):
             # The commit point has passed: a failure now must not make the caller
             # commit the same changes again (counters would count twice, COMMIT-6).
             with contextlib.suppress(StorageError):

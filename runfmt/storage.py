@@ -136,6 +136,16 @@ class Storage:
         return f"Storage({self.url!r})"
 
     @property
+    def endpoint(self) -> str:
+        """The service the store lives on when its options name one (``endpoint_url``, as
+        for MinIO or a second S3 region): the same bucket on two services is two places."""
+        options = self.fs.storage_options
+        found = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get(
+            "endpoint_url"
+        )
+        return str(found or "")
+
+    @property
     def exclusive(self) -> bool:
         """Whether this backend creates files exclusively, so concurrent writers are safe."""
         return self.protocol in EXCLUSIVE_PROTOCOLS

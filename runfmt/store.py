@@ -29,8 +29,10 @@ from runfmt.run import (
     WRITER,
     RunReader,
     RunWriter,
+    create_revision,
     load_manifest,
     now_utc,
+    revisions,
     write_manifest_copy,
 )
 from runfmt.storage import Storage
@@ -130,7 +132,8 @@ class Store:
         problems = manifest_problems(to_json(manifest))
         if problems:
             raise InvalidInputError("invalid run: " + "; ".join(problems))
-        if not run.create_exclusive(names.revision_file(1), data):
+        exists = bool(revisions(run)) or run.exists(names.MANIFEST_FILE)
+        if exists or not create_revision(run, 1, data):
             raise RunExistsError("a run with this id exists", location=run.where(),
                                  hint="choose another run_id, or resume the run")  # fmt: skip
         write_manifest_copy(run, data, finished=False)

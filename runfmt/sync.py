@@ -133,6 +133,10 @@ class _Plan:
     copies: list[_Copy] = field(default_factory=list)
     dst_revisions: list[int] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    """Files the destination's revision lists and the new one does not: deleted after it."""
+    debris: list[str] = field(default_factory=list)
+    """Files at a destination with no revision (or one being replaced) that the new revision
+    does not list, left by an interrupted sync or removal: deleted before it is published."""
     forced: bool = False
 
 
@@ -167,7 +171,9 @@ def sync(
     is a run folder, it goes to ``dst/<run id>`` (or to ``dst`` itself when its
     last segment is the run id). A destination run that changed on its own is
     refused (SYNC-4) unless ``force``; ``delete`` removes destination runs that
-    ``src`` lacks (store to store only). Problems are reported per run, never raised.
+    ``src`` lacks (store to store only). Problems are reported per run, never raised; a
+    ``src`` that does not exist (on an object store: holds nothing) is `RunNotFoundError`,
+    so that a mistyped source never empties ``dst`` with ``delete``.
     """
     if workers < 1:
         raise InvalidInputError(f"workers must be at least 1, not {workers}")
@@ -183,7 +189,7 @@ def sync(
         here = target.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] == run_id
         pairs = [(run_id, source, target if here else target.child(run_id))]
         _check_apart(source, pairs[0][2])
-    elif source.is_dir() or not source.is_local:
+    elif source.is_dir():
         _check_apart(source, target)
         ids = sorted(e.name for e in source.list() if e.is_dir and names.is_run_id(e.name))
         pairs = [(i, source.child(i), target.child(i)) for i in ids]
@@ -206,7 +212,7 @@ def sync(
 def _check_apart(source: Storage, target: Storage) -> None:
     """Refuse a destination that is the source, or lies inside it or around it: the copy
     would land in what is being copied."""
-    if source.protocol != target.protocol:
+    if source.protocol != target.protocol or source.endpoint != target.endpoint:
         return
     a, b = (
         (os.path.realpath(s.root) if s.is_local else s.root).replace(os.sep, "/").rstrip("/") + "/"
@@ -314,7 +320,16 @@ class _Engine:
             if size == nbytes and listed_old.get(path) == sha:
                 continue
             plan.copies.append(_Copy(path, nbytes, sha, size == nbytes, manifest.finished))
-        plan.dropped = sorted(set(listed_old) - {p for p, _, _ in wanted})
+        wanted_paths = {p for p, _, _ in wanted}
+        plan.dropped = sorted(set(listed_old) - wanted_paths)
+        if plan.forced or not plan.dst_revisions:
+            plan.debris = sorted(
+                p
+                for p in files
+                if p not in wanted_paths
+                and p not in (names.MANIFEST_FILE, names.SUMS_FILE)
+                and not p.startswith(names.MANIFESTS_DIR + "/")
+            )
         plan.result.files = len(plan.copies)
         plan.result.bytes = sum(c.nbytes for c in plan.copies)
         if plan.result.action == "update" and not plan.copies:
@@ -356,6 +371,15 @@ class _Engine:
     def _apply(self, plan: _Plan, src: Storage, dst: Storage, pool: ThreadPoolExecutor) -> None:
         assert plan.manifest is not None
         manifest = plan.manifest
+        if plan.forced:
+            # DST stops being a run first, so that an interruption from here on leaves no
+            # mix of two runs: the next sync finds no revision and copies SRC afresh.
+            dst.delete(names.MANIFEST_FILE)
+            for old in plan.dst_revisions:
+                dst.delete(names.revision_file(old))
+            plan.dst_revisions = []
+        for path in plan.debris:
+            dst.delete(path)
         if self.progress is not None:
             self.progress.planned(len(plan.copies), plan.result.bytes)
         futures: list[Future[bool]] = [pool.submit(self._copy, c, src, dst) for c in plan.copies]
@@ -370,12 +394,7 @@ class _Engine:
         else:
             dst.delete(names.SUMS_FILE)
         rev = names.revision_file(manifest.revision)
-        if plan.forced:
-            dst.write_atomic(rev, plan.src_bytes)
-            for newer in reversed(plan.dst_revisions):
-                if newer > manifest.revision:
-                    dst.delete(names.revision_file(newer))
-        elif not dst.create_exclusive(rev, plan.src_bytes) and dst.read(rev) != plan.src_bytes:
+        if not dst.create_exclusive(rev, plan.src_bytes) and dst.read(rev) != plan.src_bytes:
             raise ConflictError(
                 f"another writer created revision {manifest.revision} meanwhile (SYNC-4)",
                 location=dst.where(rev),

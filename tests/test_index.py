@@ -457,6 +457,11 @@ def test_read_only_and_remote_stores_keep_the_index_in_the_user_cache(
     assert index_module.index_location("abfs://a@acct/runs", local=False) != (
         index_module.index_location("abfs://b@acct/runs", local=False)
     ), "a user without a password names a location (an Azure container), not a credential"
+    on_a, on_b = (
+        Index.for_url("s3://bucket/runs", {"endpoint_url": f"http://127.0.0.1:{port}"})
+        for port in (9001, 9002)
+    )
+    assert on_a.path != on_b.path, "the same bucket on two services is two stores"
 
     memory_id = write_run(memory_store)
     assert [r.run_id for r in memory_store.index.runs()] == [memory_id]

@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from runfmt.check import verify_run
 from runfmt.cli import app
-from runfmt.errors import RunNotFoundError
+from runfmt.errors import InvalidInputError, RunNotFoundError
 from runfmt.format import names
-from runfmt.run import RunWriter, load_manifest, revisions
+from runfmt.run import RunWriter, load_manifest, revisions, write_manifest_copy
 from runfmt.storage import Storage
 from runfmt.store import Store
-from runfmt.sync import sync
+from runfmt.sync import _check_apart, sync
 from tests.fixtures_manage import Cli
 
 
@@ -203,6 +203,48 @@ def test_delete_removes_destination_runs_only_when_asked(src: Store, tmp_path: P
     assert Store(dst_url).run_ids() == src.run_ids()
 
 
+@pytest.mark.parametrize("where", ["memory://no-such-store-here", "missing-folder"])
+def test_a_source_that_does_not_exist_is_an_error_and_deletes_nothing(
+    src: Store, tmp_path: Path, where: str
+) -> None:
+    """A mistyped source must not empty the destination through --delete."""
+    dst_url = str(tmp_path / "dst")
+    assert sync(src.url, dst_url).ok
+    missing = where if "://" in where else str(tmp_path / where)
+    with pytest.raises(RunNotFoundError):
+        sync(missing, dst_url, delete=True)
+    assert Store(dst_url).run_ids() == src.run_ids()
+    result = CliRunner().invoke(app, ["sync", missing, dst_url, "--delete"])
+    assert result.exit_code == 1
+    assert Store(dst_url).run_ids() == src.run_ids()
+
+
+def test_a_forced_sync_interrupted_after_publishing_leaves_no_other_run_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SYNC-4, SYNC-6: DST held another run with the same id; a forced sync killed right
+    after `manifest.json` must not leave that run's files for `repair` to salvage."""
+    run_id = "20260101-000000000-0000abcd"
+    ours, theirs = Store(tmp_path / "src"), Store(tmp_path / "dst")
+    for store, name, n in ((theirs, "theirs", 7), (ours, "ours", 3)):
+        with store.create_run(name, {"n": n}, run_id=run_id) as writer:
+            writer.extend("gen", [{"i": i, "of": name} for i in range(n)])
+    assert sync(ours.url, theirs.url).count("conflict") == 1
+
+    def killed(run: Storage, data: bytes, *, finished: bool) -> None:
+        write_manifest_copy(run, data, finished=finished)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("runfmt.sync.write_manifest_copy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sync(ours.url, theirs.url, force=True, workers=1)
+    monkeypatch.undo()
+    assert sync(ours.url, theirs.url).ok
+    copy = theirs.locate(run_id)
+    assert verify_run(copy) == []
+    assert [r["of"] for r in theirs.open_run(run_id).records("gen")] == ["ours"] * 3
+
+
 def test_verify_checks_checksums_at_the_destination(src: Store, tmp_path: Path) -> None:
     dst_url = str(tmp_path / "dst")
     sync(src.url, dst_url)
@@ -306,6 +348,17 @@ def test_a_destination_overlapping_the_source_is_refused(
     assert code == 1
     assert "overlaps the source" in err
     assert {p: p.stat().st_size for p in Path(src.url).rglob("*") if p.is_file()} == before
+
+
+def test_the_same_bucket_on_two_services_does_not_overlap() -> None:
+    """Moving a store from one S3 service to another under the same bucket name."""
+    a, b = (
+        Storage("s3://bucket/runs", {"endpoint_url": f"http://127.0.0.1:{port}"})
+        for port in (9001, 9002)
+    )
+    _check_apart(a, b)
+    with pytest.raises(InvalidInputError, match="overlaps"):
+        _check_apart(a, Storage("s3://bucket/runs", {"endpoint_url": "http://127.0.0.1:9001"}))
 
 
 def test_an_interrupted_commit_is_finished_by_the_next_sync(src: Store, tmp_path: Path) -> None:

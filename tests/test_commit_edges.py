@@ -1,0 +1,116 @@
+"""Commit-protocol edges seen on object stores: a create-only write whose response was
+lost, a run id whose first revision was pruned, a run replaced while a writer held it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from runfmt import lifecycle
+from runfmt.errors import ConflictError, RunExistsError
+from runfmt.format import names
+from runfmt.run import KEEP_REVISIONS, revisions
+from runfmt.storage import Storage
+from runfmt.store import Store
+
+
+@pytest.fixture(params=["local", "memory"])
+def any_store(request: pytest.FixtureRequest) -> Store:
+    return request.getfixturevalue("store" if request.param == "local" else "memory_store")
+
+
+def lose_responses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every create-only write of a revision lands, but reports a lost race: as when the
+    client retries a PUT whose response was lost and the retry gets HTTP 412."""
+    lost: list[str] = []
+    create = Storage.create_exclusive
+
+    def landed_but_refused(self: Storage, rel: str, data: bytes) -> bool:
+        created = create(self, rel, data)
+        if rel.startswith(names.MANIFESTS_DIR):
+            lost.append(rel)
+            return False
+        return created
+
+    monkeypatch.setattr(Storage, "create_exclusive", landed_but_refused)
+    return lost
+
+
+def test_a_commit_whose_response_was_lost_counts_once(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer = any_store.create_run("r", {}, heartbeat_interval=None)
+    lost = lose_responses(monkeypatch)
+    writer.count("cost_usd", 10)
+    writer.append("gen", {"i": 1})
+    committed = writer.flush()
+    assert lost, "the write reported a lost race"
+    assert committed.counters == {"cost_usd": 10}
+    assert committed.revision == 2, "not committed a second time"
+    reread = any_store.open_run(writer.run_id)
+    assert reread.manifest.counters == {"cost_usd": 10}
+    assert [r["i"] for r in reread.records("gen")] == [1]
+    writer.finish()
+
+
+def test_a_run_created_while_its_response_was_lost_is_created(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lose_responses(monkeypatch)
+    writer = any_store.create_run("r", {}, heartbeat_interval=None)
+    assert any_store.open_run(writer.run_id).manifest.revision == 1
+    writer.finish()
+
+
+def test_create_run_refuses_an_id_whose_first_revision_was_pruned(any_store: Store) -> None:
+    """COMMIT-3 holds after COMMIT-9 pruned revision 1."""
+    writer = any_store.create_run("original", {"a": 1}, heartbeat_interval=None)
+    for _ in range(KEEP_REVISIONS + 8):
+        writer.count("n", 1)
+        writer.flush()
+    writer.finish()
+    run = any_store.locate(writer.run_id)
+    assert 1 not in revisions(run)
+
+    with pytest.raises(RunExistsError):
+        any_store.create_run("impostor", {"b": 2}, run_id=writer.run_id)
+    reread = any_store.open_run(writer.run_id)
+    assert (reread.manifest.name, reread.manifest.counters) == ("original", {"n": 40})
+    assert 1 not in revisions(run), "no revision 1 of another run was created"
+
+
+def test_a_running_run_on_an_object_store_is_not_replaced(memory_store: Store) -> None:
+    """No liveness lock there: a fresh heartbeat is the sign of a live writer (LIFE-4)."""
+    first = memory_store.open_or_create("det", {"a": 1}, heartbeat_interval=None).writer
+    assert first is not None
+    first.append("gen", {"i": 1})
+    first.flush()
+    with pytest.raises(ConflictError, match="running"):
+        memory_store.open_or_create("det", {"a": 1}, policy="rerun")
+    assert [r["i"] for r in memory_store.open_run(first.run_id).records("gen")] == [1]
+    first.finish()
+
+
+def test_a_writer_whose_run_was_replaced_cannot_commit_into_the_new_run(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old writer stopped heartbeating, so its run was abandoned and rerun; it wakes
+    up and flushes: its changes must not land in the new run."""
+    old: Any = memory_store.open_or_create("det", {"a": 1}, heartbeat_interval=None).writer
+    old.append("gen", {"i": "old"})
+    old.flush()
+    monkeypatch.setattr(lifecycle, "ABANDON_AFTER", -1.0)
+    new: Any = memory_store.open_or_create(
+        "det", {"a": 1}, policy="rerun", heartbeat_interval=None
+    ).writer
+    for i in range(3):
+        new.append("gen", {"i": i})
+        new.flush()
+    old.append("gen", {"i": "late"})
+    with pytest.raises(ConflictError, match="replaced by another run"):
+        old.flush()
+    reread = memory_store.open_run(new.run_id)
+    assert reread.manifest.created_at == new.manifest.created_at
+    assert [r["i"] for r in reread.records("gen")] == [0, 1, 2]
+    new.finish()
