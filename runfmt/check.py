@@ -200,7 +200,8 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
 def _remove_leftovers(run: Storage, report: RepairReport) -> None:
     """Delete temp files older than a minute and the lock files of writers that are gone."""
     cutoff = time.time_ns() - 60 * 10**9
-    for folder in ("", names.MANIFESTS_DIR):
+    stages = [f"{names.STAGES_DIR}/{s}" for s in run.names(names.STAGES_DIR)]
+    for folder in ("", names.MANIFESTS_DIR, names.ARTIFACTS_DIR, *stages):
         for name in run.local_state(folder):
             rel = f"{folder}/{name}" if folder else name
             stale_temp = name.startswith(".tmp-") and (run.mtime_ns(rel) or cutoff) < cutoff

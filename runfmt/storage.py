@@ -346,7 +346,10 @@ class Storage:
                             found[relpath] = os.lstat(full).st_size
                 return found
             self.fs.invalidate_cache(base)
-            for full, info in self.fs.find(base, detail=True, withdirs=False).items():
+            listed = self.fs.find(base, detail=True, withdirs=False)
+            for folder in {full.rsplit("/", 1)[0] for full in listed}:
+                self.fs.invalidate_cache(folder)  # find cached listings that exists() would trust
+            for full, info in listed.items():
                 relpath = full[len(base) :].lstrip("/")
                 if relpath and not any(p.startswith(".") for p in relpath.split("/")):
                     found[relpath] = int(info.get("size") or 0)

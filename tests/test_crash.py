@@ -212,3 +212,23 @@ def test_bytes_written_after_the_last_commit(store: Store, complete_frames: int)
     assert verify_run(reader.storage) == []
     ids = [r["id"] for r in store.open_run(writer.run_id).records("score")]
     assert ids == [f"c-{i}" for i in range(5)] + [f"s-{n}" for n in range(complete_frames)]
+
+
+def test_repair_removes_stale_temporaries_in_every_run_folder(store: Store) -> None:
+    """A copy killed mid-file (sync, fork, import) leaves `.tmp-*` beside stage files."""
+    with store.create_run("r", {}) as writer:
+        writer.append("gen", {"i": 1})
+        writer.add_artifact("a.txt", b"a")
+    folder = Path(store.url) / writer.run_id
+    old = time.time() - 3600
+    temps = [folder / "stages" / "gen" / ".tmp-1", folder / "artifacts" / ".tmp-2"]
+    for temp in temps:
+        temp.write_bytes(b"partial")
+        os.utime(temp, (old, old))
+    fresh = folder / "stages" / "gen" / ".tmp-3"
+    fresh.write_bytes(b"being written")
+    report = repair_run(store.locate(writer.run_id))
+    assert not any(t.exists() for t in temps)
+    assert fresh.exists(), "a temporary younger than a minute may belong to a live copy"
+    assert any("stages/gen/.tmp-1" in a for a in report.actions)
+    assert verify_run(store.locate(writer.run_id)) == []

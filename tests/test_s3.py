@@ -246,3 +246,17 @@ def test_reading_from_a_bucket_fetches_only_what_it_needs(
     assert fetched
     assert all("/stages/score/" in r for r in fetched)
     assert len(fetched) <= 2 * len(reader.stage("score").files)
+
+
+def test_a_walk_leaves_no_listing_behind_for_exists_to_trust(
+    s3_url: str, s3_options: dict[str, Any]
+) -> None:
+    """s3fs's find() fills its listing cache; another client's delete must still show."""
+    storage = Storage(s3_url, s3_options)
+    storage.put("run/stages/a.bin", b"x")
+    assert storage.walk("run") == {"stages/a.bin": 1}
+    other = Storage(s3_url, {**s3_options, "skip_instance_cache": True})
+    assert other.fs is not storage.fs
+    other.delete("run/stages/a.bin")
+    assert not storage.exists("run/stages/a.bin")
+    assert storage.size("run/stages/a.bin") is None
