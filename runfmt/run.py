@@ -15,6 +15,7 @@ import mimetypes
 import operator
 import re
 import secrets
+import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -133,6 +134,26 @@ def load_manifest(run: Storage, revision: int | None = None) -> Manifest:
             location=run.where(rel),
         )
     return manifest
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT back for the block (main thread only, where Python raises
+    KeyboardInterrupt) and deliver it when the block ends."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is None  # a handler Python did not install
+    ):
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 def create_revision(run: Storage, revision: int, data: bytes) -> bool:
@@ -497,11 +518,14 @@ class StageWriter:
         data, records, failures = self._frames(encoder)
         if storage.is_local:
             f = self._local_file(storage)
+            handle = f.handle
+            assert handle is not None
             try:
-                assert f.handle is not None
-                f.handle.write(data)
-                f.handle.sync()
+                handle.write(data)
+                handle.sync()
             except BaseException:
+                with contextlib.suppress(OSError):
+                    handle.truncate(f.size)  # part of a frame may have been written
                 self._abandon()
                 raise
         else:
@@ -718,21 +742,26 @@ class RunWriter:
             self.flush()
 
     def flush(self) -> Manifest:
-        """Write buffered records and commit a new revision (if anything changed)."""
+        """Write buffered records and commit a new revision (if anything changed).
+
+        Ctrl-C waits for the writes, and for the commit once its lock is held: each is
+        recorded in the writer's state before the interrupt is raised, so the ``with``
+        block's exit commits nothing twice and lists no byte under a stale checksum.
+        """
         with self._mutex:
             self._check_open()
-            for writer in self._stages.values():
-                entry = writer._write(self.storage, self._encoder)
-                if entry is not None:
-                    self._changes.files[entry.path] = entry
-            self._pending = 0
-            self._last_flush = time.monotonic()
+            with _interrupts_held():
+                for writer in self._stages.values():
+                    entry = writer._write(self.storage, self._encoder)
+                    if entry is not None:
+                        self._changes.files[entry.path] = entry
+                self._pending = 0
+                self._last_flush = time.monotonic()
             if self._changes:
                 self._changes.heartbeat = True
-                self.manifest = commit(
-                    self.storage, self._changes, self.lock_timeout, self.manifest
-                )
-                self._changes = ChangeSet()
+                with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
+                    self.manifest = commit_locked(self.storage, self._changes, self.manifest)
+                    self._changes = ChangeSet()
             return self.manifest
 
     def heartbeat(self) -> Manifest:

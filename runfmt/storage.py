@@ -592,6 +592,13 @@ class AppendFile:
         _write_all(self._fd, data)
         self.size += len(data)
 
+    def truncate(self, size: int) -> None:
+        """Cut the file back to ``size`` bytes, durably, if it holds more."""
+        if os.fstat(self._fd).st_size > size:
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
+        self.size = size
+
     def sync(self) -> None:
         os.fsync(self._fd)
         if self._new:

@@ -7,6 +7,7 @@ imported already, so each of the many real processes starts in milliseconds.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import random
@@ -232,3 +233,44 @@ def test_repair_removes_stale_temporaries_in_every_run_folder(store: Store) -> N
     assert fresh.exists(), "a temporary younger than a minute may belong to a live copy"
     assert any("stages/gen/.tmp-1" in a for a in report.actions)
     assert verify_run(store.locate(writer.run_id)) == []
+
+
+def interrupted_writer(store_url: str, progress: str) -> None:
+    """Write ~3 KB records with frequent flushes until SIGINT (Ctrl-C) stops the process."""
+    fd = os.open(progress, os.O_WRONLY | os.O_APPEND)
+    with Store(store_url).create_run("ctrl-c", {}, flush_every=20, heartbeat_interval=None) as w:
+        os.write(fd, f"{w.run_id}\n".encode())
+        stage = w.stage("gen")
+        for i in itertools.count():
+            stage.append({"i": i, "text": "x" * 3000})
+            if i % 7 == 0:
+                w.count("n", 7)
+
+
+def test_ctrl_c_at_random_moments_cancels_a_run_that_verifies(
+    store: Store, tmp_path: Path, forkserver: multiprocessing.context.ForkServerContext
+) -> None:
+    """The `with` block's exit commits what is buffered: an interrupt that lands inside a
+    flush must not make it list a byte twice, or under a stale sha256."""
+    seed = int(os.environ.get("RUNFMT_CRASH_SEED") or random.randrange(2**32))
+    rng = random.Random(seed)
+    for it in range(20):
+        progress = tmp_path / f"progress-{it}"
+        progress.touch()
+        proc = forkserver.Process(target=interrupted_writer, args=(store.url, str(progress)))
+        proc.start()
+        deadline = time.monotonic() + 10
+        while not progress.read_text() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.02, 0.3))
+        os.kill(proc.pid, signal.SIGINT)  # type: ignore[arg-type]
+        proc.join(30)
+        run_id = progress.read_text().strip()
+        reader = store.open_run(run_id)
+        where = f"iteration {it} (seed {seed}), run {run_id}"
+        assert reader.manifest.status == "cancelled", where
+        assert verify_run(reader.storage) == [], where
+        records = [r["i"] for r in reader.records("gen")]
+        assert records == list(range(len(records))), where
+        counted = 7 * ((len(records) + 6) // 7)  # interrupted between append and count: 7 less
+        assert reader.manifest.counters.get("n", 0) in (counted, counted - 7), where

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 import runfmt
 from runfmt.check import verify_run
-from runfmt.errors import ConflictError, InvalidInputError, ReadOnlyError
+from runfmt.errors import ConflictError, InvalidInputError, ReadOnlyError, StorageError
 from runfmt.format.keys import compute_key
 from runfmt.store import Store
 
@@ -189,3 +190,29 @@ def test_memory_store_round_trip(memory_store: Store) -> None:
     reader = memory_store.open_run(w.run_id)
     assert list(reader.records("score")) == rows(30)
     assert verify_run(reader.storage) == []
+
+
+def test_a_write_that_fails_halfway_leaves_no_torn_frame(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full in the middle of a frame: the flush fails, the torn bytes are cut off, and
+    the buffered records go to a new file at the next flush."""
+    from runfmt.storage import AppendFile
+
+    writer = store.create_run("full", {}, flush_every=None, heartbeat_interval=None)
+    writer.append("gen", {"i": 0})
+    writer.flush()
+    real_write = AppendFile.write
+
+    def disk_full(self: AppendFile, data: bytes) -> None:
+        real_write(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(AppendFile, "write", disk_full)
+    writer.append("gen", {"i": 1})
+    with pytest.raises((OSError, StorageError)):
+        writer.flush()
+    monkeypatch.undo()
+    writer.finish()
+    assert verify_run(writer.storage) == []
+    assert [r["i"] for r in store.open_run(writer.run_id).records("gen")] == [0, 1]

@@ -9,7 +9,9 @@ checking are quoted instead. Exit codes: 0 ok, 1 a problem found or an operation
 2 bad usage.
 """
 
+import contextlib
 import copy
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -129,13 +131,59 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+class _OutputClosed(Exception):
+    """Whoever read stdout has stopped reading (``runfmt ls | head -1``)."""
+
+
+class _GuardedOutput:
+    """stdout whose writes raise `_OutputClosed` once its reader has gone, where click
+    would make the BrokenPipeError a silent exit 1."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, data: Any) -> int:
+        try:
+            written: int = self._stream.write(data)
+        except BrokenPipeError:
+            raise _OutputClosed from None
+        return written
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise _OutputClosed from None
+
+    @property
+    def buffer(self) -> "_GuardedOutput":
+        return _GuardedOutput(self._stream.buffer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     """Entry point: run the app; a `RunfmtError` or a failed file operation becomes a
-    message and exit 1."""
+    message and exit 1; a closed stdout ends the output quietly with exit 0, as after
+    the last line the reader wanted."""
+    stdout = sys.stdout
+    sys.stdout = _GuardedOutput(stdout)
+    try:
+        _run()
+    finally:
+        sys.stdout = stdout
+
+
+def _run() -> None:
     from runfmt.errors import RunfmtError
 
     try:
         code = _app_for(sys.argv[1:])(standalone_mode=False)
+    except _OutputClosed:
+        with contextlib.suppress(OSError, ValueError):  # a captured stream has no descriptor
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):

@@ -71,18 +71,13 @@ def cat(
         fail("give either a STAGE or --artifact NAME", 2)
     reader = state(ctx).store(read_only=True).open_run(run)
     out = sys.stdout.buffer
-    try:
-        if artifact is not None:
-            for chunk in reader.stream_artifact(artifact):
-                out.write(chunk)
-        else:
-            assert stage is not None
-            _write_records(out, reader, stage, limit)
-        out.flush()
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise typer.Exit(0) from None
+    if artifact is not None:
+        for chunk in reader.stream_artifact(artifact):
+            out.write(chunk)
+    else:
+        assert stage is not None
+        _write_records(out, reader, stage, limit)
+    out.flush()
 
 
 def _write_records(out: Any, reader: "RunReader", stage: str, limit: int | None) -> None:
