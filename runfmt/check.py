@@ -287,7 +287,8 @@ def _repair_file(
     if size > keep:
         if run.is_local:
             run.truncate(path, keep)
-            report.actions.append(f"{path}: cut {size - keep} bytes after the last complete frame")
+            after = "the last committed byte" if keep == committed else "the last complete frame"
+            report.actions.append(f"{path}: cut {size - keep} bytes after {after}")
         else:
             report.left.append(Problem(path, "object has a torn tail", "COMMIT-8"))
 

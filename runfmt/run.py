@@ -879,6 +879,7 @@ class RunWriter:
             return
         status: RunStatus = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
         try:
-            self.finish(status, f"{type(exc).__name__}: {exc}"[:MAX_ERROR])
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.finish(status, error[:MAX_ERROR])
         except RunfmtError:
             self._release()

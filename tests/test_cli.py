@@ -100,6 +100,24 @@ def test_command_annotations_are_not_strings() -> None:
         assert not [k for k, v in hints.items() if isinstance(v, str)], callback
 
 
+def test_version(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_main(["--version"], monkeypatch, capsys) == (0, f"runfmt {runfmt.__version__}\n", "")
+
+
+def test_a_run_folder_given_as_store_is_bad_usage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`runfmt -s runs/RUN ls` would list nothing and put an index inside the run."""
+    store = runfmt.Store(tmp_path / "runs")
+    run = store.create_run("r")
+    run.finish()
+    folder = str(tmp_path / "runs" / run.run_id)
+    code, _, err = run_main(["--store", folder, "ls"], monkeypatch, capsys)
+    assert code == 2
+    assert "is a run folder, not a store" in err
+    assert not (tmp_path / "runs" / run.run_id / ".runfmt").exists()
+
+
 def test_help_lists_every_command_with_help_text(tmp_path: Path) -> None:
     proc = python_m("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -405,6 +423,16 @@ def test_verify_passes_on_a_sound_store(demo_store: tuple[Path, DemoResult]) -> 
     assert json.loads(invoke(root, "verify", "--json").stdout) == []
 
 
+def test_ls_of_a_missing_folder_says_so(tmp_path: Path) -> None:
+    """A mistyped --store must not read as an empty store."""
+    result = invoke(tmp_path / "typo", "ls")
+    assert result.exit_code == 0
+    assert result.stdout == f"no runs in {tmp_path / 'typo'}: no such folder\n"
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()
+    assert invoke(tmp_path / "empty", "ls").stdout == f"no runs in {tmp_path / 'empty'}\n"
+
+
 def test_verify_of_an_empty_store(tmp_path: Path) -> None:
     result = invoke(tmp_path / "runs", "verify")
     assert result.exit_code == 0
@@ -552,6 +580,21 @@ def test_readme_python_api_example_runs(
     assert "completed [('generate', 2, 0), ('score', 1, 1)]" in out
     (run_id,) = runfmt.Store(tmp_path / "runs").run_ids()
     assert invoke(tmp_path / "runs", "verify", run_id).exit_code == 0
+
+
+def test_readme_index_example_runs_after_the_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RUNFMT_STORE", raising=False)
+    assert run_main(["demo"], monkeypatch, capsys)[0] == 0
+    section = _readme_section("Index and cross-run cache")
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "demo-eval completed" in out
+    (run_id,) = runfmt.Store(tmp_path / "runs").run_ids()
+    assert run_id in out
 
 
 def test_readme_documents_every_run_command() -> None:

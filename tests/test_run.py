@@ -98,6 +98,12 @@ def test_an_exception_in_the_with_block_fails_the_run(store: Store) -> None:
     assert (m.status, m.error) == ("failed", "RuntimeError: model server went away")
     assert len(list(store.open_run(w.run_id).records("score"))) == 5
 
+    quiet = store.create_run("eval", **QUIET)
+    with pytest.raises(KeyboardInterrupt), quiet:
+        raise KeyboardInterrupt
+    m = store.open_run(quiet.run_id).manifest
+    assert (m.status, m.error) == ("cancelled", "KeyboardInterrupt"), "no dangling ': '"
+
 
 @pytest.mark.parametrize(("how", "status"), [("fail", "failed"), ("cancel", "cancelled")])
 def test_finish_as_failed_or_cancelled(store: Store, how: str, status: str) -> None:

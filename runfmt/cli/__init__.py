@@ -68,6 +68,14 @@ def _parse_options(values: list[str]) -> dict[str, Any]:
     return options
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from runfmt._version import __version__
+
+        sys.stdout.write(f"runfmt {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     ctx: typer.Context,
@@ -98,8 +106,24 @@ def _main(
             "may write at a time.",
         ),
     ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version."
+        ),
+    ] = False,
 ) -> None:
     """Write, read, verify and manage runs stored in the runfmt format."""
+    if (
+        store is not None
+        and "://" not in store
+        and os.path.isdir(os.path.join(store, "_manifests"))
+    ):
+        raise typer.BadParameter(
+            f"{store} is a run folder, not a store: give it as RUN (runfmt show {store}), "
+            "or its parent folder as --store",
+            param_hint="--store",
+        )
     ctx.obj = State(store, _parse_options(storage_option or []), single_writer)
 
 

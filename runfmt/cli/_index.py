@@ -4,6 +4,7 @@ A local store's index is opened without importing the storage layer, so that
 ``runfmt ls`` stays fast on thousands of runs.
 """
 
+import os
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -100,6 +101,8 @@ def ls(
         _print_runs(runs)
     elif status or name or tag or since or limit == 0:
         sys.stdout.write(f"no runs in {index.url} match\n")
+    elif "://" not in index.url and not os.path.isdir(index.url):
+        sys.stdout.write(f"no runs in {index.url}: no such folder\n")
     else:
         sys.stdout.write(f"no runs in {index.url}\n")
 
