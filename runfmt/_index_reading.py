@@ -36,6 +36,7 @@ __all__ = [
     "Stamp",
     "StorageSource",
     "is_racy",
+    "pending",
     "scan_file",
     "summarize",
     "timestamp",
@@ -61,6 +62,15 @@ text when it was taken otherwise (``racy:``, ``bare:``, ``rev:`` on object store
 _change_ns = operator.attrgetter("st_mtime_ns" if sys.platform == "win32" else "st_ctime_ns")
 """The inode change time: every entry added or removed changes it, and unlike the modification
 time no copy can set it back. Windows reports the creation time there: its mtime instead."""
+
+
+KEYS_PENDING = "keys:"
+"""Prefix of the stamp of a run listed but whose new records' keys are not indexed yet: a
+listing takes it as the stamp behind it, a refresh with keys (the cache's) as changed."""
+
+
+def pending(stamp: Stamp) -> str:
+    return f"{KEYS_PENDING}{stamp}"
 
 
 def is_racy(stamp: Stamp) -> bool:
@@ -101,17 +111,19 @@ class Source:
         """A value that changes whenever the run commits; None when it is not a run."""
         raise NotImplementedError
 
-    def changes(self, known: Mapping[str, Stamp]) -> Changes:
+    def changes(self, known: Mapping[str, Stamp], keys: bool = True) -> Changes:
         """The store's runs compared with the ``known`` stamps: which changed (or are racy),
-        with their new stamp, and which known ones are no longer runs."""
+        with their new stamp, and which known ones are no longer runs. With ``keys``, a run
+        whose keys are pending counts as changed."""
         present = self.run_names()
         changed: list[tuple[str, Stamp]] = []
         gone = set(known).difference(present)
         for run_id, stamp in zip(present, self.map(self.stamp, present), strict=True):
+            indexed = known.get(run_id)
             if stamp is None:
                 if run_id in known:
                     gone.add(run_id)
-            elif known.get(run_id) != stamp or is_racy(stamp):
+            elif is_racy(stamp) or (indexed != stamp and (keys or indexed != pending(stamp))):
                 changed.append((run_id, stamp))
         return Changes(len(present), changed, gone)
 
@@ -192,7 +204,7 @@ class LocalSource(Source):
             return self._bare_stamp(run_id)
         return _stamp_of(st, time.time_ns() - RACY_NS)
 
-    def changes(self, known: Mapping[str, Stamp]) -> Changes:
+    def changes(self, known: Mapping[str, Stamp], keys: bool = True) -> Changes:
         """One stat per run, of its ``_manifests/``, and one of the store folder: the whole
         cost of a refresh that finds nothing new, so this loop does only that."""
         racy = time.time_ns() - RACY_NS
@@ -211,13 +223,13 @@ class LocalSource(Source):
                         gone.add(run_id)
                     continue
                 present += 1
-                if get(run_id) != bare:
+                if get(run_id) != bare and (keys or get(run_id) != pending(bare)):
                     changed.append((run_id, bare))
                 continue
             present += 1
             if ns > racy:
                 changed.append((run_id, f"racy:{ns}"))
-            elif get(run_id) != ns:
+            elif get(run_id) != ns and (keys or get(run_id) != pending(ns)):
                 changed.append((run_id, ns))
         return Changes(present, changed, gone)
 
@@ -351,6 +363,8 @@ class Row:
     """The creation time as a POSIX timestamp."""
     partial: bool = False
     """Whether some of its keyed files could not be indexed: the next refresh reads it again."""
+    keys_pending: bool = False
+    """Whether its new records' keys were left for a refresh with keys (`KEYS_PENDING`)."""
 
     @property
     def revision(self) -> int:
@@ -384,7 +398,8 @@ class FileWork:
     file: KeyedFile
     seen: tuple[int, str] | None
     reset: bool
-    entries: list[tuple[str, int, int, int]]
+    entries: list[tuple[str, int, int, int]] | None
+    """None when not scanned (keys pending): a reset then only drops the old entries."""
 
 
 def _check(cond: bool, what: str) -> None:

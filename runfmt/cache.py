@@ -168,7 +168,7 @@ class Cache:
             record = _record(self._lines(where), where.line, key_field, key)
             if record is not None:
                 return CacheHit(key, record, where)
-            self.index.run(where.run_id)
+            self.index.run(where.run_id, keys=True)
         return None
 
     def get_many(

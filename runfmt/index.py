@@ -38,6 +38,7 @@ from runfmt._index_reading import (
     Stamp,
     StorageSource,
     is_racy,
+    pending,
     scan_file,
     summarize,
     unreadable,
@@ -68,7 +69,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 """Version of the index's tables (``PRAGMA user_version``); another version is rebuilt."""
 APPLICATION_ID = 0x52554E46
 """``PRAGMA application_id`` of a runfmt index ("RUNF"): anything else is a foreign file."""
@@ -562,9 +563,13 @@ class Index:
 
     # reconciling
 
-    def refresh(self) -> RefreshStats:
-        """Bring the index in line with the store: new, changed and removed runs."""
-        result: RefreshStats = self._retrying(self._refresh)
+    def refresh(self, *, keys: bool = True) -> RefreshStats:
+        """Bring the index in line with the store: new, changed and removed runs.
+
+        ``keys=False`` (what listing does) leaves the keys of new records for the next
+        refresh with keys, the cache's: a listing after a large write stays fast.
+        """
+        result: RefreshStats = self._retrying(self._refresh, keys)
         return result
 
     def rebuild(self) -> RefreshStats:
@@ -584,14 +589,14 @@ class Index:
                 con.execute("ROLLBACK")
                 raise
 
-    def _refresh(self) -> RefreshStats:
+    def _refresh(self, keys: bool) -> RefreshStats:
         started = time.perf_counter()
         with self._lock:
             if self._moved():
                 self.close()
         with self._db() as con:
             known = dict(self._indexed_stamps(con))
-            present, changed, gone = self._source.changes(known)
+            present, changed, gone = self._source.changes(known, keys)
             changed.sort()  # run ids sort by creation time: rows are stored in listing order
             entries = 0
             raced: list[str] = []
@@ -603,13 +608,13 @@ class Index:
                 rows = [row for row in read if row is not None]
                 not_runs = {b[0] for b, row in zip(batch, read, strict=True) if row is None}
                 present -= len(not_runs)
-                work = self._file_work(con, rows)
+                work = self._file_work(con, rows, keys)
                 gone_now = (gone if i == 0 else set()) | not_runs
                 written, lost = self._write(con, rows, work, gone_now, known)
                 entries += written
                 raced += lost
             for run_id in raced:
-                entries += self._reindex(con, run_id)
+                entries += self._reindex(con, run_id, keys)
         return RefreshStats(present, len(changed), len(gone), entries,
                             time.perf_counter() - started)  # fmt: skip
 
@@ -638,11 +643,15 @@ class Index:
             return unreadable(run_id, stamp, f"cannot read its newest revision: {exc}")
         return summarize(run_id, stamp, revision, data)
 
-    def _file_work(self, con: sqlite3.Connection, rows: Sequence[Row]) -> dict[str, list[FileWork]]:
+    def _file_work(
+        self, con: sqlite3.Connection, rows: Sequence[Row], keys: bool
+    ) -> dict[str, list[FileWork]]:
         """For each run, the committed stage bytes not yet scanned for cache keys, scanned.
 
         A file that cannot be scanned (a copy still in progress, damage) is left out and
-        its run marked `Row.partial`, so that the next refresh tries again.
+        its run marked `Row.partial`, so that the next refresh tries again. Without
+        ``keys`` nothing is scanned: the run is marked `Row.keys_pending`, and only the
+        entries of replaced files are dropped.
         """
         work: dict[str, list[FileWork]] = {}
         for row in rows:
@@ -660,6 +669,11 @@ class Index:
                 if seen == (file.bytes, file.sha256):
                     continue
                 reset = seen is not None and seen[0] >= file.bytes
+                if not keys:
+                    row.keys_pending = True
+                    if reset:
+                        items.append(FileWork(file, seen, reset, None))
+                    continue
                 start = seen[0] if seen is not None and not reset else 0
                 try:
                     entries = scan_file(self._source, row.run_id, file.path, file.key_field,
@@ -728,8 +742,7 @@ class Index:
                 "INSERT OR REPLACE INTO runs(run_id, stamp, revision, name, status, "
                 "created_at, created_ts, updated_at, finished_at, heartbeat_at, config_hash, "
                 "error, detail, problem) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(row.run_id, _RETRY if row.partial else row.stamp, *row.values)
-                 for row in accepted],
+                [(row.run_id, _stamp(row), *row.values) for row in accepted],
             )  # fmt: skip
             con.execute("COMMIT")
         except BaseException:
@@ -761,6 +774,13 @@ class Index:
             if (None if found is None else found[1]) != item.seen:
                 row.partial = True
                 continue
+            scanned = item.entries
+            if scanned is None:  # keys pending: a replaced file's old entries go
+                if found is not None:
+                    con.execute("DELETE FROM cache WHERE file_id=?", (found[0],))
+                    con.execute("UPDATE files SET indexed_bytes=0, sha256='' WHERE file_id=?",
+                                (found[0],))  # fmt: skip
+                continue
             if found is None:
                 file_id = con.execute(
                     "INSERT INTO files(run_id, created_ts, path, stage, key_field, "
@@ -778,9 +798,9 @@ class Index:
             con.executemany(
                 "INSERT INTO cache VALUES (?,?,?,?,?,?)",
                 [(file.stage, key, file_id, start, end, line)
-                 for key, start, end, line in item.entries],
+                 for key, start, end, line in scanned],
             )  # fmt: skip
-            entries += len(item.entries)
+            entries += len(scanned)
         return entries
 
     def forget(self, run_ids: Sequence[str]) -> None:
@@ -820,7 +840,7 @@ class Index:
         ``limit``: at most this many.
         """
         if refresh:
-            self.refresh()
+            self.refresh(keys=False)
         where: list[str] = []
         params: list[Any] = []
         statuses = [status] if isinstance(status, str) else list(status or ())
@@ -856,32 +876,39 @@ class Index:
         rows = self.query(sql, params)
         return list(map(RunSummary, rows))
 
-    def run(self, run_id: str, *, refresh: bool = True) -> RunSummary | None:
-        """One run's summary (re-read first if it changed), or None when it is not in the store."""
+    def run(self, run_id: str, *, refresh: bool = True, keys: bool = False) -> RunSummary | None:
+        """One run's summary (re-read first if it changed, its keys indexed too with
+        ``keys``), or None when it is not in the store."""
         if refresh:
-            self._retrying(self._refresh_one, run_id)
+            self._retrying(self._refresh_one, run_id, keys)
         rows = self.query(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?", [run_id])
         return RunSummary(rows[0]) if rows else None
 
-    def _refresh_one(self, run_id: str) -> None:
+    def _refresh_one(self, run_id: str, keys: bool) -> None:
         with self._db() as con:
-            self._reindex(con, run_id)
+            self._reindex(con, run_id, keys)
 
-    def _reindex(self, con: sqlite3.Connection, run_id: str) -> int:
+    def _reindex(self, con: sqlite3.Connection, run_id: str, keys: bool) -> int:
         """Bring one run's entry up to date: read it again while other processes index
         it at the same time (a few rounds; the next refresh does the rest)."""
         for _ in range(_ROUNDS):
             found = con.execute("SELECT stamp FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            indexed = None if found is None else found[0]
             stamp = self._source.stamp(run_id) if names.is_run_id(run_id) else None
-            if stamp is not None and found == (stamp,) and not is_racy(stamp):
+            if (
+                stamp is not None
+                and not is_racy(stamp)
+                and (indexed == stamp or (not keys and indexed == pending(stamp)))
+            ):
                 return 0
             row = None if stamp is None else self._read_run((run_id, stamp))
             if row is None:
                 if found is not None:
                     self._write(con, [], {}, {run_id}, {})
                 return 0
-            known = {} if found is None else {run_id: found[0]}
-            entries, raced = self._write(con, [row], self._file_work(con, [row]), set(), known)
+            known: dict[str, Stamp] = {} if indexed is None else {run_id: indexed}
+            work = self._file_work(con, [row], keys)
+            entries, raced = self._write(con, [row], work, set(), known)
             if not raced:
                 return entries
         return 0
@@ -918,6 +945,13 @@ class Index:
 
 class _Retry(Exception):
     """The index file was corrupt and has been discarded: run the operation again."""
+
+
+def _stamp(row: Row) -> Stamp:
+    """The stamp a row is stored with: `_RETRY` when part of it could not be indexed."""
+    if row.partial:
+        return _RETRY
+    return pending(row.stamp) if row.keys_pending else row.stamp
 
 
 def _moment(since: datetime | date | str) -> datetime:

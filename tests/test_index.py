@@ -178,7 +178,7 @@ def test_reconciling_lists_run_folders_only(store: Store, tmp_path: Path, settle
 
     runs = {r.run_id: r.status for r in store.index.runs()}
     assert runs == {keep: "completed", bare: "unreadable"}
-    assert store.index.refresh().read == 0
+    assert store.index.refresh(keys=False).read == 0
 
 
 def test_a_copy_under_another_run_id_is_unreadable_in_the_store_but_reads_by_path(
@@ -296,17 +296,33 @@ def test_refresh_rereads_only_changed_runs(store: Store, monkeypatch: pytest.Mon
     assert reads == [ids[2]]
 
 
+def test_listing_leaves_the_keys_of_new_records_to_the_cache(store: Store) -> None:
+    """A listing after a large write reads manifests, not stage files; the first cache
+    lookup (a refresh with keys) scans them, once."""
+    ids = [write_run(store, f"r{i}", records=50) for i in range(3)]
+    listing = store.index.refresh(keys=False)
+    assert (listing.read, listing.cache_entries) == (3, 0)
+    assert store.index.query("SELECT count(*) FROM cache") == [(0,)]
+    assert store.index.refresh(keys=False).read == 0, "pending keys do not make a run changed"
+    assert [r.records for r in store.index.runs()] == [50, 50, 50]
+    with_keys = store.index.refresh()
+    assert (with_keys.read, with_keys.cache_entries) == (3, 150)
+    assert store.index.refresh().read == 0
+    assert store.cache.get("score", "r1-7") is not None
+    assert ids
+
+
 def test_a_refresh_sees_what_another_connection_wrote(store: Store) -> None:
     """The stamps a refresh keeps in memory are dropped when another connection writes."""
     ids = [write_run(store, f"r{i}") for i in range(3)]
     mine = store.index
     assert len(mine.runs()) == 3
-    assert mine.refresh().read == 0
+    assert mine.refresh(keys=False).read == 0
     other = Index.for_url(store.url)
     other.forget([ids[1]])
     assert [r.run_id for r in other.runs(refresh=False)] == [ids[2], ids[0]]
     assert [r.run_id for r in mine.runs()] == ids[::-1]
-    assert mine.refresh().read == 0
+    assert mine.refresh(keys=False).read == 0
     other.close()
 
 
@@ -513,7 +529,7 @@ def test_concurrent_writers_and_indexers_lose_nothing(store: Store) -> None:
 def test_forget_runs_drops_deleted_runs_at_once(store: Store) -> None:
     keep = write_run(store, "keep")
     drop = write_run(store, "drop")
-    assert len(store.index.runs()) == 2
+    assert store.index.refresh().runs == 2
     shutil.rmtree(Path(store.url) / drop)
     store.index.forget([drop])
     assert [r.run_id for r in store.index.runs(refresh=False)] == [keep]

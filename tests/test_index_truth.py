@@ -66,8 +66,8 @@ def paused(monkeypatch: pytest.MonkeyPatch) -> Callable[[Index], tuple[threading
     file_work = Index._file_work
     gates: dict[int, tuple[threading.Event, threading.Event]] = {}
 
-    def pausing(self: Index, con: Any, rows: Any) -> Any:
-        work = file_work(self, con, rows)
+    def pausing(self: Index, con: Any, rows: Any, keys: bool) -> Any:
+        work = file_work(self, con, rows, keys)
         if id(self) in gates:
             read, go = gates[id(self)]
             read.set()
@@ -121,6 +121,7 @@ def test_a_run_copied_in_while_listed_is_indexed_once_the_copy_ends(
     dst.mkdir(parents=True)
     shutil.copytree(src / "_manifests", dst / "_manifests")
     shutil.copy2(src / "manifest.json", dst)
+    assert store.index.refresh().runs == 1, "a cache lookup during the copy"
     assert [r.run_id for r in store.index.runs()] == [writer.run_id]
     assert "not indexed for the cache yet" in caplog.text
 
