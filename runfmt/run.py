@@ -744,24 +744,24 @@ class RunWriter:
     def flush(self) -> Manifest:
         """Write buffered records and commit a new revision (if anything changed).
 
-        Ctrl-C waits for the writes, and for the commit once its lock is held: each is
-        recorded in the writer's state before the interrupt is raised, so the ``with``
-        block's exit commits nothing twice and lists no byte under a stale checksum.
+        Once the run's commit lock is held, Ctrl-C waits until the writes and the commit
+        are recorded in the writer's state, so the ``with`` block's exit commits nothing
+        twice and lists no byte under a stale checksum.
         """
         with self._mutex:
             self._check_open()
-            with _interrupts_held():
+            self._pending = 0
+            self._last_flush = time.monotonic()
+            if not self._changes and not any(w._lines for w in self._stages.values()):
+                return self.manifest
+            with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
                 for writer in self._stages.values():
                     entry = writer._write(self.storage, self._encoder)
                     if entry is not None:
                         self._changes.files[entry.path] = entry
-                self._pending = 0
-                self._last_flush = time.monotonic()
-            if self._changes:
                 self._changes.heartbeat = True
-                with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
-                    self.manifest = commit_locked(self.storage, self._changes, self.manifest)
-                    self._changes = ChangeSet()
+                self.manifest = commit_locked(self.storage, self._changes, self.manifest)
+                self._changes = ChangeSet()
             return self.manifest
 
     def heartbeat(self) -> Manifest:
