@@ -367,11 +367,6 @@ class Row:
     """Whether its new records' keys were left for a refresh with keys (`KEYS_PENDING`)."""
 
     @property
-    def revision(self) -> int:
-        revision: int = self.listed["revision"]
-        return revision
-
-    @property
     def problem(self) -> str | None:
         problem: str | None = self.listed["problem"]
         return problem
