@@ -9,6 +9,7 @@ import struct
 from typing import Any
 
 import pytest
+import rfc8785
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -151,3 +152,35 @@ def test_a_large_number_has_a_key_only_when_written_as_a_double() -> None:
     assert compute_key({"x": 1e16}).startswith("k1:")
     with pytest.raises(InvalidInputError, match="no canonical JSON form"):
         compute_key({"x": 10**16})
+
+
+tricky_text = st.text(
+    st.characters(blacklist_categories=("Cs",))  # lone surrogates: no canonical form
+    | st.sampled_from(["\x00", "\x1f", "\x7f", "\u2028", "\ud7ff", "\ue000", "\uffff", "😀"]),
+    max_size=8,
+)
+plain_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1)
+    | tricky_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(tricky_text, inner, max_size=5),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=300)
+@given(plain_values)
+def test_the_fast_encoder_writes_what_the_reference_encoder_writes(value: Any) -> None:
+    """`canonical_json` writes values without floats with orjson where the member names
+    sort alike; everything else, and the check, with `rfc8785`."""
+    assert canonical_json(value) == bytes(rfc8785.dumps(value))
+
+
+def test_names_that_sort_differently_in_utf16_use_the_reference_encoder() -> None:
+    """U+E000 sorts after U+1F600 by UTF-16 code units, before it by code points."""
+    value = {"\ue000": 1, "😀": 2}
+    assert canonical_json(value) == bytes(rfc8785.dumps(value))
+    assert list(json.loads(canonical_json(value))) == ["😀", "\ue000"]
+    with pytest.raises(InvalidInputError):
+        canonical_json({"x": "\ud800"})
