@@ -147,6 +147,11 @@ def _location(where: str | Storage, options: dict[str, Any] | None, single_write
     return Storage(url, options, single_writer=single_writer)
 
 
+class _NotARun(Exception):
+    """The source folder holds no revision and no ``manifest.json``: a creation or a copy
+    cut short before its first revision, which is no run (LAYOUT-2) and is not synced."""
+
+
 def _is_run(storage: Storage) -> bool:
     return storage.exists(names.MANIFESTS_DIR) or storage.exists(names.MANIFEST_FILE)
 
@@ -197,8 +202,10 @@ def sync(
         raise RunNotFoundError("no run or store here", location=source.where())
     engine = _Engine(dry_run, verify, force, workers, progress)
     report.runs = engine.run_all(pairs)
+    if not report.runs and _is_run(source):
+        raise RunNotFoundError("no revision in _manifests/ (LAYOUT-2)", location=source.where())
     if delete:
-        known = {run_id for run_id, _, _ in pairs}
+        known = {result.run_id for result in report.runs}
         extra = sorted(
             e.name
             for e in target.list()
@@ -262,9 +269,12 @@ class _Engine:
             ) as runs,
         ):
             futures = [runs.submit(self._one, i, s, d, files) for i, s, d in pairs]
-            return [f.result() for f in futures]
+            return [result for f in futures if (result := f.result()) is not None]
 
-    def _one(self, run_id: str, src: Storage, dst: Storage, pool: ThreadPoolExecutor) -> RunResult:
+    def _one(
+        self, run_id: str, src: Storage, dst: Storage, pool: ThreadPoolExecutor
+    ) -> RunResult | None:
+        """The run's result; None when the source folder is no run."""
         try:
             plan = self._plan(run_id, src, dst)
             if plan.result.action in ("new", "update") and not self.dry_run:
@@ -274,6 +284,8 @@ class _Engine:
                     plan = self._plan(run_id, src, dst)
                     self._apply(plan, src, dst, pool)
             result = plan.result
+        except _NotARun:
+            return None
         except ConflictError as exc:
             return RunResult(run_id, "conflict", message=str(exc))
         except (RunfmtError, FileNotFoundError) as exc:
@@ -287,6 +299,8 @@ class _Engine:
     def _plan(self, run_id: str, src: Storage, dst: Storage) -> _Plan:
         revs = revisions(src)
         if not revs:
+            if not src.exists(names.MANIFEST_FILE):
+                raise _NotARun
             raise RunNotFoundError("no manifest revision in _manifests/", location=src.where())
         src_bytes = src.read(names.revision_file(revs[-1]))
         manifest = _decode(src_bytes, src.where(names.revision_file(revs[-1])))

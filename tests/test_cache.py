@@ -254,7 +254,15 @@ def test_cli_cache_miss_exits_1(
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 1
-    assert "no committed record with key 'x' in stage 'score'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no committed record with key 'x' in stage 'score'" in err
+    assert "keyed stages" not in err
+
+    monkeypatch.setattr(sys, "argv", ["runfmt", "--store", store.url, "cache", "get", "scroe", "a"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    assert "no run has a keyed stage 'scroe' (keyed stages: 'score')" in capsys.readouterr().err
 
 
 def test_demo_twice_reuses_the_first_runs_results(store: Store) -> None:

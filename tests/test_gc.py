@@ -136,8 +136,8 @@ def test_cli_prints_plan_and_deletes_only_with_yes(runs: Store, cli: Cli) -> Non
     ("args", "message"),
     [
         ([], "give a policy"),
-        (["--older-than", "soon"], "invalid duration 'soon'"),
-        (["--max-size", "lots"], "invalid size 'lots'"),
+        (["--older-than", "soon"], "Invalid value for --older-than: invalid duration 'soon'"),
+        (["--max-size", "lots"], "Invalid value for --max-size: invalid size 'lots'"),
         (["--keep-last", "1", "--yes", "--dry-run"], "contradict"),
         (["--keep-last", "-1"], "Invalid value for '--keep-last'"),
     ],

@@ -350,6 +350,20 @@ def test_a_destination_overlapping_the_source_is_refused(
     assert {p: p.stat().st_size for p in Path(src.url).rglob("*") if p.is_file()} == before
 
 
+def test_a_folder_that_is_no_run_yet_is_not_synced(src: Store, tmp_path: Path) -> None:
+    """LAYOUT-2: a creation or copy cut short before its first revision is no run."""
+    runs = sorted(src.run_ids())
+    debris = Path(src.url) / "20260101-000000000-0000dead"
+    (debris / "_manifests").mkdir(parents=True)
+    (debris / "stages").mkdir()
+    report = sync(src.url, str(tmp_path / "dst"))
+    assert report.ok
+    assert sorted(r.run_id for r in report.runs) == runs
+    assert "20260101-000000000-0000dead" not in Store(tmp_path / "dst").run_ids()
+    with pytest.raises(RunNotFoundError, match="LAYOUT-2"):
+        sync(str(debris), str(tmp_path / "dst"))
+
+
 def test_the_same_bucket_on_two_services_does_not_overlap() -> None:
     """Moving a store from one S3 service to another under the same bucket name."""
     a, b = (

@@ -162,9 +162,17 @@ def cache_get(
     """Print the newest committed record with KEY in STAGE, from any run, with its provenance."""
     from runfmt.cache import Cache
 
-    hit = Cache(_index(ctx)).get(stage, key, record_schema_version=record_schema_version)
+    cache = Cache(_index(ctx))
+    hit = cache.get(stage, key, record_schema_version=record_schema_version)
     if hit is None:
-        fail(f"no committed record with key {key!r} in stage {stage!r}")
+        stages = [s for (s,) in cache.index.query("SELECT DISTINCT stage FROM files ORDER BY 1")]
+        known = (
+            ""
+            if stage in stages
+            else f"; no run has a keyed stage {stage!r} (keyed stages: "
+            f"{', '.join(map(repr, stages)) or 'none'})"
+        )
+        fail(f"no committed record with key {key!r} in stage {stage!r}{known}")
     if json_:
         print_json(hit.to_json())
         return

@@ -246,24 +246,24 @@ def report(
     sys.stderr.write(f"wrote {fmt} report of {len(result.rows)} runs to {output}\n")
 
 
-def _duration(value: str | None) -> timedelta | None:
+def _duration(value: str | None, option: str) -> timedelta | None:
     from runfmt.errors import InvalidInputError
     from runfmt.gc import parse_duration
 
     try:
         return None if value is None else parse_duration(value)
     except InvalidInputError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
-def _bytes(value: str | None) -> int | None:
+def _bytes(value: str | None, option: str) -> int | None:
     from runfmt.errors import InvalidInputError
     from runfmt.gc import parse_size
 
     try:
         return None if value is None else parse_size(value)
     except InvalidInputError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 @app.command()
@@ -305,15 +305,15 @@ def gc(
         fail("give a policy: --keep-last N, --older-than AGE or --max-size SIZE", 2)
     from runfmt.gc import delete_planned, plan_gc
 
-    active = _duration(active_within)
+    active = _duration(active_within, "--active-within")
     assert active is not None
     store = state(ctx).store(read_only=not yes)
     plan = plan_gc(
         store,
         keep_last=keep_last,
-        older_than=_duration(older_than),
+        older_than=_duration(older_than, "--older-than"),
         only_completed=only_completed,
-        max_size=_bytes(max_size),
+        max_size=_bytes(max_size, "--max-size"),
         active_within=active,
     )
     deleted: list[str] = []
