@@ -184,6 +184,8 @@ def sync(
         raise InvalidInputError(f"workers must be at least 1, not {workers}")
     source = _location(src, src_options, single_writer)
     target = _location(dst, dst_options, single_writer)
+    if target.is_local and os.path.exists(target.root) and not os.path.isdir(target.root):
+        raise InvalidInputError("the destination is a file, not a folder", location=target.root)
     report = SyncReport(source.url, target.url, dry_run)
     pairs: list[tuple[str, Storage, Storage]]
     if _is_run(source):

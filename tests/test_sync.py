@@ -364,6 +364,15 @@ def test_a_folder_that_is_no_run_yet_is_not_synced(src: Store, tmp_path: Path) -
         sync(str(debris), str(tmp_path / "dst"))
 
 
+def test_a_destination_that_is_a_file_is_refused_once(src: Store, tmp_path: Path, cli: Cli) -> None:
+    (tmp_path / "a-file").write_text("not a store")
+    with pytest.raises(InvalidInputError, match="is a file"):
+        sync(src.url, str(tmp_path / "a-file"))
+    code, _, err = cli(src, "sync", src.url, str(tmp_path / "a-file"))
+    assert code == 1
+    assert err.count("is a file") == 1
+
+
 def test_the_same_bucket_on_two_services_does_not_overlap() -> None:
     """Moving a store from one S3 service to another under the same bucket name."""
     a, b = (

@@ -269,6 +269,8 @@ def run_summary(reader: "RunReader") -> dict[str, Any]:
 
 
 def _print_summary(s: Mapping[str, Any]) -> None:
+    from runfmt.gc import format_size
+
     fields = [
         ("run", s["run_id"]),
         ("name", s["name"]),
@@ -292,7 +294,7 @@ def _print_summary(s: Mapping[str, Any]) -> None:
     totals = s["totals"]
     sys.stdout.write(
         f"total     {totals['records']} records ({totals['failures']} failures), "
-        f"{totals['files']} files, {_size(totals['bytes'])}\n"
+        f"{totals['files']} files, {format_size(totals['bytes'])}\n"
     )
     if s["stages"]:
         _table(
@@ -305,7 +307,7 @@ def _print_summary(s: Mapping[str, Any]) -> None:
                     str(st["records"]),
                     str(st["failures"]),
                     str(len(st["files"])),
-                    _size(st["bytes"]),
+                    format_size(st["bytes"]),
                     st["key_field"] or "-",
                     st["record_schema_version"],
                 ]
@@ -318,7 +320,7 @@ def _print_summary(s: Mapping[str, Any]) -> None:
             "artifacts",
             ["artifact", "size", "media type", "sha256"],
             [
-                [a["name"], _size(a["bytes"]), a["media_type"], a["sha256"][:16]]
+                [a["name"], format_size(a["bytes"]), a["media_type"], a["sha256"][:16]]
                 for a in s["artifacts"]
             ],
             right={1},
@@ -346,17 +348,6 @@ def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, str]]:
 
 def _number(value: float) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size = n / 1024
-    for unit in ("KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def _table(title: str, headers: list[str], rows: list[list[str]], right: set[int]) -> None:
