@@ -397,6 +397,13 @@ def test_status_shows_abandoned_runs(store: Store) -> None:
     assert result.exit_code == 0
     assert "abandoned" in result.output
     assert "dead" in result.output
+    store.create_run("alive", heartbeat_interval=None).finish()
+    both = CliRunner().invoke(
+        app, ["--store", store.url, "status", "--status", "abandoned", "--status", "completed"]
+    )
+    assert ("dead" in both.output, "alive" in both.output) == (True, True)
+    one = CliRunner().invoke(app, ["--store", store.url, "status", "--status", "completed"])
+    assert ("dead" in one.output, "alive" in one.output) == (False, True)
     shown = CliRunner().invoke(app, ["--store", store.url, "show", w.run_id, "--json"])
     assert json.loads(shown.output)["health"] == "abandoned"
 

@@ -22,8 +22,11 @@ def status(
     ctx: typer.Context,
     json_: JsonOpt = False,
     health: Annotated[
-        str | None,
-        typer.Option("--status", help="Only runs in this state: " + ", ".join(_HEALTH) + "."),
+        list[str] | None,
+        typer.Option(
+            "--status",
+            help="Only runs in this state (repeatable): " + ", ".join(_HEALTH) + ".",
+        ),
     ] = None,
     config: Annotated[
         str | None, typer.Option("--config", help="Only runs whose config hash is this k1:...")
@@ -35,8 +38,9 @@ def status(
     from runfmt.errors import FormatError, InvalidInputError
     from runfmt.lifecycle import now, runs_with_config, summarize
 
-    if health is not None and health not in _HEALTH:
-        fail(f"--status must be one of {', '.join(_HEALTH)}, not {health!r}", 2)
+    unknown = sorted(set(health or ()) - set(_HEALTH))
+    if unknown:
+        fail(f"--status must be one of {', '.join(_HEALTH)}, not {', '.join(unknown)}", 2)
     store = state(ctx).store(read_only=True)
     clock = now()
     try:
@@ -50,7 +54,7 @@ def status(
             broken.append(run)
         else:
             summary = summarize(run.manifest, clock)
-            if health is None or summary.health == health:
+            if not health or summary.health in health:
                 summaries.append(summary)
     summaries = summaries[:limit]
     if json_:
