@@ -102,9 +102,14 @@ class Store:
         *,
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
+        created_at: str | None = None,
         **writer_options: Any,
     ) -> RunWriter:
-        """Create a run and return its writer. ``writer_options`` go to `RunWriter`."""
+        """Create a run and return its writer. ``writer_options`` go to `RunWriter`.
+
+        ``created_at`` (a manifest timestamp) records another creation time than now: that
+        of a run imported from elsewhere.
+        """
         config = dict(config or {})
         if not isinstance(name, str) or not 0 < len(name) <= 200 or not name.isprintable():
             raise InvalidInputError(f"run name {name!r} must be 1-200 printable characters")
@@ -120,7 +125,7 @@ class Store:
             name=name,
             revision=1,
             status="running",
-            created_at=stamp,
+            created_at=created_at or stamp,
             updated_at=stamp,
             config=config,
             config_hash=compute_key(config),

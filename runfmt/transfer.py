@@ -566,8 +566,8 @@ def import_run(
     """Import a run archive into ``store`` as a new run (id ``run_id`` or the archived one).
 
     The archive is checked first; then the run is written through `RunWriter`
-    (name, config, tags, stages, records, counters, artifacts, status). On an
-    error the partly imported run is removed.
+    (name, config, tags, creation time, stages, records, counters, artifacts, status).
+    On an error the partly imported run is removed.
     """
     path = os.fspath(path)
     try:
@@ -595,6 +595,7 @@ def import_run(
             m.config,
             tags=m.tags,
             run_id=target,
+            created_at=m.created_at,
             flush_every=_IMPORT_FLUSH,
             flush_interval=None,
         )

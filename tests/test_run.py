@@ -222,3 +222,12 @@ def test_a_write_that_fails_halfway_leaves_no_torn_frame(
     writer.finish()
     assert verify_run(writer.storage) == []
     assert [r["i"] for r in store.open_run(writer.run_id).records("gen")] == [0, 1]
+
+
+def test_create_run_records_a_given_creation_time_and_checks_it(store: Store) -> None:
+    """For importers: an old run keeps its place in listings."""
+    writer = store.create_run("old", created_at="2020-01-02T03:04:05.000000Z")
+    writer.finish()
+    assert store.open_run(writer.run_id).manifest.created_at == "2020-01-02T03:04:05.000000Z"
+    with pytest.raises(InvalidInputError, match="created_at"):
+        store.create_run("bad", created_at="yesterday")

@@ -185,13 +185,14 @@ def test_run_archive_round_trip(store: Store, source: str, other: Store, tmp_pat
     assert result.run_id == "src-run"
     assert result.stages == {"score": 41, "gen": 6}
     a, b = store.open_run(source).manifest, other.open_run("src-run").manifest
-    assert (b.name, b.config, b.config_hash, b.tags, b.counters) == (
+    assert (b.name, b.config, b.config_hash, b.tags, b.counters, b.created_at) == (
         a.name,
         a.config,
         a.config_hash,
         a.tags,
         a.counters,
-    )
+        a.created_at,
+    ), "an old run imported today is not listed as the newest"
     assert (b.status, b.error) == ("failed", "boom")
     assert [
         (s.name, s.status, s.key_field, s.record_schema_version, s.records, s.failures)
