@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +19,13 @@ from runfmt.format.checksum import parse_sums, sha256_hex
 from runfmt.format.frames import DataFrame, FrameDecoder
 from runfmt.format.manifest import ChangeSet, FileEntry, Manifest, StageEntry, decode_manifest
 from runfmt.format.records import decode_lines, is_failure
-from runfmt.format.validate import FileCheck, Problem, check_listing, header_problem
+from runfmt.format.validate import (
+    FileCheck,
+    Problem,
+    check_listing,
+    cited_rule,
+    header_problem,
+)
 from runfmt.locking import commit_lock, writer_alive
 from runfmt.run import (
     commit_locked,
@@ -34,7 +39,6 @@ from runfmt.storage import Storage
 
 __all__ = ["RepairReport", "repair_run", "verify_run"]
 
-_RULE_ID = re.compile(r"\(([A-Z]+-[0-9]+)\)")
 _CHUNK = 1 << 20
 _SALVAGE_STEP = 64 << 10
 
@@ -88,10 +92,7 @@ def _older_revision_problems(run: Storage, newest: int) -> list[Problem]:
 
 def _manifest_problem(exc: RunfmtError, location: str) -> Problem:
     """A manifest that could not be loaded, under the rule its error cites (else MAN-2)."""
-    cited = _RULE_ID.search(exc.problem)
-    if cited is None:
-        return Problem(location, exc.problem, "MAN-2")
-    return Problem(location, exc.problem.replace(cited[0], "").strip(), cited[1])
+    return Problem(location, *cited_rule(exc.problem, "MAN-2"))
 
 
 def _read_optional(run: Storage, rel: str) -> bytes | None:

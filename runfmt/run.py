@@ -53,6 +53,7 @@ from runfmt.format.lineage import parent_json, parse_parents
 from runfmt.format.manifest import (
     FORMAT_VERSION,
     MAX_ERROR,
+    UPGRADE_HINT,
     ArtifactEntry,
     ChangeSet,
     FileEntry,
@@ -60,7 +61,6 @@ from runfmt.format.manifest import (
     RunStatus,
     StageEntry,
     apply_changes,
-    check_compatible,
     check_counter,
     check_error,
     check_tags,
@@ -315,13 +315,13 @@ class RunReader:
                     line += len(event)
                     yield event
                 else:
-                    try:
-                        check_compatible(event.get("format_version"), None)
-                    except UnsupportedFormatError as exc:
-                        raise exc.at(where) from None
-                    problem = header_problem(event, f.path, stage)
-                    if problem is not None:
-                        raise StageFileError(f"{problem} (FRAME-2)", location=where)
+                    found = header_problem(event, f.path, stage)
+                    if found is not None and found[1] == "VER-2":
+                        raise UnsupportedFormatError(
+                            f"{found[0]} (VER-2)", location=where, hint=UPGRADE_HINT
+                        )
+                    if found is not None:
+                        raise StageFileError(f"{found[0]} ({found[1]})", location=where)
         if verify and digest.hexdigest() != f.sha256:
             raise ChecksumMismatchError(
                 "sha256 of the listed bytes does not match the manifest (CHECK-1)",

@@ -345,7 +345,7 @@ def header(run_dir: Path) -> bytes:
         (b'{"id":"\xff\xfe"}\n', "not valid UTF-8 JSON", "REC-1", 1),
         (b'{"id":1}\n{"id":\n', "not valid UTF-8 JSON", "REC-1", 2),
         (b'{"id":1}\n[1,2]\n', "not a JSON object", "REC-1", 2),
-        (b'{"id":1}', "does not end with a newline", "REC-1", None),
+        (b'{"id":1}', "does not end with a newline", "REC-2", None),
     ],
 )
 def test_bad_lines_name_the_file_and_line(

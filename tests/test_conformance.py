@@ -98,6 +98,8 @@ def test_invalid_case_fails_for_its_own_reason(case: suite.Case, tmp_path: Path)
     run = suite._copy(case, tmp_path)
     problems = verify_run(Storage(str(run)))
     assert any(rule in str(p) for p in problems for rule in case.meta["rules"]), problems
+    for p in problems:
+        assert f"({p.rule})" not in p.problem, f"{p}: the rule is named once, by verify"
     raised = _read_everything(run)
     if "error" not in case.meta:
         assert raised is None, f"reading raised {raised!r}, the case expects no error"

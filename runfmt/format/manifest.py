@@ -47,6 +47,7 @@ LABEL = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 MAX_TAG_VALUE = 1024
 MAX_ERROR = 65536
 _TIMESTAMPS = ("created_at", "updated_at", "finished_at", "heartbeat_at")
+UPGRADE_HINT = "upgrade runfmt to read this run"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,14 +249,14 @@ def check_compatible(version: object, features: object) -> None:
         if major > int(FORMAT_VERSION.partition(".")[0]):
             raise UnsupportedFormatError(
                 f"format version {version} is newer than this reader ({FORMAT_VERSION}) (VER-2)",
-                hint="upgrade runfmt to read this run",
+                hint=UPGRADE_HINT,
             )
     if isinstance(features, list):
         unknown = sorted({f for f in features if isinstance(f, str)} - SUPPORTED_FEATURES)
         if unknown:
             raise UnsupportedFormatError(
                 f"run requires unknown features {', '.join(unknown)} (VER-3)",
-                hint="upgrade runfmt to read this run",
+                hint=UPGRADE_HINT,
             )
 
 

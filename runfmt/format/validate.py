@@ -8,6 +8,7 @@ files found in the run folder. Nothing here performs I/O.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,30 +19,44 @@ from runfmt.format.manifest import FileEntry, Manifest, StageEntry, check_compat
 from runfmt.format.records import decode_lines, is_failure
 from runfmt.format.schemas import schema_errors
 
-__all__ = ["FileCheck", "Problem", "check_listing", "header_problem"]
+__all__ = ["FileCheck", "Problem", "check_listing", "cited_rule", "header_problem"]
 
 _RUN_FILES = frozenset({names.MANIFEST_FILE, names.SUMS_FILE})
+_RULE_ID = re.compile(r"\s*\(([A-Z]+-[0-9]+)\)")
+_LINE = re.compile(r"line ([0-9]+): ")
 
 
-def header_problem(header: Mapping[str, object], path: str, stage: StageEntry | None) -> str | None:
-    """What is wrong with the header of the stage file at ``path`` (FRAME-2), or None: it must
-    follow its schema, name the file's stage, writer and seq, and carry the declaration of
-    ``stage`` (when the stage is declared)."""
+def cited_rule(problem: str, default: str) -> tuple[str, str]:
+    """An error's problem text without the rule id it cites, and that rule (else
+    ``default``): a `Problem` names its rule once."""
+    m = _RULE_ID.search(problem)
+    if m is None:
+        return problem, default
+    return problem[: m.start()] + problem[m.end() :], m[1]
+
+
+def header_problem(
+    header: Mapping[str, object], path: str, stage: StageEntry | None
+) -> tuple[str, str] | None:
+    """What is wrong with the header of the stage file at ``path``, and the rule it breaks;
+    None when nothing is. It must follow its schema, name the file's stage, writer and seq,
+    and carry the declaration of ``stage`` (FRAME-2), in a major version this reader knows
+    (VER-2)."""
     problems = schema_errors("stage-header", header)
     if problems:
-        return "invalid header: " + "; ".join(problems)
+        return "invalid header: " + "; ".join(problems), "FRAME-2"
     try:
         check_compatible(header["format_version"], None)
-    except UnsupportedFormatError as exc:
-        return exc.problem
+    except UnsupportedFormatError:
+        return f"format version {header['format_version']} is newer than this reader", "VER-2"
     name, parsed = names.parse_stage_file(path)
     if (header["stage"], header["writer"], header["seq"]) != (name, parsed.writer, parsed.seq):
-        return "header names another stage or writer than the file name"
+        return "header names another stage or writer than the file name", "FRAME-2"
     if stage is not None and (header["record_schema_version"], header["key_field"]) != (
         stage.record_schema_version,
         stage.key_field,
     ):
-        return "header record schema version or key field differs from the stage's"
+        return "header record schema version or key field differs from the stage's", "FRAME-2"
     return None
 
 
@@ -95,17 +110,17 @@ class FileCheck:
                 self._header(event)
 
     def _header(self, header: Mapping[str, object]) -> None:
-        problem = header_problem(header, self.entry.path, self.stage)
-        if problem is not None:
-            self._fail(problem, "VER-2" if problem.endswith("(VER-2)") else "FRAME-2")
+        found = header_problem(header, self.entry.path, self.stage)
+        if found is not None:
+            self._fail(*found)
 
     def _frame(self, frame: DataFrame) -> None:
         try:
             records = decode_lines(frame.content)
         except StageFileError as exc:
-            line_in_frame = exc.problem.split(":")[0].removeprefix("line ")
-            line = self._records + int(line_in_frame) if line_in_frame.isdigit() else None
-            self._fail(exc.problem, "REC-1", line)
+            at = _LINE.match(exc.problem)  # the frame's line: the problem names the file's
+            line = None if at is None else self._records + int(at[1])
+            self._fail(*cited_rule(exc.problem[at.end() if at else 0 :], "REC-1"), line)
             return
         self._records += len(records)
         self._failures += sum(map(is_failure, records))
