@@ -225,8 +225,7 @@ def write_manifest_copy(run: Storage, data: bytes, *, finished: bool) -> None:
 def sums_of(manifest: Manifest, manifest_bytes: bytes) -> bytes:
     """What ``SHA256SUMS`` holds for a finished run: every listed file and ``manifest.json``
     (a copy of ``manifest_bytes``), sorted by path (CHECK-3)."""
-    entries = [(f.path, f.sha256) for s in manifest.stages for f in s.files]
-    entries += [(a.path, a.sha256) for a in manifest.artifacts]
+    entries = [(path, sha) for path, (_, sha) in manifest.listed_files().items()]
     entries.append((names.MANIFEST_FILE, sha256_hex(manifest_bytes)))
     return format_sums(entries).encode()
 

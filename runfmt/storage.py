@@ -538,15 +538,27 @@ class Storage:
             _fsync_dir(os.path.dirname(self.path(new_rel)))
 
     def link_from(
-        self, source: Storage, src_rel: str, rel: str, length: int, *, link: bool = True
+        self,
+        source: Storage,
+        src_rel: str,
+        rel: str,
+        length: int,
+        sha256: str,
+        *,
+        link: bool = True,
     ) -> bool:
-        """Make ``rel`` hold the first ``length`` bytes of ``source``'s ``src_rel``.
+        """Make ``rel`` hold the first ``length`` bytes of ``source``'s ``src_rel``, whose
+        sha256 they must have (else `ChecksumMismatchError`, and ``rel`` is not made).
 
         A hard link (True) when ``link`` is set, both are on one local filesystem
-        and the source is exactly ``length`` bytes long; a copy otherwise (False).
+        and the source is exactly ``length`` bytes long; a copy otherwise (False),
+        hashed as it streams.
         """
         self._writable(rel)
+        where = source.where(src_rel)
         if link and self.is_local and source.is_local and source.size(src_rel) == length:
+            if source.prefix_sha256(src_rel, length) != sha256:
+                raise _digest_mismatch(where)
             with self._io(rel):
                 target = self.path(rel)
                 _make_folders(os.path.dirname(target))
@@ -559,7 +571,15 @@ class Storage:
                     _fsync_dir(os.path.dirname(target))
                     return True
 
-        self.put_stream(rel, source.read_prefix(src_rel, length))
+        def checked() -> Iterator[bytes]:
+            digest = hashlib.sha256()
+            for chunk in source.read_prefix(src_rel, length):
+                digest.update(chunk)
+                yield chunk
+            if digest.hexdigest() != sha256:
+                raise _digest_mismatch(where)
+
+        self.put_stream(rel, checked())
         return False
 
     def _local_temp(self, target: str, data: bytes, *, durable: bool = True) -> str:
@@ -615,6 +635,14 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _digest_mismatch(where: str) -> ChecksumMismatchError:
+    return ChecksumMismatchError(
+        "sha256 of the listed bytes does not match (CHECK-1)",
+        location=where,
+        hint="run `runfmt verify` on the run it comes from",
+    )
 
 
 def _make_folders(directory: str) -> None:

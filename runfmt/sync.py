@@ -324,11 +324,9 @@ class _Engine:
         old = self._check_ancestry(plan, src, dst) if plan.dst_revisions else None
         if old is not None:
             plan.result.action = "update"
-        listed_old = {f.path: f.sha256 for s in old.stages for f in s.files} if old else {}
-        listed_old |= {a.path: a.sha256 for a in old.artifacts} if old else {}
-        wanted = [(f.path, f.bytes, f.sha256) for s in manifest.stages for f in s.files]
-        wanted += [(a.path, a.bytes, a.sha256) for a in manifest.artifacts]
-        for path, nbytes, sha in wanted:
+        listed_old = {p: sha for p, (_, sha) in old.listed_files().items()} if old else {}
+        wanted = manifest.listed_files()
+        for path, (nbytes, sha) in wanted.items():
             if not src.inside(path):
                 raise FormatError("listed file goes through a link (LAYOUT-5)",
                                   location=src.where(path))  # fmt: skip
@@ -336,13 +334,12 @@ class _Engine:
             if size == nbytes and listed_old.get(path) == sha:
                 continue
             plan.copies.append(_Copy(path, nbytes, sha, size == nbytes, manifest.finished))
-        wanted_paths = {p for p, _, _ in wanted}
-        plan.dropped = sorted(set(listed_old) - wanted_paths)
+        plan.dropped = sorted(set(listed_old) - set(wanted))
         if plan.forced or not plan.dst_revisions:
             plan.debris = sorted(
                 p
                 for p in files
-                if p not in wanted_paths
+                if p not in wanted
                 and p not in (names.MANIFEST_FILE, names.SUMS_FILE)
                 and not p.startswith(names.MANIFESTS_DIR + "/")
             )

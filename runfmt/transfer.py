@@ -361,8 +361,7 @@ def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
     members += [
         (names.revision_file(r), -1, None) for r in revisions(storage) if r <= manifest.revision
     ]
-    members += [(f.path, f.bytes, f.sha256) for s in manifest.stages for f in s.files]
-    members += [(a.path, a.bytes, a.sha256) for a in manifest.artifacts]
+    members += [(path, size, sha) for path, (size, sha) in manifest.listed_files().items()]
     if manifest.finished and storage.exists(names.SUMS_FILE):
         members.append((names.SUMS_FILE, -1, None))
     with (
@@ -522,10 +521,8 @@ class _Archive:
 
     def check(self) -> None:
         """Every listed file and ``SHA256SUMS`` against the manifest (CHECK-1)."""
-        listed = [(f.path, f.bytes, f.sha256) for s in self.manifest.stages for f in s.files]
-        listed += [(a.path, a.bytes, a.sha256) for a in self.manifest.artifacts]
         known: dict[str, str] = {}
-        for rel, size, sha in listed:
+        for rel, (size, sha) in self.manifest.listed_files().items():
             got, seen = self.digest(rel, size)
             if (got, seen) != (sha, size):
                 raise ChecksumMismatchError(

@@ -125,11 +125,16 @@ class Manifest:
     def stage(self, name: str) -> StageEntry | None:
         return next((s for s in self.stages if s.name == name), None)
 
+    def listed_files(self) -> dict[str, tuple[int, str]]:
+        """Every run-relative path the manifest lists (stage files, then artifacts), with
+        its byte length and sha256."""
+        files = {f.path: (f.bytes, f.sha256) for s in self.stages for f in s.files}
+        files.update((a.path, (a.bytes, a.sha256)) for a in self.artifacts)
+        return files
+
     def listed_paths(self) -> dict[str, int]:
         """Every run-relative path the manifest lists, with its byte length."""
-        paths = {f.path: f.bytes for s in self.stages for f in s.files}
-        paths.update((a.path, a.bytes) for a in self.artifacts)
-        return paths
+        return {path: size for path, (size, _) in self.listed_files().items()}
 
     @property
     def finished(self) -> bool:
