@@ -259,6 +259,10 @@ class Cache:
                 held -= self._frames.popitem(last=False)[1][1]
         return lines
 
+    def stages(self) -> list[str]:
+        """The keyed stages that have indexed records, sorted."""
+        return [s for (s,) in self.index.query("SELECT DISTINCT stage FROM files ORDER BY 1")]
+
     def contains(
         self,
         stage: str,

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -147,6 +148,17 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+@contextlib.contextmanager
+def usage_of(option: str) -> Iterator[None]:
+    """An `InvalidInputError` raised in the block is bad usage of ``option`` (exit 2)."""
+    from runfmt.errors import InvalidInputError
+
+    try:
+        yield
+    except InvalidInputError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from runfmt.cli import app, fail, print_json, printable, state
+from runfmt.cli import app, fail, print_json, printable, state, usage_of
 
 if TYPE_CHECKING:
     from runfmt.index import Index, RunSummary
@@ -81,20 +81,15 @@ def ls(
     json_: JsonOpt = False,
 ) -> None:
     """List the store's runs, newest first, from the index (kept in step with the folders)."""
-    from runfmt.errors import InvalidInputError
     from runfmt.index import parse_since
 
-    try:
+    with usage_of("--since"):
         moment = parse_since(since) if since is not None else None
-    except InvalidInputError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--since") from None
     index = _index(ctx)
-    try:
+    with usage_of("--status"):
         runs = index.runs(
             status=status or None, name=name, tags=_tags(tag or []), since=moment, limit=limit
         )
-    except InvalidInputError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--status") from None
     if json_:
         print_json([r.to_json() for r in runs])
     elif runs:
@@ -165,7 +160,7 @@ def cache_get(
     cache = Cache(_index(ctx))
     hit = cache.get(stage, key, record_schema_version=record_schema_version)
     if hit is None:
-        stages = [s for (s,) in cache.index.query("SELECT DISTINCT stage FROM files ORDER BY 1")]
+        stages = cache.stages()
         known = (
             ""
             if stage in stages

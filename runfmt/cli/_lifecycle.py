@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, fail, print_json, state
+from runfmt.cli import app, fail, print_json, state, usage_of
 
 if TYPE_CHECKING:
     from runfmt.lifecycle import RunSummary
@@ -35,7 +35,7 @@ def status(
 ) -> None:
     """One line per run: id, name, state (abandoned when a running run's writer is gone),
     progress per stage, age. Exit 1 if a run cannot be read."""
-    from runfmt.errors import FormatError, InvalidInputError
+    from runfmt.errors import FormatError
     from runfmt.lifecycle import now, runs_with_config, summarize
 
     unknown = sorted(set(health or ()) - set(_HEALTH))
@@ -43,10 +43,8 @@ def status(
         fail(f"--status must be one of {', '.join(_HEALTH)}, not {', '.join(unknown)}", 2)
     store = state(ctx).store(read_only=True)
     clock = now()
-    try:
+    with usage_of("--config"):
         runs = runs_with_config(store, config) if config else list(store.runs())
-    except InvalidInputError as bad:
-        raise typer.BadParameter(str(bad), param_hint="--config") from None
     summaries: list[RunSummary] = []
     broken: list[FormatError] = []
     for run in runs:

@@ -8,12 +8,11 @@ import json
 import math
 import os
 import sys
-from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, fail, print_json, state
+from runfmt.cli import app, fail, print_json, state, usage_of
 
 if TYPE_CHECKING:
     from runfmt.compare import Comparison, RunDiff
@@ -246,26 +245,6 @@ def report(
     sys.stderr.write(f"wrote {fmt} report of {len(result.rows)} runs to {output}\n")
 
 
-def _duration(value: str | None, option: str) -> timedelta | None:
-    from runfmt.errors import InvalidInputError
-    from runfmt.gc import parse_duration
-
-    try:
-        return None if value is None else parse_duration(value)
-    except InvalidInputError as exc:
-        raise typer.BadParameter(str(exc), param_hint=option) from None
-
-
-def _bytes(value: str | None, option: str) -> int | None:
-    from runfmt.errors import InvalidInputError
-    from runfmt.gc import parse_size
-
-    try:
-        return None if value is None else parse_size(value)
-    except InvalidInputError as exc:
-        raise typer.BadParameter(str(exc), param_hint=option) from None
-
-
 @app.command()
 def gc(
     ctx: typer.Context,
@@ -303,17 +282,21 @@ def gc(
         fail("--yes and --dry-run contradict each other", 2)
     if keep_last is None and older_than is None and max_size is None:
         fail("give a policy: --keep-last N, --older-than AGE or --max-size SIZE", 2)
-    from runfmt.gc import delete_planned, plan_gc
+    from runfmt.gc import delete_planned, parse_duration, parse_size, plan_gc
 
-    active = _duration(active_within, "--active-within")
-    assert active is not None
+    with usage_of("--active-within"):
+        active = parse_duration(active_within)
+    with usage_of("--older-than"):
+        older = None if older_than is None else parse_duration(older_than)
+    with usage_of("--max-size"):
+        cap = None if max_size is None else parse_size(max_size)
     store = state(ctx).store(read_only=not yes)
     plan = plan_gc(
         store,
         keep_last=keep_last,
-        older_than=_duration(older_than, "--older-than"),
+        older_than=older,
         only_completed=only_completed,
-        max_size=_bytes(max_size, "--max-size"),
+        max_size=cap,
         active_within=active,
     )
     deleted: list[str] = []
