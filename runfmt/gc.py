@@ -17,7 +17,7 @@ from typing import Any
 from runfmt.errors import FormatError, InvalidInputError, RunfmtError
 from runfmt.format import names
 from runfmt.locking import commit_lock, live_writers
-from runfmt.run import RunReader, load_manifest
+from runfmt.run import RunReader, load_manifest, unpublish
 from runfmt.store import Store
 
 __all__ = [
@@ -249,8 +249,7 @@ def delete_planned(
                         }
                     )
                     continue
-                run.delete_tree(names.MANIFESTS_DIR)
-                run.delete(names.MANIFEST_FILE)
+                unpublish(run)
             run.delete_tree("")
         except RunfmtError as exc:
             skipped.append({"run_id": entry.run_id, "reason": str(exc)})

@@ -24,7 +24,7 @@ from runfmt.format import names
 from runfmt.format.keys import compute_key
 from runfmt.format.manifest import Manifest
 from runfmt.locking import live_writers
-from runfmt.run import RunReader, RunWriter, load_manifest, revisions
+from runfmt.run import RunReader, RunWriter, load_manifest, unpublish
 
 if TYPE_CHECKING:
     from runfmt.storage import Storage
@@ -289,9 +289,7 @@ def remove_run(store: Store, run_id: str) -> bool:
         store.storage.rename(run_id, aside)
         store.storage.delete_tree(aside)
     else:
-        storage.delete(names.MANIFEST_FILE)
-        for rev in revisions(storage):
-            storage.delete(names.revision_file(rev))
+        unpublish(storage)
         store.storage.delete_tree(run_id)
     with contextlib.suppress(RunfmtError):
         store.index.forget([run_id])

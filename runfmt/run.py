@@ -222,6 +222,15 @@ def write_manifest_copy(run: Storage, data: bytes, *, finished: bool) -> None:
     run.write_atomic(names.MANIFEST_FILE, data, durable=finished)
 
 
+def unpublish(run: Storage) -> None:
+    """Make the folder stop being a run before its data goes: ``manifest.json``, then the
+    revisions, oldest first, so that it reads at its newest revision until it is no run at
+    all (LAYOUT-2)."""
+    run.delete(names.MANIFEST_FILE)
+    for revision in revisions(run):
+        run.delete(names.revision_file(revision))
+
+
 def sums_of(manifest: Manifest, manifest_bytes: bytes) -> bytes:
     """What ``SHA256SUMS`` holds for a finished run: every listed file and ``manifest.json``
     (a copy of ``manifest_bytes``), sorted by path (CHECK-3)."""

@@ -29,7 +29,7 @@ from runfmt.errors import (
 )
 from runfmt.format import names
 from runfmt.format.manifest import Manifest, decode_manifest
-from runfmt.run import KEEP_REVISIONS, revisions, write_manifest_copy
+from runfmt.run import KEEP_REVISIONS, revisions, unpublish, write_manifest_copy
 from runfmt.storage import Storage
 
 __all__ = ["Action", "RunResult", "SyncProgress", "SyncReport", "sync"]
@@ -188,7 +188,8 @@ def sync(
         raise InvalidInputError("the destination is a file, not a folder", location=target.root)
     report = SyncReport(source.url, target.url, dry_run)
     pairs: list[tuple[str, Storage, Storage]]
-    if _is_run(source):
+    one_run = _is_run(source)
+    if one_run:
         run_id = source.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1]
         if delete:
             raise InvalidInputError("--delete needs a store as SRC, not one run",
@@ -204,7 +205,7 @@ def sync(
         raise RunNotFoundError("no run or store here", location=source.where())
     engine = _Engine(dry_run, verify, force, workers, progress)
     report.runs = engine.run_all(pairs)
-    if not report.runs and _is_run(source):
+    if one_run and not report.runs:
         raise RunNotFoundError("no revision in _manifests/ (LAYOUT-2)", location=source.where())
     if delete:
         known = {result.run_id for result in report.runs}
@@ -239,8 +240,7 @@ def _delete_run(run: Storage, run_id: str, dry_run: bool) -> RunResult:
     if dry_run:
         return result
     try:
-        run.delete(names.MANIFEST_FILE)
-        run.delete_tree(names.MANIFESTS_DIR)
+        unpublish(run)
         run.delete_tree("")
     except RunfmtError as exc:
         return RunResult(run_id, "error", message=str(exc))
@@ -387,9 +387,7 @@ class _Engine:
         if plan.forced:
             # DST stops being a run first, so that an interruption from here on leaves no
             # mix of two runs: the next sync finds no revision and copies SRC afresh.
-            dst.delete(names.MANIFEST_FILE)
-            for old in plan.dst_revisions:
-                dst.delete(names.revision_file(old))
+            unpublish(dst)
             plan.dst_revisions = []
         for path in plan.debris:
             dst.delete(path)
