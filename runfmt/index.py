@@ -595,7 +595,7 @@ class Index:
             if self._moved():
                 self.close()
         with self._db() as con:
-            known = dict(self._indexed_stamps(con))
+            known = self._indexed_stamps(con)
             present, changed, gone = self._source.changes(known, keys)
             changed.sort()  # run ids sort by creation time: rows are stored in listing order
             entries = 0
@@ -915,10 +915,8 @@ class Index:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of a read-only SQL query against the index as it stands."""
-        try:
-            return self._query(sql, params)
-        except _Retry:
-            return self._query(sql, params)
+        rows: list[tuple[Any, ...]] = self._retrying(self._query, sql, params)
+        return rows
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         with self._lock:
