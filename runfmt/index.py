@@ -915,8 +915,10 @@ class Index:
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of a read-only SQL query against the index as it stands."""
-        rows: list[tuple[Any, ...]] = self._retrying(self._query, sql, params)
-        return rows
+        try:  # not `_retrying`: every cache lookup comes through here
+            return self._query(sql, params)
+        except _Retry:
+            return self._query(sql, params)
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         with self._lock:
