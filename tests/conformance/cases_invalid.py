@@ -326,50 +326,19 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         lambda b: PREFIX + struct.pack("<I", 0x184D2A50) + b[len(PREFIX) + 4 :],
     )
 
-    c = add(
-        running(
-            "invalid",
-            "header-names-other-stage",
-            "The header says stage 'score' in a file under stages/generate/.",
-            ["FRAME-2"],
-        ),
-        "StageFileError",
-    )
-    c.doc["stages"][0]["files"].clear()
-    c.file("generate", [GEN[:2]], header={"stage": "score"})
-    c = add(
-        running(
-            "invalid",
-            "header-names-other-writer",
-            "The header names writer 'other1' and seq 7 in the file of writer w1, seq 1.",
-            ["FRAME-2"],
-        ),
-        "StageFileError",
-    )
-    c.doc["stages"][0]["files"].clear()
-    c.file("generate", [GEN[:2]], header={"writer": "other1", "seq": 7})
-    c = add(
-        running(
-            "invalid",
-            "header-invalid",
-            "The header's format member is 'nope' instead of 'runfmt-stage'.",
-            ["FRAME-2"],
-        ),
-        "StageFileError",
-    )
-    c.doc["stages"][0]["files"].clear()
-    c.file("generate", [GEN[:2]], header={"format": "nope"})
-    c = add(
-        running(
-            "invalid",
-            "header-newer-major",
-            "A stage file's header says format_version 2.0 in a 1.0 run.",
-            ["VER-2"],
-        ),
-        "UnsupportedFormatError",
-    )
-    c.doc["stages"][0]["files"].clear()
-    c.file("generate", [GEN[:2]], header={"format_version": "2.0"})
+    for name, about, rule, error, header in [
+        ("header-names-other-stage", "The header says stage 'score' in a file under "
+         "stages/generate/.", "FRAME-2", "StageFileError", {"stage": "score"}),
+        ("header-names-other-writer", "The header names writer 'other1' and seq 7 in the "
+         "file of writer w1, seq 1.", "FRAME-2", "StageFileError", {"writer": "other1", "seq": 7}),
+        ("header-invalid", "The header's format member is 'nope' instead of 'runfmt-stage'.",
+         "FRAME-2", "StageFileError", {"format": "nope"}),
+        ("header-newer-major", "A stage file's header says format_version 2.0 in a 1.0 run.",
+         "VER-2", "UnsupportedFormatError", {"format_version": "2.0"}),
+    ]:  # fmt: skip
+        c = add(running("invalid", name, about, [rule]), error)
+        c.doc["stages"][0]["files"].clear()
+        c.file("generate", [GEN[:2]], header=header)
     c = add(
         running(
             "invalid",
