@@ -423,17 +423,19 @@ class StageWriter:
         self.name = entry.name
         self.entry = entry
         self._run = run
-        self._lines: list[bytes] = []
+        self._chunks: list[bytes] = []
+        """Encoded records not yet written: one line each from `append`, many from `extend`."""
+        self._records = 0
         self._pending_failures = 0
         self._seq = seq
         self._open: _OpenFile | None = None
 
     def __repr__(self) -> str:
-        return f"StageWriter({self.name!r}, pending={len(self._lines)})"
+        return f"StageWriter({self.name!r}, pending={self._records})"
 
     @property
     def pending(self) -> int:
-        return len(self._lines)
+        return self._records
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Buffer one record; a bad record raises `InvalidInputError` and changes nothing."""
@@ -446,7 +448,8 @@ class StageWriter:
             )
         if PARENTS_FIELD in record:
             parse_parents(record[PARENTS_FIELD])
-        self._lines.append(line)
+        self._chunks.append(line)
+        self._records += 1
         if record.get(ERROR_FIELD) is not None:
             self._pending_failures += 1
         self._run._appended()
@@ -471,13 +474,17 @@ class StageWriter:
             lines = encode_many(batch, self.entry.key_field)
             if (
                 lines is None
-                or max(map(len, lines)) > MAX_RECORD_BYTES
+                or (
+                    len(lines) > MAX_RECORD_BYTES
+                    and max(map(len, lines.split(b"\n"))) >= MAX_RECORD_BYTES
+                )
                 or any(map(operator.contains, batch, itertools.repeat(PARENTS_FIELD)))
             ):
                 for record in batch:
                     self.append(record)
                 continue
-            self._lines += lines
+            self._chunks.append(lines)
+            self._records += len(batch)
             dicts = cast("list[dict[str, Any]]", batch)  # encode_many took only dicts
             errors = list(map(dict.get, dicts, itertools.repeat(ERROR_FIELD)))
             self._pending_failures += len(errors) - errors.count(None)
@@ -491,19 +498,20 @@ class StageWriter:
         """Mark the stage failed at the next commit."""
         self._run._changes.stage_status[self.name] = "failed"
 
-    def _frames(self, encoder: FrameEncoder) -> tuple[bytes, int, int]:
-        frames, records, failures = [], len(self._lines), self._pending_failures
-        if sum(map(len, self._lines)) < FRAME_TARGET:
-            return encoder.encode(b"".join(self._lines)), records, failures
-        start = size = 0
-        for i, line in enumerate(self._lines):
-            size += len(line)
-            if size >= FRAME_TARGET:
-                frames.append(encoder.encode(b"".join(self._lines[start : i + 1])))
-                start, size = i + 1, 0
-        if start < len(self._lines):
-            frames.append(encoder.encode(b"".join(self._lines[start:])))
-        return b"".join(frames), records, failures
+    def _frames(self, encoder: FrameEncoder) -> bytes:
+        """The buffered lines as frames, each cut after the line that brings it to
+        `FRAME_TARGET` bytes."""
+        data = b"".join(self._chunks)
+        if len(data) < FRAME_TARGET:
+            return encoder.encode(data)
+        view, frames, start = memoryview(data), [], 0
+        while len(data) - start >= FRAME_TARGET:
+            end = data.index(b"\n", start + FRAME_TARGET - 1) + 1
+            frames.append(encoder.encode(view[start:end]))
+            start = end
+        if start < len(data):
+            frames.append(encoder.encode(view[start:]))
+        return b"".join(frames)
 
     def _header(self, seq: int) -> bytes:
         return PREFIX + encode_header(
@@ -521,9 +529,9 @@ class StageWriter:
 
     def _write(self, storage: Storage, encoder: FrameEncoder) -> FileEntry | None:
         """Write the buffered records as frames; return the file's new entry."""
-        if not self._lines:
+        if not self._chunks:
             return None
-        data, records, failures = self._frames(encoder)
+        data = self._frames(encoder)
         if storage.is_local:
             f = self._local_file(storage)
             handle = f.handle
@@ -546,10 +554,10 @@ class StageWriter:
             storage.put(f.path, head + data)
         f.digest.update(data)
         f.size += len(data)
-        f.records += records
-        f.failures += failures
-        self._lines.clear()
-        self._pending_failures = 0
+        f.records += self._records
+        f.failures += self._pending_failures
+        self._chunks.clear()
+        self._records = self._pending_failures = 0
         entry = FileEntry(f.path, f.size, f.records, f.failures, f.digest.copy().hexdigest())
         if f.handle is not None and f.size >= ROLL_BYTES:
             self._abandon()
@@ -760,7 +768,7 @@ class RunWriter:
             self._check_open()
             self._pending = 0
             self._last_flush = time.monotonic()
-            if not self._changes and not any(w._lines for w in self._stages.values()):
+            if not self._changes and not any(w._chunks for w in self._stages.values()):
                 return self.manifest
             with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
                 for writer in self._stages.values():

@@ -142,8 +142,9 @@ def test_malformed_parents_are_refused_at_write_time(
 
 def test_malformed_parents_in_stored_records_are_reported(store: Store) -> None:
     w = store.create_run("lin", run_id="raw", heartbeat_interval=None)
-    w.stage("score", key_field="key")
-    w.stage("score")._lines.append(b'{"key":"a","_parents":"parse/a"}\n')
+    stage = w.stage("score", key_field="key")
+    stage._chunks.append(b'{"key":"a","_parents":"parse/a"}\n')
+    stage._records += 1
     w.finish()
     root = lineage(store.open_run("raw"), "score", "a")
     assert root.problems() == ["score/a: malformed parents: _parents must be a list, not str"]

@@ -83,7 +83,7 @@ class FrameEncoder:
     def __init__(self, level: int = 3) -> None:
         self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
 
-    def encode(self, payload: bytes) -> bytes:
+    def encode(self, payload: bytes | memoryview) -> bytes:
         if len(payload) > MAX_FRAME_CONTENT:
             raise StageFileError(f"frame content of {len(payload)} bytes over {MAX_FRAME_CONTENT}")
         return self._cctx.compress(payload)
