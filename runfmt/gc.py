@@ -8,7 +8,6 @@ writer, or updated within ``active_within``) is never chosen.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -19,58 +18,16 @@ from runfmt.format import names
 from runfmt.locking import commit_lock, live_writers
 from runfmt.run import RunReader, load_manifest, unpublish
 from runfmt.store import Store
+from runfmt.units import format_size
 
 __all__ = [
     "GcEntry",
     "GcPlan",
     "delete_planned",
-    "format_size",
-    "parse_duration",
-    "parse_size",
     "plan_gc",
 ]
 
 DEFAULT_ACTIVE_WITHIN = timedelta(hours=24)
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
-_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*", re.IGNORECASE)
-_MAX_DURATION = 1000 * 365.25 * 86400
-
-
-def parse_duration(text: str) -> timedelta:
-    """``30d``, ``12h``, ``90m``, ``2w``, ``45s`` as a `timedelta`."""
-    m = _DURATION.fullmatch(text)
-    if not m:
-        raise InvalidInputError(
-            f"invalid duration {text!r}", hint="use a number and s, m, h, d or w: 30d"
-        )
-    seconds = float(m[1]) * _SECONDS[m[2].lower()]
-    if seconds > _MAX_DURATION:
-        raise InvalidInputError(f"duration {text!r} is over 1,000 years")
-    return timedelta(seconds=seconds)
-
-
-def parse_size(text: str) -> int:
-    """``10GB`` (10^9), ``1.5GiB`` (2^30), ``500MB``, ``2048`` (bytes) as a byte count."""
-    m = _SIZE.fullmatch(text)
-    if not m:
-        raise InvalidInputError(
-            f"invalid size {text!r}", hint="use a number and a unit: 10GB, 512MiB"
-        )
-    unit = m[2].lower()
-    power = "bkmgtp".index(unit[0]) if unit and unit[0] != "b" else 0
-    base = 1024 if "i" in unit else 1000
-    return int(float(m[1]) * base**power)
-
-
-def format_size(n: int) -> str:
-    """A byte count for people: ``1.2 GB``."""
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError  # pragma: no cover
 
 
 def _parse_time(stamp: str) -> datetime:

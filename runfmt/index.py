@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TypeVar
 
 import orjson
@@ -64,7 +64,6 @@ __all__ = [
     "StageSummary",
     "index_location",
     "is_network_filesystem",
-    "parse_since",
 ]
 
 T = TypeVar("T")
@@ -83,8 +82,6 @@ _NETWORK_FS = frozenset(
 )  # fmt: skip
 _CORRUPT_CODES = frozenset({10, 11, 26})  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB
 _JOURNALS = ("-wal", "-shm", "-journal")
-_RELATIVE = re.compile(r"(\d+)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -249,28 +246,6 @@ class RefreshStats:
     removed: int
     cache_entries: int
     seconds: float
-
-
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """A point in time from ``7d``/``12h``/``30m``/``2w``/``45s``, a date or an ISO 8601 time.
-
-    Times without a zone are UTC.
-    """
-    value = text.strip()
-    m = _RELATIVE.fullmatch(value)
-    if m:
-        try:
-            return (now or datetime.now(UTC)) - timedelta(seconds=int(m[1]) * _UNITS[m[2]])
-        except OverflowError:
-            raise InvalidInputError(f"{text!r} reaches back before the year 1") from None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidInputError(
-            f"cannot read {text!r} as a time",
-            hint="give a date (2026-11-01), an ISO time (2026-11-01T12:00:00Z) or an age (7d, 12h)",
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _unescape_mount(field: str) -> str:
@@ -957,6 +932,8 @@ def _stamp(row: Row) -> Stamp:
 def _moment(since: datetime | date | str) -> datetime:
     """``since`` of `Index.runs` as an aware time (a date is its midnight UTC)."""
     if isinstance(since, str):
+        from runfmt.units import parse_since
+
         return parse_since(since)
     if isinstance(since, datetime):
         return since if since.tzinfo else since.replace(tzinfo=UTC)

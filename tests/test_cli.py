@@ -370,7 +370,7 @@ def test_schema_lists_names_and_prints_each(tmp_path: Path) -> None:
         (["schema", "nope"], 2, "unknown schema 'nope'"),
         (["show"], 2, "Missing argument"),
         (["cat", "{run}", "score", "--limit", "-1"], 2, "--limit"),
-        (["ls", "--since", "3000000d"], 2, "before the year 1"),
+        (["ls", "--since", "3000000d"], 2, "over 1,000 years"),
         (["ls", "--status", "Completed"], 2, "unknown status 'Completed'"),
         (["gc", "--older-than", "3000000d"], 2, "over 1,000 years"),
         (["report", "--output", "/nonexistent/r.md"], 1, "No such file or directory"),

@@ -7,8 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from runfmt.errors import InvalidInputError
-from runfmt.gc import delete_planned, format_size, parse_duration, parse_size, plan_gc
+from runfmt.gc import delete_planned, plan_gc
 from runfmt.store import Store
 from tests.fixtures_manage import Cli, MakeRun
 
@@ -27,24 +26,6 @@ def runs(store: Store, make_run: MakeRun) -> Store:
     for i in range(2):
         make_run(store, "b", {"i": i}, payload, run_id=f"b{i}", status="failed")
     return store
-
-
-def test_parse_duration_and_size() -> None:
-    assert parse_duration("30d") == timedelta(days=30)
-    assert parse_duration("1.5h") == timedelta(minutes=90)
-    assert parse_duration("2w") == timedelta(weeks=2)
-    assert parse_size("10GB") == 10**10
-    assert parse_size("1.5GiB") == 3 * 2**29
-    assert parse_size("2048") == 2048
-    assert parse_size("512 kb") == 512_000
-    assert format_size(1_234_567) == "1.2 MB"
-    assert format_size(999) == "999 B"
-    for bad in ("30", "d", "-1d", "3 days"):
-        with pytest.raises(InvalidInputError, match="invalid duration"):
-            parse_duration(bad)
-    for bad in ("GB", "1XB", "-5MB"):
-        with pytest.raises(InvalidInputError, match="invalid size"):
-            parse_size(bad)
 
 
 def test_keep_last_is_per_name(runs: Store) -> None:

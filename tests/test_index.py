@@ -20,8 +20,7 @@ from runfmt import _index_reading as reading
 from runfmt import index as index_module
 from runfmt.check import verify_run
 from runfmt.cli import app, main
-from runfmt.errors import InvalidInputError
-from runfmt.index import Index, is_network_filesystem, parse_since
+from runfmt.index import Index, is_network_filesystem
 from runfmt.store import Store
 
 runner = CliRunner()
@@ -117,16 +116,6 @@ def test_cli_ls_bad_usage_exits_2(store: Store, args: list[str], message: str) -
     result = cli(store, "ls", *args)
     assert result.exit_code == 2
     assert message in result.output
-
-
-def test_parse_since() -> None:
-    now = datetime(2026, 11, 22, 12, tzinfo=UTC)
-    assert parse_since("7d", now) == now - timedelta(days=7)
-    assert parse_since("12h", now) == now - timedelta(hours=12)
-    assert parse_since("2026-11-01") == datetime(2026, 11, 1, tzinfo=UTC)
-    assert parse_since("2026-11-01T10:00:00+02:00") == datetime(2026, 11, 1, 8, tzinfo=UTC)
-    with pytest.raises(InvalidInputError, match="cannot read"):
-        parse_since("last week")
 
 
 def _settle(store: Store, settled: bool) -> None:

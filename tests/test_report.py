@@ -106,6 +106,22 @@ def test_all_runs_oldest_first_with_name_filter(store: Store, runs: list[str], c
     assert [r["run_id"] for r in csv.DictReader(io.StringIO(out))] == ["r1", "r2"]
     code, out, _ = cli(store, "report", "--format", "csv", "--name", "tuned")
     assert [r["run_id"] for r in csv.DictReader(io.StringIO(out))] == ["r2"]
+    code, out, _ = cli(store, "report", "--format", "csv", "--name", "base_*")
+    assert [r["run_id"] for r in csv.DictReader(io.StringIO(out))] == ["r1"]
+    code, out, _ = cli(store, "report", "--format", "csv", "--limit", "1")
+    assert [r["run_id"] for r in csv.DictReader(io.StringIO(out))] == ["r2"]
+
+
+def test_unreadable_runs_are_left_out_with_a_warning(
+    store: Store, runs: list[str], cli: Cli
+) -> None:
+    run = Path(store.url) / "r1"
+    for revision in [run / "manifest.json", *(run / "_manifests").iterdir()]:
+        revision.write_text("{")
+    code, out, err = cli(store, "report", "--format", "csv")
+    assert code == 0
+    assert [r["run_id"] for r in csv.DictReader(io.StringIO(out))] == ["r2"]
+    assert "skipped unreadable run r1: " in err
 
 
 def test_output_file(store: Store, runs: list[str], cli: Cli, tmp_path: Path) -> None:

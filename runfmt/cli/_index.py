@@ -81,7 +81,7 @@ def ls(
     json_: JsonOpt = False,
 ) -> None:
     """List the store's runs, newest first, from the index (kept in step with the folders)."""
-    from runfmt.index import parse_since
+    from runfmt.units import parse_since
 
     with usage_of("--since"):
         moment = parse_since(since) if since is not None else None

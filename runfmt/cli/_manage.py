@@ -63,7 +63,7 @@ def diff(ctx: typer.Context, run_a: RunArg, run_b: RunArg, json_: JsonOpt = Fals
 
 
 def _print_diff(d: "RunDiff") -> None:
-    from runfmt.gc import format_size
+    from runfmt.units import format_size
 
     out = sys.stdout.write
     out(f"A  {d.run_a}  {d.name[0]}  {d.status[0]}\n")
@@ -181,18 +181,18 @@ def _print_comparison(c: "Comparison") -> None:
 def _runs(
     store: "Store", runs: list[str], name: str | None, limit: int | None
 ) -> "list[RunReader]":
-    from runfmt.errors import FormatError
-
+    """The given runs, else the store's newest readable runs (``name`` a glob), oldest first."""
     if runs:
         return [store.open_run(r) for r in runs]
-    found = []
-    for run in store.runs():
-        if isinstance(run, FormatError):
-            sys.stderr.write(f"runfmt: warning: skipped unreadable run: {run}\n")
-        elif name is None or run.manifest.name == name:
-            found.append(run)
-    found = found[:limit] if limit is not None else found
-    return found[::-1]
+    chosen: list[str] = []
+    for summary in store.index.runs(name=name):
+        if summary.problem is not None:
+            sys.stderr.write(
+                f"runfmt: warning: skipped unreadable run {summary.run_id}: {summary.problem}\n"
+            )
+        elif limit is None or len(chosen) < limit:
+            chosen.append(summary.run_id)
+    return [store.open_run(run_id) for run_id in reversed(chosen)]
 
 
 @app.command()
@@ -212,7 +212,7 @@ def report(
         typer.Option("--metric", "-m", help="A field of --stage to average (repeatable)."),
     ] = None,
     name: Annotated[
-        str | None, typer.Option("--name", help="Only runs with this name (without RUN).")
+        str | None, typer.Option("--name", help="Only runs whose name matches a glob (no RUN).")
     ] = None,
     limit: Annotated[
         int | None, typer.Option("--limit", min=1, help="Only the newest N runs (without RUN).")
@@ -282,7 +282,8 @@ def gc(
         fail("--yes and --dry-run contradict each other", 2)
     if keep_last is None and older_than is None and max_size is None:
         fail("give a policy: --keep-last N, --older-than AGE or --max-size SIZE", 2)
-    from runfmt.gc import delete_planned, parse_duration, parse_size, plan_gc
+    from runfmt.gc import delete_planned, plan_gc
+    from runfmt.units import parse_duration, parse_size
 
     with usage_of("--active-within"):
         active = parse_duration(active_within)
@@ -314,7 +315,7 @@ def gc(
 def _print_plan(
     plan: "GcPlan", applied: bool, deleted: list[str], skipped: list[dict[str, str]]
 ) -> None:
-    from runfmt.gc import format_size
+    from runfmt.units import format_size
 
     out = sys.stdout.write
     verb = "deleting" if applied else "would delete"

@@ -269,7 +269,7 @@ def run_summary(reader: "RunReader") -> dict[str, Any]:
 
 
 def _print_summary(s: Mapping[str, Any]) -> None:
-    from runfmt.gc import format_size
+    from runfmt.units import format_size
 
     fields = [
         ("run", s["run_id"]),
