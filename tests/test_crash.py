@@ -37,8 +37,8 @@ WRITER_OPTIONS: dict[str, Any] = {
 
 
 def crash_writer(store_url: str, run_id: str, tag: str, progress: str, seed: int) -> None:
-    """Resume the run and commit batches forever, logging each commit's record count;
-    now and then finish the run and resume it again."""
+    """Resume the run and commit batches (appended or extended) forever, logging each
+    commit's record count; now and then finish the run and resume it again."""
     rng = random.Random(seed)
     fd = os.open(progress, os.O_WRONLY | os.O_APPEND)
     store = Store(store_url)
@@ -47,10 +47,19 @@ def crash_writer(store_url: str, run_id: str, tag: str, progress: str, seed: int
     done = 0
     while True:
         batch = rng.randint(1, 40)
-        for i in range(done, done + batch):
-            writer.append("score", {"id": f"{tag}-{i}", "pad": "x" * rng.randint(0, 300)})
-            if i % 3 == 0:
-                writer.append("judge", {"id": f"{tag}-{i}", "ok": True})
+        scores = [
+            {"id": f"{tag}-{i}", "pad": "x" * rng.randint(0, 300), "p": rng.random(), "e": None}
+            for i in range(done, done + batch)
+        ]
+        judged = [{"id": f"{tag}-{i}", "ok": True} for i in range(done, done + batch) if i % 3 == 0]
+        if rng.random() < 0.5:
+            writer.extend("score", scores)
+            writer.extend("judge", judged)
+        else:
+            for record in scores:
+                writer.append("score", record)
+            for record in judged:
+                writer.append("judge", record)
         if rng.random() < 0.3:
             writer.count("batches")
         if rng.random() < 0.15:
