@@ -135,11 +135,12 @@ def _all_finite(record: dict[str, Any]) -> bool:
     """
     for value in record.values():
         kind = type(value)
-        if kind is float:
-            if value - value:
-                return False
-        elif kind not in _SCALARS:
+        if kind in _SCALARS:
+            continue
+        if kind is not float:
             return _all_finite_nested(record)
+        if value - value:
+            return False
     return True
 
 
