@@ -98,12 +98,26 @@ def _translate(where: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
     except (AssertionError, AttributeError, NameError):
         raise
     except Exception as exc:
-        message = _redact(f"{type(exc).__name__}: {exc}", secrets)
+        text = _describe(exc, where)
+        message = _redact(text, secrets)
         hint = (
             "install the backend: pip install 'runfmt[s3]'" if isinstance(exc, ImportError) else ""
         )
-        cause = None if message != f"{type(exc).__name__}: {exc}" else exc
-        raise StorageError(message, location=where, hint=hint) from cause
+        raise StorageError(message, location=where, hint=hint) from (
+            exc if message == text else None
+        )
+
+
+def _describe(exc: Exception, where: str) -> str:
+    """``Not a directory (NotADirectoryError)``: the system's words, and the file when it is
+    not the place the error is reported at."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename is not None and str(exc.filename) != where:
+            text += f": {exc.filename}"
+    else:
+        text = str(exc)
+    return f"{text} ({type(exc).__name__})" if text else type(exc).__name__
 
 
 class Storage:

@@ -376,6 +376,11 @@ def test_schema_lists_names_and_prints_each(tmp_path: Path) -> None:
         (["report", "--output", "/nonexistent/r.md"], 1, "No such file or directory"),
         (["export", "{run}", "/nonexistent/r.tar"], 1, "No such file or directory"),
         (["--store", "{file}", "ls"], 1, "Not a directory"),
+        (
+            ["--store", "{file}/runs", "demo", "--items", "3"],
+            1,
+            ": Not a directory (NotADirectoryError)\n",
+        ),
     ],
 )
 def test_user_errors_exit_with_a_message_and_no_traceback(
