@@ -108,16 +108,17 @@ class Cache:
     call `refresh` to see runs committed since (a miss only costs a recompute).
     ``record_schema_version=None`` matches any version.
 
-    The lines of the few frames read last are kept, so gets of keys in the same
-    frame decompress it once; a kept frame is served only while its file still
-    exists and is long enough (one stat, or one size request on an object store).
+    The few frames read last are kept, so gets of keys in the same frame decompress
+    it once: the first get finds its line by the key's bytes, a second one splits the
+    frame into lines for those that follow. A kept frame is served only while its file
+    still exists and is long enough (one stat, or one size request on an object store).
     Safe to share across threads, like the index.
     """
 
     def __init__(self, index: Index) -> None:
         self.index = index
         self._fresh = False
-        self._frames: OrderedDict[_Frame, tuple[list[bytes], int]] = OrderedDict()
+        self._frames: OrderedDict[_Frame, _Kept] = OrderedDict()
         self._frames_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -165,7 +166,7 @@ class Cache:
         file no longer matches the index is re-indexed and skipped.
         """
         for where, key_field in self._candidates(stage, key, record_schema_version, _CANDIDATES):
-            record = _record(self._lines(where), where.line, key_field, key)
+            record = _record(self._line(self._kept(where), where, key), key_field, key)
             if record is not None:
                 return CacheHit(key, record, where)
             self.index.run(where.run_id, keys=True)
@@ -202,9 +203,9 @@ class Cache:
         hits: dict[str, CacheHit] = {}
         for frame in sorted(by_frame):
             found = by_frame[frame]
-            lines = self._lines(found[0][1])
+            kept = self._kept(found[0][1])
             for key, where, key_field in found:
-                record = _record(lines, where.line, key_field, key)
+                record = _record(self._line(kept, where, key), key_field, key)
                 hit = (
                     CacheHit(key, record, where)
                     if record is not None
@@ -221,9 +222,28 @@ class Cache:
         hit = self.get(stage, key, record_schema_version=record_schema_version)
         return None if hit is None else hit.record
 
-    def _lines(self, where: Provenance) -> list[bytes] | None:
-        """The lines of the frame holding ``where``: kept from an earlier read while its
-        file is still long enough, else read (checksum verified); None when unreadable."""
+    def _line(self, kept: _Kept | None, where: Provenance, key: str) -> bytes | None:
+        """Line ``where.line`` of a frame, None when there is no such line.
+
+        The first time, the line is found by its key, at C speed; later, for the gets
+        that follow in written order, the frame is split into lines once and kept so.
+        """
+        if kept is None:
+            return None
+        if not kept.searched:
+            kept.searched = True
+            found = _line_with_key(kept.content, where.line, key)
+            if found is not None:
+                return found
+        with self._frames_lock:
+            if kept.lines is None:
+                kept.lines, kept.content = kept.content.split(b"\n"), b""
+        lines = kept.lines
+        return lines[where.line] if where.line < len(lines) - 1 else None
+
+    def _kept(self, where: Provenance) -> _Kept | None:
+        """The frame holding ``where``: kept from an earlier read while its file is still
+        long enough, else read (checksum verified); None when unreadable."""
         frame = _frame(where)
         with self._frames_lock:
             kept = self._frames.get(frame)
@@ -235,7 +255,7 @@ class Cache:
             except (RunfmtError, OSError):
                 size = None
             if size is not None and size >= where.frame_end:
-                return kept[0]
+                return kept
             with self._frames_lock:
                 self._frames.pop(frame, None)
             return None
@@ -249,15 +269,14 @@ class Cache:
             return None
         if len(frames) != 1:
             return None
-        content = frames[0].content
-        lines = content.split(b"\n")
+        kept = _Kept(frames[0].content)
         with self._frames_lock:
-            self._frames[frame] = lines, len(content)
+            self._frames[frame] = kept
             self._frames.move_to_end(frame)
-            held = sum(size for _, size in self._frames.values())
+            held = sum(k.size for k in self._frames.values())
             while len(self._frames) > 1 and (len(self._frames) > _FRAMES or held > _FRAME_BYTES):
-                held -= self._frames.popitem(last=False)[1][1]
-        return lines
+                held -= self._frames.popitem(last=False)[1].size
+        return kept
 
     def stages(self) -> list[str]:
         """The keyed stages that have indexed records, sorted."""
@@ -290,12 +309,37 @@ def _strings(keys: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def _record(lines: list[bytes] | None, line: int, key_field: str, key: str) -> Record | None:
-    """The non-failure record at ``line`` of a frame's lines whose key field is ``key``."""
-    if lines is None or line >= len(lines) - 1:
+class _Kept:
+    """A decoded frame kept for later gets: its content, then its lines once split."""
+
+    __slots__ = ("content", "lines", "searched", "size")
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+        self.size = len(content)
+        self.lines: list[bytes] | None = None
+        self.searched = False
+
+
+def _line_with_key(content: bytes, line: int, key: str) -> bytes | None:
+    """Line ``line`` of ``content`` when the first line holding ``key`` as a JSON string is
+    that one (as runfmt writes keys; other escapes of it are found by splitting)."""
+    at = content.find(orjson.dumps(key))
+    if at < 0:
+        return None
+    start = content.rfind(b"\n", 0, at) + 1
+    end = content.find(b"\n", at)
+    if end < 0 or content.count(b"\n", 0, start) != line:
+        return None
+    return content[start:end]
+
+
+def _record(line: bytes | None, key_field: str, key: str) -> Record | None:
+    """The record of ``line`` if it is not a failure and its key field is ``key``."""
+    if line is None:
         return None
     try:
-        record = orjson.loads(lines[line])
+        record = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(record, dict) or is_failure(record) or record.get(key_field) != key:

@@ -154,6 +154,25 @@ def test_consecutive_gets_in_one_frame_read_it_once(
     assert len(reads) == 1
 
 
+def test_a_get_finds_its_line_whatever_else_holds_the_key(store: Store) -> None:
+    """The first get in a frame looks for the key's bytes: a line that holds them but is
+    not the indexed one, or a key written with escapes, still gets the indexed line."""
+    with store.create_run("eval") as writer:
+        stage = writer.stage("score", key_field="key")
+        stage.append({"key": "a", "ref": "b"})
+        stage.append({"key": "b", "score": 1})
+    assert Cache(store.index).record("score", "b") == {"key": "b", "score": 1}
+
+    cache = Cache(store.index)
+    content = b'{"ref":"c"}\n{"key":"\\u0063"}\n{"key":"d"}\n'
+    for line, key in ((1, "c"), (0, "c"), (2, "d"), (1, "d")):
+        kept = cache_module._Kept(content)
+        where = cache_module.Provenance("r", "s", "p", "1", 0, 1, line, "")
+        assert cache._line(kept, where, key) == content.split(b"\n")[line]
+    kept = cache_module._Kept(content)
+    assert cache._line(kept, where._replace(line=3), "d") is None, "no such line"
+
+
 def test_only_the_last_few_frames_are_kept(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     kept = cache_module._FRAMES
     runs = [write_scores(store, [f"r{i}"]) for i in range(kept + 1)]
