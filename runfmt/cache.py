@@ -139,22 +139,23 @@ class Cache:
         where = self.index.where(run_id, path)
         return Provenance(run_id, stage, path, version, start, end, line, where), key_field
 
-    def _candidates(
-        self, stage: str, key: str, version: str | None, limit: int
-    ) -> list[tuple[Provenance, str]]:
+    def _candidates(self, stage: str, key: str, version: str | None) -> list[tuple[Any, ...]]:
+        """The index rows of ``key``, best first (`_rank`)."""
         self._ensure()
-        sql = _SQL["lookup", version is not None]
-        rows = self.index.query(sql, [stage, key, *([version] if version is not None else [])])
+        if version is None:
+            rows = self.index.query(_SQL["lookup", False], (stage, key))
+        else:
+            rows = self.index.query(_SQL["lookup", True], (stage, key, version))
         if len(rows) > 1:
             rows.sort(key=_rank, reverse=True)
-        return [self._provenance(stage, row) for row in rows[:limit]]
+        return rows
 
     def lookup(
         self, stage: str, key: str, *, record_schema_version: str | None = DEFAULT_VERSION
     ) -> Provenance | None:
         """Where the newest committed record with ``key`` is, from the index alone."""
-        found = self._candidates(stage, key, record_schema_version, 1)
-        return found[0][0] if found else None
+        rows = self._candidates(stage, key, record_schema_version)
+        return self._provenance(stage, rows[0])[0] if rows else None
 
     def get(
         self, stage: str, key: str, *, record_schema_version: str | None = DEFAULT_VERSION
@@ -165,7 +166,8 @@ class Cache:
         that frame is one of the few kept from earlier calls. A candidate whose
         file no longer matches the index is re-indexed and skipped.
         """
-        for where, key_field in self._candidates(stage, key, record_schema_version, _CANDIDATES):
+        for row in self._candidates(stage, key, record_schema_version)[:_CANDIDATES]:
+            where, key_field = self._provenance(stage, row)
             record = _record(self._line(self._kept(where), where, key), key_field, key)
             if record is not None:
                 return CacheHit(key, record, where)
