@@ -821,10 +821,10 @@ class Index:
         statuses = [status] if isinstance(status, str) else list(status or ())
         unknown = sorted(set(statuses) - _STATUSES)
         if unknown:
-            raise InvalidInputError(
-                f"unknown status {', '.join(map(repr, unknown))}",
-                hint="use running, completed, failed, cancelled or unreadable",
-            )
+            hint = "use running, completed, failed, cancelled or unreadable"
+            if "abandoned" in unknown:
+                hint += "; `runfmt status --status abandoned` lists runs whose writer died"
+            raise InvalidInputError(f"unknown status {', '.join(map(repr, unknown))}", hint=hint)
         if statuses:
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             params += statuses

@@ -372,6 +372,7 @@ def test_schema_lists_names_and_prints_each(tmp_path: Path) -> None:
         (["cat", "{run}", "score", "--limit", "-1"], 2, "--limit"),
         (["ls", "--since", "3000000d"], 2, "over 1,000 years"),
         (["ls", "--status", "Completed"], 2, "unknown status 'Completed'"),
+        (["ls", "--status", "abandoned"], 2, "`runfmt status --status abandoned` lists"),
         (["gc", "--older-than", "3000000d"], 2, "over 1,000 years"),
         (["report", "--output", "/nonexistent/r.md"], 1, "No such file or directory"),
         (["export", "{run}", "/nonexistent/r.tar"], 1, "No such file or directory"),
