@@ -283,6 +283,15 @@ class Storage:
                 return os.path.exists(self.path(rel))
             return bool(self.fs.exists(self.path(rel)))
 
+    def missing(self) -> str | None:
+        """``"bucket"`` or ``"folder"`` when the store's root cannot be there, else None. On
+        an object store only a missing bucket counts: a prefix exists once written to."""
+        if self.fs.root_marker == "":  # object stores: the first path part is the bucket
+            bucket = self.root.split("/", 1)[0]
+            with self._io(""):
+                return None if self.fs.exists(bucket) else "bucket"
+        return None if self.is_dir() else "folder"
+
     def is_dir(self, rel: str = "") -> bool:
         with self._io(rel):
             if self.is_local:

@@ -437,6 +437,8 @@ def test_ls_of_a_missing_folder_says_so(tmp_path: Path) -> None:
     assert not (tmp_path / "typo").exists()
     (tmp_path / "empty").mkdir()
     assert invoke(tmp_path / "empty", "ls").stdout == f"no runs in {tmp_path / 'empty'}\n"
+    said = invoke("memory://typo-in-memory/runs", "ls").stdout
+    assert said == "no runs in memory:///typo-in-memory/runs: no such folder\n"
 
 
 def test_verify_of_an_empty_store(tmp_path: Path) -> None:

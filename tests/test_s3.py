@@ -260,3 +260,18 @@ def test_a_walk_leaves_no_listing_behind_for_exists_to_trust(
     other.delete("run/stages/a.bin")
     assert not storage.exists("run/stages/a.bin")
     assert storage.size("run/stages/a.bin") is None
+
+
+def test_ls_tells_a_missing_bucket_from_an_empty_store(
+    s3_url: str, s3_options: dict[str, Any]
+) -> None:
+    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+    for url, said in (
+        (
+            "s3://no-such-bucket-runfmt/runs",
+            "no runs in s3://no-such-bucket-runfmt/runs: no such bucket\n",
+        ),
+        (f"{s3_url}/empty", f"no runs in {s3_url}/empty\n"),
+    ):
+        result = CliRunner().invoke(app, ["-s", url, *opts, "ls"])
+        assert (result.exit_code, result.stdout) == (0, said)

@@ -96,10 +96,18 @@ def ls(
         _print_runs(runs)
     elif status or name or tag or since or limit == 0:
         sys.stdout.write(f"no runs in {index.url} match\n")
-    elif "://" not in index.url and not os.path.isdir(index.url):
-        sys.stdout.write(f"no runs in {index.url}: no such folder\n")
     else:
-        sys.stdout.write(f"no runs in {index.url}\n")
+        missing = _missing(ctx, index.url)
+        sys.stdout.write(f"no runs in {index.url}{f': no such {missing}' if missing else ''}\n")
+
+
+def _missing(ctx: typer.Context, url: str) -> str | None:
+    """`Storage.missing` of the store (on local disk without building a `Storage`)."""
+    if "://" not in url:
+        return None if os.path.isdir(url) else "folder"
+    from runfmt.storage import Storage
+
+    return Storage(url, state(ctx).storage_options, read_only=True).missing()
 
 
 def _print_runs(runs: "list[RunSummary]") -> None:
