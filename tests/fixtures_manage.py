@@ -19,6 +19,7 @@ import pytest
 
 from runfmt.cli import main
 from runfmt.store import Store
+from tests.fixtures_tools import unavailable
 
 __all__ = ["Cli", "MakeRun", "chromium", "cli", "make_run"]
 
@@ -91,13 +92,6 @@ def make_run() -> MakeRun:
     return _make_run
 
 
-def _unavailable(detail: str) -> None:
-    message = f"no headless Chromium and none could be installed: {detail}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 def _install_chromium() -> str:
     if shutil.which("apt-get") is None:
         return "apt-get not found"
@@ -127,7 +121,7 @@ def chromium() -> Callable[..., subprocess.CompletedProcess[str]]:
             detail = _install_chromium()
         path = _find_browser()
         if path is None:
-            _unavailable(detail or "not on PATH after installing")
+            unavailable("headless Chromium", detail or "not on PATH after installing")
     assert path is not None
     browser = path
 

@@ -22,6 +22,8 @@ from typing import IO, Any
 
 import pytest
 
+from tests.fixtures_tools import unavailable
+
 __all__ = [
     "S3_BUCKET",
     "SERVER",
@@ -83,10 +85,7 @@ def s3_server() -> Iterator[tuple[str, IO[bytes]]]:
         proc, endpoint = _start(_free_port(), log)
     except (ImportError, RuntimeError) as exc:
         log.close()
-        message = f"no S3 server on 127.0.0.1: {exc}"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable("an S3 server on 127.0.0.1", str(exc))
     try:
         fs = s3fs.S3FileSystem(
             endpoint_url=endpoint,

@@ -20,13 +20,14 @@ from types import ModuleType
 import pytest
 from filelock import FileLock
 
-__all__ = ["duckdb_module", "require_tool"]
+__all__ = ["duckdb_module", "require_tool", "unavailable"]
 
 _APT_PACKAGES = {"zstd": "zstd", "zstdcat": "zstd", "jq": "jq", "sha256sum": "coreutils"}
 _INSTALL_LOCK = Path(tempfile.gettempdir()) / "runfmt-test-install.lock"
 
 
-def _unavailable(what: str, detail: str) -> None:
+def unavailable(what: str, detail: str) -> None:
+    """Fail the test under CI (CI=true), else skip it: a missing tool never passes silently."""
     message = f"{what} is not available and could not be installed: {detail}"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message, pytrace=False)
@@ -54,7 +55,7 @@ def _tool(name: str) -> str:
             detail = "" if path else _apt_install(_APT_PACKAGES.get(name, name))
         path = path or shutil.which(name)
         if path is None:
-            _unavailable(f"the `{name}` command", detail or "not on PATH after installing")
+            unavailable(f"the `{name}` command", detail or "not on PATH after installing")
     assert path is not None
     return path
 
@@ -82,5 +83,5 @@ def duckdb_module() -> ModuleType:
         try:
             return importlib.import_module("duckdb")
         except ImportError:
-            _unavailable("the duckdb package", done.stderr.strip()[-500:])
+            unavailable("the duckdb package", done.stderr.strip()[-500:])
             raise
