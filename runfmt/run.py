@@ -324,12 +324,13 @@ class RunReader:
                     yield event
                 else:
                     found = header_problem(event, f.path, stage)
-                    if found is not None and found[1] == "VER-2":
-                        raise UnsupportedFormatError(
-                            f"{found[0]} (VER-2)", location=where, hint=UPGRADE_HINT
-                        )
                     if found is not None:
-                        raise StageFileError(f"{found[0]} ({found[1]})", location=where)
+                        problem, rule = found
+                        if rule == "VER-2":
+                            raise UnsupportedFormatError(
+                                f"{problem} (VER-2)", location=where, hint=UPGRADE_HINT
+                            )
+                        raise StageFileError(f"{problem} ({rule})", location=where)
         if verify and digest.hexdigest() != f.sha256:
             raise ChecksumMismatchError(
                 "sha256 of the listed bytes does not match the manifest (CHECK-1)",
