@@ -112,9 +112,11 @@ def test_a_run_folder_given_as_store_is_bad_usage(
     run = store.create_run("r")
     run.finish()
     folder = str(tmp_path / "runs" / run.run_id)
-    code, _, err = run_main(["--store", folder, "ls"], monkeypatch, capsys)
-    assert code == 2
-    assert "is a run folder, not a store" in err
+    for command in (["ls"], ["status"], ["verify"], ["show", folder]):
+        code, _, err = run_main(["--store", folder, *command], monkeypatch, capsys)
+        assert code == 2, command
+        assert "is a run folder, not a store" in err
+    assert run_main(["--store", folder, "ls", "--help"], monkeypatch, capsys)[0] == 0
     assert not (tmp_path / "runs" / run.run_id / ".runfmt").exists()
 
 
@@ -276,7 +278,7 @@ def test_show_reports_a_failed_run_with_its_error(tmp_path: Path) -> None:
     assert "error     ValueError: model server went away\n" in result.stdout
 
 
-def test_show_and_ls_escape_control_characters(tmp_path: Path) -> None:
+def test_listings_escape_control_characters(tmp_path: Path) -> None:
     """A tag, error or hand-edited name cannot fake a line of output or send the terminal
     escapes."""
     store = runfmt.Store(tmp_path / "runs")
@@ -293,9 +295,11 @@ def test_show_and_ls_escape_control_characters(tmp_path: Path) -> None:
     newest = max((tmp_path / "runs" / writer.run_id / "_manifests").glob("*.json"))
     doc = json.loads(newest.read_bytes())
     newest.write_text(json.dumps(doc | {"name": "a\x1b[2Jb"}))
-    listed = invoke(tmp_path / "runs", "ls").stdout
-    assert "a\\x1b[2Jb" in listed
-    assert "\x1b" not in listed
+    other = store.create_run("b", {"k": "\x1b[2J"}).finish().run_id
+    for args in (["ls"], ["status"], ["gc", "--keep-last", "0"], ["diff", writer.run_id, other]):
+        listed = invoke(tmp_path / "runs", *args).stdout
+        assert "a\\x1b[2Jb" in listed, args
+        assert "\x1b" not in listed, args
 
 
 # cat
@@ -340,6 +344,34 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, command: str) ->
     proc.stdout.close()
     assert proc.wait(timeout=60) == 0
     assert proc.stderr.read() == b""
+
+
+@pytest.mark.parametrize(("command", "code"), [("ls", 0), ("verify", 1), ("cat", 0), ("show", 0)])
+def test_a_closed_stdout_keeps_the_commands_exit_code(
+    tmp_path: Path, command: str, code: int
+) -> None:
+    """`runfmt verify | true`: the reader is gone before the first write; the output is
+    dropped without a word about the pipe, and the exit code is still the command's own."""
+    store = runfmt.Store(tmp_path / "runs")
+    with store.create_run("good") as good:
+        good.append("score", {"i": 1})
+    with store.create_run("bad") as bad:
+        bad.append("score", {"i": 2})
+    stage_file = next((tmp_path / "runs" / bad.run_id).glob("stages/score/*.zst"))
+    stage_file.write_bytes(stage_file.read_bytes() + b"x")
+    args = {"ls": [], "verify": [], "cat": [good.run_id, "score"], "show": [good.run_id]}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "runfmt", "--store", str(tmp_path / "runs"), command,
+             *args[command]],
+            stdout=write_end, stderr=subprocess.PIPE, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert proc.returncode == code
+    assert proc.stderr == (b"runfmt: error: 1 problem in 1 of 2 runs\n" if code else b"")
 
 
 # schema
@@ -429,12 +461,39 @@ def test_verify_passes_on_a_sound_store(demo_store: tuple[Path, DemoResult]) -> 
     assert json.loads(invoke(root, "verify", "--json").stdout) == []
 
 
-def test_ls_of_a_missing_folder_says_so(tmp_path: Path) -> None:
-    """A mistyped --store must not read as an empty store."""
-    result = invoke(tmp_path / "typo", "ls")
+@pytest.mark.parametrize(
+    "args",
+    [["ls"], ["ls", "--name", "x*"], ["ls", "--tag", "k=v"], ["status"],
+     ["status", "--status", "failed"], ["verify"]],
+)  # fmt: skip
+def test_a_listing_of_a_missing_folder_says_so(tmp_path: Path, args: list[str]) -> None:
+    """A mistyped --store must not read as an empty store, nor as filters matching nothing."""
+    result = invoke(tmp_path / "typo", *args)
     assert result.exit_code == 0
     assert result.stdout == f"no runs in {tmp_path / 'typo'}: no such folder\n"
     assert not (tmp_path / "typo").exists()
+
+
+def test_report_of_a_missing_folder_warns(tmp_path: Path) -> None:
+    result = invoke(tmp_path / "typo", "report", "-f", "csv")
+    assert result.exit_code == 0
+    assert result.stderr == f"runfmt: warning: no runs in {tmp_path / 'typo'}: no such folder\n"
+    assert result.stdout.splitlines() == ["run_id,name,status,created_at"]
+
+
+def test_empty_listings_say_whether_filters_matched(tmp_path: Path) -> None:
+    store = runfmt.Store(tmp_path / "runs")
+    store.create_run("only").finish()
+    assert invoke(tmp_path / "runs", "ls", "--name", "x*").stdout == (
+        f"no runs in {tmp_path / 'runs'} match\n"
+    )
+    assert invoke(tmp_path / "runs", "status", "--status", "failed").stdout == (
+        f"no runs in {tmp_path / 'runs'} match\n"
+    )
+    assert invoke(tmp_path / "runs", "ls", "--limit", "0").stdout == ""
+
+
+def test_ls_of_a_missing_folder_says_so(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert invoke(tmp_path / "empty", "ls").stdout == f"no runs in {tmp_path / 'empty'}\n"
     said = invoke("memory://typo-in-memory/runs", "ls").stdout

@@ -112,6 +112,16 @@ def test_all_runs_oldest_first_with_name_filter(store: Store, runs: list[str], c
     assert [r["run_id"] for r in csv.DictReader(io.StringIO(out))] == ["r2"]
 
 
+def test_report_uses_the_store_index_like_ls(
+    store: Store, runs: list[str], cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One index per local store: `report` must not build a second one in the user cache."""
+    monkeypatch.setenv("RUNFMT_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli(store, "report", "--format", "csv")[0] == 0
+    assert (Path(store.url) / ".runfmt" / "index.sqlite").is_file()
+    assert not (tmp_path / "cache").exists()
+
+
 def test_unreadable_runs_are_left_out_with_a_warning(
     store: Store, runs: list[str], cli: Cli
 ) -> None:

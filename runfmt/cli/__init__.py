@@ -23,6 +23,7 @@ from typer.main import get_command_name
 if TYPE_CHECKING:
     from typer.models import CommandInfo
 
+    from runfmt.index import Index
     from runfmt.store import Store
 
 __all__ = ["app", "main"]
@@ -45,13 +46,29 @@ class State:
     storage_options: dict[str, Any] = field(default_factory=dict)
     single_writer: bool = False
 
+    @property
+    def url(self) -> str:
+        """The store's location; a run folder given as the store is bad usage (listing it
+        would find nothing and put an index inside the run)."""
+        url = self.store_url or "./runs"
+        local = url.removeprefix("file://")
+        if "://" not in local:
+            from runfmt.format.names import MANIFEST_FILE, MANIFESTS_DIR
+
+            if any(os.path.exists(os.path.join(local, n)) for n in (MANIFESTS_DIR, MANIFEST_FILE)):
+                raise typer.BadParameter(
+                    f"{url} is a run folder, not a store: give it as RUN "
+                    f"(runfmt show {url}), or its parent folder as --store",
+                    param_hint="--store",
+                )
+        return url
+
     def store(self, *, read_only: bool = False) -> "Store":
         from runfmt.store import Store
 
         return Store(
-            self.store_url, self.storage_options, read_only=read_only,
-            single_writer=self.single_writer,
-        )  # fmt: skip
+            self.url, self.storage_options, read_only=read_only, single_writer=self.single_writer
+        )
 
 
 def _parse_options(values: list[str]) -> dict[str, Any]:
@@ -115,16 +132,6 @@ def _main(
     ] = False,
 ) -> None:
     """Write, read, verify and manage runs stored in the runfmt format."""
-    if (
-        store is not None
-        and "://" not in store
-        and os.path.isdir(os.path.join(store, "_manifests"))
-    ):
-        raise typer.BadParameter(
-            f"{store} is a run folder, not a store: give it as RUN (runfmt show {store}), "
-            "or its parent folder as --store",
-            param_hint="--store",
-        )
     ctx.obj = State(store, _parse_options(storage_option or []), single_writer)
 
 
@@ -150,6 +157,36 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def store_index(ctx: typer.Context) -> "Index":
+    """The index of the ``--store``, where `ls` keeps it (a local store's own folder)."""
+    from runfmt.index import Index
+
+    st = state(ctx)
+    return Index.for_url(st.url, st.storage_options)
+
+
+def no_runs(ctx: typer.Context, url: str, *, filtered: bool) -> str:
+    """Why a listing of the store at ``url`` is empty: a missing folder or bucket (a
+    mistyped ``--store``) before filters that ``match`` nothing."""
+    missing = _missing(ctx, url)
+    reason = f": no such {missing}" if missing else " match" if filtered else ""
+    return f"no runs in {url}{reason}"
+
+
+def _missing(ctx: typer.Context, url: str) -> str | None:
+    """`Storage.missing` of the store (on local disk without building a `Storage`)."""
+    if "://" not in url:
+        return None if os.path.isdir(url) else "folder"
+    from runfmt.storage import Storage
+
+    return Storage(url, state(ctx).storage_options, read_only=True).missing()
+
+
+def echo(text: str = "") -> None:
+    """Write one line to stdout, made `printable`."""
+    sys.stdout.write(printable(text) + "\n")
+
+
 @contextlib.contextmanager
 def usage_of(option: str) -> Iterator[None]:
     """An `InvalidInputError` raised in the block is bad usage of ``option`` (exit 2)."""
@@ -167,29 +204,36 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-class _OutputClosed(Exception):
-    """Whoever read stdout has stopped reading (``runfmt ls | head -1``)."""
+_output_closed = False
+
+
+def output_closed() -> bool:
+    """Whether whoever read stdout has stopped reading (``runfmt cat ... | head -1``): a
+    command printing a long output may stop early; it still ends with its own exit code."""
+    return _output_closed
 
 
 class _GuardedOutput:
-    """stdout whose writes raise `_OutputClosed` once its reader has gone, where click
-    would make the BrokenPipeError a silent exit 1."""
+    """stdout that discards what is written once its reader has gone, where click would
+    make the BrokenPipeError a silent exit 1 whatever the command found."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
     def write(self, data: Any) -> int:
-        try:
-            written: int = self._stream.write(data)
-        except BrokenPipeError:
-            raise _OutputClosed from None
-        return written
+        if not _output_closed:
+            try:
+                return int(self._stream.write(data))
+            except BrokenPipeError:
+                _discard_output(self._stream)
+        return len(data)
 
     def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            raise _OutputClosed from None
+        if not _output_closed:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                _discard_output(self._stream)
 
     @property
     def buffer(self) -> "_GuardedOutput":
@@ -199,15 +243,27 @@ class _GuardedOutput:
         return getattr(self._stream, name)
 
 
+def _discard_output(stream: Any) -> None:
+    """Point ``stream``'s descriptor at the null device, so that what Python still holds
+    in its buffers can be flushed at exit without another error."""
+    global _output_closed
+    _output_closed = True
+    with contextlib.suppress(OSError, ValueError):  # a captured stream has no descriptor
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+
+
 def main() -> None:
     """Entry point: run the app; a `RunfmtError` or a failed file operation becomes a
-    message and exit 1; a closed stdout ends the output quietly with exit 0, as after
-    the last line the reader wanted."""
+    message and exit 1. A closed stdout discards the rest of the output: the command
+    still exits with its own code (``runfmt verify | head -1`` exits 1 on a problem)."""
     stdout = sys.stdout
     sys.stdout = _GuardedOutput(stdout)
     try:
         _run()
     finally:
+        sys.stdout.flush()
         sys.stdout = stdout
 
 
@@ -216,10 +272,6 @@ def _run() -> None:
 
     try:
         code = _app_for(sys.argv[1:])(standalone_mode=False)
-    except _OutputClosed:
-        with contextlib.suppress(OSError, ValueError):  # a captured stream has no descriptor
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):

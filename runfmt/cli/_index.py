@@ -4,16 +4,15 @@ A local store's index is opened without importing the storage layer, so that
 ``runfmt ls`` stays fast on thousands of runs.
 """
 
-import os
 import sys
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from runfmt.cli import app, fail, print_json, printable, state, usage_of
+from runfmt.cli import app, fail, no_runs, print_json, printable, store_index, usage_of
 
 if TYPE_CHECKING:
-    from runfmt.index import Index, RunSummary
+    from runfmt.index import RunSummary
 
 index_app = typer.Typer(
     help="Manage the store's index (derived data, rebuilt from the run folders).",
@@ -27,13 +26,6 @@ app.add_typer(index_app, name="index")
 app.add_typer(cache_app, name="cache")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-
-
-def _index(ctx: typer.Context) -> "Index":
-    from runfmt.index import Index
-
-    st = state(ctx)
-    return Index.for_url(st.store_url or "./runs", st.storage_options)
 
 
 def _tags(values: list[str]) -> dict[str, str]:
@@ -85,7 +77,7 @@ def ls(
 
     with usage_of("--since"):
         moment = parse_since(since) if since is not None else None
-    index = _index(ctx)
+    index = store_index(ctx)
     with usage_of("--status"):
         runs = index.runs(
             status=status or None, name=name, tags=_tags(tag or []), since=moment, limit=limit
@@ -94,20 +86,9 @@ def ls(
         print_json([r.to_json() for r in runs])
     elif runs:
         _print_runs(runs)
-    elif status or name or tag or since or limit == 0:
-        sys.stdout.write(f"no runs in {index.url} match\n")
-    else:
-        missing = _missing(ctx, index.url)
-        sys.stdout.write(f"no runs in {index.url}{f': no such {missing}' if missing else ''}\n")
-
-
-def _missing(ctx: typer.Context, url: str) -> str | None:
-    """`Storage.missing` of the store (on local disk without building a `Storage`)."""
-    if "://" not in url:
-        return None if os.path.isdir(url) else "folder"
-    from runfmt.storage import Storage
-
-    return Storage(url, state(ctx).storage_options, read_only=True).missing()
+    elif limit != 0:
+        filtered = bool(status or name or tag or since)
+        sys.stdout.write(no_runs(ctx, index.url, filtered=filtered) + "\n")
 
 
 def _print_runs(runs: "list[RunSummary]") -> None:
@@ -136,7 +117,7 @@ def _print_runs(runs: "list[RunSummary]") -> None:
 @index_app.command("rebuild")
 def rebuild(ctx: typer.Context, json_: JsonOpt = False) -> None:
     """Forget the index and rebuild it from the run folders."""
-    index = _index(ctx)
+    index = store_index(ctx)
     stats = index.rebuild()
     if json_:
         print_json({"index": index.path, "runs": stats.runs, "cache_entries": stats.cache_entries,
@@ -165,7 +146,7 @@ def cache_get(
     """Print the newest committed record with KEY in STAGE, from any run, with its provenance."""
     from runfmt.cache import Cache
 
-    cache = Cache(_index(ctx))
+    cache = Cache(store_index(ctx))
     hit = cache.get(stage, key, record_schema_version=record_schema_version)
     if hit is None:
         stages = cache.stages()

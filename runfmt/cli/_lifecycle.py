@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, fail, print_json, state, usage_of
+from runfmt.cli import app, echo, fail, no_runs, print_json, printable, state, usage_of
 
 if TYPE_CHECKING:
     from runfmt.lifecycle import RunSummary
@@ -40,7 +40,9 @@ def status(
 
     unknown = sorted(set(health or ()) - set(_HEALTH))
     if unknown:
-        fail(f"--status must be one of {', '.join(_HEALTH)}, not {', '.join(unknown)}", 2)
+        raise typer.BadParameter(
+            f"must be one of {', '.join(_HEALTH)}, not {', '.join(unknown)}", param_hint="--status"
+        )
     store = state(ctx).store(read_only=True)
     clock = now()
     with usage_of("--config"):
@@ -61,9 +63,10 @@ def status(
         for s in summaries:
             sys.stdout.write(_status_line(s) + "\n")
         for exc in broken:
-            sys.stdout.write(f"{exc.location or '?'}  unreadable: {exc.problem}\n")
+            sys.stdout.write(printable(f"{exc.location or '?'}  unreadable: {exc.problem}") + "\n")
         if not summaries and not broken:
-            sys.stdout.write(f"no runs in {store.url}\n")
+            filtered = bool(health or config)
+            sys.stdout.write(no_runs(ctx, store.url, filtered=filtered) + "\n")
     if broken:
         fail(f"{len(broken)} run(s) cannot be read; `runfmt verify` lists every problem")
 
@@ -84,7 +87,7 @@ def _status_line(s: "RunSummary") -> str:
     when = f"{_ago(s.age_seconds)} old"
     if s.health in ("running", "abandoned"):
         when += f", seen {_ago(s.idle_seconds)} ago"
-    return f"{s.run_id}  {s.name}  {state_text}  [{stages}]  {when}"
+    return printable(f"{s.run_id}  {s.name}  {state_text}  [{stages}]  {when}")
 
 
 def _ago(seconds: float) -> str:
@@ -130,7 +133,7 @@ def _print_tree(node: "LineageNode", depth: int) -> None:
         note = "  (parents shown above)"
     elif node.artifact is not None:
         note = f"  ({node.artifact.media_type}, {node.artifact.bytes} bytes)"
-    sys.stdout.write(f"{'  ' * depth}{node.ref}{note}\n")
+    echo(f"{'  ' * depth}{node.ref}{note}")
     for parent in node.parents:
         _print_tree(parent, depth + 1)
 

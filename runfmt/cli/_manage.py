@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, fail, print_json, state, usage_of
+from runfmt.cli import app, echo, fail, no_runs, print_json, printable, state, store_index, usage_of
 
 if TYPE_CHECKING:
     from runfmt.compare import Comparison, RunDiff
@@ -38,6 +38,7 @@ def _counter(value: float | None) -> str:
 
 
 def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> None:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 
     def line(cells: list[str]) -> str:
@@ -46,7 +47,7 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> None:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    sys.stdout.write("\n".join(line(r) for r in [headers, *rows]) + "\n")
+    sys.stdout.write("".join(line(r) + "\n" for r in [headers, *rows]))
 
 
 @app.command()
@@ -65,27 +66,30 @@ def diff(ctx: typer.Context, run_a: RunArg, run_b: RunArg, json_: JsonOpt = Fals
 def _print_diff(d: "RunDiff") -> None:
     from runfmt.units import format_size
 
-    out = sys.stdout.write
-    out(f"A  {d.run_a}  {d.name[0]}  {d.status[0]}\n")
-    out(f"B  {d.run_b}  {d.name[1]}  {d.status[1]}\n")
+    echo(f"A  {d.run_a}  {d.name[0]}  {d.status[0]}")
+    echo(f"B  {d.run_b}  {d.name[1]}  {d.status[1]}")
     for title, changes in (("config", d.config), ("tags", d.tags)):
         if not changes:
-            out(f"\n{title}: same\n")
+            echo()
+            echo(f"{title}: same")
             continue
-        out(f"\n{title}: {len(changes)} difference{'s' * (len(changes) != 1)}\n")
+        echo()
+        echo(f"{title}: {len(changes)} difference{'s' * (len(changes) != 1)}")
         for c in changes:
             if c.kind == "added":
-                out(f"  + {c.path} = {_show(c.b)}  (only in B)\n")
+                echo(f"  + {c.path} = {_show(c.b)}  (only in B)")
             elif c.kind == "removed":
-                out(f"  - {c.path} = {_show(c.a)}  (only in A)\n")
+                echo(f"  - {c.path} = {_show(c.a)}  (only in A)")
             else:
-                out(f"  ~ {c.path}: {_show(c.a)} -> {_show(c.b)}\n")
+                echo(f"  ~ {c.path}: {_show(c.a)} -> {_show(c.b)}")
     if d.counters:
-        out("\ncounters:\n")
+        echo()
+        echo("counters:")
         rows = [[k, _counter(a), _counter(b)] for k, (a, b) in d.counters.items()]
         _table(["  counter", "A", "B"], [["  " + r[0], *r[1:]] for r in rows], {1, 2})
     if d.stages:
-        out("\nstages:\n")
+        echo()
+        echo("stages:")
         rows = [
             [
                 "  " + s.name,
@@ -165,33 +169,36 @@ def _print_comparison(c: "Comparison") -> None:
         shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
         return f"{len(found)}" + (f" ({shown})" if found else "")
 
-    out = sys.stdout.write
-    out(f"{c.stage}.{c.field} paired by {c.key_field}: n = {c.n}\n")
-    out(f"  A  {c.run_a}  mean {c.mean_a:.4f}\n")
-    out(f"  B  {c.run_b}  mean {c.mean_b:.4f}\n")
-    out(
+    echo(f"{c.stage}.{c.field} paired by {c.key_field}: n = {c.n}")
+    echo(f"  A  {c.run_a}  mean {c.mean_a:.4f}")
+    echo(f"  B  {c.run_b}  mean {c.mean_b:.4f}")
+    echo(
         f"  B - A  {c.mean_diff:+.4f}  {c.confidence:.0%} CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}]"
-        f"  (percentile bootstrap, {c.resamples} resamples, seed {c.seed})\n"
+        f"  (percentile bootstrap, {c.resamples} resamples, seed {c.seed})"
     )
-    out(f"  B > A: {c.wins}   B < A: {c.losses}   ties: {c.ties}\n")
-    out(f"  keys only in A: {keys(c.only_a)}   only in B: {keys(c.only_b)}\n")
-    out(f"  failure records left out: A {c.failures_a}, B {c.failures_b}\n")
+    echo(f"  B > A: {c.wins}   B < A: {c.losses}   ties: {c.ties}")
+    echo(f"  keys only in A: {keys(c.only_a)}   only in B: {keys(c.only_b)}")
+    echo(f"  failure records left out: A {c.failures_a}, B {c.failures_b}")
 
 
 def _runs(
-    store: "Store", runs: list[str], name: str | None, limit: int | None
+    ctx: typer.Context, store: "Store", runs: list[str], name: str | None, limit: int | None
 ) -> "list[RunReader]":
     """The given runs, else the store's newest readable runs (``name`` a glob), oldest first."""
     if runs:
         return [store.open_run(r) for r in runs]
     chosen: list[str] = []
-    for summary in store.index.runs(name=name):
+    index = store_index(ctx)
+    for summary in index.runs(name=name):
         if summary.problem is not None:
             sys.stderr.write(
                 f"runfmt: warning: skipped unreadable run {summary.run_id}: {summary.problem}\n"
             )
         elif limit is None or len(chosen) < limit:
             chosen.append(summary.run_id)
+    if not chosen:
+        message = no_runs(ctx, index.url, filtered=name is not None)
+        sys.stderr.write(f"runfmt: warning: {message}\n")
     return [store.open_run(run_id) for run_id in reversed(chosen)]
 
 
@@ -235,7 +242,7 @@ def report(
     from runfmt.report import build_report, render
 
     store = state(ctx).store(read_only=True)
-    result = build_report(_runs(store, runs or [], name, limit), stage, metric or [])
+    result = build_report(_runs(ctx, store, runs or [], name, limit), stage, metric or [])
     text = render(result, fmt, digits=digits, title=title)  # type: ignore[arg-type]
     if output is None:
         sys.stdout.write(text)
@@ -317,29 +324,28 @@ def _print_plan(
 ) -> None:
     from runfmt.units import format_size
 
-    out = sys.stdout.write
     verb = "deleting" if applied else "would delete"
     if plan.delete:
-        out(f"{verb} {len(plan.delete)} run(s), {format_size(plan.bytes_freed)}:\n")
+        echo(f"{verb} {len(plan.delete)} run(s), {format_size(plan.bytes_freed)}:")
         rows = [
             ["  " + e.run_id, e.name, e.status, format_size(e.bytes), e.reason] for e in plan.delete
         ]
         _table(["  run", "name", "status", "size", "why"], rows, {3})
     else:
-        out("nothing to delete\n")
-    out(f"keeping {len(plan.keep)} run(s)\n")
+        echo("nothing to delete")
+    echo(f"keeping {len(plan.keep)} run(s)")
     for e in plan.protected:
-        out(f"  never deleting {e.run_id} ({e.name}): {e.reason}\n")
+        echo(f"  never deleting {e.run_id} ({e.name}): {e.reason}")
     for u in plan.unreadable:
-        out(f"  leaving unreadable {u['run_id']} alone: {u['error']}\n")
+        echo(f"  leaving unreadable {u['run_id']} alone: {u['error']}")
     if plan.over_cap:
-        out(f"still {format_size(plan.over_cap)} over --max-size: the rest may not be deleted\n")
+        echo(f"still {format_size(plan.over_cap)} over --max-size: the rest may not be deleted")
     if applied:
-        out(f"deleted {len(deleted)} run(s)\n")
+        echo(f"deleted {len(deleted)} run(s)")
         for s in skipped:
-            sys.stderr.write(f"runfmt: skipped {s['run_id']}: {s['reason']}\n")
+            sys.stderr.write(printable(f"runfmt: skipped {s['run_id']}: {s['reason']}") + "\n")
     elif plan.delete:
-        out("run again with --yes to delete\n")
+        echo("run again with --yes to delete")
 
 
 @app.command("export")

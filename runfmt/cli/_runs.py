@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, fail, print_json, printable, state
+from runfmt.cli import app, echo, fail, no_runs, output_closed, print_json, printable, state
 
 if TYPE_CHECKING:
     from runfmt.format.validate import Problem
@@ -74,6 +74,8 @@ def cat(
     if artifact is not None:
         for chunk in reader.stream_artifact(artifact):
             out.write(chunk)
+            if output_closed():
+                break
     else:
         assert stage is not None
         _write_records(out, reader, stage, limit)
@@ -90,6 +92,8 @@ def _write_records(out: Any, reader: "RunReader", stage: str, limit: int | None)
     for batch in reader.record_batches(stage):
         records = batch if left is None else batch[:left]
         out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
+        if output_closed():
+            return
         if left is not None:
             left -= len(records)
             if left == 0:
@@ -119,7 +123,7 @@ def verify(
     if json_:
         print_json([_problem_json(run, p) for run, problems in bad for p in problems])
     elif not targets:
-        sys.stdout.write(f"no runs in {store.url}\n")
+        echo(no_runs(ctx, store.url, filtered=False))
     else:
         for run, problems in found:
             _print_verdict(run, problems)
@@ -135,7 +139,7 @@ def _print_verdict(run: "Storage", problems: "Sequence[Problem]") -> None:
         sys.stdout.write(f"ok    {label}\n")
         return
     for p in problems:
-        sys.stdout.write(f"{_full_location(run, p.location)}: {p.problem} ({p.rule or '-'})\n")
+        echo(f"{_full_location(run, p.location)}: {p.problem} ({p.rule or '-'})")
     fixable = sum(p.repairable for p in problems)
     hint = f"; `runfmt repair {label}` fixes {fixable}" if fixable else ""
     sys.stdout.write(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}\n")
@@ -183,9 +187,9 @@ def repair(
     storage = state(ctx).store().locate(run)
     report = repair_run(storage, salvage=not drop)
     for action in report.actions:
-        sys.stdout.write(f"{action}\n")
+        echo(action)
     for p in report.left:
-        sys.stdout.write(f"not repaired: {_full_location(storage, p.location)}: {p.problem}\n")
+        echo(f"not repaired: {_full_location(storage, p.location)}: {p.problem}")
     if not report.actions:
         sys.stdout.write("nothing to repair\n")
     problems = verify_run(storage)
