@@ -919,7 +919,7 @@ class Index:
 
 
 class _Retry(Exception):
-    """The index file was corrupt and has been discarded: run the operation again."""
+    """The index file was deleted, replaced, or corrupt and discarded: run the operation again."""
 
 
 def _stamp(row: Row) -> Stamp:

@@ -381,6 +381,8 @@ def test_schema_lists_names_and_prints_each(tmp_path: Path) -> None:
     listing = invoke(tmp_path, "schema")
     assert listing.exit_code == 0
     assert [line.split("\t")[0] for line in listing.stdout.splitlines()] == list(SCHEMA_NAMES)
+    as_json = json.loads(invoke(tmp_path, "schema", "--json").stdout)
+    assert as_json == [{"name": n, "$id": load_schema(n)["$id"]} for n in SCHEMA_NAMES]
     for name in SCHEMA_NAMES:
         result = invoke(tmp_path, "schema", name)
         assert result.exit_code == 0

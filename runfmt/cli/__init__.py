@@ -13,7 +13,7 @@ import contextlib
 import copy
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -185,6 +185,23 @@ def _missing(ctx: typer.Context, url: str) -> str | None:
 def echo(text: str = "") -> None:
     """Write one line to stdout, made `printable`."""
     sys.stdout.write(printable(text) + "\n")
+
+
+def table(headers: list[str], rows: list[list[str]], right: Set[int] = frozenset()) -> None:
+    """Plain aligned columns on stdout, the columns in ``right`` right-aligned, the cells
+    made `printable`."""
+    lines = [headers, *([printable(c) for c in row] for row in rows)]
+    widths = [max(map(len, column)) for column in zip(*lines, strict=True)]
+    sys.stdout.write(
+        "".join(
+            "  ".join(
+                c.rjust(w) if i in right else c.ljust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+            + "\n"
+            for line in lines
+        )
+    )
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from runfmt.cli import app, fail, no_runs, print_json, printable, store_index, usage_of
+from runfmt.cli import app, fail, no_runs, print_json, store_index, table, usage_of
 
 if TYPE_CHECKING:
     from runfmt.index import RunSummary
@@ -96,7 +96,7 @@ def _print_runs(runs: "list[RunSummary]") -> None:
     rows = [
         [
             r.run_id,
-            printable(r.name),
+            r.name,
             r.status,
             (r.created_at or "")[:19].replace("T", " "),
             str(len(r.stages)),
@@ -104,11 +104,7 @@ def _print_runs(runs: "list[RunSummary]") -> None:
         ]
         for r in runs
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = [c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in
-                 enumerate(zip(row, widths, strict=True))]  # fmt: skip
-        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+    table(header, rows, {4, 5})
     for r in runs:
         if r.problem:
             sys.stderr.write(f"runfmt: {r.run_id}: {r.problem}\n")

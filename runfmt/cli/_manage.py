@@ -12,7 +12,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, echo, fail, no_runs, print_json, printable, state, store_index, usage_of
+from runfmt.cli import (
+    app,
+    echo,
+    fail,
+    no_runs,
+    print_json,
+    printable,
+    state,
+    store_index,
+    table,
+    usage_of,
+)
 
 if TYPE_CHECKING:
     from runfmt.compare import Comparison, RunDiff
@@ -35,19 +46,6 @@ def _counter(value: float | None) -> str:
     if value is None:
         return ""
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> None:
-    rows = [[printable(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    sys.stdout.write("".join(line(r) + "\n" for r in [headers, *rows]))
 
 
 @app.command()
@@ -86,7 +84,7 @@ def _print_diff(d: "RunDiff") -> None:
         echo()
         echo("counters:")
         rows = [[k, _counter(a), _counter(b)] for k, (a, b) in d.counters.items()]
-        _table(["  counter", "A", "B"], [["  " + r[0], *r[1:]] for r in rows], {1, 2})
+        table(["  counter", "A", "B"], [["  " + r[0], *r[1:]] for r in rows], {1, 2})
     if d.stages:
         echo()
         echo("stages:")
@@ -115,7 +113,7 @@ def _print_diff(d: "RunDiff") -> None:
             "size A",
             "size B",
         ]
-        _table(headers, rows, {3, 4, 5, 6, 7, 8})
+        table(headers, rows, {3, 4, 5, 6, 7, 8})
 
 
 @app.command()
@@ -330,7 +328,7 @@ def _print_plan(
         rows = [
             ["  " + e.run_id, e.name, e.status, format_size(e.bytes), e.reason] for e in plan.delete
         ]
-        _table(["  run", "name", "status", "size", "why"], rows, {3})
+        table(["  run", "name", "status", "size", "why"], rows, {3})
     else:
         echo("nothing to delete")
     echo(f"keeping {len(plan.keep)} run(s)")

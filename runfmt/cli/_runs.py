@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, echo, fail, no_runs, output_closed, print_json, printable, state
+from runfmt.cli import app, echo, fail, no_runs, output_closed, print_json, printable, state, table
 
 if TYPE_CHECKING:
     from runfmt.format.validate import Problem
@@ -205,13 +205,17 @@ def schema(
     name: Annotated[
         str | None, typer.Argument(help="A schema name; lists the names when omitted.")
     ] = None,
+    json_: JsonOpt = False,
 ) -> None:
     """Print a JSON Schema of the format (manifest, stage-header, ...)."""
     from runfmt.format.schemas import SCHEMA_NAMES, load_schema
 
     if name is None:
-        for known in SCHEMA_NAMES:
-            sys.stdout.write(f"{known}\t{load_schema(known).get('$id', '')}\n")
+        listed = [{"name": n, "$id": load_schema(n).get("$id", "")} for n in SCHEMA_NAMES]
+        if json_:
+            print_json(listed)
+        else:
+            sys.stdout.write("".join(f"{e['name']}\t{e['$id']}\n" for e in listed))
         return
     if name not in SCHEMA_NAMES:
         fail(f"unknown schema {name!r}; known: {', '.join(SCHEMA_NAMES)}", 2)
@@ -301,7 +305,7 @@ def _print_summary(s: Mapping[str, Any]) -> None:
         f"{totals['files']} files, {format_size(totals['bytes'])}\n"
     )
     if s["stages"]:
-        _table(
+        _titled_table(
             "stages",
             ["stage", "status", "records", "failures", "files", "size", "key field", "schema"],
             [
@@ -320,7 +324,7 @@ def _print_summary(s: Mapping[str, Any]) -> None:
             right={2, 3, 4, 5},
         )
     if s["artifacts"]:
-        _table(
+        _titled_table(
             "artifacts",
             ["artifact", "size", "media type", "sha256"],
             [
@@ -354,14 +358,15 @@ def _number(value: float) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _table(title: str, headers: list[str], rows: list[list[str]], right: set[int]) -> None:
+def _titled_table(title: str, headers: list[str], rows: list[list[str]], right: set[int]) -> None:
     """A table: rich on a terminal, plain aligned columns in a pipe."""
     if sys.stdout.isatty():
         from rich import box
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(
+        grid = Table(
             title=title,
             title_justify="left",
             box=box.SIMPLE_HEAD,
@@ -369,18 +374,12 @@ def _table(title: str, headers: list[str], rows: list[list[str]], right: set[int
             padding=(0, 1, 0, 0),
         )
         for i, header in enumerate(headers):
-            table.add_column(header, justify="right" if i in right else "left", no_wrap=True)
+            grid.add_column(header, justify="right" if i in right else "left", no_wrap=True)
         for row in rows:
-            table.add_row(*row)
+            grid.add_row(*(Text(printable(c)) for c in row))  # Text: no rich markup in names
         console = Console()
         console.print()
-        console.print(table)
+        console.print(grid)
         return
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     sys.stdout.write(f"\n{title}\n")
-    for row in [headers, *rows]:
-        cells = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+    table(headers, rows, right)
