@@ -15,6 +15,7 @@ from typing import Any
 
 from runfmt.errors import FormatError, InvalidInputError, RunfmtError
 from runfmt.format import names
+from runfmt.format.manifest import parse_timestamp
 from runfmt.locking import commit_lock, live_writers
 from runfmt.run import RunReader, load_manifest, unpublish
 from runfmt.store import Store
@@ -28,10 +29,6 @@ __all__ = [
 ]
 
 DEFAULT_ACTIVE_WITHIN = timedelta(hours=24)
-
-
-def _parse_time(stamp: str) -> datetime:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +76,7 @@ def _being_written(run: RunReader, now: datetime, active_within: timedelta) -> s
         return None
     if live_writers(run.storage):
         return "being written (a live writer holds its lock)"
-    idle = now - _parse_time(run.manifest.updated_at)
+    idle = now - parse_timestamp(run.manifest.updated_at)
     if idle < active_within:
         return f"being written (updated {int(idle.total_seconds())} s ago)"
     return None
@@ -143,7 +140,7 @@ def plan_gc(
             else:
                 keep_reason = f"among the newest {keep_last} of {m.name!r}"
         if older_than is not None:
-            if _parse_time(m.updated_at) < now - older_than:
+            if parse_timestamp(m.updated_at) < now - older_than:
                 reasons.append(f"not updated for over {_human(older_than)}")
             else:
                 keep_reason = keep_reason or f"updated within {_human(older_than)}"

@@ -22,7 +22,7 @@ from runfmt.errors import (
 )
 from runfmt.format import names
 from runfmt.format.keys import compute_key
-from runfmt.format.manifest import Manifest
+from runfmt.format.manifest import Manifest, parse_timestamp
 from runfmt.locking import live_writers
 from runfmt.run import RunReader, RunWriter, load_manifest, unpublish
 
@@ -54,12 +54,6 @@ Action = Literal["created", "resumed", "reused", "rerun"]
 _SLUG_JUNK = re.compile(r"[^a-z0-9]+")
 _RERUN_PREFIX = ".rerun-"
 _SLUG_MAX = 100 - 17
-
-
-def parse_timestamp(text: str) -> datetime:
-    """An RFC 3339 UTC timestamp as written in manifests (fractions beyond µs dropped)."""
-    head, _, frac = text.rstrip("Z").partition(".")
-    return datetime.fromisoformat(f"{head}.{(frac or '0')[:6]:0<6}+00:00")
 
 
 def last_sign_of_life(m: Manifest) -> str:

@@ -66,6 +66,7 @@ from runfmt.format.manifest import (
     check_tags,
     decode_manifest,
     encode_manifest,
+    parse_timestamp,
 )
 from runfmt.format.records import (
     ERROR_FIELD,
@@ -177,13 +178,23 @@ def commit(
         return commit_locked(run, changes, base)
 
 
+def _silent_since(base: Manifest) -> float:
+    """Seconds since ``base`` was committed, by this machine's clock."""
+    return (datetime.now(UTC) - parse_timestamp(base.updated_at)).total_seconds()
+
+
 def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None) -> Manifest:
     """`commit` for a caller that holds the commit lock already.
 
     A newer revision than ``base`` is merged into, unless it belongs to another run with
     the same id (created since, by a rerun): then `ConflictError`, and nothing is written.
+    A ``base`` committed longer ago than any heartbeat interval is read again even when
+    it is still the newest number: its writer may have been judged abandoned meanwhile
+    and the run replaced by one at the same revision (COMMIT-4).
     """
     born = None if base is None else base.created_at
+    if base is not None and _silent_since(base) > MAX_HEARTBEAT_INTERVAL:
+        base = None
     for _ in range(_COMMIT_ATTEMPTS):
         newest = revisions(run)
         if base is None or not newest or newest[-1] != base.revision:

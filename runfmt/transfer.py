@@ -38,6 +38,7 @@ from runfmt.format.manifest import (
     Manifest,
     check_compatible,
     decode_manifest,
+    parse_timestamp,
 )
 from runfmt.format.records import Record, is_failure
 from runfmt.format.schemas import schema_errors
@@ -405,9 +406,7 @@ def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
 
 
 def _epoch(stamp: str) -> int:
-    from datetime import datetime
-
-    return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+    return int(parse_timestamp(stamp).timestamp())
 
 
 class _BytesReader:

@@ -3,6 +3,8 @@ lost, a run id whose first revision was pruned, a run replaced while a writer he
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from runfmt import lifecycle
 from runfmt.errors import ConflictError, RunExistsError
 from runfmt.format import names
-from runfmt.run import KEEP_REVISIONS, revisions
+from runfmt.run import KEEP_REVISIONS, MAX_HEARTBEAT_INTERVAL, revisions
 from runfmt.storage import Storage
 from runfmt.store import Store
 
@@ -113,4 +115,28 @@ def test_a_writer_whose_run_was_replaced_cannot_commit_into_the_new_run(
     reread = memory_store.open_run(new.run_id)
     assert reread.manifest.created_at == new.manifest.created_at
     assert [r["i"] for r in reread.records("gen")] == [0, 1, 2]
+    new.finish()
+
+
+def test_a_writer_silent_past_its_heartbeats_checks_the_run_before_committing(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new run reached the revision number the old writer last committed: only a
+    re-read shows that the run changed hands, and a silence that long calls for one."""
+    old: Any = memory_store.open_or_create("det", {"a": 1}, heartbeat_interval=None).writer
+    old.append("gen", {"i": "old"})
+    old.flush()
+    monkeypatch.setattr(lifecycle, "ABANDON_AFTER", -1.0)
+    new: Any = memory_store.open_or_create(
+        "det", {"a": 1}, policy="rerun", heartbeat_interval=None
+    ).writer
+    new.append("gen", {"i": 0})
+    new.flush()
+    assert new.manifest.revision == old.manifest.revision
+    silent = datetime.now(UTC) - timedelta(seconds=MAX_HEARTBEAT_INTERVAL + 1)
+    old.manifest = replace(old.manifest, updated_at=silent.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    old.append("gen", {"i": "late"})
+    with pytest.raises(ConflictError, match="replaced by another run"):
+        old.flush()
+    assert [r["i"] for r in memory_store.open_run(new.run_id).records("gen")] == [0]
     new.finish()

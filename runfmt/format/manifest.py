@@ -33,6 +33,7 @@ __all__ = [
     "decode_manifest",
     "encode_manifest",
     "manifest_problems",
+    "parse_timestamp",
 ]
 
 FORMAT_VERSION = "1.0"
@@ -48,6 +49,12 @@ MAX_TAG_VALUE = 1024
 MAX_ERROR = 65536
 _TIMESTAMPS = ("created_at", "updated_at", "finished_at", "heartbeat_at")
 UPGRADE_HINT = "upgrade runfmt to read this run"
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 UTC timestamp as written in manifests (fractions beyond µs dropped)."""
+    head, _, frac = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac or '0')[:6]:0<6}+00:00")
 
 
 @dataclass(frozen=True, slots=True)
