@@ -451,6 +451,8 @@ class StageWriter:
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Buffer one record; a bad record raises `InvalidInputError` and changes nothing."""
+        if self._run._closed:
+            self._run._check_open()
         line = encode_record(record, self.entry.key_field)
         if len(line) > MAX_RECORD_BYTES:
             raise InvalidInputError(
@@ -472,6 +474,7 @@ class StageWriter:
         Flushes fall on the same records as with `append`; a bad record raises
         after the records before it were appended.
         """
+        self._run._check_open()
         it = iter(records)
         while True:
             batch: list[Mapping[str, Any]] = []
@@ -788,7 +791,11 @@ class RunWriter:
                     if entry is not None:
                         self._changes.files[entry.path] = entry
                 self._changes.heartbeat = True
-                self.manifest = commit_locked(self.storage, self._changes, self.manifest)
+                try:
+                    self.manifest = commit_locked(self.storage, self._changes, self.manifest)
+                except ConflictError:
+                    self._stop_if_replaced()
+                    raise
                 self._changes = ChangeSet()
             return self.manifest
 
@@ -813,6 +820,9 @@ class RunWriter:
                     )
                 except RunNotFoundError:
                     return
+                except ConflictError:
+                    if self._stop_if_replaced():
+                        return
                 except (RunfmtError, OSError):
                     continue
 
@@ -874,6 +884,21 @@ class RunWriter:
         Bytes already appended past the last commit are debris that `repair` removes.
         """
         self._release()
+
+    def _stop_if_replaced(self) -> bool:
+        """After a refused commit: when the run now is another run with this id (a rerun,
+        COMMIT-4), delete the stage files this writer wrote for it, which that run does not
+        list (their names hold this writer's id), and close. Whether it was replaced."""
+        try:
+            replaced = load_manifest(self.storage).created_at != self.manifest.created_at
+        except (RunfmtError, OSError):
+            return False
+        if replaced:
+            for path in self._changes.files:
+                with contextlib.suppress(RunfmtError, OSError):
+                    self.storage.delete(path)
+            self._release()
+        return replaced
 
     def _release(self) -> None:
         with self._mutex:

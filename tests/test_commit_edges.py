@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from runfmt import lifecycle
-from runfmt.errors import ConflictError, RunExistsError
+from runfmt.check import verify_run
+from runfmt.errors import ConflictError, InvalidInputError, RunExistsError
 from runfmt.format import names
 from runfmt.run import KEEP_REVISIONS, MAX_HEARTBEAT_INTERVAL, revisions
 from runfmt.storage import Storage
@@ -116,6 +117,16 @@ def test_a_writer_whose_run_was_replaced_cannot_commit_into_the_new_run(
     assert reread.manifest.created_at == new.manifest.created_at
     assert [r["i"] for r in reread.records("gen")] == [0, 1, 2]
     new.finish()
+    assert_left_nothing(memory_store, old)
+
+
+def assert_left_nothing(store: Store, old: Any) -> None:
+    """The refused writer deleted the stage files it wrote for the new run, and closed."""
+    run = store.locate(old.run_id)
+    assert not [p for p in run.walk() if old.writer_id in p]
+    assert verify_run(run) == []
+    with pytest.raises(InvalidInputError, match="closed"):
+        old.append("gen", {"i": "later"})
 
 
 def test_a_writer_silent_past_its_heartbeats_checks_the_run_before_committing(
@@ -140,3 +151,4 @@ def test_a_writer_silent_past_its_heartbeats_checks_the_run_before_committing(
         old.flush()
     assert [r["i"] for r in memory_store.open_run(new.run_id).records("gen")] == [0]
     new.finish()
+    assert_left_nothing(memory_store, old)

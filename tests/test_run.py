@@ -119,8 +119,9 @@ def test_a_closed_run_resumes_and_keeps_every_record(store: Store) -> None:
     w = store.create_run("eval", **QUIET)
     w.extend("score", rows(20))
     w.close()
-    with pytest.raises(InvalidInputError, match="closed"):
-        w.flush()
+    for use in (w.flush, lambda: w.append("score", rows(1)[0]), lambda: w.extend("score", [])):
+        with pytest.raises(InvalidInputError, match="closed"):
+            use()
     w2 = store.resume_run(w.run_id, **QUIET)
     w2.extend("score", rows(20, start=20))
     w2.finish()
