@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from runfmt.cli import app, fail, no_runs, print_json, store_index, table, usage_of
+from runfmt.cli import app, echo, fail, no_runs, print_json, printable, store_index, table, usage_of
 
 if TYPE_CHECKING:
     from runfmt.index import RunSummary
@@ -87,8 +87,7 @@ def ls(
     elif runs:
         _print_runs(runs)
     elif limit != 0:
-        filtered = bool(status or name or tag or since)
-        sys.stdout.write(no_runs(ctx, index.url, filtered=filtered) + "\n")
+        echo(no_runs(ctx, index.url, filtered=bool(status or name or tag or since)))
 
 
 def _print_runs(runs: "list[RunSummary]") -> None:
@@ -107,7 +106,7 @@ def _print_runs(runs: "list[RunSummary]") -> None:
     table(header, rows, {4, 5})
     for r in runs:
         if r.problem:
-            sys.stderr.write(f"runfmt: {r.run_id}: {r.problem}\n")
+            sys.stderr.write(printable(f"runfmt: {r.run_id}: {r.problem}") + "\n")
 
 
 @index_app.command("rebuild")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, echo, fail, no_runs, print_json, printable, state, usage_of
+from runfmt.cli import app, echo, fail, no_runs, print_json, state, usage_of
 
 if TYPE_CHECKING:
     from runfmt.lifecycle import RunSummary
@@ -61,12 +61,11 @@ def status(
         print_json([s.to_json() for s in summaries])
     else:
         for s in summaries:
-            sys.stdout.write(_status_line(s) + "\n")
+            echo(_status_line(s))
         for exc in broken:
-            sys.stdout.write(printable(f"{exc.location or '?'}  unreadable: {exc.problem}") + "\n")
+            echo(f"{exc.location or '?'}  unreadable: {exc.problem}")
         if not summaries and not broken:
-            filtered = bool(health or config)
-            sys.stdout.write(no_runs(ctx, store.url, filtered=filtered) + "\n")
+            echo(no_runs(ctx, store.url, filtered=bool(health or config)))
     if broken:
         fail(f"{len(broken)} run(s) cannot be read; `runfmt verify` lists every problem")
 
@@ -87,7 +86,7 @@ def _status_line(s: "RunSummary") -> str:
     when = f"{_ago(s.age_seconds)} old"
     if s.health in ("running", "abandoned"):
         when += f", seen {_ago(s.idle_seconds)} ago"
-    return printable(f"{s.run_id}  {s.name}  {state_text}  [{stages}]  {when}")
+    return f"{s.run_id}  {s.name}  {state_text}  [{stages}]  {when}"
 
 
 def _ago(seconds: float) -> str:
