@@ -187,6 +187,7 @@ def listing_rows(root: Path, runs: int) -> Iterator[Row]:
         "read every manifest",
         base_ms,
     )
+    _age(root)  # the rows below measure a store not written to lately, as the first ones do
     no_refresh = best_of(5, lambda: index.runs(refresh=False))
     yield Row.limit(
         f"ls {runs:,} runs, warm index, no reconcile",
