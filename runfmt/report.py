@@ -234,9 +234,17 @@ def _columns(report: Report, digits: int) -> list[_Column]:
     return columns
 
 
+def _one_line(text: str) -> str:
+    """``text`` with every line break and other control character as a space: a table
+    cell stays on its row, and a terminal shown the table gets no escape sequence."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
 def _markdown(report: Report, digits: int) -> str:
     def esc(text: str) -> str:
-        return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+        return _one_line(text).replace("\\", "\\\\").replace("|", "\\|")
 
     columns = _columns(report, digits)
     lines = [
@@ -263,7 +271,7 @@ _LATEX_SPECIAL = {
 
 def latex_escape(text: str) -> str:
     """Text safe in a LaTeX table cell."""
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text.replace("\n", " "))
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in _one_line(text))
 
 
 def _latex(report: Report, digits: int) -> str:

@@ -83,6 +83,22 @@ def test_latex_is_booktabs_and_escaped(store: Store, runs: list[str], cli: Cli) 
     assert latex_escape("50% of $x_1^2 {a} #1 ~ \\") == (
         r"50\% of \$x\_1\textasciicircum{}2 \{a\} \#1 \textasciitilde{} \textbackslash{}"
     )
+    assert latex_escape("a\nb\x1b[2Jc") == "a b [2Jc"
+
+
+def test_markdown_and_latex_cells_hold_no_control_character(
+    store: Store, make_run: MakeRun, cli: Cli
+) -> None:
+    """A hand-edited name can neither break a table row nor send a terminal escapes."""
+    make_run(store, "evil", run_id="r9")
+    newest = max((Path(store.url) / "r9" / "_manifests").glob("*.json"))
+    doc = json.loads(newest.read_bytes())
+    newest.write_text(json.dumps(doc | {"name": "evil\n| x |\x1b[2J\rname"}))
+    for fmt in ("md", "latex"):
+        code, out, _ = cli(store, "report", "r9", "--format", fmt)
+        assert code == 0
+        assert not [c for c in out if not c.isprintable() and c != "\n"], fmt
+        assert len(out.splitlines()) == (3 if fmt == "md" else 8), fmt
 
 
 def test_csv_and_json_keep_full_values(store: Store, runs: list[str], cli: Cli) -> None:
