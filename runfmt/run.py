@@ -354,7 +354,14 @@ class RunReader:
             )
 
     def file_urls(self, stage: str) -> list[str]:
-        """The URLs (or local paths) of the stage's committed files, for external readers."""
+        """The URLs (or local paths) of the stage's committed files, for external readers.
+
+        A reader of a whole file sees only committed records when the run is finished, or
+        on an object store (each flush writes a new object). On local disk, a live
+        writer's newest file in the stage grows by a flush's frames before the commit
+        that lists them: read a running local run through `records`, which stops at the
+        listed length.
+        """
         return [self.storage.where(f.path) for f in self.stage(stage).files]
 
     def artifact(self, name: str) -> ArtifactEntry:
