@@ -160,6 +160,7 @@ def _no_revision(has_manifest_file: bool) -> NoReturn:
 
 
 def _change_ns_or_none(path: str) -> int | None:
+    """The change time of ``path``, or None when it cannot be stat'ed (gone, no folder)."""
     try:
         return int(_change_ns(os.stat(path)))
     except OSError:
