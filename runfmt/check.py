@@ -180,7 +180,7 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
                     Problem(path, f"has {size} bytes, {entry.bytes} committed", "CHECK-1")
                 )
                 continue
-            _repair_file(run, path, entry, stage, salvage, changes, report)
+            _repair_file(run, path, entry, stage, salvage, changes, report, manifest.created_at)
         _remove_leftovers(run, report)
         if changes:
             manifest = commit_locked(run, changes, manifest)
@@ -256,18 +256,25 @@ def _repair_file(
     salvage: bool,
     changes: ChangeSet,
     report: RepairReport,
+    born: str,
 ) -> None:
+    """Salvage or cut what a dead writer left in one stage file past its committed bytes;
+    ``born`` is the run's ``created_at``, which a header naming another one contradicts."""
     committed = entry.bytes if entry else 0
     keep, records, failures, header = (
         _complete_prefix(run.read(path)) if salvage else (0, 0, 0, None)
     )
     stage_name, _ = names.parse_stage_file(path)
-    usable = header is not None and header_problem(header, path, stage) is None
+    foreign = header is not None and header.get("run_created_at", born) != born
+    usable = header is not None and not foreign and header_problem(header, path, stage) is None
     if not usable or records <= (entry.records if entry else 0):
         keep = committed
     if keep == 0:
         run.delete(path)
-        report.actions.append(f"{path}: removed (no committed or complete records)")
+        why = "no committed or complete records"
+        if foreign:
+            why = "written for a run this one replaced"
+        report.actions.append(f"{path}: removed ({why})")
         return
     if keep > committed:
         assert header is not None

@@ -546,6 +546,7 @@ class StageWriter:
                 "writer": self._run.writer_id,
                 "record_schema_version": self.entry.record_schema_version,
                 "key_field": self.entry.key_field,
+                "run_created_at": self._run.manifest.created_at,
             }
         )
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from runfmt import lifecycle
-from runfmt.check import verify_run
-from runfmt.errors import ConflictError, InvalidInputError, RunExistsError
+from runfmt.check import repair_run, verify_run
+from runfmt.errors import ConflictError, InvalidInputError, RunExistsError, StorageError
 from runfmt.format import names
 from runfmt.run import KEEP_REVISIONS, MAX_HEARTBEAT_INTERVAL, revisions
 from runfmt.storage import Storage
@@ -129,3 +129,40 @@ def test_a_writer_whose_run_was_replaced_cannot_commit_into_the_new_run(
     assert verify_run(run) == []
     with pytest.raises(InvalidInputError, match="closed"):
         old.append("gen", {"i": "later"})
+
+
+def test_repair_never_salvages_a_replaced_runs_file_into_its_successor(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refused writer died before deleting the stage file it wrote for the new run:
+    its header's run_created_at names the old run, so repair removes it (COMMIT-8)."""
+    old: Any = memory_store.open_or_create("det", {"a": 1}, heartbeat_interval=None).writer
+    old.append("gen", {"i": "old"})
+    old.flush()
+    monkeypatch.setattr(lifecycle, "ABANDON_AFTER", -1.0)
+    new: Any = memory_store.open_or_create(
+        "det", {"a": 1}, policy="rerun", heartbeat_interval=None
+    ).writer
+    for i in range(3):
+        new.append("gen", {"i": i})
+        new.flush()
+    new.finish()
+    delete = Storage.delete
+
+    def dies_first(self: Storage, rel: str) -> None:
+        if old.writer_id in rel:
+            raise StorageError("the process died here", location=rel)
+        delete(self, rel)
+
+    monkeypatch.setattr(Storage, "delete", dies_first)
+    old.append("gen", {"i": "late"})
+    with pytest.raises(ConflictError, match="replaced by another run"):
+        old.flush()
+    monkeypatch.setattr(Storage, "delete", delete)
+    run = memory_store.locate(new.run_id)
+    [left] = [p for p in run.walk() if old.writer_id in p]
+    report = repair_run(run)
+    assert f"{left}: removed (written for a run this one replaced)" in report.actions
+    assert report.salvaged_records == 0
+    assert [r["i"] for r in memory_store.open_run(new.run_id).records("gen")] == [0, 1, 2]
+    assert verify_run(run) == []

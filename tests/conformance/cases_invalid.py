@@ -580,6 +580,25 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "unlisted-file-of-replaced-run",
+            "A stage file left by a writer of the run this one replaced under the same id "
+            "(its header's run_created_at is not the run's created_at): repair removes it "
+            "and salvages nothing.",
+            ["COMMIT-8", "LAYOUT-4", "FRAME-2"],
+        ),
+        repairable=True,
+    )
+    listed = c.doc["stages"][0]["files"][0]
+    c.file(
+        "generate",
+        [[{"key": "k1:old", "n": 1}]],
+        writer="e5f6a7b8",
+        header={"run_created_at": "2026-10-01T08:00:00.000000Z"},
+    )
+    c.doc["stages"][0]["files"] = [listed]
+    c = add(
+        running(
+            "invalid",
             "newest-revision-corrupt",
             "The newest revision is not JSON "
             "(storage damage): repair sets it aside and the previous one is current.",
