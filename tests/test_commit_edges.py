@@ -95,6 +95,20 @@ def test_a_running_run_on_an_object_store_is_not_replaced(memory_store: Store) -
     first.finish()
 
 
+def rerun_under(store: Store, monkeypatch: pytest.MonkeyPatch, commits: int) -> tuple[Any, Any]:
+    """A writer that committed once and went silent, and the run that replaced its run
+    (judged abandoned at once) after ``commits`` commits: (old writer, new writer)."""
+    old: Any = store.open_or_create("det", {"a": 1}, heartbeat_interval=None).writer
+    old.append("gen", {"i": "old"})
+    old.flush()
+    monkeypatch.setattr(lifecycle, "ABANDON_AFTER", -1.0)
+    new: Any = store.open_or_create("det", {"a": 1}, policy="rerun", heartbeat_interval=None).writer
+    for i in range(commits):
+        new.append("gen", {"i": i})
+        new.flush()
+    return old, new
+
+
 @pytest.mark.parametrize("new_commits", [3, 1])
 def test_a_writer_whose_run_was_replaced_cannot_commit_into_the_new_run(
     memory_store: Store, monkeypatch: pytest.MonkeyPatch, new_commits: int
@@ -103,16 +117,7 @@ def test_a_writer_whose_run_was_replaced_cannot_commit_into_the_new_run(
     up and flushes: its changes must not land in the new run. After one commit the new
     run is at the old writer's revision number: only a re-read shows that the run changed
     hands, and a silence past any heartbeat interval calls for one."""
-    old: Any = memory_store.open_or_create("det", {"a": 1}, heartbeat_interval=None).writer
-    old.append("gen", {"i": "old"})
-    old.flush()
-    monkeypatch.setattr(lifecycle, "ABANDON_AFTER", -1.0)
-    new: Any = memory_store.open_or_create(
-        "det", {"a": 1}, policy="rerun", heartbeat_interval=None
-    ).writer
-    for i in range(new_commits):
-        new.append("gen", {"i": i})
-        new.flush()
+    old, new = rerun_under(memory_store, monkeypatch, new_commits)
     if new.manifest.revision == old.manifest.revision:
         silent = datetime.now(UTC) - timedelta(seconds=MAX_HEARTBEAT_INTERVAL + 1)
         stamp = silent.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -136,16 +141,7 @@ def test_repair_never_salvages_a_replaced_runs_file_into_its_successor(
 ) -> None:
     """The refused writer died before deleting the stage file it wrote for the new run:
     its header's run_created_at names the old run, so repair removes it (COMMIT-8)."""
-    old: Any = memory_store.open_or_create("det", {"a": 1}, heartbeat_interval=None).writer
-    old.append("gen", {"i": "old"})
-    old.flush()
-    monkeypatch.setattr(lifecycle, "ABANDON_AFTER", -1.0)
-    new: Any = memory_store.open_or_create(
-        "det", {"a": 1}, policy="rerun", heartbeat_interval=None
-    ).writer
-    for i in range(3):
-        new.append("gen", {"i": i})
-        new.flush()
+    old, new = rerun_under(memory_store, monkeypatch, 3)
     new.finish()
     delete = Storage.delete
 
