@@ -136,13 +136,13 @@ def verify(
 def _print_verdict(run: "Storage", problems: "Sequence[Problem]") -> None:
     label = _label(run)
     if not problems:
-        sys.stdout.write(f"ok    {label}\n")
+        echo(f"ok    {label}")
         return
     for p in problems:
         echo(f"{_full_location(run, p.location)}: {p.problem} ({p.rule or '-'})")
     fixable = sum(p.repairable for p in problems)
     hint = f"; `runfmt repair {label}` fixes {fixable}" if fixable else ""
-    sys.stdout.write(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}\n")
+    echo(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}")
 
 
 def _problem_json(run: "Storage", p: "Problem") -> dict[str, Any]:
@@ -197,7 +197,7 @@ def repair(
     if problems:
         _print_verdict(storage, problems)
         fail(f"{label}: {_count(len(problems), 'problem')} left after repair")
-    sys.stdout.write(f"ok    {label}: consistent\n")
+    echo(f"ok    {label}: consistent")
 
 
 @app.command()
@@ -296,9 +296,9 @@ def _print_summary(s: Mapping[str, Any]) -> None:
     ]
     for label, value in fields:
         if value:
-            sys.stdout.write(f"{label:<10}{printable(str(value))}\n")
+            echo(f"{label:<10}{value}")
     for key, value in _flatten(s["config"]):
-        sys.stdout.write(f"  {printable(f'{key} = {value}')}\n")
+        echo(f"  {key} = {value}")
     totals = s["totals"]
     sys.stdout.write(
         f"total     {totals['records']} records ({totals['failures']} failures), "
