@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "main"]
 
+RunArg = Annotated[str, typer.Argument(help="A run id in the store, or the path of a run folder.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
 app = typer.Typer(
     name="runfmt",
     help="Write, read, verify and manage runs stored in the runfmt format.",

@@ -1,17 +1,16 @@
 """``runfmt dump``: the reader contract of the conformance suite (spec §13)."""
 
 import sys
-from typing import Annotated
 
 import typer
 
-from runfmt.cli import app, fail, print_json, state
+from runfmt.cli import RunArg, app, fail, print_json, state
 
 
 @app.command()
 def dump(
     ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="A run id in the store, or the path of a run folder.")],
+    run: RunArg,
 ) -> None:
     """Verify a run and print its normalized JSON view; exit 1 with the problems if invalid."""
     from runfmt.conformance import check_run

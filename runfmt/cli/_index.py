@@ -9,7 +9,18 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from runfmt.cli import app, echo, fail, no_runs, print_json, printable, store_index, table, usage_of
+from runfmt.cli import (
+    JsonOpt,
+    app,
+    echo,
+    fail,
+    no_runs,
+    print_json,
+    printable,
+    store_index,
+    table,
+    usage_of,
+)
 
 if TYPE_CHECKING:
     from runfmt.index import RunSummary
@@ -24,8 +35,6 @@ cache_app = typer.Typer(
 )
 app.add_typer(index_app, name="index")
 app.add_typer(cache_app, name="cache")
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
 def _tags(values: list[str]) -> dict[str, str]:

@@ -7,13 +7,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, echo, fail, no_runs, print_json, state, usage_of
+from runfmt.cli import JsonOpt, RunArg, app, echo, fail, no_runs, print_json, state, usage_of
 
 if TYPE_CHECKING:
     from runfmt.lifecycle import RunSummary
     from runfmt.lineage import LineageNode
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 _HEALTH = ("running", "abandoned", "completed", "failed", "cancelled")
 
 
@@ -100,7 +99,7 @@ def _ago(seconds: float) -> str:
 @app.command()
 def lineage(
     ctx: typer.Context,
-    run: Annotated[str, typer.Argument(help="A run id in the store, or the path of a run folder.")],
+    run: RunArg,
     stage: Annotated[str, typer.Argument(help="The stage of the record.")],
     key: Annotated[str, typer.Argument(help="The record's key (its stage's key field).")],
     json_: JsonOpt = False,

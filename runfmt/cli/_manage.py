@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from runfmt.cli import (
+    JsonOpt,
+    RunArg,
     app,
     echo,
     fail,
@@ -31,8 +33,6 @@ if TYPE_CHECKING:
     from runfmt.run import RunReader
     from runfmt.store import Store
 
-RunArg = Annotated[str, typer.Argument(help="A run id in the store, or the path of a run folder.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 _FORMATS = ("json", "md", "csv", "latex", "html")
 
 

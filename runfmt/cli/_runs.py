@@ -11,15 +11,24 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import app, echo, fail, no_runs, output_closed, print_json, printable, state, table
+from runfmt.cli import (
+    JsonOpt,
+    RunArg,
+    app,
+    echo,
+    fail,
+    no_runs,
+    output_closed,
+    print_json,
+    printable,
+    state,
+    table,
+)
 
 if TYPE_CHECKING:
     from runfmt.format.validate import Problem
     from runfmt.run import RunReader
     from runfmt.storage import Storage
-
-RunArg = Annotated[str, typer.Argument(help="A run id in the store, or the path of a run folder.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
 @app.command()
