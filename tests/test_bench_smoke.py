@@ -40,6 +40,20 @@ def test_quick_format_run_prints_every_row_with_its_baseline() -> None:
         assert (row["ok"] is None) == (row["target"] == "")
 
 
+def test_quick_memory_run_streams_a_stage_16_times_bigger_in_flat_memory() -> None:
+    """Peak memory is not noisy the way time is: a reader or writer holding the stage
+    instead of a frame or a flush would grow by tens of MiB here."""
+    done = _bench("--json", "memory")
+    assert done.returncode == 0, done.stderr
+    rows = {
+        json.loads(line)["case"].split()[0]: json.loads(line) for line in done.stdout.splitlines()
+    }
+    assert set(rows) == {"write", "read"}
+    for row in rows.values():
+        assert 0 <= row["value"] < 64
+        assert row["ok"] is True, row
+
+
 def test_rows_render_as_one_table_with_ratios_last(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(BENCH.parent))
     spec = importlib.util.spec_from_file_location("bench_run", BENCH)
