@@ -337,9 +337,11 @@ class RunReader:
                     found = header_problem(event, f.path, stage)
                     if found is not None:
                         problem, rule = found
-                        if rule == "VER-2":
+                        if rule.startswith("VER-"):
                             raise UnsupportedFormatError(
-                                f"{problem} (VER-2)", location=where, hint=UPGRADE_HINT
+                                f"{problem} ({rule})",
+                                location=where,
+                                hint=UPGRADE_HINT if rule == "VER-2" else "",
                             )
                         raise StageFileError(f"{problem} ({rule})", location=where)
         if verify and digest.hexdigest() != f.sha256:

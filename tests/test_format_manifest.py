@@ -167,11 +167,21 @@ def test_unknown_optional_members_are_kept() -> None:
     assert json.loads(encode_manifest(m))["x_future"] == {"a": [1]}
 
 
-@pytest.mark.parametrize("version", ["1.0", "1.7", "0.3"])
-def test_older_and_same_major_versions_are_read(version: str) -> None:
+@pytest.mark.parametrize("version", ["1.0", "1.7", "1.123456789012"])
+def test_any_minor_of_the_same_major_is_read(version: str) -> None:
     assert decode_manifest(json.dumps(doc(format_version=version)).encode()).format_version == (
         version
     )
+
+
+def test_major_zero_is_no_version() -> None:
+    with pytest.raises(UnsupportedFormatError, match=r"0\.3 is not one .* start at 1\.0 \(VER-1\)"):
+        decode_manifest(json.dumps(doc(format_version="0.3")).encode())
+
+
+def test_a_major_too_long_for_an_int_is_newer_not_a_crash() -> None:
+    with pytest.raises(UnsupportedFormatError, match="newer than this reader"):
+        decode_manifest(json.dumps(doc(format_version="9" * 5000 + ".0")).encode())
 
 
 def test_a_newer_major_version_is_refused() -> None:
@@ -199,6 +209,11 @@ BAD_MANIFESTS = [
     (json.dumps(doc(run_id="Bad/Id")).encode(), r"\$\.run_id"),
     (json.dumps(doc(config_hash="md5:x")).encode(), r"\$\.config_hash"),
     (json.dumps(doc(counters={"c": "1"})).encode(), r"\$\.counters\.c"),
+    # MAN-2, §11.2: integers are JSON integers, and a pattern's $ is the end of the string.
+    (json.dumps(doc(revision=1.0)).encode(), r"\$\.revision: 1\.0 is not of type 'integer'"),
+    (json.dumps(doc(revision=True)).encode(), r"\$\.revision: True is not of type 'integer'"),
+    (json.dumps(doc(run_id="run-1\n")).encode(), r"\$\.run_id: 'run-1\\n' does not match"),
+    (json.dumps(doc(tags={"suite\n": "x"})).encode(), r"\$\.tags: 'suite\\n' does not match"),
     (
         json.dumps({k: v for k, v in doc().items() if k != "stages"}).encode(),
         "'stages' is a required",
@@ -276,6 +291,20 @@ def stage_doc(name: str, paths: list[str]) -> dict[str, Any]:
                 ]
             },
             "collides.*MAN-7",
+        ),
+        (
+            {
+                "artifacts": [
+                    {
+                        "path": "artifacts/report.txt",
+                        "bytes": 1,
+                        "sha256": SHA,
+                        "media_type": "text/plain",
+                        "parents": [{"artifact": "artifacts/../x"}],
+                    }
+                ]
+            },
+            r"\$\.artifacts\[0\]\.parents: .*bad segment '\.\.'.*\(LIN-1\)",
         ),
     ],
 )

@@ -15,6 +15,7 @@ import orjson
 from runfmt.errors import ConflictError, InvalidInputError, ManifestError, UnsupportedFormatError
 from runfmt.format import names
 from runfmt.format.keys import compute_key
+from runfmt.format.lineage import parse_parents
 from runfmt.format.schemas import schema_errors
 
 __all__ = [
@@ -255,13 +256,21 @@ def parse_json(data: bytes) -> Any:
 
 
 def check_compatible(version: object, features: object) -> None:
-    """Refuse data that needs a newer reader (VER-2, VER-3)."""
-    if isinstance(version, str) and version.partition(".")[0].isdigit():
-        major = int(version.partition(".")[0])
-        if major > int(FORMAT_VERSION.partition(".")[0]):
+    """Refuse data this reader does not implement: a newer MAJOR version (VER-2), MAJOR 0
+    (VER-1) or an unknown required feature (VER-3)."""
+    major = version.partition(".")[0] if isinstance(version, str) else ""
+    if major.isascii() and major.isdigit():
+        number = int(major) if len(major) < 10 else math.inf
+        if number > int(FORMAT_VERSION.partition(".")[0]):
             raise UnsupportedFormatError(
-                f"format version {version} is newer than this reader ({FORMAT_VERSION}) (VER-2)",
+                f"format version {version:.24} is newer than this reader ({FORMAT_VERSION}) "
+                "(VER-2)",
                 hint=UPGRADE_HINT,
+            )
+        if number == 0:
+            raise UnsupportedFormatError(
+                f"format version {version:.24} is not one this reader implements: "
+                "versions start at 1.0 (VER-1)"
             )
     if isinstance(features, list):
         unknown = sorted({f for f in features if isinstance(f, str)} - SUPPORTED_FEATURES)
@@ -298,6 +307,10 @@ def manifest_problems(doc: Any) -> list[str]:
             names.validate_artifact_name(a["path"].removeprefix("artifacts/"))
         except InvalidInputError as exc:
             problems.append(f"{where}: {exc} (MAN-6)")
+        try:
+            parse_parents(a.get("parents", []))
+        except InvalidInputError as exc:
+            problems.append(f"{where}.parents: {exc.problem.removesuffix(' (LIN-1)')} (LIN-1)")
         _unique_path(a["path"], where, seen_paths, problems)
     problems += _lifecycle_problems(doc, stage_names)
     return problems

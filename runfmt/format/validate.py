@@ -41,14 +41,14 @@ def header_problem(
     """What is wrong with the header of the stage file at ``path``, and the rule it breaks;
     None when nothing is. It must follow its schema, name the file's stage, writer and seq,
     and carry the declaration of ``stage`` (FRAME-2), in a major version this reader knows
-    (VER-2)."""
+    (VER-1, VER-2: checked first, as a newer header may have another shape)."""
+    try:
+        check_compatible(header.get("format_version"), None)
+    except UnsupportedFormatError as exc:
+        return cited_rule(exc.problem, "VER-2")
     problems = schema_errors("stage-header", header)
     if problems:
         return "invalid header: " + "; ".join(problems), "FRAME-2"
-    try:
-        check_compatible(header["format_version"], None)
-    except UnsupportedFormatError:
-        return f"format version {header['format_version']} is newer than this reader", "VER-2"
     name, parsed = names.parse_stage_file(path)
     if (header["stage"], header["writer"], header["seq"]) != (name, parsed.writer, parsed.seq):
         return "header names another stage or writer than the file name", "FRAME-2"
