@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from runfmt.errors import (
@@ -17,7 +18,14 @@ from runfmt.errors import (
 from runfmt.format import names
 from runfmt.format.checksum import parse_sums, sha256_hex
 from runfmt.format.frames import DataFrame, FrameDecoder
-from runfmt.format.manifest import ChangeSet, FileEntry, Manifest, StageEntry, decode_manifest
+from runfmt.format.manifest import (
+    ChangeSet,
+    FileEntry,
+    Manifest,
+    StageEntry,
+    decode_manifest,
+    parse_timestamp,
+)
 from runfmt.format.records import decode_lines, is_failure
 from runfmt.format.validate import (
     FileCheck,
@@ -248,6 +256,18 @@ def _holds_revision(data: bytes, revision: int) -> bool:
         return False
 
 
+def _written_for_another_run(header: Mapping[str, object], born: str) -> bool:
+    """Whether a stage header's ``run_created_at`` names another instant than ``born``
+    (COMMIT-8); timestamps with other fraction digits can name the same one."""
+    stamp = header.get("run_created_at")
+    if stamp is None:
+        return False
+    try:
+        return not isinstance(stamp, str) or parse_timestamp(stamp) != parse_timestamp(born)
+    except ValueError:
+        return True
+
+
 def _repair_file(
     run: Storage,
     path: str,
@@ -265,8 +285,9 @@ def _repair_file(
         _complete_prefix(run.read(path)) if salvage else (0, 0, 0, None)
     )
     stage_name, _ = names.parse_stage_file(path)
-    foreign = header is not None and header.get("run_created_at", born) != born
-    usable = header is not None and not foreign and header_problem(header, path, stage) is None
+    usable = header is not None and header_problem(header, path, stage) is None
+    foreign = usable and header is not None and _written_for_another_run(header, born)
+    usable = usable and not foreign
     if not usable or records <= (entry.records if entry else 0):
         keep = committed
     if keep == 0:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from runfmt.errors import (
     UnsupportedFormatError,
 )
 from runfmt.format.frames import PREFIX, FrameEncoder, encode_header
+from runfmt.format.manifest import parse_timestamp
 from runfmt.run import MAX_RECORD_BYTES
 from runfmt.storage import Storage
 from runfmt.store import Store
@@ -449,6 +451,29 @@ def test_repair_never_cuts_a_damaged_committed_file(run_dir: Path) -> None:
     assert list(runfmt.open_run(run_dir).records("score")) == RECORDS
 
 
+def repair_with_stray_file(
+    store: Store, header: Callable[[str], dict[str, Any]]
+) -> tuple[bool, list[str]]:
+    """Commit record ``a``, leave an unlisted file holding ``b`` whose header is a matching
+    one updated with ``header(run's created_at)`` (None values dropped), and repair:
+    whether the file stayed, and the ids read after."""
+    w = store.create_run("eval", **QUIET)
+    w.append("score", {"id": "a"})
+    w.flush()
+    w.close()
+    run_dir = Path(store.url) / w.run_id
+    head = {"format": "runfmt-stage", "format_version": "1.0", "run_id": w.run_id,
+            "stage": "score", "seq": 2, "writer": "deadbeef", "record_schema_version": "1",
+            "key_field": None, "run_created_at": w.manifest.created_at}  # fmt: skip
+    head |= header(w.manifest.created_at)
+    body = {k: v for k, v in head.items() if v is not None or k == "key_field"}
+    stray = run_dir / "stages" / "score" / "part-000002-deadbeef.jsonl.zst"
+    stray.write_bytes(PREFIX + encode_header(body) + FrameEncoder().encode(b'{"id":"b"}\n'))
+    repair_run(Storage(str(run_dir)))
+    assert verify_run(Storage(str(run_dir))) == []
+    return stray.exists(), [r["id"] for r in runfmt.open_run(run_dir).records("score")]
+
+
 @pytest.mark.parametrize(
     ("header", "salvaged"),
     [({}, True), ({"writer": "other1", "seq": 7}, False), ({"format": "nope"}, False)],
@@ -458,23 +483,30 @@ def test_repair_salvages_only_a_file_whose_header_matches_it(
 ) -> None:
     """COMMIT-8: an unlisted stage file is salvaged only when its header is valid and names
     the file's own stage, writer and seq; committed bytes could never be taken back."""
-    w = store.create_run("eval", **QUIET)
-    w.append("score", {"id": "a"})
-    w.flush()
-    w.close()
-    run_dir = Path(store.url) / w.run_id
-    head = {"format": "runfmt-stage", "format_version": "1.0", "run_id": w.run_id,
-            "stage": "score", "seq": 2, "writer": "deadbeef", "record_schema_version": "1",
-            "key_field": None} | header  # fmt: skip
-    frames = FrameEncoder().encode(b'{"id":"b"}\n')
-    stray = run_dir / "stages" / "score" / "part-000002-deadbeef.jsonl.zst"
-    stray.write_bytes(PREFIX + encode_header(head) + frames)
+    found = repair_with_stray_file(store, lambda _: header)
+    assert found == ((True, ["a", "b"]) if salvaged else (False, ["a"]))
 
-    repair_run(Storage(str(run_dir)))
-    assert stray.exists() == salvaged
-    assert verify_run(Storage(str(run_dir))) == []
-    ids = [r["id"] for r in runfmt.open_run(run_dir).records("score")]
-    assert ids == (["a", "b"] if salvaged else ["a"])
+
+def _nanoseconds(created_at: str) -> str:
+    return parse_timestamp(created_at).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+
+
+def _a_second_later(created_at: str) -> str:
+    return (parse_timestamp(created_at) + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@pytest.mark.parametrize(
+    ("created", "salvaged"),
+    [(lambda _: None, True), (lambda c: c, True), (_nanoseconds, True), (_a_second_later, False)],
+    ids=["absent", "same", "nanoseconds", "a-second-later"],
+)
+def test_repair_compares_run_created_at_as_an_instant(
+    store: Store, created: Callable[[str], str | None], salvaged: bool
+) -> None:
+    """COMMIT-8: a header's run_created_at names the run's creation instant, whatever its
+    number of fraction digits; only another instant marks a replaced run's file."""
+    found = repair_with_stray_file(store, lambda c: {"run_created_at": created(c)})
+    assert found == ((True, ["a", "b"]) if salvaged else (False, ["a"]))
 
 
 def test_repair_rewrites_a_damaged_newest_revision_from_its_intact_copy(run_dir: Path) -> None:
