@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from runfmt.check import verify_run
+from runfmt.format.records import is_failure, record_key
 from runfmt.format.validate import Problem
 from runfmt.run import RunReader
 from runfmt.storage import Storage
@@ -29,13 +30,7 @@ def view_of(reader: RunReader) -> dict[str, Any]:
     for stage in m.stages:
         records = [r for batch in reader.record_batches(stage.name) for r in batch]
         kf = stage.key_field
-        keys = sorted(
-            {
-                r[kf]
-                for r in records
-                if kf is not None and isinstance(r.get(kf), str) and r.get("_error") is None
-            }
-        )
+        keys = sorted({k for r in records if (k := record_key(r, kf)) and not is_failure(r)})
         stages.append(
             {
                 "name": stage.name,

@@ -68,8 +68,9 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 8
-"""Version of the index's tables (``PRAGMA user_version``); another version is rebuilt."""
+SCHEMA_VERSION = 9
+"""Version of the index's tables and of what they hold (``PRAGMA user_version``; 9: keys
+obey REC-6); another version is rebuilt."""
 APPLICATION_ID = 0x52554E46
 """``PRAGMA application_id`` of a runfmt index ("RUNF"): anything else is a foreign file."""
 CACHE_KIB = 32768

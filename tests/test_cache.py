@@ -297,3 +297,19 @@ def test_demo_twice_reuses_the_first_runs_results(store: Store) -> None:
     runs = store.index.runs()
     assert len(runs) == 2
     assert [s.records for s in runs[0].stages] == [s.records for s in runs[1].stages]
+
+
+def test_a_key_value_that_breaks_rec_6_is_no_key(store: Store) -> None:
+    """REC-6: a non-conforming writer's "" (or over 1,024 characters) is no key: the cache
+    never returns it, and verify reports it."""
+    from runfmt.check import verify_run
+    from runfmt.storage import Storage
+
+    case = Path(__file__).parent / "conformance" / "invalid" / "record-key-empty" / "run"
+    run_id = json.loads((case / "manifest.json").read_text())["run_id"]
+    shutil.copytree(case, Path(store.url) / run_id)
+    assert store.cache.get("generate", "k1:q1") is not None
+    assert store.cache.get("generate", "") is None
+    assert store.cache.contains("generate", ["", "k1:q1"]) == {"k1:q1"}
+    [problem] = verify_run(Storage(str(Path(store.url) / run_id)))
+    assert (problem.rule, problem.location.rsplit(":", 1)[1]) == ("REC-6", "2")

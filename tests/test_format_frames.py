@@ -23,6 +23,7 @@ from runfmt.format.frames import (
     stage_events,
 )
 from runfmt.format.records import decode_lines, encode_records
+from tests.conformance.builder import raw_frame
 
 HEADER: Header = {
     "format": "runfmt-stage",
@@ -224,6 +225,30 @@ def test_declared_size_is_bounded_before_decompressing() -> None:
     decoder = FrameDecoder(max_frame_content=50_000)
     with pytest.raises(StageFileError, match=r"declares 100000 bytes, over 50000 \(FRAME-4\)"):
         decoder.feed(PREFIX + encode_header(HEADER) + bomb)
+
+
+@pytest.mark.parametrize(
+    ("frame", "refused"),
+    [
+        (raw_frame(b"{}\n", window_log=27), None),
+        (
+            raw_frame(b"{}\n", window_log=28),
+            r"window of 268435456 bytes, over 134217728 \(FRAME-4\)",
+        ),
+        (raw_frame(b"{}\n", window_log=17, dict_id=7), r"needs zstd dictionary 7 \(FRAME-4\)"),
+    ],
+    ids=["window-2^27", "window-2^28", "dictionary"],
+)
+def test_a_frame_header_is_refused_for_its_window_or_dictionary(
+    frame: bytes, refused: str | None
+) -> None:
+    """FRAME-4: what a frame's header declares is checked before it is decompressed."""
+    data = PREFIX + encode_header(HEADER) + frame
+    if refused is None:
+        assert decode_records(data) == [{}]
+    else:
+        with pytest.raises(StageFileError, match=refused):
+            decode([data])
 
 
 def test_oversized_header_is_refused() -> None:

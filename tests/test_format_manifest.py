@@ -76,7 +76,7 @@ def file_entries(draw: st.DrawFn, stage: str, seqs: st.SearchStrategy[int]) -> F
 def stage_entries(draw: st.DrawFn, name: str) -> StageEntry:
     files = draw(
         st.lists(
-            file_entries(name, st.integers(0, 10**7)),
+            file_entries(name, st.integers(1, 10**7)),
             max_size=3,
             unique_by=lambda f: f.path.casefold(),
         )
@@ -217,6 +217,10 @@ BAD_MANIFESTS = [
     (
         json.dumps({k: v for k, v in doc().items() if k != "stages"}).encode(),
         "'stages' is a required",
+    ),
+    *(
+        (json.dumps({k: v for k, v in doc().items() if k != m}).encode(), f"'{m}' is a required")
+        for m in ("error", "finished_at")
     ),
 ]
 

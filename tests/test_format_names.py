@@ -123,6 +123,8 @@ STAGE_PATHS = {
     "stages/score/part-000001-0a1b2c3d.jsonl.zst": ("score", 1, "0a1b2c3d"),
     "stages/s/part-1234567-w.jsonl.zst": ("s", 1234567, "w"),
     "stages/score/part-00001-0a1b2c3d.jsonl.zst": None,
+    "stages/score/part-000000-0a1b2c3d.jsonl.zst": None,
+    "stages/score/part-0000000-0a1b2c3d.jsonl.zst": None,
     "stages/Score/part-000001-0a1b2c3d.jsonl.zst": None,
     "stages/score/part-000001-0A1B.jsonl.zst": None,
     "stages/score/part-000001-0a1b2c3d.jsonl": None,
@@ -146,12 +148,17 @@ def test_parse_stage_file(path: str, expected: tuple[str, int, str] | None) -> N
 @settings(max_examples=50)
 @given(
     stage=st.from_regex(r"\A[a-z][a-z0-9_-]{0,63}\Z"),
-    seq=st.integers(min_value=0, max_value=10**9),
+    seq=st.integers(min_value=1, max_value=10**9),
     writer=st.from_regex(r"\A[a-z0-9]{1,32}\Z"),
 )
 def test_stage_file_format_parse_round_trip(stage: str, seq: int, writer: str) -> None:
     path = names.format_stage_file(stage, seq, writer)
     assert names.parse_stage_file(path) == (stage, names.StageFileName(seq, writer))
+
+
+def test_a_runs_stage_files_are_numbered_from_1() -> None:
+    with pytest.raises(InvalidInputError, match="NAME-4"):
+        names.format_stage_file("score", 0, "w")
 
 
 @given(

@@ -43,6 +43,8 @@ SKIPPABLE_MIN, SKIPPABLE_MAX = 0x184D2A50, 0x184D2A5F
 MAX_HEADER_SIZE = 64 * 1024
 MAX_FRAME_CONTENT = 64 * 1024 * 1024
 """The largest decompressed size a data frame may declare (FRAME-4)."""
+MAX_WINDOW = 1 << 27
+"""The largest window a data frame may declare (FRAME-4)."""
 _FEED = 256 * 1024
 
 
@@ -101,7 +103,7 @@ class FrameDecoder:
         self._buf = bytearray()
         self._offset = start
         self._state = "frames" if start else "prefix"
-        self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
         self._dobj: Any = None
         self._frame_start = 0
         self._out: list[bytes] = []
@@ -204,6 +206,13 @@ class FrameDecoder:
             )
         if not params.has_checksum:
             raise self._error("data frame has no content checksum (FRAME-3)")
+        if params.window_size > MAX_WINDOW:
+            raise self._error(
+                f"data frame declares a window of {params.window_size} bytes, over {MAX_WINDOW} "
+                "(FRAME-4)"
+            )
+        if params.dict_id:
+            raise self._error(f"data frame needs zstd dictionary {params.dict_id} (FRAME-4)")
         self._content_size = params.content_size
         self._dobj = self._dctx.decompressobj()
         self._out, self._out_size = [], 0

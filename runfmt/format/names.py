@@ -38,9 +38,9 @@ _RUN_ID = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,98}[a-z0-9])?")
 _STAGE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _WRITER = re.compile(r"[a-z0-9]{1,32}")
 _STAGE_FILE = re.compile(
-    r"part-(?P<seq>[0-9]{6}|[1-9][0-9]{6,})-(?P<writer>[a-z0-9]{1,32})\.jsonl\.zst"
+    r"part-(?P<seq>(?!000000-)[0-9]{6}|[1-9][0-9]{6,})-(?P<writer>[a-z0-9]{1,32})\.jsonl\.zst"
 )
-_REVISION_FILE = re.compile(r"([0-9]{8}|[1-9][0-9]{8,})\.json")
+_REVISION_FILE = re.compile(r"((?!00000000\.)[0-9]{8}|[1-9][0-9]{8,})\.json")
 _SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,198}[A-Za-z0-9_-])?")
 _RESERVED_SEGMENTS = frozenset(
     {"con", "prn", "aux", "nul"}
@@ -95,9 +95,11 @@ class StageFileName:
 
 
 def format_stage_file(stage: str, seq: int, writer: str) -> str:
-    """The run-relative path of a stage file."""
+    """The run-relative path of a stage file (``seq`` from 1, NAME-4)."""
     validate_stage_name(stage)
     validate_writer_id(writer)
+    if seq < 1:
+        raise InvalidInputError(f"stage file seq must be >= 1, not {seq} (NAME-4)")
     return f"{STAGES_DIR}/{stage}/part-{seq:06d}-{writer}.jsonl.zst"
 
 
@@ -113,7 +115,7 @@ def parse_stage_file(path: str) -> tuple[str, StageFileName]:
     if not m:
         raise InvalidInputError(
             f"invalid stage file name {parts[2]!r}",
-            hint="expected part-<seq, 6 digits or more without extra zeros>-<writer id>"
+            hint="expected part-<seq from 1, 6 digits or more without extra zeros>-<writer id>"
             ".jsonl.zst (NAME-4)",
         )
     return stage, StageFileName(int(m["seq"]), m["writer"])
@@ -149,4 +151,4 @@ def revision_file(revision: int) -> str:
 def parse_revision_file(name: str) -> int | None:
     """The revision number of a file name in ``_manifests/``, or None for other names."""
     m = _REVISION_FILE.fullmatch(name)
-    return int(m[1]) or None if m else None
+    return int(m[1]) if m else None

@@ -20,6 +20,7 @@ __all__ = [
     "encode_record",
     "encode_records",
     "is_failure",
+    "is_key",
     "record_key",
 ]
 
@@ -52,7 +53,7 @@ def encode_record(record: Mapping[str, Any], key_field: str | None = None) -> by
         _exact_check(record)
     if key_field is not None:
         key = record.get(key_field)
-        if key is not None and not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
+        if key is not None and not is_key(key):
             raise InvalidInputError(
                 f"record key field {key_field!r} must be a non-empty string of at most "
                 f"{MAX_KEY_LENGTH} characters, not {key!r:.60}"
@@ -212,9 +213,15 @@ def is_failure(record: Mapping[str, Any]) -> bool:
     return record.get(ERROR_FIELD) is not None
 
 
+def is_key(value: object) -> bool:
+    """Whether ``value`` can be a record's key: a string of 1 to 1024 code points (REC-6)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_KEY_LENGTH
+
+
 def record_key(record: Mapping[str, Any], key_field: str | None) -> str | None:
-    """The record's cache key, or None when the stage has no key field or the record none."""
+    """The record's cache key, or None when the stage has no key field or the record none
+    (a value that breaks REC-6 is no key)."""
     if key_field is None:
         return None
     key = record.get(key_field)
-    return key if isinstance(key, str) else None
+    return key if is_key(key) else None

@@ -16,7 +16,7 @@ from runfmt.errors import InvalidInputError, StageFileError, UnsupportedFormatEr
 from runfmt.format import names
 from runfmt.format.frames import DataFrame, FrameDecoder
 from runfmt.format.manifest import FileEntry, Manifest, StageEntry, check_compatible
-from runfmt.format.records import decode_lines, is_failure
+from runfmt.format.records import MAX_KEY_LENGTH, decode_lines, is_failure, is_key
 from runfmt.format.schemas import schema_errors
 
 __all__ = ["FileCheck", "Problem", "check_listing", "cited_rule", "header_problem"]
@@ -122,6 +122,18 @@ class FileCheck:
             line = None if at is None else self._records + int(at[1])
             self._fail(*cited_rule(exc.problem[at.end() if at else 0 :], "REC-1"), line)
             return
+        key_field = self.stage.key_field
+        if key_field is not None:
+            for n, record in enumerate(records, self._records + 1):
+                key = record.get(key_field)
+                if key is not None and not is_key(key):
+                    self._fail(
+                        f"key field {key_field!r} holds {key!r:.40}, not a string of 1 to "
+                        f"{MAX_KEY_LENGTH} characters",
+                        "REC-6",
+                        n,
+                    )
+                    break
         self._records += len(records)
         self._failures += sum(map(is_failure, records))
 

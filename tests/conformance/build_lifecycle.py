@@ -83,4 +83,10 @@ def lifecycle_cases() -> list[Case]:
                  ["LIN-1", "MAN-2"]),
             repairable=False, error="ManifestError")  # fmt: skip
     c.doc["artifacts"][0]["parents"] = [{"run": RUN_ID, "key": "k1:q1"}]
+
+    c = add(base("invalid", "artifact-parents-escape",
+                 "An artifact's parent is artifacts/../report.txt, not an artifact name "
+                 "NAME-5 allows.", ["LIN-1", "NAME-5"]),
+            repairable=False, error="ManifestError")  # fmt: skip
+    c.doc["artifacts"][0]["parents"] = [{"artifact": "artifacts/../report.txt"}]
     return cases

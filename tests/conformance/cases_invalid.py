@@ -20,6 +20,7 @@ from tests.conformance.builder import (
     base,
     data_frame,
     flip,
+    raw_frame,
     running,
     sha256_of,
     skippable,
@@ -63,6 +64,37 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         "UnsupportedFormatError",
     )
     c.doc["required_features"] = ["time-travel"]
+    c = add(
+        running(
+            "invalid",
+            "manifest-major-zero",
+            "format_version 0.9: versions start at 1.0, so no reader implements MAJOR 0.",
+            ["VER-1"],
+        ),
+        "UnsupportedFormatError",
+    )
+    c.doc["format_version"] = "0.9"
+    c = add(
+        running(
+            "invalid",
+            "manifest-integer-with-fraction",
+            "A file entry's records count is written 2.0: integer members are JSON integers.",
+            ["MAN-1", "MAN-2"],
+        ),
+        "ManifestError",
+    )
+    raw(c, lambda b: b.replace(b'"records": 2,', b'"records": 2.0,', 1))
+    c = add(
+        running(
+            "invalid",
+            "manifest-tag-name-line-feed",
+            "A tag name ends with a line feed, which its pattern's final $ does not match "
+            "(ECMA-262 semantics, section 11.2).",
+            ["MAN-2"],
+        ),
+        "ManifestError",
+    )
+    c.doc["tags"] = {"suite\n": "conformance"}
     c = add(
         running("invalid", "manifest-not-json", "The revision is cut in the middle.", ["MAN-1"]),
         "ManifestError",
@@ -238,7 +270,7 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c.files.clear()
     c = add(
         running("invalid", "missing-artifact", "A listed artifact does not exist.", ["LAYOUT-3"]),
-        "FormatError",
+        "ChecksumMismatchError",
     )
     path = c.artifact("gone.bin", b"\x00\x01")
     del c.files[path]
@@ -368,6 +400,21 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         "StageFileError",
         lambda b: b + oversize,
     )
+    line = b'{"a":1}\n'
+    corrupt_file(
+        "frame-window-over-128mib",
+        "A data frame's header declares a 256 MiB window (2^28 bytes) for 8 bytes of content.",
+        ["FRAME-4"],
+        "StageFileError",
+        lambda b: b + raw_frame(line, window_log=28),
+    )
+    corrupt_file(
+        "frame-dictionary",
+        "A data frame declares zstd dictionary 7, which no reader has.",
+        ["FRAME-4"],
+        "StageFileError",
+        lambda b: b + raw_frame(line, window_log=17, dict_id=7),
+    )
     corrupt_file(
         "frame-truncated-tail",
         "The listed bytes end inside a data frame (length and sha256 listed for the cut file).",
@@ -411,7 +458,7 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     corrupt_file(
         "file-shorter-than-listed",
         "The file was cut after the commit: it is shorter than its listed length.",
-        ["CHECK-1"],
+        ["LAYOUT-3", "CHECK-1"],
         "ChecksumMismatchError",
         lambda b: b[:-7],
         relist=False,
@@ -446,6 +493,30 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         )
     )
     c.doc["stages"][0]["files"][0]["failures"] = 1
+
+    c = add(
+        running(
+            "invalid",
+            "stage-file-seq-zero",
+            "A listed stage file is numbered 000000: a run's files are numbered from 1 "
+            "(seq 0 marks a stage export).",
+            ["NAME-4", "MAN-2"],
+        ),
+        "ManifestError",
+    )
+    c.doc["stages"][0]["files"].clear()
+    c.file("generate", [GEN[:2]], seq=0)
+    c = add(
+        running(
+            "invalid",
+            "record-key-empty",
+            "A record of the stage keyed by 'key' holds the key \"\": a key has 1 to 1024 "
+            "characters.",
+            ["REC-6"],
+        )
+    )
+    c.doc["stages"][0]["files"].clear()
+    c.file("generate", [GEN[:1], [{"key": "", "question": "?", "answer": "!"}]])
 
     def bad_lines(name: str, description: str, rules: list[str], payload: bytes) -> None:
         c = add(running("invalid", name, description, rules), "StageFileError")
