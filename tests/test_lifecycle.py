@@ -56,12 +56,16 @@ def write_stage(writer: object, stage: str, n: int, failures: int = 0) -> None:
     ],
 )
 def test_final_statuses_and_per_stage_progress(store: Store, finish, status, error) -> None:
-    """LIFE-1: health is the status; progress comes from the manifest."""
+    """LIFE-1: health is the status; progress comes from the manifest. LIFE-5: a stage
+    is declared running, and only finishing as completed completes it."""
     w = store.create_run("eval", CONFIG, heartbeat_interval=None)
     w.stage("generate", key_field="key")
     write_stage(w, "generate", 10, failures=3)
+    assert w.flush().stage("generate").status == "running"  # type: ignore[union-attr]
     m = finish(w)
     assert (m.status, m.error) == (status, error)
+    expected = "completed" if status == "completed" else "running"
+    assert m.stage("generate").status == expected  # type: ignore[union-attr]
     assert m.finished_at is not None
     summary = summarize(load_manifest(store.locate(m.run_id)), now())
     assert summary.health == status
@@ -152,6 +156,20 @@ def test_manifest_without_new_members_re_encodes_byte_for_byte(store: Store) -> 
 # heartbeats and abandonment
 
 
+def test_the_finishing_and_the_reopening_commit_set_heartbeat_at(store: Store) -> None:
+    """LIFE-3: every commit of a writer sets heartbeat_at to its time, the one that
+    finishes the run and the one that reopens it included."""
+    w = store.create_run("eval", heartbeat_interval=None)
+    write_stage(w, "generate", 1)
+    done = w.finish()
+    assert done.heartbeat_at == done.updated_at
+    reopened = store.resume_run(done.run_id, heartbeat_interval=None)
+    m = reopened.manifest
+    assert (m.status, m.revision) == ("running", done.revision + 1)
+    assert m.heartbeat_at == m.updated_at
+    reopened.close()
+
+
 def test_every_commit_and_the_heartbeat_thread_refresh_heartbeat_at(store: Store) -> None:
     w = store.create_run("eval", heartbeat_interval=0.05)
     first = w.manifest.heartbeat_at
@@ -218,9 +236,17 @@ def test_timestamps_with_nanoseconds_parse() -> None:
 
 
 def test_deterministic_run_id_is_stable_and_in_the_grammar() -> None:
-    """POLICY-1."""
+    """POLICY-1, with the spec's example and each of its steps."""
     rid = deterministic_run_id("My Eval: GSM8K (v2)", CONFIG)
-    assert rid == f"my-eval-gsm8k-v2-{compute_key(CONFIG)[3:19]}"
+    assert (
+        rid
+        == "my-eval-gsm8k-v2-ea2e4d8313ed044f"
+        == f"my-eval-gsm8k-v2-{compute_key(CONFIG)[3:19]}"
+    )
+    suffix = compute_key({})[3:19]
+    assert deterministic_run_id("a" * 82 + " b b b", {}) == f"{'a' * 82}-{suffix}"
+    assert deterministic_run_id("İstanbul", {}) == f"i-stanbul-{suffix}"
+    assert deterministic_run_id("\u212aelvin", {}) == f"kelvin-{suffix}"
     assert rid == deterministic_run_id("My Eval: GSM8K (v2)", {"temperature": 0.0, "model": "m1"})
     assert rid != deterministic_run_id("My Eval: GSM8K (v2)", {**CONFIG, "model": "m2"})
     for name in ("x" * 500, "!!!", "ÜNÏ", "-a-", "a.b_c"):

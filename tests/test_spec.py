@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 
 from runfmt import canonical_json, compute_key
+from runfmt.format.frames import encode_header
 from runfmt.format.manifest import manifest_problems
 from runfmt.format.schemas import SCHEMA_NAMES, schema_errors
 
@@ -129,3 +130,14 @@ def test_key_vectors(value: str, canonical: str, key: str) -> None:
 
 def test_key_vectors_are_many() -> None:
     assert len(key_vectors()) >= 10
+
+
+def test_the_header_example_states_its_compact_length_and_frame_bytes() -> None:
+    """FRAME-2: the example's stated length and first frame bytes are those of its compact
+    form, as `encode_header` writes it."""
+    m = re.search(r"it is (\d+) bytes long, so the frame begins `([0-9a-f ]+)`", SPEC)
+    assert m is not None
+    [text] = [t for _, schema, t in json_examples() if schema == "stage-header"]
+    frame = encode_header(json.loads(text))
+    assert len(frame) - 8 == int(m[1])
+    assert frame[:8].hex(" ") == m[2]
