@@ -24,6 +24,7 @@ from runfmt.format.validate import (
     Problem,
     check_listing,
     cited_rule,
+    folder_name_problem,
     header_problem,
 )
 from runfmt.locking import commit_lock, writer_alive
@@ -43,13 +44,19 @@ _CHUNK = 1 << 20
 _SALVAGE_STEP = 64 << 10
 
 
-def verify_run(run: Storage) -> list[Problem]:
-    """Check a run against the spec and its manifest; every problem found, none raised."""
+def verify_run(run: Storage, *, run_id: str | None = None) -> list[Problem]:
+    """Check a run against the spec and its manifest; every problem found, none raised.
+
+    ``run_id`` is the id a store's folder name gives the run (LAYOUT-1).
+    """
     try:
         manifest = load_manifest(run)
     except RunfmtError as exc:
         return [_manifest_problem(exc, exc.location or run.where())]
     problems = _older_revision_problems(run, manifest.revision)
+    misnamed = None if run_id is None else folder_name_problem(manifest, run_id)
+    if misnamed is not None:
+        problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
     manifest_bytes = run.read(names.revision_file(manifest.revision))
     current = _read_optional(run, names.MANIFEST_FILE)
     if current != manifest_bytes:

@@ -123,11 +123,11 @@ def verify(
 
     store = state(ctx).store(read_only=True)
     targets = (
-        [store.locate(r) for r in runs]
+        [(store.locate(r), None) for r in runs]
         if runs
-        else [store.storage.child(run_id) for run_id in store.run_ids()]
+        else [(store.storage.child(run_id), run_id) for run_id in store.run_ids()]
     )
-    found = [(run, verify_run(run)) for run in targets]
+    found = [(run, verify_run(run, run_id=run_id)) for run, run_id in targets]
     bad = [(run, problems) for run, problems in found if problems]
     if json_:
         print_json([_problem_json(run, p) for run, problems in bad for p in problems])
