@@ -45,12 +45,15 @@ _SALVAGE_STEP = 64 << 10
 
 
 def verify_run(run: Storage, *, run_id: str | None = None) -> list[Problem]:
-    """Check a run against the spec and its manifest; every problem found, none raised.
+    """Check a run against the spec and its manifest; every problem found.
 
-    ``run_id`` is the id a store's folder name gives the run (LAYOUT-1).
+    ``run_id`` is the id a store's folder name gives the run (LAYOUT-1). Only a folder
+    that holds no run (LAYOUT-2) raises: `RunNotFoundError`.
     """
     try:
         manifest = load_manifest(run)
+    except RunNotFoundError:
+        raise
     except RunfmtError as exc:
         return [_manifest_problem(exc, exc.location or run.where())]
     problems = _older_revision_problems(run, manifest.revision)

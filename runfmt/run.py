@@ -120,7 +120,9 @@ def load_manifest(run: Storage, revision: int | None = None) -> Manifest:
                     location=run.where(),
                     hint="the folder was copied without _manifests/; copy it whole",
                 )
-            raise RunNotFoundError("no run here", location=run.where())
+            raise RunNotFoundError(
+                "not a run: no revision and no manifest.json (LAYOUT-2)", location=run.where()
+            )
         revision = revs[-1]
     rel = names.revision_file(revision)
     try:

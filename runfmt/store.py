@@ -173,11 +173,11 @@ class Store:
     def _find(self, run: str | os.PathLike[str]) -> tuple[Storage, str | None]:
         """The storage of a run, and the run id it was found by (None: found by path)."""
         text = str(run)
-        if names.is_run_id(text) and self._run_storage(text).exists(names.MANIFESTS_DIR):
+        if names.is_run_id(text) and _may_hold_run(self._run_storage(text)):
             return self._run_storage(text), text
         if "://" in text or os.sep in text or "/" in text or os.path.isdir(text):
             located = self.storage.at(text if "://" in text else os.path.abspath(text))
-            if located.exists(names.MANIFESTS_DIR) or located.exists(names.MANIFEST_FILE):
+            if _may_hold_run(located):
                 return located, None
         raise RunNotFoundError(
             f"no run {text!r}", location=self.storage.where(),
@@ -262,6 +262,11 @@ class Store:
                 continue
             except FormatError as exc:
                 yield exc
+
+
+def _may_hold_run(run: Storage) -> bool:
+    """Whether the folder holds a run, maybe a damaged one (LAYOUT-2), at a glance."""
+    return run.exists(names.MANIFESTS_DIR) or run.exists(names.MANIFEST_FILE)
 
 
 def _check_folder_name(manifest: Manifest, run: Storage, folder: str) -> Manifest:

@@ -508,6 +508,48 @@ def test_verify_of_an_empty_store(tmp_path: Path) -> None:
     assert result.stdout.startswith("no runs in ")
 
 
+def test_store_wide_verify_skips_folders_that_hold_no_run(
+    copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LAYOUT-2, §9.3 row 1: a folder with neither a revision nor manifest.json (made by hand,
+    or left by a crash while creating a run) is not a run: verify of the store names it and
+    exits by the runs alone; one with only manifest.json is a damaged run; a non-run folder
+    the user names fails."""
+    root, run_id = copied
+    (root / "empty-folder").mkdir()
+    (root / "locked").mkdir()
+    (root / "locked" / ".writer-x.lock").touch()
+    (root / "crashed" / "_manifests").mkdir(parents=True)
+    (root / "crashed" / "_manifests" / ".tmp-0a1b").write_bytes(b"{")
+    not_a_run = "not a run: no revision and no manifest.json (LAYOUT-2)"
+    result = invoke(root, "verify")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"ok    {run_id}",
+        f"skip  locked: {not_a_run}",
+        f"skip  empty-folder: {not_a_run}",
+        f"skip  crashed: {not_a_run}",
+        "checked 1 run: 0 with problems",
+    ]
+    assert (invoke(root, "verify", "--json").stdout, result.stderr) == ("[]\n", "")
+
+    (root / "damaged").mkdir()
+    shutil.copy(root / run_id / "manifest.json", root / "damaged")
+    result = invoke(root, "verify", "--json")
+    assert result.exit_code == 1
+    assert [(p["run"], p["rule"]) for p in json.loads(result.stdout)] == [("damaged", "LAYOUT-2")]
+    code, _, err = run_main(["--store", str(root), "show", "damaged"], monkeypatch, capsys)
+    assert code == 1
+    assert err.startswith(f"runfmt: error: {root / 'damaged'}: no revisions in _manifests/ ")
+
+    for args in (["verify", "crashed"], ["verify", str(root / "crashed")], ["repair", "crashed"]):
+        code, out, err = run_main(["--store", str(root), *args], monkeypatch, capsys)
+        assert (code, out, err) == (1, "", f"runfmt: error: {root / 'crashed'}: {not_a_run}\n")
+    code, _, err = run_main(["--store", str(root), "verify", "empty-folder"], monkeypatch, capsys)
+    assert (code, err) == (1, f"runfmt: error: {root}: no run 'empty-folder' (give a run id "
+                              "from `runfmt ls`, or the path of a run folder)\n")  # fmt: skip
+
+
 def test_verify_names_the_corrupted_file_and_exits_1(
     copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -118,8 +118,12 @@ def verify(
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Check runs against the spec and their manifests; print every problem; exit 1 if any."""
+    """Check runs against the spec and their manifests; print every problem; exit 1 if any.
+
+    Without RUN, the store's folders that hold no run (LAYOUT-2) are skipped, not failed.
+    """
     from runfmt.check import verify_run
+    from runfmt.errors import RunNotFoundError
 
     store = state(ctx).store(read_only=True)
     targets = (
@@ -127,7 +131,15 @@ def verify(
         if runs
         else [(store.storage.child(run_id), run_id) for run_id in store.run_ids()]
     )
-    found = [(run, verify_run(run, run_id=run_id)) for run, run_id in targets]
+    found: list[tuple[Storage, list[Problem]]] = []
+    skipped: list[str] = []
+    for run, run_id in targets:
+        try:
+            found.append((run, verify_run(run, run_id=run_id)))
+        except RunNotFoundError as exc:
+            if runs:
+                raise
+            skipped.append(f"skip  {_label(run)}: {exc.problem}")
     bad = [(run, problems) for run, problems in found if problems]
     if json_:
         print_json([_problem_json(run, p) for run, problems in bad for p in problems])
@@ -136,6 +148,8 @@ def verify(
     else:
         for run, problems in found:
             _print_verdict(run, problems)
+        for line in skipped:
+            echo(line)
         sys.stdout.write(f"checked {_count(len(found), 'run')}: {len(bad)} with problems\n")
     if bad:
         total = sum(len(problems) for _, problems in bad)
