@@ -208,7 +208,7 @@ def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None
                     location=run.where(),
                     hint="this writer's uncommitted changes are dropped; write a new run",
                 )
-        new = apply_changes(base, changes, base.revision + 1, now_utc())
+        new = apply_changes(base, changes, base.revision + 1, now_utc(), WRITER)
         data = encode_manifest(new)
         if create_revision(run, new.revision, data):
             # The commit point has passed: a failure now must not make the caller
