@@ -17,14 +17,18 @@ import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+from unittest.mock import Mock
 
 import pytest
 import typer.main
 from typer.testing import CliRunner, Result
 
 import runfmt
+from runfmt import check
+from runfmt.check import verify_run
 from runfmt.cli import _app_for, app, main
 from runfmt.demo import STAGES, DemoResult, write_demo_run
+from runfmt.format.frames import FrameEncoder
 from runfmt.format.schemas import SCHEMA_NAMES, load_schema
 
 RUN_COMMANDS = ("demo", "show", "cat", "verify", "repair", "schema")
@@ -601,6 +605,38 @@ def test_an_unreadable_manifest_is_named_by_show_and_verify(
     assert out.startswith(f"{newest}: not valid JSON")
     assert out.count("(MAN-1)") == 1, "the rule is named once"
     assert f"FAIL  {run_id}: 1 problem\n" in out
+
+
+def test_verify_leaves_a_live_writers_uncommitted_data_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-8, COMMIT-12, ERR-3: what a live writer has not committed yet (bytes past a
+    listed length, an unlisted stage file) is no problem, and repair leaves it alone, so
+    verify must not offer to repair it; once the writer is gone, or when its lock cannot be
+    probed (another user's run), it is repairable."""
+    store = runfmt.Store(tmp_path / "runs")
+    w = store.create_run("live", run_id="live", flush_every=None, flush_interval=None)
+    w.append("gen", {"i": 0})
+    listed = w.flush().stages[0].files[0].path
+    with Path(w.storage.path(listed)).open("ab") as f:
+        f.write(FrameEncoder().encode(b'{"i": 1}\n'))
+    unlisted = f"stages/gen/part-000002-{w.writer_id}.jsonl.zst"
+    Path(w.storage.path(unlisted)).write_bytes(b"junk")
+    assert verify_run(w.storage) == []
+    result = invoke(tmp_path / "runs", "verify")
+    assert (result.exit_code, result.stdout) == (0, (
+        f"ok    live (being written by live writer {w.writer_id}: uncommitted data not checked)\n"
+        "checked 1 run: 0 with problems\n"
+    ))  # fmt: skip
+    assert invoke(tmp_path / "runs", "repair", "live").exit_code == 0
+    uncommitted = {(listed, "COMMIT-8", True), (unlisted, "LAYOUT-4", True)}
+    with monkeypatch.context() as m:
+        m.setattr(check, "live_writers", Mock(side_effect=PermissionError(13, "denied")))
+        assert {(p.location, p.rule, p.repairable) for p in verify_run(w.storage)} == uncommitted
+
+    w.close()
+    assert {(p.location, p.rule, p.repairable) for p in verify_run(w.storage)} == uncommitted
+    assert "`runfmt repair live` fixes 2\n" in invoke(tmp_path / "runs", "verify").stdout
 
 
 CRASHING_WRITER = textwrap.dedent(

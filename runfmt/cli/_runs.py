@@ -157,15 +157,24 @@ def verify(
 
 
 def _print_verdict(run: "Storage", problems: "Sequence[Problem]") -> None:
+    from runfmt.check import being_written_by
+
     label = _label(run)
+    live = being_written_by(run)
+    note = (
+        f" (being written by live writer{'s' * (len(live) > 1)} {', '.join(live)}: "
+        "uncommitted data not checked)"
+        if live
+        else ""
+    )
     if not problems:
-        echo(f"ok    {label}")
+        echo(f"ok    {label}{note}")
         return
     for p in problems:
         echo(f"{_full_location(run, p.location)}: {p.problem} ({p.rule or '-'})")
     fixable = sum(p.repairable for p in problems)
     hint = f"; `runfmt repair {label}` fixes {fixable}" if fixable else ""
-    echo(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}")
+    echo(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}{note}")
 
 
 def _problem_json(run: "Storage", p: "Problem") -> dict[str, Any]:
