@@ -473,13 +473,15 @@ def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
 
 def _problem(data: bytes, run_id: str, revision: int) -> str:
     from runfmt.format.manifest import decode_manifest
+    from runfmt.format.validate import folder_name_problem
 
     try:
         manifest = decode_manifest(data)
     except RunfmtError as exc:
         return exc.problem
-    if manifest.run_id != run_id:
-        return f"manifest names run {manifest.run_id!r}, not its folder name (LAYOUT-1)"
+    misnamed = folder_name_problem(manifest, run_id)
+    if misnamed is not None:
+        return misnamed
     if manifest.revision != revision:
         return f"file holds revision {manifest.revision}, not {revision} (MAN-3)"
     return "manifest is not readable by this version of runfmt's index"

@@ -32,9 +32,10 @@ from runfmt.format.validate import (
     Problem,
     check_listing,
     cited_rule,
+    folder_name_problem,
     header_problem,
 )
-from runfmt.locking import commit_lock, writer_alive
+from runfmt.locking import commit_lock, live_writers, writer_alive
 from runfmt.run import (
     commit_locked,
     load_manifest,
@@ -45,19 +46,30 @@ from runfmt.run import (
 )
 from runfmt.storage import Storage
 
-__all__ = ["RepairReport", "repair_run", "verify_run"]
+__all__ = ["RepairReport", "being_written_by", "repair_run", "verify_run"]
 
 _CHUNK = 1 << 20
 _SALVAGE_STEP = 64 << 10
 
 
-def verify_run(run: Storage) -> list[Problem]:
-    """Check a run against the spec and its manifest; every problem found, none raised."""
+def verify_run(run: Storage, *, run_id: str | None = None) -> list[Problem]:
+    """Check a run against the spec and its manifest; every problem found.
+
+    ``run_id`` is the id a store's folder name gives the run (LAYOUT-1). The uncommitted
+    data of writers that are alive is no problem: they are writing it, and `repair_run`
+    leaves it alone (COMMIT-8). Only a folder that holds no run (LAYOUT-2) raises:
+    `RunNotFoundError`.
+    """
     try:
         manifest = load_manifest(run)
+    except RunNotFoundError:
+        raise
     except RunfmtError as exc:
         return [_manifest_problem(exc, exc.location or run.where())]
     problems = _older_revision_problems(run, manifest.revision)
+    misnamed = None if run_id is None else folder_name_problem(manifest, run_id)
+    if misnamed is not None:
+        problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
     manifest_bytes = run.read(names.revision_file(manifest.revision))
     current = _read_optional(run, names.MANIFEST_FILE)
     if current != manifest_bytes:
@@ -80,7 +92,29 @@ def verify_run(run: Storage) -> list[Problem]:
                 problems.append(Problem(art.path, "length or sha256 does not match", "CHECK-1"))
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
-    return problems
+    live = frozenset(being_written_by(run))
+    return [p for p in problems if not _uncommitted_of(p, live)]
+
+
+def being_written_by(run: Storage) -> list[str]:
+    """Ids of the run's live writers (local disk, COMMIT-12); none when their locks cannot
+    be probed (a run this user may not write), nor on object stores, which have no locks."""
+    try:
+        return live_writers(run)
+    except OSError:
+        return []
+
+
+def _uncommitted_of(problem: Problem, writers: frozenset[str]) -> bool:
+    """Whether ``problem`` is what `repair_run` would fix in a stage file of one of
+    ``writers``: its uncommitted data, which repair leaves alone while it is alive."""
+    if not problem.repairable or not writers:
+        return False
+    try:
+        _, parsed = names.parse_stage_file(problem.location)
+    except InvalidInputError:
+        return False
+    return parsed.writer in writers
 
 
 def _older_revision_problems(run: Storage, newest: int) -> list[Problem]:

@@ -120,7 +120,9 @@ def load_manifest(run: Storage, revision: int | None = None) -> Manifest:
                     location=run.where(),
                     hint="the folder was copied without _manifests/; copy it whole",
                 )
-            raise RunNotFoundError("no run here", location=run.where())
+            raise RunNotFoundError(
+                "not a run: no revision and no manifest.json (LAYOUT-2)", location=run.where()
+            )
         revision = revs[-1]
     rel = names.revision_file(revision)
     try:
@@ -206,7 +208,7 @@ def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None
                     location=run.where(),
                     hint="this writer's uncommitted changes are dropped; write a new run",
                 )
-        new = apply_changes(base, changes, base.revision + 1, now_utc())
+        new = apply_changes(base, changes, base.revision + 1, now_utc(), WRITER)
         data = encode_manifest(new)
         if create_revision(run, new.revision, data):
             # The commit point has passed: a failure now must not make the caller

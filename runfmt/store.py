@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from runfmt.errors import (
     FormatError,
     InvalidInputError,
+    ManifestError,
     ReadOnlyError,
     RunExistsError,
     RunNotFoundError,
@@ -25,6 +26,7 @@ from runfmt.format.manifest import (
     manifest_problems,
     to_json,
 )
+from runfmt.format.validate import folder_name_problem
 from runfmt.run import (
     WRITER,
     RunReader,
@@ -145,18 +147,38 @@ class Store:
         return RunWriter(run, manifest, **writer_options)
 
     def open_run(self, run: str | os.PathLike[str]) -> RunReader:
-        """Open a run by id, or by the path/URL of its folder."""
-        return RunReader(self.locate(run))
+        """Open a run by id, or by the path/URL of its folder (see `locate`)."""
+        storage, run_id = self._find(run)
+        reader = RunReader(storage)
+        if run_id is not None:
+            _check_folder_name(reader.manifest, storage, run_id)
+        return reader
 
     def locate(self, run: str | os.PathLike[str]) -> Storage:
-        """The storage of a run given by id (in this store) or by folder path/URL."""
+        """The storage of a run given by id (in this store) or by folder path/URL.
+
+        A folder found by id whose manifest names another run is refused with a
+        `ManifestError` (LAYOUT-1); by its path, a folder may have any name. A manifest
+        that cannot be read is left to the caller (verify reports it, repair mends it).
+        """
+        storage, run_id = self._find(run)
+        if run_id is not None:
+            try:
+                manifest = load_manifest(storage)
+            except FormatError:
+                return storage
+            _check_folder_name(manifest, storage, run_id)
+        return storage
+
+    def _find(self, run: str | os.PathLike[str]) -> tuple[Storage, str | None]:
+        """The storage of a run, and the run id it was found by (None: found by path)."""
         text = str(run)
-        if names.is_run_id(text) and self._run_storage(text).exists(names.MANIFESTS_DIR):
-            return self._run_storage(text)
+        if names.is_run_id(text) and _may_hold_run(self._run_storage(text)):
+            return self._run_storage(text), text
         if "://" in text or os.sep in text or "/" in text or os.path.isdir(text):
             located = self.storage.at(text if "://" in text else os.path.abspath(text))
-            if located.exists(names.MANIFESTS_DIR) or located.exists(names.MANIFEST_FILE):
-                return located
+            if _may_hold_run(located):
+                return located, None
         raise RunNotFoundError(
             f"no run {text!r}", location=self.storage.where(),
             hint="give a run id from `runfmt ls`, or the path of a run folder",
@@ -235,8 +257,24 @@ class Store:
         for run_id in self.run_ids():
             run = self._run_storage(run_id)
             try:
-                yield RunReader(run, load_manifest(run))
+                yield RunReader(run, _check_folder_name(load_manifest(run), run, run_id))
             except RunNotFoundError:
                 continue
             except FormatError as exc:
                 yield exc
+
+
+def _may_hold_run(run: Storage) -> bool:
+    """Whether the folder holds a run, maybe a damaged one (LAYOUT-2), at a glance."""
+    return run.exists(names.MANIFESTS_DIR) or run.exists(names.MANIFEST_FILE)
+
+
+def _check_folder_name(manifest: Manifest, run: Storage, folder: str) -> Manifest:
+    """``manifest``, when a store's run folder named ``folder`` may hold it (LAYOUT-1)."""
+    problem = folder_name_problem(manifest, folder)
+    if problem is not None:
+        raise ManifestError(
+            problem, location=run.where(),
+            hint=f"rename the folder to {manifest.run_id}, or open it by its path",
+        )  # fmt: skip
+    return manifest

@@ -17,14 +17,18 @@ import sys
 import textwrap
 from pathlib import Path
 from typing import Any
+from unittest.mock import Mock
 
 import pytest
 import typer.main
 from typer.testing import CliRunner, Result
 
 import runfmt
+from runfmt import check
+from runfmt.check import verify_run
 from runfmt.cli import _app_for, app, main
 from runfmt.demo import STAGES, DemoResult, write_demo_run
+from runfmt.format.frames import FrameEncoder
 from runfmt.format.schemas import SCHEMA_NAMES, load_schema
 
 RUN_COMMANDS = ("demo", "show", "cat", "verify", "repair", "schema")
@@ -508,6 +512,48 @@ def test_verify_of_an_empty_store(tmp_path: Path) -> None:
     assert result.stdout.startswith("no runs in ")
 
 
+def test_store_wide_verify_skips_folders_that_hold_no_run(
+    copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LAYOUT-2, §9.3 row 1: a folder with neither a revision nor manifest.json (made by hand,
+    or left by a crash while creating a run) is not a run: verify of the store names it and
+    exits by the runs alone; one with only manifest.json is a damaged run; a non-run folder
+    the user names fails."""
+    root, run_id = copied
+    (root / "empty-folder").mkdir()
+    (root / "locked").mkdir()
+    (root / "locked" / ".writer-x.lock").touch()
+    (root / "crashed" / "_manifests").mkdir(parents=True)
+    (root / "crashed" / "_manifests" / ".tmp-0a1b").write_bytes(b"{")
+    not_a_run = "not a run: no revision and no manifest.json (LAYOUT-2)"
+    result = invoke(root, "verify")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        f"ok    {run_id}",
+        f"skip  locked: {not_a_run}",
+        f"skip  empty-folder: {not_a_run}",
+        f"skip  crashed: {not_a_run}",
+        "checked 1 run: 0 with problems",
+    ]
+    assert (invoke(root, "verify", "--json").stdout, result.stderr) == ("[]\n", "")
+
+    (root / "damaged").mkdir()
+    shutil.copy(root / run_id / "manifest.json", root / "damaged")
+    result = invoke(root, "verify", "--json")
+    assert result.exit_code == 1
+    assert [(p["run"], p["rule"]) for p in json.loads(result.stdout)] == [("damaged", "LAYOUT-2")]
+    code, _, err = run_main(["--store", str(root), "show", "damaged"], monkeypatch, capsys)
+    assert code == 1
+    assert err.startswith(f"runfmt: error: {root / 'damaged'}: no revisions in _manifests/ ")
+
+    for args in (["verify", "crashed"], ["verify", str(root / "crashed")], ["repair", "crashed"]):
+        code, out, err = run_main(["--store", str(root), *args], monkeypatch, capsys)
+        assert (code, out, err) == (1, "", f"runfmt: error: {root / 'crashed'}: {not_a_run}\n")
+    code, _, err = run_main(["--store", str(root), "verify", "empty-folder"], monkeypatch, capsys)
+    assert (code, err) == (1, f"runfmt: error: {root}: no run 'empty-folder' (give a run id "
+                              "from `runfmt ls`, or the path of a run folder)\n")  # fmt: skip
+
+
 def test_verify_names_the_corrupted_file_and_exits_1(
     copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -559,6 +605,38 @@ def test_an_unreadable_manifest_is_named_by_show_and_verify(
     assert out.startswith(f"{newest}: not valid JSON")
     assert out.count("(MAN-1)") == 1, "the rule is named once"
     assert f"FAIL  {run_id}: 1 problem\n" in out
+
+
+def test_verify_leaves_a_live_writers_uncommitted_data_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-8, COMMIT-12, ERR-3: what a live writer has not committed yet (bytes past a
+    listed length, an unlisted stage file) is no problem, and repair leaves it alone, so
+    verify must not offer to repair it; once the writer is gone, or when its lock cannot be
+    probed (another user's run), it is repairable."""
+    store = runfmt.Store(tmp_path / "runs")
+    w = store.create_run("live", run_id="live", flush_every=None, flush_interval=None)
+    w.append("gen", {"i": 0})
+    listed = w.flush().stages[0].files[0].path
+    with Path(w.storage.path(listed)).open("ab") as f:
+        f.write(FrameEncoder().encode(b'{"i": 1}\n'))
+    unlisted = f"stages/gen/part-000002-{w.writer_id}.jsonl.zst"
+    Path(w.storage.path(unlisted)).write_bytes(b"junk")
+    assert verify_run(w.storage) == []
+    result = invoke(tmp_path / "runs", "verify")
+    assert (result.exit_code, result.stdout) == (0, (
+        f"ok    live (being written by live writer {w.writer_id}: uncommitted data not checked)\n"
+        "checked 1 run: 0 with problems\n"
+    ))  # fmt: skip
+    assert invoke(tmp_path / "runs", "repair", "live").exit_code == 0
+    uncommitted = {(listed, "COMMIT-8", True), (unlisted, "LAYOUT-4", True)}
+    with monkeypatch.context() as m:
+        m.setattr(check, "live_writers", Mock(side_effect=PermissionError(13, "denied")))
+        assert {(p.location, p.rule, p.repairable) for p in verify_run(w.storage)} == uncommitted
+
+    w.close()
+    assert {(p.location, p.rule, p.repairable) for p in verify_run(w.storage)} == uncommitted
+    assert "`runfmt repair live` fixes 2\n" in invoke(tmp_path / "runs", "verify").stdout
 
 
 CRASHING_WRITER = textwrap.dedent(

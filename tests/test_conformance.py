@@ -24,7 +24,7 @@ from runfmt import errors
 from runfmt.check import repair_run, verify_run
 from runfmt.conformance import check_run, normalized_view
 from runfmt.format.frames import FrameEncoder
-from runfmt.run import RunReader, RunWriter, load_manifest, revisions
+from runfmt.run import WRITER, RunReader, RunWriter, load_manifest, revisions
 from runfmt.storage import Storage
 from runfmt.store import Store
 from tests.conformance import run as suite
@@ -398,6 +398,22 @@ def test_repair_leaves_a_live_writers_tail_alone(store: Store) -> None:
     assert report.salvaged_records == 1
     assert verify_run(w.storage) == []
     assert [r["i"] for r in normalized_view(w.storage.root)["stages"][0]["records"]] == [0, 1]
+
+
+def test_every_revision_runfmt_commits_names_runfmt_as_its_writer(tmp_path: Path) -> None:
+    """§4 ``writer`` names the software that wrote the revision: a repair's commit, or a
+    resumed writer's, to runs another implementation wrote names runfmt."""
+    other = {"name": "conformance-build", "version": "1"}
+    case = {c.name: c for c in CASES}
+    crashed = suite._copy(case["invalid/uncommitted-frames"], tmp_path)
+    assert load_manifest(Storage(str(crashed))).writer == other
+    assert repair_run(Storage(str(crashed))).salvaged_records > 0
+    assert load_manifest(Storage(str(crashed))).writer == WRITER
+
+    finished = suite._copy(case["valid/completed-run"], tmp_path)
+    assert load_manifest(Storage(str(finished))).writer == other
+    Store(tmp_path / "store").resume_run(finished).close()
+    assert load_manifest(Storage(str(finished))).writer == WRITER
 
 
 def test_commit_lock_held_elsewhere_times_out(store: Store) -> None:

@@ -32,6 +32,7 @@ from runfmt.format.manifest import (
 SHA = "ab" * 32
 KEY = compute_key({"model": "m1"})
 TS = "2026-11-22T20:00:00.000000Z"
+WRITER = {"name": "runfmt-tests", "version": "1"}
 
 ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
 run_ids = st.tuples(
@@ -354,7 +355,7 @@ def test_merge_sums_counters_and_never_loses_a_file(
     m = base_manifest(counters=base_counters)
     latest: dict[str, FileEntry] = {}
     for i, (_, changes) in enumerate(commits):
-        m = apply_changes(m, changes, m.revision + 1, TS)
+        m = apply_changes(m, changes, m.revision + 1, TS, WRITER)
         latest.update(changes.files)
         assert m.revision == i + 2
         listed = {f.path: f for s in m.stages for f in s.files}
@@ -376,27 +377,38 @@ def test_a_file_listed_longer_elsewhere_cannot_shrink() -> None:
         ),
         2,
         TS,
+        WRITER,
     )
     with pytest.raises(ConflictError, match="lists more bytes"):
-        apply_changes(m, ChangeSet(files={path: FileEntry(path, 50, 2, 0, SHA)}), 3, TS)
+        apply_changes(m, ChangeSet(files={path: FileEntry(path, 50, 2, 0, SHA)}), 3, TS, WRITER)
 
 
 def test_a_stage_redeclared_differently_is_a_conflict() -> None:
     m = apply_changes(
-        base_manifest(), ChangeSet(stages={"s": StageEntry("s", key_field="id")}), 2, TS
+        base_manifest(), ChangeSet(stages={"s": StageEntry("s", key_field="id")}), 2, TS, WRITER
     )
-    assert apply_changes(m, ChangeSet(stages={"s": StageEntry("s", key_field="id")}), 3, TS)
+    redeclared = ChangeSet(stages={"s": StageEntry("s", key_field="id")})
+    assert apply_changes(m, redeclared, 3, TS, WRITER)
+    other = ChangeSet(stages={"s": StageEntry("s", record_schema_version="2")})
     with pytest.raises(ConflictError, match="stage 's' is declared"):
-        apply_changes(m, ChangeSet(stages={"s": StageEntry("s", record_schema_version="2")}), 3, TS)
+        apply_changes(m, other, 3, TS, WRITER)
+
+
+def test_a_revision_names_the_software_that_committed_it() -> None:
+    """§4: ``writer`` is the software that wrote the revision, not the one that created the run."""
+    base = base_manifest(writer={"name": "another-implementation", "version": "9"})
+    assert apply_changes(base, ChangeSet(tags={"k": "v"}), 2, TS, WRITER).writer == WRITER
 
 
 def test_status_error_and_finish_time() -> None:
     later = "2026-11-22T21:00:00.000000Z"
-    failed = apply_changes(base_manifest(), ChangeSet(status="failed", error="boom"), 2, later)
+    failed = apply_changes(
+        base_manifest(), ChangeSet(status="failed", error="boom"), 2, later, WRITER
+    )
     assert (failed.status, failed.error, failed.finished_at) == ("failed", "boom", later)
-    tagged = apply_changes(failed, ChangeSet(tags={"k": "v"}), 3, TS)
+    tagged = apply_changes(failed, ChangeSet(tags={"k": "v"}), 3, TS, WRITER)
     assert (tagged.status, tagged.error, tagged.finished_at) == ("failed", "boom", later)
-    resumed = apply_changes(failed, ChangeSet(status="running"), 3, TS)
+    resumed = apply_changes(failed, ChangeSet(status="running"), 3, TS, WRITER)
     assert (resumed.status, resumed.finished_at) == ("running", None)
     assert not ChangeSet()
     assert ChangeSet(counters={"c": 1})

@@ -20,6 +20,7 @@ from runfmt import _index_reading as reading
 from runfmt import index as index_module
 from runfmt.check import verify_run
 from runfmt.cli import app, main
+from runfmt.errors import ManifestError
 from runfmt.index import Index, is_network_filesystem
 from runfmt.store import Store
 
@@ -186,6 +187,36 @@ def test_a_copy_under_another_run_id_is_unreadable_in_the_store_but_reads_by_pat
     shutil.copytree(Path(store.url) / run_id, renamed)
     assert [r["key"] for r in store.open_run(renamed).records("score")] == ["a-0", "a-1", "a-2"]
     assert verify_run(store.locate(str(renamed))) == []
+
+
+def test_a_copy_under_another_run_id_is_refused_by_id_and_fails_verify(store: Store) -> None:
+    """LAYOUT-1: by id, a folder whose manifest names another run is refused with where, the
+    run it holds, the rule and the way out; the store-wide verify fails it; by its path it
+    opens under any name."""
+    run_id = write_run(store, "a")
+    other = "20200101-000000000-00000001"
+    copy = Path(store.url) / other
+    shutil.copytree(Path(store.url) / run_id, copy)
+    for open_by_id in (store.open_run, store.locate, store.resume_run):
+        with pytest.raises(ManifestError) as refused:
+            open_by_id(other)
+        assert refused.value.location == str(copy)
+        assert refused.value.problem == (
+            f"manifest names run {run_id!r}, not its folder name (LAYOUT-1)"
+        )
+        assert refused.value.hint == f"rename the folder to {run_id}, or open it by its path"
+    assert [type(r).__name__ for r in store.runs()] == ["RunReader", "ManifestError"]
+    assert store.open_run(copy).run_id == run_id
+
+    result = CliRunner().invoke(app, ["--store", store.url, "verify"])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        f"ok    {run_id}",
+        f"{copy}: manifest names run {run_id!r}, not its folder name (LAYOUT-1)",
+        f"FAIL  {other}: 1 problem",
+        "checked 2 runs: 1 with problems",
+    ]
+    assert CliRunner().invoke(app, ["--store", store.url, "verify", str(copy)]).exit_code == 0
 
 
 def test_a_folder_without_revisions_is_not_a_run_until_one_appears(

@@ -118,16 +118,28 @@ def verify(
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Check runs against the spec and their manifests; print every problem; exit 1 if any."""
+    """Check runs against the spec and their manifests; print every problem; exit 1 if any.
+
+    Without RUN, the store's folders that hold no run (LAYOUT-2) are skipped, not failed.
+    """
     from runfmt.check import verify_run
+    from runfmt.errors import RunNotFoundError
 
     store = state(ctx).store(read_only=True)
     targets = (
-        [store.locate(r) for r in runs]
+        [(store.locate(r), None) for r in runs]
         if runs
-        else [store.storage.child(run_id) for run_id in store.run_ids()]
+        else [(store.storage.child(run_id), run_id) for run_id in store.run_ids()]
     )
-    found = [(run, verify_run(run)) for run in targets]
+    found: list[tuple[Storage, list[Problem]]] = []
+    skipped: list[str] = []
+    for run, run_id in targets:
+        try:
+            found.append((run, verify_run(run, run_id=run_id)))
+        except RunNotFoundError as exc:
+            if runs:
+                raise
+            skipped.append(f"skip  {_label(run)}: {exc.problem}")
     bad = [(run, problems) for run, problems in found if problems]
     if json_:
         print_json([_problem_json(run, p) for run, problems in bad for p in problems])
@@ -136,6 +148,8 @@ def verify(
     else:
         for run, problems in found:
             _print_verdict(run, problems)
+        for line in skipped:
+            echo(line)
         sys.stdout.write(f"checked {_count(len(found), 'run')}: {len(bad)} with problems\n")
     if bad:
         total = sum(len(problems) for _, problems in bad)
@@ -143,15 +157,24 @@ def verify(
 
 
 def _print_verdict(run: "Storage", problems: "Sequence[Problem]") -> None:
+    from runfmt.check import being_written_by
+
     label = _label(run)
+    live = being_written_by(run)
+    note = (
+        f" (being written by live writer{'s' * (len(live) > 1)} {', '.join(live)}: "
+        "uncommitted data not checked)"
+        if live
+        else ""
+    )
     if not problems:
-        echo(f"ok    {label}")
+        echo(f"ok    {label}{note}")
         return
     for p in problems:
         echo(f"{_full_location(run, p.location)}: {p.problem} ({p.rule or '-'})")
     fixable = sum(p.repairable for p in problems)
     hint = f"; `runfmt repair {label}` fixes {fixable}" if fixable else ""
-    echo(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}")
+    echo(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}{note}")
 
 
 def _problem_json(run: "Storage", p: "Problem") -> dict[str, Any]:

@@ -485,8 +485,11 @@ def check_error(status: str, error: object) -> None:
         )
 
 
-def apply_changes(base: Manifest, changes: ChangeSet, revision: int, now: str) -> Manifest:
-    """The next revision: ``base`` with ``changes`` merged in (COMMIT-5)."""
+def apply_changes(
+    base: Manifest, changes: ChangeSet, revision: int, now: str, writer: Mapping[str, str]
+) -> Manifest:
+    """The next revision: ``base`` with ``changes`` merged in (COMMIT-5), committed at ``now``
+    by the software ``writer`` names."""
     stages = {s.name: s for s in base.stages}
     for name, declared in changes.stages.items():
         current = stages.get(name)
@@ -531,6 +534,7 @@ def apply_changes(base: Manifest, changes: ChangeSet, revision: int, now: str) -
         completed_through_stage=(
             changes.completed_through_stage if changes.status else base.completed_through_stage
         ),
+        writer=writer,
         heartbeat_at=now if changes.heartbeat else base.heartbeat_at,
         finished_at=None if status == "running" else finished,
         tags={**base.tags, **changes.tags},

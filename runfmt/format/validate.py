@@ -19,7 +19,14 @@ from runfmt.format.manifest import FileEntry, Manifest, StageEntry, check_compat
 from runfmt.format.records import MAX_KEY_LENGTH, decode_lines, is_failure, is_key
 from runfmt.format.schemas import schema_errors
 
-__all__ = ["FileCheck", "Problem", "check_listing", "cited_rule", "header_problem"]
+__all__ = [
+    "FileCheck",
+    "Problem",
+    "check_listing",
+    "cited_rule",
+    "folder_name_problem",
+    "header_problem",
+]
 
 _RUN_FILES = frozenset({names.MANIFEST_FILE, names.SUMS_FILE})
 _RULE_ID = re.compile(r"\s*\(([A-Z]+-[0-9]+)\)")
@@ -33,6 +40,14 @@ def cited_rule(problem: str, default: str) -> tuple[str, str]:
     if m is None:
         return problem, default
     return problem[: m.start()] + problem[m.end() :], m[1]
+
+
+def folder_name_problem(manifest: Manifest, folder: str) -> str | None:
+    """What is wrong with a store's run folder named ``folder`` holding ``manifest``, citing
+    its rule; None when nothing is. In a store a run folder's name is its run id (LAYOUT-1)."""
+    if manifest.run_id == folder:
+        return None
+    return f"manifest names run {manifest.run_id!r}, not its folder name (LAYOUT-1)"
 
 
 def header_problem(
