@@ -24,7 +24,7 @@ from runfmt.format import names
 from runfmt.format.keys import compute_key
 from runfmt.format.manifest import Manifest, parse_timestamp
 from runfmt.locking import live_writers
-from runfmt.run import RunReader, RunWriter, load_manifest, unpublish
+from runfmt.run import RunReader, RunWriter, check_folder_name, load_manifest, unpublish
 
 if TYPE_CHECKING:
     from runfmt.storage import Storage
@@ -197,7 +197,7 @@ def open_or_create(
     if policy == "rerun":
         remove_run(store, run_id)
     else:
-        existing = _existing(storage)
+        existing = _existing(storage, run_id)
         if existing is not None:
             if policy == "error":
                 raise RunExistsError(
@@ -210,15 +210,15 @@ def open_or_create(
     except RunExistsError:
         if policy != "auto":
             raise
-        existing = load_manifest(storage)
+        existing = check_folder_name(load_manifest(storage), storage, run_id)
         return _reuse_or_resume(store, storage, existing, config, until_stage, options)
     action: Action = "rerun" if policy == "rerun" else "created"
     return OpenedRun(action, run_id, RunReader(storage, writer.manifest), writer)
 
 
-def _existing(storage: Storage) -> Manifest | None:
+def _existing(storage: Storage, run_id: str) -> Manifest | None:
     try:
-        return load_manifest(storage)
+        return check_folder_name(load_manifest(storage), storage, run_id)
     except RunNotFoundError:
         return None
 
@@ -269,7 +269,7 @@ def remove_run(store: Store, run_id: str) -> bool:
             hint="stop that writer before replacing the run",
         )  # fmt: skip
     if not storage.is_local:
-        existing = _existing(storage)
+        existing = _existing(storage, run_id)
         if existing is not None and health(existing, now()) == "running":
             raise ConflictError(
                 f"run {run_id} is running: its writer was heard from at "

@@ -75,7 +75,7 @@ from runfmt.format.records import (
     encode_many,
     encode_record,
 )
-from runfmt.format.validate import header_problem
+from runfmt.format.validate import folder_name_problem, header_problem
 from runfmt.locking import commit_lock, hold_writer_lock
 from runfmt.storage import AppendFile, Storage
 
@@ -136,6 +136,17 @@ def load_manifest(run: Storage, revision: int | None = None) -> Manifest:
             f"file holds revision {manifest.revision}, not {revision} (MAN-3)",
             location=run.where(rel),
         )
+    return manifest
+
+
+def check_folder_name(manifest: Manifest, run: Storage, folder: str) -> Manifest:
+    """``manifest``, when a store's run folder named ``folder`` may hold it (LAYOUT-1)."""
+    problem = folder_name_problem(manifest, folder)
+    if problem is not None:
+        raise ManifestError(
+            problem, location=run.where(),
+            hint=f"rename the folder to {manifest.run_id}, or open it by its path",
+        )  # fmt: skip
     return manifest
 
 

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from runfmt.errors import (
     FormatError,
     InvalidInputError,
-    ManifestError,
     ReadOnlyError,
     RunExistsError,
     RunNotFoundError,
@@ -26,11 +25,11 @@ from runfmt.format.manifest import (
     manifest_problems,
     to_json,
 )
-from runfmt.format.validate import folder_name_problem
 from runfmt.run import (
     WRITER,
     RunReader,
     RunWriter,
+    check_folder_name,
     create_revision,
     load_manifest,
     now_utc,
@@ -151,7 +150,7 @@ class Store:
         storage, run_id = self._find(run)
         reader = RunReader(storage)
         if run_id is not None:
-            _check_folder_name(reader.manifest, storage, run_id)
+            check_folder_name(reader.manifest, storage, run_id)
         return reader
 
     def locate(self, run: str | os.PathLike[str]) -> Storage:
@@ -167,7 +166,7 @@ class Store:
                 manifest = load_manifest(storage)
             except FormatError:
                 return storage
-            _check_folder_name(manifest, storage, run_id)
+            check_folder_name(manifest, storage, run_id)
         return storage
 
     def _find(self, run: str | os.PathLike[str]) -> tuple[Storage, str | None]:
@@ -257,7 +256,7 @@ class Store:
         for run_id in self.run_ids():
             run = self._run_storage(run_id)
             try:
-                yield RunReader(run, _check_folder_name(load_manifest(run), run, run_id))
+                yield RunReader(run, check_folder_name(load_manifest(run), run, run_id))
             except RunNotFoundError:
                 continue
             except FormatError as exc:
@@ -267,14 +266,3 @@ class Store:
 def _may_hold_run(run: Storage) -> bool:
     """Whether the folder holds a run, maybe a damaged one (LAYOUT-2), at a glance."""
     return run.exists(names.MANIFESTS_DIR) or run.exists(names.MANIFEST_FILE)
-
-
-def _check_folder_name(manifest: Manifest, run: Storage, folder: str) -> Manifest:
-    """``manifest``, when a store's run folder named ``folder`` may hold it (LAYOUT-1)."""
-    problem = folder_name_problem(manifest, folder)
-    if problem is not None:
-        raise ManifestError(
-            problem, location=run.where(),
-            hint=f"rename the folder to {manifest.run_id}, or open it by its path",
-        )  # fmt: skip
-    return manifest

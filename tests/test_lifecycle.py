@@ -4,6 +4,7 @@ deterministic ids, the existing-run policy and `runfmt status`."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -256,6 +257,25 @@ def test_deterministic_run_id_is_stable_and_in_the_grammar() -> None:
 
 
 # existing-run policy
+
+
+@pytest.mark.parametrize("policy", ["auto", "error"])
+def test_a_deterministic_id_whose_folder_holds_another_run_is_refused(
+    store: Store, policy: str
+) -> None:
+    """LAYOUT-1: the folder under the id holds a copy of another run; resuming would write
+    to the run its manifest names, so the policy refuses it and changes nothing."""
+    other = store.create_run("other", heartbeat_interval=None)
+    write_stage(other, "generate", 1)
+    other.finish()
+    rid = deterministic_run_id("eval", CONFIG)
+    shutil.copytree(Path(store.url) / other.run_id, Path(store.url) / rid)
+    before = sorted(p.name for p in (Path(store.url) / other.run_id / "_manifests").iterdir())
+    with pytest.raises(ManifestError, match="LAYOUT-1"):
+        store.open_or_create("eval", CONFIG, policy=policy, heartbeat_interval=None)
+    assert sorted(p.name for p in (Path(store.url) / other.run_id / "_manifests").iterdir()) == (
+        before
+    )
 
 
 def test_auto_creates_then_reuses_a_completed_run(store: Store) -> None:
