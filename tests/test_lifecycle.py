@@ -496,7 +496,7 @@ def test_auto_loser_of_a_creation_race_resumes(
     winner = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
     assert winner.writer is not None
     winner.writer.close()
-    monkeypatch.setattr(runfmt.lifecycle, "_existing", lambda storage: None)
+    monkeypatch.setattr(runfmt.lifecycle, "_existing", lambda storage, run_id: None)
     loser = store.open_or_create("eval", CONFIG, heartbeat_interval=None)
     assert (loser.action, loser.run_id) == ("resumed", winner.run_id)
     assert loser.writer is not None
