@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
 
 import orjson
 
+from runfmt._local import open_regular
 from runfmt.errors import FormatError, RunfmtError, RunNotFoundError, StageFileError
 from runfmt.format import names
 
@@ -266,7 +267,7 @@ class LocalSource(Source):
         if not found:
             _no_revision(os.path.exists(f"{self.url}/{run_id}/{names.MANIFEST_FILE}"))
         newest = max(found)
-        with open(f"{self.url}/{run_id}/{names.revision_file(newest)}", "rb") as f:
+        with open_regular(f"{self.url}/{run_id}/{names.revision_file(newest)}") as f:
             return newest, f.read()
 
     def _file(self, run_id: str, path: str) -> str:
@@ -277,12 +278,12 @@ class LocalSource(Source):
         return full
 
     def open_range(self, run_id: str, path: str, start: int) -> Any:
-        f = open(self._file(run_id, path), "rb")  # noqa: SIM115
+        f = open_regular(self._file(run_id, path))
         f.seek(start)
         return f
 
     def read_range(self, run_id: str, path: str, start: int, end: int) -> bytes:
-        with open(self._file(run_id, path), "rb") as f:
+        with open_regular(self._file(run_id, path)) as f:
             f.seek(start)
             return f.read(end - start)
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from runfmt._local import NotAFileError
 from runfmt.errors import (
     FormatError,
     InvalidInputError,
@@ -16,7 +17,7 @@ from runfmt.errors import (
     UnsupportedFormatError,
 )
 from runfmt.format import names
-from runfmt.format.checksum import parse_sums, sha256_hex
+from runfmt.format.checksum import parse_sums
 from runfmt.format.frames import DataFrame, FrameDecoder
 from runfmt.format.manifest import (
     ChangeSet,
@@ -86,10 +87,8 @@ def verify_run(run: Storage, *, run_id: str | None = None) -> list[Problem]:
             problems.append(Problem(art.path, "listed artifact is missing", "LAYOUT-3"))
         elif not run.inside(art.path):
             problems.append(Problem(art.path, "artifact goes through a link", "LAYOUT-5"))
-        else:
-            data = run.read(art.path)
-            if len(data) != art.bytes or sha256_hex(data) != art.sha256:
-                problems.append(Problem(art.path, "length or sha256 does not match", "CHECK-1"))
+        elif files[art.path] != art.bytes or run.prefix_sha256(art.path, art.bytes) != art.sha256:
+            problems.append(Problem(art.path, "length or sha256 does not match", "CHECK-1"))
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
     live = frozenset(being_written_by(run))
@@ -151,10 +150,14 @@ def _check_file(
         return [Problem(entry.path, "listed file goes through a link", "LAYOUT-5")]
     check = FileCheck(entry, stage)
     if size is not None:
-        with run.open_read(entry.path) as f:
+        try:
+            stream = run.open_read(entry.path)
+        except NotAFileError:
+            return [Problem(entry.path, "listed path is not a regular file", "LAYOUT-3")]
+        with stream:
             remaining = entry.bytes
             while remaining > 0:
-                chunk = f.read(min(_CHUNK, remaining))
+                chunk = stream.read(min(_CHUNK, remaining))
                 if not chunk:
                     break
                 check.feed(chunk)

@@ -43,6 +43,7 @@ from runfmt._index_reading import (
     summarize,
     unreadable,
 )
+from runfmt._local import NotAFileError
 from runfmt.errors import (
     FormatError,
     InvalidInputError,
@@ -611,6 +612,8 @@ class Index:
             revision, data = self._source.manifest(run_id)
         except RunNotFoundError:
             return None
+        except NotAFileError:
+            return unreadable(run_id, stamp, "cannot read its newest revision: not a regular file")
         except FileNotFoundError:
             return unreadable(run_id, stamp, "manifest revision vanished while indexing")
         except FormatError as exc:

@@ -26,6 +26,7 @@ from typing import Any, Self, cast
 
 from filelock import FileLock
 
+from runfmt._local import NotAFileError
 from runfmt._version import __version__
 from runfmt.errors import (
     ChecksumMismatchError,
@@ -127,6 +128,8 @@ def load_manifest(run: Storage, revision: int | None = None) -> Manifest:
     rel = names.revision_file(revision)
     try:
         manifest = decode_manifest(run.read(rel))
+    except NotAFileError:
+        raise ManifestError("revision is not a regular file", location=run.where(rel)) from None
     except FileNotFoundError:
         raise RunNotFoundError(f"revision {revision} is gone", location=run.where(rel)) from None
     except FormatError as exc:
@@ -322,8 +325,14 @@ class RunReader:
         digest = hashlib.sha256()
         try:
             stream = self.storage.open_read(f.path)
+        except NotAFileError:
+            raise ChecksumMismatchError(
+                "listed path is not a regular file (LAYOUT-3)", location=where
+            ) from None
         except FileNotFoundError:
-            raise ChecksumMismatchError("listed file is missing", location=where) from None
+            raise ChecksumMismatchError(
+                "listed file is missing (LAYOUT-3)", location=where
+            ) from None
 
         def chunks() -> Iterator[bytes]:
             remaining = f.bytes

@@ -20,6 +20,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from runfmt._local import open_regular
 from runfmt.errors import ChecksumMismatchError, ReadOnlyError, RunfmtError, StorageError
 
 __all__ = ["EXCLUSIVE_PROTOCOLS", "AppendFile", "Entry", "Storage"]
@@ -219,7 +220,7 @@ class Storage:
     def read(self, rel: str) -> bytes:
         with self._io(rel):
             if self.is_local:
-                with open(self.path(rel), "rb") as f:
+                with open_regular(self.path(rel)) as f:
                     return f.read()
             if self.protocol in ("s3", "s3a"):
                 one_get: bytes = self.fs.cat_file(self.path(rel), max_concurrency=1)
@@ -230,7 +231,7 @@ class Storage:
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         with self._io(rel):
             if self.is_local:
-                with open(self.path(rel), "rb") as f:
+                with open_regular(self.path(rel)) as f:
                     f.seek(start)
                     return f.read(end - start)
             data: bytes = self.fs.cat_file(self.path(rel), start=start, end=end)
@@ -239,7 +240,7 @@ class Storage:
     def open_read(self, rel: str) -> IO[bytes]:
         with self._io(rel):
             if self.is_local:
-                return open(self.path(rel), "rb")
+                return open_regular(self.path(rel))
             f: IO[bytes] = self.fs.open(self.path(rel), "rb", block_size=4 << 20)
             return f
 

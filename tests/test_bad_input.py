@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -555,3 +557,38 @@ def test_cli_verify_exit_codes_and_messages(
     code, out = cli(monkeypatch, capsys, "show", str(run_dir.parent / "no-such-run"))
     assert code == 1
     assert "no-such-run" in out
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+@pytest.mark.parametrize("what", ["stage file", "artifact", "newest revision", "SHA256SUMS"])
+@pytest.mark.parametrize("command", ["verify", "dump", "cat", "ls"])
+def test_a_fifo_where_a_file_belongs_never_hangs_a_reader(
+    run_dir: Path, what: str, command: str
+) -> None:
+    """ERR-1, LAYOUT-3: a FIFO at a listed path is no file; opening it to read would wait
+    for a writer forever. Real processes, so that a hang fails the test instead of it."""
+    path = {
+        "stage file": stage_file(run_dir),
+        "artifact": run_dir / "artifacts" / "notes.txt",
+        "newest revision": newest_revision(run_dir),
+        "SHA256SUMS": run_dir / "SHA256SUMS",
+    }[what]
+    path.unlink()
+    os.mkfifo(path)
+    store, run = str(run_dir.parent), run_dir.name
+    args = {"verify": ["verify", run], "dump": ["dump", run], "cat": ["cat", run, "score"],
+            "ls": ["ls"]}[command]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "runfmt", "--store", store, *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in done.stderr
+    if command == "ls":
+        assert done.returncode == 0
+        if what == "newest revision":
+            assert "not a regular file" in done.stderr
+    elif command == "cat" and what in ("artifact", "SHA256SUMS"):
+        assert done.returncode == 0
+    else:
+        assert done.returncode == 1
+        assert "regular file" in done.stderr + done.stdout or what != "stage file"

@@ -235,9 +235,10 @@ def test_declared_size_is_bounded_before_decompressing() -> None:
             raw_frame(b"{}\n", window_log=28),
             r"window of 268435456 bytes, over 134217728 \(FRAME-4\)",
         ),
-        (raw_frame(b"{}\n", window_log=17, dict_id=7), r"needs zstd dictionary 7 \(FRAME-4\)"),
+        (raw_frame(b"{}\n", window_log=17, dict_id=7), r"declares zstd dictionary 7 \(FRAME-4\)"),
+        (raw_frame(b"{}\n", window_log=17, dict_id=0), r"declares zstd dictionary 0 \(FRAME-4\)"),
     ],
-    ids=["window-2^27", "window-2^28", "dictionary"],
+    ids=["window-2^27", "window-2^28", "dictionary", "dictionary-id-0"],
 )
 def test_a_frame_header_is_refused_for_its_window_or_dictionary(
     frame: bytes, refused: str | None

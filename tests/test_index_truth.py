@@ -158,7 +158,7 @@ def test_a_revision_this_process_cannot_read_is_listed_unreadable(store: Store) 
     good.finish()
     newest = max((Path(store.url) / broken.run_id / "_manifests").iterdir())
     newest.unlink()
-    newest.mkdir()  # listed as a revision, read fails (IsADirectoryError)
+    newest.mkdir()  # listed as a revision, read fails: not a regular file
 
     runs = {r.run_id: r for r in store.index.runs()}
     assert runs[good.run_id].status == "completed"

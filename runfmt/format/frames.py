@@ -46,6 +46,8 @@ MAX_FRAME_CONTENT = 64 * 1024 * 1024
 MAX_WINDOW = 1 << 27
 """The largest window a data frame may declare (FRAME-4)."""
 _FEED = 256 * 1024
+_DICTIONARY_ID_FLAG = 0x03
+"""Bits of a zstd frame header descriptor that give the size of its Dictionary_ID field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +213,8 @@ class FrameDecoder:
                 f"data frame declares a window of {params.window_size} bytes, over {MAX_WINDOW} "
                 "(FRAME-4)"
             )
-        if params.dict_id:
-            raise self._error(f"data frame needs zstd dictionary {params.dict_id} (FRAME-4)")
+        if self._buf[4] & _DICTIONARY_ID_FLAG:
+            raise self._error(f"data frame declares zstd dictionary {params.dict_id} (FRAME-4)")
         self._content_size = params.content_size
         self._dobj = self._dctx.decompressobj()
         self._out, self._out_size = [], 0

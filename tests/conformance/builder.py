@@ -40,12 +40,14 @@ def data_frame(records: Records) -> bytes:
     return ENCODER.encode(b"".join(encode_record(r) for r in records))
 
 
-def raw_frame(content: bytes, window_log: int = 17, dict_id: int = 0) -> bytes:
+def raw_frame(content: bytes, window_log: int = 17, dict_id: int | None = None) -> bytes:
     """A zstd frame written by hand, as a long-window or dictionary encoder could: one raw
     block of ``content``, content size and checksum declared, not single-segment, so its
-    header carries a window of 2**window_log bytes (10 to 41) and ``dict_id`` (< 256)."""
-    descriptor = 0xC4 | (1 if dict_id else 0)
-    header = bytes([descriptor, (window_log - 10) << 3]) + (bytes([dict_id]) if dict_id else b"")
+    header carries a window of 2**window_log bytes (10 to 41) and, unless None, a one-byte
+    Dictionary_ID ``dict_id``."""
+    descriptor = 0xC4 | (0 if dict_id is None else 1)
+    header = bytes([descriptor, (window_log - 10) << 3])
+    header += b"" if dict_id is None else bytes([dict_id])
     block = (1 | len(content) << 3).to_bytes(3, "little")
     checksum = ENCODER.encode(content)[-4:]
     size = struct.pack("<Q", len(content))

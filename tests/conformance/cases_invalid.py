@@ -225,7 +225,7 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         ),
         "ManifestError",
     )
-    c.artifact("report.txt", b"x")
+    del c.files[c.artifact("report.txt", b"x")]
     c.doc["artifacts"][0]["path"] = "artifacts/../../outside.txt"
     c.outside["outside.txt"] = b"x"
     c = add(
@@ -505,6 +505,7 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         "ManifestError",
     )
     c.doc["stages"][0]["files"].clear()
+    c.files.clear()
     c.file("generate", [GEN[:2]], seq=0)
     c = add(
         running(

@@ -1,0 +1,39 @@
+"""Opening local files for reading without ever blocking on what is not a file.
+
+Kept apart from `runfmt.storage` so that the index's local fast path can use it
+without importing fsspec.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import IO
+
+__all__ = ["NotAFileError", "open_regular"]
+
+_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+class NotAFileError(FileNotFoundError):
+    """A local path holds a folder, a FIFO or a device where a file was expected: for a
+    reader, the file is missing."""
+
+
+def open_regular(path: str) -> IO[bytes]:
+    """Open a local file for reading; `FileNotFoundError` unless it is a regular file.
+
+    Opened without blocking and checked before any read: a FIFO or a device at a listed
+    path must not hang a reader (ERR-1); a folder or a FIFO is no file (LAYOUT-3).
+    """
+    fd = os.open(path, _FLAGS)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAFileError(errno.ENOENT, "not a regular file", path)
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
