@@ -199,6 +199,8 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
     when they form complete, valid frames (``salvage=True``) and are otherwise
     cut off; files of live writers are left alone (COMMIT-8).
     """
+    if not revisions(run):
+        load_manifest(run)  # raises: not a run, or one copied without _manifests/ (LAYOUT-2)
     report = RepairReport()
     with commit_lock(run, timeout=60.0):
         manifest = _newest_readable(run, report)

@@ -24,6 +24,7 @@ from runfmt.errors import (
     InvalidInputError,
     ManifestError,
     RunfmtError,
+    RunNotFoundError,
     UnsupportedFormatError,
 )
 from runfmt.format.frames import PREFIX, FrameEncoder, encode_header
@@ -592,3 +593,13 @@ def test_a_fifo_where_a_file_belongs_never_hangs_a_reader(
     else:
         assert done.returncode == 1
         assert "regular file" in done.stderr + done.stdout or what != "stage file"
+
+
+def test_repair_of_a_folder_that_holds_no_run_changes_nothing(tmp_path: Path) -> None:
+    """§9.3 row 1: what a crash while creating a run leaves is not a run; repair refuses it
+    before taking the commit lock, so it leaves no lock file behind either."""
+    (tmp_path / "_manifests").mkdir()
+    (tmp_path / "_manifests" / ".tmp-0a1b").write_bytes(b"{")
+    with pytest.raises(RunNotFoundError, match=r"not a run: .*\(LAYOUT-2\)"):
+        repair_run(Storage(str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [".tmp-0a1b", "_manifests"]
