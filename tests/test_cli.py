@@ -554,6 +554,24 @@ def test_store_wide_verify_skips_folders_that_hold_no_run(
                               "from `runfmt ls`, or the path of a run folder)\n")  # fmt: skip
 
 
+def test_verify_of_several_runs_checks_each_even_when_one_names_no_run(
+    copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo, or a renamed copy (LAYOUT-1), among the RUNs fails the command but does not
+    stop it from checking the others."""
+    root, run_id = copied
+    other = "20200101-000000000-00000001"
+    shutil.copytree(root / run_id, root / other)
+    args = ["--store", str(root), "verify", "no-such-run", run_id, other]
+    code, out, err = run_main(args, monkeypatch, capsys)
+    assert code == 1
+    assert out.splitlines() == [f"ok    {run_id}", "checked 1 run: 0 with problems"]
+    errors = err.splitlines()
+    assert errors[0].startswith(f"runfmt: error: {root}: no run 'no-such-run'")
+    assert errors[1].startswith(f"runfmt: error: {root / other}: manifest names run {run_id!r}")
+    assert errors[2] == "runfmt: error: 2 of 3 RUNs name no run that could be checked"
+
+
 def test_verify_names_the_corrupted_file_and_exits_1(
     copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

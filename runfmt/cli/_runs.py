@@ -121,25 +121,31 @@ def verify(
     """Check runs against the spec and their manifests; print every problem; exit 1 if any.
 
     Without RUN, the store's folders that hold no run (LAYOUT-2) are skipped, not failed.
+    A RUN that names no run fails, and the other RUNs are still checked.
     """
     from runfmt.check import verify_run
-    from runfmt.errors import RunNotFoundError
+    from runfmt.errors import RunfmtError, RunNotFoundError
 
     store = state(ctx).store(read_only=True)
-    targets = (
-        [(store.locate(r), None) for r in runs]
-        if runs
-        else [(store.storage.child(run_id), run_id) for run_id in store.run_ids()]
-    )
     found: list[tuple[Storage, list[Problem]]] = []
     skipped: list[str] = []
-    for run, run_id in targets:
+    missing = 0
+    for arg in runs or []:
+        try:
+            run = store.locate(arg)
+            found.append((run, verify_run(run)))
+        except RunfmtError as exc:
+            if len(runs or []) == 1:
+                raise
+            missing += 1
+            sys.stderr.write(f"runfmt: error: {printable(str(exc))}\n")
+    for run_id in [] if runs else store.run_ids():
+        run = store.storage.child(run_id)
         try:
             found.append((run, verify_run(run, run_id=run_id)))
         except RunNotFoundError as exc:
-            if runs:
-                raise
             skipped.append(f"skip  {_label(run)}: {exc.problem}")
+    targets = found or skipped or missing
     bad = [(run, problems) for run, problems in found if problems]
     if json_:
         print_json([_problem_json(run, p) for run, problems in bad for p in problems])
@@ -154,6 +160,8 @@ def verify(
     if bad:
         total = sum(len(problems) for _, problems in bad)
         fail(f"{_count(total, 'problem')} in {len(bad)} of {_count(len(found), 'run')}")
+    if missing:
+        fail(f"{missing} of {len(runs or [])} RUNs name no run that could be checked")
 
 
 def _print_verdict(run: "Storage", problems: "Sequence[Problem]") -> None:
