@@ -105,9 +105,14 @@ def being_written_by(run: Storage) -> list[str]:
 
 
 def _uncommitted_of(problem: Problem, writers: frozenset[str]) -> bool:
-    """Whether ``problem`` is what `repair_run` would fix in a stage file of one of
-    ``writers``: its uncommitted data, which repair leaves alone while it is alive."""
-    if not problem.repairable or not writers:
+    """Whether ``problem`` is uncommitted data one of ``writers`` may be writing: in a
+    stage file of its own, which repair leaves alone while it is alive, or an artifact
+    not listed yet (whose writer no name tells)."""
+    if not writers:
+        return False
+    if problem.rule == "LAYOUT-4" and problem.location.startswith(names.ARTIFACTS_DIR + "/"):
+        return True
+    if not problem.repairable:
         return False
     try:
         _, parsed = names.parse_stage_file(problem.location)
@@ -230,7 +235,7 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
             _repair_file(run, path, entry, stage, salvage, changes, report, manifest.created_at)
         _remove_leftovers(run, report)
         if changes:
-            manifest = commit_locked(run, changes, manifest)
+            manifest = commit_locked(run, changes, manifest, repairing=True)
             report.actions.append(f"committed revision {manifest.revision}")
         data = run.read(names.revision_file(manifest.revision))
         if _read_optional(run, names.MANIFEST_FILE) != data:
@@ -246,13 +251,19 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
 
 
 def _remove_leftovers(run: Storage, report: RepairReport) -> None:
-    """Delete temp files older than a minute and the lock files of writers that are gone."""
+    """Delete local state left by writers that are gone: temp files older than a minute
+    (none while a writer is alive: a big file may take it longer to write) and lock files
+    older than a minute that no process holds (a younger one may be a starting writer's,
+    between its open and its lock)."""
     cutoff = time.time_ns() - 60 * 10**9
+    writing = bool(being_written_by(run))
     stages = [f"{names.STAGES_DIR}/{s}" for s in run.names(names.STAGES_DIR)]
     for folder in ("", names.MANIFESTS_DIR, names.ARTIFACTS_DIR, *stages):
         for name in run.local_state(folder):
             rel = f"{folder}/{name}" if folder else name
-            stale_temp = name.startswith(".tmp-") and (run.mtime_ns(rel) or cutoff) < cutoff
+            if (run.mtime_ns(rel) or cutoff) >= cutoff:
+                continue
+            stale_temp = name.startswith(".tmp-") and not writing
             dead_writer = (
                 name.startswith(".writer-")
                 and name.endswith(".lock")

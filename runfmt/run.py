@@ -199,14 +199,18 @@ def _silent_since(base: Manifest) -> float:
     return (datetime.now(UTC) - parse_timestamp(base.updated_at)).total_seconds()
 
 
-def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None) -> Manifest:
+def commit_locked(
+    run: Storage, changes: ChangeSet, base: Manifest | None = None, *, repairing: bool = False
+) -> Manifest:
     """`commit` for a caller that holds the commit lock already.
 
     A newer revision than ``base`` is merged into, unless it belongs to another run with
-    the same id (created since, by a rerun): then `ConflictError`, and nothing is written.
-    A ``base`` committed longer ago than any heartbeat interval is read again even when
-    it is still the newest number: its writer may have been judged abandoned meanwhile
-    and the run replaced by one at the same revision (COMMIT-4).
+    the same id (created since, by a rerun), or is finished and ``changes`` do not reopen
+    the run (COMMIT-11; `repair`, ``repairing``, may, as it writes ``SHA256SUMS`` again):
+    then `ConflictError`, and nothing is written. A ``base`` committed longer ago than any
+    heartbeat interval is read again even when it is still the newest number: its writer
+    may have been judged abandoned meanwhile and the run replaced by one at the same
+    revision (COMMIT-4).
     """
     born = None if base is None else base.created_at
     if base is not None and _silent_since(base) > MAX_HEARTBEAT_INTERVAL:
@@ -222,6 +226,12 @@ def commit_locked(run: Storage, changes: ChangeSet, base: Manifest | None = None
                     location=run.where(),
                     hint="this writer's uncommitted changes are dropped; write a new run",
                 )
+        if base.finished and changes.status is None and not repairing:
+            raise ConflictError(
+                f"the run was finished ({base.status}) since this writer read it",
+                location=run.where(),
+                hint="resume the run to add to it (COMMIT-11); this commit is dropped",
+            )
         new = apply_changes(base, changes, base.revision + 1, now_utc(), WRITER)
         data = encode_manifest(new)
         if create_revision(run, new.revision, data):
@@ -784,7 +794,13 @@ class RunWriter:
         if not self.storage.inside(path):
             raise InvalidInputError(f"artifact path {path!r} goes through a link")
         data = bytes(data)
-        self.storage.put(path, data)
+        if not self.storage.create_exclusive(path, data):
+            raise ConflictError(
+                f"artifact {path!r} exists: another writer stored it, or one that died left it",
+                location=self.storage.where(path),
+                hint="store the new version under a new name; `runfmt verify` reports a file "
+                "no revision lists",
+            )
         self._changes.artifacts[path] = ArtifactEntry(
             path, len(data), sha256_hex(data), media_type, refs
         )
@@ -853,7 +869,7 @@ class RunWriter:
                 except RunNotFoundError:
                     return
                 except ConflictError:
-                    if self._stop_if_replaced():
+                    if self._stop_if_replaced() or load_manifest(self.storage).finished:
                         return
                 except (RunfmtError, OSError):
                     continue
@@ -904,11 +920,14 @@ class RunWriter:
         return self.finish("cancelled")
 
     def close(self) -> None:
-        """Commit what is buffered and stop writing; the run stays resumable."""
+        """Commit what is buffered and stop writing; the run stays resumable. The writer
+        stops even when that last commit fails."""
         with self._mutex:
             if not self._closed:
-                self.flush()
-                self._release()
+                try:
+                    self.flush()
+                finally:
+                    self._release()
 
     def discard(self) -> None:
         """Stop writing and commit nothing more: buffered records and changes are dropped.

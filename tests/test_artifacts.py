@@ -3,6 +3,7 @@ verified like stage files, read whole or as a stream, and printed by `runfmt cat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,10 @@ from runfmt.check import verify_run
 from runfmt.cli import app
 from runfmt.errors import ChecksumMismatchError, ConflictError, InvalidInputError
 from runfmt.format.checksum import sha256_hex
+from runfmt.format.manifest import ArtifactEntry, ChangeSet, apply_changes, decode_manifest
+from runfmt.run import WRITER
 from runfmt.store import Store
+from tests.test_format_manifest import TS, doc
 
 BLOB = bytes(range(256)) * 1000
 
@@ -86,6 +90,44 @@ def test_listed_artifact_is_never_overwritten(store: Store) -> None:
         w.add_artifact("a.txt", b"three")
     w.finish()
     assert store.open_run(w.run_id).read_artifact("a.txt") == b"one"
+
+
+@pytest.mark.parametrize("where", ["store", "memory_store"])
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_another_writer_of_the_run_cannot_overwrite_an_artifact(
+    request: pytest.FixtureRequest, where: str, first_commits: bool
+) -> None:
+    """ART-1, COMMIT-1: two writers of one run store the same artifact name, the second
+    after the first committed it or before: the file is created exclusively, so the second
+    is refused and the first one's bytes stay as listed."""
+    any_store: Store = request.getfixturevalue(where)
+    w1 = any_store.create_run("art", heartbeat_interval=None)
+    w1.append("gen", {"i": 1})
+    w1.flush()
+    w2 = any_store.resume_run(w1.run_id, heartbeat_interval=None)
+    w1.add_artifact("report.txt", b"from w1\n")
+    if first_commits:
+        w1.flush()
+    with pytest.raises(ConflictError, match="another writer stored it"):
+        w2.add_artifact("report.txt", b"from w2, longer\n")
+    w2.close()
+    w1.finish()
+    assert any_store.open_run(w1.run_id).read_artifact("report.txt") == b"from w1\n"
+    assert verify_run(any_store.locate(w1.run_id)) == []
+
+
+def test_a_commit_never_relists_an_artifact_another_writer_listed() -> None:
+    """ART-1 in the merge itself (COMMIT-5), whatever the files on storage say."""
+    listed = ArtifactEntry("artifacts/a.txt", 3, "ab" * 32, "text/plain")
+    other = ArtifactEntry("artifacts/a.txt", 4, "cd" * 32, "text/plain")
+    base = apply_changes(
+        decode_manifest(json.dumps(doc()).encode()),
+        ChangeSet(artifacts={listed.path: listed}), 2, TS, WRITER,
+    )  # fmt: skip
+    with pytest.raises(ConflictError, match="another writer listed this artifact"):
+        apply_changes(base, ChangeSet(artifacts={other.path: other}), 3, TS, WRITER)
+    again = apply_changes(base, ChangeSet(artifacts={listed.path: listed}), 3, TS, WRITER)
+    assert again.artifacts == (listed,)
 
 
 @pytest.mark.parametrize(

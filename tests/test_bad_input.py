@@ -29,6 +29,7 @@ from runfmt.errors import (
 )
 from runfmt.format.frames import PREFIX, FrameEncoder, encode_header
 from runfmt.format.manifest import parse_timestamp
+from runfmt.format.validate import header_problem
 from runfmt.run import MAX_RECORD_BYTES
 from runfmt.storage import Storage
 from runfmt.store import Store
@@ -603,3 +604,36 @@ def test_repair_of_a_folder_that_holds_no_run_changes_nothing(tmp_path: Path) ->
     with pytest.raises(RunNotFoundError, match=r"not a run: .*\(LAYOUT-2\)"):
         repair_run(Storage(str(tmp_path)))
     assert sorted(p.name for p in tmp_path.rglob("*")) == [".tmp-0a1b", "_manifests"]
+
+
+def test_verify_counts_every_key_value_that_breaks_rec_6(store: Store) -> None:
+    """ERR-3: one problem for the file names the first bad key value and how many more."""
+    w = store.create_run("eval", **QUIET)
+    w.stage("score", key_field="key").append({"key": "ok"})
+    w.flush()
+    w.close()
+    run_dir = Path(store.url) / w.run_id
+    bad = [{"key": ""}, {"key": 5}, {"key": "x" * 1025}, {"key": []}, {"key": None}]
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in bad)
+    f = stage_file(run_dir)
+    f.write_bytes(f.read_bytes() + FrameEncoder().encode(lines))
+    w = store.resume_run(w.run_id, heartbeat_interval=None)
+    w.close()
+    problems = [p for p in verify_run(Storage(str(run_dir))) if p.rule == "REC-6"]
+    assert [(p.location.rsplit(":", 1)[1], p.problem) for p in problems] == [
+        ("2", "key field 'key' holds '', not a string of 1 to 1024 characters (and 3 more records)")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stamp", "valid"), [("2026-02-28T00:00:00.5Z", True), ("2026-02-30T00:00:00Z", False)]
+)
+def test_a_header_run_created_at_must_be_a_real_time(stamp: str, valid: bool) -> None:
+    """FRAME-2: run_created_at is a timestamp as MAN-9 defines them."""
+    header = {"format": "runfmt-stage", "format_version": "1.0", "run_id": "r1",
+              "stage": "score", "seq": 1, "writer": "w1", "record_schema_version": "1",
+              "key_field": None, "run_created_at": stamp}  # fmt: skip
+    found = header_problem(header, "stages/score/part-000001-w1.jsonl.zst", None)
+    assert found == (None if valid else (
+        f"invalid header: run_created_at {stamp!r} is not a real time", "FRAME-2"
+    ))  # fmt: skip

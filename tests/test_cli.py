@@ -640,6 +640,7 @@ def test_verify_leaves_a_live_writers_uncommitted_data_to_it(
         f.write(FrameEncoder().encode(b'{"i": 1}\n'))
     unlisted = f"stages/gen/part-000002-{w.writer_id}.jsonl.zst"
     Path(w.storage.path(unlisted)).write_bytes(b"junk")
+    w.add_artifact("big.bin", b"staged until the next commit")
     assert verify_run(w.storage) == []
     result = invoke(tmp_path / "runs", "verify")
     assert (result.exit_code, result.stdout) == (0, (
@@ -648,11 +649,12 @@ def test_verify_leaves_a_live_writers_uncommitted_data_to_it(
     ))  # fmt: skip
     assert invoke(tmp_path / "runs", "repair", "live").exit_code == 0
     uncommitted = {(listed, "COMMIT-8", True), (unlisted, "LAYOUT-4", True)}
+    uncommitted.add(("artifacts/big.bin", "LAYOUT-4", False))
     with monkeypatch.context() as m:
         m.setattr(check, "live_writers", Mock(side_effect=PermissionError(13, "denied")))
         assert {(p.location, p.rule, p.repairable) for p in verify_run(w.storage)} == uncommitted
 
-    w.close()
+    w.discard()
     assert {(p.location, p.rule, p.repairable) for p in verify_run(w.storage)} == uncommitted
     assert "`runfmt repair live` fixes 2\n" in invoke(tmp_path / "runs", "verify").stdout
 

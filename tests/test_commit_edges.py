@@ -162,3 +162,27 @@ def test_repair_never_salvages_a_replaced_runs_file_into_its_successor(
     assert report.salvaged_records == 0
     assert [r["i"] for r in memory_store.open_run(new.run_id).records("gen")] == [0, 1, 2]
     assert verify_run(run) == []
+
+
+def test_a_writer_cannot_commit_into_a_run_another_writer_finished(any_store: Store) -> None:
+    """COMMIT-11: once a run is finished, its SHA256SUMS lists every committed byte; a
+    second writer's later commit would make it stale, so it is refused unless it reopens
+    the run, and the finished run stays as it was."""
+    w1 = any_store.create_run("two", heartbeat_interval=None)
+    w1.append("gen", {"i": 1})
+    w1.flush()
+    w2 = any_store.resume_run(w1.run_id, heartbeat_interval=None)
+    w2.append("gen", {"i": 2})
+    done = w1.finish()
+    with pytest.raises(ConflictError, match=r"finished \(completed\) since this writer read it"):
+        w2.close()
+    with pytest.raises(InvalidInputError, match="closed"):
+        w2.append("gen", {"i": 4})
+    run = any_store.locate(w1.run_id)
+    assert any_store.open_run(w1.run_id).manifest.revision == done.revision
+    assert [r["i"] for r in any_store.open_run(w1.run_id).records("gen")] == [1]
+    assert [p for p in verify_run(run) if not p.repairable] == []
+    again = any_store.resume_run(w1.run_id, heartbeat_interval=None)
+    again.append("gen", {"i": 3})
+    assert again.finish().status == "completed"
+    assert verify_run(any_store.locate(w1.run_id)) == []

@@ -287,14 +287,17 @@ def _spy_fsync(monkeypatch: pytest.MonkeyPatch, root: Path) -> list[str]:
 def test_an_artifact_and_its_new_folders_are_durable_before_the_commit(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """COMMIT-1: the new ``artifacts/`` and ``artifacts/plots/`` are synced in their parents,
-    the file and then its folder, all before the revision that lists it."""
+    """COMMIT-1, ART-1: the new ``artifacts/`` and ``artifacts/plots/`` are synced in their
+    parents, the file (written under a temporary name, then linked to its own, ART-1) and
+    then its folder, all before the revision that lists it."""
     w = store.create_run("durable", run_id="durable", flush_every=None, flush_interval=None)
     synced = _spy_fsync(monkeypatch, Path(w.storage.root))
-    path = w.add_artifact("plots/loss.png", b"\x89PNG")
+    w.add_artifact("plots/loss.png", b"\x89PNG")
     w.flush()
-    rev = next(n for n in synced if n.startswith("_manifests/"))
-    assert synced == [".", "artifacts", path, "artifacts/plots", rev, "_manifests"]
+    temp, rev = (
+        next(n for n in synced if n.startswith(p)) for p in ("artifacts/plots/.tmp-", "_manifests/")
+    )
+    assert synced == [".", "artifacts", temp, "artifacts/plots", rev, "_manifests"]
 
 
 def test_what_a_commit_makes_durable_and_in_which_order(

@@ -244,6 +244,32 @@ def test_repair_removes_stale_temporaries_in_every_run_folder(store: Store) -> N
     assert verify_run(store.locate(writer.run_id)) == []
 
 
+def test_repair_leaves_a_live_writers_temporaries_and_young_lock_files(store: Store) -> None:
+    """COMMIT-8, COMMIT-12: while a writer is alive, an old temporary may be the big file it
+    is still writing; a lock file younger than a minute may be a starting writer's, between
+    its open and its lock. An old, unheld lock file is a dead writer's and goes."""
+    live = store.create_run("r", {}, heartbeat_interval=None)
+    live.append("gen", {"i": 1})
+    live.flush()
+    folder = Path(store.url) / live.run_id
+    old = time.time() - 3600
+    temp, dead, young = (
+        folder / "artifacts" / ".tmp-big",
+        folder / ".writer-dead0001.lock",
+        folder / ".writer-new00001.lock",
+    )
+    temp.parent.mkdir()
+    for f in (temp, dead, young):
+        f.write_bytes(b"")
+    for f in (temp, dead):
+        os.utime(f, (old, old))
+    repair_run(store.locate(live.run_id))
+    assert (temp.exists(), dead.exists(), young.exists()) == (True, False, True)
+    live.close()
+    repair_run(store.locate(live.run_id))
+    assert not temp.exists()
+
+
 def interrupted_writer(store_url: str, progress: str) -> None:
     """Write ~3 KB records with frequent flushes until SIGINT (Ctrl-C) stops the process."""
     fd = os.open(progress, os.O_WRONLY | os.O_APPEND)

@@ -522,7 +522,11 @@ def apply_changes(
     for name, delta in changes.counters.items():
         counters[name] = counters.get(name, 0) + delta
         check_counter(name, counters[name])
-    artifacts = {a.path: a for a in base.artifacts} | changes.artifacts
+    artifacts = {a.path: a for a in base.artifacts}
+    for path, artifact in changes.artifacts.items():
+        if artifacts.get(path, artifact) != artifact:
+            raise ConflictError(f"{path}: another writer listed this artifact (ART-1)")
+        artifacts[path] = artifact
     status = changes.status or base.status
     finished = base.finished_at if changes.status in (None, "running") else now
     return replace(

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from runfmt.errors import InvalidInputError, StageFileError, UnsupportedFormatError
 from runfmt.format import names
 from runfmt.format.frames import DataFrame, FrameDecoder
-from runfmt.format.manifest import FileEntry, Manifest, StageEntry, check_compatible
+from runfmt.format.manifest import (
+    FileEntry,
+    Manifest,
+    StageEntry,
+    check_compatible,
+    parse_timestamp,
+)
 from runfmt.format.records import MAX_KEY_LENGTH, decode_lines, is_failure, is_key
 from runfmt.format.schemas import schema_errors
 
@@ -64,6 +70,12 @@ def header_problem(
     problems = schema_errors("stage-header", header)
     if problems:
         return "invalid header: " + "; ".join(problems), "FRAME-2"
+    born = header.get("run_created_at")
+    if isinstance(born, str):
+        try:
+            parse_timestamp(born)
+        except ValueError:
+            return f"invalid header: run_created_at {born!r} is not a real time", "FRAME-2"
     name, parsed = names.parse_stage_file(path)
     if (header["stage"], header["writer"], header["seq"]) != (name, parsed.writer, parsed.seq):
         return "header names another stage or writer than the file name", "FRAME-2"
@@ -100,6 +112,8 @@ class FileCheck:
         self._seen = 0
         self._records = 0
         self._failures = 0
+        self._bad_keys = 0
+        self._first_bad_key: tuple[int, object] | None = None
         self._error: Problem | None = None
 
     def _fail(self, problem: str, rule: str, line: int | None = None) -> None:
@@ -142,13 +156,8 @@ class FileCheck:
             for n, record in enumerate(records, self._records + 1):
                 key = record.get(key_field)
                 if key is not None and not is_key(key):
-                    self._fail(
-                        f"key field {key_field!r} holds {key!r:.40}, not a string of 1 to "
-                        f"{MAX_KEY_LENGTH} characters",
-                        "REC-6",
-                        n,
-                    )
-                    break
+                    self._bad_keys += 1
+                    self._first_bad_key = self._first_bad_key or (n, key)
         self._records += len(records)
         self._failures += sum(map(is_failure, records))
 
@@ -170,6 +179,17 @@ class FileCheck:
                 self._decoder.close()
             except StageFileError as exc:
                 self._fail(exc.problem, "FRAME-5")
+        if self._error is None and self._first_bad_key is not None:
+            line, key = self._first_bad_key
+            more = f" (and {self._bad_keys - 1} more records)" if self._bad_keys > 1 else ""
+            problems.append(
+                Problem(
+                    f"{e.path}:{line}",
+                    f"key field {self.stage.key_field!r} holds {key!r:.40}, not a string of 1 "
+                    f"to {MAX_KEY_LENGTH} characters{more}",
+                    "REC-6",
+                )
+            )
         if self._error is not None:
             problems.append(self._error)
         elif (self._records, self._failures) != (e.records, e.failures):
