@@ -920,14 +920,17 @@ class RunWriter:
         return self.finish("cancelled")
 
     def close(self) -> None:
-        """Commit what is buffered and stop writing; the run stays resumable. The writer
-        stops even when that last commit fails."""
+        """Commit what is buffered and stop writing; the run stays resumable. A commit the
+        run refuses for good (`ConflictError`: finished or replaced by another writer) stops
+        the writer too; after any other failure, ``close`` may be called again."""
         with self._mutex:
             if not self._closed:
                 try:
                     self.flush()
-                finally:
+                except ConflictError:
                     self._release()
+                    raise
+                self._release()
 
     def discard(self) -> None:
         """Stop writing and commit nothing more: buffered records and changes are dropped.

@@ -186,3 +186,25 @@ def test_a_writer_cannot_commit_into_a_run_another_writer_finished(any_store: St
     again.append("gen", {"i": 3})
     assert again.finish().status == "completed"
     assert verify_run(any_store.locate(w1.run_id)) == []
+
+
+def test_close_after_a_passing_storage_failure_can_be_called_again(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a refusal for good (ConflictError) stops a writer whose last commit failed; a
+    storage failure leaves it open, so calling close again commits what it holds."""
+    w = any_store.create_run("flaky", heartbeat_interval=None)
+    w.append("gen", {"i": 1})
+    create = Storage.create_exclusive
+    failures = iter([StorageError("the connection dropped")])
+
+    def flaky(self: Storage, rel: str, data: bytes) -> bool:
+        for exc in failures:
+            raise exc
+        return create(self, rel, data)
+
+    monkeypatch.setattr(Storage, "create_exclusive", flaky)
+    with pytest.raises(StorageError, match="connection dropped"):
+        w.close()
+    w.close()
+    assert [r["i"] for r in any_store.open_run(w.run_id).records("gen")] == [1]
