@@ -77,7 +77,7 @@ from runfmt.format.records import (
     encode_record,
 )
 from runfmt.format.validate import folder_name_problem, header_problem
-from runfmt.locking import commit_lock, hold_writer_lock
+from runfmt.locking import commit_lock, hold_writer_lock, live_writers
 from runfmt.storage import AppendFile, Storage
 
 __all__ = ["RunReader", "RunWriter", "StageWriter", "commit", "load_manifest", "now_utc"]
@@ -795,16 +795,27 @@ class RunWriter:
             raise InvalidInputError(f"artifact path {path!r} goes through a link")
         data = bytes(data)
         if not self.storage.create_exclusive(path, data):
-            raise ConflictError(
-                f"artifact {path!r} exists: another writer stored it, or one that died left it",
-                location=self.storage.where(path),
-                hint="store the new version under a new name; `runfmt verify` reports a file "
-                "no revision lists",
-            )
+            if not self._left_by_dead_writer(path):
+                raise ConflictError(
+                    f"artifact {path!r} exists: another writer of the run stored it",
+                    location=self.storage.where(path),
+                    hint="store the new version under a new name",
+                )
+            self.storage.write_atomic(path, data)
         self._changes.artifacts[path] = ArtifactEntry(
             path, len(data), sha256_hex(data), media_type, refs
         )
         return path
+
+    def _left_by_dead_writer(self, path: str) -> bool:
+        """Whether the artifact file at ``path`` is what a dead writer left uncommitted: no
+        revision lists it and no other writer of the run is alive (local disk only; an
+        object store cannot tell, so there the name stays taken)."""
+        if not self.storage.is_local or any(
+            a.path == path for a in load_manifest(self.storage).artifacts
+        ):
+            return False
+        return set(live_writers(self.storage)) <= {self.writer_id}
 
     def _room(self) -> int:
         """How many records `StageWriter.extend` may encode before the next check for a flush."""

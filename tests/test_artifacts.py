@@ -108,12 +108,29 @@ def test_another_writer_of_the_run_cannot_overwrite_an_artifact(
     w1.add_artifact("report.txt", b"from w1\n")
     if first_commits:
         w1.flush()
-    with pytest.raises(ConflictError, match="another writer stored it"):
+    with pytest.raises(ConflictError, match="another writer of the run stored it"):
         w2.add_artifact("report.txt", b"from w2, longer\n")
     w2.close()
     w1.finish()
     assert any_store.open_run(w1.run_id).read_artifact("report.txt") == b"from w1\n"
     assert verify_run(any_store.locate(w1.run_id)) == []
+
+
+def test_a_resumed_writer_may_store_again_what_a_dead_writer_left_uncommitted(
+    store: Store,
+) -> None:
+    """Resume after a crash: the final step runs again and stores its artifact under the
+    same name; the file the dead writer left is listed by no revision, so it is replaced."""
+    w = store.create_run("art", heartbeat_interval=None)
+    w.append("gen", {"i": 1})
+    w.flush()
+    w.add_artifact("report.txt", b"half-finished report")
+    w.discard()
+    again = store.resume_run(w.run_id, heartbeat_interval=None)
+    again.add_artifact("report.txt", b"the report")
+    again.finish()
+    assert store.open_run(w.run_id).read_artifact("report.txt") == b"the report"
+    assert verify_run(store.locate(w.run_id)) == []
 
 
 def test_a_commit_never_relists_an_artifact_another_writer_listed() -> None:
