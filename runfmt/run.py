@@ -799,7 +799,8 @@ class RunWriter:
                 raise ConflictError(
                     f"artifact {path!r} exists: another writer of the run stored it",
                     location=self.storage.where(path),
-                    hint="store the new version under a new name",
+                    hint="store the new version under a new name (on an object store, a "
+                    "file no revision lists may be a dead writer's: `runfmt verify` names it)",
                 )
             self.storage.write_atomic(path, data)
         self._changes.artifacts[path] = ArtifactEntry(
