@@ -53,13 +53,15 @@ _CHUNK = 1 << 20
 _SALVAGE_STEP = 64 << 10
 
 
-def verify_run(run: Storage, *, run_id: str | None = None) -> list[Problem]:
+def verify_run(
+    run: Storage, *, run_id: str | None = None, live: frozenset[str] | None = None
+) -> list[Problem]:
     """Check a run against the spec and its manifest; every problem found.
 
     ``run_id`` is the id a store's folder name gives the run (LAYOUT-1). The uncommitted
-    data of writers that are alive is no problem: they are writing it, and `repair_run`
-    leaves it alone (COMMIT-8). Only a folder that holds no run (LAYOUT-2) raises:
-    `RunNotFoundError`.
+    data of writers that are alive (``live``, else `being_written_by` the run) is no
+    problem: they are writing it, and `repair_run` leaves it alone (COMMIT-8). Only a
+    folder that holds no run (LAYOUT-2) raises: `RunNotFoundError`.
     """
     try:
         manifest = load_manifest(run)
@@ -91,7 +93,8 @@ def verify_run(run: Storage, *, run_id: str | None = None) -> list[Problem]:
             problems.append(Problem(art.path, "length or sha256 does not match", "CHECK-1"))
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
-    live = frozenset(being_written_by(run))
+    if live is None:
+        live = frozenset(being_written_by(run))
     return [p for p in problems if not _uncommitted_of(p, live)]
 
 
@@ -307,15 +310,10 @@ def _holds_revision(data: bytes, revision: int) -> bool:
 
 
 def _written_for_another_run(header: Mapping[str, object], born: str) -> bool:
-    """Whether a stage header's ``run_created_at`` names another instant than ``born``
-    (COMMIT-8); timestamps with other fraction digits can name the same one."""
+    """Whether a valid stage header's ``run_created_at`` names another instant than
+    ``born`` (COMMIT-8); timestamps with other fraction digits can name the same one."""
     stamp = header.get("run_created_at")
-    if stamp is None:
-        return False
-    try:
-        return not isinstance(stamp, str) or parse_timestamp(stamp) != parse_timestamp(born)
-    except ValueError:
-        return True
+    return isinstance(stamp, str) and parse_timestamp(stamp) != parse_timestamp(born)
 
 
 def _repair_file(

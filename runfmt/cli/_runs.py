@@ -123,37 +123,41 @@ def verify(
     Without RUN, the store's folders that hold no run (LAYOUT-2) are skipped, not failed.
     A RUN that names no run fails, and the other RUNs are still checked.
     """
-    from runfmt.check import verify_run
+    from runfmt.check import being_written_by, verify_run
     from runfmt.errors import RunfmtError, RunNotFoundError
 
     store = state(ctx).store(read_only=True)
-    found: list[tuple[Storage, list[Problem]]] = []
+    runs = runs or []
+    found: list[tuple[Storage, list[Problem], list[str]]] = []
     skipped: list[str] = []
     missing = 0
-    for arg in runs or []:
+
+    def check(run: "Storage", run_id: str | None = None) -> None:
+        live = being_written_by(run)
+        found.append((run, verify_run(run, run_id=run_id, live=frozenset(live)), live))
+
+    for arg in runs:
         try:
-            run = store.locate(arg)
-            found.append((run, verify_run(run)))
+            check(store.locate(arg))
         except RunfmtError as exc:
-            if len(runs or []) == 1:
+            if len(runs) == 1:
                 raise
             missing += 1
             sys.stderr.write(f"runfmt: error: {printable(str(exc))}\n")
     for run_id in [] if runs else store.run_ids():
         run = store.storage.child(run_id)
         try:
-            found.append((run, verify_run(run, run_id=run_id)))
+            check(run, run_id)
         except RunNotFoundError as exc:
             skipped.append(f"skip  {_label(run)}: {exc.problem}")
-    targets = found or skipped or missing
-    bad = [(run, problems) for run, problems in found if problems]
+    bad = [(run, problems) for run, problems, _ in found if problems]
     if json_:
         print_json([_problem_json(run, p) for run, problems in bad for p in problems])
-    elif not targets:
+    elif not (found or skipped or missing):
         echo(no_runs(ctx, store.url, filtered=False))
     else:
-        for run, problems in found:
-            _print_verdict(run, problems)
+        for run, problems, live in found:
+            _print_verdict(run, problems, live)
         for line in skipped:
             echo(line)
         sys.stdout.write(f"checked {_count(len(found), 'run')}: {len(bad)} with problems\n")
@@ -161,14 +165,12 @@ def verify(
         total = sum(len(problems) for _, problems in bad)
         fail(f"{_count(total, 'problem')} in {len(bad)} of {_count(len(found), 'run')}")
     if missing:
-        fail(f"{missing} of {len(runs or [])} RUNs name no run that could be checked")
+        fail(f"{missing} of {len(runs)} RUNs name no run that could be checked")
 
 
-def _print_verdict(run: "Storage", problems: "Sequence[Problem]") -> None:
-    from runfmt.check import being_written_by
-
+def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str]) -> None:
+    """The problems of a run, and its verdict line; ``live``: ids of its live writers."""
     label = _label(run)
-    live = being_written_by(run)
     note = (
         f" (being written by live writer{'s' * (len(live) > 1)} {', '.join(live)}: "
         "uncommitted data not checked)"
@@ -222,7 +224,7 @@ def repair(
     ] = False,
 ) -> None:
     """Bring a crashed run back to a consistent state; exit 0 when it then verifies."""
-    from runfmt.check import repair_run, verify_run
+    from runfmt.check import being_written_by, repair_run, verify_run
 
     storage = state(ctx).store().locate(run)
     report = repair_run(storage, salvage=not drop)
@@ -232,10 +234,11 @@ def repair(
         echo(f"not repaired: {_full_location(storage, p.location)}: {p.problem}")
     if not report.actions:
         sys.stdout.write("nothing to repair\n")
-    problems = verify_run(storage)
+    live = being_written_by(storage)
+    problems = verify_run(storage, live=frozenset(live))
     label = _label(storage)
     if problems:
-        _print_verdict(storage, problems)
+        _print_verdict(storage, problems, live)
         fail(f"{label}: {_count(len(problems), 'problem')} left after repair")
     echo(f"ok    {label}: consistent")
 
