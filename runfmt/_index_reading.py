@@ -453,6 +453,7 @@ def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
             for ordinal, f in enumerate(files):
                 n, fails, b, sha = f["records"], f["failures"], f["bytes"], f["sha256"]
                 _check(type(n) is int and type(fails) is int and type(b) is int, "file counts")
+                _check(min(n, fails, b) >= 0, "file counts")
                 _check(isinstance(sha, str) and _SHA256.fullmatch(sha) is not None, "sha256")
                 total, failures, size = total + n, failures + fails, size + b
                 if key_field is not None:

@@ -124,8 +124,9 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def copy_of(templates: dict[str, Path], which: str, tmp: Path) -> Path:
-    run_dir = tmp / templates[which].name
-    shutil.rmtree(run_dir, ignore_errors=True)
+    """A copy of a template run, alone in a fresh store."""
+    shutil.rmtree(tmp / "store", ignore_errors=True)
+    run_dir = tmp / "store" / templates[which].name
     shutil.copytree(templates[which], run_dir)
     return run_dir
 
@@ -185,7 +186,7 @@ def cli(*args: str) -> tuple[int, str]:
 
 def library_verdict(run_dir: Path) -> list[Any] | None:
     """`verify_run`'s problems (None: it raised a `RunfmtError`), having checked that a run
-    it passes reads whole."""
+    it passes reads whole and is listed by the index as it is."""
     try:
         problems = verify_run(Storage(str(run_dir)))
     except RunfmtError:
@@ -200,6 +201,20 @@ def library_verdict(run_dir: Path) -> list[Any] | None:
         reader_error = exc
     if problems == []:
         assert reader_error is None, f"verify passed, the reader failed: {reader_error}"
+    shutil.rmtree(run_dir.parent / ".runfmt", ignore_errors=True)  # revisions were edited in place
+    store = Store(run_dir.parent)
+    try:
+        [summary] = store.index.runs()
+        summary.to_json()
+        for stage in ("score", "gen"):
+            store.cache.get(stage, "a")
+            store.cache.contains(stage, ["a", "b"])
+    except RunfmtError:
+        assert problems != [], "verify passed, the index failed"
+    else:
+        assert summary.problem is None or problems != [], "verify passed, the index did not"
+    finally:
+        store.index.close()
     return problems
 
 
