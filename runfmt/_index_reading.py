@@ -70,6 +70,10 @@ KEYS_PENDING = "keys:"
 listing takes it as the stamp behind it, a refresh with keys (the cache's) as changed."""
 
 
+DENIED = "denied"
+"""The stamp of a run folder this process may not look into: listed as unreadable."""
+
+
 def pending(stamp: Stamp) -> str:
     return f"{KEYS_PENDING}{stamp}"
 
@@ -251,9 +255,12 @@ class LocalSource(Source):
         return Changes(present, changed, gone)
 
     def _bare_stamp(self, run_id: str) -> str | None:
-        """The stamp of a folder with ``manifest.json`` but no ``_manifests/`` (unreadable)."""
+        """The stamp of a folder with ``manifest.json`` but no ``_manifests/``, or that this
+        process may not look into (both unreadable runs); None for a folder holding neither."""
         try:
             st = os.stat(f"{self.url}/{run_id}/{names.MANIFEST_FILE}")
+        except PermissionError:
+            return DENIED
         except OSError:
             return None
         return f"bare:{st.st_mtime_ns}:{st.st_size}"

@@ -141,6 +141,9 @@ class Cache:
 
     def _candidates(self, stage: str, key: str, version: str | None) -> list[tuple[Any, ...]]:
         """The index rows of ``key``, best first (`_rank`)."""
+        if not isinstance(key, str):
+            raise InvalidInputError(f"a cache key is a string, not {type(key).__name__}",
+                                    hint="compute one with runfmt.compute_key")  # fmt: skip
         self._ensure()
         if version is None:
             rows = self.index.query(_SQL["lookup", False], (stage, key))

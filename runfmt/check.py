@@ -14,6 +14,7 @@ from runfmt.errors import (
     RunfmtError,
     RunNotFoundError,
     StageFileError,
+    StorageError,
     UnsupportedFormatError,
 )
 from runfmt.format import names
@@ -40,6 +41,7 @@ from runfmt.locking import commit_lock, live_writers, writer_alive
 from runfmt.run import (
     commit_locked,
     load_manifest,
+    load_revision,
     revisions,
     sums_of,
     write_manifest_copy,
@@ -50,6 +52,8 @@ from runfmt.storage import Storage
 __all__ = ["RepairReport", "being_written_by", "repair_run", "verify_run"]
 
 _CHUNK = 1 << 20
+_SNAPSHOTS = 3
+"""Times `verify_run` checks a run that writers keep committing to before it reports."""
 _SALVAGE_STEP = 64 << 10
 
 
@@ -63,19 +67,35 @@ def verify_run(
     problem: they are writing it, and `repair_run` leaves it alone (COMMIT-8). Only a
     folder that holds no run (LAYOUT-2) raises: `RunNotFoundError`.
     """
-    try:
-        manifest = load_manifest(run)
-    except RunNotFoundError:
-        raise
-    except RunfmtError as exc:
-        return [_manifest_problem(exc, exc.location or run.where())]
+    if live is None:  # before reading: what a writer dead by then committed is in the run
+        live = frozenset(being_written_by(run))
+    for _ in range(_SNAPSHOTS):
+        try:
+            manifest, manifest_bytes = load_revision(run)
+        except RunNotFoundError:
+            raise
+        except RunfmtError as exc:
+            return [_manifest_problem(exc, exc.location or run.where())]
+        problems = _problems(run, manifest, manifest_bytes, run_id, live)
+        if not problems or revisions(run)[-1:] == [manifest.revision]:
+            break  # else a writer committed while the run was checked: check it again
+    return problems
+
+
+def _problems(
+    run: Storage,
+    manifest: Manifest,
+    manifest_bytes: bytes,
+    run_id: str | None,
+    live: frozenset[str],
+) -> list[Problem]:
+    """`verify_run` of one revision of the run."""
     problems = _older_revision_problems(run, manifest.revision)
     misnamed = None if run_id is None else folder_name_problem(manifest, run_id)
     if misnamed is not None:
         problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
-    manifest_bytes = run.read(names.revision_file(manifest.revision))
     current = _read_optional(run, names.MANIFEST_FILE)
-    if current != manifest_bytes:
+    if current != manifest_bytes and not live:  # a live writer replaces the copy next
         what = "is missing" if current is None else "differs from the newest revision"
         problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
     files = run.walk()
@@ -93,8 +113,6 @@ def verify_run(
             problems.append(Problem(art.path, "length or sha256 does not match", "CHECK-1"))
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
-    if live is None:
-        live = frozenset(being_written_by(run))
     return [p for p in problems if not _uncommitted_of(p, live)]
 
 
@@ -132,7 +150,7 @@ def _older_revision_problems(run: Storage, newest: int) -> list[Problem]:
         if revision < newest:
             try:
                 load_manifest(run, revision)
-            except RunNotFoundError:
+            except RunNotFoundError:  # pruned by a live writer meanwhile
                 continue
             except RunfmtError as exc:
                 problems.append(_manifest_problem(exc, names.revision_file(revision)))
@@ -140,8 +158,11 @@ def _older_revision_problems(run: Storage, newest: int) -> list[Problem]:
 
 
 def _manifest_problem(exc: RunfmtError, location: str) -> Problem:
-    """A manifest that could not be loaded, under the rule its error cites (else MAN-2)."""
-    return Problem(location, *cited_rule(exc.problem, "MAN-2"))
+    """A manifest that could not be loaded, under the rule its error cites (else MAN-2;
+    none when the storage failed, as on a folder this process may not read)."""
+    return Problem(
+        location, *cited_rule(exc.problem, "" if isinstance(exc, StorageError) else "MAN-2")
+    )
 
 
 def _read_optional(run: Storage, rel: str) -> bytes | None:

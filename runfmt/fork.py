@@ -24,11 +24,18 @@ from runfmt.errors import (
 )
 from runfmt.format import names
 from runfmt.format.keys import canonical_json, compute_key
-from runfmt.format.manifest import Manifest, encode_manifest, manifest_problems, to_json
+from runfmt.format.manifest import (
+    Manifest,
+    as_dict,
+    encode_manifest,
+    manifest_problems,
+    to_json,
+)
 from runfmt.locking import hold_writer_lock, writer_alive
 from runfmt.run import (
     WRITER,
     RunWriter,
+    check_writer_options,
     create_revision,
     load_manifest,
     now_utc,
@@ -66,6 +73,7 @@ def fork_run(
     """
     if store.read_only:
         raise ReadOnlyError("the store was opened read-only", location=store.url)
+    check_writer_options(writer_options)
     src = store.locate(source)
     base = load_manifest(src)
     order = [s.name for s in base.stages]
@@ -83,7 +91,7 @@ def fork_run(
             location=src.where(),
             hint="fork at the first stage that is not completed, or complete it first",
         )
-    config = dict(base.config if config is None else config)
+    config = as_dict("config", base.config if config is None else config)
     canonical_json(config)
     run_id = names.validate_run_id(
         run_id or names.format_run_id(datetime.now(UTC), secrets.randbits(32))
@@ -98,7 +106,7 @@ def fork_run(
         updated_at=stamp,
         config=config,
         config_hash=compute_key(config),
-        tags=dict(base.tags if tags is None else tags),
+        tags=as_dict("tags", base.tags if tags is None else tags),
         stages=tuple(replace(s, status="completed") for s in taken),
         artifacts=base.artifacts if artifacts else (),
         writer=WRITER,

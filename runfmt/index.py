@@ -130,7 +130,13 @@ CREATE INDEX cache_key ON cache(stage, key);
 CREATE INDEX cache_file ON cache(file_id);
 """
 
+_SCHEMA_OBJECTS = frozenset(
+    (kind.lower(), name) for kind, name in re.findall(r"CREATE (TABLE|INDEX) (\w+)", _SCHEMA)
+)
+"""The tables and indexes of `_SCHEMA`: an index file lacking one of them is damaged."""
 _RUN_COLUMNS = "run_id, detail"
+_MAX_LIMIT = 2**63 - 1
+"""The largest LIMIT SQLite takes; a larger ``limit`` means no limit."""
 _STATUSES = frozenset((*RUN_STATUSES, UNREADABLE))
 _ROUNDS = 5
 """Reads of one run while other processes index it at the same time (`Index._reindex`)."""
@@ -430,6 +436,9 @@ class Index:
             return f"has an older layout (index version {version})"
         self._set_journal(con)
         if app_id == APPLICATION_ID:
+            found = con.execute("SELECT type, name FROM sqlite_master")
+            if {row for row in found if not row[1].startswith("sqlite_")} != _SCHEMA_OBJECTS:
+                return "is damaged (its tables or indexes are not runfmt's)"
             return None
         con.execute("BEGIN IMMEDIATE")
         try:
@@ -618,6 +627,8 @@ class Index:
             return unreadable(run_id, stamp, "manifest revision vanished while indexing")
         except FormatError as exc:
             return unreadable(run_id, stamp, exc.problem)
+        except PermissionError:
+            return unreadable(run_id, stamp, "permission denied: cannot read its newest revision")
         except OSError as exc:
             return unreadable(run_id, stamp, f"cannot read its newest revision: {exc}")
         return summarize(run_id, stamp, revision, data)
@@ -835,6 +846,9 @@ class Index:
         if name is not None:
             where.append("name GLOB ?")
             params.append(name)
+        if tags is not None and not isinstance(tags, Mapping):
+            raise InvalidInputError(f"tags must be a mapping of names to values, not {tags!r}",
+                                    hint='e.g. tags={"model": "m1"}')  # fmt: skip
         for key, value in (tags or {}).items():
             where.append("EXISTS (SELECT 1 FROM json_each(runs.detail, '$.tags') AS t "
                          "WHERE t.key=? AND t.value=?)")  # fmt: skip
@@ -842,8 +856,12 @@ class Index:
         if since is not None:
             where.append("created_ts >= ?")
             params.append(_moment(since).timestamp())
-        if limit is not None and limit < 0:
-            raise InvalidInputError(f"limit must be 0 or more, not {limit}")
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
+        ):
+            raise InvalidInputError(f"limit must be a whole number >= 0 or None, not {limit!r}")
+        if limit is not None and limit > _MAX_LIMIT:
+            limit = None
         sql = (
             f"SELECT {_RUN_COLUMNS} FROM runs"
             + (" WHERE " + " AND ".join(where) if where else "")
@@ -893,10 +911,12 @@ class Index:
         return 0
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Rows of a read-only SQL query against the index as it stands."""
+        """Rows of a read-only SQL query against the index as it stands (brought up to date
+        first when the file turns out to be discarded or replaced)."""
         try:  # not `_retrying`: every cache lookup comes through here
             return self._query(sql, params)
         except _Retry:
+            self.refresh()
             return self._query(sql, params)
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -964,6 +984,8 @@ def _translate(exc: sqlite3.Error, path: str) -> RunfmtError:
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
     if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
         return False
+    if str(exc).startswith(("no such table", "no such column")):
+        return True
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
         return (code & 0xFF) in _CORRUPT_CODES

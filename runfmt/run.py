@@ -22,9 +22,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, NoReturn, Self, cast
 
 from filelock import FileLock
+from zstandard import MAX_COMPRESSION_LEVEL
 
 from runfmt._local import NotAFileError
 from runfmt._version import __version__
@@ -75,6 +76,8 @@ from runfmt.format.records import (
     Record,
     encode_many,
     encode_record,
+    is_failure,
+    record_key,
 )
 from runfmt.format.validate import folder_name_problem, header_problem
 from runfmt.locking import commit_lock, hold_writer_lock, live_writers
@@ -97,6 +100,8 @@ HEARTBEAT_INTERVAL = 60.0
 """Seconds between a writer's heartbeat commits by default (LIFE-3)."""
 MAX_HEARTBEAT_INTERVAL = 100.0
 """Writers heartbeat at least this often, well inside the abandonment threshold (LIFE-3)."""
+_WRITER_OPTIONS = ("flush_every", "flush_interval", "lock_timeout", "compression_level",
+                   "heartbeat_interval", "until_stage")  # fmt: skip
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
 
 
@@ -112,34 +117,50 @@ def revisions(run: Storage) -> list[int]:
 
 def load_manifest(run: Storage, revision: int | None = None) -> Manifest:
     """The newest (or the given) manifest revision of the run at ``run`` (COMMIT-7)."""
-    if revision is None:
-        revs = revisions(run)
-        if not revs:
-            if run.exists(names.MANIFEST_FILE):
-                raise ManifestError(
-                    "no revisions in _manifests/ (LAYOUT-2)",
+    return load_revision(run, revision)[0]
+
+
+def load_revision(run: Storage, revision: int | None = None) -> tuple[Manifest, bytes]:
+    """`load_manifest`, with the revision's bytes. The newest is listed again when a live
+    writer pruned it between the listing and the read (COMMIT-9)."""
+    for _ in range(_COMMIT_ATTEMPTS if revision is None else 1):
+        number = revision
+        if number is None:
+            revs = revisions(run)
+            if not revs:
+                if run.exists(names.MANIFEST_FILE):
+                    raise ManifestError(
+                        "no revisions in _manifests/ (LAYOUT-2)",
+                        location=run.where(),
+                        hint="the folder was copied without _manifests/; copy it whole",
+                    )
+                raise RunNotFoundError(
+                    "not a run: no revision and no manifest.json (LAYOUT-2)",
                     location=run.where(),
-                    hint="the folder was copied without _manifests/; copy it whole",
                 )
-            raise RunNotFoundError(
-                "not a run: no revision and no manifest.json (LAYOUT-2)", location=run.where()
+            number = revs[-1]
+        rel = names.revision_file(number)
+        try:
+            data = run.read(rel)
+        except NotAFileError:
+            raise ManifestError("revision is not a regular file", location=run.where(rel)) from None
+        except FileNotFoundError:
+            continue
+        try:
+            manifest = decode_manifest(data)
+        except FormatError as exc:
+            raise exc.at(run.where(rel)) from None
+        if manifest.revision != number:
+            raise ManifestError(
+                f"file holds revision {manifest.revision}, not {number} (MAN-3)",
+                location=run.where(rel),
             )
-        revision = revs[-1]
-    rel = names.revision_file(revision)
-    try:
-        manifest = decode_manifest(run.read(rel))
-    except NotAFileError:
-        raise ManifestError("revision is not a regular file", location=run.where(rel)) from None
-    except FileNotFoundError:
-        raise RunNotFoundError(f"revision {revision} is gone", location=run.where(rel)) from None
-    except FormatError as exc:
-        raise exc.at(run.where(rel)) from None
-    if manifest.revision != revision:
-        raise ManifestError(
-            f"file holds revision {manifest.revision}, not {revision} (MAN-3)",
-            location=run.where(rel),
-        )
-    return manifest
+        return manifest, data
+    if revision is not None:
+        raise RunNotFoundError(f"revision {revision} is gone",
+                               location=run.where(names.revision_file(revision)))  # fmt: skip
+    raise RunNotFoundError("each newest revision went while it was read",
+                           location=run.where(names.MANIFESTS_DIR), hint="retry")  # fmt: skip
 
 
 def check_folder_name(manifest: Manifest, run: Storage, folder: str) -> Manifest:
@@ -445,16 +466,17 @@ class RunReader:
             yield held
 
     def keys(self, stage: str) -> set[str]:
-        """Keys of the stage's committed records that are not failures."""
-        entry = self.stage(stage)
-        if entry.key_field is None:
-            return set()
-        kf = entry.key_field
+        """Keys of the stage's committed records that are not failures (REC-5, REC-6)."""
+        kf = self.stage(stage).key_field
+        if kf is None:
+            raise InvalidInputError(f"stage {stage!r} has no key field: its records have no keys",
+                                    location=self.storage.where(),
+                                    hint="declare one with stage(name, key_field=...)")  # fmt: skip
         return {
-            r[kf]
+            key
             for batch in self.record_batches(stage)
             for r in batch
-            if isinstance(r.get(kf), str) and r.get("_error") is None
+            if (key := record_key(r, kf)) is not None and not is_failure(r)
         }
 
 
@@ -494,15 +516,18 @@ class StageWriter:
         """Buffer one record; a bad record raises `InvalidInputError` and changes nothing."""
         if self._run._closed:
             self._run._check_open()
-        line = encode_record(record, self.entry.key_field)
-        if len(line) > MAX_RECORD_BYTES:
-            raise InvalidInputError(
-                f"record of {len(line)} bytes is over the {MAX_RECORD_BYTES}-byte limit "
-                "(a frame holds at most 64 MiB, FRAME-4)",
-                hint="store large values as artifacts (add_artifact) and refer to them",
-            )
-        if PARENTS_FIELD in record:
-            parse_parents(record[PARENTS_FIELD])
+        try:
+            line = encode_record(record, self.entry.key_field)
+            if len(line) > MAX_RECORD_BYTES:
+                raise InvalidInputError(
+                    f"record of {len(line)} bytes is over the {MAX_RECORD_BYTES}-byte limit "
+                    "(a frame holds at most 64 MiB, FRAME-4)",
+                    hint="store large values as artifacts (add_artifact) and refer to them",
+                )
+            if PARENTS_FIELD in record:
+                parse_parents(record[PARENTS_FIELD])
+        except InvalidInputError as exc:
+            raise exc.at(self._run.storage.where(f"{names.STAGES_DIR}/{self.name}")) from None
         self._chunks.append(line)
         self._records += 1
         if record.get(ERROR_FIELD) is not None:
@@ -639,6 +664,46 @@ class StageWriter:
         self._open = None
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_writer_options(options: Mapping[str, Any]) -> None:
+    """Refuse unknown `RunWriter` options and values it cannot use, before a run is written."""
+    unknown = sorted(set(options) - set(_WRITER_OPTIONS))
+    if unknown:
+        raise InvalidInputError(f"unknown writer option {', '.join(map(repr, unknown))}",
+                                hint=f"writer options: {', '.join(_WRITER_OPTIONS)}")  # fmt: skip
+
+    def refuse(name: str, what: str) -> NoReturn:
+        raise InvalidInputError(f"{name} must be {what}, not {options[name]!r}")
+
+    every = options.get("flush_every")
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        refuse("flush_every", "a whole number of records >= 1, or None")
+    interval = options.get("flush_interval")
+    if interval is not None and not (_is_number(interval) and 0 < interval < math.inf):
+        refuse("flush_interval", "a number of seconds > 0, or None")
+    if "lock_timeout" in options and not (
+        _is_number(options["lock_timeout"]) and 0 <= options["lock_timeout"] < math.inf
+    ):
+        refuse("lock_timeout", "a number of seconds >= 0")
+    level = options.get("compression_level", 3)
+    if not isinstance(level, int) or isinstance(level, bool) or level > MAX_COMPRESSION_LEVEL:
+        refuse("compression_level", f"a zstd level up to {MAX_COMPRESSION_LEVEL}")
+    heartbeat = options.get("heartbeat_interval")
+    if heartbeat is not None and not (
+        _is_number(heartbeat) and 0 < heartbeat <= MAX_HEARTBEAT_INTERVAL
+    ):
+        raise InvalidInputError(
+            f"heartbeat_interval must be in (0, {MAX_HEARTBEAT_INTERVAL:g}] s or None, "
+            f"not {heartbeat!r}",
+            hint="a run not heard from for 300 s is reported abandoned (LIFE-4)",
+        )
+    if options.get("until_stage") is not None:
+        names.validate_stage_name(options["until_stage"])
+
+
 class RunWriter:
     """Appends records to a run and commits them; use as a context manager.
 
@@ -661,13 +726,12 @@ class RunWriter:
     ) -> None:
         if run.read_only:
             raise ReadOnlyError("the store was opened read-only", location=run.where())
-        if heartbeat_interval is not None and not 0 < heartbeat_interval <= MAX_HEARTBEAT_INTERVAL:
-            raise InvalidInputError(
-                f"heartbeat_interval must be in (0, {MAX_HEARTBEAT_INTERVAL:g}] s or None, "
-                f"not {heartbeat_interval!r}",
-                hint="a run not heard from for 300 s is reported abandoned (LIFE-4)",
-            )
-        self.until_stage = None if until_stage is None else names.validate_stage_name(until_stage)
+        check_writer_options({
+            "flush_every": flush_every, "flush_interval": flush_interval,
+            "lock_timeout": lock_timeout, "compression_level": compression_level,
+            "heartbeat_interval": heartbeat_interval, "until_stage": until_stage,
+        })  # fmt: skip
+        self.until_stage = until_stage
         self.storage = run
         self.manifest = manifest
         self.writer_id = secrets.token_hex(4)
@@ -706,6 +770,7 @@ class RunWriter:
         For an existing stage, omitted arguments take its declared values, and
         different ones raise `ConflictError`.
         """
+        self._check_open()
         if name in self._stages:
             writer = self._stages[name]
             self._check_declaration(writer.entry, record_schema_version, key_field)
@@ -717,11 +782,17 @@ class RunWriter:
             entry = StageEntry(name, existing.status, existing.record_schema_version,
                                existing.key_field)  # fmt: skip
         else:
-            version = record_schema_version or "1"
-            if not 0 < len(version) <= 64:
-                raise InvalidInputError(f"record schema version {version!r} must be 1-64 chars")
-            if key_field is not None and not 0 < len(key_field) <= 256:
-                raise InvalidInputError(f"key field {key_field!r} must be 1-256 characters")
+            version = "1" if record_schema_version is None else record_schema_version
+            if not isinstance(version, str) or not 0 < len(version) <= 64:
+                raise InvalidInputError(
+                    f"record_schema_version must be a string of 1-64 characters, not {version!r}"
+                )
+            if key_field is not None and (
+                not isinstance(key_field, str) or not 0 < len(key_field) <= 256
+            ):
+                raise InvalidInputError(
+                    f"key_field must be a string of 1-256 characters or None, not {key_field!r}"
+                )
             entry = StageEntry(name, "running", version, key_field)
         self._changes.stages[name] = entry
         writer = StageWriter(self, entry, seq=0)
@@ -749,19 +820,23 @@ class RunWriter:
 
     def count(self, counter: str, delta: float = 1) -> None:
         """Add ``delta`` to a per-run counter (cost, tokens, ...) at the next commit."""
-        if (
-            isinstance(delta, bool)
-            or not isinstance(delta, int | float)
-            or not math.isfinite(delta)
-        ):
-            raise InvalidInputError(f"counter delta must be a finite number, not {delta!r}")
-        pending = self._changes.counters.get(counter, 0) + delta
-        check_counter(counter, self.manifest.counters.get(counter, 0) + pending)
+        self._check_open()
+        try:
+            if not _is_number(delta) or not math.isfinite(delta):
+                raise InvalidInputError(f"counter delta must be a finite number, not {delta!r}")
+            pending = self._changes.counters.get(counter, 0) + delta
+            check_counter(counter, self.manifest.counters.get(counter, 0) + pending)
+        except InvalidInputError as exc:
+            raise exc.at(self.storage.where()) from None
         self._changes.counters[counter] = pending
 
     def tag(self, **tags: str) -> None:
         """Set tags at the next commit."""
-        check_tags(tags)
+        self._check_open()
+        try:
+            check_tags(tags)
+        except InvalidInputError as exc:
+            raise exc.at(self.storage.where()) from None
         self._changes.tags.update(tags)
 
     def add_artifact(

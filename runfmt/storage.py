@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import secrets
 import threading
 from collections.abc import Iterable, Iterator
@@ -22,6 +23,7 @@ from fsspec.core import url_to_fs
 
 from runfmt._local import open_regular
 from runfmt.errors import ChecksumMismatchError, ReadOnlyError, RunfmtError, StorageError
+from runfmt.format.manifest import as_dict
 
 __all__ = ["EXCLUSIVE_PROTOCOLS", "AppendFile", "Entry", "Storage"]
 
@@ -33,6 +35,8 @@ EXCLUSIVE_PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a"})
 """Backends whose create-only write has exactly one winner (COMMIT-2); others need single-writer."""
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _REDACTED = "<redacted>"
+_URL_PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/@\s]*@")
+"""The password of a URL's ``user:password@`` (group 1 keeps what precedes it)."""
 
 
 _VERSION_KEYS = ("ETag", "generation", "LastModified", "mtime", "updated", "created")
@@ -69,9 +73,10 @@ def _secrets(options: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` without ``secrets`` nor the password of any URL in it."""
     for secret in secrets:
         text = text.replace(secret, _REDACTED)
-    return text
+    return _URL_PASSWORD.sub(rf"\1{_REDACTED}@", text)
 
 
 def _create_refused(exc: BaseException) -> bool:
@@ -101,9 +106,13 @@ def _translate(where: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
     except Exception as exc:
         text = _describe(exc, where)
         message = _redact(text, secrets)
-        hint = (
-            "install the backend: pip install 'runfmt[s3]'" if isinstance(exc, ImportError) else ""
-        )
+        hint = ""
+        if isinstance(exc, ImportError):
+            hint = (
+                "install the backend: pip install 'runfmt[s3]'"
+                if "s3fs" in text
+                else "install the package the message names"
+            )
         raise StorageError(message, location=where, hint=hint) from (
             exc if message == text else None
         )
@@ -135,7 +144,7 @@ class Storage:
         read_only: bool = False,
         single_writer: bool = False,
     ) -> None:
-        options = dict(storage_options or {})
+        options = as_dict("storage_options", storage_options)
         self._secrets = _secrets(options)
         with _translate(_redact(str(url), self._secrets), self._secrets):
             fs, root = url_to_fs(str(url), **options)
@@ -367,7 +376,8 @@ class Storage:
                         if not name.startswith("."):
                             full = os.path.join(dirpath, name)
                             relpath = os.path.relpath(full, base).replace(os.sep, "/")
-                            found[relpath] = os.lstat(full).st_size
+                            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                                found[relpath] = os.lstat(full).st_size
                 return found
             self.fs.invalidate_cache(base)
             listed = self.fs.find(base, detail=True, withdirs=False)

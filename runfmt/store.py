@@ -7,7 +7,7 @@ import os
 import secrets
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from runfmt.errors import (
     FormatError,
@@ -20,6 +20,7 @@ from runfmt.format import names
 from runfmt.format.keys import canonical_json, compute_key
 from runfmt.format.manifest import (
     Manifest,
+    as_dict,
     check_tags,
     encode_manifest,
     manifest_problems,
@@ -30,6 +31,7 @@ from runfmt.run import (
     RunReader,
     RunWriter,
     check_folder_name,
+    check_writer_options,
     create_revision,
     load_manifest,
     now_utc,
@@ -51,7 +53,9 @@ STORE_ENV = "RUNFMT_STORE"
 
 def resolve_store_url(url: str | os.PathLike[str] | None = None) -> str:
     """The store to use: ``url``, else ``$RUNFMT_STORE``, else ``./runs``."""
-    return str(url) if url else os.environ.get(STORE_ENV) or DEFAULT_STORE
+    if url is not None and not isinstance(url, str | os.PathLike):
+        raise InvalidInputError(f"a store is a path or URL, not {type(url).__name__}")
+    return os.fspath(url) if url else os.environ.get(STORE_ENV) or DEFAULT_STORE
 
 
 def open_run(
@@ -84,6 +88,10 @@ class Store:
             resolve_store_url(url), storage_options, read_only=read_only,
             single_writer=single_writer,
         )  # fmt: skip
+        root = self.storage.path()
+        if self.storage.is_local and os.path.lexists(root) and not os.path.isdir(root):
+            hint = "give a folder as the store; it is made if missing"
+            raise InvalidInputError("is a file, not a store folder", location=root, hint=hint)
         self.read_only = read_only
 
     def __repr__(self) -> str:
@@ -111,10 +119,11 @@ class Store:
         ``created_at`` (a manifest timestamp) records another creation time than now: that
         of a run imported from elsewhere.
         """
-        config = dict(config or {})
+        check_writer_options(writer_options)
+        config = as_dict("config", config)
         if not isinstance(name, str) or not 0 < len(name) <= 200 or not name.isprintable():
             raise InvalidInputError(f"run name {name!r} must be 1-200 printable characters")
-        tags = dict(tags or {})
+        tags = as_dict("tags", tags)
         check_tags(tags)
         canonical_json(config)
         created = datetime.now(UTC)
@@ -172,12 +181,18 @@ class Store:
     def _find(self, run: str | os.PathLike[str]) -> tuple[Storage, str | None]:
         """The storage of a run, and the run id it was found by (None: found by path)."""
         text = str(run)
-        if names.is_run_id(text) and _may_hold_run(self._run_storage(text)):
-            return self._run_storage(text), text
+        if names.is_run_id(text):
+            by_id = self._run_storage(text)
+            if _may_hold_run(by_id):
+                return by_id, text
+            if by_id.is_local and os.path.isdir(by_id.path()):
+                _refuse_folder(by_id.path())
         if "://" in text or os.sep in text or "/" in text or os.path.isdir(text):
             located = self.storage.at(text if "://" in text else os.path.abspath(text))
             if _may_hold_run(located):
                 return located, None
+            if located.is_local and os.path.lexists(located.path()):
+                _refuse_folder(located.path())
         raise RunNotFoundError(
             f"no run {text!r}", location=self.storage.where(),
             hint="give a run id from `runfmt ls`, or the path of a run folder",
@@ -261,6 +276,29 @@ class Store:
                 continue
             except FormatError as exc:
                 yield exc
+
+
+def _refuse_folder(path: str) -> NoReturn:
+    """Say why the local ``path`` that a user gave as a run is none."""
+    hint = "give a run id from `runfmt ls`, or the path of a run folder"
+    if not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if os.path.basename(parent) == names.MANIFESTS_DIR:
+            parent = os.path.dirname(parent)
+        raise RunNotFoundError("is a file, not a run folder", location=path,
+                               hint=f"give the folder that holds it: {parent}")  # fmt: skip
+    try:
+        entries = os.listdir(path)
+    except PermissionError:
+        denied = "permission denied: cannot look into the folder"
+        raise RunNotFoundError(denied, location=path, hint="ask for read access") from None
+    runs = (os.path.isdir(os.path.join(path, e, names.MANIFESTS_DIR)) for e in entries)
+    if ".runfmt" in entries or any(runs):
+        hint = f"it holds runs: list them with `runfmt --store {path} ls`"
+        raise RunNotFoundError("is a store, not a run folder", location=path, hint=hint)
+    raise RunNotFoundError(
+        "not a run: no revision and no manifest.json (LAYOUT-2)", location=path, hint=hint
+    )
 
 
 def _may_hold_run(run: Storage) -> bool:

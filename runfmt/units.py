@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +13,11 @@ __all__ = ["format_size", "parse_duration", "parse_since", "parse_size"]
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _MAX_DURATION = 1000 * 365.25 * 86400
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)\s*", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(b|[kmgtp]i?b?)?\s*", re.IGNORECASE)
+_SIZE_FORMS = (
+    "a number and a unit: 10GB, 512MiB, 100B; units B, kB, MB, GB, TB, PB and KiB, MiB, GiB, "
+    "TiB, PiB"
+)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -43,17 +48,22 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def parse_size(text: str) -> int:
-    """``10GB`` (10^9), ``1.5GiB`` (2^30), ``500MB``, ``2048`` (bytes) as a byte count."""
+def parse_size(text: str, *, unit_required: bool = False) -> int:
+    """``10GB`` (10^9), ``1.5GiB`` (2^30), ``500MB``, ``100B``, ``2048`` (bytes) as a byte
+    count. With ``unit_required``, a bare number is refused: on a command line ``10``
+    meant as 10 GB would be 10 bytes (``gc --max-size``)."""
     m = _SIZE.fullmatch(text)
     if not m:
-        raise InvalidInputError(
-            f"invalid size {text!r}", hint="use a number and a unit: 10GB, 512MiB"
-        )
-    unit = m[2].lower()
-    power = "bkmgtp".index(unit[0]) if unit and unit[0] != "b" else 0
+        raise InvalidInputError(f"invalid size {text!r}", hint=f"use {_SIZE_FORMS}")
+    unit = (m[2] or "").lower()
+    if not unit and unit_required:
+        raise InvalidInputError(f"size {text!r} has no unit", hint=f"give {_SIZE_FORMS}")
+    power = "bkmgtp".index(unit[0]) if unit else 0
     base = 1024 if "i" in unit else 1000
-    return int(float(m[1]) * base**power)
+    size = float(m[1]) * base**power
+    if not math.isfinite(size):
+        raise InvalidInputError(f"size {text!r} is too large")
+    return int(size)
 
 
 def format_size(n: int) -> str:

@@ -192,6 +192,48 @@ def test_a_newer_major_version_is_refused() -> None:
     assert "upgrade" in e.value.hint
 
 
+@pytest.mark.parametrize(
+    ("version", "error"),
+    [*[(v, UnsupportedFormatError) for v in ("02.0", "2", "00.1")],
+     *[(v, ManifestError) for v in ("1.01", "1", "01.0", "1.0 ")]],
+)  # fmt: skip
+def test_major_is_the_text_before_the_first_dot(version: str, error: type[Exception]) -> None:
+    """VER-1: digits before the first `.` decide VER-1/VER-2; a malformed version of a
+    supported MAJOR breaks the schema."""
+    with pytest.raises(error):
+        decode_manifest(json.dumps(doc(format_version=version)).encode())
+
+
+def test_version_is_checked_before_required_features() -> None:
+    """VER-2 then VER-3, both before the schema."""
+    with pytest.raises(UnsupportedFormatError, match="VER-2"):
+        decode_manifest(json.dumps(doc(format_version="2.0", required_features=["x"])).encode())
+    with pytest.raises(UnsupportedFormatError, match="VER-3"):
+        decode_manifest(json.dumps(doc(required_features=["x"], stages=1)).encode())
+
+
+@pytest.mark.parametrize(
+    "member",
+    [r'"name": "\ud800x"', r'"name": "x\udfff"', '"counters": {"c": 1e400}',
+     '"counters": {"c": -1e309}', '"counters": {"c": 2' + "0" * 308 + "}",
+     '"counters": {"c": 1' + "0" * 5000 + "}"],
+)  # fmt: skip
+def test_strings_are_scalar_values_and_numbers_finite_doubles(member: str) -> None:
+    """MAN-1, as REC-1 for records; never a crash on a number Python's int refuses."""
+    before = json.dumps(doc())
+    data = before.replace('"name": "eval"', member, 1).replace('"counters": {}', member, 1)
+    assert data != before
+    with pytest.raises(ManifestError, match="MAN-1"):
+        decode_manifest(data.encode())
+
+
+@pytest.mark.parametrize("stamp", ["0000-01-01T00:00:00Z", "10000-01-01T00:00:00Z"])
+def test_timestamps_are_in_years_1_to_9999(stamp: str) -> None:
+    """MAN-9."""
+    with pytest.raises(ManifestError):
+        decode_manifest(json.dumps(doc(finished_at=stamp, status="completed")).encode())
+
+
 def test_an_unknown_required_feature_is_refused() -> None:
     with pytest.raises(UnsupportedFormatError, match=r"unknown features time-travel.*VER-3"):
         decode_manifest(json.dumps(doc(required_features=["time-travel"])).encode())

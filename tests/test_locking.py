@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from filelock import FileLock
 
-from runfmt.check import verify_run
+from runfmt.check import repair_run, verify_run
 from runfmt.errors import LockTimeoutError, RunNotFoundError, StorageError
 from runfmt.locking import commit_lock
+from runfmt.run import KEEP_REVISIONS
 from runfmt.storage import Storage
 from runfmt.store import Store
 
@@ -264,3 +265,28 @@ def test_readers_during_writes_see_whole_commits(store: Store) -> None:
     assert proc.wait() == 0
     assert max(seen) == commits * 10
     assert len(seen) >= 2
+
+
+def test_verify_and_repair_of_a_run_another_process_commits_to_find_nothing(
+    store: Store,
+) -> None:
+    """Revisions pruned and manifest.json replaced by the live writer while `verify` reads
+    are no problems (COMMIT-7, COMMIT-9), nor a failure of verify or repair."""
+    run_id = new_run(store)
+    writer = spawn(WRITER, store.url, run_id, "w", "2000")
+    wait_for(writer, "ready")
+    assert writer.stdin is not None
+    writer.stdin.write("go\n")
+    writer.stdin.flush()
+    storage = store.open_run(run_id).storage
+    try:
+        checked = 0
+        while writer.poll() is None or checked < 10:
+            problems = verify_run(storage)
+            assert problems == [], f"after {checked} checks: {problems} {writer.poll()}"
+            assert repair_run(storage).left == []
+            checked += 1
+    finally:
+        writer.kill()
+        writer.wait()
+    assert store.open_run(run_id).manifest.revision > 1 + KEEP_REVISIONS

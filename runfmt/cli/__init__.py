@@ -23,13 +23,27 @@ from typer.main import get_command_name
 if TYPE_CHECKING:
     from typer.models import CommandInfo
 
+    from runfmt.errors import LockTimeoutError
     from runfmt.index import Index
+    from runfmt.storage import Storage
     from runfmt.store import Store
 
 __all__ = ["app", "main"]
 
 RunArg = Annotated[str, typer.Argument(help="A run id in the store, or the path of a run folder.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+MAX_COUNT = 2**63 - 1
+"""The largest count an option takes: SQLite's largest integer (``ls --limit``)."""
+
+
+def at_most_max_count(value: int | None) -> int | None:
+    """Callback of a count option (``--limit``, ``--keep-last``): a value SQLite or a range
+    cannot hold is bad usage (exit 2), not a traceback."""
+    if value is not None and value > MAX_COUNT:
+        raise typer.BadParameter(f"{value} is too large: give at most {MAX_COUNT}")
+    return value
+
 
 app = typer.Typer(
     name="runfmt",
@@ -48,16 +62,22 @@ class State:
     store_url: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
     single_writer: bool = False
+    storage_option_args: list[str] = field(default_factory=list)
+    """``--storage-option`` as given (``KEY=VALUE``), to show in a command to run next."""
 
     @property
     def url(self) -> str:
-        """The store's location; a run folder given as the store is bad usage (listing it
-        would find nothing and put an index inside the run)."""
+        """The store's location; a file or a run folder given as the store is bad usage
+        (listing a run folder would find nothing and put an index inside the run)."""
         url = self.store_url or "./runs"
         local = url.removeprefix("file://")
         if "://" not in local:
             from runfmt.format.names import MANIFEST_FILE, MANIFESTS_DIR
 
+            if os.path.exists(local) and not os.path.isdir(local):
+                raise typer.BadParameter(
+                    f"{url} is a file, not a store folder", param_hint="--store"
+                )
             if any(os.path.exists(os.path.join(local, n)) for n in (MANIFESTS_DIR, MANIFEST_FILE)):
                 raise typer.BadParameter(
                     f"{url} is a run folder, not a store: give it as RUN "
@@ -116,7 +136,8 @@ def _main(
             "--storage-option",
             "-o",
             help="KEY=VALUE passed to fsspec (repeatable; VALUE parsed as JSON when it can be). "
-            "Never stored or printed.",
+            "Never stored; a secret (a key named like key, secret, token or password) is "
+            "never printed.",
         ),
     ] = None,
     single_writer: Annotated[
@@ -135,7 +156,9 @@ def _main(
     ] = False,
 ) -> None:
     """Write, read, verify and manage runs stored in the runfmt format."""
-    ctx.obj = State(store, _parse_options(storage_option or []), single_writer)
+    ctx.obj = State(
+        store, _parse_options(storage_option or []), single_writer, list(storage_option or [])
+    )
 
 
 def state(ctx: typer.Context) -> State:
@@ -174,6 +197,21 @@ def no_runs(ctx: typer.Context, url: str, *, filtered: bool) -> str:
     missing = _missing(ctx, url)
     reason = f": no such {missing}" if missing else " match" if filtered else ""
     return f"no runs in {url}{reason}"
+
+
+def require_store(ctx: typer.Context) -> None:
+    """Fail (exit 1) when the store's folder or bucket does not exist: a command that checks
+    or changes the store must not pass on a mistyped ``--store`` as on an empty store."""
+    url = state(ctx).url
+    missing = _missing(ctx, url)
+    if missing:
+        shown = url if "://" in url else os.path.abspath(url)
+        fail(f"{shown}: no such {missing} (check --store or RUNFMT_STORE)")
+
+
+def store_missing(ctx: typer.Context) -> str | None:
+    """``folder`` or ``bucket`` when the store does not exist, else None."""
+    return _missing(ctx, state(ctx).url)
 
 
 def _missing(ctx: typer.Context, url: str) -> str | None:
@@ -216,6 +254,64 @@ def usage_of(option: str) -> Iterator[None]:
         yield
     except InvalidInputError as exc:
         raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+LOCK_NOTE_AFTER = 1.5
+"""Seconds of waiting for a held commit lock before `held_commit_lock` says so."""
+LOCK_HINT = (
+    "a live process is writing this run: let it finish or stop it, then run the command "
+    "again; `lsof {path}` names it"
+)
+"""What a CLI user can do about a `LockTimeoutError` (the library's hint names an API
+parameter the CLI has no option for)."""
+INDEX_LOCK_HINT = (
+    "another runfmt command is updating the index: run the command again when it is done"
+)
+
+
+@contextlib.contextmanager
+def held_commit_lock(run: "Storage", timeout: float, label: str) -> Iterator[None]:
+    """Hold ``run``'s commit lock for the block; the library's own commits in this thread
+    take it again at once. A wait longer than `LOCK_NOTE_AFTER` is said on stderr; a
+    timeout raises `LockTimeoutError` with a hint a CLI user can act on."""
+    from runfmt.errors import LockTimeoutError
+    from runfmt.locking import commit_lock, live_writers
+
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(commit_lock(run, min(timeout, LOCK_NOTE_AFTER)))
+        except LockTimeoutError as exc:
+            if timeout <= LOCK_NOTE_AFTER:
+                raise cli_lock_error(exc, timeout) from None
+            writers = live_writers(run)
+            by = f"live writer {', '.join(writers)}" if writers else "another process"
+            sys.stderr.write(
+                printable(f"runfmt: waiting for the commit lock of {label}, held by {by} ")
+                + f"(up to {timeout:g} s)...\n"
+            )
+            sys.stderr.flush()
+            try:
+                held.enter_context(commit_lock(run, timeout - LOCK_NOTE_AFTER))
+            except LockTimeoutError as again:
+                raise cli_lock_error(again, timeout) from None
+        yield
+
+
+def cli_lock_error(exc: "LockTimeoutError", timeout: float | None = None) -> "LockTimeoutError":
+    """``exc`` with a hint a CLI user can act on: `LOCK_HINT` for a commit lock (``timeout``:
+    the whole wait, when given), `INDEX_LOCK_HINT` for the index's lock."""
+    from runfmt.errors import LockTimeoutError
+
+    if timeout is None and "commit lock" not in exc.problem:
+        hint = INDEX_LOCK_HINT if "index" in exc.problem or ".sqlite" in exc.location else ""
+        return LockTimeoutError(exc.problem, location=exc.location, hint=hint or exc.hint)
+    problem = (
+        exc.problem
+        if timeout is None
+        else f"another writer held the commit lock for over {timeout:g} s"
+    )
+    hint = LOCK_HINT.format(path=exc.location or "RUN/.lock")
+    return LockTimeoutError(problem, location=exc.location, hint=hint)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -298,6 +394,10 @@ def _run() -> None:
         sys.stderr.write("runfmt: aborted\n")
         sys.exit(130)
     except RunfmtError as exc:
+        from runfmt.errors import LockTimeoutError
+
+        if isinstance(exc, LockTimeoutError):
+            exc = cli_lock_error(exc)
         sys.stderr.write(f"runfmt: error: {exc}\n")
         sys.exit(1)
     except OSError as exc:
@@ -307,6 +407,7 @@ def _run() -> None:
     except Exception as exc:
         show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
         if callable(show) and isinstance(exit_code, int):  # click's, or typer's vendored click's
+            _global_option_after_command(exc)
             show()
             sys.exit(exit_code)
         raise
@@ -314,6 +415,25 @@ def _run() -> None:
 
 
 _ROOT_VALUE_OPTIONS = frozenset({"--store", "-s", "--storage-option", "-o"})
+_ROOT_OPTIONS = _ROOT_VALUE_OPTIONS | {"--single-writer"}
+
+
+def _global_option_after_command(exc: Exception) -> None:
+    """Make click's "No such option: --store" for a global option given after the command
+    (``runfmt ls --store runs``) say where it goes; its value is not repeated (it may
+    hold a secret)."""
+    option, ctx = getattr(exc, "option_name", None), getattr(exc, "ctx", None)
+    if option not in _ROOT_OPTIONS or ctx is None or ctx.parent is None:
+        return
+    words = []
+    while ctx.parent is not None:
+        words.append(ctx.info_name)
+        ctx = ctx.parent
+    command = " ".join(reversed(words))
+    exc.message = (  # type: ignore[attr-defined]
+        f"{option} is a global option: give it before the command (runfmt {option} ... {command})"
+    )
+    exc.possibilities = None  # type: ignore[attr-defined]
 
 
 def _command_name(info: "CommandInfo") -> str:

@@ -12,11 +12,13 @@ import typer
 from runfmt.cli import (
     JsonOpt,
     app,
+    at_most_max_count,
     echo,
     fail,
     no_runs,
     print_json,
     printable,
+    require_store,
     store_index,
     table,
     usage_of,
@@ -77,7 +79,10 @@ def ls(
         ),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=0, help="Show at most this many runs.")
+        int | None,
+        typer.Option(
+            "--limit", min=0, callback=at_most_max_count, help="Show at most this many runs."
+        ),
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -121,6 +126,7 @@ def _print_runs(runs: "list[RunSummary]") -> None:
 @index_app.command("rebuild")
 def rebuild(ctx: typer.Context, json_: JsonOpt = False) -> None:
     """Forget the index and rebuild it from the run folders."""
+    require_store(ctx)
     index = store_index(ctx)
     stats = index.rebuild()
     if json_:
@@ -150,6 +156,7 @@ def cache_get(
     """Print the newest committed record with KEY in STAGE, from any run, with its provenance."""
     from runfmt.cache import Cache
 
+    require_store(ctx)
     cache = Cache(store_index(ctx))
     hit = cache.get(stage, key, record_schema_version=record_schema_version)
     if hit is None:

@@ -7,7 +7,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import JsonOpt, RunArg, app, echo, fail, no_runs, print_json, state, usage_of
+from runfmt.cli import (
+    JsonOpt,
+    RunArg,
+    app,
+    at_most_max_count,
+    echo,
+    fail,
+    no_runs,
+    print_json,
+    state,
+    usage_of,
+)
 
 if TYPE_CHECKING:
     from runfmt.lifecycle import RunSummary
@@ -30,10 +41,13 @@ def status(
     config: Annotated[
         str | None, typer.Option("--config", help="Only runs whose config hash is this k1:...")
     ] = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="At most N runs.")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, callback=at_most_max_count, help="The newest N runs."),
+    ] = None,
 ) -> None:
-    """One line per run: id, name, state (abandoned when a running run's writer is gone),
-    progress per stage, age. Exit 1 if a run cannot be read."""
+    """One line per run, newest first: id, name, state (abandoned when a running run's
+    writer is gone), progress per stage, age. Exit 1 if a run cannot be read."""
     from runfmt.errors import FormatError
     from runfmt.lifecycle import now, runs_with_config, summarize
 
@@ -55,6 +69,9 @@ def status(
             summary = summarize(run.manifest, clock)
             if not health or summary.health in health:
                 summaries.append(summary)
+    # newest first by creation time, as `ls` (run ids need not sort by time: --run-id)
+    summaries.sort(key=lambda s: s.run_id, reverse=True)
+    summaries.sort(key=lambda s: s.age_seconds)
     summaries = summaries[:limit]
     if json_:
         print_json([s.to_json() for s in summaries])
@@ -104,28 +121,62 @@ def lineage(
     key: Annotated[str, typer.Argument(help="The record's key (its stage's key field).")],
     json_: JsonOpt = False,
     max_depth: Annotated[
-        int, typer.Option("--max-depth", min=1, help="Stop following parents this deep.")
+        int,
+        typer.Option(
+            "--max-depth",
+            min=1,
+            callback=at_most_max_count,
+            help="Stop following parents this deep (a cut there is noted, not a problem).",
+        ),
     ] = 1000,
 ) -> None:
     """Walk a record's lineage (its _parents, their parents, ...) and print the tree.
 
-    Exit 1 if a parent is dangling, part of a cycle, or malformed."""
+    Exit 1 if a parent is dangling, part of a cycle, or malformed; a tree cut at
+    --max-depth is noted on stderr and exits 0."""
     from runfmt.lineage import lineage as walk
 
     reader = state(ctx).store(read_only=True).open_run(run)
     root = walk(reader, stage, key, max_depth=max_depth)
+    cut_note = _cut_note(max_depth)
     if json_:
-        print_json(root.to_json())
+        print_json(_lineage_json(root, root.to_json(), cut_note))
     else:
-        _print_tree(root, 0)
-    problems = root.problems()
+        _print_tree(root, 0, max_depth)
+    cut = [n for n in root.walk() if n.problem == cut_note]
+    problems = [f"{n.ref}: {n.problem}" for n in root.walk() if n.problem not in (None, cut_note)]
+    if cut:
+        branches = "1 branch" if len(cut) == 1 else f"{len(cut)} branches"
+        sys.stderr.write(
+            f"runfmt: note: {branches} cut at --max-depth {max_depth} (raise it to follow "
+            "further)\n"
+        )
     if problems:
         fail(f"{len(problems)} lineage problem(s): " + "; ".join(problems))
 
 
-def _print_tree(node: "LineageNode", depth: int) -> None:
+def _cut_note(max_depth: int) -> str:
+    """The `problem` the library gives a node it did not follow for ``max_depth``."""
+    return f"deeper than {max_depth} levels; not followed"
+
+
+def _lineage_json(node: "LineageNode", doc: dict[str, Any], cut_note: str) -> dict[str, Any]:
+    """``node.to_json()`` with ``cut`` on every node: true, and no ``problem``, where the
+    walk stopped at --max-depth."""
+    cut = node.problem == cut_note
+    doc["cut"] = cut
+    if cut:
+        doc["problem"] = None
+    for parent, parent_doc in zip(node.parents, doc["parents"], strict=True):
+        _lineage_json(parent, parent_doc, cut_note)
+    return doc
+
+
+def _print_tree(node: "LineageNode", depth: int, max_depth: int) -> None:
     note = ""
-    if node.problem:
+    if node.problem == _cut_note(max_depth):
+        note = f"  ... (not followed: deeper than --max-depth {max_depth})"
+    elif node.problem:
         note = f"  !! {node.problem}"
     elif node.repeated:
         note = "  (parents shown above)"
@@ -133,7 +184,7 @@ def _print_tree(node: "LineageNode", depth: int) -> None:
         note = f"  ({node.artifact.media_type}, {node.artifact.bytes} bytes)"
     echo(f"{'  ' * depth}{node.ref}{note}")
     for parent in node.parents:
-        _print_tree(parent, depth + 1)
+        _print_tree(parent, depth + 1, max_depth)
 
 
 @app.command()

@@ -16,11 +16,15 @@ from runfmt.cli import (
     JsonOpt,
     RunArg,
     app,
+    at_most_max_count,
+    cli_lock_error,
     echo,
     fail,
+    held_commit_lock,
     no_runs,
     print_json,
     printable,
+    require_store,
     state,
     store_index,
     table,
@@ -28,6 +32,8 @@ from runfmt.cli import (
 )
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from runfmt.compare import Comparison, RunDiff
     from runfmt.gc import GcPlan
     from runfmt.run import RunReader
@@ -220,7 +226,13 @@ def report(
         str | None, typer.Option("--name", help="Only runs whose name matches a glob (no RUN).")
     ] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Only the newest N runs (without RUN).")
+        int | None,
+        typer.Option(
+            "--limit",
+            min=1,
+            callback=at_most_max_count,
+            help="Only the newest N runs (without RUN).",
+        ),
     ] = None,
     digits: Annotated[int, typer.Option("--digits", min=0, max=12, help="Decimals shown.")] = 3,
     title: Annotated[str, typer.Option("--title", help="Title of the HTML page.")] = (
@@ -254,7 +266,13 @@ def report(
 def gc(
     ctx: typer.Context,
     keep_last: Annotated[
-        int | None, typer.Option("--keep-last", min=0, help="Keep the newest N runs of each name.")
+        int | None,
+        typer.Option(
+            "--keep-last",
+            min=0,
+            callback=at_most_max_count,
+            help="Keep the newest N runs of each name.",
+        ),
     ] = None,
     older_than: Annotated[
         str | None,
@@ -265,7 +283,11 @@ def gc(
     ] = False,
     max_size: Annotated[
         str | None,
-        typer.Option("--max-size", help="Delete the oldest runs while the store is over: 10GB."),
+        typer.Option(
+            "--max-size",
+            help="Delete the oldest runs while the store is over this size: 10GB, 512MiB "
+            "(a unit is required; 100B for bytes).",
+        ),
     ] = None,
     active_within: Annotated[
         str,
@@ -287,7 +309,7 @@ def gc(
         fail("--yes and --dry-run contradict each other", 2)
     if keep_last is None and older_than is None and max_size is None:
         fail("give a policy: --keep-last N, --older-than AGE or --max-size SIZE", 2)
-    from runfmt.gc import delete_planned, plan_gc
+    from runfmt.gc import plan_gc
     from runfmt.units import parse_duration, parse_size
 
     with usage_of("--active-within"):
@@ -295,7 +317,8 @@ def gc(
     with usage_of("--older-than"):
         older = None if older_than is None else parse_duration(older_than)
     with usage_of("--max-size"):
-        cap = None if max_size is None else parse_size(max_size)
+        cap = None if max_size is None else parse_size(max_size, unit_required=True)
+    require_store(ctx)
     store = state(ctx).store(read_only=not yes)
     plan = plan_gc(
         store,
@@ -308,13 +331,49 @@ def gc(
     deleted: list[str] = []
     skipped: list[dict[str, str]] = []
     if yes:
-        deleted, skipped = delete_planned(store, plan, active_within=active)
+        deleted, skipped = _delete(store, plan, active)
     if json_:
         print_json({**plan.to_json(), "deleted": deleted, "skipped": skipped})
     else:
         _print_plan(plan, yes, deleted, skipped)
     if skipped:
         raise typer.Exit(1)
+
+
+GC_LOCK_WAIT = 5.0
+"""Seconds gc waits for the commit lock of a run it deletes (as `delete_planned`)."""
+
+
+def _delete(
+    store: "Store", plan: "GcPlan", active: "timedelta"
+) -> tuple[list[str], list[dict[str, str]]]:
+    """`delete_planned`, after waiting (and saying so) for each run's commit lock another
+    writer holds; a run whose lock stays held is skipped with a reason a CLI user can act on."""
+    import dataclasses
+
+    from runfmt.errors import LockTimeoutError, RunfmtError
+    from runfmt.format.names import validate_run_id
+    from runfmt.gc import delete_planned
+
+    free = []
+    skipped: list[dict[str, str]] = []
+    for entry in plan.delete:
+        run = store.storage.child(validate_run_id(entry.run_id))
+        try:
+            with held_commit_lock(run, GC_LOCK_WAIT, entry.run_id):
+                pass
+        except RunfmtError as exc:
+            reason = cli_lock_error(exc) if isinstance(exc, LockTimeoutError) else exc
+            skipped.append({"run_id": entry.run_id, "reason": str(reason)})
+            continue
+        free.append(entry)
+    deleted, refused = delete_planned(
+        store,
+        dataclasses.replace(plan, delete=free),
+        active_within=active,
+        lock_timeout=GC_LOCK_WAIT,
+    )
+    return deleted, skipped + refused
 
 
 def _print_plan(
@@ -364,15 +423,30 @@ def export(
         fail("a run exports to FILE.tar; pass --stage to export one stage", 2)
     if stage is not None and not output.endswith((".jsonl.zst", ".jsonl")):
         fail("a stage exports to FILE.jsonl.zst (with its header) or FILE.jsonl", 2)
-    reader = state(ctx).store(read_only=True).open_run(run)
-    if stage is None:
-        manifest = export_run(reader, output)
-        sys.stderr.write(
-            f"exported run {manifest.run_id} (revision {manifest.revision}) to {output}\n"
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.exists(folder):
+        fail(
+            f"{output}: cannot write: No such file or directory (its folder {folder} "
+            "does not exist)"
         )
-    else:
-        count = export_stage(reader, stage, output)
-        sys.stderr.write(f"exported {count} records of {reader.run_id}/{stage} to {output}\n")
+    reader = state(ctx).store(read_only=True).open_run(run)
+    try:
+        if stage is None:
+            manifest = export_run(reader, output)
+            sys.stderr.write(
+                f"exported run {manifest.run_id} (revision {manifest.revision}) to {output}\n"
+            )
+        else:
+            count = export_stage(reader, stage, output)
+            sys.stderr.write(f"exported {count} records of {reader.run_id}/{stage} to {output}\n")
+    except OSError as exc:
+        if not os.path.basename(str(exc.filename or "")).startswith(".tmp-"):
+            raise
+        fail(f"{output}: cannot write: {exc.strerror or exc} (in {folder})")
+
+
+IMPORT_LOCK_WAIT = 30.0
+"""Seconds `import --into` waits for the run's commit lock (a writer's lock_timeout)."""
 
 
 @app.command("import")
@@ -403,6 +477,18 @@ def import_(
     is_archive = file.endswith((".tar", ".tar.gz", ".tgz"))
     if not os.path.exists(file):
         fail(f"{file}: no such file")
+    takes = (
+        "import takes a run archive (FILE.tar, FILE.tar.gz, FILE.tgz) or a stage file "
+        "(FILE.jsonl.zst, FILE.jsonl)"
+    )
+    if os.path.isdir(file):
+        fail(
+            f"{file} is a folder: {takes}; to copy a run folder into the store use "
+            "`runfmt sync FOLDER STORE`",
+            2,
+        )
+    if not is_archive and not file.endswith((".jsonl.zst", ".jsonl")):
+        fail(f"{file}: unknown stage file type: {takes}")
     if is_archive and (into or name or stage or key_field):
         fail("--into, --name, --stage and --key-field are for stage files, not archives", 2)
     if not is_archive and run_id:
@@ -410,6 +496,10 @@ def import_(
     if into and name:
         fail("--into appends to an existing run; --name names a new one: give one", 2)
     store = state(ctx).store()
+    if into is not None:
+        target = store.locate(into)
+        with held_commit_lock(target, IMPORT_LOCK_WAIT, into):
+            pass  # wait here, saying so, for a writer holding the run's lock
     if is_archive:
         result = import_run(store, file, run_id=run_id)
     else:

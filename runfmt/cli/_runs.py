@@ -5,6 +5,7 @@ folder works with no store. None of these commands needs the index.
 """
 
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
@@ -14,18 +15,23 @@ import typer
 from runfmt.cli import (
     JsonOpt,
     RunArg,
+    State,
     app,
+    at_most_max_count,
     echo,
     fail,
+    held_commit_lock,
     no_runs,
     output_closed,
     print_json,
     printable,
     state,
+    store_missing,
     table,
 )
 
 if TYPE_CHECKING:
+    from runfmt.errors import RunfmtError
     from runfmt.format.validate import Problem
     from runfmt.run import RunReader
     from runfmt.storage import Storage
@@ -46,10 +52,42 @@ def demo(
     result = write_demo_run(store, seed=seed, items=items, reuse=store.cache.record)
     sys.stdout.write(f"wrote run {result.run_id} to {store.url}\n\n")
     _print_summary(run_summary(store.open_run(result.run_id)))
+    global_options, masked = _global_options(state(ctx))
     sys.stdout.write(
         f"\nreused {result.reused} of {result.total} results from earlier runs\n"
-        f"next: runfmt cat {result.run_id} score | head -3\n"
+        f"next: runfmt {global_options}cat {result.run_id} score | head -3\n"
     )
+    if masked:
+        sys.stdout.write("(*** stands for the value you gave: secrets are not printed)\n")
+
+
+_SECRET = re.compile(r"key|secret|token|passw|credential|auth|session|signature|sas|connection",
+                     re.IGNORECASE)  # fmt: skip
+"""A storage option whose KEY=VALUE matches is shown as ``KEY=***``."""
+
+
+def _global_options(st: State) -> tuple[str, bool]:
+    """``-s STORE -o KEY=VALUE ... `` as given (shell-quoted), for a command to run next;
+    empty for the default store. Secret-like options, and a password in the store's URL,
+    are shown as ``***``; the bool says whether any was."""
+    import shlex
+    from urllib.parse import urlsplit
+
+    words: list[str] = []
+    masked = False
+    if st.store_url is not None:
+        url = st.store_url
+        parts = urlsplit(url) if "://" in url else None
+        if parts is not None and parts.password:
+            host = parts.netloc.rsplit("@", 1)[1]
+            url = parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+            masked = True
+        words += ["-s", url]
+    for item in st.storage_option_args:
+        secret = bool(_SECRET.search(item))
+        words += ["-o", f"{item.partition('=')[0]}=***" if secret else item]
+        masked |= secret
+    return "".join(f"{shlex.quote(w)} " for w in words), masked
 
 
 @app.command()
@@ -68,7 +106,10 @@ def cat(
     run: RunArg,
     stage: Annotated[str | None, typer.Argument(help="The stage whose records to print.")] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", "-n", min=0, help="Print at most N records.")
+        int | None,
+        typer.Option(
+            "--limit", "-n", min=0, callback=at_most_max_count, help="Print at most N records."
+        ),
     ] = None,
     artifact: Annotated[
         str | None,
@@ -130,21 +171,26 @@ def verify(
     runs = runs or []
     found: list[tuple[Storage, list[Problem], list[str]]] = []
     skipped: list[str] = []
-    missing = 0
+    unchecked: list[dict[str, Any]] = []
 
     def check(run: "Storage", run_id: str | None = None) -> None:
         live = being_written_by(run)
         found.append((run, verify_run(run, run_id=run_id, live=frozenset(live)), live))
 
+    missing_store = None if runs else store_missing(ctx)
+    if missing_store:
+        unchecked.append(_unchecked_json(None, store.url, f"no such {missing_store}"))
+        if not json_:
+            fail(f"{store.url}: no such {missing_store} (check --store or RUNFMT_STORE)")
     for arg in runs:
         try:
             check(store.locate(arg))
         except RunfmtError as exc:
-            if len(runs) == 1:
+            if len(runs) == 1 and not json_:
                 raise
-            missing += 1
+            unchecked.append(_error_json(arg, exc))
             sys.stderr.write(f"runfmt: error: {printable(str(exc))}\n")
-    for run_id in [] if runs else store.run_ids():
+    for run_id in [] if runs or missing_store else store.run_ids():
         run = store.storage.child(run_id)
         try:
             check(run, run_id)
@@ -152,8 +198,8 @@ def verify(
             skipped.append(f"skip  {_label(run)}: {exc.problem}")
     bad = [(run, problems) for run, problems, _ in found if problems]
     if json_:
-        print_json([_problem_json(run, p) for run, problems in bad for p in problems])
-    elif not (found or skipped or missing):
+        print_json([_problem_json(run, p) for run, problems in bad for p in problems] + unchecked)
+    elif not (found or skipped or unchecked):
         echo(no_runs(ctx, store.url, filtered=False))
     else:
         for run, problems, live in found:
@@ -164,8 +210,34 @@ def verify(
     if bad:
         total = sum(len(problems) for _, problems in bad)
         fail(f"{_count(total, 'problem')} in {len(bad)} of {_count(len(found), 'run')}")
-    if missing:
-        fail(f"{missing} of {len(runs)} RUNs name no run that could be checked")
+    if missing_store:
+        fail(f"{store.url}: no such {missing_store} (check --store or RUNFMT_STORE)")
+    if unchecked and len(runs) == 1:
+        raise typer.Exit(1)  # its error is said above
+    if unchecked:
+        fail(f"{len(unchecked)} of {len(runs)} RUNs name no run that could be checked")
+
+
+def _error_json(arg: str, exc: "RunfmtError") -> dict[str, Any]:
+    """A RUN that could not be checked, as a `verify --json` entry; ``rule`` is the spec
+    rule the error names (``not a run ... (LAYOUT-2)``), if any."""
+    from runfmt.format.validate import cited_rule
+
+    problem, rule = cited_rule(exc.problem, "")
+    problem = f"{problem} ({exc.hint})" if exc.hint else problem
+    return _unchecked_json(arg, exc.location or arg, problem, rule or None)
+
+
+def _unchecked_json(
+    run: str | None, location: str, problem: str, rule: str | None = None
+) -> dict[str, Any]:
+    return {
+        "run": run,
+        "location": location,
+        "problem": problem,
+        "rule": rule,
+        "repairable": False,
+    }
 
 
 def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str]) -> None:
@@ -181,7 +253,8 @@ def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str
         echo(f"ok    {label}{note}")
         return
     for p in problems:
-        echo(f"{_full_location(run, p.location)}: {p.problem} ({p.rule or '-'})")
+        rule = f" ({p.rule})" if p.rule else ""
+        echo(f"{_full_location(run, p.location)}: {p.problem}{rule}")
     fixable = sum(p.repairable for p in problems)
     hint = f"; `runfmt repair {label}` fixes {fixable}" if fixable else ""
     echo(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}{note}")
@@ -210,6 +283,10 @@ def _full_location(run: "Storage", location: str) -> str:
     return location if location.startswith(root) else run.where(location)
 
 
+REPAIR_LOCK_WAIT = 60.0
+"""Seconds `repair` waits for a commit lock another writer holds (as `repair_run`)."""
+
+
 @app.command()
 def repair(
     ctx: typer.Context,
@@ -225,9 +302,13 @@ def repair(
 ) -> None:
     """Bring a crashed run back to a consistent state; exit 0 when it then verifies."""
     from runfmt.check import being_written_by, repair_run, verify_run
+    from runfmt.run import load_manifest, revisions
 
     storage = state(ctx).store().locate(run)
-    report = repair_run(storage, salvage=not drop)
+    if not revisions(storage):
+        load_manifest(storage)  # raises for a folder that holds no run, before it is locked
+    with held_commit_lock(storage, REPAIR_LOCK_WAIT, _label(storage)):
+        report = repair_run(storage, salvage=not drop)
     for action in report.actions:
         echo(action)
     for p in report.left:

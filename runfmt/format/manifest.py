@@ -48,8 +48,12 @@ LABEL = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 """The grammar of tag and counter names."""
 MAX_TAG_VALUE = 1024
 MAX_ERROR = 65536
+MAX_INTEGER = 2**63 - 1
+"""The largest integer counter total (COMMIT-5), as REC-3 asks of record integers."""
 _TIMESTAMPS = ("created_at", "updated_at", "finished_at", "heartbeat_at")
 UPGRADE_HINT = "upgrade runfmt to read this run"
+_MAX_INT_TEXT = 320
+"""More characters than the longest integer finite as a double (309 digits and a sign)."""
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -241,18 +245,29 @@ def _reject_constant(name: str) -> None:
     raise ManifestError(f"{name} is not valid JSON (MAN-1)")
 
 
-def parse_json(data: bytes) -> Any:
-    """Strict JSON parsing: UTF-8, no duplicate member names, no NaN/Infinity."""
-    try:
-        return json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
+def _parse_int(text: str) -> int:
+    """An integer, unless it has more digits than any finite double (which Python's `int`
+    would refuse past 4,300 digits with a plain ValueError)."""
+    if len(text) > _MAX_INT_TEXT:
+        raise ManifestError(
+            f"number {text[:12]}… of {len(text)} digits is no finite double (MAN-1)"
         )
+    return int(text)
+
+
+def parse_json(data: bytes) -> Any:
+    """Strict JSON parsing (MAN-1): UTF-8; strings of Unicode scalar values (no lone
+    surrogate, even escaped); numbers finite as doubles; no duplicate member names."""
+    try:
+        text = data.decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                         parse_int=_parse_int)  # fmt: skip
+        orjson.loads(text)  # refuses lone surrogates and numbers beyond a double, as json not
     except UnicodeDecodeError as exc:
         raise ManifestError(f"not UTF-8: {exc} (MAN-1)") from None
-    except json.JSONDecodeError as exc:
+    except json.JSONDecodeError as exc:  # orjson's is one too
         raise ManifestError(f"not valid JSON: {exc} (MAN-1)") from None
+    return doc
 
 
 def check_compatible(version: object, features: object) -> None:
@@ -463,14 +478,30 @@ def check_tags(tags: Mapping[Any, Any]) -> None:
             )
 
 
+def as_dict(what: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A caller's ``value`` as a dict (None as an empty one); `InvalidInputError` naming
+    ``what`` if it is no mapping."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(f"{what} must be a mapping (a dict), not {type(value).__name__}")
+    return dict(value)
+
+
 def check_counter(name: object, total: float) -> None:
-    """Refuse a counter a manifest cannot hold: a name in `LABEL`, a finite total."""
+    """Refuse a counter a manifest cannot hold: a name in `LABEL`; a finite total, within
+    MAX_INTEGER in magnitude when it is an integer (COMMIT-5)."""
     if not isinstance(name, str) or not LABEL.fullmatch(name):
         raise InvalidInputError(
             f"counter name {name!r} must be 1-128 letters, digits or _.:/- characters"
         )
     if not math.isfinite(total):
         raise InvalidInputError(f"counter {name!r} would overflow to {total}")
+    if isinstance(total, int) and abs(total) > MAX_INTEGER:
+        raise InvalidInputError(
+            f"counter {name!r} would reach {total}, beyond a 64-bit integer (COMMIT-5)",
+            hint="count in a larger unit, or with float deltas",
+        )
 
 
 def check_error(status: str, error: object) -> None:

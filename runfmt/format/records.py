@@ -48,7 +48,7 @@ def encode_record(record: Mapping[str, Any], key_field: str | None = None) -> by
     try:
         line = _line(record)
     except (TypeError, orjson.JSONEncodeError) as exc:
-        raise InvalidInputError(f"record is not JSON-serializable: {exc}") from None
+        raise _unserializable(record, exc) from None
     if not _all_finite(record):
         _exact_check(record)
     if key_field is not None:
@@ -123,10 +123,40 @@ def _exact_check(record: dict[str, Any]) -> None:
         json.dumps(record, allow_nan=False)
     except ValueError:
         raise InvalidInputError(
-            "record contains NaN or Infinity, which JSON cannot represent"
+            f"record member {_first_unwritable(record)} is NaN or Infinity, which JSON "
+            "cannot represent",
+            hint="write null, or the value as a string",
         ) from None
     except TypeError as exc:
-        raise InvalidInputError(f"record is not JSON-serializable: {exc}") from None
+        raise _unserializable(record, exc) from None
+
+
+def _unserializable(record: dict[str, Any], exc: Exception) -> InvalidInputError:
+    return InvalidInputError(
+        f"record member {_first_unwritable(record)} is not JSON-serializable ({exc})",
+        hint="convert it to a JSON type first (str(value), value.isoformat(), ...)",
+    )
+
+
+def _first_unwritable(record: dict[str, Any]) -> str:
+    """The path (``a.b[2]``) of the first value in ``record`` that is no plain JSON value
+    (another type, NaN or an infinity) or whose member name is no string, else ``?``."""
+    stack: list[tuple[str, Any]] = [("", record)]
+    while stack:
+        path, value = stack.pop()
+        kind = type(value)
+        if isinstance(value, dict):
+            for k in value:
+                if not isinstance(k, str):
+                    return f"{path}.{k!r}".lstrip(".") + " (a member name that is no string)"
+            stack.extend((f"{path}.{k}".lstrip("."), v) for k, v in reversed(value.items()))
+        elif kind is list:
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif (kind is float and value - value) or (
+            kind not in _FLAT and not isinstance(value, str | int | float | list)
+        ):
+            return repr(path)
+    return "?"
 
 
 def _all_finite(record: dict[str, Any]) -> bool:

@@ -96,6 +96,27 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     )
     c.doc["tags"] = {"suite\n": "conformance"}
     c = add(
+        running(
+            "invalid",
+            "manifest-lone-surrogate",
+            "The run's name begins with an escaped lone surrogate (\\ud800): a manifest's "
+            "strings hold Unicode scalar values only.",
+            ["MAN-1"],
+        ),
+        "ManifestError",
+    )
+    raw(c, lambda b: b.replace(b'"name": "', b'"name": "\\ud800', 1))
+    c = add(
+        running(
+            "invalid",
+            "manifest-number-not-finite",
+            "A counter is 1e400, which is no finite double.",
+            ["MAN-1"],
+        ),
+        "ManifestError",
+    )
+    raw(c, lambda b: b.replace(b'"counters": {}', b'"counters": {"big": 1e400}', 1))
+    c = add(
         running("invalid", "manifest-not-json", "The revision is cut in the middle.", ["MAN-1"]),
         "ManifestError",
     )
