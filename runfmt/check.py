@@ -142,6 +142,17 @@ def _uncommitted_of(problem: Problem, writers: frozenset[str]) -> bool:
     return parsed.writer in writers
 
 
+def _salvage_order(item: tuple[str, int]) -> tuple[str, str, int, str]:
+    """Stage files by stage, writer and number (``part-1000000`` after ``part-999999``), so
+    that repair lists each writer's files in the order they were written (COMMIT-8)."""
+    path = item[0]
+    try:
+        stage, parsed = names.parse_stage_file(path)
+    except InvalidInputError:
+        return path, "", 0, ""
+    return f"{names.STAGES_DIR}/{stage}", parsed.writer, parsed.seq, ""
+
+
 def _older_revision_problems(run: Storage, newest: int) -> list[Problem]:
     """Each kept older revision must be a valid manifest too (MAN-2): `repair` falls back
     on them."""
@@ -237,7 +248,7 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
         files = run.walk()
         links = run.symlinks()
         listed = {f.path: (f, s) for s in manifest.stages for f in s.files}
-        for path, size in sorted(files.items()):
+        for path, size in sorted(files.items(), key=_salvage_order):
             if not path.startswith(names.STAGES_DIR + "/") or path in links:
                 continue
             try:

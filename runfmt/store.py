@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import secrets
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_STORE", "Store", "open_run", "resolve_store_url"]
 
 DEFAULT_STORE = "./runs"
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""Control characters (Unicode category Cc), which writers keep out of run names (MAN-10)."""
 STORE_ENV = "RUNFMT_STORE"
 
 
@@ -117,12 +120,32 @@ class Store:
         """Create a run and return its writer. ``writer_options`` go to `RunWriter`.
 
         ``created_at`` (a manifest timestamp) records another creation time than now: that
-        of a run imported from elsewhere.
+        of a run imported from elsewhere. A name holds no control character (MAN-10).
         """
+        if isinstance(name, str) and _CONTROL.search(name):
+            raise InvalidInputError(
+                f"run name {name!r} holds a control character (MAN-10)",
+                hint="use spaces instead of tabs and line breaks",
+            )
+        return self._create_run(name, config, tags=tags, run_id=run_id, created_at=created_at,
+                                **writer_options)  # fmt: skip
+
+    def _create_run(
+        self,
+        name: str,
+        config: Mapping[str, Any] | None = None,
+        *,
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+        created_at: str | None = None,
+        **writer_options: Any,
+    ) -> RunWriter:
+        """`create_run` of a name that may hold what writers avoid but readers take
+        (MAN-10): an imported run keeps its name (EXP-4)."""
         check_writer_options(writer_options)
         config = as_dict("config", config)
-        if not isinstance(name, str) or not 0 < len(name) <= 200 or not name.isprintable():
-            raise InvalidInputError(f"run name {name!r} must be 1-200 printable characters")
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise InvalidInputError(f"run name {name!r} must be 1-200 characters")
         tags = as_dict("tags", tags)
         check_tags(tags)
         canonical_json(config)

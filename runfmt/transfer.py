@@ -586,7 +586,7 @@ def import_run(
                 location=store.storage.where(target),
                 hint="pass --run-id NEW_ID to import a copy under another id",
             )
-        writer = store.create_run(
+        writer = store._create_run(
             m.name,
             m.config,
             tags=m.tags,

@@ -33,6 +33,7 @@ from runfmt.format.validate import header_problem
 from runfmt.run import MAX_RECORD_BYTES
 from runfmt.storage import Storage
 from runfmt.store import Store
+from runfmt.transfer import export_run, import_run
 
 QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
 RECORDS = [{"id": f"q{i}", "v": i} for i in range(3)]
@@ -145,10 +146,23 @@ def test_a_bad_run_id_is_refused_before_anything_is_written(store: Store, run_id
     assert not Path(store.url).exists() or list(Path(store.url).iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["", "x" * 201, "tab\there", "line\nbreak"])
+@pytest.mark.parametrize("name", ["", "x" * 201, "tab\there", "line\nbreak", "bell\x07", "c1\x85"])
 def test_a_bad_run_name_is_refused(store: Store, name: str) -> None:
     with pytest.raises(InvalidInputError, match="run name"):
         store.create_run(name, **QUIET)
+
+
+def test_a_name_with_a_control_character_is_read_and_kept_by_an_import(
+    run_dir: Path, store: Store, tmp_path: Path
+) -> None:
+    """MAN-10: writers give no new run such a name; readers and imports take it."""
+    rewrite_manifest(run_dir, lambda doc: doc.update(name="a\tb"))
+    (run_dir / "SHA256SUMS").unlink()
+    assert verify_run(Storage(str(run_dir))) == []
+    export_run(runfmt.open_run(run_dir), tmp_path / "run.tar")
+    other = Store(tmp_path / "other")
+    imported = import_run(other, tmp_path / "run.tar")
+    assert other.open_run(imported.run_id).manifest.name == "a\tb"
 
 
 def test_config_without_a_canonical_form_is_refused(store: Store) -> None:
@@ -637,3 +651,23 @@ def test_a_header_run_created_at_must_be_a_real_time(stamp: str, valid: bool) ->
     assert found == (None if valid else (
         f"invalid header: run_created_at {stamp!r} is not a real time", "FRAME-2"
     ))  # fmt: skip
+
+
+def test_repair_lists_salvaged_files_by_writer_then_number(store: Store) -> None:
+    """COMMIT-8: part-1000000 of a writer comes after its part-999999, as it was written."""
+    w = store.create_run("x", **QUIET)
+    w.close()
+    run_dir = Path(store.url) / w.run_id
+    created = store.open_run(w.run_id).manifest.created_at
+    (run_dir / "stages" / "s").mkdir(parents=True)
+    for seq, writer, rec in ((1000000, "0a0b0c0d", "a2"), (999999, "0a0b0c0d", "a1"),
+                             (5, "ffffffff", "b1")):  # fmt: skip
+        head = PREFIX + encode_header({
+            "format": "runfmt-stage", "format_version": "1.0", "run_id": w.run_id,
+            "stage": "s", "seq": seq, "writer": writer, "record_schema_version": "1",
+            "key_field": None, "run_created_at": created,
+        })  # fmt: skip
+        data = head + FrameEncoder().encode(json.dumps({"id": rec}).encode() + b"\n")
+        (run_dir / "stages" / "s" / f"part-{seq:06d}-{writer}.jsonl.zst").write_bytes(data)
+    assert repair_run(Storage(str(run_dir))).salvaged_records == 3
+    assert [r["id"] for r in store.open_run(w.run_id).records("s")] == ["a1", "a2", "b1"]
