@@ -26,6 +26,7 @@ writer win every race while another waited, measured in tests/test_locking.py)."
 _OWN_LOCK_WAIT = 5.0
 """Seconds a new writer waits for its own liveness lock: its id is fresh, so only a
 `writer_alive` probe of another process (a repair) can hold it, for microseconds."""
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _held = threading.local()
 _memory_locks: dict[str, threading.RLock] = {}
 _memory_guard = threading.Lock()
@@ -132,16 +133,23 @@ def hold_writer_lock(run: Storage, writer: str) -> FileLock | None:
 
 
 def writer_alive(run: Storage, writer: str) -> bool:
-    """Whether a process still holds ``writer``'s lock (local disk only; elsewhere False)."""
-    if not run.is_local or not run.exists(_writer_lock_file(writer)):
+    """Whether a process still holds ``writer``'s lock (local disk only; elsewhere False).
+
+    The probe opens the lock file only if it exists: it never makes one (COMMIT-12).
+    """
+    if not run.is_local:
         return False
-    lock = FileLock(run.path(_writer_lock_file(writer)), timeout=0)
     try:
-        lock.acquire()
-    except Timeout:
-        return True
-    lock.release()
-    return False
+        fd = os.open(run.path(_writer_lock_file(writer)), os.O_RDWR | _NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        if not lock_descriptor(fd, blocking=False):
+            return True
+        unlock_descriptor(fd)
+        return False
+    finally:
+        os.close(fd)
 
 
 def live_writers(run: Storage) -> list[str]:

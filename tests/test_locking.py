@@ -290,3 +290,19 @@ def test_verify_and_repair_of_a_run_another_process_commits_to_find_nothing(
         writer.kill()
         writer.wait()
     assert store.open_run(run_id).manifest.revision > 1 + KEEP_REVISIONS
+
+
+def test_a_liveness_probe_never_makes_a_lock_file(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-12: a reader takes a writer's lock only if its file exists, even when the
+    writer deletes it while the reader looks (here: a listing that still shows it)."""
+    from runfmt.locking import writer_alive
+
+    w = store.create_run("x", **QUIET)
+    lock = Path(store.url) / w.run_id / f".writer-{w.writer_id}.lock"
+    assert writer_alive(w.storage, w.writer_id)
+    w.close()
+    monkeypatch.setattr(Storage, "exists", lambda self, rel: True)
+    assert not writer_alive(w.storage, w.writer_id)
+    assert not lock.exists()
