@@ -48,6 +48,7 @@ def run_main(
     args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> tuple[int, str, str]:
     """Run the real entry point in-process: (exit code, stdout, stderr)."""
+    monkeypatch.delenv("RUNFMT_STORE", raising=False)
     monkeypatch.setattr(sys, "argv", ["runfmt", *args])
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -474,7 +475,7 @@ def test_verify_passes_on_a_sound_store(demo_store: tuple[Path, DemoResult]) -> 
 )  # fmt: skip
 def test_a_listing_of_a_missing_folder_says_so(tmp_path: Path, args: list[str]) -> None:
     """A mistyped --store must not read as an empty store, nor as filters matching nothing
-    (`verify` fails on it: tests/test_cli_defects.py)."""
+    (`verify` fails on it: tests/test_cli_usage.py)."""
     result = invoke(tmp_path / "typo", *args)
     assert result.exit_code == 0
     assert result.stdout == f"no runs in {tmp_path / 'typo'}: no such folder\n"

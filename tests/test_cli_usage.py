@@ -1,6 +1,7 @@
-"""CLI defects of QA round 3 (D2, D8, D9, D14, D15, D17, D18/D19, D23, D24, D25): one test
-each, through the real entry point (`main`, in-process) so that exit codes, stderr and the
-absence of tracebacks are what a user sees."""
+"""CLI usage a user trips on: huge counts, a missing or mistyped store, global options after
+the command, units, unchecked RUNs in JSON, lineage cuts, held locks, import and export
+targets; through the real entry point, so exit codes, stderr and the absence of
+tracebacks are what a user sees."""
 
 from __future__ import annotations
 
@@ -14,22 +15,9 @@ from pathlib import Path
 import pytest
 
 import runfmt
-from runfmt.cli import main
 from runfmt.errors import InvalidInputError
 from runfmt.units import parse_size
-
-
-def run_main(
-    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    """Run the real entry point in-process: (exit code, stdout, stderr)."""
-    monkeypatch.delenv("RUNFMT_STORE", raising=False)
-    monkeypatch.setattr(sys, "argv", ["runfmt", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return code if isinstance(code, int) else 1, out, err
+from tests.test_cli import run_main
 
 
 @pytest.fixture
@@ -54,7 +42,7 @@ HUGE = "999999999999999999999"
      ["report", "--limit", HUGE], ["gc", "--keep-last", HUGE],
      ["lineage", "chain", "s", "c", "--max-depth", HUGE]],
 )  # fmt: skip
-def test_d2_a_huge_count_option_is_a_usage_error(
+def test_a_huge_count_option_is_a_usage_error(
     one_run: tuple[Path, str],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -69,7 +57,7 @@ def test_d2_a_huge_count_option_is_a_usage_error(
     assert "Traceback" not in err
 
 
-def test_d8_status_lists_newest_first_by_creation_time(
+def test_status_lists_newest_first_by_creation_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Ids need not sort by time (--run-id, open_or_create): `status` was in id order."""
@@ -90,7 +78,7 @@ def test_d8_status_lists_newest_first_by_creation_time(
     assert [s["run_id"] for s in json.loads(out)] == [newest.run_id, "a-mid", "z-old"]
 
 
-def test_d9_a_missing_store_fails_the_commands_that_check_or_change_it(
+def test_a_missing_store_fails_the_commands_that_check_or_change_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A mistyped --store must not pass `verify` in CI, nor read as an empty store to gc,
@@ -115,7 +103,7 @@ def test_d9_a_missing_store_fails_the_commands_that_check_or_change_it(
     assert not typo.exists()
 
 
-def test_d14_verify_json_names_each_run_that_could_not_be_checked(
+def test_verify_json_names_each_run_that_could_not_be_checked(
     one_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, run_id = one_run
@@ -140,7 +128,7 @@ def test_d14_verify_json_names_each_run_that_could_not_be_checked(
     assert entries[1]["location"] == str(root / "not-a-run")
 
 
-def test_d15_a_lineage_cut_at_max_depth_is_not_a_problem(
+def test_a_lineage_cut_at_max_depth_is_not_a_problem(
     one_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, run_id = one_run
@@ -165,7 +153,7 @@ def test_d15_a_lineage_cut_at_max_depth_is_not_a_problem(
      (["index", "rebuild", "--storage-option", "k=v"], "--storage-option"),
      (["status", "--single-writer"], "--single-writer")],
 )  # fmt: skip
-def test_d17_a_global_option_after_the_command_says_where_it_goes(
+def test_a_global_option_after_the_command_says_where_it_goes(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -185,7 +173,7 @@ def test_d17_a_global_option_after_the_command_says_where_it_goes(
     assert (code, "No such option: --nope" in err) == (2, True)
 
 
-def test_d18_d19_import_of_a_folder_and_export_into_a_missing_folder_say_what_is_wrong(
+def test_import_of_a_folder_and_export_into_a_missing_folder_say_what_is_wrong(
     one_run: tuple[Path, str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -227,7 +215,7 @@ def test_d18_d19_import_of_a_folder_and_export_into_a_missing_folder_say_what_is
         assert err.startswith(f"runfmt: error: {readonly / 'x.tar'}: cannot write")
 
 
-def test_d23_gc_max_size_needs_a_unit(
+def test_gc_max_size_needs_a_unit(
     one_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`--max-size 10 --yes` meant 10 bytes: every run deleted."""
@@ -249,7 +237,7 @@ def test_d23_gc_max_size_needs_a_unit(
         parse_size("10i")  # was a ValueError from str.index
 
 
-def test_d24_demo_next_command_names_the_store(
+def test_demo_next_command_names_the_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = tmp_path / "my runs"
@@ -274,7 +262,7 @@ def test_d24_demo_next_command_names_the_store(
     assert out.splitlines()[-1].startswith("next: runfmt cat ")
 
 
-def test_d25_a_held_commit_lock_is_announced_and_its_timeout_says_what_to_do(
+def test_a_held_commit_lock_is_announced_and_its_timeout_says_what_to_do(
     one_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from runfmt.cli import _runs
