@@ -21,6 +21,7 @@ from runfmt.format import names
 from runfmt.format.checksum import parse_sums
 from runfmt.format.frames import DataFrame, FrameDecoder
 from runfmt.format.manifest import (
+    ArtifactEntry,
     ChangeSet,
     FileEntry,
     Manifest,
@@ -36,10 +37,12 @@ from runfmt.format.validate import (
     cited_rule,
     folder_name_problem,
     header_problem,
+    is_repairable,
 )
 from runfmt.locking import commit_lock, live_writers, writer_alive
 from runfmt.run import (
     commit_locked,
+    guess_media_type,
     load_manifest,
     load_revision,
     revisions,
@@ -232,12 +235,14 @@ class RepairReport:
     left: list[Problem] = field(default_factory=list)
 
 
-def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
+def repair_run(run: Storage, *, salvage: bool = True, artifacts: bool = True) -> RepairReport:
     """Bring a crashed run back to a consistent state without losing a committed record.
 
     Bytes written after the last commit by writers that are gone are salvaged
     when they form complete, valid frames (``salvage=True``) and are otherwise
-    cut off; files of live writers are left alone (COMMIT-8).
+    cut off; files of live writers are left alone (COMMIT-8). Artifacts no revision
+    lists are listed or deleted alike, unless ``artifacts=False`` (a resume, whose
+    writer may store them again, ART-1).
     """
     if not revisions(run):
         load_manifest(run)  # raises: not a run, or one copied without _manifests/ (LAYOUT-2)
@@ -268,6 +273,8 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
                 )
                 continue
             _repair_file(run, path, entry, stage, salvage, changes, report, manifest.created_at)
+        if artifacts:
+            _repair_artifacts(run, manifest, files, links, salvage, changes, report)
         _remove_leftovers(run, report)
         if changes:
             manifest = commit_locked(run, changes, manifest, repairing=True)
@@ -283,6 +290,36 @@ def repair_run(run: Storage, *, salvage: bool = True) -> RepairReport:
             run.delete(names.SUMS_FILE)
             report.actions.append("removed SHA256SUMS of a running run")
     return report
+
+
+def _repair_artifacts(
+    run: Storage,
+    manifest: Manifest,
+    files: dict[str, int],
+    links: set[str],
+    salvage: bool,
+    changes: ChangeSet,
+    report: RepairReport,
+) -> None:
+    """List (salvage) or delete the artifacts no revision lists, once no writer of the run
+    is alive: a dead writer's, created whole but not committed (COMMIT-8, ART-1)."""
+    listed = {a.path for a in manifest.artifacts}
+    unlisted = [p for p in sorted(files) if p.startswith(names.ARTIFACTS_DIR + "/")
+                and p not in listed and p not in links and is_repairable(p)]  # fmt: skip
+    if not unlisted or live_writers(run):
+        return
+    for path in unlisted:
+        if not salvage:
+            run.delete(path)
+            report.actions.append(f"{path}: deleted (no revision lists it)")
+            continue
+        size = files[path]
+        digest = run.prefix_sha256(path, size)
+        if digest is None:  # cut short since it was listed
+            continue
+        guessed = guess_media_type(path)
+        changes.artifacts[path] = ArtifactEntry(path, size, digest, guessed)
+        report.actions.append(f"{path}: listed as an artifact ({guessed}), as its writer died")
 
 
 def _remove_leftovers(run: Storage, report: RepairReport) -> None:

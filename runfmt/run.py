@@ -664,6 +664,11 @@ class StageWriter:
         self._open = None
 
 
+def guess_media_type(name: str) -> str:
+    """An artifact's media type from its name's extension, else a plain byte stream (ART-1)."""
+    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -857,8 +862,7 @@ class RunWriter:
         path = names.artifact_path(name)
         if not isinstance(data, bytes | bytearray | memoryview):
             raise InvalidInputError(f"artifact data must be bytes, not {type(data).__name__}")
-        media_type = media_type or mimetypes.guess_type(name, strict=False)[0]
-        media_type = media_type or "application/octet-stream"
+        media_type = media_type or guess_media_type(name)
         if not _MEDIA_TYPE.fullmatch(media_type):
             raise InvalidInputError(f"invalid media type {media_type!r}", hint="e.g. image/png")
         refs = tuple(parent_json(p) for p in parse_parents(parents)) if parents is not None else ()

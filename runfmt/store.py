@@ -232,7 +232,7 @@ class Store:
         storage = self.locate(run)
         if storage.read_only:
             raise ReadOnlyError("the store was opened read-only", location=storage.where())
-        repair_run(storage, salvage=True)
+        repair_run(storage, salvage=True, artifacts=False)
         writer = RunWriter(storage, load_manifest(storage), **writer_options)
         storage.delete(names.SUMS_FILE)
         if writer.manifest.status != "running":

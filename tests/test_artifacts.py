@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from runfmt.check import verify_run
+from runfmt.check import repair_run, verify_run
 from runfmt.cli import app
 from runfmt.errors import ChecksumMismatchError, ConflictError, InvalidInputError
 from runfmt.format.checksum import sha256_hex
@@ -200,3 +200,37 @@ def test_artifacts_on_memory_store(memory_store: Store) -> None:
     reader = memory_store.open_run(w.run_id)
     assert reader.artifact("x/y.json").media_type == "application/json"
     assert list(reader.stream_artifact("x/y.json")) == [b"{}"]
+
+
+@pytest.mark.parametrize("salvage", [True, False], ids=["salvage", "drop"])
+def test_repair_lists_or_deletes_an_artifact_a_dead_writer_left_unlisted(
+    store: Store, salvage: bool
+) -> None:
+    """COMMIT-8, crash row 8: the run verifies after repair, with no manual step."""
+    w = store.create_run("x", flush_every=None, flush_interval=None, heartbeat_interval=None)
+    w.append("s", {"i": 0})
+    w.flush()
+    w.add_artifact("report.json", b'{"ok": true}\n')
+    w.discard()  # the writer dies before the commit that lists the artifact
+    problems = verify_run(w.storage)
+    assert [(p.location, p.rule, p.repairable) for p in problems] == [
+        ("artifacts/report.json", "LAYOUT-4", True)
+    ]
+    with store.create_run("other", heartbeat_interval=None) as live:
+        live.add_artifact("draft.txt", b"mine")
+        assert repair_run(live.storage).actions == []  # its writer is alive: left alone
+    report = repair_run(w.storage, salvage=salvage)
+    assert report.left == []
+    assert verify_run(w.storage) == []
+    artifacts = store.open_run(w.run_id).manifest.artifacts
+    if salvage:
+        [entry] = artifacts
+        assert (entry.path, entry.media_type, entry.bytes) == (
+            "artifacts/report.json",
+            "application/json",
+            13,
+        )
+        assert store.open_run(w.run_id).read_artifact("report.json") == b'{"ok": true}\n'
+    else:
+        assert artifacts == ()
+        assert not Path(w.storage.path("artifacts/report.json")).exists()

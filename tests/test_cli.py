@@ -652,14 +652,14 @@ def test_verify_leaves_a_live_writers_uncommitted_data_to_it(
     ))  # fmt: skip
     assert invoke(tmp_path / "runs", "repair", "live").exit_code == 0
     uncommitted = {(listed, "COMMIT-8", True), (unlisted, "LAYOUT-4", True)}
-    uncommitted.add(("artifacts/big.bin", "LAYOUT-4", False))
+    uncommitted.add(("artifacts/big.bin", "LAYOUT-4", True))
     with monkeypatch.context() as m:
         m.setattr(check, "live_writers", Mock(side_effect=PermissionError(13, "denied")))
         assert {(p.location, p.rule, p.repairable) for p in verify_run(w.storage)} == uncommitted
 
     w.discard()
     assert {(p.location, p.rule, p.repairable) for p in verify_run(w.storage)} == uncommitted
-    assert "`runfmt repair live` fixes 2\n" in invoke(tmp_path / "runs", "verify").stdout
+    assert "`runfmt repair live` fixes 3\n" in invoke(tmp_path / "runs", "verify").stdout
 
 
 CRASHING_WRITER = textwrap.dedent(

@@ -231,15 +231,19 @@ def check_listing(
                 problems.append(Problem(path, "unexpected file in _manifests/", "LAYOUT-4"))
             continue
         problems.append(
-            Problem(path, "file not listed in the manifest", "LAYOUT-4", _is_stage_file(path))
+            Problem(path, "file not listed in the manifest", "LAYOUT-4", is_repairable(path))
         )
     return problems
 
 
-def _is_stage_file(path: str) -> bool:
-    """Whether ``path`` is named as a stage file (NAME-4): `repair` salvages or removes those."""
+def is_repairable(path: str) -> bool:
+    """Whether an unlisted file at ``path`` is uncommitted data `repair` salvages or removes:
+    one named as a stage file (NAME-4) or an artifact (NAME-5; COMMIT-8)."""
     try:
-        names.parse_stage_file(path)
+        if path.startswith(names.ARTIFACTS_DIR + "/"):
+            names.validate_artifact_name(path.split("/", 1)[1])
+        else:
+            names.parse_stage_file(path)
     except InvalidInputError:
         return False
     return True
