@@ -993,9 +993,8 @@ class RunWriter:
                             location=self.storage.where(),
                         )
                     self._changes.stage_status[through] = "completed"
-                for name, stage in self._stages.items():
-                    if stage.entry.status == "running" and name not in self._changes.stage_status:
-                        self._changes.stage_status[name] = "completed"
+                for name in self._stages_to_complete(through):
+                    self._changes.stage_status.setdefault(name, "completed")
             self._changes.status = status
             self._changes.error = error
             self._changes.completed_through_stage = through
@@ -1003,6 +1002,15 @@ class RunWriter:
             write_sums(self.storage, manifest)
             self._release()
             return manifest
+
+    def _stages_to_complete(self, through: str | None) -> list[str]:
+        """The running stages this writer took up that finishing as completed marks so
+        (LIFE-5): all of them, or those declared up to ``through`` (LIFE-2)."""
+        order = [s.name for s in self.manifest.stages]
+        order += [name for name in self._changes.stages if name not in order]
+        if through is not None and through in order:
+            order = order[: order.index(through) + 1]
+        return [n for n in order if n in self._stages and self._stages[n].entry.status == "running"]
 
     def fail(self, error: str) -> Manifest:
         return self.finish("failed", error)

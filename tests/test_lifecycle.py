@@ -100,6 +100,27 @@ def test_until_stage_completes_the_run_through_that_stage(store: Store) -> None:
     assert summarize(m, now()).health == "completed"
 
 
+def test_finishing_completes_the_stages_this_writer_took_up_through_the_stage(
+    store: Store,
+) -> None:
+    """LIFE-5: stages declared after the one finished through, and a stage only a dead
+    writer took up, keep their status."""
+    dead = store.create_run("eval", CONFIG, heartbeat_interval=None)
+    write_stage(dead, "prepare", 1)
+    dead.flush()
+    dead.discard()
+    w = store.resume_run(dead.run_id, heartbeat_interval=None)
+    write_stage(w, "generate", 2)
+    w.stage("score")
+    w.stage("judge")
+    m = w.finish(through_stage="score")
+    assert [(s.name, s.status) for s in m.stages] == [
+        ("prepare", "running"), ("generate", "completed"), ("score", "completed"),
+        ("judge", "running"),
+    ]  # fmt: skip
+    assert m.completed_through_stage == "score"
+
+
 def test_resume_keeps_through_stage_until_the_full_run_completes(store: Store) -> None:
     w = store.create_run("eval", CONFIG, heartbeat_interval=None)
     write_stage(w, "generate", 2)
