@@ -34,6 +34,7 @@ from runfmt.run import MAX_RECORD_BYTES
 from runfmt.storage import Storage
 from runfmt.store import Store
 from runfmt.transfer import export_run, import_run
+from tests.conformance.builder import skippable
 
 QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
 RECORDS = [{"id": f"q{i}", "v": i} for i in range(3)]
@@ -671,3 +672,21 @@ def test_repair_lists_salvaged_files_by_writer_then_number(store: Store) -> None
         (run_dir / "stages" / "s" / f"part-{seq:06d}-{writer}.jsonl.zst").write_bytes(data)
     assert repair_run(Storage(str(run_dir))).salvaged_records == 3
     assert [r["id"] for r in store.open_run(w.run_id).records("s")] == ["a1", "a2", "b1"]
+
+
+def test_salvage_keeps_whole_frames_up_to_the_last_data_frame(run_dir: Path) -> None:
+    """COMMIT-8: skippable frames between data frames are kept, one after the last data
+    frame is cut, and an empty data frame counts as a data frame."""
+    f = stage_file(run_dir)
+    committed = f.stat().st_size
+    enc = FrameEncoder()
+    tail = [enc.encode(b'{"id":"q3"}\n'), skippable(b"x"), enc.encode(b'{"id":"q4"}\n'),
+            enc.encode(b""), skippable(b"y")]  # fmt: skip
+    with f.open("ab") as out:
+        out.write(b"".join(tail))
+    (run_dir / "SHA256SUMS").unlink()
+    report = repair_run(Storage(str(run_dir)))
+    assert (report.salvaged_records, report.left) == (2, [])
+    assert f.stat().st_size == committed + sum(map(len, tail[:4]))
+    ids = [r["id"] for r in runfmt.open_run(run_dir).records("score")]
+    assert ids == ["q0", "q1", "q2", "q3", "q4"]
