@@ -181,3 +181,14 @@ def test_records_nest_up_to_254_levels() -> None:
 def test_a_duplicate_member_name_keeps_the_last_value() -> None:
     """REC-3: a reader keeps the last value of a repeated member (or refuses the line)."""
     assert decode_lines(b'{"a":1,"a":2}\n') == [{"a": 2}]
+
+
+def test_json_whitespace_around_a_line_is_read() -> None:
+    """REC-1: RFC 8259 whitespace around the value is allowed (writers write none)."""
+    assert decode_lines(b'{"a":1} \r\n\t{"b":2}\n') == [{"a": 1}, {"b": 2}]
+
+
+def test_an_integer_beyond_a_double_is_refused() -> None:
+    """REC-1: a 400-digit integer is no finite double, exponent or not."""
+    with pytest.raises(StageFileError, match=r"line 1: .*REC-1"):
+        decode_lines(b'{"a":1' + b"0" * 400 + b"}\n")
