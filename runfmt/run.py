@@ -424,7 +424,9 @@ class RunReader:
         path = names.artifact_path(name.removeprefix(names.ARTIFACTS_DIR + "/"))
         entry = next((a for a in self.manifest.artifacts if a.path == path), None)
         if entry is None:
-            known = ", ".join(a.path for a in self.manifest.artifacts) or "none"
+            prefix = names.ARTIFACTS_DIR + "/"
+            known = ", ".join(a.path.removeprefix(prefix) for a in self.manifest.artifacts)
+            known = known or "none"
             raise InvalidInputError(
                 f"run has no artifact {name!r} (artifacts: {known})", location=self.storage.where()
             )

@@ -122,10 +122,10 @@ class Store:
         ``created_at`` (a manifest timestamp) records another creation time than now: that
         of a run imported from elsewhere. A name holds no control character (MAN-10).
         """
-        if isinstance(name, str) and _CONTROL.search(name):
+        if isinstance(name, str) and (_CONTROL.search(name) or (name and not name.strip())):
             raise InvalidInputError(
-                f"run name {name!r} holds a control character (MAN-10)",
-                hint="use spaces instead of tabs and line breaks",
+                f"run name {name!r} holds a control character or only white space (MAN-10)",
+                hint="name the run with visible characters; spaces, not tabs or line breaks",
             )
         return self._create_run(name, config, tags=tags, run_id=run_id, created_at=created_at,
                                 **writer_options)  # fmt: skip

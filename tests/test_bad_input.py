@@ -147,7 +147,9 @@ def test_a_bad_run_id_is_refused_before_anything_is_written(store: Store, run_id
     assert not Path(store.url).exists() or list(Path(store.url).iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["", "x" * 201, "tab\there", "line\nbreak", "bell\x07", "c1\x85"])
+@pytest.mark.parametrize(
+    "name", ["", "x" * 201, "tab\there", "line\nbreak", "bell\x07", "c1\x85", " ", "\u3000 "]
+)
 def test_a_bad_run_name_is_refused(store: Store, name: str) -> None:
     with pytest.raises(InvalidInputError, match="run name"):
         store.create_run(name, **QUIET)

@@ -327,3 +327,51 @@ def test_a_store_that_is_a_file_is_bad_usage(tmp_path: Path, args: list[str]) ->
     assert result.returncode == 2
     assert "afile is a file, not a store folder" in result.stderr
     assert (tmp_path / "afile").read_text() == "hi"
+
+
+def test_messages_name_what_the_user_can_give(
+    one_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The names `cat --artifact` takes, `demo --seed`'s range, a missing `fork --config`."""
+    root, run_id = one_run
+    w = runfmt.Store(root).resume_run(run_id, heartbeat_interval=None)
+    w.add_artifact("summary.json", b"{}")
+    w.finish()
+    code, _, err = run_main(["--store", str(root), "cat", run_id, "--artifact", "nope"],
+                            monkeypatch, capsys)  # fmt: skip
+    assert code == 1
+    assert "(artifacts: summary.json)" in err
+    seed = ["--store", str(root), "demo", "--seed", str(2**53)]
+    code, _, err = run_main(seed, monkeypatch, capsys)
+    assert code == 2
+    assert "--seed" in err
+    code, _, err = run_main(["--store", str(root), "fork", run_id, "s", "--config", "nope.json"],
+                            monkeypatch, capsys)  # fmt: skip
+    assert code == 2
+    assert "nope.json: cannot read the config: No such file or directory" in err
+    assert run_main(["--store", str(root), "ls"], monkeypatch, capsys)[1].count("\n") == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "advice"),
+    [("flip", "restore the damaged files from a copy of the run"),
+     ("stray", "move away or delete the files no revision lists")],
+)  # fmt: skip
+def test_repair_says_what_to_do_about_what_it_leaves(
+    one_run: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+    advice: str,
+) -> None:
+    root, run_id = one_run
+    if damage == "flip":
+        [f] = (root / run_id / "stages" / "s").glob("*.jsonl.zst")
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0x01
+        f.write_bytes(bytes(data))
+    else:
+        (root / run_id / "notes.txt").write_text("mine")
+    code, _, err = run_main(["--store", str(root), "repair", run_id], monkeypatch, capsys)
+    assert code == 1
+    assert f"left after repair ({advice})" in err

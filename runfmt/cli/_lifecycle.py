@@ -214,8 +214,10 @@ def fork(
     if config_file is not None:
         try:
             config = json.loads(config_file.read_text("utf-8"))
-        except (OSError, ValueError) as exc:
-            fail(f"{config_file}: cannot read a JSON config: {exc}", 2)
+        except OSError as exc:
+            fail(f"{config_file}: cannot read the config: {exc.strerror or exc}", 2)
+        except ValueError as exc:
+            fail(f"{config_file}: not a JSON config: {exc}", 2)
         if not isinstance(config, dict):
             fail(f"{config_file}: the config must be a JSON object", 2)
     store = state(ctx).store()

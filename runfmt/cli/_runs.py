@@ -40,7 +40,12 @@ if TYPE_CHECKING:
 @app.command()
 def demo(
     ctx: typer.Context,
-    seed: Annotated[int, typer.Option(help="Seed of the dataset and the simulated model.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            min=0, max=2**53 - 1, help="Seed of the dataset and the simulated model (0 to 2^53-1)."
+        ),
+    ] = 0,
     items: Annotated[
         int, typer.Option(min=1, max=100_000, help="Number of questions to evaluate.")
     ] = 200,
@@ -283,6 +288,16 @@ def _full_location(run: "Storage", location: str) -> str:
     return location if location.startswith(root) else run.where(location)
 
 
+def _by_hand(rule: str) -> str:
+    """What a user can do about a problem `repair` leaves (repair never changes committed
+    bytes, nor touches files it cannot tell are uncommitted data)."""
+    if rule == "LAYOUT-4":
+        return "move away or delete the files no revision lists"
+    if rule == "LAYOUT-5":
+        return "replace each symbolic link with the file it points to"
+    return "restore the damaged files from a copy of the run"
+
+
 REPAIR_LOCK_WAIT = 60.0
 """Seconds `repair` waits for a commit lock another writer holds (as `repair_run`)."""
 
@@ -320,7 +335,8 @@ def repair(
     label = _label(storage)
     if problems:
         _print_verdict(storage, problems, live)
-        fail(f"{label}: {_count(len(problems), 'problem')} left after repair")
+        advice = "; ".join(dict.fromkeys(_by_hand(p.rule) for p in problems))
+        fail(f"{label}: {_count(len(problems), 'problem')} left after repair ({advice})")
     echo(f"ok    {label}: consistent")
 
 
