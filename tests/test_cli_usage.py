@@ -6,6 +6,7 @@ tracebacks are what a user sees."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -375,3 +376,21 @@ def test_repair_says_what_to_do_about_what_it_leaves(
     code, _, err = run_main(["--store", str(root), "repair", run_id], monkeypatch, capsys)
     assert code == 1
     assert f"left after repair ({advice})" in err
+
+
+def test_ctrl_c_says_the_command_was_interrupted(tmp_path: Path) -> None:
+    """Exit 130 with a line on stderr; the demo run it stopped is cancelled and verifies."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "runfmt", "--store", str(runs), "demo", "--items", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(runs.glob("*/_manifests")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "runfmt: interrupted" in err
+    assert "Traceback" not in err
+    [run] = runfmt.Store(runs).run_ids()
+    assert runfmt.Store(runs).open_run(run).manifest.status == "cancelled"

@@ -389,10 +389,9 @@ def _run() -> None:
     try:
         code = _app_for(sys.argv[1:])(standalone_mode=False)
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        sys.stderr.write("runfmt: aborted\n")
-        sys.exit(130)
+        code = _INTERRUPTED
     except RunfmtError as exc:
         from runfmt.errors import LockTimeoutError
 
@@ -411,7 +410,13 @@ def _run() -> None:
             show()
             sys.exit(exit_code)
         raise
+    if code == _INTERRUPTED:  # typer turns Ctrl-C into this exit code, silently
+        sys.stderr.write("runfmt: interrupted\n")
     sys.exit(code if isinstance(code, int) else 0)
+
+
+_INTERRUPTED = 130
+"""The exit code of a command stopped by Ctrl-C (128 + SIGINT)."""
 
 
 _ROOT_VALUE_OPTIONS = frozenset({"--store", "-s", "--storage-option", "-o"})
