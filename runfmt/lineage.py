@@ -34,6 +34,8 @@ class LineageNode:
     """Why this reference could not be followed (dangling, cycle, malformed parents)."""
     repeated: bool = False
     """Reached before along another path; its parents are listed there only."""
+    cut: bool = False
+    """Not followed: deeper than the walk's ``max_depth`` (no problem)."""
 
     def walk(self) -> Iterator[LineageNode]:
         """This node and every node below it, depth first."""
@@ -55,6 +57,7 @@ class LineageNode:
             doc["media_type"] = self.artifact.media_type
         doc["problem"] = self.problem
         doc["repeated"] = self.repeated
+        doc["cut"] = self.cut
         doc["parents"] = [p.to_json() for p in self.parents]
         return doc
 
@@ -87,7 +90,7 @@ class _Walker:
             cycle = " -> ".join(str(p) for p in (*path[path.index(ref) :], ref))
             return LineageNode(ref, problem=f"cycle: {cycle}")
         if len(path) >= self.max_depth:
-            return LineageNode(ref, problem=f"deeper than {self.max_depth} levels; not followed")
+            return LineageNode(ref, cut=True)
         node, raw = self._resolve(ref)
         if node.problem is not None:
             return node

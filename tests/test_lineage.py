@@ -83,7 +83,10 @@ def test_artifact_lineage(store: Store, run_id: str) -> None:
 
 def test_max_depth_stops_the_walk(store: Store, run_id: str) -> None:
     root = lineage(store.open_run(run_id), "score", "a", max_depth=1)
-    assert root.parents[0].problem == "deeper than 1 levels; not followed"
+    cut = root.parents[0]
+    assert (cut.cut, cut.problem, cut.parents) == (True, None, [])
+    assert root.problems() == []
+    assert root.to_json()["parents"][0]["cut"] is True
 
 
 def test_unknown_root_is_an_error(store: Store, run_id: str) -> None:

@@ -138,13 +138,12 @@ def lineage(
 
     reader = state(ctx).store(read_only=True).open_run(run)
     root = walk(reader, stage, key, max_depth=max_depth)
-    cut_note = _cut_note(max_depth)
     if json_:
-        print_json(_lineage_json(root, root.to_json(), cut_note))
+        print_json(root.to_json())
     else:
         _print_tree(root, 0, max_depth)
-    cut = [n for n in root.walk() if n.problem == cut_note]
-    problems = [f"{n.ref}: {n.problem}" for n in root.walk() if n.problem not in (None, cut_note)]
+    cut = [n for n in root.walk() if n.cut]
+    problems = root.problems()
     if cut:
         branches = "1 branch" if len(cut) == 1 else f"{len(cut)} branches"
         sys.stderr.write(
@@ -155,26 +154,9 @@ def lineage(
         fail(f"{len(problems)} lineage problem(s): " + "; ".join(problems))
 
 
-def _cut_note(max_depth: int) -> str:
-    """The `problem` the library gives a node it did not follow for ``max_depth``."""
-    return f"deeper than {max_depth} levels; not followed"
-
-
-def _lineage_json(node: "LineageNode", doc: dict[str, Any], cut_note: str) -> dict[str, Any]:
-    """``node.to_json()`` with ``cut`` on every node: true, and no ``problem``, where the
-    walk stopped at --max-depth."""
-    cut = node.problem == cut_note
-    doc["cut"] = cut
-    if cut:
-        doc["problem"] = None
-    for parent, parent_doc in zip(node.parents, doc["parents"], strict=True):
-        _lineage_json(parent, parent_doc, cut_note)
-    return doc
-
-
 def _print_tree(node: "LineageNode", depth: int, max_depth: int) -> None:
     note = ""
-    if node.problem == _cut_note(max_depth):
+    if node.cut:
         note = f"  ... (not followed: deeper than --max-depth {max_depth})"
     elif node.problem:
         note = f"  !! {node.problem}"
