@@ -202,9 +202,9 @@ def no_runs(ctx: typer.Context, url: str, *, filtered: bool) -> str:
 def require_store(ctx: typer.Context) -> None:
     """Fail (exit 1) when the store's folder or bucket does not exist: a command that checks
     or changes the store must not pass on a mistyped ``--store`` as on an empty store."""
-    url = state(ctx).url
-    missing = _missing(ctx, url)
+    missing = store_missing(ctx)
     if missing:
+        url = state(ctx).url
         shown = url if "://" in url else os.path.abspath(url)
         fail(f"{shown}: no such {missing} (check --store or RUNFMT_STORE)")
 

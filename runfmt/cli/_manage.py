@@ -347,33 +347,31 @@ GC_LOCK_WAIT = 5.0
 def _delete(
     store: "Store", plan: "GcPlan", active: "timedelta"
 ) -> tuple[list[str], list[dict[str, str]]]:
-    """`delete_planned`, after waiting (and saying so) for each run's commit lock another
-    writer holds; a run whose lock stays held is skipped with a reason a CLI user can act on."""
+    """`delete_planned`, one run at a time under its commit lock, taken here so that a wait
+    for another writer is said (the library takes the held lock again at once); a run
+    whose lock stays held is skipped with a reason a CLI user can act on."""
     import dataclasses
 
     from runfmt.errors import LockTimeoutError, RunfmtError
     from runfmt.format.names import validate_run_id
     from runfmt.gc import delete_planned
 
-    free = []
+    deleted: list[str] = []
     skipped: list[dict[str, str]] = []
     for entry in plan.delete:
         run = store.storage.child(validate_run_id(entry.run_id))
         try:
             with held_commit_lock(run, GC_LOCK_WAIT, entry.run_id):
-                pass
+                done, refused = delete_planned(
+                    store, dataclasses.replace(plan, delete=[entry]), active_within=active
+                )
         except RunfmtError as exc:
             reason = cli_lock_error(exc) if isinstance(exc, LockTimeoutError) else exc
             skipped.append({"run_id": entry.run_id, "reason": str(reason)})
             continue
-        free.append(entry)
-    deleted, refused = delete_planned(
-        store,
-        dataclasses.replace(plan, delete=free),
-        active_within=active,
-        lock_timeout=GC_LOCK_WAIT,
-    )
-    return deleted, skipped + refused
+        deleted += done
+        skipped += refused
+    return deleted, skipped
 
 
 def _print_plan(

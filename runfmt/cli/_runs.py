@@ -25,6 +25,7 @@ from runfmt.cli import (
     output_closed,
     print_json,
     printable,
+    require_store,
     state,
     store_missing,
     table,
@@ -186,7 +187,7 @@ def verify(
     if missing_store:
         unchecked.append(_unchecked_json(None, store.url, f"no such {missing_store}"))
         if not json_:
-            fail(f"{store.url}: no such {missing_store} (check --store or RUNFMT_STORE)")
+            require_store(ctx)
     for arg in runs:
         try:
             check(store.locate(arg))
@@ -216,7 +217,7 @@ def verify(
         total = sum(len(problems) for _, problems in bad)
         fail(f"{_count(total, 'problem')} in {len(bad)} of {_count(len(found), 'run')}")
     if missing_store:
-        fail(f"{store.url}: no such {missing_store} (check --store or RUNFMT_STORE)")
+        require_store(ctx)
     if unchecked and len(runs) == 1:
         raise typer.Exit(1)  # its error is said above
     if unchecked:
