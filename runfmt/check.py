@@ -145,15 +145,14 @@ def _uncommitted_of(problem: Problem, writers: frozenset[str]) -> bool:
     return parsed.writer in writers
 
 
-def _salvage_order(item: tuple[str, int]) -> tuple[str, str, int, str]:
+def _salvage_order(item: tuple[str, int]) -> tuple[str, str, int]:
     """Stage files by stage, writer and number (``part-1000000`` after ``part-999999``), so
     that repair lists each writer's files in the order they were written (COMMIT-8)."""
-    path = item[0]
     try:
-        stage, parsed = names.parse_stage_file(path)
+        stage, parsed = names.parse_stage_file(item[0])
     except InvalidInputError:
-        return path, "", 0, ""
-    return f"{names.STAGES_DIR}/{stage}", parsed.writer, parsed.seq, ""
+        return item[0], "", 0
+    return stage, parsed.writer, parsed.seq
 
 
 def _older_revision_problems(run: Storage, newest: int) -> list[Problem]:
