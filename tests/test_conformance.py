@@ -23,7 +23,8 @@ import pytest
 from runfmt import errors
 from runfmt.check import repair_run, verify_run
 from runfmt.conformance import check_run, normalized_view
-from runfmt.format.frames import FrameEncoder
+from runfmt.format.frames import FrameDecoder, FrameEncoder
+from runfmt.format.manifest import FORMAT_VERSION
 from runfmt.run import WRITER, RunReader, RunWriter, load_manifest, revisions
 from runfmt.storage import Storage
 from runfmt.store import Store
@@ -528,3 +529,21 @@ def test_object_store_writes_each_flush_as_a_new_object(
     local = tmp_path / "s3-run"
     storage.fs.get(storage.root + "/", str(local), recursive=True)
     assert check_run(Storage(str(local))) == (view, [])
+
+
+def test_a_commit_keeps_the_later_minor_version_of_its_base(tmp_path: Path) -> None:
+    """COMMIT-5, VER-1: a 1.0 writer committing onto a 1.9 run keeps 1.9; its own stage
+    file's header names the version it followed."""
+    run = suite._copy(next(c for c in CASES if c.name == "valid/newer-minor-version"), tmp_path)
+    w = Store(tmp_path / "store").resume_run(run, flush_interval=None)
+    w.append("generate", {"key": "k1:new"})
+    w.close()
+    doc = json.loads((run / "manifest.json").read_text())
+    assert doc["format_version"] == "1.9"
+    new_file = doc["stages"][0]["files"][-1]["path"]
+    assert w.writer_id in new_file
+    decoder = FrameDecoder()
+    decoder.feed((run / new_file).read_bytes())
+    assert decoder.header is not None
+    assert decoder.header["format_version"] == FORMAT_VERSION
+    assert verify_run(Storage(str(run))) == []

@@ -26,6 +26,7 @@ from runfmt.format.manifest import (
     check_compatible,
     decode_manifest,
     encode_manifest,
+    later_version,
     to_json,
 )
 
@@ -173,6 +174,17 @@ def test_any_minor_of_the_same_major_is_read(version: str) -> None:
     assert decode_manifest(json.dumps(doc(format_version=version)).encode()).format_version == (
         version
     )
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "later"), [("1.0", "1.9", "1.9"), ("1.10", "1.9", "1.10"), ("1.0", "1.0", "1.0")]
+)
+def test_a_commit_keeps_the_later_minor_version(a: str, b: str, later: str) -> None:
+    """COMMIT-5: versions compare as numbers, never as text."""
+    assert later_version(a, b) == later_version(b, a) == later
+    base = decode_manifest(json.dumps(doc(format_version=a)).encode())
+    new = apply_changes(base, ChangeSet(), base.revision + 1, TS, WRITER)
+    assert new.format_version == later_version(a, FORMAT_VERSION)
 
 
 def test_major_zero_is_no_version() -> None:

@@ -296,6 +296,11 @@ def check_compatible(version: object, features: object) -> None:
             )
 
 
+def later_version(a: str, b: str) -> str:
+    """The later of two valid format versions of the same MAJOR (COMMIT-5)."""
+    return max(a, b, key=lambda v: tuple(map(int, v.split("."))))
+
+
 def manifest_problems(doc: Any) -> list[str]:
     """Every schema violation and cross-field rule broken by a manifest document."""
     problems = schema_errors("manifest", doc)
@@ -569,6 +574,7 @@ def apply_changes(
         completed_through_stage=(
             changes.completed_through_stage if changes.status else base.completed_through_stage
         ),
+        format_version=later_version(base.format_version, FORMAT_VERSION),
         writer=writer,
         heartbeat_at=now if changes.heartbeat else base.heartbeat_at,
         finished_at=None if status == "running" else finished,
