@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from runfmt._local import NotAFileError
 from runfmt.errors import (
+    ConflictError,
     FormatError,
     InvalidInputError,
     RunfmtError,
@@ -26,7 +27,9 @@ from runfmt.format.manifest import (
     FileEntry,
     Manifest,
     StageEntry,
+    apply_changes,
     decode_manifest,
+    encode_manifest,
     parse_timestamp,
 )
 from runfmt.format.records import decode_lines, is_failure
@@ -41,10 +44,13 @@ from runfmt.format.validate import (
 )
 from runfmt.locking import commit_lock, live_writers, writer_alive
 from runfmt.run import (
+    WRITER,
     commit_locked,
+    create_revision,
     guess_media_type,
     load_manifest,
     load_revision,
+    now_utc,
     revisions,
     sums_of,
     write_manifest_copy,
@@ -116,7 +122,89 @@ def _problems(
             problems.append(Problem(art.path, "length or sha256 does not match", "CHECK-1"))
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
-    return [p for p in problems if not _uncommitted_of(p, live)]
+    problems = [p for p in problems if not _uncommitted_of(p, live)]
+    short = _cut_short(manifest, files)
+    if short and not live and all(p.repairable or p.location in short for p in problems):
+        whole = _whole_revision(run, manifest, files, links, short)
+        if whole is not None:
+            went_back = (
+                f"`repair --rollback` goes back to revision {whole.revision}, the "
+                "newest the folder holds whole, if this is a copy taken while the "
+                "run was written (COMMIT-13)"
+            )
+            problems = [replace(p, problem=f"{p.problem}; {went_back}") if p.location in short
+                        else p for p in problems]  # fmt: skip
+    return problems
+
+
+def _cut_short(manifest: Manifest, files: Mapping[str, int]) -> set[str]:
+    """The listed files missing or shorter than listed (COMMIT-13)."""
+    return {path for path, (size, _) in manifest.listed_files().items()
+            if files.get(path, -1) < size}  # fmt: skip
+
+
+def _holds(
+    run: Storage, files: Mapping[str, int], links: frozenset[str], path: str, entry: tuple[int, str]
+) -> bool:
+    """Whether the folder holds a listed file's bytes: all of an artifact, the listed
+    prefix of a stage file."""
+    size, sha256 = entry
+    have = files.get(path, -1)
+    if path in links or have < size or (have > size and path.startswith(names.ARTIFACTS_DIR)):
+        return False
+    return run.prefix_sha256(path, size) == sha256
+
+
+def _whole_revision(
+    run: Storage,
+    newest: Manifest,
+    files: Mapping[str, int],
+    links: frozenset[str],
+    short: set[str],
+) -> Manifest | None:
+    """The newest kept older revision whose listed files the folder holds, where the
+    newest revision lists files missing or cut short (``short``): what `repair` goes back
+    to (COMMIT-13)."""
+    listed_by_newest = newest.listed_files()
+    for revision in reversed(revisions(run)):
+        if revision >= newest.revision:
+            continue
+        try:
+            older = load_manifest(run, revision)
+        except RunfmtError:
+            continue
+        if all(_holds(run, files, links, path, entry)
+               for path, entry in older.listed_files().items()
+               if path in short or path not in listed_by_newest):  # fmt: skip
+            return older
+    return None
+
+
+def _going_back(run: Storage, newest: Manifest, files: Mapping[str, int]) -> Manifest | None:
+    """The revision `repair_run` goes back to: when the newest lists files missing or cut
+    short, the rest of what it lists is whole and no writer is alive (COMMIT-13)."""
+    short = _cut_short(newest, files)
+    if not short or live_writers(run):
+        return None
+    links = frozenset(run.symlinks())
+    listed = newest.listed_files()
+    if not all(_holds(run, files, links, p, listed[p]) for p in listed.keys() - short):
+        return None
+    return _whole_revision(run, newest, files, links, short)
+
+
+def _go_back(run: Storage, newest: Manifest, whole: Manifest, report: RepairReport) -> Manifest:
+    """Commit ``whole``'s members again as the revision after ``newest`` (COMMIT-13)."""
+    new = apply_changes(whole, ChangeSet(), newest.revision + 1, now_utc(), WRITER)
+    if not create_revision(run, new.revision, encode_manifest(new)):
+        raise ConflictError("another process committed to the run while it was repaired",
+                            location=run.where(), hint="run `runfmt repair` again")  # fmt: skip
+    report.actions.append(
+        f"went back to revision {whole.revision}, the newest the folder holds whole (revision "
+        f"{newest.revision} lists files missing or cut short, as a copy taken while the run "
+        f"was written holds them): committed as revision {new.revision}"
+    )
+    return new
 
 
 def being_written_by(run: Storage) -> list[str]:
@@ -232,24 +320,35 @@ class RepairReport:
     actions: list[str] = field(default_factory=list)
     salvaged_records: int = 0
     left: list[Problem] = field(default_factory=list)
+    rollback_to: int | None = None
+    """The revision ``rollback=True`` would go back to (COMMIT-13), when it was not given."""
 
 
-def repair_run(run: Storage, *, salvage: bool = True, artifacts: bool = True) -> RepairReport:
+def repair_run(
+    run: Storage, *, salvage: bool = True, artifacts: bool = True, rollback: bool = False
+) -> RepairReport:
     """Bring a crashed run back to a consistent state without losing a committed record.
 
     Bytes written after the last commit by writers that are gone are salvaged
     when they form complete, valid frames (``salvage=True``) and are otherwise
     cut off; files of live writers are left alone (COMMIT-8). Artifacts no revision
     lists are listed or deleted alike, unless ``artifacts=False`` (a resume, whose
-    writer may store them again, ART-1).
+    writer may store them again, ART-1). ``rollback`` takes a copy made while the run
+    was written back to the newest revision its files hold whole (COMMIT-13); without
+    it, the report names that revision (``rollback_to``).
     """
     if not revisions(run):
         load_manifest(run)  # raises: not a run, or one copied without _manifests/ (LAYOUT-2)
     report = RepairReport()
     with commit_lock(run, timeout=60.0):
         manifest = _newest_readable(run, report)
-        changes = ChangeSet()
         files = run.walk()
+        whole = _going_back(run, manifest, files)
+        if whole is not None and rollback:
+            manifest = _go_back(run, manifest, whole, report)
+        elif whole is not None:
+            report.rollback_to = whole.revision
+        changes = ChangeSet()
         links = run.symlinks()
         listed = {f.path: (f, s) for s in manifest.stages for f in s.files}
         for path, size in sorted(files.items(), key=_salvage_order):

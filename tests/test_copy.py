@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ from typing import Any
 import pytest
 
 import runfmt
-from runfmt.check import verify_run
+from runfmt.check import repair_run, verify_run
+from runfmt.run import load_manifest, revisions
 from runfmt.storage import Storage
 from runfmt.store import Store
 
@@ -87,3 +90,123 @@ def test_a_copy_without_manifest_history_is_a_clear_error(source_run: Path, tmp_
     with pytest.raises(runfmt.ManifestError, match="LAYOUT-2") as info:
         runfmt.open_run(dst)
     assert "copy it whole" in info.value.hint
+
+
+def _copy_stages_then_manifests(src: Path, dst: Path, between: Callable[[], object]) -> None:
+    """A copy that took ``stages/`` and ``artifacts/`` before the run wrote more, and
+    ``_manifests/`` after: its newest revision lists more than its files hold. `cp` goes on
+    past files a live writer deletes meanwhile (temporary files, pruned revisions)."""
+    dst.mkdir()
+    for part in ("stages", "artifacts"):
+        if (src / part).exists():
+            subprocess.run(["cp", "-r", str(src / part), str(dst / part)], check=False)
+    between()
+    for part in ("_manifests", "manifest.json"):
+        subprocess.run(["cp", "-r", str(src / part), str(dst / part)], check=False)
+
+
+def _keys(run: Path, stage: str) -> list[str]:
+    return [r["id"] for r in runfmt.open_run(run).records(stage)]
+
+
+def test_a_copy_taken_while_the_run_was_written_goes_back_to_a_whole_revision(
+    store: Store, tmp_path: Path
+) -> None:
+    """COMMIT-13: files cut short or missing, the rest whole, no writer alive: repair
+    asked to roll back commits the newest revision the files hold whole again, then
+    salvages whole frames; without the option it changes nothing and names it."""
+    w = store.create_run("live", **QUIET)
+    w.extend("score", RECORDS)
+    w.flush()
+    src, dst = Path(store.url) / w.run_id, tmp_path / "copy"
+
+    def write_more() -> None:
+        w.extend("score", [{"id": f"late{i}", "score": 0} for i in range(60)])
+        w.extend("judge", [{"id": "j1"}])
+        w.add_artifact("late.txt", b"late")
+        w.flush()
+
+    _copy_stages_then_manifests(src, dst, write_more)
+    w.finish()
+    copy = Storage(str(dst))
+    counts = {r: sum(s.records for s in load_manifest(copy, r).stages) for r in revisions(copy)}
+    whole = max(r for r, n in counts.items() if n == len(RECORDS))
+    newest = max(counts)
+
+    problems = verify_run(Storage(str(dst)))
+    assert {p.location.split("/")[0] for p in problems} == {"stages", "artifacts"}
+    assert all(not p.repairable and f"goes back to revision {whole}" in p.problem
+               for p in problems)  # fmt: skip
+    plain = subprocess.run(["runfmt", "repair", str(dst)], check=False, capture_output=True,
+                           text=True)  # fmt: skip
+    assert plain.returncode == 1
+    assert f"`runfmt repair --rollback` goes back to revision {whole}" in plain.stderr
+    assert max(revisions(copy)) == newest
+    done = subprocess.run(["runfmt", "repair", "--rollback", str(dst)], check=False,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"went back to revision {whole}" in done.stdout
+    assert verify_run(Storage(str(dst))) == []
+    manifest = load_manifest(Storage(str(dst)))
+    assert manifest.revision == newest + 1
+    assert manifest.status == "running"
+    assert manifest.artifacts == ()
+    assert _keys(dst, "score") == [r["id"] for r in RECORDS]
+    assert _keys(src, "score")[: len(RECORDS)] == [r["id"] for r in RECORDS]
+
+
+def test_a_damaged_file_keeps_repair_from_going_back(store: Store, tmp_path: Path) -> None:
+    """COMMIT-13 is for files cut short only: a listed file whose bytes were changed is
+    damage, and repair then changes nothing (it would cut that file's later frames)."""
+    w = store.create_run("live", **QUIET)
+    w.extend("other", RECORDS)
+    w.extend("score", RECORDS)
+    w.flush()
+    src, dst = Path(store.url) / w.run_id, tmp_path / "copy"
+    _copy_stages_then_manifests(src, dst, lambda: (w.extend("score", RECORDS), w.flush()))
+    w.close()
+    other = next((dst / "stages" / "other").iterdir())
+    data = bytearray(other.read_bytes())
+    data[-5] ^= 1
+    other.write_bytes(bytes(data))
+
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in dst.rglob("[!.]*") if p.is_file()}
+
+    before = files()
+    problems = verify_run(Storage(str(dst)))
+    assert any(p.rule == "CHECK-1" for p in problems)
+    assert not any(p.repairable for p in problems if p.rule == "CHECK-1")
+    report = repair_run(Storage(str(dst)), rollback=True)
+    assert {p.rule for p in report.left} == {"CHECK-1"}
+    assert report.rollback_to is None
+    changed = {path for path, data in files().items() if before.get(path) != data}
+    assert changed <= {dst / "manifest.json"}
+
+
+def test_copies_of_a_run_being_written_all_repair_with_no_record_lost(tmp_path: Path) -> None:
+    """A real writer process; each copy takes stages/ before _manifests/ (the order that
+    cuts files short) while it commits every 20 records."""
+    script = (
+        "import sys, time, runfmt\n"
+        "w = runfmt.Store(sys.argv[1]).create_run('live', flush_every=20, flush_interval=None)\n"
+        "for i in range(10**9):\n"
+        "    w.append('gen', {'id': f'{i:09d}', 'text': 'x' * 100})\n"
+        "    if i % 20 == 0: time.sleep(0.002)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "runs")])
+    try:
+        while not list((tmp_path / "runs").glob("*/_manifests/00000002.json")):
+            time.sleep(0.05)
+        (src,) = (tmp_path / "runs").iterdir()
+        for n in range(5):
+            dst = tmp_path / f"copy{n}"
+            _copy_stages_then_manifests(src, dst, lambda: time.sleep(0.05))
+            report = repair_run(Storage(str(dst)), rollback=True)
+            assert report.left == []
+            assert verify_run(Storage(str(dst))) == []
+            keys = _keys(dst, "gen")
+            assert keys == [f"{i:09d}" for i in range(len(keys))]
+    finally:
+        writer.kill()
+        writer.wait()

@@ -315,6 +315,14 @@ def repair(
             "complete frames.",
         ),
     ] = False,
+    rollback: Annotated[
+        bool,
+        typer.Option(
+            "--rollback",
+            help="For a copy made while the run was written (listed files missing or cut "
+            "short, the rest whole): go back to the newest revision its files hold whole.",
+        ),
+    ] = False,
 ) -> None:
     """Bring a crashed run back to a consistent state; exit 0 when it then verifies."""
     from runfmt.check import being_written_by, repair_run, verify_run
@@ -324,7 +332,7 @@ def repair(
     if not revisions(storage):
         load_manifest(storage)  # raises for a folder that holds no run, before it is locked
     with held_commit_lock(storage, REPAIR_LOCK_WAIT, _label(storage)):
-        report = repair_run(storage, salvage=not drop)
+        report = repair_run(storage, salvage=not drop, rollback=rollback)
     for action in report.actions:
         echo(action)
     for p in report.left:
@@ -337,6 +345,10 @@ def repair(
     if problems:
         _print_verdict(storage, problems, live)
         advice = "; ".join(dict.fromkeys(_by_hand(p.rule) for p in problems))
+        if report.rollback_to is not None:
+            advice = (f"if it is a copy taken while the run was written, copy it again, or "
+                      f"`runfmt repair --rollback` goes back to revision {report.rollback_to}; "
+                      f"else {advice}")  # fmt: skip
         fail(f"{label}: {_count(len(problems), 'problem')} left after repair ({advice})")
     echo(f"ok    {label}: consistent")
 

@@ -706,4 +706,24 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     ).encode()
     c.revisions = {2: prev_bytes, 3: b'{"format": "runfmt", "revis'}
     c.manifest_json = prev_bytes
+    c = add(
+        running(
+            "invalid",
+            "copy-cut-short",
+            "A copy taken while the run was written: the newest revision lists a second frame "
+            "that the file holds only part of. Only repair asked to roll back goes back to "
+            "the previous revision, which the file holds whole.",
+            ["COMMIT-13", "CHECK-1"],
+        ),
+        "ChecksumMismatchError",
+    )
+    path = c.doc["stages"][0]["files"][0]["path"]
+    prev = copy.deepcopy(c.doc) | {"revision": c.doc["revision"] - 1}
+    prev_bytes = (
+        json.dumps(prev | {"config_hash": compute_key(prev["config"])}, indent=2) + "\n"
+    ).encode()
+    full = c.files[path] + data_frame([GEN[2]])
+    c.entry(path).update(bytes=len(full), records=3, sha256=sha256_of(full))
+    c.files[path] = full[:-6]
+    c.revisions = {prev["revision"]: prev_bytes, c.doc["revision"]: c.manifest_bytes()}
     return out
