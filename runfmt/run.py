@@ -935,7 +935,7 @@ class RunWriter:
                 try:
                     self.manifest = commit_locked(self.storage, self._changes, self.manifest)
                 except ConflictError:
-                    self._stop_if_replaced()
+                    self._stop_if_refused()
                     raise
                 self._changes = ChangeSet()
             return self.manifest
@@ -962,7 +962,7 @@ class RunWriter:
                 except RunNotFoundError:
                     return
                 except ConflictError:
-                    if self._stop_if_replaced() or load_manifest(self.storage).finished:
+                    if self._stop_if_refused():
                         return
                 except (RunfmtError, OSError):
                     continue
@@ -1040,20 +1040,27 @@ class RunWriter:
         """
         self._release()
 
-    def _stop_if_replaced(self) -> bool:
+    def _stop_if_refused(self) -> bool:
         """After a refused commit: when the run now is another run with this id (a rerun,
-        COMMIT-4), delete the stage files this writer wrote for it, which that run does not
-        list (their names hold this writer's id), and close. Whether it was replaced."""
+        COMMIT-4) or was finished (COMMIT-11), the commit is dropped for good. Undo the
+        stage writes made for it, which no revision lists (a later repair would salvage
+        them), and close. Whether it was so."""
         try:
-            replaced = load_manifest(self.storage).created_at != self.manifest.created_at
+            current = load_manifest(self.storage)
         except (RunfmtError, OSError):
             return False
-        if replaced:
-            for path in self._changes.files:
-                with contextlib.suppress(RunfmtError, OSError):
+        replaced = current.created_at != self.manifest.created_at
+        if not (replaced or current.finished):
+            return False
+        committed = {} if replaced else self.manifest.listed_paths()
+        for path in self._changes.files:
+            with contextlib.suppress(RunfmtError, OSError):
+                if committed.get(path) and self.storage.is_local:
+                    self.storage.truncate(path, committed[path])
+                elif not committed.get(path):
                     self.storage.delete(path)
-            self._release()
-        return replaced
+        self._release()
+        return True
 
     def _release(self) -> None:
         with self._mutex:

@@ -35,10 +35,11 @@ EXCLUSIVE_PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a"})
 """Backends whose create-only write has exactly one winner (COMMIT-2); others need single-writer."""
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _REDACTED = "<redacted>"
-_URL_PASSWORD = re.compile(r"(://[^/@\s:]*:)[^/@\s]*@")
-"""The password of a URL's ``user:password@`` (group 1 keeps what precedes it)."""
+_URL_PASSWORD = re.compile(r"(://[^/@\s:]*:)([^/@\s]*)@")
+"""The password (group 2) of a URL's ``user:password@`` (group 1 keeps what precedes it)."""
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _VERSION_KEYS = ("ETag", "generation", "LastModified", "mtime", "updated", "created")
 """Members of an fsspec listing entry that change whenever an object is written again."""
 
@@ -64,12 +65,15 @@ def _option_values(value: Any) -> Iterator[str]:
             yield from _option_values(item)
 
 
-def _secrets(options: dict[str, Any]) -> tuple[str, ...]:
-    """Strings that must never be shown: option values, credentials and fsspec config from env."""
+def _secrets(options: dict[str, Any], url: str) -> tuple[str, ...]:
+    """Strings that must never be shown: option values, credentials and fsspec config from
+    env, and the URL's password (a backend may quote it without its ``://``)."""
     found = set(_option_values(options))
     found.update(os.environ[k] for k in _SECRET_ENV if os.environ.get(k))
     found.update(v for k, v in os.environ.items() if k.startswith(("FSSPEC_", "AWS_ENDPOINT")))
-    return tuple(sorted((v for v in found if len(v) >= 8), key=len, reverse=True))
+    found = {v for v in found if len(v) >= 8}
+    found.update(m.group(2) for m in _URL_PASSWORD.finditer(url) if len(m.group(2)) >= 3)
+    return tuple(sorted(found, key=len, reverse=True))
 
 
 def _redact(text: str, secrets: tuple[str, ...]) -> str:
@@ -101,12 +105,18 @@ def _translate(where: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
         raise
     except FileExistsError:
         raise
-    except (AssertionError, AttributeError, NameError):
-        raise
+    except (AssertionError, AttributeError, NameError) as exc:
+        if isinstance(exc, AssertionError) or _raised_here(exc):
+            raise
+        text = _describe(exc, where)
+        message = _redact(text, secrets)
+        raise StorageError(message, location=where, hint=_OPTIONS_HINT) from (
+            exc if message == text else None
+        )
     except Exception as exc:
         text = _describe(exc, where)
         message = _redact(text, secrets)
-        hint = ""
+        hint = _OPTIONS_HINT if isinstance(exc, TypeError) else ""
         if isinstance(exc, ImportError):
             hint = (
                 "install the backend: pip install 'runfmt[s3]'"
@@ -116,6 +126,20 @@ def _translate(where: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
         raise StorageError(message, location=where, hint=hint) from (
             exc if message == text else None
         )
+
+
+_OPTIONS_HINT = (
+    "the backend may not take a storage option (-o, storage_options) of that name or type"
+)
+
+
+def _raised_here(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in runfmt's own code (a bug to show whole), not in a
+    backend (which raises such errors for storage options of the wrong type)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
 
 
 def _describe(exc: Exception, where: str) -> str:
@@ -145,19 +169,24 @@ class Storage:
         single_writer: bool = False,
     ) -> None:
         options = as_dict("storage_options", storage_options)
-        self._secrets = _secrets(options)
+        self._secrets = _secrets(options, str(url))
         with _translate(_redact(str(url), self._secrets), self._secrets):
             fs, root = url_to_fs(str(url), **options)
         self.fs: fsspec.AbstractFileSystem = fs
         self.protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         self.is_local = self.protocol in ("file", "local")
-        self.root: str = os.path.abspath(root) if self.is_local else str(root).rstrip("/")
+        self._set_root(os.path.abspath(root) if self.is_local else str(root).rstrip("/"))
         self.read_only = read_only
         self.single_writer = single_writer
-        self.url = self.root if self.is_local else f"{self.protocol}://{self.root}"
+
+    def _set_root(self, root: str) -> None:
+        """Root at ``root``, a backend path: its URL, and the URL shown in messages."""
+        self.root = root
+        self.url = root if self.is_local or "://" in root else f"{self.protocol}://{root}"
+        self._shown = _redact(self.url, self._secrets)
 
     def __repr__(self) -> str:
-        return f"Storage({self.url!r})"
+        return f"Storage({self._shown!r})"
 
     @property
     def endpoint(self) -> str:
@@ -179,9 +208,8 @@ class Storage:
         new = object.__new__(Storage)
         new.fs, new.protocol, new.is_local = self.fs, self.protocol, self.is_local
         new._secrets, new.single_writer = self._secrets, self.single_writer
-        new.root = self.path(rel)
+        new._set_root(self.path(rel))
         new.read_only = self.read_only if read_only is None else read_only
-        new.url = new.root if self.is_local else f"{self.protocol}://{new.root}"
         return new
 
     def at(self, url: str, *, read_only: bool | None = None) -> Storage:
@@ -193,8 +221,7 @@ class Storage:
         if scheme not in protocols or self.is_local:
             return Storage(url, None, read_only=ro, single_writer=self.single_writer)
         new = self.child("", read_only=ro)
-        new.root = str(self.fs._strip_protocol(url)).rstrip("/")
-        new.url = f"{self.protocol}://{new.root}"
+        new._set_root(str(self.fs._strip_protocol(url)).rstrip("/"))
         return new
 
     def _io(self, rel: str) -> contextlib.AbstractContextManager[None]:
@@ -210,7 +237,9 @@ class Storage:
 
     def where(self, rel: str = "") -> str:
         """A location for messages: the local path or URL of ``rel``."""
-        return self.path(rel) if self.is_local else f"{self.protocol}://{self.path(rel)}"
+        if self.is_local:
+            return self.path(rel)
+        return f"{self._shown}/{rel}" if rel else self._shown
 
     def _writable(self, rel: str) -> None:
         if self.read_only:

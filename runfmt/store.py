@@ -98,7 +98,7 @@ class Store:
         self.read_only = read_only
 
     def __repr__(self) -> str:
-        return f"Store({self.storage.url!r})"
+        return f"Store({self.storage.where()!r})"
 
     @property
     def url(self) -> str:

@@ -16,6 +16,7 @@ import pytest
 
 from runfmt.errors import InvalidInputError, RunNotFoundError, StorageError
 from runfmt.store import Store
+from tests.test_cli import run_main
 
 QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
 
@@ -154,11 +155,42 @@ def test_a_store_that_is_a_file_is_refused(tmp_path: Path) -> None:
         Store(tmp_path / "afile")
 
 
-def test_a_password_in_a_store_url_is_never_shown() -> None:
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://user:hunter2@127.0.0.1:1/runs",
+        "http://user:hunter2@127.0.0.1:1/runs",  # the backend's root holds the scheme
+        "s3://AKIAX:hunter2@bkt/runs",  # boto quotes the bucket name without its "://"
+    ],
+)
+def test_a_password_in_a_store_url_is_never_shown(url: str) -> None:
     with pytest.raises(StorageError) as e:
-        Store("ftp://user:hunter2@127.0.0.1:1/runs").run_ids()
-    assert "hunter2" not in str(e.value)
-    assert "user:<redacted>@" in str(e.value)
+        Store(url, {"endpoint_url": "http://127.0.0.1:1"} if url[:2] == "s3" else None).run_ids()
+    assert "hunter2" not in f"{e.value} {e.value.location}"
+    assert ":<redacted>@" in str(e.value)
+    assert "://" not in str(e.value).replace("://", "", 1).split(":<redacted>")[0]
+
+
+@pytest.mark.parametrize("options", [{"client_kwargs": 5}, {"config_kwargs": "x"}, {"bogus": 1}])
+def test_a_storage_option_the_backend_refuses_is_a_storage_error(
+    options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Backends raise AttributeError or TypeError for such options: no traceback."""
+    store = Store("s3://bkt/runs", {"endpoint_url": "http://127.0.0.1:1", **options})
+    with pytest.raises(StorageError) as e:
+        store.run_ids()
+    assert "storage option" in e.value.hint
+    code, _, err = run_main(["-s", "s3://bkt/runs", "-o", "endpoint_url=http://127.0.0.1:1",
+                             *(f"-o{k}={v}" for k, v in options.items()), "ls"],
+                            monkeypatch, capsys)  # fmt: skip
+    assert code == 1
+    assert err.startswith("runfmt: error: s3://bkt/runs: ")
+    assert "Traceback" not in err
+
+
+def test_a_password_in_a_store_url_is_not_in_its_repr() -> None:
+    store = Store("memory://user:hunter2@host/runs")
+    assert "hunter2" not in repr(store) + repr(store.storage) + store.storage.where("a")
 
 
 def test_a_damaged_index_is_rebuilt(store: Store) -> None:
