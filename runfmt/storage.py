@@ -414,6 +414,8 @@ class Storage:
                 self.fs.invalidate_cache(folder)  # find cached listings that exists() would trust
             for full, info in listed.items():
                 relpath = full[len(base) :].lstrip("/")
+                if full.endswith("/"):
+                    continue  # a folder marker: a zero-byte key that S3 tools show as a folder
                 if relpath and not any(p.startswith(".") for p in relpath.split("/")):
                     found[relpath] = int(info.get("size") or 0)
         return found

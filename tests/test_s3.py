@@ -275,3 +275,17 @@ def test_ls_tells_a_missing_bucket_from_an_empty_store(
     ):
         result = CliRunner().invoke(app, ["-s", url, *opts, "ls"])
         assert (result.exit_code, result.stdout) == (0, said)
+
+
+def test_folder_markers_in_a_bucket_are_no_files(s3_url: str, s3_options: dict[str, Any]) -> None:
+    """STORE-3: zero-byte keys ending in "/" (the AWS console's "Create folder", some sync
+    tools) are folders to every S3 browser: a run holding them verifies and reads."""
+    store = Store(s3_url, s3_options)
+    with store.create_run("marked") as w:
+        w.append("score", {"i": 1})
+        w.add_artifact("a.txt", b"a")
+    root = store.locate(w.run_id).path()
+    for folder in ("", "_manifests/", "artifacts/", "stages/", "stages/score/"):
+        store.storage.fs.pipe_file(f"{root}/{folder}", b"")
+    assert verify_run(store.locate(w.run_id)) == []
+    assert [r["i"] for r in store.open_run(w.run_id).records("score")] == [1]
