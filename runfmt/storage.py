@@ -33,6 +33,8 @@ _STREAM_BLOCK = 8 << 20
 _READ_CHUNK = 8 << 20
 EXCLUSIVE_PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a"})
 """Backends whose create-only write has exactly one winner (COMMIT-2); others need single-writer."""
+_BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
+"""Object stores, where writing an object needs no folder, only its bucket."""
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _REDACTED = "<redacted>"
 _URL_PASSWORD = re.compile(r"(://[^/@\s:]*:)([^/@\s]*)@")
@@ -96,13 +98,18 @@ def _create_refused(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def _translate(where: str, secrets: tuple[str, ...] = ()) -> Iterator[None]:
+def _translate(
+    where: str, secrets: tuple[str, ...] = (), missing: StorageError | None = None
+) -> Iterator[None]:
+    """Backend errors as `StorageError`; `FileNotFoundError` as is, or as ``missing``."""
     try:
         yield
     except RunfmtError:
         raise
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as exc:
+        if missing is None:
+            raise
+        raise missing from exc
     except FileExistsError:
         raise
     except (AssertionError, AttributeError, NameError) as exc:
@@ -224,8 +231,16 @@ class Storage:
         new._set_root(str(self.fs._strip_protocol(url)).rstrip("/"))
         return new
 
-    def _io(self, rel: str) -> contextlib.AbstractContextManager[None]:
-        return _translate(self.where(rel), self._secrets)
+    def _io(self, rel: str, *, writing: bool = False) -> contextlib.AbstractContextManager[None]:
+        missing = None
+        if writing and self.protocol in _BUCKET_PROTOCOLS:
+            bucket = self.root.split("://")[-1].split("/")[0]
+            missing = StorageError(
+                f"no such bucket {bucket!r}",
+                location=self.where(rel),
+                hint="create it first, or check --store / RUNFMT_STORE",
+            )
+        return _translate(self.where(rel), self._secrets, missing)
 
     def path(self, rel: str = "") -> str:
         """The backend path of ``rel``."""
@@ -457,7 +472,7 @@ class Storage:
         relies on after a power loss (``manifest.json``, COMMIT-7).
         """
         self._writable(rel)
-        with self._io(rel):
+        with self._io(rel, writing=True):
             if not self.is_local:
                 self.fs.pipe_file(self.path(rel), data)
                 return
@@ -470,7 +485,7 @@ class Storage:
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create ``rel`` with ``data`` unless it exists; False when it exists (COMMIT-2)."""
         self._writable(rel)
-        with self._io(rel):
+        with self._io(rel, writing=True):
             if self.is_local:
                 target = self.path(rel)
                 tmp = self._local_temp(target, data)
@@ -501,7 +516,7 @@ class Storage:
     def put(self, rel: str, data: bytes) -> None:
         """Write a whole new file (one that no reader trusts until a manifest lists it)."""
         self._writable(rel)
-        with self._io(rel):
+        with self._io(rel, writing=True):
             if self.is_local:
                 target = self.path(rel)
                 _make_folders(os.path.dirname(target))
@@ -516,7 +531,7 @@ class Storage:
     def put_stream(self, rel: str, chunks: Iterable[bytes]) -> None:
         """Write a whole file from ``chunks``; it appears complete or not at all."""
         self._writable(rel)
-        with self._io(rel):
+        with self._io(rel, writing=True):
             if not self.is_local:
                 out = self.fs.open(self.path(rel), "wb", block_size=_STREAM_BLOCK)
                 try:

@@ -11,6 +11,7 @@ destination's ``manifest.json``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -290,6 +291,9 @@ class _Engine:
             return None
         except ConflictError as exc:
             return RunResult(run_id, "conflict", message=str(exc))
+        except _SourceMissing as exc:
+            return RunResult(run_id, "error", message=f"{exc.filename}: SRC lists this file "
+                             "but it is missing; nothing published (LAYOUT-3)")  # fmt: skip
         except (RunfmtError, FileNotFoundError) as exc:
             return RunResult(run_id, "error", message=str(exc))
         if self.verify and not self.dry_run and result.action in ("new", "update", "same"):
@@ -438,10 +442,13 @@ class _Engine:
         digest = hashlib.sha256()
 
         def chunks() -> Iterator[bytes]:
-            for chunk in src.read_prefix(copy.path, copy.nbytes):
-                digest.update(chunk)
-                self._advance(len(chunk))
-                yield chunk
+            try:
+                for chunk in src.read_prefix(copy.path, copy.nbytes):
+                    digest.update(chunk)
+                    self._advance(len(chunk))
+                    yield chunk
+            except FileNotFoundError as exc:  # a backend may not name the file
+                raise _SourceMissing(errno.ENOENT, str(exc), src.where(copy.path)) from exc
             if digest.hexdigest() != copy.sha256:
                 raise _mismatch(src, copy.path)
 
@@ -461,6 +468,10 @@ class _Engine:
                 self.progress.advanced(nbytes)
             if done:
                 self.progress.file_done()
+
+
+class _SourceMissing(FileNotFoundError):
+    """A file the source run lists is not there (``filename`` says where)."""
 
 
 def _mismatch(src: Storage, rel: str) -> ChecksumMismatchError:

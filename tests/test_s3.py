@@ -22,6 +22,7 @@ from runfmt.errors import ReadOnlyError, StorageError
 from runfmt.format import names
 from runfmt.storage import Storage
 from runfmt.store import Store
+from tests.test_cli import run_main
 
 SECRET = "s3cr3t-value-never-shown"
 
@@ -289,3 +290,17 @@ def test_folder_markers_in_a_bucket_are_no_files(s3_url: str, s3_options: dict[s
         store.storage.fs.pipe_file(f"{root}/{folder}", b"")
     assert verify_run(store.locate(w.run_id)) == []
     assert [r["i"] for r in store.open_run(w.run_id).records("score")] == [1]
+
+
+def test_writing_to_a_missing_bucket_names_it(
+    s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = Store("s3://no-such-bucket-runfmt/runs", s3_options)
+    with pytest.raises(StorageError, match="no such bucket 'no-such-bucket-runfmt'") as e:
+        store.create_run("x")
+    assert "create it first" in e.value.hint
+    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+    code, _, err = run_main(["-s", "s3://no-such-bucket-runfmt/runs", *opts, "demo"],
+                            monkeypatch, capsys)  # fmt: skip
+    assert code == 1
+    assert "no such bucket 'no-such-bucket-runfmt'" in err

@@ -101,6 +101,17 @@ def test_same_bytes_through_s3_and_memory(
         _same_runs(src, store)
 
 
+def test_a_file_missing_from_the_source_is_named(src: Store, tmp_path: Path) -> None:
+    run_id = src.run_ids()[0]
+    (path,) = [p for p in load_manifest(src.locate(run_id)).listed_paths() if "/gen/" in p]
+    (Path(src.url) / run_id / path).unlink()
+    report = sync(src.url, str(tmp_path / "dst"))
+    (bad,) = [r for r in report.runs if r.action == "error"]
+    assert bad.message == (f"{src.locate(run_id).where(path)}: SRC lists this file but it is "
+                           "missing; nothing published (LAYOUT-3)")  # fmt: skip
+    assert set(Store(tmp_path / "dst").run_ids()) == set(src.run_ids()) - {run_id}
+
+
 def test_one_run_goes_into_the_destination_store(src: Store, tmp_path: Path) -> None:
     run_id = src.run_ids()[1]
     folder = src.locate(run_id).root
