@@ -212,8 +212,19 @@ def open_or_create(
             raise
         existing = check_folder_name(load_manifest(storage), storage, run_id)
         return _reuse_or_resume(store, storage, existing, config, until_stage, options)
+    if not storage.is_local:
+        _delete_what_a_removal_left(storage)
     action: Action = "rerun" if policy == "rerun" else "created"
     return OpenedRun(action, run_id, RunReader(storage, writer.manifest), writer)
+
+
+def _delete_what_a_removal_left(storage: Storage) -> None:
+    """Delete the data an interrupted removal of a run with this id left on an object
+    store: the new run's first revision exists and its writer has written nothing, so
+    nothing under ``stages/`` or ``artifacts/`` is its own (POLICY-4)."""
+    for path in storage.walk():
+        if path.startswith((f"{names.STAGES_DIR}/", f"{names.ARTIFACTS_DIR}/")):
+            storage.delete(path)
 
 
 def _existing(storage: Storage, run_id: str) -> Manifest | None:

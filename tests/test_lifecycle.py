@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from runfmt.check import verify_run
 from runfmt.cli import app
 from runfmt.errors import (
     ConflictError,
@@ -20,18 +21,20 @@ from runfmt.errors import (
     ManifestError,
     RunExistsError,
 )
+from runfmt.format import names
 from runfmt.format.keys import compute_key
 from runfmt.format.manifest import decode_manifest, encode_manifest, to_json
 from runfmt.format.names import is_run_id
 from runfmt.lifecycle import (
     ABANDON_AFTER,
+    Policy,
     deterministic_run_id,
     health,
     now,
     parse_timestamp,
     summarize,
 )
-from runfmt.run import load_manifest
+from runfmt.run import load_manifest, unpublish
 from runfmt.store import Store
 
 CONFIG = {"model": "m1", "temperature": 0.0}
@@ -396,6 +399,30 @@ def test_rerun_on_memory_store(memory_store: Store) -> None:
     again = memory_store.open_or_create("eval", CONFIG, policy="rerun", heartbeat_interval=None)
     assert again.writer is not None
     assert again.writer.finish().stages == ()
+
+
+@pytest.mark.parametrize("policy", ["auto", "rerun"])
+def test_a_removal_cut_short_on_an_object_store_leaves_nothing_in_the_next_run(
+    memory_store: Store, policy: Policy
+) -> None:
+    """POLICY-4: a removal killed after its revisions went leaves data no revision lists;
+    the next run created under the id deletes it, so that run verifies."""
+    opened = memory_store.open_or_create("eval", CONFIG, heartbeat_interval=None)
+    assert opened.writer is not None
+    write_stage(opened.writer, "generate", 2)
+    opened.writer.add_artifact("a.txt", b"a")
+    opened.writer.finish()
+    storage = memory_store.locate(opened.run_id)
+    unpublish(storage)
+    storage.delete(names.SUMS_FILE)
+    again = memory_store.open_or_create("eval", CONFIG, policy=policy, heartbeat_interval=None)
+    assert (again.action, again.run_id) == ("created" if policy == "auto" else "rerun",
+                                            opened.run_id)  # fmt: skip
+    assert again.writer is not None
+    write_stage(again.writer, "generate", 1)
+    again.writer.finish()
+    assert verify_run(storage) == []
+    assert len(list(memory_store.open_run(opened.run_id).records("generate"))) == 1
 
 
 def test_existing_run_with_another_config_is_a_conflict(store: Store) -> None:
