@@ -139,6 +139,8 @@ class _Plan:
     """Files at a destination with no revision (or one being replaced) that the new revision
     does not list, left by an interrupted sync or removal: deleted before it is published."""
     forced: bool = False
+    checked: bool = False
+    """DST held SRC's manifest already and ``force`` had every file checked (SYNC-4)."""
 
 
 def _location(where: str | Storage, options: dict[str, Any] | None, single_writer: bool) -> Storage:
@@ -315,9 +317,10 @@ class _Engine:
             current = dst.read(names.MANIFEST_FILE)
         except FileNotFoundError:
             current = None
-        if current == src_bytes:
+        if current == src_bytes and not self.force:
             plan.result.action = "same"
             return plan
+        plan.checked = current == src_bytes
         files = dst.walk()
         plan.dst_revisions = sorted(
             r
@@ -335,7 +338,7 @@ class _Engine:
                 raise FormatError("listed file goes through a link (LAYOUT-5)",
                                   location=src.where(path))  # fmt: skip
             size = files.get(path)
-            if size == nbytes and listed_old.get(path) == sha:
+            if size == nbytes and listed_old.get(path) == sha and not self.force:
                 continue
             plan.copies.append(_Copy(path, nbytes, sha, size == nbytes, manifest.finished))
         plan.dropped = sorted(set(listed_old) - set(wanted))
@@ -404,6 +407,10 @@ class _Engine:
         copied = [c for c, f in zip(plan.copies, futures, strict=True) if f.result()]
         plan.result.files = len(copied)
         plan.result.bytes = sum(c.nbytes for c in copied)
+        if plan.checked:
+            plan.result.action = "update" if copied else "same"
+            if copied:
+                plan.result.message = f"copied {len(copied)} damaged or missing files again"
         if manifest.finished and (sums := _read_or_none(src, names.SUMS_FILE)) is not None:
             dst.write_atomic(names.SUMS_FILE, sums)
         else:

@@ -115,6 +115,26 @@ def test_a_file_missing_from_the_source_is_named(src: Store, tmp_path: Path) -> 
     assert [r.action for r in report.runs if r.run_id != run_id] == ["new", "new"]
 
 
+def test_force_copies_again_what_is_damaged_or_missing_in_dst(src: Store, tmp_path: Path) -> None:
+    """SYNC-4: a plain re-sync trusts DST's manifest; --force checks every file."""
+    sync(src.url, str(tmp_path / "dst"))
+    dst = Store(tmp_path / "dst")
+    run_id = src.run_ids()[0]
+    gen, score = sorted(
+        p for p in load_manifest(dst.locate(run_id)).listed_paths() if "stages/" in p
+    )
+    (Path(dst.url) / run_id / gen).unlink()
+    damaged = Path(dst.url) / run_id / score
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"\0")
+    assert sync(src.url, dst.url).count("same") == 3
+    forced = sync(src.url, dst.url, force=True)
+    (healed,) = [r for r in forced.runs if r.action == "update"]
+    assert (healed.run_id, healed.files) == (run_id, 2)
+    assert healed.message == "copied 2 damaged or missing files again"
+    assert forced.count("same") == 2
+    _same_runs(src, dst)
+
+
 def test_one_run_goes_into_the_destination_store(src: Store, tmp_path: Path) -> None:
     run_id = src.run_ids()[1]
     folder = src.locate(run_id).root
