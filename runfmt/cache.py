@@ -20,7 +20,7 @@ import orjson
 from runfmt.errors import InvalidInputError, RunfmtError
 from runfmt.format.frames import DataFrame, FrameDecoder
 from runfmt.format.records import Record, is_failure
-from runfmt.index import Index
+from runfmt.index import Index, log_warning
 
 __all__ = ["DEFAULT_VERSION", "Cache", "CacheHit", "Provenance"]
 
@@ -270,7 +270,11 @@ class Cache:
             decoder = FrameDecoder(start=where.frame_start)
             frames = [e for e in decoder.feed(data) if isinstance(e, DataFrame)]
             decoder.close()
-        except (RunfmtError, OSError):
+        except FileNotFoundError:  # the run was removed or replaced since it was indexed
+            return None
+        except (RunfmtError, OSError) as exc:
+            log_warning("runfmt: %s: the frame holding cached records is unreadable, skipped: %s "
+                  "(run `runfmt verify`)", where.location, exc)  # fmt: skip
             return None
         if len(frames) != 1:
             return None

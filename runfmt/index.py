@@ -398,7 +398,7 @@ class Index:
                 if not os.path.exists(self.path):
                     self._create_file()
             except OSError as exc:
-                _warn("runfmt: cannot keep the index at %s (%s); indexing in memory",
+                log_warning("runfmt: cannot keep the index at %s (%s); indexing in memory",
                       self.path, exc)  # fmt: skip
                 self.path = ":memory:"
         for attempt in (1, 2):
@@ -418,7 +418,7 @@ class Index:
             con.close()
             if attempt == 2:
                 break
-            _warn("runfmt: the index %s %s; rebuilding it from the store", self.path, problem)
+            log_warning("runfmt: the index %s %s; rebuilding it from the store", self.path, problem)
             self._discard()
         raise sqlite3.DatabaseError(f"cannot create the index at {self.path}")
 
@@ -473,7 +473,7 @@ class Index:
             try:
                 con.execute(f"PRAGMA journal_mode={wanted}")
             except sqlite3.OperationalError as exc:
-                _warn("runfmt: the index %s stays in its journal mode, not %s: %s",
+                log_warning("runfmt: the index %s stays in its journal mode, not %s: %s",
                       self.path, wanted, exc)  # fmt: skip
         con.execute("PRAGMA synchronous=NORMAL")
 
@@ -534,7 +534,7 @@ class Index:
             raise _Retry from None
         if not isinstance(exc, sqlite3.DatabaseError) or not _is_corrupt(exc):
             raise _translate(exc, self.path) from exc
-        _warn("runfmt: the index %s is corrupt (%s); rebuilding it from the store",
+        log_warning("runfmt: the index %s is corrupt (%s); rebuilding it from the store",
               self.path, exc)  # fmt: skip
         self.close()
         self._discard()
@@ -669,8 +669,11 @@ class Index:
                     entries = scan_file(self._source, row.run_id, file.path, file.key_field,
                                         start, file.bytes)  # fmt: skip
                 except (RunfmtError, OSError) as exc:
-                    _warn("runfmt: %s: not indexed for the cache yet: %s",
-                          self._source.where(row.run_id, file.path), exc)  # fmt: skip
+                    why = (
+                        "the listed file is missing" if isinstance(exc, FileNotFoundError) else exc
+                    )  # a backend's FileNotFoundError may only name the path
+                    log_warning("runfmt: %s: not indexed for the cache yet: %s",
+                          self._source.where(row.run_id, file.path), why)  # fmt: skip
                     row.partial = True
                     continue
                 items.append(FileWork(file, seen, reset, entries))
@@ -966,7 +969,7 @@ def _moment(since: datetime | date | str) -> datetime:
     raise InvalidInputError(f"since must be a datetime, a date or text, not {since!r}")
 
 
-def _warn(message: str, *args: object) -> None:
+def log_warning(message: str, *args: object) -> None:
     """Log a warning of the ``runfmt.index`` logger (`logging` is imported only then)."""
     import logging
 

@@ -215,6 +215,22 @@ def test_a_kept_frame_of_a_truncated_file_is_not_served(store: Store) -> None:
     assert cache.get("score", "a") is None
 
 
+def test_a_damaged_frame_is_skipped_with_a_warning(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frame damaged after it was indexed: the get misses and says why, once per read."""
+    write_scores(store, ["a"])
+    where = store.cache.lookup("score", "a")
+    assert where is not None
+    data = bytearray(Path(where.location).read_bytes())
+    data[where.frame_end - 2] ^= 1  # in the frame's checksum
+    Path(where.location).write_bytes(bytes(data))
+    assert Store(store.url).cache.get("score", "a") is None
+    (warning,) = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert warning.startswith(f"runfmt: {where.location}: the frame holding cached records")
+    assert "runfmt verify" in warning
+
+
 def test_get_many_is_get_for_each_key(any_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     store = any_store
     older = write_scores(store, ["a", "b", "c", "f"], fail=("f",))
