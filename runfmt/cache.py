@@ -273,8 +273,8 @@ class Cache:
         except FileNotFoundError:  # the run was removed or replaced since it was indexed
             return None
         except (RunfmtError, OSError) as exc:
-            log_warning("runfmt: %s: the frame holding cached records is unreadable, skipped: %s "
-                  "(run `runfmt verify`)", where.location, exc)  # fmt: skip
+            log_warning("runfmt: %s: the frame holding cached records is unreadable, skipped: "
+                        "%s (run `runfmt verify`)", where.location, exc)  # fmt: skip
             return None
         if len(frames) != 1:
             return None

@@ -150,7 +150,8 @@ def _holds(
     prefix of a stage file."""
     size, sha256 = entry
     have = files.get(path, -1)
-    if path in links or have < size or (have > size and path.startswith(names.ARTIFACTS_DIR)):
+    artifact = path.startswith(f"{names.ARTIFACTS_DIR}/")
+    if path in links or have < size or (have > size and artifact):
         return False
     return run.prefix_sha256(path, size) == sha256
 

@@ -399,7 +399,7 @@ class Index:
                     self._create_file()
             except OSError as exc:
                 log_warning("runfmt: cannot keep the index at %s (%s); indexing in memory",
-                      self.path, exc)  # fmt: skip
+                            self.path, exc)  # fmt: skip
                 self.path = ":memory:"
         for attempt in (1, 2):
             con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
@@ -474,7 +474,7 @@ class Index:
                 con.execute(f"PRAGMA journal_mode={wanted}")
             except sqlite3.OperationalError as exc:
                 log_warning("runfmt: the index %s stays in its journal mode, not %s: %s",
-                      self.path, wanted, exc)  # fmt: skip
+                            self.path, wanted, exc)  # fmt: skip
         con.execute("PRAGMA synchronous=NORMAL")
 
     def _create_file(self) -> None:
@@ -535,7 +535,7 @@ class Index:
         if not isinstance(exc, sqlite3.DatabaseError) or not _is_corrupt(exc):
             raise _translate(exc, self.path) from exc
         log_warning("runfmt: the index %s is corrupt (%s); rebuilding it from the store",
-              self.path, exc)  # fmt: skip
+                    self.path, exc)  # fmt: skip
         self.close()
         self._discard()
         self._opened_ino = None
@@ -673,7 +673,7 @@ class Index:
                         "the listed file is missing" if isinstance(exc, FileNotFoundError) else exc
                     )  # a backend's FileNotFoundError may only name the path
                     log_warning("runfmt: %s: not indexed for the cache yet: %s",
-                          self._source.where(row.run_id, file.path), why)  # fmt: skip
+                                self._source.where(row.run_id, file.path), why)  # fmt: skip
                     row.partial = True
                     continue
                 items.append(FileWork(file, seen, reset, entries))

@@ -961,8 +961,11 @@ class RunWriter:
                     )
                 except RunNotFoundError:
                     return
-                except ConflictError:
-                    if self._stop_if_refused():
+                except ConflictError:  # a finished run stops the heartbeat, not the writer
+                    if (
+                        self._stop_if_refused(finished=False)
+                        or load_manifest(self.storage).finished
+                    ):
                         return
                 except (RunfmtError, OSError):
                     continue
@@ -1040,17 +1043,17 @@ class RunWriter:
         """
         self._release()
 
-    def _stop_if_refused(self) -> bool:
+    def _stop_if_refused(self, *, finished: bool = True) -> bool:
         """After a refused commit: when the run now is another run with this id (a rerun,
-        COMMIT-4) or was finished (COMMIT-11), the commit is dropped for good. Undo the
-        stage writes made for it, which no revision lists (a later repair would salvage
-        them), and close. Whether it was so."""
+        COMMIT-4) or, with ``finished``, was finished (COMMIT-11), the commit is dropped for
+        good. Undo the stage writes made for it, which no revision lists (a later repair
+        would salvage them), and close. Whether it was so."""
         try:
             current = load_manifest(self.storage)
         except (RunfmtError, OSError):
             return False
         replaced = current.created_at != self.manifest.created_at
-        if not (replaced or current.finished):
+        if not (replaced or (finished and current.finished)):
             return False
         committed = {} if replaced else self.manifest.listed_paths()
         for path in self._changes.files:
