@@ -27,6 +27,7 @@ from runfmt.errors import (
     InvalidInputError,
     RunfmtError,
     RunNotFoundError,
+    StorageError,
 )
 from runfmt.format import names
 from runfmt.format.manifest import Manifest, decode_manifest
@@ -181,7 +182,8 @@ def sync(
     refused (SYNC-4) unless ``force``; ``delete`` removes destination runs that
     ``src`` lacks (store to store only). Problems are reported per run, never raised; a
     ``src`` that does not exist (on an object store: holds nothing) is `RunNotFoundError`,
-    so that a mistyped source never empties ``dst`` with ``delete``.
+    so that a mistyped source never empties ``dst`` with ``delete``, and a destination
+    bucket that does not exist is `StorageError`.
     """
     if workers < 1:
         raise InvalidInputError(f"workers must be at least 1, not {workers}")
@@ -189,6 +191,9 @@ def sync(
     target = _location(dst, dst_options, single_writer)
     if target.is_local and os.path.exists(target.root) and not os.path.isdir(target.root):
         raise InvalidInputError("the destination is a file, not a folder", location=target.root)
+    if not target.is_local and target.missing() == "bucket":
+        raise StorageError("the destination's bucket does not exist", location=target.where(),
+                           hint="create it first, or check the DST URL")  # fmt: skip
     report = SyncReport(source.url, target.url, dry_run)
     pairs: list[tuple[str, Storage, Storage]]
     one_run = _is_run(source)

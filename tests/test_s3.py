@@ -22,6 +22,7 @@ from runfmt.errors import ReadOnlyError, StorageError
 from runfmt.format import names
 from runfmt.storage import Storage
 from runfmt.store import Store
+from runfmt.sync import sync
 from tests.test_cli import run_main
 
 SECRET = "s3cr3t-value-never-shown"
@@ -304,3 +305,13 @@ def test_writing_to_a_missing_bucket_names_it(
                             monkeypatch, capsys)  # fmt: skip
     assert code == 1
     assert "no such bucket 'no-such-bucket-runfmt'" in err
+
+
+def test_sync_into_a_missing_bucket_says_so_once(
+    s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    src = Store(tmp_path / "src")
+    src.create_run("a").finish()
+    with pytest.raises(StorageError, match="the destination's bucket does not exist") as e:
+        sync(src.url, "s3://no-such-bucket-runfmt/runs", dst_options=s3_options)
+    assert e.value.location == "s3://no-such-bucket-runfmt/runs"
