@@ -181,17 +181,23 @@ def _whole_revision(
     return None
 
 
-def _going_back(run: Storage, newest: Manifest, files: Mapping[str, int]) -> Manifest | None:
-    """The revision `repair_run` goes back to: when the newest lists files missing or cut
-    short, the rest of what it lists is whole and no writer is alive (COMMIT-13)."""
+def _going_back(
+    run: Storage, newest: Manifest, files: Mapping[str, int]
+) -> tuple[Manifest | None, str]:
+    """The revision `repair_run` goes back to, when the newest lists files missing or cut
+    short, the rest of what it lists is whole and no writer is alive (COMMIT-13); else
+    why not ("" when nothing is cut short)."""
     short = _cut_short(newest, files)
-    if not short or live_writers(run):
-        return None
+    if not short:
+        return None, ""
+    if live_writers(run):
+        return None, "a writer of the run is alive"
     links = frozenset(run.symlinks())
     listed = newest.listed_files()
     if not all(_holds(run, files, links, p, listed[p]) for p in listed.keys() - short):
-        return None
-    return _whole_revision(run, newest, files, links, short)
+        return None, "another listed file is damaged, not cut short"
+    whole = _whole_revision(run, newest, files, links, short)
+    return whole, "" if whole else "no kept revision is whole in this folder"
 
 
 def _go_back(run: Storage, newest: Manifest, whole: Manifest, report: RepairReport) -> Manifest:
@@ -344,11 +350,13 @@ def repair_run(
     with commit_lock(run, timeout=60.0):
         manifest = _newest_readable(run, report)
         files = run.walk()
-        whole = _going_back(run, manifest, files)
+        whole, why_not = _going_back(run, manifest, files)
         if whole is not None and rollback:
             manifest = _go_back(run, manifest, whole, report)
         elif whole is not None:
             report.rollback_to = whole.revision
+        elif rollback and why_not:
+            report.left.append(Problem("", f"not rolled back: {why_not}", "COMMIT-13"))
         changes = ChangeSet()
         links = run.symlinks()
         listed = {f.path: (f, s) for s in manifest.stages for f in s.files}

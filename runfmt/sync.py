@@ -345,7 +345,10 @@ class _Engine:
             size = files.get(path)
             if size == nbytes and listed_old.get(path) == sha and not self.force:
                 continue
-            plan.copies.append(_Copy(path, nbytes, sha, size == nbytes, manifest.finished))
+            if self.force and size == nbytes and dst.prefix_sha256(path, nbytes) == sha:
+                continue  # checked now, so that a dry run tells what would move
+            check_first = size == nbytes and not self.force
+            plan.copies.append(_Copy(path, nbytes, sha, check_first, manifest.finished))
         plan.dropped = sorted(set(listed_old) - set(wanted))
         if plan.forced or not plan.dst_revisions:
             plan.debris = sorted(
@@ -357,6 +360,10 @@ class _Engine:
             )
         plan.result.files = len(plan.copies)
         plan.result.bytes = sum(c.nbytes for c in plan.copies)
+        if plan.checked:
+            plan.result.action = "update" if plan.copies else "same"
+            if plan.copies:
+                plan.result.message = f"DST had {len(plan.copies)} damaged or missing files"
         if plan.result.action == "update" and not plan.copies:
             plan.result.message = "manifest only"
         return plan
@@ -412,10 +419,6 @@ class _Engine:
         copied = [c for c, f in zip(plan.copies, futures, strict=True) if f.result()]
         plan.result.files = len(copied)
         plan.result.bytes = sum(c.nbytes for c in copied)
-        if plan.checked:
-            plan.result.action = "update" if copied else "same"
-            if copied:
-                plan.result.message = f"copied {len(copied)} damaged or missing files again"
         if manifest.finished and (sums := _read_or_none(src, names.SUMS_FILE)) is not None:
             dst.write_atomic(names.SUMS_FILE, sums)
         else:

@@ -127,12 +127,14 @@ def test_force_copies_again_what_is_damaged_or_missing_in_dst(src: Store, tmp_pa
     damaged = Path(dst.url) / run_id / score
     damaged.write_bytes(damaged.read_bytes()[:-1] + b"\0")
     assert sync(src.url, dst.url).count("same") == 3
-    forced = sync(src.url, dst.url, force=True)
-    (healed,) = [r for r in forced.runs if r.action == "update"]
-    assert (healed.run_id, healed.files) == (run_id, 2)
-    assert healed.message == "copied 2 damaged or missing files again"
-    assert forced.count("same") == 2
+    for dry_run in (True, False):
+        forced = sync(src.url, dst.url, force=True, dry_run=dry_run)
+        (healed,) = [r for r in forced.runs if r.action == "update"]
+        assert (healed.run_id, healed.files) == (run_id, 2)
+        assert healed.message == "DST had 2 damaged or missing files"
+        assert forced.count("same") == 2
     _same_runs(src, dst)
+    assert sync(src.url, dst.url, force=True, dry_run=True).count("same") == 3
 
 
 def test_one_run_goes_into_the_destination_store(src: Store, tmp_path: Path) -> None:

@@ -337,7 +337,7 @@ def repair(
         echo(action)
     for p in report.left:
         echo(f"not repaired: {_full_location(storage, p.location)}: {p.problem}")
-    if not report.actions:
+    if not report.actions and not report.left:
         sys.stdout.write("nothing to repair\n")
     live = being_written_by(storage)
     problems = verify_run(storage, live=frozenset(live))
@@ -345,10 +345,12 @@ def repair(
     if problems:
         _print_verdict(storage, problems, live)
         advice = "; ".join(dict.fromkeys(_by_hand(p.rule) for p in problems))
+        copy_again = "if it is a copy taken while the run was written, copy it again"
         if report.rollback_to is not None:
-            advice = (f"if it is a copy taken while the run was written, copy it again, or "
-                      f"`runfmt repair --rollback` goes back to revision {report.rollback_to}; "
-                      f"else {advice}")  # fmt: skip
+            advice = (f"{copy_again}, or `runfmt repair --rollback` goes back to revision "
+                      f"{report.rollback_to}; else {advice}")  # fmt: skip
+        elif any(p.rule == "COMMIT-13" for p in report.left):
+            advice = f"{copy_again}; else {advice}"
         fail(f"{label}: {_count(len(problems), 'problem')} left after repair ({advice})")
     echo(f"ok    {label}: consistent")
 
