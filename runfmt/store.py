@@ -216,6 +216,11 @@ class Store:
                 return located, None
             if located.is_local and os.path.lexists(located.path()):
                 _refuse_folder(located.path())
+            if located.is_local and not names.is_run_id(text):
+                raise RunNotFoundError(
+                    "no such folder", location=located.path(),
+                    hint="give the path of a run folder, or a run id from `runfmt ls`",
+                )  # fmt: skip
         raise RunNotFoundError(
             f"no run {text!r}", location=self.storage.where(),
             hint="give a run id from `runfmt ls`, or the path of a run folder",

@@ -145,6 +145,9 @@ def test_what_a_run_path_names_is_told_apart(store: Store, tmp_path: Path) -> No
     ]:
         with pytest.raises(RunNotFoundError, match=message):
             store.open_run(given)
+    with pytest.raises(RunNotFoundError, match="no such folder") as missing:
+        store.open_run(tmp_path / "gone")
+    assert missing.value.location == str(tmp_path / "gone")
     with pytest.raises(RunNotFoundError, match="no run 'nope'"):
         store.open_run("nope")
 
