@@ -336,6 +336,19 @@ def test_cli_stage_export_and_usage_errors(
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_cli_export_replaces_an_existing_file_only_with_force(
+    store: Store, source: str, tmp_path: Path, cli: Cli
+) -> None:
+    out = tmp_path / "run.tar"
+    out.write_bytes(b"an earlier export")
+    code, _, err = cli(store, "export", source, str(out))
+    assert (code, f"{out} exists; pass --force to replace it" in err) == (1, True)
+    assert out.read_bytes() == b"an earlier export"
+    code, _, _ = cli(store, "export", source, str(out), "--force")
+    assert code == 0
+    assert tarfile.is_tarfile(out)
+
+
 def test_conflicting_declaration_is_refused_before_the_run_changes(
     store: Store, source: str, make_run: MakeRun, tmp_path: Path, cli: Cli
 ) -> None:

@@ -413,6 +413,9 @@ def export(
     stage: Annotated[
         str | None, typer.Option("--stage", help="Export only this stage, to one file.")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Replace FILE if it exists.")
+    ] = False,
 ) -> None:
     """Export a run to one tar archive, or one stage to one .jsonl.zst / .jsonl file."""
     from runfmt.transfer import export_run, export_stage
@@ -427,6 +430,8 @@ def export(
             f"{output}: cannot write: No such file or directory (its folder {folder} "
             "does not exist)"
         )
+    if os.path.lexists(output) and not force:
+        fail(f"{output} exists; pass --force to replace it")
     reader = state(ctx).store(read_only=True).open_run(run)
     try:
         if stage is None:
