@@ -182,7 +182,7 @@ def _whole_revision(
 
 
 def _going_back(
-    run: Storage, newest: Manifest, files: Mapping[str, int]
+    run: Storage, newest: Manifest, files: Mapping[str, int], links: frozenset[str]
 ) -> tuple[Manifest | None, str]:
     """The revision `repair_run` goes back to, when the newest lists files missing or cut
     short, the rest of what it lists is whole and no writer is alive (COMMIT-13); else
@@ -192,7 +192,6 @@ def _going_back(
         return None, ""
     if live_writers(run):
         return None, "a writer of the run is alive"
-    links = frozenset(run.symlinks())
     listed = newest.listed_files()
     if not all(_holds(run, files, links, p, listed[p]) for p in listed.keys() - short):
         return None, "another listed file is damaged, not cut short"
@@ -350,7 +349,8 @@ def repair_run(
     with commit_lock(run, timeout=60.0):
         manifest = _newest_readable(run, report)
         files = run.walk()
-        whole, why_not = _going_back(run, manifest, files)
+        links = frozenset(run.symlinks())
+        whole, why_not = _going_back(run, manifest, files, links)
         if whole is not None and rollback:
             manifest = _go_back(run, manifest, whole, report)
         elif whole is not None:
@@ -358,7 +358,6 @@ def repair_run(
         elif rollback and why_not:
             report.left.append(Problem("", f"not rolled back: {why_not}", "COMMIT-13"))
         changes = ChangeSet()
-        links = run.symlinks()
         listed = {f.path: (f, s) for s in manifest.stages for f in s.files}
         for path, size in sorted(files.items(), key=_salvage_order):
             if not path.startswith(names.STAGES_DIR + "/") or path in links:
@@ -403,7 +402,7 @@ def _repair_artifacts(
     run: Storage,
     manifest: Manifest,
     files: dict[str, int],
-    links: set[str],
+    links: frozenset[str],
     salvage: bool,
     changes: ChangeSet,
     report: RepairReport,

@@ -99,17 +99,22 @@ def _create_refused(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def _translate(
-    where: str, secrets: tuple[str, ...] = (), missing: StorageError | None = None
+    where: str, secrets: tuple[str, ...] = (), bucket: str | None = None
 ) -> Iterator[None]:
-    """Backend errors as `StorageError`; `FileNotFoundError` as is, or as ``missing``."""
+    """Backend errors as `StorageError`; `FileNotFoundError` as is, except on a write to
+    ``bucket``, where an object needs no folder and it means the bucket is missing."""
     try:
         yield
     except RunfmtError:
         raise
     except FileNotFoundError as exc:
-        if missing is None:
+        if bucket is None:
             raise
-        raise missing from exc
+        raise StorageError(
+            f"no such bucket {bucket!r}",
+            location=where,
+            hint="create it first, or check --store / RUNFMT_STORE",
+        ) from exc
     except FileExistsError:
         raise
     except (AssertionError, AttributeError, NameError) as exc:
@@ -232,15 +237,12 @@ class Storage:
         return new
 
     def _io(self, rel: str, *, writing: bool = False) -> contextlib.AbstractContextManager[None]:
-        missing = None
-        if writing and self.protocol in _BUCKET_PROTOCOLS:
-            bucket = self.root.split("://")[-1].split("/")[0]
-            missing = StorageError(
-                f"no such bucket {bucket!r}",
-                location=self.where(rel),
-                hint="create it first, or check --store / RUNFMT_STORE",
-            )
-        return _translate(self.where(rel), self._secrets, missing)
+        bucket = self._bucket() if writing and self.protocol in _BUCKET_PROTOCOLS else None
+        return _translate(self.where(rel), self._secrets, bucket)
+
+    def _bucket(self) -> str:
+        """The first part of an object store's root: its bucket."""
+        return self.root.split("/", 1)[0]
 
     def path(self, rel: str = "") -> str:
         """The backend path of ``rel``."""
@@ -341,9 +343,8 @@ class Storage:
         """``"bucket"`` or ``"folder"`` when the store's root cannot be there, else None. On
         an object store only a missing bucket counts: a prefix exists once written to."""
         if self.fs.root_marker == "":  # object stores: the first path part is the bucket
-            bucket = self.root.split("/", 1)[0]
             with self._io(""):
-                return None if self.fs.exists(bucket) else "bucket"
+                return None if self.fs.exists(self._bucket()) else "bucket"
         return None if self.is_dir() else "folder"
 
     def is_dir(self, rel: str = "") -> bool:

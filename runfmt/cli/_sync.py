@@ -77,7 +77,12 @@ def sync(
         bool, typer.Option("--delete", help="Delete runs at DST that SRC does not have.")
     ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Overwrite DST runs that changed independently.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Overwrite DST runs that changed independently, and copy again the files "
+            "of unchanged DST runs that are missing or damaged.",
+        ),
     ] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Files in flight.")] = 16,
     src_option: Annotated[
