@@ -389,6 +389,9 @@ class Row:
     """Whether some of its keyed files could not be indexed: the next refresh reads it again."""
     keys_pending: bool = False
     """Whether its new records' keys were left for a refresh with keys (`KEYS_PENDING`)."""
+    replace: bool = False
+    """Whether what was indexed of the run is dropped, not added to: a rebuild, or a stage
+    whose key field or record schema version changed (a hand-made revision)."""
 
     @property
     def problem(self) -> str | None:

@@ -141,6 +141,7 @@ class Cache:
 
     def _candidates(self, stage: str, key: str, version: str | None) -> list[tuple[Any, ...]]:
         """The index rows of ``key``, best first (`_rank`)."""
+        _check_query(stage, version)
         if not isinstance(key, str):
             raise InvalidInputError(f"a cache key is a string, not {type(key).__name__}",
                                     hint="compute one with runfmt.compute_key")  # fmt: skip
@@ -189,6 +190,7 @@ class Cache:
         One index query for all of them; each frame holding a hit is read once.
         A key whose newest candidate no longer matches its file falls back to `get`.
         """
+        _check_query(stage, record_schema_version)
         wanted = _strings(keys)
         if not wanted:
             return {}
@@ -299,6 +301,7 @@ class Cache:
         record_schema_version: str | None = DEFAULT_VERSION,
     ) -> set[str]:
         """Which of ``keys`` have a committed record in ``stage``: one query for all of them."""
+        _check_query(stage, record_schema_version)
         self._ensure()
         wanted = _strings(keys)
         if not wanted:
@@ -310,8 +313,20 @@ class Cache:
         return {row[0] for row in self.index.query(sql, params)}
 
 
+def _check_query(stage: object, version: object) -> None:
+    if not isinstance(stage, str):
+        raise InvalidInputError(f"a stage name is a string, not {type(stage).__name__}")
+    if version is not None and not isinstance(version, str):
+        raise InvalidInputError(
+            f"record_schema_version is a string or None, not {type(version).__name__}"
+        )
+
+
 def _strings(keys: Iterable[str]) -> list[str]:
     """``keys`` without repeats, in order; InvalidInputError unless all are strings."""
+    if isinstance(keys, str):
+        raise InvalidInputError("keys must be a collection of keys, not one string",
+                                hint=f"pass [{keys!r:.60}] for one key")  # fmt: skip
     wanted = list(keys)
     if not all(isinstance(k, str) for k in wanted):
         raise InvalidInputError("cache keys must be strings")

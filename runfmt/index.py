@@ -15,6 +15,7 @@ network filesystems, where WAL's shared memory is unsafe.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import re
 import sqlite3
@@ -84,6 +85,8 @@ _NETWORK_FS = frozenset(
 )  # fmt: skip
 _CORRUPT_CODES = frozenset({10, 11, 26})  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB
 _JOURNALS = ("-wal", "-shm", "-journal")
+_DAMAGE = ("no such table", "no such column", "has no column named", "Could not decode")
+"""What SQLite says of a file whose tables or text a process other than runfmt changed."""
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -131,13 +134,21 @@ CREATE INDEX cache_file ON cache(file_id);
 """
 
 _SCHEMA_OBJECTS = frozenset(
-    (kind.lower(), name) for kind, name in re.findall(r"CREATE (TABLE|INDEX) (\w+)", _SCHEMA)
+    (kind.lower(), name, statement)
+    for statement in map(str.strip, _SCHEMA.split(";"))
+    for kind, name in re.findall(r"^CREATE (TABLE|INDEX) (\w+)", statement)
 )
-"""The tables and indexes of `_SCHEMA`: an index file lacking one of them is damaged."""
+"""The tables and indexes of `_SCHEMA` as SQLite keeps them (``sqlite_master``): an index
+file whose objects differ (one missing, a column dropped) is damaged."""
 _RUN_COLUMNS = "run_id, detail"
+_INDEXED_FILES = (
+    "SELECT path, indexed_bytes, sha256, key_field, record_schema_version FROM files WHERE run_id=?"
+)
 _MAX_LIMIT = 2**63 - 1
 """The largest LIMIT SQLite takes; a larger ``limit`` means no limit."""
 _STATUSES = frozenset((*RUN_STATUSES, UNREADABLE))
+_ATTEMPTS = 5
+"""Tries of an index operation whose file another process deletes, replaces or damages."""
 _ROUNDS = 5
 """Reads of one run while other processes index it at the same time (`Index._reindex`)."""
 _RETRY = "retry"
@@ -397,16 +408,19 @@ class Index:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 if not os.path.exists(self.path):
                     self._create_file()
+                elif not os.path.isfile(self.path):
+                    raise OSError("it is not a regular file")
             except OSError as exc:
                 log_warning("runfmt: cannot keep the index at %s (%s); indexing in memory",
                             self.path, exc)  # fmt: skip
                 self.path = ":memory:"
-        for attempt in (1, 2):
+        for attempt in range(_ATTEMPTS):
+            time.sleep(0.005 * attempt)  # another process may be creating the file again
             con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                   check_same_thread=False)  # fmt: skip
             try:
                 problem = self._prepare(con)
-            except sqlite3.DatabaseError as exc:
+            except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
                 if not _is_corrupt(exc):
                     con.close()
                     raise
@@ -416,14 +430,13 @@ class Index:
                     self._opened_ino = os.stat(self.path).st_ino
                 return con
             con.close()
-            if attempt == 2:
-                break
             log_warning("runfmt: the index %s %s; rebuilding it from the store", self.path, problem)
             self._discard()
-        raise sqlite3.DatabaseError(f"cannot create the index at {self.path}")
+        raise self._unsettled()
 
     def _prepare(self, con: sqlite3.Connection) -> str | None:
         """Set the connection up; a reason to discard the file, or None when it is usable."""
+        con.create_function("fnmatchcase", 2, fnmatch.fnmatchcase, deterministic=True)
         con.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
         con.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         app_id = con.execute("PRAGMA application_id").fetchone()[0]
@@ -436,7 +449,7 @@ class Index:
             return f"has an older layout (index version {version})"
         self._set_journal(con)
         if app_id == APPLICATION_ID:
-            found = con.execute("SELECT type, name FROM sqlite_master")
+            found = con.execute("SELECT type, name, sql FROM sqlite_master")
             if {row for row in found if not row[1].startswith("sqlite_")} != _SCHEMA_OBJECTS:
                 return "is damaged (its tables or indexes are not runfmt's)"
             return None
@@ -466,8 +479,12 @@ class Index:
     def _set_journal(self, con: sqlite3.Connection) -> None:
         if self.path == ":memory:":
             return
-        wanted = os.environ.get("RUNFMT_INDEX_JOURNAL", "").lower()
+        given = os.environ.get("RUNFMT_INDEX_JOURNAL", "")
+        wanted = given.lower()
         if wanted not in ("wal", "delete"):
+            if given:
+                log_warning("runfmt: RUNFMT_INDEX_JOURNAL=%s is neither wal nor delete; ignored",
+                            given)  # fmt: skip
             wanted = "delete" if is_network_filesystem(self.path) else "wal"
         if con.execute("PRAGMA journal_mode").fetchone()[0] != wanted:
             try:
@@ -523,16 +540,16 @@ class Index:
         with self._lock:
             try:
                 yield self._connection()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
                 self._failed(exc)
 
-    def _failed(self, exc: sqlite3.Error) -> NoReturn:
+    def _failed(self, exc: sqlite3.Error | UnicodeDecodeError) -> NoReturn:
         """Translate a SQLite error; `_Retry` when the file was deleted or replaced (it is
         opened again) or is corrupt (it is discarded first)."""
         if self._moved():
             self.close()
             raise _Retry from None
-        if not isinstance(exc, sqlite3.DatabaseError) or not _is_corrupt(exc):
+        if not _is_corrupt(exc):
             raise _translate(exc, self.path) from exc
         log_warning("runfmt: the index %s is corrupt (%s); rebuilding it from the store",
                     self.path, exc)  # fmt: skip
@@ -541,11 +558,20 @@ class Index:
         self._opened_ino = None
         raise _Retry from None
 
-    def _retrying(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except _Retry:
-            return fn(*args, **kwargs)
+    def _retrying(self, fn: Any, *args: Any) -> Any:
+        for _ in range(_ATTEMPTS):
+            try:
+                return fn(*args)
+            except _Retry:
+                continue
+        raise self._unsettled()
+
+    def _unsettled(self) -> StorageError:
+        return StorageError(
+            f"the index file was deleted, replaced or damaged {_ATTEMPTS} times while in use",
+            location=self.path,
+            hint="another process keeps changing it: retry; the run folders are untouched",
+        )
 
     # reconciling
 
@@ -559,30 +585,26 @@ class Index:
         return result
 
     def rebuild(self) -> RefreshStats:
-        """Forget everything indexed and index the whole store again."""
-        self._retrying(self._clear)
-        return self.refresh()
+        """Index the whole store again, trusting nothing indexed.
 
-    def _clear(self) -> None:
-        with self._db() as con:
-            self._stamps = None
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                for table in ("cache", "files", "runs"):
-                    con.execute(f"DELETE FROM {table}")
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        Every run is read and scanned again and its entries replaced, a batch of runs per
+        transaction: a listing in another process meanwhile sees each run as it was
+        indexed before or after, never missing.
+        """
+        result: RefreshStats = self._retrying(self._refresh, True, True)
+        return result
 
-    def _refresh(self, keys: bool) -> RefreshStats:
+    def _refresh(self, keys: bool, fresh: bool = False) -> RefreshStats:
+        """`refresh`; with ``fresh``, every run is changed (`rebuild`)."""
         started = time.perf_counter()
         with self._lock:
             if self._moved():
                 self.close()
         with self._db() as con:
             known = self._indexed_stamps(con)
-            present, changed, gone = self._source.changes(known, keys)
+            present, changed, gone = self._source.changes({} if fresh else known, keys)
+            if fresh:
+                gone = known.keys() - {run_id for run_id, _ in changed}
             changed.sort()  # run ids sort by creation time: rows are stored in listing order
             entries = 0
             raced: list[str] = []
@@ -594,7 +616,7 @@ class Index:
                 rows = [row for row in read if row is not None]
                 not_runs = {b[0] for b, row in zip(batch, read, strict=True) if row is None}
                 present -= len(not_runs)
-                work = self._file_work(con, rows, keys)
+                work = self._file_work(con, rows, keys, fresh)
                 gone_now = (gone if i == 0 else set()) | not_runs
                 written, lost = self._write(con, rows, work, gone_now, known)
                 entries += written
@@ -634,9 +656,11 @@ class Index:
         return summarize(run_id, stamp, revision, data)
 
     def _file_work(
-        self, con: sqlite3.Connection, rows: Sequence[Row], keys: bool
+        self, con: sqlite3.Connection, rows: Sequence[Row], keys: bool, fresh: bool = False
     ) -> dict[str, list[FileWork]]:
-        """For each run, the committed stage bytes not yet scanned for cache keys, scanned.
+        """For each run, the committed stage bytes not yet scanned for cache keys, scanned;
+        all of them for a run whose entries are replaced (`Row.replace`: ``fresh``, or a
+        stage declared anew).
 
         A file that cannot be scanned (a copy still in progress, damage) is left out and
         its run marked `Row.partial`, so that the next refresh tries again. Without
@@ -645,14 +669,17 @@ class Index:
         """
         work: dict[str, list[FileWork]] = {}
         for row in rows:
+            row.replace = fresh
             if not row.keyed:
                 continue
-            indexed = {
-                path: (size, sha)
-                for path, size, sha in con.execute(
-                    "SELECT path, indexed_bytes, sha256 FROM files WHERE run_id=?", (row.run_id,)
-                )
-            }
+            indexed: dict[str, tuple[int, str]] = {}
+            if not fresh:
+                declared = {f.path: (f.key_field, f.record_schema_version) for f in row.keyed}
+                for path, size, sha, *was in con.execute(_INDEXED_FILES, (row.run_id,)):
+                    indexed[path] = size, sha
+                    row.replace = row.replace or declared.get(path, tuple(was)) != tuple(was)
+                if row.replace:
+                    indexed = {}
             items = []
             for file in row.keyed:
                 seen = indexed.get(file.path)
@@ -724,7 +751,9 @@ class Index:
                 if (None if indexed is None else indexed[0]) != known.get(row.run_id):
                     raced.append(row.run_id)
                     continue
-                if indexed is not None and (row.problem is not None or indexed[1] != row.identity):
+                if indexed is not None and (
+                    row.replace or row.problem is not None or indexed[1] != row.identity
+                ):
                     self._forget(con, row.run_id)
                     with_files.discard(row.run_id)
                 accepted.append(row)
@@ -847,7 +876,10 @@ class Index:
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             params += statuses
         if name is not None:
-            where.append("name GLOB ?")
+            if not isinstance(name, str):
+                raise InvalidInputError(f"name must be a glob (a string), not {name!r}")
+            # SQLite's GLOB negates a set with [^...], not [!...]: sets go to fnmatch
+            where.append("fnmatchcase(name, ?)" if "[" in name else "name GLOB ?")
             params.append(name)
         if tags is not None and not isinstance(tags, Mapping):
             raise InvalidInputError(f"tags must be a mapping of names to values, not {tags!r}",
@@ -919,14 +951,18 @@ class Index:
         try:  # not `_retrying`: every cache lookup comes through here
             return self._query(sql, params)
         except _Retry:
-            self.refresh()
-            return self._query(sql, params)
+            result: list[tuple[Any, ...]] = self._retrying(self._refreshed_query, sql, params)
+            return result
+
+    def _refreshed_query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        self._refresh(True)
+        return self._query(sql, params)
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
                 return self._connection().execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
                 self._failed(exc)
 
     @property
@@ -970,13 +1006,16 @@ def _moment(since: datetime | date | str) -> datetime:
 
 
 def log_warning(message: str, *args: object) -> None:
-    """Log a warning of the ``runfmt.index`` logger (`logging` is imported only then)."""
+    """Log a warning of the ``runfmt.index`` logger (`logging` is imported only then), its
+    arguments made `printable`: SQLite's messages may quote a damaged file's bytes."""
     import logging
 
-    logging.getLogger("runfmt.index").warning(message, *args)
+    from runfmt.units import printable
+
+    logging.getLogger("runfmt.index").warning(message, *(printable(str(a)) for a in args))
 
 
-def _translate(exc: sqlite3.Error, path: str) -> RunfmtError:
+def _translate(exc: Exception, path: str) -> RunfmtError:
     if "locked" in str(exc) or "busy" in str(exc):
         return LockTimeoutError("the index stayed locked by another process", location=path,
                                 hint="retry, or raise the index timeout")  # fmt: skip
@@ -984,10 +1023,16 @@ def _translate(exc: sqlite3.Error, path: str) -> RunfmtError:
                         hint="delete the index file; it is rebuilt from the store")  # fmt: skip
 
 
-def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
-    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+def _is_corrupt(exc: Exception) -> bool:
+    """Whether ``exc`` says the index file is damaged (SQLite's message about a garbled
+    schema may hold bytes that are no UTF-8: Python then raises `UnicodeDecodeError`)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return True
+    if not isinstance(exc, sqlite3.DatabaseError) or (
+        isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+    ):
         return False
-    if str(exc).startswith(("no such table", "no such column")):
+    if any(damage in str(exc) for damage in _DAMAGE):
         return True
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:

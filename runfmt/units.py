@@ -1,4 +1,4 @@
-"""Durations, times and byte counts as people type and read them (CLI options, gc, ls)."""
+"""Durations, times, byte counts and text as people type and read them (CLI options, gc, ls)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from runfmt.errors import InvalidInputError
 
-__all__ = ["format_size", "parse_duration", "parse_since", "parse_size"]
+__all__ = ["format_size", "parse_duration", "parse_since", "parse_size", "printable"]
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -74,3 +74,12 @@ def format_size(n: int) -> str:
             return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     raise AssertionError  # pragma: no cover
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\n``, ``\\x1b``): a
+    run's name, tags or error, shown on a terminal, can neither fake lines nor send it
+    escape sequences."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

@@ -262,6 +262,31 @@ def test_get_many_wants_string_keys(store: Store, keys: list[object]) -> None:
         store.cache.get_many("score", keys)  # type: ignore[arg-type]
 
 
+def test_get_many_refuses_one_string_for_its_keys(store: Store) -> None:
+    write_scores(store, ["a"])
+    with pytest.raises(InvalidInputError, match="not one string"):
+        store.cache.get_many("score", "ab")
+    with pytest.raises(InvalidInputError, match="not one string"):
+        store.cache.contains("score", "a")
+
+
+@pytest.mark.parametrize(
+    ("stage", "version", "message"),
+    [(None, "1", "a stage name is a string"), (5, "1", "a stage name is a string"),
+     ("score", 1, "record_schema_version is a string or None")],
+)  # fmt: skip
+def test_lookups_refuse_a_stage_or_version_of_another_type(
+    store: Store, stage: object, version: object, message: str
+) -> None:
+    write_scores(store, ["a"])
+    for lookup in (store.cache.get, store.cache.lookup, store.cache.record):
+        with pytest.raises(InvalidInputError, match=message):
+            lookup(stage, "a", record_schema_version=version)  # type: ignore[arg-type]
+    for many in (store.cache.get_many, store.cache.contains):
+        with pytest.raises(InvalidInputError, match=message):
+            many(stage, ["a"], record_schema_version=version)  # type: ignore[arg-type]
+
+
 def test_cli_cache_get(store: Store) -> None:
     key = compute_key({"question": 1})
     run_id = write_scores(store, [key])

@@ -307,6 +307,26 @@ def test_listings_escape_control_characters(tmp_path: Path) -> None:
         assert "\x1b" not in listed, args
 
 
+def test_errors_escape_control_characters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A path or a message quoting a damaged file cannot send the terminal escapes."""
+    odd = str(tmp_path / "a\x1b[31mb")
+    for args in (["--store", odd, "verify"], ["verify", odd]):
+        code, _, err = run_main(args, monkeypatch, capsys)
+        assert code == 1
+        assert "a\\x1b[31mb" in err, args
+        assert "\x1b" not in err, args
+    monkeypatch.setattr(runfmt.Store, "open_run", _raises_quoting_bytes)
+    code, _, err = run_main(["--store", str(tmp_path), "show", "x"], monkeypatch, capsys)
+    assert code == 1
+    assert err == "runfmt: error: damaged \\x1b[2J\\n here\n"
+
+
+def _raises_quoting_bytes(*args: object, **kwargs: object) -> None:
+    raise runfmt.errors.StorageError("damaged \x1b[2J\n here")
+
+
 # cat
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import sys
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from runfmt import _index_reading as reading
 from runfmt import index as index_module
 from runfmt.check import verify_run
 from runfmt.cli import app, main
-from runfmt.errors import ManifestError
+from runfmt.demo import write_demo_run
+from runfmt.errors import ManifestError, StorageError
 from runfmt.index import Index, is_network_filesystem
 from runfmt.store import Store
 
@@ -70,6 +72,9 @@ def test_lists_newest_first_with_every_filter(store: Store) -> None:
     assert [r.run_id for r in idx.runs(status="failed")] == [b]
     assert [r.run_id for r in idx.runs(status=["failed", "running"])] == [c, b]
     assert [r.run_id for r in idx.runs(name="eval-*")] == [b, a]
+    assert [r.run_id for r in idx.runs(name="[!e]*")] == [c], "fnmatch's negation"
+    assert [r.run_id for r in idx.runs(name="eval-[ab]")] == [b, a]
+    assert [r.run_id for r in idx.runs(name="[^t]*")] == [c], "^ is no negation in fnmatch"
     assert [r.run_id for r in idx.runs(tags={"model": "m1"})] == [c, a]
     assert [r.run_id for r in idx.runs(tags={"model": "m1", "split": "dev"})] == [a]
     assert [r.run_id for r in idx.runs(limit=2)] == [c, b]
@@ -102,6 +107,17 @@ def test_cli_ls_json_and_text(store: Store) -> None:
     assert a in result.stdout
     assert b not in result.stdout
     assert cli(store, "ls", "--name", "nothing*").stdout == f"no runs in {store.url} match\n"
+
+
+def test_cli_ls_aligns_wide_characters(store: Store) -> None:
+    write_run(store, "日本語の評価")
+    write_run(store, "ab")
+    lines = cli(store, "ls").stdout.splitlines()
+    status_column = {
+        sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line[: line.index(s)])
+        for line, s in zip(lines, ("STATUS", "completed", "completed"), strict=True)
+    }
+    assert len(status_column) == 1, lines
 
 
 @pytest.mark.parametrize(
@@ -375,15 +391,34 @@ def _damage(path: Path, how: str) -> None:
         con.execute("CREATE TABLE other(x)")
         con.commit()
         con.close()
+    elif how == "garbled schema":  # SQLite's message quotes bytes that are no UTF-8
+        con = sqlite3.connect(path)
+        con.execute("PRAGMA writable_schema=ON")
+        con.execute("UPDATE sqlite_master SET name=CAST(x'ff90fe' AS TEXT), "
+                    "sql=CAST(x'43524541544520ff90' AS TEXT) WHERE name='cache_file'")  # fmt: skip
+        con.commit()
+        con.close()
     else:
         con = sqlite3.connect(path)
-        con.execute("PRAGMA user_version=99")
+        con.execute({
+            "newer": "PRAGMA user_version=99",
+            "column dropped": "ALTER TABLE runs DROP COLUMN problem",
+            "undecodable text": "UPDATE runs SET detail = CAST(x'7b22ff1b5b33316d0a' AS TEXT)",
+        }[how])  # fmt: skip
+        con.commit()
         con.close()
 
 
 @pytest.mark.parametrize(
     ("how", "warning"),
-    [("garbage", "corrupt"), ("foreign", "not a runfmt index"), ("newer", "newer runfmt")],
+    [
+        ("garbage", "corrupt"),
+        ("foreign", "not a runfmt index"),
+        ("newer", "newer runfmt"),
+        ("column dropped", "damaged (its tables or indexes are not runfmt's)"),
+        ("undecodable text", "Could not decode"),
+        ("garbled schema", "corrupt ('utf-8' codec can't decode"),
+    ],
 )
 def test_damaged_index_is_rebuilt_with_a_warning(
     store: Store, how: str, warning: str, caplog: pytest.LogCaptureFixture
@@ -399,9 +434,86 @@ def test_damaged_index_is_rebuilt_with_a_warning(
         runs = Store(store.url).index.runs()
     assert [r.run_id for r in runs] == ids[::-1]
     assert warning in caplog.text
+    assert "\x1b" not in caplog.text, "a damaged file's bytes reach the terminal escaped"
     con = sqlite3.connect(index_path(store))
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert con.execute("PRAGMA user_version").fetchone() == (index_module.SCHEMA_VERSION,)
+
+
+def test_a_damaged_index_never_fails_a_run_that_uses_the_cache(store: Store) -> None:
+    first = write_demo_run(store, reuse=store.cache.record)
+    store.cache.index.close()
+    _damage(index_path(store), "column dropped")
+    again = Store(store.url)
+    second = write_demo_run(again, reuse=again.cache.record)
+    assert 0 < second.reused < first.total, "all but the failures reused"
+    assert Store(store.url).open_run(second.run_id).manifest.status == "completed"
+
+
+def test_an_index_path_that_is_a_folder_is_indexed_in_memory(
+    store: Store,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run_id = write_run(store, "a")
+    index_path(store).parent.mkdir(exist_ok=True)
+    index_path(store).mkdir()
+    with caplog.at_level(logging.WARNING, logger="runfmt.index"):
+        assert [r.run_id for r in Store(store.url).index.runs()] == [run_id]
+    assert "it is not a regular file" in caplog.text
+    assert Store(store.url).cache.get("score", "a-0") is not None
+    for args in (["ls"], ["index", "rebuild"], ["cache", "get", "score", "a-0"]):
+        monkeypatch.setattr(sys, "argv", ["runfmt", "--store", store.url, *args])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 0, capsys.readouterr().err
+
+
+def test_an_index_damaged_again_and_again_is_an_error_not_a_crash(
+    store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_run(store, "a")
+
+    def damaged(*args: object) -> None:
+        raise index_module._Retry
+
+    monkeypatch.setattr(Index, "_refresh", damaged)
+    with pytest.raises(StorageError, match="deleted, replaced or damaged 5 times while in use"):
+        Store(store.url).index.runs()
+    monkeypatch.setattr(Index, "_query", damaged)
+    with pytest.raises(StorageError, match="damaged 5 times"):
+        Store(store.url).cache.get("score", "a-0")
+    monkeypatch.setattr(sys, "argv", ["runfmt", "--store", store.url, "ls"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "damaged 5 times" in err
+    assert "Traceback" not in err
+
+
+def _list_after_damage(url: str, expected: int) -> None:
+    assert len(Store(url).index.runs()) == expected
+    assert Store(url).cache.get("score", "r0-0") is not None
+
+
+def test_processes_meeting_a_damaged_index_at_once_all_rebuild_it(store: Store) -> None:
+    for i in range(3):
+        write_run(store, f"r{i}")
+    ctx = multiprocessing.get_context("spawn")
+    for how in ("garbage", "foreign"):
+        store.index.runs()
+        store.index.close()
+        for suffix in ("-wal", "-shm"):
+            Path(f"{index_path(store)}{suffix}").unlink(missing_ok=True)
+        _damage(index_path(store), how)
+        procs = [ctx.Process(target=_list_after_damage, args=(store.url, 3)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0] * 8
 
 
 def test_unreadable_run_is_listed_with_its_problem(store: Store) -> None:
@@ -464,6 +576,18 @@ def test_journal_mode(
     store.index.runs()
     con = sqlite3.connect(index_path(store))
     assert con.execute("PRAGMA journal_mode").fetchone() == (mode,)
+
+
+def test_an_unknown_journal_mode_is_ignored_with_a_warning(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("RUNFMT_INDEX_JOURNAL", "Bogus")
+    write_run(store)
+    with caplog.at_level(logging.WARNING, logger="runfmt.index"):
+        store.index.runs()
+    assert "RUNFMT_INDEX_JOURNAL=Bogus is neither wal nor delete; ignored" in caplog.text
+    con = sqlite3.connect(index_path(store))
+    assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_network_filesystem_gets_the_rollback_journal(

@@ -66,8 +66,8 @@ def paused(monkeypatch: pytest.MonkeyPatch) -> Callable[[Index], tuple[threading
     file_work = Index._file_work
     gates: dict[int, tuple[threading.Event, threading.Event]] = {}
 
-    def pausing(self: Index, con: Any, rows: Any, keys: bool) -> Any:
-        work = file_work(self, con, rows, keys)
+    def pausing(self: Index, con: Any, rows: Any, keys: bool, fresh: bool = False) -> Any:
+        work = file_work(self, con, rows, keys, fresh)
         if id(self) in gates:
             read, go = gates[id(self)]
             read.set()
@@ -76,10 +76,10 @@ def paused(monkeypatch: pytest.MonkeyPatch) -> Callable[[Index], tuple[threading
 
     monkeypatch.setattr(Index, "_file_work", pausing)
 
-    def start(index: Index) -> tuple[threading.Thread, threading.Event]:
+    def start(index: Index, rebuild: bool = False) -> tuple[threading.Thread, threading.Event]:
         read, go = threading.Event(), threading.Event()
         gates[id(index)] = read, go
-        thread = threading.Thread(target=index.refresh)
+        thread = threading.Thread(target=index.rebuild if rebuild else index.refresh)
         thread.start()
         assert read.wait(30)
         return thread, go
@@ -107,6 +107,45 @@ def test_a_refresh_that_loses_a_race_reads_the_run_again(
     assert cached(fresh) == {f"a{i}" for i in range(10)}
     assert [r.revision for r in fresh.runs()] == [newest]
     writer.finish()
+
+
+def test_a_rebuild_hides_no_run_from_listings_meanwhile(
+    store: Store, paused: Callable[..., tuple[threading.Thread, threading.Event]]
+) -> None:
+    """Another process lists while `runfmt index rebuild` has read the runs but not yet
+    written them again: every run is there, as indexed before."""
+    writer = keyed_writer(store, "a", "b")
+    writer.finish()
+    listing = Index.for_url(store.url)
+    assert listing.refresh().runs == 1
+    thread, go = paused(Index.for_url(store.url), rebuild=True)
+    assert [r.run_id for r in listing.runs(refresh=False)] == [writer.run_id]
+    assert cached(listing) == {"a", "b"}
+    go.set()
+    thread.join()
+    assert [r.run_id for r in listing.runs()] == [writer.run_id]
+    assert cached(listing) == {"a", "b"}
+
+
+def test_a_stage_declared_anew_by_hand_drops_its_old_cache_entries(store: Store) -> None:
+    """A hand-written revision that changes a stage's key field and record schema version
+    (`verify` refuses it, FRAME-2) is indexed as a rebuild would: under the new ones."""
+    writer = store.create_run("r", {})
+    writer.stage("score", key_field="key").append({"key": "K1", "id": "I1"})
+    writer.finish()
+    assert store.cache.get("score", "K1") is not None
+    folder = Path(store.url) / writer.run_id
+    doc = json.loads(max((folder / "_manifests").glob("*.json")).read_bytes())
+    doc["revision"] += 1
+    doc["stages"][0] |= {"record_schema_version": "2", "key_field": "id"}
+    (folder / "_manifests" / f"{doc['revision']:08d}.json").write_text(json.dumps(doc))
+
+    store.cache.refresh()
+    assert store.cache.get("score", "K1") is None
+    assert store.cache.get("score", "I1") is None, "record schema version 1 is gone"
+    hit = store.cache.get("score", "I1", record_schema_version="2")
+    assert hit is not None
+    assert hit.record == {"key": "K1", "id": "I1"}
 
 
 def test_a_run_copied_in_while_listed_is_indexed_once_the_copy_ends(

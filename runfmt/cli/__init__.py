@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from typer.main import get_command_name
 
+from runfmt.units import printable
+
 if TYPE_CHECKING:
     from typer.models import CommandInfo
 
@@ -174,15 +176,6 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def printable(text: str) -> str:
-    """``text`` with control and other unprintable characters escaped (``\\n``, ``\\x1b``): a
-    run's name, tags or error, shown on a terminal, can neither fake lines nor send it
-    escape sequences."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
 def store_index(ctx: typer.Context) -> "Index":
     """The index of the ``--store``, where `ls` keeps it (a local store's own folder)."""
     from runfmt.index import Index
@@ -230,19 +223,28 @@ def echo(text: str = "") -> None:
 
 def table(headers: list[str], rows: list[list[str]], right: Set[int] = frozenset()) -> None:
     """Plain aligned columns on stdout, the columns in ``right`` right-aligned, the cells
-    made `printable`."""
+    made `printable` (a wide character, as in CJK, takes two columns)."""
     lines = [headers, *([printable(c) for c in row] for row in rows)]
-    widths = [max(map(len, column)) for column in zip(*lines, strict=True)]
-    sys.stdout.write(
-        "".join(
-            "  ".join(
-                c.rjust(w) if i in right else c.ljust(w)
-                for i, (c, w) in enumerate(zip(line, widths, strict=True))
-            ).rstrip()
-            + "\n"
-            for line in lines
-        )
-    )
+    widths = [max(map(_width, column)) for column in zip(*lines, strict=True)]
+
+    def cell(i: int, text: str, width: int) -> str:
+        pad = " " * (width - _width(text))
+        return pad + text if i in right else text + pad
+
+    out = []
+    for line in lines:
+        cells = (cell(i, c, w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        out.append("  ".join(cells).rstrip() + "\n")
+    sys.stdout.write("".join(out))
+
+
+def _width(text: str) -> int:
+    """Terminal columns ``text`` takes: two for each wide (W) or full-width (F) character."""
+    if text.isascii():
+        return len(text)
+    from unicodedata import east_asian_width
+
+    return len(text) + sum(east_asian_width(c) in "WF" for c in text)
 
 
 @contextlib.contextmanager
@@ -315,8 +317,8 @@ def cli_lock_error(exc: "LockTimeoutError", timeout: float | None = None) -> "Lo
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print an error to stderr and exit with ``code``."""
-    sys.stderr.write(f"runfmt: error: {message}\n")
+    """Print an error to stderr, made `printable`, and exit with ``code``."""
+    sys.stderr.write(f"runfmt: error: {printable(message)}\n")
     raise typer.Exit(code)
 
 
@@ -397,11 +399,11 @@ def _run() -> None:
 
         if isinstance(exc, LockTimeoutError):
             exc = cli_lock_error(exc)
-        sys.stderr.write(f"runfmt: error: {exc}\n")
+        sys.stderr.write(f"runfmt: error: {printable(str(exc))}\n")
         sys.exit(1)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        sys.stderr.write(f"runfmt: error: {exc.strerror or exc}{where}\n")
+        sys.stderr.write(f"runfmt: error: {printable(f'{exc.strerror or exc}{where}')}\n")
         sys.exit(1)
     except Exception as exc:
         show, exit_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)

@@ -17,12 +17,12 @@ from runfmt.cli import (
     fail,
     no_runs,
     print_json,
-    printable,
     require_store,
     store_index,
     table,
     usage_of,
 )
+from runfmt.units import printable
 
 if TYPE_CHECKING:
     from runfmt.index import RunSummary
@@ -125,7 +125,7 @@ def _print_runs(runs: "list[RunSummary]") -> None:
 
 @index_app.command("rebuild")
 def rebuild(ctx: typer.Context, json_: JsonOpt = False) -> None:
-    """Forget the index and rebuild it from the run folders."""
+    """Read every run folder again and replace what the index holds of each."""
     require_store(ctx)
     index = store_index(ctx)
     stats = index.rebuild()

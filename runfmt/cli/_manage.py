@@ -23,13 +23,13 @@ from runfmt.cli import (
     held_commit_lock,
     no_runs,
     print_json,
-    printable,
     require_store,
     state,
     store_index,
     table,
     usage_of,
 )
+from runfmt.units import printable
 
 if TYPE_CHECKING:
     from datetime import timedelta

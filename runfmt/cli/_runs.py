@@ -24,12 +24,12 @@ from runfmt.cli import (
     no_runs,
     output_closed,
     print_json,
-    printable,
     require_store,
     state,
     store_missing,
     table,
 )
+from runfmt.units import printable
 
 if TYPE_CHECKING:
     from runfmt.errors import RunfmtError
