@@ -324,6 +324,16 @@ def test_cli_cache_miss_exits_1(
     assert exit_info.value.code == 1
     assert "no run has a keyed stage 'scroe' (keyed stages: 'score')" in capsys.readouterr().err
 
+    argv = ["runfmt", "--store", store.url, "cache", "get", "score", "a"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--record-schema-version", "2"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    assert (
+        "no committed record with key 'a' in stage 'score' of record schema version '2'; "
+        "one of version '1' exists (drop --record-schema-version)"
+    ) in capsys.readouterr().err
+
 
 def test_demo_twice_reuses_the_first_runs_results(store: Store) -> None:
     first = runner.invoke(app, ["--store", store.url, "demo", "--items", "40"])

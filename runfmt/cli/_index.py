@@ -161,12 +161,21 @@ def cache_get(
     hit = cache.get(stage, key, record_schema_version=record_schema_version)
     if hit is None:
         stages = cache.stages()
-        known = (
-            ""
-            if stage in stages
-            else f"; no run has a keyed stage {stage!r} (keyed stages: "
-            f"{', '.join(map(repr, stages)) or 'none'})"
-        )
+        other = None
+        if record_schema_version is not None:
+            other = cache.get(stage, key, record_schema_version=None)
+        if other is not None:
+            known = (
+                f" of record schema version {record_schema_version!r}; one of version "
+                f"{other.provenance.record_schema_version!r} exists (drop --record-schema-version)"
+            )
+        elif stage not in stages:
+            known = (
+                f"; no run has a keyed stage {stage!r} (keyed stages: "
+                f"{', '.join(map(repr, stages)) or 'none'})"
+            )
+        else:
+            known = ""
         fail(f"no committed record with key {key!r} in stage {stage!r}{known}")
     if json_:
         print_json(hit.to_json())
