@@ -113,7 +113,10 @@ def test_encode_many_matches_encode_record_or_declines() -> None:
     assert encode_many([{"a": 1}, {"a": math.nan}]) is None
     assert encode_many([{"a": None, "u": uuid.uuid4()}]) is None
     assert encode_many([{"a": 1}, {"b": [None, math.inf]}]) is None
+    assert encode_many([{"a": 1.5, "b": -math.inf}]) is None
     assert encode_many([]) is None
+    huge = [{"a": 1e308}, {"a": 1e308, "b": -1e308}]  # their sum overflows: checked one by one
+    assert encode_many(huge) == b"".join(map(encode_record, huge))
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -71,16 +73,10 @@ def encode_many(records: list[Any], key_field: str | None = None) -> bytes | Non
     if not records or set(map(type, records)) != {dict}:
         return None
     try:
-        # One call for the batch; its record boundaries "},{" become line ends. orjson writes
-        # no newline of its own, so as many newlines as boundaries means no other "},{".
-        lines = orjson.dumps(records, option=_OPTS).replace(b"},{", b"}\n{")
-        if lines.count(b"\n") == len(records) - 1:
-            lines = lines[1:-1] + b"\n"
-        else:
-            lines = b"".join(map(_line, records))
+        lines = b"".join(map(_line, records))
     except (TypeError, orjson.JSONEncodeError):
         return None
-    if not _all_plain(records, lines):
+    if not _all_plain(records):
         return None
     if key_field is not None:
         keys = list(map(dict.get, records, itertools.repeat(key_field)))
@@ -100,16 +96,21 @@ def _line(record: dict[str, Any]) -> bytes:
     return orjson.dumps(record, option=_OPTS) + b"\n"
 
 
-def _all_plain(records: list[dict[str, Any]], lines: bytes) -> bool:
+def _all_plain(records: list[dict[str, Any]]) -> bool:
     """`_all_finite` of every record, at C speed when no record holds an array or object.
 
-    orjson writes each None, NaN and infinity as ``null``: when flat records are written
-    with as many ``null`` as they hold None, none of them holds a NaN or an infinity.
+    A sum of floats is a finite number only if each of them is one (an overflow, which a
+    sum of finite floats may reach, sends the records to `_all_finite`).
     """
     values = list(itertools.chain.from_iterable(map(dict.values, records)))
-    kinds = set(map(type, values))
-    if kinds <= _SCALARS or (kinds <= _FLAT and lines.count(b"null") == values.count(None)):
+    types = list(map(type, values))
+    kinds = set(types)
+    if kinds <= _SCALARS:
         return True
+    if kinds <= _FLAT:
+        floats = itertools.compress(values, map(operator.is_, types, itertools.repeat(float)))
+        if math.isfinite(sum(floats)):
+            return True
     return all(map(_all_finite, records))
 
 
