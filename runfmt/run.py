@@ -18,7 +18,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -666,6 +666,11 @@ class StageWriter:
         self._open = None
 
 
+def _running(manifest: Manifest, writer: StageWriter) -> bool:
+    committed = manifest.stage(writer.name)
+    return (writer.entry if committed is None else committed).status == "running"
+
+
 def guess_media_type(name: str) -> str:
     """An artifact's media type from its name's extension, else a plain byte stream (ART-1)."""
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
@@ -820,10 +825,31 @@ class RunWriter:
             )
 
     def append(self, stage: str, record: Mapping[str, Any]) -> None:
-        (self._stages.get(stage) or self.stage(stage)).append(record)
+        """`StageWriter.append` to ``stage``, declared by the first record it takes."""
+        writer = self._stages.get(stage)
+        if writer is None:
+            self._first_use(stage, StageWriter.append, record)
+        else:
+            writer.append(record)
 
     def extend(self, stage: str, records: Iterable[Mapping[str, Any]]) -> None:
-        (self._stages.get(stage) or self.stage(stage)).extend(records)
+        """`StageWriter.extend` of ``stage``, declared by the first record it takes."""
+        writer = self._stages.get(stage)
+        if writer is None:
+            self._first_use(stage, StageWriter.extend, records)
+        else:
+            writer.extend(records)
+
+    def _first_use(self, name: str, method: Callable[[StageWriter, Any], None], arg: Any) -> None:
+        """``method`` of a new stage's writer; a stage new to the run that took no record is
+        not declared after all: a refused record changes nothing (REC-3)."""
+        writer = self.stage(name)
+        try:
+            method(writer, arg)
+        finally:
+            if not writer.pending and writer._seq == 0 and self.manifest.stage(name) is None:
+                del self._stages[name]
+                self._changes.stages.pop(name, None)
 
     def count(self, counter: str, delta: float = 1) -> None:
         """Add ``delta`` to a per-run counter (cost, tokens, ...) at the next commit."""
@@ -988,17 +1014,20 @@ class RunWriter:
         check_error(status, error)
         with self._mutex:
             self._check_open()
-            through = self.manifest.completed_through_stage
+            through = None
             if status == "completed":
                 through = through_stage or self.until_stage
-                if through is not None:
-                    if through not in self._stages and self.manifest.stage(through) is None:
+                manifest = self.manifest
+                if through is not None and through not in self._stages:
+                    manifest = self._newest_of_this_run()
+                    if manifest.stage(through) is None:
                         raise InvalidInputError(
                             f"cannot complete through stage {through!r}: the run has no such stage",
                             location=self.storage.where(),
                         )
+                if through is not None:
                     self._changes.stage_status[through] = "completed"
-                for name in self._stages_to_complete(through):
+                for name in self._stages_to_complete(manifest, through):
                     self._changes.stage_status.setdefault(name, "completed")
             self._changes.status = status
             self._changes.error = error
@@ -1008,14 +1037,22 @@ class RunWriter:
             self._release()
             return manifest
 
-    def _stages_to_complete(self, through: str | None) -> list[str]:
-        """The running stages this writer took up that finishing as completed marks so
+    def _newest_of_this_run(self) -> Manifest:
+        """The run's newest revision, which may list stages other writers declared since this
+        writer's last commit; the writer's own when the run was replaced meanwhile (its
+        commit then fails, COMMIT-4)."""
+        newest = load_manifest(self.storage)
+        return newest if newest.created_at == self.manifest.created_at else self.manifest
+
+    def _stages_to_complete(self, manifest: Manifest, through: str | None) -> list[str]:
+        """The stages this writer took up that are still running (in ``manifest``, the
+        newest it knows, or as declared) and that finishing as completed marks so
         (LIFE-5): all of them, or those declared up to ``through`` (LIFE-2)."""
-        order = [s.name for s in self.manifest.stages]
+        order = [s.name for s in manifest.stages]
         order += [name for name in self._changes.stages if name not in order]
         if through is not None and through in order:
             order = order[: order.index(through) + 1]
-        return [n for n in order if n in self._stages and self._stages[n].entry.status == "running"]
+        return [n for n in order if n in self._stages and _running(manifest, self._stages[n])]
 
     def fail(self, error: str) -> Manifest:
         return self.finish("failed", error)

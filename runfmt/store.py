@@ -242,7 +242,6 @@ class Store:
         storage.delete(names.SUMS_FILE)
         if writer.manifest.status != "running":
             writer._changes.status = "running"
-            writer._changes.completed_through_stage = writer.manifest.completed_through_stage
         writer.heartbeat()
         return writer
 

@@ -144,6 +144,62 @@ def test_finish_through_unknown_stage_is_refused_and_run_stays_open(store: Store
     assert w.finish().status == "completed"
 
 
+QUIET = {"flush_interval": None, "heartbeat_interval": None}
+
+
+def test_failing_a_run_another_writer_finished_through_a_stage_keeps_it(store: Store) -> None:
+    """LIFE-2: finishing as failed keeps completed_through_stage, the newest revision's (not
+    the one this writer read before the other finished the run)."""
+    first = store.create_run("r", **QUIET)
+    first.append("gen", {"i": 1})
+    second = store.resume_run(first.run_id, **QUIET)
+    assert first.finish(through_stage="gen").completed_through_stage == "gen"
+    failed = second.fail("judge down")
+    assert (failed.status, failed.completed_through_stage) == ("failed", "gen")
+    reopened = store.resume_run(first.run_id, **QUIET)
+    assert reopened.manifest.completed_through_stage == "gen", "reopening keeps it"
+    assert reopened.finish().completed_through_stage is None, "completing in full removes it"
+
+
+def test_finishing_leaves_a_stage_this_writer_committed_as_failed(store: Store) -> None:
+    """LIFE-5: only stages still running are completed."""
+    writer = store.create_run("r", **QUIET)
+    writer.append("gen", {"i": 1})
+    writer.stage("gen").fail()
+    writer.flush()
+    writer.append("judge", {"i": 1})
+    finished = writer.finish()
+    assert [(s.name, s.status) for s in finished.stages] == [
+        ("gen", "failed"), ("judge", "completed")]  # fmt: skip
+
+
+def test_finishing_through_a_stage_another_writer_declared_since(store: Store) -> None:
+    first = store.create_run("r", **QUIET)
+    second = store.resume_run(first.run_id, **QUIET)
+    second.append("gen", {"i": 1})
+    second.flush()
+    first.append("judge", {"i": 1})
+    first.close()
+    finished = second.finish(through_stage="judge")
+    assert (finished.status, finished.completed_through_stage) == ("completed", "judge")
+    assert [(s.name, s.status) for s in finished.stages] == [
+        ("gen", "completed"), ("judge", "completed")]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [[1], {"x": float("nan")}])
+def test_a_refused_first_record_declares_no_stage(store: Store, bad: object) -> None:
+    """REC-3: a refused record changes nothing, not even the stage it was for."""
+    writer = store.create_run("r", **QUIET)
+    with pytest.raises(InvalidInputError):
+        writer.append("fresh", bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        writer.extend("other", [bad])  # type: ignore[list-item]
+    writer.extend("kept", [{"i": 1}])
+    with pytest.raises(InvalidInputError):
+        writer.extend("half", [{"i": 1}, bad])  # type: ignore[list-item]
+    assert [(s.name, s.records) for s in writer.finish().stages] == [("kept", 1), ("half", 1)]
+
+
 def test_until_stage_must_be_a_stage_name(store: Store) -> None:
     with pytest.raises(InvalidInputError, match="NAME-2"):
         store.create_run("eval", until_stage="Bad Stage", heartbeat_interval=None)

@@ -456,7 +456,8 @@ class ChangeSet:
     status: RunStatus | None = None
     error: str | None = None
     completed_through_stage: str | None = None
-    """Set together with ``status`` (like ``error``): the stage a run stopped after (LIFE-2)."""
+    """With ``status`` completed: the stage a run stopped after, None for a run completed in
+    full; any other status keeps the newest revision's (LIFE-2)."""
     tags: dict[str, str] = field(default_factory=dict)
     heartbeat: bool = False
     """Set ``heartbeat_at`` to the commit time: a writer of the run is alive (LIFE-3)."""
@@ -572,7 +573,9 @@ def apply_changes(
         status=status,
         error=changes.error if changes.status else base.error,
         completed_through_stage=(
-            changes.completed_through_stage if changes.status else base.completed_through_stage
+            changes.completed_through_stage
+            if changes.status == "completed"
+            else base.completed_through_stage
         ),
         format_version=later_version(base.format_version, FORMAT_VERSION),
         writer=writer,
