@@ -1032,6 +1032,7 @@ class RunWriter:
             self._changes.status = status
             self._changes.error = error
             self._changes.completed_through_stage = through
+            self.storage.delete(names.SUMS_FILE)  # another writer's finish wrote one (COMMIT-11)
             manifest = self.flush()
             write_sums(self.storage, manifest)
             self._release()

@@ -9,10 +9,12 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from typer.testing import CliRunner
 
+import runfmt.run
 from runfmt.check import verify_run
 from runfmt.cli import app
 from runfmt.errors import (
@@ -198,6 +200,28 @@ def test_a_refused_first_record_declares_no_stage(store: Store, bad: object) -> 
     with pytest.raises(InvalidInputError):
         writer.extend("half", [{"i": 1}, bad])  # type: ignore[list-item]
     assert [(s.name, s.records) for s in writer.finish().stages] == [("kept", 1), ("half", 1)]
+
+
+def test_a_crash_finishing_a_run_finished_meanwhile_leaves_no_stale_sums(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-11: finishing again deletes the other finish's SHA256SUMS before committing,
+    so a crash before the new one is written leaves state 9 (no SHA256SUMS, no problem)."""
+    first = store.create_run("r", **QUIET)
+    second = store.resume_run(first.run_id, **QUIET)
+    first.fail("boom")
+
+    def crash(*args: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runfmt.run, "write_sums", crash)
+    with pytest.raises(KeyboardInterrupt):
+        second.finish()
+    second.discard()
+    storage = store.locate(first.run_id)
+    assert load_manifest(storage).status == "completed"
+    assert not storage.exists(names.SUMS_FILE)
+    assert verify_run(storage) == []
 
 
 def test_until_stage_must_be_a_stage_name(store: Store) -> None:
