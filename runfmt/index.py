@@ -591,7 +591,7 @@ class Index:
         transaction: a listing in another process meanwhile sees each run as it was
         indexed before or after, never missing.
         """
-        result: RefreshStats = self._retrying(self._refresh, True, True)
+        result: RefreshStats = self._retrying(lambda: self._refresh(True, fresh=True))
         return result
 
     def _refresh(self, keys: bool, fresh: bool = False) -> RefreshStats:

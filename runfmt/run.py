@@ -1032,8 +1032,10 @@ class RunWriter:
             self._changes.status = status
             self._changes.error = error
             self._changes.completed_through_stage = through
-            self.storage.delete(names.SUMS_FILE)  # another writer's finish wrote one (COMMIT-11)
-            manifest = self.flush()
+            with commit_lock(self.storage, self.lock_timeout):
+                if self._newest_of_this_run().finished:  # another writer's finish (COMMIT-11)
+                    self.storage.delete(names.SUMS_FILE)
+                manifest = self.flush()
             write_sums(self.storage, manifest)
             self._release()
             return manifest

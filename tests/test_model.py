@@ -204,8 +204,6 @@ class RunModel:
     dirty: bool = False
     """Whether dead writers left uncommitted bytes (whole frames or torn ones)."""
     sums: bool = False
-    stale_sums: bool = False
-    """A writer that finished the run again died before replacing ``SHA256SUMS``."""
 
     @property
     def finished(self) -> bool:
@@ -414,7 +412,7 @@ class RunfmtModel(RuleBasedStateMachine):
         self.salvaged(run, salvage=True)
         if run.finished:
             run.status, run.error = "running", None
-        run.sums = run.stale_sums = False
+        run.sums = False
         run.writers.append(WriterModel(handle, flush_every, not self.memory))
 
     def crash_while_resuming(self, run: RunModel) -> None:
@@ -427,7 +425,7 @@ class RunfmtModel(RuleBasedStateMachine):
         if not any(records for parts in run.debris.values() for _, records in parts):
             run.debris.clear()
             run.dirty = False
-            run.sums = run.stale_sums = False
+            run.sums = False
 
     @precondition(lambda self: self.writing())
     @rule(pick=PICK, stage=st.sampled_from(STAGES), spec=RECORDS, short=st.booleans())
@@ -570,8 +568,8 @@ class RunfmtModel(RuleBasedStateMachine):
         sums_crash: bool,
     ) -> None:
         """Finish (again, when another writer finished the run: COMMIT-11); with
-        ``sums_crash`` the process dies after the final commit, before ``SHA256SUMS``
-        (section 9.3, row 9)."""
+        ``sums_crash`` the process dies after the final commit, before ``SHA256SUMS``,
+        leaving a finished run without one (section 9.3, row 9), never a stale one."""
         run, w = self.pick_writer(pick)
         if status != "completed":
             through = None
@@ -599,9 +597,7 @@ class RunfmtModel(RuleBasedStateMachine):
         self.committed(run, w)
         if status == "completed":
             run.through = through
-        run.stale_sums = sums_crash and run.sums
-        run.sums = run.stale_sums or not sums_crash
-        run.status, run.error = status, error
+        run.status, run.error, run.sums = status, error, not sums_crash
         self.gone(run, w)
 
     @precondition(lambda self: self.writing())
@@ -617,7 +613,7 @@ class RunfmtModel(RuleBasedStateMachine):
         self.committed(run, w)
         run.status = "cancelled" if interrupt else "failed"
         run.error = f"{name}: {message}" if message else name
-        run.sums, run.stale_sums = True, False
+        run.sums = True
         self.gone(run, w)
 
     @precondition(lambda self: self.writing())
@@ -670,6 +666,8 @@ class RunfmtModel(RuleBasedStateMachine):
         before = storage.walk("stages")
         with failing(runfmt.run, "create_revision", SimulatedCrash()):
             self.expect(SimulatedCrash, w.handle.flush if during == "flush" else w.handle.finish)
+        if during == "finish" and run.finished:
+            run.sums = False  # finishing again deleted the other finish's (COMMIT-11, state 9)
         after = storage.walk("stages")
         fresh = {name for name, records in w.buffered.items() if records}
         parts = w.write()
@@ -697,7 +695,7 @@ class RunfmtModel(RuleBasedStateMachine):
         report = repair_run(self.storage(run), salvage=salvage)
         assert report.left == []
         assert report.salvaged_records == self.salvaged(run, salvage)
-        run.sums, run.stale_sums = run.finished, False
+        run.sums = run.finished
 
     # invariants
 
@@ -758,12 +756,9 @@ class RunfmtModel(RuleBasedStateMachine):
         if run.dirty or (unlisted and not reader.storage.is_local):
             assert problems, where
             assert all(p.repairable for p in problems), (where, problems)
-        elif run.stale_sums:
-            assert all(p.repairable and p.rule == "CHECK-3" for p in problems), (where, problems)
         else:
             assert problems == [], (where, problems)
-        if not run.stale_sums:
-            assert reader.storage.exists("SHA256SUMS") == run.sums, where
+        assert reader.storage.exists("SHA256SUMS") == run.sums, where
 
     @invariant()
     def index_lists_runs_as_modelled(self) -> None:
