@@ -253,6 +253,8 @@ def commit_locked(
                 location=run.where(),
                 hint="resume the run to add to it (COMMIT-11); this commit is dropped",
             )
+        if base.finished and changes.status is not None:
+            run.delete(names.SUMS_FILE)  # a crash from here on leaves none, not a stale one
         new = apply_changes(base, changes, base.revision + 1, now_utc(), WRITER)
         data = encode_manifest(new)
         if create_revision(run, new.revision, data):
@@ -1032,10 +1034,7 @@ class RunWriter:
             self._changes.status = status
             self._changes.error = error
             self._changes.completed_through_stage = through
-            with commit_lock(self.storage, self.lock_timeout):
-                if self._newest_of_this_run().finished:  # another writer's finish (COMMIT-11)
-                    self.storage.delete(names.SUMS_FILE)
-                manifest = self.flush()
+            manifest = self.flush()
             write_sums(self.storage, manifest)
             self._release()
             return manifest

@@ -239,7 +239,6 @@ class Store:
             raise ReadOnlyError("the store was opened read-only", location=storage.where())
         repair_run(storage, salvage=True, artifacts=False)
         writer = RunWriter(storage, load_manifest(storage), **writer_options)
-        storage.delete(names.SUMS_FILE)
         if writer.manifest.status != "running":
             writer._changes.status = "running"
         writer.heartbeat()
