@@ -321,11 +321,14 @@ def _check_sums(run: Storage, manifest: Manifest, manifest_bytes: bytes) -> list
 
 @dataclass
 class RepairReport:
-    """What `repair_run` did, and what it could not fix."""
+    """What `repair_run` did, and what it met and left alone. It is no verdict: a damaged
+    committed file is no crash to repair, and only `verify_run` reports it."""
 
     actions: list[str] = field(default_factory=list)
     salvaged_records: int = 0
     left: list[Problem] = field(default_factory=list)
+    """What repair met and did not change: a file that is no stage file, a rollback it
+    could not make."""
     rollback_to: int | None = None
     """The revision ``rollback=True`` would go back to (COMMIT-13), when it was not given."""
 

@@ -116,6 +116,7 @@ class RunSummary:
             "counters": dict(self.counters),
             "forked_from": self.forked_from,
             "forked_at_stage": self.forked_at_stage,
+            "problem": None,
         }
 
 
@@ -308,7 +309,7 @@ def runs_with_config(store: Store, config: Mapping[str, Any] | str) -> list[RunR
         raise InvalidInputError(f"invalid config hash {wanted!r}", hint="expected k1:<64 hex>")
     return [
         run
-        for run in store.runs()
+        for _, run in store.runs()
         if not isinstance(run, FormatError) and run.manifest.config_hash == wanted
     ]
 

@@ -49,7 +49,7 @@ class LineageNode:
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = dict(parent_json(self.ref))
-        if self.record is not None:
+        if self.ref.stage is not None:
             doc["record"] = self.record
         if self.artifact is not None:
             doc["bytes"] = self.artifact.bytes
@@ -64,6 +64,11 @@ class LineageNode:
 
 class _Walker:
     def __init__(self, reader: RunReader, max_depth: int) -> None:
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
+            raise InvalidInputError(
+                f"max_depth must be a whole number >= 1, not {max_depth!r}",
+                hint="1 follows the record's own parents only",
+            )
         self.reader = reader
         self.max_depth = max_depth
         self._by_key: dict[str, dict[str, Record]] = {}

@@ -541,18 +541,18 @@ class StageWriter:
     def extend(self, records: Iterable[Mapping[str, Any]]) -> None:
         """`append` each record, encoding up to a flush's worth at a time at C speed.
 
-        Flushes fall on the same records as with `append`; a bad record raises
-        after the records before it were appended.
+        Flushes fall on the same records as with `append`; a bad record raises, naming
+        its position, after the records before it were appended.
         """
         self._run._check_open()
         it = iter(records)
+        taken = 0
         while True:
             batch: list[Mapping[str, Any]] = []
             try:
                 batch.extend(itertools.islice(it, self._run._room()))
             except BaseException:
-                for record in batch:
-                    self.append(record)
+                self._append_each(batch, taken)
                 raise
             if not batch:
                 return
@@ -565,15 +565,27 @@ class StageWriter:
                 )
                 or any(map(operator.contains, batch, itertools.repeat(PARENTS_FIELD)))
             ):
-                for record in batch:
-                    self.append(record)
-                continue
-            self._chunks.append(lines)
-            self._records += len(batch)
-            dicts = cast("list[dict[str, Any]]", batch)  # encode_many took only dicts
-            errors = list(map(dict.get, dicts, itertools.repeat(ERROR_FIELD)))
-            self._pending_failures += len(errors) - errors.count(None)
-            self._run._appended(len(batch))
+                self._append_each(batch, taken)
+            else:
+                self._chunks.append(lines)
+                self._records += len(batch)
+                dicts = cast("list[dict[str, Any]]", batch)  # encode_many took only dicts
+                errors = list(map(dict.get, dicts, itertools.repeat(ERROR_FIELD)))
+                self._pending_failures += len(errors) - errors.count(None)
+                self._run._appended(len(batch))
+            taken += len(batch)
+
+    def _append_each(self, batch: list[Mapping[str, Any]], first: int) -> None:
+        """`append` each record of ``batch``, whose first is ``extend``'s record ``first``."""
+        for i, record in enumerate(batch, first):
+            try:
+                self.append(record)
+            except InvalidInputError as exc:
+                exc.problem = (
+                    f"record {i} given to extend (counted from 0; the records before it "
+                    f"were appended): {exc.problem}"
+                )
+                raise
 
     def complete(self) -> None:
         """Mark the stage completed at the next commit."""

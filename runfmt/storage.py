@@ -11,12 +11,13 @@ import contextlib
 import errno
 import hashlib
 import os
+import posixpath
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -33,6 +34,7 @@ _STREAM_BLOCK = 8 << 20
 _READ_CHUNK = 8 << 20
 EXCLUSIVE_PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a"})
 """Backends whose create-only write has exactly one winner (COMMIT-2); others need single-writer."""
+_T = TypeVar("_T")
 _BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
 """Object stores, where writing an object needs no folder, only its bucket."""
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -475,7 +477,7 @@ class Storage:
         self._writable(rel)
         with self._io(rel, writing=True):
             if not self.is_local:
-                self.fs.pipe_file(self.path(rel), data)
+                self._remote(rel, lambda path: self.fs.pipe_file(path, data))
                 return
             target = self.path(rel)
             tmp = self._local_temp(target, data, durable=durable)
@@ -505,7 +507,7 @@ class Storage:
                     self.fs.pipe_file(self.path(rel), data)
                     return True
             try:
-                self.fs.pipe_file(self.path(rel), data, mode="create")
+                self._remote(rel, lambda path: self.fs.pipe_file(path, data, mode="create"))
             except FileExistsError:
                 return False
             except OSError as exc:
@@ -527,14 +529,16 @@ class Storage:
                     os.fsync(f.fileno())
                 _fsync_dir(os.path.dirname(target))
             else:
-                self.fs.pipe_file(self.path(rel), data)
+                self._remote(rel, lambda path: self.fs.pipe_file(path, data))
 
     def put_stream(self, rel: str, chunks: Iterable[bytes]) -> None:
         """Write a whole file from ``chunks``; it appears complete or not at all."""
         self._writable(rel)
         with self._io(rel, writing=True):
             if not self.is_local:
-                out = self.fs.open(self.path(rel), "wb", block_size=_STREAM_BLOCK)
+                out = self._remote(
+                    rel, lambda path: self.fs.open(path, "wb", block_size=_STREAM_BLOCK)
+                )
                 try:
                     for chunk in chunks:
                         out.write(chunk)
@@ -565,7 +569,7 @@ class Storage:
         """Write a whole file from a local one (in parallel parts where the backend can)."""
         self._writable(rel)
         with self._io(rel):
-            self.fs.put_file(local_path, self.path(rel))
+            self._remote(rel, lambda path: self.fs.put_file(local_path, path))
 
     def open_append(self, rel: str) -> AppendFile:
         """A local file opened for appending (created if missing)."""
@@ -662,6 +666,18 @@ class Storage:
 
         self.put_stream(rel, checked())
         return False
+
+    def _remote(self, rel: str, write: Callable[[str], _T]) -> _T:
+        """``write`` the backend path of ``rel``, first making its folder on a backend that
+        has folders (an object store has none: there a missing one is a missing bucket)."""
+        path = self.path(rel)
+        try:
+            return write(path)
+        except FileNotFoundError:
+            if self.protocol in _BUCKET_PROTOCOLS:
+                raise
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            return write(path)
 
     def _local_temp(self, target: str, data: bytes, *, durable: bool = True) -> str:
         directory = os.path.dirname(target)

@@ -292,16 +292,17 @@ class Store:
         ids = [e.name for e in self.storage.list() if e.is_dir and names.is_run_id(e.name)]
         return sorted(ids, reverse=True)
 
-    def runs(self) -> Iterator[RunReader | FormatError]:
-        """Every run in the store, newest id first; an unreadable one yields its error."""
+    def runs(self) -> Iterator[tuple[str, RunReader | FormatError]]:
+        """Every run in the store, newest id first, as its id and its reader, or the error
+        that makes it unreadable."""
         for run_id in self.run_ids():
             run = self._run_storage(run_id)
             try:
-                yield RunReader(run, check_folder_name(load_manifest(run), run, run_id))
+                yield run_id, RunReader(run, check_folder_name(load_manifest(run), run, run_id))
             except RunNotFoundError:
                 continue
             except FormatError as exc:
-                yield exc
+                yield run_id, exc
 
 
 def _refuse_folder(path: str) -> NoReturn:
@@ -311,8 +312,9 @@ def _refuse_folder(path: str) -> NoReturn:
         parent = os.path.dirname(path)
         if os.path.basename(parent) == names.MANIFESTS_DIR:
             parent = os.path.dirname(parent)
-        raise RunNotFoundError("is a file, not a run folder", location=path,
-                               hint=f"give the folder that holds it: {parent}")  # fmt: skip
+        if os.path.isdir(os.path.join(parent, names.MANIFESTS_DIR)):
+            hint = f"give the run folder that holds it: {parent}"
+        raise RunNotFoundError("is a file, not a run folder", location=path, hint=hint)
     try:
         entries = os.listdir(path)
     except PermissionError:

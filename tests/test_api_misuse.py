@@ -135,10 +135,12 @@ def test_what_a_run_path_names_is_told_apart(store: Store, tmp_path: Path) -> No
         pass
     run_dir = Path(store.url) / w.run_id
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a run")
     (tmp_path / "no-revision" / "_manifests").mkdir(parents=True)
     for given, message in [
         (run_dir / "manifest.json", f"is a file, not a run folder.*holds it: {run_dir}"),
         (run_dir / "_manifests" / "00000002.json", f"holds it: {run_dir}"),
+        (tmp_path / "notes.txt", r"is a file, not a run folder \(give a run id from"),
         (Path(store.url), "is a store, not a run folder"),
         (tmp_path / "empty", r"not a run: no revision and no manifest.json \(LAYOUT-2\)"),
         (tmp_path / "no-revision", r"not a run: no revision and no manifest.json \(LAYOUT-2\)"),

@@ -225,8 +225,8 @@ def test_an_error_message_goes_only_with_a_failure_and_fits_the_manifest(store: 
     failed = store.open_run(raising.run_id).manifest
     assert (failed.status, len(failed.error or "")) == ("failed", 65536)
     w.fail("x" * 65536)
-    for run in store.runs():
-        assert verify_run(store.locate(run.run_id)) == []
+    for run_id, _ in store.runs():
+        assert verify_run(store.locate(run_id)) == []
 
 
 @pytest.mark.parametrize("stage", ["Score", "1st", "a/b", "../x", "", "s" * 65, "a b"])

@@ -86,13 +86,21 @@ def test_extend_commits_what_append_commits(store: Store, flush_every: int | Non
     ],
 )
 def test_a_bad_record_in_extend_keeps_those_before_it(store: Store, bad: Any) -> None:
-    writer = store.create_run("extend", flush_every=None, flush_interval=None)
+    """The error names the bad record's position in what extend was given, across the
+    batches extend cuts at flushes."""
+    writer = store.create_run("extend", flush_every=2, flush_interval=None)
     stage = writer.stage("s", key_field="key")
-    with pytest.raises(InvalidInputError):
-        stage.extend([{"key": "ok1"}, {"key": "ok2"}, bad, {"key": "never"}])
-    assert stage.pending == 2
+    good = [{"key": f"ok{i}"} for i in range(3)]
+    with pytest.raises(InvalidInputError) as refused:
+        stage.extend([*good, bad, {"key": "never"}])
+    assert refused.value.problem.startswith("record 3 given to extend (counted from 0; ")
+    assert stage.pending == 1
     writer.close()
-    assert [r["key"] for r in store.open_run(writer.run_id).records("s")] == ["ok1", "ok2"]
+    assert [r["key"] for r in store.open_run(writer.run_id).records("s")] == [
+        "ok0",
+        "ok1",
+        "ok2",
+    ]
 
 
 def test_records_before_a_failing_iterable_are_kept(store: Store) -> None:

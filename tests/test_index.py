@@ -221,7 +221,10 @@ def test_a_copy_under_another_run_id_is_refused_by_id_and_fails_verify(store: St
             f"manifest names run {run_id!r}, not its folder name (LAYOUT-1)"
         )
         assert refused.value.hint == f"rename the folder to {run_id}, or open it by its path"
-    assert [type(r).__name__ for r in store.runs()] == ["RunReader", "ManifestError"]
+    assert [(i, type(r).__name__) for i, r in store.runs()] == [
+        (run_id, "RunReader"),
+        (other, "ManifestError"),
+    ]
     assert store.open_run(copy).run_id == run_id
 
     result = CliRunner().invoke(app, ["--store", store.url, "verify"])

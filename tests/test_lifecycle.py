@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 from typer.testing import CliRunner
@@ -556,6 +556,8 @@ def test_status_prints_one_line_per_run(store: Store) -> None:
     doc = json.loads(result.output)
     assert len(doc) == 1
     assert set(doc[0]) >= {"run_id", "health", "stages", "age_seconds", "idle_seconds"}
+    none = CliRunner().invoke(app, ["--store", store.url, "status", "--limit", "0"])
+    assert (none.exit_code, none.output) == (0, "")
     live.close()
 
 
@@ -607,6 +609,26 @@ def test_status_exits_1_on_an_unreadable_run(store: Store) -> None:
     assert result.exit_code == 1
     assert "unreadable" in result.output
     assert "ok" in result.output
+
+    def status(*args: str) -> tuple[int, list[dict[str, Any]]]:
+        out = CliRunner().invoke(app, ["--store", store.url, "status", "--json", *args])
+        return out.exit_code, json.loads(out.stdout)
+
+    code, doc = status("--status", "unreadable")
+    assert code == 1
+    assert [(r["run_id"], r["health"]) for r in doc] == [
+        ("20260101-000000000-deadbeef", "unreadable")
+    ]
+    assert "00000001.json" in doc[0]["problem"]
+    assert set(doc[0]) == set(status("--status", "completed")[1][0])
+    code, doc = status("--status", "completed")
+    assert (code, [r["run_id"] for r in doc]) == (0, [w.run_id])
+    code, doc = status()
+    assert (code, [r["health"] for r in doc], doc[0]["problem"]) == (
+        1,
+        ["completed", "unreadable"],
+        None,
+    )
 
 
 def test_status_of_an_empty_store(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def test_kill_at_every_write(op: str, tmp_path: Path) -> None:
     for limit, root in enumerate(roots, 1):
         store = Store(root)
         assert snapshot(root / "src") == source_bytes, f"source changed (kill at write {limit})"
-        for run in store.runs():
+        for _, run in store.runs():
             assert not isinstance(run, Exception), f"unreadable run after kill at {limit}: {run}"
         if op == "fork" and (root / "forked").exists():
             repair_run(store.locate("forked"))

@@ -87,6 +87,24 @@ def test_max_depth_stops_the_walk(store: Store, run_id: str) -> None:
     assert (cut.cut, cut.problem, cut.parents) == (True, None, [])
     assert root.problems() == []
     assert root.to_json()["parents"][0]["cut"] is True
+    assert root.to_json()["parents"][0]["record"] is None
+    for depth in (0, -1, 1.5, True):
+        with pytest.raises(
+            InvalidInputError, match=f"max_depth must be a whole number >= 1, not {depth!r}"
+        ):
+            lineage(store.open_run(run_id), "score", "a", max_depth=depth)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="max_depth"):
+            artifact_lineage(store.open_run(run_id), "plot.png", max_depth=depth)  # type: ignore[arg-type]
+
+
+def test_json_nodes_of_records_always_carry_a_record(store: Store, run_id: str) -> None:
+    """A record node has a ``record`` member, null when dangling; an artifact node none."""
+    doc = lineage(store.open_run(run_id), "score", "dangling").to_json()
+    assert [p["record"] for p in doc["parents"]] == [None, None]
+    assert doc["record"]["key"] == "dangling"
+    art = artifact_lineage(store.open_run(run_id), "plot.png").to_json()
+    assert "record" not in art
+    assert art["parents"][0]["record"]["key"] == "a"
 
 
 def test_unknown_root_is_an_error(store: Store, run_id: str) -> None:

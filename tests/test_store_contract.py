@@ -1,4 +1,5 @@
-"""One store contract, run over every backend: local folder (file://), memory:// and s3://."""
+"""One store contract, run over every backend: local folder (file://), memory://, s3:// and a
+folder through fsspec (dir://)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,29 @@ from runfmt.errors import FormatError, ReadOnlyError, RunNotFoundError
 from runfmt.format import names
 from runfmt.store import Store
 
+_SHARED = ["file", "memory", "s3"]
+"""Backends several writers may share; ``dir`` is a single-writer one (COMMIT-10)."""
 
-@pytest.fixture(params=["file", "memory", "s3"])
+
+@pytest.fixture(params=[*_SHARED, "dir"])
 def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """An empty store on each backend in turn."""
+    """An empty store on each backend in turn; ``dir`` is a backend with folders that runfmt
+    reaches through fsspec only (as sftp://), where it must make the folders it writes in."""
+    yield from _store(request, tmp_path)
+
+
+@pytest.fixture(params=_SHARED)
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """An empty store on each backend that concurrent writers may share."""
+    yield from _store(request, tmp_path)
+
+
+def _store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "file":
         yield Store(f"file://{tmp_path}/runs")
+    elif request.param == "dir":
+        options = {"path": str(tmp_path), "target_protocol": "file"}
+        yield Store("dir://runs", options, single_writer=True)
     elif request.param == "memory":
         url = f"memory://contract-{uuid.uuid4().hex}"
         yield Store(url)
@@ -106,16 +124,16 @@ class TestStoreContract:
                 w.append("gen", {"n": n})
             ids.append(w.run_id)
         assert any_store.run_ids() == sorted(ids, reverse=True)
-        assert [r.run_id for r in any_store.runs() if not isinstance(r, Exception)] == ids[::-1]
+        assert [i for i, r in any_store.runs() if not isinstance(r, Exception)] == ids[::-1]
         with pytest.raises(RunNotFoundError):
             any_store.open_run("20990101-000000000-00000000")
 
-    def test_concurrent_writers_lose_no_commit(self, any_store: Store) -> None:
-        base = any_store.create_run("shared")
+    def test_concurrent_writers_lose_no_commit(self, shared_store: Store) -> None:
+        base = shared_store.create_run("shared")
         base.close()
 
         def work(k: int) -> None:
-            writer = any_store.resume_run(base.run_id, flush_every=None, flush_interval=None)
+            writer = shared_store.resume_run(base.run_id, flush_every=None, flush_interval=None)
             for step in range(4):
                 writer.extend("gen", [{"w": k, "step": step}])
                 writer.flush()
@@ -126,18 +144,20 @@ class TestStoreContract:
             t.start()
         for t in threads:
             t.join()
-        got = sorted((r["w"], r["step"]) for r in any_store.open_run(base.run_id).records("gen"))
+        got = sorted((r["w"], r["step"]) for r in shared_store.open_run(base.run_id).records("gen"))
         assert got == [(k, s) for k in range(4) for s in range(4)]
 
     def test_read_only_store_refuses_writes(self, any_store: Store) -> None:
         with any_store.create_run("ro") as w:
             w.append("gen", {"n": 1})
         reader_store = Store(any_store.url, _options(any_store), read_only=True)
-        assert [r.run_id for r in reader_store.runs() if not isinstance(r, Exception)] == [w.run_id]
+        assert [r.run_id for _, r in reader_store.runs() if not isinstance(r, Exception)] == [
+            w.run_id
+        ]
         with pytest.raises(ReadOnlyError):
             reader_store.create_run("nope")
 
 
 def _options(store: Store) -> dict[str, object]:
     fs = store.storage.fs
-    return dict(fs.storage_options) if store.storage.protocol == "s3" else {}
+    return dict(fs.storage_options) if store.storage.protocol in ("s3", "dir") else {}

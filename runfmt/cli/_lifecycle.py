@@ -21,10 +21,11 @@ from runfmt.cli import (
 )
 
 if TYPE_CHECKING:
+    from runfmt.errors import FormatError
     from runfmt.lifecycle import RunSummary
     from runfmt.lineage import LineageNode
 
-_HEALTH = ("running", "abandoned", "completed", "failed", "cancelled")
+_HEALTH = ("running", "abandoned", "completed", "failed", "cancelled", "unreadable")
 
 
 @app.command()
@@ -43,11 +44,14 @@ def status(
     ] = None,
     limit: Annotated[
         int | None,
-        typer.Option("--limit", min=1, callback=at_most_max_count, help="The newest N runs."),
+        typer.Option(
+            "--limit", min=0, callback=at_most_max_count, help="The newest N readable runs."
+        ),
     ] = None,
 ) -> None:
     """One line per run, newest first: id, name, state (abandoned when a running run's
-    writer is gone), progress per stage, age. Exit 1 if a run cannot be read."""
+    writer is gone), progress per stage, age; then the runs that cannot be read. Exit 1 if
+    one of those is shown."""
     from runfmt.errors import FormatError
     from runfmt.lifecycle import now, runs_with_config, summarize
 
@@ -59,12 +63,17 @@ def status(
     store = state(ctx).store(read_only=True)
     clock = now()
     with usage_of("--config"):
-        runs = runs_with_config(store, config) if config else list(store.runs())
+        runs = (
+            [(r.run_id, r) for r in runs_with_config(store, config)]
+            if config
+            else list(store.runs())
+        )
     summaries: list[RunSummary] = []
-    broken: list[FormatError] = []
-    for run in runs:
+    broken: list[tuple[str, FormatError]] = []
+    for run_id, run in runs:
         if isinstance(run, FormatError):
-            broken.append(run)
+            if not health or "unreadable" in health:
+                broken.append((run_id, run))
         else:
             summary = summarize(run.manifest, clock)
             if not health or summary.health in health:
@@ -74,16 +83,36 @@ def status(
     summaries.sort(key=lambda s: s.age_seconds)
     summaries = summaries[:limit]
     if json_:
-        print_json([s.to_json() for s in summaries])
+        print_json([s.to_json() for s in summaries] + [_unreadable(*b) for b in broken])
     else:
         for s in summaries:
             echo(_status_line(s))
-        for exc in broken:
+        for _, exc in broken:
             echo(f"{exc.location or '?'}  unreadable: {exc.problem}")
-        if not summaries and not broken:
+        if not summaries and not broken and limit != 0:
             echo(no_runs(ctx, store.url, filtered=bool(health or config)))
     if broken:
         fail(f"{len(broken)} run(s) cannot be read; `runfmt verify` lists every problem")
+
+
+def _unreadable(run_id: str, exc: "FormatError") -> dict[str, Any]:
+    """A `status --json` entry of a run whose manifest cannot be read."""
+    return {
+        "run_id": run_id,
+        "name": None,
+        "health": "unreadable",
+        "completed_through_stage": None,
+        "error": None,
+        "created_at": None,
+        "last_seen": None,
+        "age_seconds": None,
+        "idle_seconds": None,
+        "stages": [],
+        "counters": {},
+        "forked_from": None,
+        "forked_at_stage": None,
+        "problem": str(exc),
+    }
 
 
 def _status_line(s: "RunSummary") -> str:
