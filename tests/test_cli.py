@@ -745,54 +745,6 @@ def test_demo_then_show_end_to_end(tmp_path: Path) -> None:
     assert (verify.returncode, verify.stderr) == (0, "")
 
 
-# README
-
-
-README = Path(__file__).parent.parent / "README.md"
-
-
-def _readme_section(title: str) -> str:
-    text = README.read_text(encoding="utf-8")
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else len(text)]
-
-
-def test_readme_python_api_example_runs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    section = _readme_section("Python API")
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RUNFMT_STORE", raising=False)
-    exec(compile(code, "README.md", "exec"), {})
-    out = capsys.readouterr().out
-    assert "completed [('generate', 2, 0), ('score', 1, 1)]" in out
-    (run_id,) = runfmt.Store(tmp_path / "runs").run_ids()
-    assert invoke(tmp_path / "runs", "verify", run_id).exit_code == 0
-
-
-def test_readme_index_example_runs_after_the_demo(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RUNFMT_STORE", raising=False)
-    assert run_main(["demo"], monkeypatch, capsys)[0] == 0
-    section = _readme_section("Index and cross-run cache")
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(code, "README.md", "exec"), {})
-    out = capsys.readouterr().out
-    assert "demo-eval completed" in out
-    (run_id,) = runfmt.Store(tmp_path / "runs").run_ids()
-    assert run_id in out
-
-
-def test_readme_documents_every_run_command() -> None:
-    section = _readme_section("Command line")
-    for name in RUN_COMMANDS:
-        assert f"**`runfmt {name}" in section, f"`runfmt {name}` is not documented"
-
-
 def _command_names(typer_app: typer.Typer) -> list[str]:
     return [c.name or c.callback.__name__ for c in typer_app.registered_commands]  # type: ignore[union-attr]
 
