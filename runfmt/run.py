@@ -680,11 +680,6 @@ class StageWriter:
         self._open = None
 
 
-def _running(manifest: Manifest, writer: StageWriter) -> bool:
-    committed = manifest.stage(writer.name)
-    return (writer.entry if committed is None else committed).status == "running"
-
-
 def guess_media_type(name: str) -> str:
     """An artifact's media type from its name's extension, else a plain byte stream (ART-1)."""
     return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
@@ -1031,18 +1026,18 @@ class RunWriter:
             through = None
             if status == "completed":
                 through = through_stage or self.until_stage
-                manifest = self.manifest
-                if through is not None and through not in self._stages:
-                    manifest = self._newest_of_this_run()
-                    if manifest.stage(through) is None:
-                        raise InvalidInputError(
-                            f"cannot complete through stage {through!r}: the run has no such stage",
-                            location=self.storage.where(),
-                        )
+                if (
+                    through is not None
+                    and through not in self._stages
+                    and self._newest_of_this_run().stage(through) is None
+                ):
+                    raise InvalidInputError(
+                        f"cannot complete through stage {through!r}: the run has no such stage",
+                        location=self.storage.where(),
+                    )
                 if through is not None:
                     self._changes.stage_status[through] = "completed"
-                for name in self._stages_to_complete(manifest, through):
-                    self._changes.stage_status.setdefault(name, "completed")
+                self._changes.complete_running = frozenset(self._stages)
             self._changes.status = status
             self._changes.error = error
             self._changes.completed_through_stage = through
@@ -1057,16 +1052,6 @@ class RunWriter:
         commit then fails, COMMIT-4)."""
         newest = load_manifest(self.storage)
         return newest if newest.created_at == self.manifest.created_at else self.manifest
-
-    def _stages_to_complete(self, manifest: Manifest, through: str | None) -> list[str]:
-        """The stages this writer took up that are still running (in ``manifest``, the
-        newest it knows, or as declared) and that finishing as completed marks so
-        (LIFE-5): all of them, or those declared up to ``through`` (LIFE-2)."""
-        order = [s.name for s in manifest.stages]
-        order += [name for name in self._changes.stages if name not in order]
-        if through is not None and through in order:
-            order = order[: order.index(through) + 1]
-        return [n for n in order if n in self._stages and _running(manifest, self._stages[n])]
 
     def fail(self, error: str) -> Manifest:
         return self.finish("failed", error)

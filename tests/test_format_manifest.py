@@ -448,6 +448,40 @@ def test_a_stage_redeclared_differently_is_a_conflict() -> None:
         apply_changes(m, other, 3, TS, WRITER)
 
 
+@pytest.mark.parametrize(
+    ("status", "through", "expected"),
+    [
+        ("completed", None, ["completed", "failed", "completed", "completed", "running"]),
+        ("completed", "c", ["completed", "failed", "completed", "running", "running"]),
+        ("failed", None, ["running", "failed", "running", "running", "running"]),
+    ],
+)
+def test_completing_marks_the_writers_running_stages_in_the_revisions_order(
+    status: RunStatus, through: str | None, expected: list[str]
+) -> None:
+    """LIFE-5 against the base merged into: its order (base's stages, then new ones),
+    running stages only, ``stage_status`` winning, none taken up by other writers."""
+    base = base_manifest(
+        stages=(
+            StageEntry("a"),
+            StageEntry("f", status="failed"),
+            StageEntry("c"),
+            StageEntry("other"),
+        )
+    )
+    changes = ChangeSet(
+        stages={"b": StageEntry("b"), "c": StageEntry("c")},
+        status=status,
+        completed_through_stage=through,
+        stage_status={through: "completed"} if through else {},
+        complete_running=frozenset({"a", "b", "c", "f"}),
+    )
+    merged = apply_changes(base, changes, 2, TS, WRITER)
+    by_name = {s.name: s.status for s in merged.stages}
+    assert [by_name[n] for n in ("a", "f", "c", "b", "other")] == expected
+    assert [s.name for s in merged.stages] == ["a", "f", "c", "other", "b"]
+
+
 def test_a_revision_names_the_software_that_committed_it() -> None:
     """§4: ``writer`` is the software that wrote the revision, not the one that created the run."""
     base = base_manifest(writer={"name": "another-implementation", "version": "9"})

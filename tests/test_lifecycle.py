@@ -188,6 +188,36 @@ def test_finishing_through_a_stage_another_writer_declared_since(store: Store) -
         ("gen", "completed"), ("judge", "completed")]  # fmt: skip
 
 
+def test_finishing_through_a_stage_follows_the_runs_stage_order(store: Store) -> None:
+    """LIFE-5: "declared after" is the run's order (the manifest's), not the order this
+    writer declared its stages in: a stage another writer declared first comes first."""
+    first = store.create_run("r", **QUIET)
+    second = store.resume_run(first.run_id, **QUIET)
+    second.append("log", {"i": 1})
+    second.append("judge", {"i": 1})
+    second.append("gen", {"i": 1})
+    first.append("judge", {"i": 2})
+    first.flush()
+    finished = second.finish(through_stage="log")
+    assert [(s.name, s.status) for s in finished.stages] == [
+        ("judge", "completed"), ("log", "completed"), ("gen", "running")]  # fmt: skip
+    first.discard()
+
+
+def test_finishing_completes_what_the_newest_revision_shows_running(store: Store) -> None:
+    """LIFE-5 is decided against the revision the commit merges into: a stage another
+    writer failed after this writer last read the run keeps failed."""
+    first = store.create_run("r", **QUIET)
+    first.append("gen", {"i": 1})
+    first.flush()
+    second = store.resume_run(first.run_id, **QUIET)
+    second.append("gen", {"i": 2})
+    first.stage("gen").fail()
+    first.close()
+    finished = second.finish()
+    assert [(s.name, s.status) for s in finished.stages] == [("gen", "failed")]
+
+
 @pytest.mark.parametrize("bad", [[1], {"x": float("nan")}])
 def test_a_refused_first_record_declares_no_stage(store: Store, bad: object) -> None:
     """REC-3: a refused record changes nothing, not even the stage it was for."""

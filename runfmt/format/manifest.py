@@ -461,6 +461,10 @@ class ChangeSet:
     tags: dict[str, str] = field(default_factory=dict)
     heartbeat: bool = False
     """Set ``heartbeat_at`` to the commit time: a writer of the run is alive (LIFE-3)."""
+    complete_running: frozenset[str] = frozenset()
+    """With ``status`` completed: the stages this writer took up, each marked completed when
+    the revision it merges into shows it running and, with ``completed_through_stage``,
+    lists it no later than that stage (LIFE-5); ``stage_status`` overrides."""
 
     def __bool__(self) -> bool:
         return any(
@@ -522,6 +526,17 @@ def check_error(status: str, error: object) -> None:
         )
 
 
+def _to_complete(stages: Mapping[str, StageEntry], changes: ChangeSet) -> list[str]:
+    """LIFE-5 over ``stages`` (base's, then the new ones: the order the revision lists)."""
+    if changes.status != "completed":
+        return []
+    order = list(stages)
+    through = changes.completed_through_stage
+    if through is not None and through in stages:
+        order = order[: order.index(through) + 1]
+    return [n for n in order if n in changes.complete_running and stages[n].status == "running"]
+
+
 def apply_changes(
     base: Manifest, changes: ChangeSet, revision: int, now: str, writer: Mapping[str, str]
 ) -> Manifest:
@@ -553,6 +568,8 @@ def apply_changes(
         else:
             raise ConflictError(f"{entry.path}: a newer revision lists more bytes than this writer")
         stages[stage_name] = replace(stage, files=tuple(files))
+    for name in _to_complete(stages, changes):
+        stages[name] = replace(stages[name], status="completed")
     for name, stage_status in changes.stage_status.items():
         stages[name] = replace(stages[name], status=stage_status)
     counters = dict(base.counters)
