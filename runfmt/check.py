@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from runfmt._local import NotAFileError
 from runfmt.errors import (
@@ -42,6 +44,7 @@ from runfmt.format.validate import (
     header_problem,
     is_repairable,
 )
+from runfmt.lifecycle import ABANDON_AFTER, health, now
 from runfmt.locking import commit_lock, live_writers, writer_alive
 from runfmt.run import (
     WRITER,
@@ -106,6 +109,7 @@ def _problems(
     current = _read_optional(run, names.MANIFEST_FILE)
     if current != manifest_bytes and not live:  # a live writer replaces the copy next
         what = "is missing" if current is None else "differs from the newest revision"
+        what += " (as a crash or a sync cut short leaves it: run such a sync again)"
         problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
     files = run.walk()
     links = frozenset(run.symlinks())
@@ -214,12 +218,25 @@ def _go_back(run: Storage, newest: Manifest, whole: Manifest, report: RepairRepo
 
 
 def being_written_by(run: Storage) -> list[str]:
-    """Ids of the run's live writers (local disk, COMMIT-12); none when their locks cannot
-    be probed (a run this user may not write), nor on object stores, which have no locks."""
+    """Ids of the run's live writers: on local disk those holding their locks (COMMIT-12),
+    none when the locks cannot be probed (a run this user may not write); elsewhere, with
+    no locks, every writer with a stage file in a run that is running and was heard from
+    within `ABANDON_AFTER` (LIFE-4), since any of them may be alive."""
+    if run.is_local:
+        try:
+            return live_writers(run)
+        except OSError:
+            return []
     try:
-        return live_writers(run)
-    except OSError:
+        if health(load_manifest(run), now()) != "running":
+            return []
+    except RunfmtError:
         return []
+    writers = set()
+    for path in run.walk(names.STAGES_DIR):
+        with contextlib.suppress(InvalidInputError):
+            writers.add(names.parse_stage_file(f"{names.STAGES_DIR}/{path}")[1].writer)
+    return sorted(writers)
 
 
 def _uncommitted_of(problem: Problem, writers: frozenset[str]) -> bool:
@@ -334,20 +351,34 @@ class RepairReport:
 
 
 def repair_run(
-    run: Storage, *, salvage: bool = True, artifacts: bool = True, rollback: bool = False
+    run: Storage,
+    *,
+    salvage: bool = True,
+    artifacts: Literal["auto", "leave", "drop"] = "auto",
+    rollback: bool = False,
 ) -> RepairReport:
     """Bring a crashed run back to a consistent state without losing a committed record.
 
     Bytes written after the last commit by writers that are gone are salvaged
     when they form complete, valid frames (``salvage=True``) and are otherwise
     cut off; files of live writers are left alone (COMMIT-8). Artifacts no revision
-    lists are listed or deleted alike, unless ``artifacts=False`` (a resume, whose
-    writer may store them again, ART-1). ``rollback`` takes a copy made while the run
+    lists are listed or deleted alike (``"auto"``), deleted (``"drop"``) or left
+    (``"leave"``: a local resume, whose writer replaces them, ART-1). ``rollback`` takes
+    a copy made while the run
     was written back to the newest revision its files hold whole (COMMIT-13); without
     it, the report names that revision (``rollback_to``).
     """
     if not revisions(run):
         load_manifest(run)  # raises: not a run, or one copied without _manifests/ (LAYOUT-2)
+    if not run.is_local and not salvage and (alive := being_written_by(run)):
+        raise ConflictError(
+            f"the run is running and was heard from within {ABANDON_AFTER:g} s: its writers "
+            f"({', '.join(alive)}) may be alive, and on an object store dropping what they "
+            "have not committed yet could delete what they are about to commit (STORE-3)",
+            location=run.where(),
+            hint="repair without dropping (complete frames are kept), or drop once the run "
+            "is abandoned (LIFE-4)",
+        )
     report = RepairReport()
     with commit_lock(run, timeout=60.0):
         manifest = _newest_readable(run, report)
@@ -382,8 +413,9 @@ def repair_run(
                 )
                 continue
             _repair_file(run, path, entry, stage, salvage, changes, report, manifest.created_at)
-        if artifacts:
-            _repair_artifacts(run, manifest, files, links, salvage, changes, report)
+        if artifacts != "leave":
+            drop = artifacts == "drop" or not salvage
+            _repair_artifacts(run, manifest, files, links, drop, changes, report)
         _remove_leftovers(run, report)
         if changes:
             manifest = commit_locked(run, changes, manifest, repairing=True)
@@ -406,11 +438,11 @@ def _repair_artifacts(
     manifest: Manifest,
     files: dict[str, int],
     links: frozenset[str],
-    salvage: bool,
+    drop: bool,
     changes: ChangeSet,
     report: RepairReport,
 ) -> None:
-    """List (salvage) or delete the artifacts no revision lists, once no writer of the run
+    """List or delete (``drop``) the artifacts no revision lists, once no writer of the run
     is alive: a dead writer's, created whole but not committed (COMMIT-8, ART-1)."""
     listed = {a.path for a in manifest.artifacts}
     unlisted = [p for p in sorted(files) if p.startswith(names.ARTIFACTS_DIR + "/")
@@ -418,7 +450,7 @@ def _repair_artifacts(
     if not unlisted or live_writers(run):
         return
     for path in unlisted:
-        if not salvage:
+        if drop:
             run.delete(path)
             report.actions.append(f"{path}: deleted (no revision lists it)")
             continue

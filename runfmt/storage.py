@@ -23,7 +23,13 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from runfmt._local import open_regular
-from runfmt.errors import ChecksumMismatchError, ReadOnlyError, RunfmtError, StorageError
+from runfmt.errors import (
+    ChecksumMismatchError,
+    InvalidInputError,
+    ReadOnlyError,
+    RunfmtError,
+    StorageError,
+)
 from runfmt.format.manifest import as_dict
 
 __all__ = ["EXCLUSIVE_PROTOCOLS", "AppendFile", "Entry", "Storage"]
@@ -35,6 +41,7 @@ _READ_CHUNK = 8 << 20
 EXCLUSIVE_PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a"})
 """Backends whose create-only write has exactly one winner (COMMIT-2); others need single-writer."""
 _T = TypeVar("_T")
+_ONE_SLASH = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
 _BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
 """Object stores, where writing an object needs no folder, only its bucket."""
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -183,6 +190,7 @@ class Storage:
         single_writer: bool = False,
     ) -> None:
         options = as_dict("storage_options", storage_options)
+        check_url(str(url))
         self._secrets = _secrets(options, str(url))
         with _translate(_redact(str(url), self._secrets), self._secrets):
             fs, root = url_to_fs(str(url), **options)
@@ -345,8 +353,12 @@ class Storage:
         """``"bucket"`` or ``"folder"`` when the store's root cannot be there, else None. On
         an object store only a missing bucket counts: a prefix exists once written to."""
         if self.fs.root_marker == "":  # object stores: the first path part is the bucket
-            with self._io(""):
-                return None if self.fs.exists(self._bucket()) else "bucket"
+            try:
+                with self._io(""):
+                    self.fs.info(self._bucket())  # exists() would take any failure for "no"
+            except FileNotFoundError:
+                return "bucket"
+            return None
         return None if self.is_dir() else "folder"
 
     def is_dir(self, rel: str = "") -> bool:
@@ -732,6 +744,17 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def check_url(url: str) -> None:
+    """Refuse ``s3:/bucket``: a URL missing a slash would name a local folder ``s3:``."""
+    found = _ONE_SLASH.match(url)
+    scheme = found[1].lower() if found else "file"
+    if scheme not in ("file", "local") and scheme in fsspec.available_protocols():
+        raise InvalidInputError(
+            f"{url!r} is a {scheme}: URL with one slash",
+            hint=f"write {scheme}://{url[len(scheme) + 2 :]}, or ./{url} for a local folder",
+        )
 
 
 def _digest_mismatch(where: str) -> ChecksumMismatchError:

@@ -221,6 +221,14 @@ class Store:
                     "no such folder", location=located.path(),
                     hint="give the path of a run folder, or a run id from `runfmt ls`",
                 )  # fmt: skip
+            if not located.is_local:
+                hint = "give the URL of a run folder, or a run id from `runfmt ls`"
+                if any(e.is_dir and names.is_run_id(e.name) for e in located.list()):
+                    hint = f"it holds runs: list them with `runfmt --store {located.where()} ls`"
+                raise RunNotFoundError(
+                    "not a run: no revision and no manifest.json (LAYOUT-2)",
+                    location=located.where(), hint=hint,
+                )  # fmt: skip
         raise RunNotFoundError(
             f"no run {text!r}", location=self.storage.where(),
             hint="give a run id from `runfmt ls`, or the path of a run folder",
@@ -230,14 +238,16 @@ class Store:
         """Reopen a run for writing after a crash or a `RunWriter.close`.
 
         First repairs what dead writers left (salvaging complete frames, spec
-        COMMIT-8), then marks the run running again if it had finished.
+        COMMIT-8), then marks the run running again if it had finished. Artifacts they
+        stored but never committed are left to be stored again on local disk and deleted
+        elsewhere, where a create-only write could not replace them (ART-1).
         """
         from runfmt.check import repair_run
 
         storage = self.locate(run)
         if storage.read_only:
             raise ReadOnlyError("the store was opened read-only", location=storage.where())
-        repair_run(storage, salvage=True, artifacts=False)
+        repair_run(storage, salvage=True, artifacts="leave" if storage.is_local else "drop")
         writer = RunWriter(storage, load_manifest(storage), **writer_options)
         if writer.manifest.status != "running":
             writer._changes.status = "running"

@@ -32,7 +32,7 @@ from runfmt.errors import (
 from runfmt.format import names
 from runfmt.format.manifest import Manifest, decode_manifest
 from runfmt.run import KEEP_REVISIONS, revisions, unpublish, write_manifest_copy
-from runfmt.storage import Storage
+from runfmt.storage import Storage, check_url
 
 __all__ = ["Action", "RunResult", "SyncProgress", "SyncReport", "sync"]
 
@@ -147,6 +147,7 @@ class _Plan:
 def _location(where: str | Storage, options: dict[str, Any] | None, single_writer: bool) -> Storage:
     if isinstance(where, Storage):
         return where
+    check_url(where)
     url = where if "://" in where else os.path.abspath(where)
     return Storage(url, options, single_writer=single_writer)
 

@@ -58,6 +58,32 @@ def test_a_huge_count_option_is_a_usage_error(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["-s", "s3:/team/runs", "ls"], "--store"), (["sync", "SRC", "gs:/team/runs"], "DST"),
+     (["sync", "s3:/team/runs", "DST"], "SRC")],
+)  # fmt: skip
+def test_a_url_with_one_slash_is_bad_usage(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    option: str,
+) -> None:
+    """``s3:/team/runs`` names a local folder ``s3:``: refused, never written there."""
+    monkeypatch.chdir(tmp_path)
+    runfmt.Store(tmp_path / "SRC").create_run("a").finish()
+    code, _, err = run_main(args, monkeypatch, capsys)
+    assert code == 2
+    assert f"Invalid value for {option}:" in err
+    assert "URL with one slash" in err
+    assert "://team/runs" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SRC"]
+    with pytest.raises(InvalidInputError, match="one slash"):
+        runfmt.Store("s3:/team/runs")
+    assert runfmt.Store(f"file:{tmp_path}/SRC").run_ids() != []
+
+
 def test_status_lists_newest_first_by_creation_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

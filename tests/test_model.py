@@ -692,7 +692,11 @@ class RunfmtModel(RuleBasedStateMachine):
     def repair(self, pick: int, salvage: bool) -> None:
         """COMMIT-8; a live writer's files are left alone."""
         run = self.repairable()[pick % len(self.repairable())]
-        report = repair_run(self.storage(run), salvage=salvage)
+        storage = self.storage(run)
+        if self.memory and not salvage and run.status == "running" and storage.walk("stages"):
+            self.expect(ConflictError, lambda: repair_run(storage, salvage=False))
+            return  # without locks, any writer of a run heard from lately may be alive
+        report = repair_run(storage, salvage=salvage)
         assert report.left == []
         assert report.salvaged_records == self.salvaged(run, salvage)
         run.sums = run.finished
@@ -753,7 +757,9 @@ class RunfmtModel(RuleBasedStateMachine):
                 assert reader.keys(name) == keys, f"{where}, stage {name}"
         problems = verify_run(reader.storage)
         unlisted = any(w.written for w in run.writers)
-        if run.dirty or (unlisted and not reader.storage.is_local):
+        if not reader.storage.is_local and run.status == "running":
+            assert problems == [], (where, problems)  # every writer may be alive (LIFE-4)
+        elif run.dirty or (unlisted and not reader.storage.is_local):
             assert problems, where
             assert all(p.repairable for p in problems), (where, problems)
         else:

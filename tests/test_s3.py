@@ -279,6 +279,29 @@ def test_ls_tells_a_missing_bucket_from_an_empty_store(
         assert (result.exit_code, result.stdout) == (0, said)
 
 
+def test_an_unreachable_endpoint_is_no_missing_bucket(
+    s3_url: str,
+    s3_options: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Only a bucket the service says is not there is "no such bucket": a failure to ask
+    (no connection, an error, refused credentials) is said as it is."""
+    assert Storage("s3://no-such-bucket-runfmt/runs", s3_options).missing() == "bucket"
+    assert Storage(f"{s3_url}/empty", s3_options).missing() is None
+    down = {**s3_options, "endpoint_url": "http://127.0.0.1:1",
+            "config_kwargs": {"retries": {"max_attempts": 1}}}  # fmt: skip
+    with pytest.raises(StorageError) as failed:
+        Storage(s3_url, down).missing()
+    assert "no such bucket" not in str(failed.value)
+    opts = [f"-o{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in down.items()]
+    for command in (["verify"], ["gc", "--keep-last", "1"], ["index", "rebuild"]):
+        code, _, err = run_main(["-s", s3_url, *opts, *command], monkeypatch, capsys)
+        assert code == 1, command
+        assert "no such bucket" not in err, (command, err)
+        assert "connect" in err.lower(), (command, err)
+
+
 def test_folder_markers_in_a_bucket_are_no_files(s3_url: str, s3_options: dict[str, Any]) -> None:
     """STORE-3: zero-byte keys ending in "/" (the AWS console's "Create folder", some sync
     tools) are folders to every S3 browser: a run holding them verifies and reads."""

@@ -72,6 +72,11 @@ class State:
         """The store's location; a file or a run folder given as the store is bad usage
         (listing a run folder would find nothing and put an index inside the run)."""
         url = self.store_url or "./runs"
+        if ":/" in url and "://" not in url:
+            from runfmt.storage import check_url
+
+            with usage_of("--store"):
+                check_url(url)
         local = url.removeprefix("file://")
         if "://" not in local:
             from runfmt.format.names import MANIFEST_FILE, MANIFESTS_DIR
