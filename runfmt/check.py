@@ -109,7 +109,7 @@ def _problems(
     current = _read_optional(run, names.MANIFEST_FILE)
     if current != manifest_bytes and not live:  # a live writer replaces the copy next
         what = "is missing" if current is None else "differs from the newest revision"
-        what += " (as a crash or a sync cut short leaves it: run such a sync again)"
+        what += " (a crash leaves it so, as does a sync cut short: run that sync again)"
         problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
     files = run.walk()
     links = frozenset(run.symlinks())
@@ -363,10 +363,9 @@ def repair_run(
     when they form complete, valid frames (``salvage=True``) and are otherwise
     cut off; files of live writers are left alone (COMMIT-8). Artifacts no revision
     lists are listed or deleted alike (``"auto"``), deleted (``"drop"``) or left
-    (``"leave"``: a local resume, whose writer replaces them, ART-1). ``rollback`` takes
-    a copy made while the run
-    was written back to the newest revision its files hold whole (COMMIT-13); without
-    it, the report names that revision (``rollback_to``).
+    (``"leave"``: a local resume, whose writer replaces them, ART-1). ``rollback`` takes a
+    copy made while the run was written back to the newest revision its files hold whole
+    (COMMIT-13); without it, the report names that revision (``rollback_to``).
     """
     if not revisions(run):
         load_manifest(run)  # raises: not a run, or one copied without _manifests/ (LAYOUT-2)
