@@ -356,6 +356,7 @@ def repair_run(
     salvage: bool = True,
     artifacts: Literal["auto", "leave", "drop"] = "auto",
     rollback: bool = False,
+    writers_gone: bool = False,
 ) -> RepairReport:
     """Bring a crashed run back to a consistent state without losing a committed record.
 
@@ -365,11 +366,13 @@ def repair_run(
     lists are listed or deleted alike (``"auto"``), deleted (``"drop"``) or left
     (``"leave"``: a local resume, whose writer replaces them, ART-1). ``rollback`` takes a
     copy made while the run was written back to the newest revision its files hold whole
-    (COMMIT-13); without it, the report names that revision (``rollback_to``).
+    (COMMIT-13); without it, the report names that revision (``rollback_to``). Where no
+    lock tells, dropping is refused while a writer may be alive, unless the caller knows
+    them gone (``writers_gone``: a resume, STORE-3).
     """
     if not revisions(run):
         load_manifest(run)  # raises: not a run, or one copied without _manifests/ (LAYOUT-2)
-    if not run.is_local and not salvage and (alive := being_written_by(run)):
+    if not (run.is_local or salvage or writers_gone) and (alive := being_written_by(run)):
         raise ConflictError(
             f"the run is running and was heard from within {ABANDON_AFTER:g} s: its writers "
             f"({', '.join(alive)}) may be alive, and on an object store dropping what they "

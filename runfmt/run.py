@@ -532,11 +532,12 @@ class StageWriter:
                 parse_parents(record[PARENTS_FIELD])
         except InvalidInputError as exc:
             raise exc.at(self._run.storage.where(f"{names.STAGES_DIR}/{self.name}")) from None
-        self._chunks.append(line)
-        self._records += 1
-        if record.get(ERROR_FIELD) is not None:
-            self._pending_failures += 1
-        self._run._appended()
+        with self._run._mutex:
+            self._chunks.append(line)
+            self._records += 1
+            if record.get(ERROR_FIELD) is not None:
+                self._pending_failures += 1
+            self._run._appended()
 
     def extend(self, records: Iterable[Mapping[str, Any]]) -> None:
         """`append` each record, encoding up to a flush's worth at a time at C speed.
@@ -567,12 +568,13 @@ class StageWriter:
             ):
                 self._append_each(batch, taken)
             else:
-                self._chunks.append(lines)
-                self._records += len(batch)
                 dicts = cast("list[dict[str, Any]]", batch)  # encode_many took only dicts
                 errors = list(map(dict.get, dicts, itertools.repeat(ERROR_FIELD)))
-                self._pending_failures += len(errors) - errors.count(None)
-                self._run._appended(len(batch))
+                with self._run._mutex:
+                    self._chunks.append(lines)
+                    self._records += len(batch)
+                    self._pending_failures += len(errors) - errors.count(None)
+                    self._run._appended(len(batch))
             taken += len(batch)
 
     def _append_each(self, batch: list[Mapping[str, Any]], first: int) -> None:
@@ -589,11 +591,13 @@ class StageWriter:
 
     def complete(self) -> None:
         """Mark the stage completed at the next commit."""
-        self._run._changes.stage_status[self.name] = "completed"
+        with self._run._mutex:
+            self._run._changes.stage_status[self.name] = "completed"
 
     def fail(self) -> None:
         """Mark the stage failed at the next commit."""
-        self._run._changes.stage_status[self.name] = "failed"
+        with self._run._mutex:
+            self._run._changes.stage_status[self.name] = "failed"
 
     def _frames(self, encoder: FrameEncoder) -> bytes:
         """The buffered lines as frames, each cut after the line that brings it to
@@ -791,6 +795,12 @@ class RunWriter:
         For an existing stage, omitted arguments take its declared values, and
         different ones raise `ConflictError`.
         """
+        with self._mutex:
+            return self._stage(name, record_schema_version, key_field)
+
+    def _stage(
+        self, name: str, record_schema_version: str | None, key_field: str | None
+    ) -> StageWriter:
         self._check_open()
         if name in self._stages:
             writer = self._stages[name]
@@ -852,25 +862,27 @@ class RunWriter:
     def _first_use(self, name: str, method: Callable[[StageWriter, Any], None], arg: Any) -> None:
         """``method`` of a new stage's writer; a stage new to the run that took no record is
         not declared after all: a refused record changes nothing (REC-3)."""
-        writer = self.stage(name)
-        try:
-            method(writer, arg)
-        finally:
-            if not writer.pending and writer._seq == 0 and self.manifest.stage(name) is None:
-                del self._stages[name]
-                self._changes.stages.pop(name, None)
+        with self._mutex:
+            writer = self.stage(name)
+            try:
+                method(writer, arg)
+            finally:
+                if not writer.pending and writer._seq == 0 and self.manifest.stage(name) is None:
+                    del self._stages[name]
+                    self._changes.stages.pop(name, None)
 
     def count(self, counter: str, delta: float = 1) -> None:
         """Add ``delta`` to a per-run counter (cost, tokens, ...) at the next commit."""
-        self._check_open()
-        try:
-            if not _is_number(delta) or not math.isfinite(delta):
-                raise InvalidInputError(f"counter delta must be a finite number, not {delta!r}")
-            pending = self._changes.counters.get(counter, 0) + delta
-            check_counter(counter, self.manifest.counters.get(counter, 0) + pending)
-        except InvalidInputError as exc:
-            raise exc.at(self.storage.where()) from None
-        self._changes.counters[counter] = pending
+        with self._mutex:
+            self._check_open()
+            try:
+                if not _is_number(delta) or not math.isfinite(delta):
+                    raise InvalidInputError(f"counter delta must be a finite number, not {delta!r}")
+                pending = self._changes.counters.get(counter, 0) + delta
+                check_counter(counter, self.manifest.counters.get(counter, 0) + pending)
+            except InvalidInputError as exc:
+                raise exc.at(self.storage.where()) from None
+            self._changes.counters[counter] = pending
 
     def tag(self, **tags: str) -> None:
         """Set tags at the next commit."""
@@ -879,7 +891,8 @@ class RunWriter:
             check_tags(tags)
         except InvalidInputError as exc:
             raise exc.at(self.storage.where()) from None
-        self._changes.tags.update(tags)
+        with self._mutex:
+            self._changes.tags.update(tags)
 
     def add_artifact(
         self,
@@ -915,13 +928,13 @@ class RunWriter:
                 raise ConflictError(
                     f"artifact {path!r} exists: another writer of the run stored it",
                     location=self.storage.where(path),
-                    hint="store the new version under a new name (on an object store, a "
-                    "file no revision lists may be a dead writer's: `runfmt verify` names it)",
+                    hint="store the new version under a new name (on an object store, a dead "
+                    "writer's file that no revision lists goes when the run is resumed)",
                 )
             self.storage.write_atomic(path, data)
-        self._changes.artifacts[path] = ArtifactEntry(
-            path, len(data), sha256_hex(data), media_type, refs
-        )
+        entry = ArtifactEntry(path, len(data), sha256_hex(data), media_type, refs)
+        with self._mutex:
+            self._changes.artifacts[path] = entry
         return path
 
     def _left_by_dead_writer(self, path: str) -> bool:
@@ -1129,7 +1142,11 @@ class RunWriter:
         if self._closed:
             return
         if exc is None:
-            self.finish("completed")
+            try:
+                self.finish("completed")
+            except InvalidInputError as refused:  # a through stage the run does not have
+                self.__exit__(type(refused), refused, None)
+                raise
             return
         status: RunStatus = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
         try:

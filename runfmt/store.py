@@ -234,11 +234,14 @@ class Store:
             hint="give a run id from `runfmt ls`, or the path of a run folder",
         )  # fmt: skip
 
-    def resume_run(self, run: str | os.PathLike[str], **writer_options: Any) -> RunWriter:
+    def resume_run(
+        self, run: str | os.PathLike[str], *, salvage: bool = True, **writer_options: Any
+    ) -> RunWriter:
         """Reopen a run for writing after a crash or a `RunWriter.close`.
 
-        First repairs what dead writers left (salvaging complete frames, spec
-        COMMIT-8), then marks the run running again if it had finished. Artifacts they
+        First repairs what dead writers left (salvaging complete frames, spec COMMIT-8;
+        ``salvage=False`` drops them, with the counters that went with them, so they are
+        computed again), then marks the run running again if it had finished. Artifacts they
         stored but never committed are left to be stored again on local disk and deleted
         elsewhere, where a create-only write could not replace them (ART-1).
         """
@@ -247,7 +250,12 @@ class Store:
         storage = self.locate(run)
         if storage.read_only:
             raise ReadOnlyError("the store was opened read-only", location=storage.where())
-        repair_run(storage, salvage=True, artifacts="leave" if storage.is_local else "drop")
+        repair_run(
+            storage,
+            salvage=salvage,
+            artifacts="leave" if storage.is_local else "drop",
+            writers_gone=True,
+        )
         writer = RunWriter(storage, load_manifest(storage), **writer_options)
         if writer.manifest.status != "running":
             writer._changes.status = "running"

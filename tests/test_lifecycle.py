@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
+from unittest.mock import Mock
 
 import pytest
 from typer.testing import CliRunner
@@ -694,3 +695,44 @@ def test_heartbeat_thread_stops_when_the_run_is_gone(store: Store) -> None:
     time.sleep(0.2)
     assert not Path(w.storage.root).exists()
     w._release()
+
+
+def test_a_with_block_whose_finish_is_refused_fails_the_run(store: Store) -> None:
+    """An ``until_stage`` the run never declared makes the normal exit's finish refuse:
+    the block's records are kept, the run is failed with that reason, the writer released."""
+    with (
+        pytest.raises(InvalidInputError, match="cannot complete through stage 'generation'"),
+        store.create_run("typo", until_stage="generation", **QUIET) as writer,
+    ):
+        writer.append("generate", {"i": 1})
+    m = store.open_run(writer.run_id).manifest
+    assert (m.status, m.stage("generate").records) == ("failed", 1)
+    assert m.error is not None
+    assert m.error.startswith("InvalidInputError: ")
+    with pytest.raises(InvalidInputError, match="closed"):
+        writer.append("generate", {"i": 2})
+
+
+@pytest.mark.parametrize("salvage", [True, False])
+def test_resume_salvages_records_not_the_counters_that_went_with_them(
+    store: Store, monkeypatch: pytest.MonkeyPatch, salvage: bool
+) -> None:
+    """COMMIT-8: a flush whose frames were written but whose commit never happened leaves
+    whole frames that salvage keeps, but its counter deltas were only in the commit; with
+    ``salvage=False`` the records go too, so a job computes both again."""
+    import runfmt.run
+
+    writer = store.create_run("tokens", **QUIET)
+    writer.append("gen", {"i": 0})
+    writer.count("tokens", 10)
+    writer.flush()
+    writer.append("gen", {"i": 1})
+    writer.count("tokens", 10)
+    with monkeypatch.context() as patch:
+        patch.setattr(runfmt.run, "commit_locked", Mock(side_effect=RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            writer.flush()
+    writer.discard()
+    again = store.resume_run(writer.run_id, salvage=salvage, **QUIET)
+    m = again.finish()
+    assert (m.stage("gen").records, m.counters["tokens"]) == (2 if salvage else 1, 10)

@@ -232,3 +232,40 @@ def test_create_run_records_a_given_creation_time_and_checks_it(store: Store) ->
     assert store.open_run(writer.run_id).manifest.created_at == "2020-01-02T03:04:05.000000Z"
     with pytest.raises(InvalidInputError, match="created_at"):
         store.create_run("bad", created_at="yesterday")
+
+
+def test_threads_share_one_writer(store: Store) -> None:
+    """A thread pool appending, extending, counting and tagging through one writer while
+    flushes (its own, and heartbeats from another thread) commit: every record committed
+    once, counters exact, the run verifies."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    writer = store.create_run("pool", flush_every=7, heartbeat_interval=0.001)
+    gen = writer.stage("gen", key_field="key")
+    start = threading.Barrier(4)
+
+    def work(t: int) -> None:
+        start.wait()
+        for i in range(1500):
+            record = {"key": f"{t}-{i}", "_error": "x" if i % 10 == 0 else None}
+            if i % 3:
+                gen.append(record)
+            else:
+                writer.extend("log", [record, dict(record, key=None)])
+            writer.count("tokens", 2)
+            if i % 500 == 0:
+                writer.tag(**{f"t{t}": str(i)})
+                writer.flush()
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))
+    m = writer.finish()
+    assert verify_run(store.locate(writer.run_id)) == []
+    reader = store.open_run(writer.run_id)
+    keys = [r["key"] for r in reader.records("gen")]
+    assert len(keys) == len(set(keys)) == 4 * 1000
+    assert sum(1 for _ in reader.records("log")) == 4 * 500 * 2
+    assert (m.stage("gen").records, m.stage("gen").failures) == (4000, 4 * 100)
+    assert m.counters["tokens"] == 4 * 1500 * 2
+    assert m.tags == {f"t{t}": "1000" for t in range(4)}
