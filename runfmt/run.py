@@ -533,6 +533,8 @@ class StageWriter:
         except InvalidInputError as exc:
             raise exc.at(self._run.storage.where(f"{names.STAGES_DIR}/{self.name}")) from None
         with self._run._mutex:
+            if self._run._closed:  # finished by another thread meanwhile
+                self._run._check_open()
             self._chunks.append(line)
             self._records += 1
             if record.get(ERROR_FIELD) is not None:
@@ -571,6 +573,7 @@ class StageWriter:
                 dicts = cast("list[dict[str, Any]]", batch)  # encode_many took only dicts
                 errors = list(map(dict.get, dicts, itertools.repeat(ERROR_FIELD)))
                 with self._run._mutex:
+                    self._run._check_open()
                     self._chunks.append(lines)
                     self._records += len(batch)
                     self._pending_failures += len(errors) - errors.count(None)

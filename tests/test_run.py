@@ -269,3 +269,30 @@ def test_threads_share_one_writer(store: Store) -> None:
     assert (m.stage("gen").records, m.stage("gen").failures) == (4000, 4 * 100)
     assert m.counters["tokens"] == 4 * 1500 * 2
     assert m.tags == {f"t{t}": "1000" for t in range(4)}
+
+
+def test_an_append_racing_a_finish_is_refused_not_lost(store: Store) -> None:
+    """A thread whose append waits for the writer's lock while another finishes the run
+    gets the closed writer's error, never a silent drop."""
+    import threading
+
+    writer = store.create_run("race", flush_interval=None, heartbeat_interval=None)
+    gen = writer.stage("gen")
+    outcome: list[BaseException | None] = []
+
+    def late() -> None:
+        try:
+            gen.append({"i": 1})
+            outcome.append(None)
+        except InvalidInputError as exc:
+            outcome.append(exc)
+
+    with writer._mutex:
+        thread = threading.Thread(target=late)
+        thread.start()
+        time.sleep(0.2)  # it has passed its own closed check and waits for the lock
+        writer.finish()
+    thread.join()
+    assert [str(e) for e in outcome if e is not None] == [f"{writer.storage.where()}: "
+        "this writer is closed (resume the run to write more)"]  # fmt: skip
+    assert store.open_run(writer.run_id).stage("gen").records == 0
