@@ -470,6 +470,8 @@ def _remove_leftovers(run: Storage, report: RepairReport) -> None:
     (none while a writer is alive: a big file may take it longer to write) and lock files
     older than a minute that no process holds (a younger one may be a starting writer's,
     between its open and its lock)."""
+    if not run.is_local:  # local state exists on local disk only
+        return
     cutoff = time.time_ns() - 60 * 10**9
     writing = bool(being_written_by(run))
     stages = [f"{names.STAGES_DIR}/{s}" for s in run.names(names.STAGES_DIR)]
