@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from collections.abc import Mapping
@@ -217,26 +216,24 @@ def _go_back(run: Storage, newest: Manifest, whole: Manifest, report: RepairRepo
     return new
 
 
+ANY_WRITER = "*"
+"""`being_written_by` where no lock names the live writers: any writer may be alive."""
+
+
 def being_written_by(run: Storage) -> list[str]:
     """Ids of the run's live writers: on local disk those holding their locks (COMMIT-12),
     none when the locks cannot be probed (a run this user may not write); elsewhere, with
-    no locks, every writer with a stage file in a run that is running and was heard from
-    within `ABANDON_AFTER` (LIFE-4), since any of them may be alive."""
+    no locks, `ANY_WRITER` while the run is running and was heard from within
+    `ABANDON_AFTER` (LIFE-4, STORE-3)."""
     if run.is_local:
         try:
             return live_writers(run)
         except OSError:
             return []
     try:
-        if health(load_manifest(run), now()) != "running":
-            return []
+        return [ANY_WRITER] if health(load_manifest(run), now()) == "running" else []
     except RunfmtError:
         return []
-    writers = set()
-    for path in run.walk(names.STAGES_DIR):
-        with contextlib.suppress(InvalidInputError):
-            writers.add(names.parse_stage_file(f"{names.STAGES_DIR}/{path}")[1].writer)
-    return sorted(writers)
 
 
 def _uncommitted_of(problem: Problem, writers: frozenset[str]) -> bool:
@@ -253,7 +250,7 @@ def _uncommitted_of(problem: Problem, writers: frozenset[str]) -> bool:
         _, parsed = names.parse_stage_file(problem.location)
     except InvalidInputError:
         return False
-    return parsed.writer in writers
+    return parsed.writer in writers or ANY_WRITER in writers
 
 
 def _salvage_order(item: tuple[str, int]) -> tuple[str, str, int]:
@@ -356,7 +353,6 @@ def repair_run(
     salvage: bool = True,
     artifacts: Literal["auto", "leave", "drop"] = "auto",
     rollback: bool = False,
-    writers_gone: bool = False,
 ) -> RepairReport:
     """Bring a crashed run back to a consistent state without losing a committed record.
 
@@ -367,16 +363,15 @@ def repair_run(
     (``"leave"``: a local resume, whose writer replaces them, ART-1). ``rollback`` takes a
     copy made while the run was written back to the newest revision its files hold whole
     (COMMIT-13); without it, the report names that revision (``rollback_to``). Where no
-    lock tells, dropping is refused while a writer may be alive, unless the caller knows
-    them gone (``writers_gone``: a resume, STORE-3).
+    lock tells, dropping is refused while a writer may be alive (STORE-3).
     """
     if not revisions(run):
         load_manifest(run)  # raises: not a run, or one copied without _manifests/ (LAYOUT-2)
-    if not (run.is_local or salvage or writers_gone) and (alive := being_written_by(run)):
+    if not (run.is_local or salvage) and being_written_by(run):
         raise ConflictError(
-            f"the run is running and was heard from within {ABANDON_AFTER:g} s: its writers "
-            f"({', '.join(alive)}) may be alive, and on an object store dropping what they "
-            "have not committed yet could delete what they are about to commit (STORE-3)",
+            f"the run is running and was heard from within {ABANDON_AFTER:g} s: a writer may "
+            "be alive, and where no lock tells, dropping what is not committed yet could "
+            "delete what it is about to commit (STORE-3)",
             location=run.where(),
             hint="repair without dropping (complete frames are kept), or drop once the run "
             "is abandoned (LIFE-4)",

@@ -932,7 +932,8 @@ class RunWriter:
                     f"artifact {path!r} exists: another writer of the run stored it",
                     location=self.storage.where(path),
                     hint="store the new version under a new name (on an object store, a dead "
-                    "writer's file that no revision lists goes when the run is resumed)",
+                    "writer's file that no revision lists goes when the run is resumed once "
+                    "abandoned, 300 s after it was last heard from)",
                 )
             self.storage.write_atomic(path, data)
         entry = ArtifactEntry(path, len(data), sha256_hex(data), media_type, refs)

@@ -41,7 +41,7 @@ _READ_CHUNK = 8 << 20
 EXCLUSIVE_PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a"})
 """Backends whose create-only write has exactly one winner (COMMIT-2); others need single-writer."""
 _T = TypeVar("_T")
-_ONE_SLASH = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")
+_SHORT_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(?!//)")
 _BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
 """Object stores, where writing an object needs no folder, only its bucket."""
 _SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -747,13 +747,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def check_url(url: str) -> None:
-    """Refuse ``s3:/bucket``: a URL missing a slash would name a local folder ``s3:``."""
-    found = _ONE_SLASH.match(url)
+    """Refuse ``s3:/bucket`` and ``s3:bucket``: a URL missing a slash would name a local
+    folder ``s3:``."""
+    found = _SHORT_URL.match(url)
     scheme = found[1].lower() if found else "file"
     if scheme not in ("file", "local") and scheme in fsspec.available_protocols():
+        rest = url[found.end() :].lstrip("/") if found else url
         raise InvalidInputError(
-            f"{url!r} is a {scheme}: URL with one slash",
-            hint=f"write {scheme}://{url[len(scheme) + 2 :]}, or ./{url} for a local folder",
+            f"{url!r} is a {scheme}: URL missing a slash",
+            hint=f"write {scheme}://{rest}, or ./{url} for a local folder",
         )
 
 

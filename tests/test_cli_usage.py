@@ -61,7 +61,7 @@ def test_a_huge_count_option_is_a_usage_error(
 @pytest.mark.parametrize(
     ("args", "option"),
     [(["-s", "s3:/team/runs", "ls"], "--store"), (["sync", "SRC", "gs:/team/runs"], "DST"),
-     (["sync", "s3:/team/runs", "DST"], "SRC")],
+     (["sync", "s3:/team/runs", "DST"], "SRC"), (["sync", "SRC", "s3:team/runs"], "DST")],
 )  # fmt: skip
 def test_a_url_with_one_slash_is_bad_usage(
     tmp_path: Path,
@@ -76,10 +76,10 @@ def test_a_url_with_one_slash_is_bad_usage(
     code, _, err = run_main(args, monkeypatch, capsys)
     assert code == 2
     assert f"Invalid value for {option}:" in err
-    assert "URL with one slash" in err
+    assert "URL missing a slash" in err
     assert "://team/runs" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SRC"]
-    with pytest.raises(InvalidInputError, match="one slash"):
+    with pytest.raises(InvalidInputError, match="missing a slash"):
         runfmt.Store("s3:/team/runs")
     assert runfmt.Store(f"file:{tmp_path}/SRC").run_ids() != []
 

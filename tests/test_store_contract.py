@@ -6,12 +6,14 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import fsspec
 import pytest
 
-from runfmt.check import being_written_by, repair_run, verify_run
+from runfmt import check, lifecycle
+from runfmt.check import ANY_WRITER, being_written_by, repair_run, verify_run
 from runfmt.errors import ConflictError, FormatError, ReadOnlyError, RunNotFoundError
 from runfmt.format import names
 from runfmt.store import Store
@@ -165,26 +167,50 @@ class TestStoreContract:
             writer.close()
             assert {p.rule for p in verify_run(storage)} == {"COMMIT-7", "LAYOUT-4"}
             return
-        assert being_written_by(storage) == [writer.writer_id]
+        assert being_written_by(storage) == [ANY_WRITER]
         assert verify_run(storage) == []
         with pytest.raises(ConflictError, match="may be alive") as refused:
             repair_run(storage, salvage=False)
         assert "STORE-3" in refused.value.problem
+        with pytest.raises(ConflictError, match="may be alive"):
+            any_store.resume_run(writer.run_id, salvage=False)
         assert storage.exists(pending)
         writer.finish()
         assert being_written_by(storage) == []
         assert [p.rule for p in verify_run(storage)] == ["LAYOUT-4"]
 
+    def test_an_artifact_stored_before_any_flush_is_a_live_writers(self, any_store: Store) -> None:
+        """Where no lock names writers, a running run heard from lately may have one even
+        with no stage file: its unlisted artifact is neither reported nor dropped."""
+        writer = any_store.create_run("art", flush_every=None, flush_interval=None)
+        writer.add_artifact("prompt.txt", b"p")
+        storage = any_store.locate(writer.run_id)
+        assert verify_run(storage) == []
+        if not storage.is_local:
+            with pytest.raises(ConflictError, match="may be alive"):
+                repair_run(storage, salvage=False)
+        writer.finish()
+        assert any_store.open_run(writer.run_id).read_artifact("prompt.txt") == b"p"
+        assert verify_run(storage) == []
+
     def test_a_resumed_job_stores_again_what_its_dead_writer_never_committed(
-        self, any_store: Store
+        self, any_store: Store, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """ART-1: on local disk the resumed writer replaces the leftover; elsewhere resume
-        deletes it, as no create-only write could replace it."""
+        deletes it once no writer may be alive (the run is abandoned), as no create-only
+        write could replace it."""
         dead = any_store.create_run("report", flush_every=None, flush_interval=None)
         dead.extend("gen", _records(2))
         dead.flush()
         dead.add_artifact("report.txt", b"old report")
         dead.discard()
+        if not any_store.storage.is_local:
+            with any_store.resume_run(dead.run_id) as early:  # heard from just now
+                with pytest.raises(ConflictError, match="another writer of the run stored it"):
+                    early.add_artifact("report.txt", b"new report")
+                early.discard()
+            later = lifecycle.now() + timedelta(seconds=lifecycle.ABANDON_AFTER + 1)
+            monkeypatch.setattr(check, "now", lambda: later)
         with any_store.resume_run(dead.run_id) as again:
             again.add_artifact("report.txt", b"new report")
         reader = any_store.open_run(dead.run_id)

@@ -72,7 +72,7 @@ class State:
         """The store's location; a file or a run folder given as the store is bad usage
         (listing a run folder would find nothing and put an index inside the run)."""
         url = self.store_url or "./runs"
-        if ":/" in url and "://" not in url:
+        if ":" in url and "://" not in url:
             from runfmt.storage import check_url
 
             with usage_of("--store"):

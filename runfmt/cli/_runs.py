@@ -248,6 +248,8 @@ def _unchecked_json(
 
 def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str]) -> None:
     """The problems of a run, and its verdict line; ``live``: ids of its live writers."""
+    from runfmt.check import ANY_WRITER
+
     label = _label(run)
     note = (
         f" (being written by live writer{'s' * (len(live) > 1)} {', '.join(live)}: "
@@ -255,6 +257,8 @@ def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str
         if live
         else ""
     )
+    if ANY_WRITER in live:
+        note = " (running and heard from within 300 s: uncommitted data not checked)"
     if not problems:
         echo(f"ok    {label}{note}")
         return

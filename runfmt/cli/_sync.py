@@ -117,7 +117,7 @@ def sync(
         "single_writer": shared.single_writer,
     }
     source, target = _side(src, ctx), _side(dst, ctx)
-    if any(":/" in side and "://" not in side for side in (source, target)):
+    if any(":" in side and "://" not in side for side in (source, target)):
         from runfmt.storage import check_url
 
         for name, side in (("SRC", source), ("DST", target)):
