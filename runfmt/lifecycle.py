@@ -8,7 +8,7 @@ import contextlib
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -118,6 +118,14 @@ class RunSummary:
             "forked_at_stage": self.forked_at_stage,
             "problem": None,
         }
+
+    @staticmethod
+    def unreadable_json(run_id: str, problem: str) -> dict[str, Any]:
+        """`to_json`'s members for a run whose manifest cannot be read: only the id, the
+        ``unreadable`` health and the ``problem`` are known."""
+        doc: dict[str, Any] = dict.fromkeys(f.name for f in fields(RunSummary))
+        doc.update(run_id=run_id, health="unreadable", stages=[], counters={}, problem=problem)
+        return doc
 
 
 def summarize(m: Manifest, now: datetime) -> RunSummary:

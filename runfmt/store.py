@@ -241,19 +241,19 @@ class Store:
 
         First repairs what dead writers left (salvaging complete frames, spec COMMIT-8;
         ``salvage=False`` drops them, with the counters that went with them, so they are
-        computed again), then marks the run running again if it had finished. Artifacts they
-        stored but never committed are left to be stored again on local disk, and deleted
-        elsewhere (where a create-only write could not replace them, ART-1) once no writer
-        may be alive: while the run was heard from within 300 s, a writer that is may be
-        about to commit them, so they stay, and dropping (``salvage=False``) is refused
-        (STORE-3).
+        computed again), then marks the run running again if it had finished.
+
+        Artifacts they stored but never committed stay on local disk, for the new writer to
+        store again. Elsewhere no create-only write could replace them (ART-1), so they are
+        deleted, but only once no writer may be alive: until the run is abandoned (300 s
+        after it was last heard from) they stay and ``salvage=False`` is refused (STORE-3).
         """
         from runfmt.check import being_written_by, repair_run
 
         storage = self.locate(run)
         if storage.read_only:
             raise ReadOnlyError("the store was opened read-only", location=storage.where())
-        keep = storage.is_local or bool(being_written_by(storage))  # see the docstring
+        keep = storage.is_local or bool(being_written_by(storage))
         repair_run(storage, salvage=salvage, artifacts="leave" if keep else "drop")
         writer = RunWriter(storage, load_manifest(storage), **writer_options)
         if writer.manifest.status != "running":

@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import shutil
 import sqlite3
-import sys
 import unicodedata
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,11 +19,12 @@ from typer.testing import CliRunner
 from runfmt import _index_reading as reading
 from runfmt import index as index_module
 from runfmt.check import verify_run
-from runfmt.cli import app, main
+from runfmt.cli import app
 from runfmt.demo import write_demo_run
 from runfmt.errors import ManifestError, StorageError
 from runfmt.index import Index, is_network_filesystem
 from runfmt.store import Store
+from tests.test_cli import run_main
 
 runner = CliRunner()
 
@@ -467,10 +467,8 @@ def test_an_index_path_that_is_a_folder_is_indexed_in_memory(
     assert "it is not a regular file" in caplog.text
     assert Store(store.url).cache.get("score", "a-0") is not None
     for args in (["ls"], ["index", "rebuild"], ["cache", "get", "score", "a-0"]):
-        monkeypatch.setattr(sys, "argv", ["runfmt", "--store", store.url, *args])
-        with pytest.raises(SystemExit) as exit_:
-            main()
-        assert exit_.value.code == 0, capsys.readouterr().err
+        code, _, err = run_main(["--store", store.url, *args], monkeypatch, capsys)
+        assert code == 0, err
 
 
 def test_an_index_damaged_again_and_again_is_an_error_not_a_crash(
@@ -487,11 +485,8 @@ def test_an_index_damaged_again_and_again_is_an_error_not_a_crash(
     monkeypatch.setattr(Index, "_query", damaged)
     with pytest.raises(StorageError, match="damaged 5 times"):
         Store(store.url).cache.get("score", "a-0")
-    monkeypatch.setattr(sys, "argv", ["runfmt", "--store", store.url, "ls"])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    assert exit_.value.code == 1
-    err = capsys.readouterr().err
+    code, _, err = run_main(["--store", store.url, "ls"], monkeypatch, capsys)
+    assert code == 1
     assert "damaged 5 times" in err
     assert "Traceback" not in err
 
@@ -545,11 +540,8 @@ def test_reading_a_run_never_needs_the_index(
     (Path(store.url) / ".runfmt").write_text("not a folder")
     assert [r["value"] for r in store.open_run(run_id).records("score")] == [0, 1, 2]
 
-    monkeypatch.setattr(sys, "argv", ["runfmt", "--store", store.url, "ls"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 0
-    out, err = capsys.readouterr()
+    code, out, err = run_main(["--store", store.url, "ls"], monkeypatch, capsys)
+    assert code == 0
     assert run_id in out, "listed from an index in memory"
     assert "cannot keep the index" in caplog.text
     assert "Traceback" not in err

@@ -72,11 +72,7 @@ class State:
         """The store's location; a file or a run folder given as the store is bad usage
         (listing a run folder would find nothing and put an index inside the run)."""
         url = self.store_url or "./runs"
-        if ":" in url and "://" not in url:
-            from runfmt.storage import check_url
-
-            with usage_of("--store"):
-                check_url(url)
+        check_location(url, "--store")
         local = url.removeprefix("file://")
         if "://" not in local:
             from runfmt.format.names import MANIFEST_FILE, MANIFESTS_DIR
@@ -250,6 +246,16 @@ def _width(text: str) -> int:
     from unicodedata import east_asian_width
 
     return len(text) + sum(east_asian_width(c) in "WF" for c in text)
+
+
+def check_location(location: str, option: str) -> None:
+    """Bad usage of ``option`` when ``location`` is a URL missing a slash (``s3:/bucket``);
+    fsspec is imported only for a location that could be one."""
+    if ":" in location and "://" not in location:
+        from runfmt.storage import check_url
+
+        with usage_of(option):
+            check_url(location)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,6 @@ from runfmt.cli import (
 )
 
 if TYPE_CHECKING:
-    from runfmt.errors import FormatError
     from runfmt.lifecycle import RunSummary
     from runfmt.lineage import LineageNode
 
@@ -53,7 +52,7 @@ def status(
     writer is gone), progress per stage, age; then the runs that cannot be read. Exit 1 if
     one of those is shown."""
     from runfmt.errors import FormatError
-    from runfmt.lifecycle import now, runs_with_config, summarize
+    from runfmt.lifecycle import RunSummary, now, runs_with_config, summarize
 
     unknown = sorted(set(health or ()) - set(_HEALTH))
     if unknown:
@@ -83,7 +82,10 @@ def status(
     summaries.sort(key=lambda s: s.age_seconds)
     summaries = summaries[:limit]
     if json_:
-        print_json([s.to_json() for s in summaries] + [_unreadable(*b) for b in broken])
+        print_json(
+            [s.to_json() for s in summaries]
+            + [RunSummary.unreadable_json(run_id, str(exc)) for run_id, exc in broken]
+        )
     else:
         for s in summaries:
             echo(_status_line(s))
@@ -93,26 +95,6 @@ def status(
             echo(no_runs(ctx, store.url, filtered=bool(health or config)))
     if broken:
         fail(f"{len(broken)} run(s) cannot be read; `runfmt verify` lists every problem")
-
-
-def _unreadable(run_id: str, exc: "FormatError") -> dict[str, Any]:
-    """A `status --json` entry of a run whose manifest cannot be read."""
-    return {
-        "run_id": run_id,
-        "name": None,
-        "health": "unreadable",
-        "completed_through_stage": None,
-        "error": None,
-        "created_at": None,
-        "last_seen": None,
-        "age_seconds": None,
-        "idle_seconds": None,
-        "stages": [],
-        "counters": {},
-        "forked_from": None,
-        "forked_at_stage": None,
-        "problem": str(exc),
-    }
 
 
 def _status_line(s: "RunSummary") -> str:

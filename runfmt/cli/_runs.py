@@ -251,14 +251,15 @@ def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str
     from runfmt.check import ANY_WRITER
 
     label = _label(run)
-    note = (
-        f" (being written by live writer{'s' * (len(live) > 1)} {', '.join(live)}: "
-        "uncommitted data not checked)"
-        if live
-        else ""
-    )
     if ANY_WRITER in live:
         note = " (running and heard from within 300 s: uncommitted data not checked)"
+    elif live:
+        note = (
+            f" (being written by live writer{'s' * (len(live) > 1)} {', '.join(live)}: "
+            "uncommitted data not checked)"
+        )
+    else:
+        note = ""
     if not problems:
         echo(f"ok    {label}{note}")
         return

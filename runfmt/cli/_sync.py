@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from runfmt.cli import _parse_options, app, print_json, state, usage_of
+from runfmt.cli import _parse_options, app, check_location, print_json, state
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -117,12 +117,8 @@ def sync(
         "single_writer": shared.single_writer,
     }
     source, target = _side(src, ctx), _side(dst, ctx)
-    if any(":" in side and "://" not in side for side in (source, target)):
-        from runfmt.storage import check_url
-
-        for name, side in (("SRC", source), ("DST", target)):
-            with usage_of(name):
-                check_url(side)
+    check_location(source, "SRC")
+    check_location(target, "DST")
     if json_out or not sys.stderr.isatty():
         report = run_sync(source, target, **kwargs)
     else:
