@@ -140,7 +140,9 @@ def test_a_record_too_large_for_a_frame_is_refused_and_the_writer_goes_on(
     assert verify_run(reader.storage) == []
 
 
-@pytest.mark.parametrize("run_id", ["Upper", "a/b", "../escape", "a:b", ".hidden", "-x", "x" * 101])
+@pytest.mark.parametrize(
+    "run_id", ["Upper", "a/b", "../escape", "a:b", ".hidden", "-x", "x" * 101, "con", "aux.2"]
+)
 def test_a_bad_run_id_is_refused_before_anything_is_written(store: Store, run_id: str) -> None:
     with pytest.raises(InvalidInputError, match="NAME-1"):
         store.create_run("eval", run_id=run_id, **QUIET)
@@ -229,7 +231,9 @@ def test_an_error_message_goes_only_with_a_failure_and_fits_the_manifest(store: 
         assert verify_run(store.locate(run_id)) == []
 
 
-@pytest.mark.parametrize("stage", ["Score", "1st", "a/b", "../x", "", "s" * 65, "a b"])
+@pytest.mark.parametrize(
+    "stage", ["Score", "1st", "a/b", "../x", "", "s" * 65, "a b", "nul", "lpt1"]
+)
 def test_a_bad_stage_name_is_refused_and_the_writer_goes_on(store: Store, stage: str) -> None:
     w = store.create_run("eval", **QUIET)
     with pytest.raises(InvalidInputError, match="NAME-2") as info:

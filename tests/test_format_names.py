@@ -31,6 +31,13 @@ RUN_IDS = {
     "..": False,
     "run\n": False,
     "é": False,
+    "con": False,
+    "aux.1": False,
+    "lpt9.v2": False,
+    "con1": True,
+    "my.aux": True,
+    "nul-x": True,
+    "com0": True,
 }
 
 STAGE_NAMES = {
@@ -48,6 +55,11 @@ STAGE_NAMES = {
     "sco/re": False,
     "sco:re": False,
     "score ": False,
+    "aux": False,
+    "nul": False,
+    "com1": False,
+    "auxiliary": True,
+    "aux_metrics": True,
 }
 
 WRITER_IDS = {
@@ -79,6 +91,10 @@ ARTIFACT_NAMES = {
     "con": False,
     "CON.txt": False,
     "lpt1.log": False,
+    "plots/Aux.png": False,
+    "aux/x": False,
+    "aux2.log": True,
+    "x.con": True,
     "trailing.": False,
     "new\nline": False,
     "a" * 201: False,

@@ -34,25 +34,25 @@ SUMS_FILE = "SHA256SUMS"
 STAGES_DIR = "stages"
 ARTIFACTS_DIR = "artifacts"
 
-_RUN_ID = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,98}[a-z0-9])?")
-_STAGE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_NOT_DEVICE = r"(?!(?:con|prn|aux|nul|com[1-9]|lpt[1-9])(?:\.|$))"
+"""Not a device name, which Windows reserves in every folder with any extension (§3.2)."""
+_RUN_ID = re.compile(_NOT_DEVICE + r"[a-z0-9](?:[a-z0-9._-]{0,98}[a-z0-9])?")
+_STAGE = re.compile(_NOT_DEVICE + r"[a-z][a-z0-9_-]{0,63}")
 _WRITER = re.compile(r"[a-z0-9]{1,32}")
 _STAGE_FILE = re.compile(
     r"part-(?P<seq>(?!000000-)[0-9]{6}|[1-9][0-9]{6,})-(?P<writer>[a-z0-9]{1,32})\.jsonl\.zst"
 )
 _REVISION_FILE = re.compile(r"((?!00000000\.)[0-9]{8}|[1-9][0-9]{8,})\.json")
-_SEGMENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,198}[A-Za-z0-9_-])?")
-_RESERVED_SEGMENTS = frozenset(
-    {"con", "prn", "aux", "nul"}
-    | {f"com{i}" for i in range(1, 10)}
-    | {f"lpt{i}" for i in range(1, 10)}
-)
+_SEGMENT_SHAPE = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,198}[A-Za-z0-9_-])?"
+_SEGMENT = re.compile(_NOT_DEVICE + _SEGMENT_SHAPE, re.IGNORECASE)
 
 
 def _check(pattern: re.Pattern[str], value: object, what: str, rule: str) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
+        shape = pattern.pattern.removeprefix(_NOT_DEVICE)
+        device = "" if shape == pattern.pattern else " and not be a device name such as con or aux"
         raise InvalidInputError(
-            f"invalid {what} {value!r}", hint=f"{what}s must match {pattern.pattern} ({rule})"
+            f"invalid {what} {value!r}", hint=f"{what}s must match {shape}{device} ({rule})"
         )
     return value
 
@@ -126,10 +126,11 @@ def validate_artifact_name(name: object) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidInputError(f"invalid artifact name {name!r}", hint="NAME-5")
     for segment in name.split("/"):
-        if not _SEGMENT.fullmatch(segment) or segment.split(".")[0].lower() in _RESERVED_SEGMENTS:
+        if not _SEGMENT.fullmatch(segment):
             raise InvalidInputError(
                 f"invalid artifact name {name!r}: bad segment {segment!r}",
-                hint=f"segments must match {_SEGMENT.pattern} and not be a device name (NAME-5)",
+                hint=f"segments must match {_SEGMENT_SHAPE} and not be a device name such as "
+                "con or aux (NAME-5)",
             )
     if len(name) > 512:
         raise InvalidInputError(f"artifact name longer than 512 characters: {name[:40]!r}...")

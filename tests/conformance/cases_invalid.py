@@ -173,6 +173,26 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "manifest-stage-device-name",
+            "A stage is named 'aux', a device name on Windows.",
+            ["MAN-2", "NAME-2"],
+        ),
+        "ManifestError",
+    )
+    c.doc["stages"][0]["name"] = "aux"
+    c = add(
+        running(
+            "invalid",
+            "manifest-run-id-device-name",
+            "The run id is 'con.1', whose part before the dot is a device name on Windows.",
+            ["MAN-2", "NAME-1"],
+        ),
+        "ManifestError",
+    )
+    c.doc["run_id"] = "con.1"
+    c = add(
+        running(
+            "invalid",
             "manifest-bad-config-hash",
             "config_hash is not a k1 key.",
             ["MAN-2", "KEY-2"],
