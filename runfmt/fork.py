@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from runfmt.errors import (
     ChecksumMismatchError,
@@ -35,6 +35,7 @@ from runfmt.locking import hold_writer_lock, writer_alive
 from runfmt.run import (
     WRITER,
     RunWriter,
+    WriterOptions,
     check_writer_options,
     create_revision,
     load_manifest,
@@ -62,7 +63,7 @@ def fork_run(
     tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
     artifacts: bool = True,
-    **writer_options: Any,
+    **writer_options: Unpack[WriterOptions],
 ) -> RunWriter:
     """Create a run holding ``source``'s stages declared before ``at_stage`` and return
     its writer, to recompute ``at_stage`` and what follows (FORK-1).

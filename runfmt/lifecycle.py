@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, Unpack, get_args
 
 from runfmt.errors import (
     ConflictError,
@@ -24,7 +24,14 @@ from runfmt.format import names
 from runfmt.format.keys import compute_key
 from runfmt.format.manifest import Manifest, parse_timestamp
 from runfmt.locking import live_writers
-from runfmt.run import RunReader, RunWriter, check_folder_name, load_manifest, unpublish
+from runfmt.run import (
+    RunReader,
+    RunWriter,
+    WriterOptions,
+    check_folder_name,
+    load_manifest,
+    unpublish,
+)
 
 if TYPE_CHECKING:
     from runfmt.storage import Storage
@@ -183,10 +190,9 @@ def open_or_create(
     config: Mapping[str, Any] | None = None,
     *,
     policy: Policy = "auto",
-    until_stage: str | None = None,
     run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
-    **writer_options: Any,
+    **writer_options: Unpack[WriterOptions],
 ) -> OpenedRun:
     """Open the run of ``config`` under its deterministic id, applying the existing-run policy.
 
@@ -201,7 +207,6 @@ def open_or_create(
         )
     config = dict(config or {})
     run_id = run_id or deterministic_run_id(name, config)
-    options = {**writer_options, "until_stage": until_stage}
     storage = store._run_storage(run_id)
     if policy == "rerun":
         remove_run(store, run_id)
@@ -213,14 +218,14 @@ def open_or_create(
                     f"run {run_id} exists ({existing.status})", location=storage.where(),
                     hint="use policy auto to reuse or resume it, or rerun to start afresh",
                 )  # fmt: skip
-            return _reuse_or_resume(store, storage, existing, config, until_stage, options)
+            return _reuse_or_resume(store, storage, existing, config, writer_options)
     try:
-        writer = store.create_run(name, config, tags=tags, run_id=run_id, **options)
+        writer = store.create_run(name, config, tags=tags, run_id=run_id, **writer_options)
     except RunExistsError:
         if policy != "auto":
             raise
         existing = check_folder_name(load_manifest(storage), storage, run_id)
-        return _reuse_or_resume(store, storage, existing, config, until_stage, options)
+        return _reuse_or_resume(store, storage, existing, config, writer_options)
     if not storage.is_local:
         _delete_what_a_removal_left(storage)
     action: Action = "rerun" if policy == "rerun" else "created"
@@ -248,8 +253,7 @@ def _reuse_or_resume(
     storage: Storage,
     existing: Manifest,
     config: dict[str, Any],
-    until_stage: str | None,
-    options: dict[str, Any],
+    options: WriterOptions,
 ) -> OpenedRun:
     if existing.config_hash != compute_key(config):
         raise ConflictError(
@@ -257,7 +261,7 @@ def _reuse_or_resume(
             location=storage.where(),
             hint="give another run_id, or use policy rerun to replace it",
         )
-    if _satisfied(existing, until_stage):
+    if _satisfied(existing, options.get("until_stage")):
         return OpenedRun("reused", existing.run_id, RunReader(storage, existing), None)
     writer = store.resume_run(existing.run_id, **options)
     return OpenedRun("resumed", existing.run_id, RunReader(storage, writer.manifest), writer)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, NoReturn, Self, cast
+from typing import Any, NoReturn, Self, TypedDict, cast
 
 from filelock import FileLock
 from zstandard import MAX_COMPRESSION_LEVEL
@@ -83,7 +83,15 @@ from runfmt.format.validate import folder_name_problem, header_problem
 from runfmt.locking import commit_lock, hold_writer_lock, live_writers
 from runfmt.storage import AppendFile, Storage
 
-__all__ = ["RunReader", "RunWriter", "StageWriter", "commit", "load_manifest", "now_utc"]
+__all__ = [
+    "RunReader",
+    "RunWriter",
+    "StageWriter",
+    "WriterOptions",
+    "commit",
+    "load_manifest",
+    "now_utc",
+]
 
 KEEP_REVISIONS = 32
 """Writers keep at least this many newest revisions in ``_manifests/`` (COMMIT-9)."""
@@ -100,8 +108,6 @@ HEARTBEAT_INTERVAL = 60.0
 """Seconds between a writer's heartbeat commits by default (LIFE-3)."""
 MAX_HEARTBEAT_INTERVAL = 100.0
 """Writers heartbeat at least this often, well inside the abandonment threshold (LIFE-3)."""
-_WRITER_OPTIONS = ("flush_every", "flush_interval", "lock_timeout", "compression_level",
-                   "heartbeat_interval", "until_stage")  # fmt: skip
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
 
 
@@ -694,6 +700,21 @@ def guess_media_type(name: str) -> str:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class WriterOptions(TypedDict, total=False):
+    """`RunWriter`'s keyword options, which `Store.create_run`, `Store.resume_run`,
+    `Store.open_or_create` and `Store.fork_run` pass on."""
+
+    flush_every: int | None
+    flush_interval: float | None
+    lock_timeout: float
+    compression_level: int
+    heartbeat_interval: float | None
+    until_stage: str | None
+
+
+_WRITER_OPTIONS = tuple(WriterOptions.__annotations__)
 
 
 def check_writer_options(options: Mapping[str, Any]) -> None:

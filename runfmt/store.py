@@ -8,7 +8,7 @@ import re
 import secrets
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Unpack
 
 from runfmt.errors import (
     FormatError,
@@ -31,6 +31,7 @@ from runfmt.run import (
     WRITER,
     RunReader,
     RunWriter,
+    WriterOptions,
     check_folder_name,
     check_writer_options,
     create_revision,
@@ -115,7 +116,7 @@ class Store:
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
         created_at: str | None = None,
-        **writer_options: Any,
+        **writer_options: Unpack[WriterOptions],
     ) -> RunWriter:
         """Create a run and return its writer. ``writer_options`` go to `RunWriter`.
 
@@ -138,7 +139,7 @@ class Store:
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
         created_at: str | None = None,
-        **writer_options: Any,
+        **writer_options: Unpack[WriterOptions],
     ) -> RunWriter:
         """`create_run` of a name that may hold what writers avoid but readers take
         (MAN-10): an imported run keeps its name (EXP-4)."""
@@ -235,7 +236,11 @@ class Store:
         )  # fmt: skip
 
     def resume_run(
-        self, run: str | os.PathLike[str], *, salvage: bool = True, **writer_options: Any
+        self,
+        run: str | os.PathLike[str],
+        *,
+        salvage: bool = True,
+        **writer_options: Unpack[WriterOptions],
     ) -> RunWriter:
         """Reopen a run for writing after a crash or a `RunWriter.close`.
 
@@ -267,22 +272,36 @@ class Store:
         config: Mapping[str, Any] | None = None,
         *,
         policy: Policy = "auto",
-        until_stage: str | None = None,
-        **options: Any,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        **writer_options: Unpack[WriterOptions],
     ) -> OpenedRun:
         """The run of ``config`` under its deterministic id, by the existing-run ``policy``:
         ``auto`` reuses a completed run and resumes any other, ``error`` refuses an
         existing one, ``rerun`` replaces it (see `runfmt.lifecycle.open_or_create`)."""
         from runfmt.lifecycle import open_or_create
 
-        return open_or_create(self, name, config, policy=policy, until_stage=until_stage, **options)
+        return open_or_create(self, name, config, policy=policy, run_id=run_id, tags=tags,
+                              **writer_options)  # fmt: skip
 
-    def fork_run(self, source: str | os.PathLike[str], at_stage: str, **options: Any) -> RunWriter:
+    def fork_run(
+        self,
+        source: str | os.PathLike[str],
+        at_stage: str,
+        *,
+        name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
+        artifacts: bool = True,
+        **writer_options: Unpack[WriterOptions],
+    ) -> RunWriter:
         """A new run holding ``source``'s stages before ``at_stage``, to recompute the rest
         (see `runfmt.fork.fork_run`)."""
         from runfmt.fork import fork_run
 
-        return fork_run(self, source, at_stage, **options)
+        return fork_run(self, source, at_stage, name=name, config=config, tags=tags,
+                        run_id=run_id, artifacts=artifacts, **writer_options)  # fmt: skip
 
     def runs_with_config(self, config: Mapping[str, Any] | str) -> list[RunReader]:
         """Runs whose config is ``config`` (a mapping, or its ``k1:`` hash), newest id first."""
