@@ -274,7 +274,7 @@ class LocalSource(Source):
         if not found:
             _no_revision(os.path.exists(f"{self.url}/{run_id}/{names.MANIFEST_FILE}"))
         newest = max(found)
-        with open_regular(f"{self.url}/{run_id}/{names.revision_file(newest)}") as f:
+        with open_regular(self._file(run_id, names.revision_file(newest))) as f:
             return newest, f.read()
 
     def _file(self, run_id: str, path: str) -> str:

@@ -13,7 +13,10 @@ from typing import IO
 
 __all__ = ["NotAFileError", "open_regular"]
 
-_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_BINARY", 0)
+)  # fmt: skip
 
 
 class NotAFileError(FileNotFoundError):
@@ -25,9 +28,15 @@ def open_regular(path: str) -> IO[bytes]:
     """Open a local file for reading; `FileNotFoundError` unless it is a regular file.
 
     Opened without blocking and checked before any read: a FIFO or a device at a listed
-    path must not hang a reader (ERR-1); a folder or a FIFO is no file (LAYOUT-3).
+    path must not hang a reader (ERR-1); a folder or a FIFO is no file (LAYOUT-3), and a
+    symbolic link is not followed (LAYOUT-5).
     """
-    fd = os.open(path, _FLAGS)
+    try:
+        fd = os.open(path, _FLAGS)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise NotAFileError(errno.ENOENT, "a symbolic link, not a file", path) from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotAFileError(errno.ENOENT, "not a regular file", path)

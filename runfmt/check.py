@@ -21,7 +21,7 @@ from runfmt.errors import (
 )
 from runfmt.format import names
 from runfmt.format.checksum import parse_sums
-from runfmt.format.frames import DataFrame, FrameDecoder
+from runfmt.format.frames import CounterFrame, DataFrame, FrameDecoder
 from runfmt.format.manifest import (
     ArtifactEntry,
     ChangeSet,
@@ -29,6 +29,7 @@ from runfmt.format.manifest import (
     Manifest,
     StageEntry,
     apply_changes,
+    check_counter,
     decode_manifest,
     encode_manifest,
     parse_timestamp,
@@ -121,6 +122,8 @@ def _problems(
             problems.append(Problem(art.path, "listed artifact is missing", "LAYOUT-3"))
         elif not run.inside(art.path):
             problems.append(Problem(art.path, "artifact goes through a link", "LAYOUT-5"))
+        elif not run.is_file(art.path):
+            problems.append(Problem(art.path, "listed path is not a regular file", "LAYOUT-3"))
         elif files[art.path] != art.bytes or run.prefix_sha256(art.path, art.bytes) != art.sha256:
             problems.append(Problem(art.path, "length or sha256 does not match", "CHECK-1"))
     if names.SUMS_FILE in files:
@@ -414,6 +417,7 @@ def repair_run(
             drop = artifacts == "drop" or not salvage
             _repair_artifacts(run, manifest, files, links, drop, changes, report)
         _remove_leftovers(run, report)
+        _check_salvaged_counters(manifest, changes, report)
         if changes:
             manifest = commit_locked(run, changes, manifest, repairing=True)
             report.actions.append(f"committed revision {manifest.revision}")
@@ -518,6 +522,20 @@ def _holds_revision(data: bytes, revision: int) -> bool:
         return False
 
 
+def _check_salvaged_counters(manifest: Manifest, changes: ChangeSet, report: RepairReport) -> None:
+    """Report the counter deltas salvaged from counter frames (FRAME-6); leave out, as a
+    problem, one that would make its counter one that a manifest cannot hold."""
+    for name, delta in list(changes.counters.items()):
+        try:
+            check_counter(name, manifest.counters.get(name, 0) + delta)
+        except InvalidInputError as exc:
+            del changes.counters[name]
+            report.left.append(Problem("", f"salvaged counter delta not added: {exc.problem}",
+                                       "FRAME-6"))  # fmt: skip
+        else:
+            report.actions.append(f"salvaged counter delta {name} {delta:+}")
+
+
 def _written_for_another_run(header: Mapping[str, object], born: str) -> bool:
     """Whether a valid stage header's ``run_created_at`` names another instant than
     ``born`` (COMMIT-8); timestamps with other fraction digits can name the same one."""
@@ -538,8 +556,8 @@ def _repair_file(
     """Salvage or cut what a dead writer left in one stage file past its committed bytes;
     ``born`` is the run's ``created_at``, which a header naming another one contradicts."""
     committed = entry.bytes if entry else 0
-    keep, records, failures, header = (
-        _complete_prefix(run.read(path)) if salvage else (0, 0, 0, None)
+    keep, records, failures, header, counter_frames = (
+        _complete_prefix(run.read(path)) if salvage else (0, 0, 0, None, [])
     )
     stage_name, _ = names.parse_stage_file(path)
     usable = header is not None and header_problem(header, path, stage) is None
@@ -549,7 +567,7 @@ def _repair_file(
         keep = committed
     if keep == 0:
         run.delete(path)
-        why = "no committed or complete records"
+        why = "no committed or complete records" if salvage else "uncommitted, dropped"
         if foreign:
             why = "written for a run this one replaced"
         report.actions.append(f"{path}: removed ({why})")
@@ -569,6 +587,10 @@ def _repair_file(
         report.actions.append(
             f"{path}: salvaged {records - (entry.records if entry else 0)} records"
         )
+        for frame in counter_frames:
+            if committed <= frame.start < keep:
+                for name, delta in frame.counters.items():
+                    changes.counters[name] = changes.counters.get(name, 0) + delta
     size = run.size(path) or 0
     if size > keep:
         if run.is_local:
@@ -579,9 +601,12 @@ def _repair_file(
             report.left.append(Problem(path, "object has a torn tail", "COMMIT-8"))
 
 
-def _complete_prefix(data: bytes) -> tuple[int, int, int, dict[str, object] | None]:
-    """Length, records and failures of the longest valid prefix of whole frames, and the header."""
-    decoder = FrameDecoder()
+def _complete_prefix(
+    data: bytes,
+) -> tuple[int, int, int, dict[str, object] | None, list[CounterFrame]]:
+    """Length, records and failures of the longest valid prefix of whole frames, the header,
+    and the counter frames read (FRAME-6)."""
+    decoder = FrameDecoder(counters=True)
     records = failures = end = 0
     header = None
     try:
@@ -596,4 +621,6 @@ def _complete_prefix(data: bytes) -> tuple[int, int, int, dict[str, object] | No
                     header, end = event, decoder.header_end
     except StageFileError:
         pass
-    return (end, records, failures, header) if header is not None else (0, 0, 0, None)
+    if header is None:
+        return 0, 0, 0, None, []
+    return end, records, failures, header, decoder.counter_frames

@@ -358,10 +358,8 @@ class Index:
 
     @classmethod
     def for_storage(cls, storage: Storage, *, timeout: float = 30.0) -> Index:
-        """The index of the store rooted at ``storage`` (a writable local store's folder is
-        created, so that its index is kept on disk from the start)."""
-        if storage.is_local and not storage.read_only:
-            storage.makedirs("")
+        """The index of the store rooted at ``storage``; reading it creates no store folder
+        (a local store that does not exist yet is indexed in memory, `index_location`)."""
         source: Source = LocalSource(storage.root) if storage.is_local else StorageSource(storage)
         path = index_location(storage.url, local=storage.is_local, read_only=storage.read_only,
                               endpoint=storage.endpoint)  # fmt: skip

@@ -128,7 +128,15 @@ def hold_writer_lock(run: Storage, writer: str) -> FileLock | None:
     if not run.is_local:
         return None
     lock = FileLock(run.path(_writer_lock_file(writer)))
-    lock.acquire(timeout=_OWN_LOCK_WAIT, poll_interval=_COMMIT_POLL)
+    try:
+        lock.acquire(timeout=_OWN_LOCK_WAIT, poll_interval=_COMMIT_POLL)
+    except Timeout:
+        raise LockTimeoutError(
+            f"writer {writer}'s liveness lock was held by another process for over "
+            f"{_OWN_LOCK_WAIT:g} s (COMMIT-12)",
+            location=run.where(_writer_lock_file(writer)),
+            hint="another process probes it only for an instant: retry",
+        ) from None
     return lock
 
 

@@ -48,6 +48,7 @@ from runfmt.format.frames import (
     MAX_FRAME_CONTENT,
     PREFIX,
     FrameEncoder,
+    encode_counters,
     encode_header,
     stage_events,
 )
@@ -146,10 +147,18 @@ def load_revision(run: Storage, revision: int | None = None) -> tuple[Manifest, 
                 )
             number = revs[-1]
         rel = names.revision_file(number)
+        if not run.inside(rel):
+            raise ManifestError(
+                "revision is, or is reached through, a symbolic link (LAYOUT-5)",
+                location=run.where(rel),
+                hint="a run folder holds no links: copy the files themselves",
+            )
         try:
             data = run.read(rel)
         except NotAFileError:
-            raise ManifestError("revision is not a regular file", location=run.where(rel)) from None
+            raise ManifestError(
+                "revision is not a regular file (NAME-6)", location=run.where(rel)
+            ) from None
         except FileNotFoundError:
             continue
         try:
@@ -476,7 +485,11 @@ class RunReader:
             yield held
 
     def keys(self, stage: str) -> set[str]:
-        """Keys of the stage's committed records that are not failures (REC-5, REC-6)."""
+        """Keys of the stage's committed records that are not failures (REC-5, REC-6): none
+        for a stage the run has not declared yet (a job resumed before its first commit)."""
+        if self.manifest.stage(stage) is None:
+            names.validate_stage_name(stage)
+            return set()
         kf = self.stage(stage).key_field
         if kf is None:
             raise InvalidInputError(f"stage {stage!r} has no key field: its records have no keys",
@@ -608,12 +621,12 @@ class StageWriter:
         with self._run._mutex:
             self._run._changes.stage_status[self.name] = "failed"
 
-    def _frames(self, encoder: FrameEncoder) -> bytes:
+    def _frames(self, encoder: FrameEncoder) -> list[bytes]:
         """The buffered lines as frames, each cut after the line that brings it to
         `FRAME_TARGET` bytes."""
         data = b"".join(self._chunks)
         if len(data) < FRAME_TARGET:
-            return encoder.encode(data)
+            return [encoder.encode(data)]
         view, frames, start = memoryview(data), [], 0
         while len(data) - start >= FRAME_TARGET:
             end = data.index(b"\n", start + FRAME_TARGET - 1) + 1
@@ -621,7 +634,7 @@ class StageWriter:
             start = end
         if start < len(data):
             frames.append(encoder.encode(view[start:]))
-        return b"".join(frames)
+        return frames
 
     def _header(self, seq: int) -> bytes:
         return PREFIX + encode_header(
@@ -638,11 +651,15 @@ class StageWriter:
             }
         )
 
-    def _write(self, storage: Storage, encoder: FrameEncoder) -> FileEntry | None:
-        """Write the buffered records as frames; return the file's new entry."""
+    def _write(
+        self, storage: Storage, encoder: FrameEncoder, counters: bytes = b""
+    ) -> FileEntry | None:
+        """Write the buffered records as frames, with the ``counters`` frame before the last
+        one (FRAME-6); return the file's new entry."""
         if not self._chunks:
             return None
-        data = self._frames(encoder)
+        frames = self._frames(encoder)
+        data = b"".join([*frames[:-1], counters, frames[-1]])
         if storage.is_local:
             f = self._local_file(storage)
             handle = f.handle
@@ -789,6 +806,8 @@ class RunWriter:
         self.lock_timeout = lock_timeout
         self._encoder = FrameEncoder(compression_level)
         self._changes = ChangeSet()
+        self._unframed: dict[str, float | int] = {}
+        """Counter deltas of `_changes` that no counter frame holds yet (FRAME-6)."""
         self._stages: dict[str, StageWriter] = {}
         self._pending = 0
         self._last_flush = time.monotonic()
@@ -907,6 +926,7 @@ class RunWriter:
             except InvalidInputError as exc:
                 raise exc.at(self.storage.where()) from None
             self._changes.counters[counter] = pending
+            self._unframed[counter] = self._unframed.get(counter, 0) + delta
 
     def tag(self, **tags: str) -> None:
         """Set tags at the next commit."""
@@ -1000,10 +1020,16 @@ class RunWriter:
             if not self._changes and not any(w._chunks for w in self._stages.values()):
                 return self.manifest
             with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
+                last = next((w for w in reversed(self._stages.values()) if w._chunks), None)
                 for writer in self._stages.values():
-                    entry = writer._write(self.storage, self._encoder)
+                    counters = b""
+                    if writer is last and self._unframed:
+                        counters = encode_counters(self._unframed)
+                    entry = writer._write(self.storage, self._encoder, counters)
                     if entry is not None:
                         self._changes.files[entry.path] = entry
+                if last is not None:
+                    self._unframed = {}  # written in a counter frame
                 self._changes.heartbeat = True
                 try:
                     self.manifest = commit_locked(self.storage, self._changes, self.manifest)
@@ -1011,6 +1037,7 @@ class RunWriter:
                     self._stop_if_refused()
                     raise
                 self._changes = ChangeSet()
+                self._unframed = {}
             return self.manifest
 
     def heartbeat(self) -> Manifest:

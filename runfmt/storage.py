@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import secrets
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -369,6 +370,16 @@ class Storage:
 
     def is_link(self, rel: str) -> bool:
         return self.is_local and os.path.islink(self.path(rel))
+
+    def is_file(self, rel: str) -> bool:
+        """Whether ``rel`` is a regular file, not a FIFO, device or folder (LAYOUT-3); an
+        object store holds nothing else."""
+        if not self.is_local:
+            return True
+        try:
+            return stat.S_ISREG(os.lstat(self.path(rel)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def size(self, rel: str) -> int | None:
         """The size of a file, or None when it does not exist."""

@@ -8,7 +8,14 @@ from datetime import UTC, datetime, timedelta
 
 from runfmt.errors import InvalidInputError
 
-__all__ = ["format_size", "parse_duration", "parse_since", "parse_size", "printable"]
+__all__ = [
+    "format_number",
+    "format_size",
+    "parse_duration",
+    "parse_since",
+    "parse_size",
+    "printable",
+]
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -83,3 +90,12 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def format_number(value: float) -> str:
+    """A counter's value, exact: up to 15 significant digits when they give the same float
+    back, else its shortest round-trip form (two different values never look the same)."""
+    if not isinstance(value, float):
+        return str(value)
+    short = f"{value:.15g}"
+    return short if float(short) == value else repr(value)

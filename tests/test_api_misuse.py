@@ -128,6 +128,9 @@ def test_keys_of_a_stage_without_a_key_field_is_an_error(store: Store) -> None:
     assert reader.keys("keyed") == {"a"}
     with pytest.raises(InvalidInputError, match="has no key field"):
         reader.keys("plain")
+    assert reader.keys("judge") == set()  # not declared yet: nothing done
+    with pytest.raises(InvalidInputError, match="NAME-2"):
+        reader.keys("Not A Stage")
 
 
 def test_what_a_run_path_names_is_told_apart(store: Store, tmp_path: Path) -> None:

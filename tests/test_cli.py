@@ -679,7 +679,8 @@ def test_verify_leaves_a_live_writers_uncommitted_data_to_it(
 
     w.discard()
     assert {(p.location, p.rule, p.repairable) for p in verify_run(w.storage)} == uncommitted
-    assert "`runfmt repair live` fixes 3\n" in invoke(tmp_path / "runs", "verify").stdout
+    fixes = f"`runfmt repair {tmp_path / 'runs' / 'live'}` fixes 3\n"
+    assert fixes in invoke(tmp_path / "runs", "verify").stdout
 
 
 CRASHING_WRITER = textwrap.dedent(
@@ -714,7 +715,7 @@ def test_repair_salvages_a_crashed_run(crashed: Path) -> None:
     before = invoke(crashed, "verify", "crashy")
     assert before.exit_code == 1
     assert "bytes past the committed length (COMMIT-8)" in before.stdout
-    assert "`runfmt repair crashy` fixes 1" in before.stdout
+    assert f"`runfmt repair {crashed / 'crashy'}` fixes 1" in before.stdout
 
     result = invoke(crashed, "repair", "crashy")
     assert result.exit_code == 0, result.output

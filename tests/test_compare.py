@@ -105,7 +105,7 @@ def test_diff_cli_text_and_json(store: Store, pair: tuple[str, str], cli: Cli) -
     code, out, _ = cli(store, "diff", *pair)
     assert code == 0
     assert "~ model.params.temperature: 0.2 -> 0.7" in out
-    assert "+ ['new key'] = x  (only in B)" in out
+    assert "+ ['new key'] = \"x\"  (only in B)" in out
     assert "- old = true  (only in A)" in out
     assert "cost_usd" in out
     assert "generate" in out
@@ -114,6 +114,28 @@ def test_diff_cli_text_and_json(store: Store, pair: tuple[str, str], cli: Cli) -
     assert doc["status"] == ["completed", "failed"]
     assert doc["counters"]["tokens"] == {"a": 10, "b": None}
     assert doc["config"][0]["path"] == "model.params.temperature"
+
+
+def test_diff_shows_what_tells_two_values_apart(store: Store, cli: Cli) -> None:
+    """A string and a number, or two floats alike in their first digits, never look the
+    same: config values print as JSON, counters exactly."""
+    ids = []
+    for config, cost, tokens in (({"x": 1, "s": "a"}, 1234.5678, 2500000.0),
+                                 ({"x": "1", "s": None}, 1234.5712, 2500004.0)):  # fmt: skip
+        with store.create_run("exact", config) as w:
+            w.count("cost_usd", cost)
+            w.count("tokens", tokens)
+        ids.append(w.run_id)
+    code, out, _ = cli(store, "diff", *ids)
+    assert code == 0
+    assert '~ x: 1 -> "1"' in out
+    assert '~ s: "a" -> null' in out
+    assert "1234.5678" in out
+    assert "1234.5712" in out
+    assert "2500000" in out
+    assert "2500004" in out
+    code, out, _ = cli(store, "show", ids[1])
+    assert "tokens=2500004" in out
 
 
 def test_diff_by_folder_path(store: Store, pair: tuple[str, str], cli: Cli) -> None:

@@ -12,12 +12,16 @@ from hypothesis import strategies as st
 
 from runfmt.errors import StageFileError
 from runfmt.format.frames import (
+    COUNTERS_MAGIC,
     HEADER_MAGIC,
+    MAX_HEADER_SIZE,
     PREFIX,
     DataFrame,
     FrameDecoder,
     FrameEncoder,
     Header,
+    decode_counters,
+    encode_counters,
     encode_header,
     iter_frames,
     stage_events,
@@ -257,3 +261,63 @@ def test_oversized_header_is_refused() -> None:
         encode_header({"pad": "x" * 70_000})
     with pytest.raises(StageFileError, match="header frame of"):
         FrameDecoder().feed(PREFIX + struct.pack("<II", HEADER_MAGIC, 10**9))
+
+
+COUNTER_NAMES = st.from_regex(r"[A-Za-z0-9_.:/-]{1,128}", fullmatch=True)
+DELTAS = st.dictionaries(
+    COUNTER_NAMES,
+    st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False),
+    max_size=5,
+)
+
+
+@settings(max_examples=60)
+@given(deltas=st.lists(DELTAS, min_size=1, max_size=3), cut=st.integers(0, 10_000))
+def test_counter_frames_round_trip_wherever_the_input_is_split(
+    deltas: list[dict[str, float | int]], cut: int
+) -> None:
+    encoder = FrameEncoder()
+    data = PREFIX + encode_header(HEADER)
+    starts = []
+    for i, d in enumerate(deltas):
+        starts.append(len(data))
+        data += encode_counters(d) + encoder.encode(b'{"i":%d}\n' % i)
+    cut %= len(data) + 1
+    decoder = FrameDecoder(counters=True)
+    events = decoder.feed(data[:cut]) + decoder.feed(data[cut:])
+    decoder.close()
+    assert [f.counters for f in decoder.counter_frames] == deltas
+    assert [f.start for f in decoder.counter_frames] == starts
+    assert len([e for e in events if isinstance(e, DataFrame)]) == len(deltas)
+    assert decode([data]) == events  # other readers skip them (FRAME-5)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b'{"counters": []}',
+        b'{"counters": {"tokens": "5"}}',
+        b'{"counters": {"tokens": true}}',
+        b'{"counters": {"tokens": null}}',
+        b'{"counters": {"tokens": 1e999}}',
+        b'{"counters": {}, "more": 1}',
+    ],
+)
+def test_a_counter_frame_not_as_frame_6_says_is_an_error(body: bytes) -> None:
+    with pytest.raises(StageFileError, match="FRAME-6"):
+        decode_counters(body)
+    frame = struct.pack("<II", COUNTERS_MAGIC, len(body)) + body
+    decoder = FrameDecoder(counters=True)
+    with pytest.raises(StageFileError):
+        decoder.feed(PREFIX + encode_header(HEADER) + frame)
+
+
+def test_a_counter_frame_is_bounded_in_size() -> None:
+    huge = {f"c{i}": i for i in range(MAX_HEADER_SIZE // 8)}
+    with pytest.raises(StageFileError, match="counter frame"):
+        encode_counters(huge)
+    frame = struct.pack("<II", COUNTERS_MAGIC, MAX_HEADER_SIZE + 1)
+    with pytest.raises(StageFileError, match="counter frame of"):
+        FrameDecoder(counters=True).feed(PREFIX + encode_header(HEADER) + frame)

@@ -443,7 +443,16 @@ def test_damaged_index_is_rebuilt_with_a_warning(
     assert con.execute("PRAGMA user_version").fetchone() == (index_module.SCHEMA_VERSION,)
 
 
+def test_reading_the_index_of_a_missing_store_creates_nothing(tmp_path: Path) -> None:
+    """A mistyped store path stays missing, so that the CLI still says so afterwards."""
+    store = Store(tmp_path / "typo")
+    assert list(store.index.runs()) == []
+    assert store.cache.get("score", "a-0") is None
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_damaged_index_never_fails_a_run_that_uses_the_cache(store: Store) -> None:
+    Path(store.url).mkdir(parents=True)  # an existing store: its index is on disk
     first = write_demo_run(store, reuse=store.cache.record)
     store.cache.index.close()
     _damage(index_path(store), "column dropped")

@@ -714,12 +714,12 @@ def test_a_with_block_whose_finish_is_refused_fails_the_run(store: Store) -> Non
 
 
 @pytest.mark.parametrize("salvage", [True, False])
-def test_resume_salvages_records_not_the_counters_that_went_with_them(
+def test_resume_salvages_records_with_their_counter_deltas_or_drops_both(
     store: Store, monkeypatch: pytest.MonkeyPatch, salvage: bool
 ) -> None:
     """COMMIT-8: a flush whose frames were written but whose commit never happened leaves
-    whole frames that salvage keeps, but its counter deltas were only in the commit; with
-    ``salvage=False`` the records go too, so a job computes both again."""
+    whole frames that salvage keeps with the counter frame among them (FRAME-6); with
+    ``salvage=False`` both go, so a job computes both again."""
     import runfmt.run
 
     writer = store.create_run("tokens", **QUIET)
@@ -735,4 +735,4 @@ def test_resume_salvages_records_not_the_counters_that_went_with_them(
     writer.discard()
     again = store.resume_run(writer.run_id, salvage=salvage, **QUIET)
     m = again.finish()
-    assert (m.stage("gen").records, m.counters["tokens"]) == (2 if salvage else 1, 10)
+    assert (m.stage("gen").records, m.counters["tokens"]) == ((2, 20) if salvage else (1, 10))

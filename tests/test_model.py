@@ -42,7 +42,10 @@ from runfmt.store import Store
 Record = dict[str, Any]
 Spec = tuple[Any, Any, Any]
 FileId = tuple[str, int]
-Part = tuple[FileId, list[Record]]
+Counters = dict[str, float]
+Part = tuple[FileId, list[Record], Counters]
+"""A flush's frames in one file: their records, and the counter deltas of the counter
+frame before the last of them (FRAME-6), if any."""
 
 KEY_FIELDS: dict[str, str | None] = {"gen": "key", "judge": "key", "log": None}
 STAGES = tuple(KEY_FIELDS)
@@ -157,11 +160,14 @@ class WriterModel:
     flush_every: int | None
     local: bool
     pending: int = 0
-    taken: set[str] = field(default_factory=set)
+    taken: dict[str, None] = field(default_factory=dict)
+    """The stages the writer took up, in the order it first used them."""
     declared: list[str] = field(default_factory=list)
     buffered: dict[str, list[Record]] = field(default_factory=dict)
     written: dict[str, list[Part]] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)
+    unframed: Counters = field(default_factory=dict)
+    """Deltas of ``counters`` that no counter frame holds yet."""
     tags: dict[str, str] = field(default_factory=dict)
     stage_status: dict[str, str] = field(default_factory=dict)
     seq: dict[str, int] = field(default_factory=dict)
@@ -174,14 +180,18 @@ class WriterModel:
     def write(self) -> dict[str, list[Part]]:
         """The parts a flush has written when it commits: the unlisted ones of earlier
         failed flushes, then the buffered records of each stage, appended to the
-        writer's file (local disk) or as a new object (object store)."""
+        writer's file (local disk) or as a new object (object store); the last stage
+        written, in the order the writer took them up, carries the unframed deltas."""
         parts = {name: list(p) for name, p in self.written.items()}
-        for name, records in self.buffered.items():
-            if records:
-                if not self.local or name not in self.seq:
-                    self.seq[name] = self.seq.get(name, 0) + 1
-                fid = (self.handle.writer_id, self.seq[name])
-                parts.setdefault(name, []).append((fid, list(records)))
+        fresh = [name for name in self.taken if self.buffered.get(name)]
+        for name in fresh:
+            if not self.local or name not in self.seq:
+                self.seq[name] = self.seq.get(name, 0) + 1
+            fid = (self.handle.writer_id, self.seq[name])
+            deltas = self.unframed if name == fresh[-1] else {}
+            parts.setdefault(name, []).append((fid, list(self.buffered[name]), deltas))
+        if fresh:
+            self.unframed = {}
         self.buffered = {}
         return parts
 
@@ -274,7 +284,7 @@ class RunfmtModel(RuleBasedStateMachine):
     @staticmethod
     def take(w: WriterModel, stage: str) -> None:
         if stage not in w.taken:
-            w.taken.add(stage)
+            w.taken[stage] = None
             w.declared.append(stage)
 
     def stage_writer(self, w: WriterModel, stage: str) -> StageWriter:
@@ -317,7 +327,7 @@ class RunfmtModel(RuleBasedStateMachine):
         for name in w.declared:
             run.stages.setdefault(name, StageModel(KEY_FIELDS[name]))
         for name, parts in w.write().items():
-            for fid, records in parts:
+            for fid, records, _ in parts:
                 run.stages[name].add(fid, records)
         w.written = {}
         for name, status in w.stage_status.items():
@@ -325,7 +335,7 @@ class RunfmtModel(RuleBasedStateMachine):
         for name, delta in w.counters.items():
             run.counters[name] = run.counters.get(name, 0) + delta
         run.tags.update(w.tags)
-        w.declared, w.counters, w.tags, w.stage_status = [], {}, {}, {}
+        w.declared, w.counters, w.unframed, w.tags, w.stage_status = [], {}, {}, {}, {}
 
     def gone(self, run: RunModel, w: WriterModel) -> None:
         run.writers.remove(w)
@@ -344,14 +354,17 @@ class RunfmtModel(RuleBasedStateMachine):
 
     @staticmethod
     def salvaged(run: RunModel, salvage: bool) -> int:
-        """COMMIT-8: dead writers' whole frames are listed (salvage) or cut (drop); a
-        listed file grows in place, new files follow by writer id, then number."""
+        """COMMIT-8: dead writers' whole frames are listed (salvage), with the deltas of
+        their counter frames, or cut (drop); a listed file grows in place, new files follow
+        by writer id, then number."""
         count = 0
         if salvage:
             for name in sorted(run.debris):
                 by_file: dict[FileId, list[Record]] = {}
-                for fid, records in run.debris[name]:
+                for fid, records, deltas in run.debris[name]:
                     by_file.setdefault(fid, []).extend(records)
+                    for counter, delta in deltas.items():
+                        run.counters[counter] = run.counters.get(counter, 0) + delta
                 by_file = {fid: records for fid, records in by_file.items() if records}
                 if not by_file:
                     continue
@@ -422,7 +435,7 @@ class RunfmtModel(RuleBasedStateMachine):
         with failing(runfmt.run, "create_revision", SimulatedCrash()):
             self.expect(SimulatedCrash, lambda: self.store.resume_run(run.run_id, **WRITER_OPTIONS))
         gc.collect()
-        if not any(records for parts in run.debris.values() for _, records in parts):
+        if not any(records for parts in run.debris.values() for _, records, _ in parts):
             run.debris.clear()
             run.dirty = False
             run.sums = False
@@ -503,6 +516,7 @@ class RunfmtModel(RuleBasedStateMachine):
         _, w = self.pick_writer(pick)
         w.handle.count(name, delta)
         w.counters[name] = w.counters.get(name, 0) + delta
+        w.unframed[name] = w.unframed.get(name, 0) + delta
 
     @precondition(lambda self: self.writing())
     @rule(
@@ -684,7 +698,7 @@ class RunfmtModel(RuleBasedStateMachine):
                 storage.delete(f"stages/{path}")
             parts[name].pop()
         if not storage.is_local:
-            dirty = any(records for p in parts.values() for _, records in p)
+            dirty = any(records for p in parts.values() for _, records, _ in p)
         self.died(run, w, parts, dirty=dirty)
 
     @precondition(lambda self: self.repairable())

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from runfmt.format.frames import DataFrame, iter_frames
+from runfmt.format.frames import DataFrame, FrameDecoder, iter_frames
 from runfmt.store import Store
 from tests import fixtures_tools
 
@@ -29,16 +29,23 @@ def records(n: int, stage: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def finished_run(store: Store) -> Path:
-    """A completed run with two stages, each file holding several zstd frames."""
+    """A completed run with two stages, each file holding several zstd frames, the second
+    counter frames (FRAME-6) among them."""
+    generate, score = records(150, "generate"), records(150, "score")
     with store.create_run("tools", {"model": "m"}, flush_every=40, flush_interval=None) as w:
-        w.extend("generate", records(150, "generate"))
-        w.extend("score", records(150, "score"))
+        for start in range(0, 150, 30):
+            w.extend("generate", generate[start : start + 30])
+            w.count("tokens", 30)
+            w.extend("score", score[start : start + 30])
         w.append("score", {"id": "q9999", "_error": "judge timed out"})
     run_dir = Path(store.url) / w.run_id
     for stage in ("generate", "score"):
         [f] = stage_files(run_dir, stage)
         frames = [e for e in iter_frames(f.read_bytes()) if isinstance(e, DataFrame)]
         assert len(frames) >= 4
+    decoder = FrameDecoder(counters=True)
+    decoder.feed(stage_files(run_dir, "score")[0].read_bytes())
+    assert len(decoder.counter_frames) >= 4
     return run_dir
 
 

@@ -175,7 +175,7 @@ def cache_get(
                 f"{', '.join(map(repr, stages)) or 'none'})"
             )
         else:
-            known = ""
+            known = " that is not a failure (a failure record is never a hit, REC-5)"
         fail(f"no committed record with key {key!r} in stage {stage!r}{known}")
     if json_:
         print_json(hit.to_json())

@@ -29,7 +29,7 @@ from runfmt.cli import (
     table,
     usage_of,
 )
-from runfmt.units import printable
+from runfmt.units import format_number, printable
 
 if TYPE_CHECKING:
     from datetime import timedelta
@@ -43,15 +43,12 @@ _FORMATS = ("json", "md", "csv", "latex", "html")
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return value
+    """A config or tag value as JSON, so that ``1`` and ``"1"`` look different."""
     return json.dumps(value, ensure_ascii=False)
 
 
 def _counter(value: float | None) -> str:
-    if value is None:
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    return "" if value is None else format_number(value)
 
 
 @app.command()

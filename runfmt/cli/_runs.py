@@ -6,6 +6,7 @@ folder works with no store. None of these commands needs the index.
 
 import os
 import re
+import shlex
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
@@ -29,7 +30,7 @@ from runfmt.cli import (
     store_missing,
     table,
 )
-from runfmt.units import printable
+from runfmt.units import format_number, printable
 
 if TYPE_CHECKING:
     from runfmt.errors import RunfmtError
@@ -267,7 +268,7 @@ def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str
         rule = f" ({p.rule})" if p.rule else ""
         echo(f"{_full_location(run, p.location)}: {p.problem}{rule}")
     fixable = sum(p.repairable for p in problems)
-    hint = f"; `runfmt repair {label}` fixes {fixable}" if fixable else ""
+    hint = f"; `runfmt repair {shlex.quote(run.where())}` fixes {fixable}" if fixable else ""
     echo(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}{note}")
 
 
@@ -451,7 +452,7 @@ def _print_summary(s: Mapping[str, Any]) -> None:
         ("updated", f"{s['updated_at']} (revision {s['revision']})"),
         ("finished", s["finished_at"]),
         ("tags", " ".join(f"{k}={v}" for k, v in sorted(s["tags"].items()))),
-        ("counters", " ".join(f"{k}={_number(v)}" for k, v in sorted(s["counters"].items()))),
+        ("counters", " ".join(f"{k}={format_number(v)}" for k, v in sorted(s["counters"].items()))),
         ("config", s["config_hash"]),
     ]
     for label, value in fields:
@@ -512,10 +513,6 @@ def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, str]]:
             yield from _flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
     elif prefix:
         yield prefix, json.dumps(value, ensure_ascii=False)
-
-
-def _number(value: float) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _titled_table(title: str, headers: list[str], rows: list[list[str]], right: set[int]) -> None:

@@ -1,13 +1,15 @@
 """Stage file framing: the 9-byte empty zstd frame, the skippable header frame, data frames.
 
-A stage file is ``PREFIX + header_frame(header) + data_frame(lines)*`` (spec §5).
+A stage file is ``PREFIX + header_frame(header) + data_frame(lines)*`` (spec §5), with
+other skippable frames, such as counter frames (FRAME-6), between data frames.
 `FrameDecoder` is fed chunks split anywhere and yields the header and each data
-frame's decompressed payload; `FrameDecoder.close` tells a torn tail apart from a
-clean end. Nothing here performs I/O.
+frame's decompressed payload (and, when asked, collects counter frames); `FrameDecoder.close`
+tells a torn tail apart from a clean end. Nothing here performs I/O.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -17,18 +19,23 @@ import orjson
 import zstandard
 
 from runfmt.errors import StageFileError
+from runfmt.format.manifest import LABEL
 from runfmt.format.records import Record, decode_lines
 
 __all__ = [
+    "COUNTERS_MAGIC",
     "HEADER_MAGIC",
     "MAX_FRAME_CONTENT",
     "MAX_HEADER_SIZE",
     "PREFIX",
+    "CounterFrame",
     "DataFrame",
     "FrameDecoder",
     "FrameEncoder",
     "Header",
+    "decode_counters",
     "decode_header",
+    "encode_counters",
     "encode_header",
     "iter_frames",
     "stage_events",
@@ -39,6 +46,8 @@ PREFIX = bytes.fromhex("28b52ffd2000010000")
 ZSTD_MAGIC = PREFIX[:4]
 HEADER_MAGIC = 0x184D2A52
 """The skippable-frame magic number of the header frame (FRAME-2)."""
+COUNTERS_MAGIC = 0x184D2A53
+"""The skippable-frame magic number of a counter frame (FRAME-6)."""
 SKIPPABLE_MIN, SKIPPABLE_MAX = 0x184D2A50, 0x184D2A5F
 MAX_HEADER_SIZE = 64 * 1024
 MAX_FRAME_CONTENT = 64 * 1024 * 1024
@@ -59,6 +68,14 @@ class DataFrame:
     content: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class CounterFrame:
+    """A counter frame: where it starts in the file, and the counter deltas it carries."""
+
+    start: int
+    counters: dict[str, float | int]
+
+
 Header = dict[str, Any]
 
 
@@ -68,6 +85,31 @@ def encode_header(header: Header) -> bytes:
     if len(body) > MAX_HEADER_SIZE:
         raise StageFileError(f"stage file header is {len(body)} bytes, over {MAX_HEADER_SIZE}")
     return struct.pack("<II", HEADER_MAGIC, len(body)) + body
+
+
+def encode_counters(counters: dict[str, float | int]) -> bytes:
+    """The skippable frame carrying counter deltas as ``{"counters": {...}}`` (FRAME-6)."""
+    body = orjson.dumps({"counters": counters})
+    if len(body) > MAX_HEADER_SIZE:
+        raise StageFileError(f"counter frame is {len(body)} bytes, over {MAX_HEADER_SIZE}")
+    return struct.pack("<II", COUNTERS_MAGIC, len(body)) + body
+
+
+def decode_counters(body: bytes) -> dict[str, float | int]:
+    """The deltas of a counter frame's body; `StageFileError` unless it is an object whose
+    only member ``counters`` maps counter names to finite numbers (FRAME-6)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    counters = doc.get("counters") if isinstance(doc, dict) and len(doc) == 1 else None
+    if not isinstance(counters, dict) or not all(
+        LABEL.fullmatch(k) and isinstance(v, int | float) and not isinstance(v, bool)
+        and math.isfinite(v)
+        for k, v in counters.items()
+    ):  # fmt: skip
+        raise StageFileError('counter frame is not {"counters": {name: number, ...}} (FRAME-6)')
+    return counters
 
 
 def decode_header(body: bytes) -> Header:
@@ -100,8 +142,12 @@ class FrameDecoder:
     order. Raises `StageFileError` with the byte offset on any malformed input.
     """
 
-    def __init__(self, max_frame_content: int = MAX_FRAME_CONTENT, *, start: int = 0) -> None:
-        """``start`` > 0: decode from that offset, a frame boundary after the header."""
+    def __init__(
+        self, max_frame_content: int = MAX_FRAME_CONTENT, *, start: int = 0, counters: bool = False
+    ) -> None:
+        """``start`` > 0: decode from that offset, a frame boundary after the header;
+        ``counters``: collect counter frames in `counter_frames` (else they are skipped as
+        any skippable frame)."""
         self._buf = bytearray()
         self._offset = start
         self._state = "frames" if start else "prefix"
@@ -113,6 +159,8 @@ class FrameDecoder:
         self._content_size = 0
         self._skip = 0
         self._max = max_frame_content
+        self._counters = counters
+        self.counter_frames: list[CounterFrame] = []
         self.header: Header | None = None
         self.header_end = start
         self.complete_end = start
@@ -176,7 +224,7 @@ class FrameDecoder:
             if magic != HEADER_MAGIC:
                 raise StageFileError(f"expected the header frame at byte {self._offset} (FRAME-2)")
             if size > MAX_HEADER_SIZE:
-                raise self._error(f"header frame of {size} bytes, over {MAX_HEADER_SIZE}")
+                raise self._error(f"header frame of {size} bytes, over {MAX_HEADER_SIZE} (FRAME-2)")
             if len(self._buf) < 8 + size:
                 return False
             self._take(8)
@@ -184,6 +232,18 @@ class FrameDecoder:
             self.header_end = self._offset
             events.append(self.header)
             self._state = "frames"
+            self.complete_end = self._offset
+            return True
+        if magic == COUNTERS_MAGIC and self._counters:
+            if size > MAX_HEADER_SIZE:
+                raise self._error(
+                    f"counter frame of {size} bytes, over {MAX_HEADER_SIZE} (FRAME-6)"
+                )
+            if len(self._buf) < 8 + size:
+                return False
+            self._take(8)
+            frame = CounterFrame(self._frame_start, decode_counters(self._take(size)))
+            self.counter_frames.append(frame)
             self.complete_end = self._offset
             return True
         if SKIPPABLE_MIN <= magic <= SKIPPABLE_MAX:

@@ -117,9 +117,10 @@ class FileCheck:
         self._error: Problem | None = None
 
     def _fail(self, problem: str, rule: str, line: int | None = None) -> None:
+        """Keep the file's first problem, citing the rule its text names, else ``rule``."""
         if self._error is None:
             where = self.entry.path if line is None else f"{self.entry.path}:{line}"
-            self._error = Problem(where, problem, rule)
+            self._error = Problem(where, *cited_rule(problem, rule))
 
     def feed(self, chunk: bytes) -> None:
         """Feed the next bytes of the file's listed prefix."""

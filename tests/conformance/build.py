@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from runfmt.format.frames import COUNTERS_MAGIC
 from runfmt.format.keys import compute_key
 from runfmt.store import Store
 from tests.conformance.build_lifecycle import lifecycle_cases
@@ -103,6 +104,25 @@ def valid_cases() -> list[Case]:
             skippable(b'{"not": "a header"}', HEADER_MAGIC),
         ],
     )
+    cases.append(c)
+
+    c = Case(
+        "valid",
+        "counter-frames",
+        "Counter frames before data frames: readers skip them; the counters are the manifest's.",
+        ["FRAME-5", "FRAME-6"],
+    )
+    c.stage("generate")
+    c.file(
+        "generate",
+        [
+            skippable(b'{"counters":{"tokens":7,"cost_usd":0.5}}', COUNTERS_MAGIC),
+            [{"i": 0}],
+            skippable(b'{"counters":{"tokens":3}}', COUNTERS_MAGIC),
+            [{"i": 1}],
+        ],
+    )
+    c.doc["counters"] = {"cost_usd": 0.5, "tokens": 10}
     cases.append(c)
 
     c = Case(

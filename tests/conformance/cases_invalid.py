@@ -10,7 +10,7 @@ from typing import Any
 
 import zstandard
 
-from runfmt.format.frames import PREFIX
+from runfmt.format.frames import COUNTERS_MAGIC, PREFIX
 from runfmt.format.keys import compute_key
 from tests.conformance.builder import (
     ENCODER,
@@ -666,6 +666,25 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "uncommitted-frames-with-counters",
+            "Two flushes after the last commit, each a counter frame before its data frame; "
+            "the second data frame is torn: repair salvages the first flush's record and "
+            "adds its deltas, and cuts the second flush with its counter frame.",
+            ["COMMIT-8", "FRAME-6"],
+        ),
+        repairable=True,
+    )
+    path = c.doc["stages"][0]["files"][0]["path"]
+    c.doc["counters"] = {"tokens": 5}
+    c.files[path] += (
+        skippable(b'{"counters":{"tokens":7,"cost_usd":0.25}}', COUNTERS_MAGIC)
+        + data_frame([GEN[2]])
+        + skippable(b'{"counters":{"tokens":100}}', COUNTERS_MAGIC)
+        + data_frame([{"key": "k1:q4", "late": True}])[:-5]
+    )
+    c = add(
+        running(
+            "invalid",
             "torn-tail",
             "A frame cut short after the last commit: repair "
             "cuts it off, keeping the committed records.",
@@ -733,7 +752,7 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
             "A copy taken while the run was written: the newest revision lists a second frame "
             "that the file holds only part of. Only repair asked to roll back goes back to "
             "the previous revision, which the file holds whole.",
-            ["COMMIT-13", "CHECK-1"],
+            ["COMMIT-13", "LAYOUT-3", "CHECK-1"],
         ),
         "ChecksumMismatchError",
     )

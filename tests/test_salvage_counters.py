@@ -1,0 +1,168 @@
+"""Counter deltas travel with the records they were counted with: each flush writes them
+as a counter frame before its last data frame (FRAME-6), and salvage adds them to the
+run's counters exactly once (COMMIT-8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import runfmt.run
+from runfmt.check import repair_run, verify_run
+from runfmt.format.frames import (
+    DataFrame,
+    FrameDecoder,
+    FrameEncoder,
+    encode_counters,
+    iter_frames,
+)
+from runfmt.run import RunWriter
+from runfmt.store import Store
+
+QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
+
+
+def frames_of(path: Path) -> tuple[list[int], list[tuple[int, dict[str, Any]]]]:
+    """Where each data frame starts, and each counter frame's start and deltas."""
+    data = path.read_bytes()
+    decoder = FrameDecoder(counters=True)
+    starts = [e.start for e in decoder.feed(data) if isinstance(e, DataFrame)]
+    return starts, [(f.start, f.counters) for f in decoder.counter_frames]
+
+
+def stage_file(writer: RunWriter, stage: str) -> Path:
+    [path] = (Path(writer.storage.url) / "stages" / stage).iterdir()
+    return path
+
+
+def failing_commits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every commit from now on fails after the stage files were written (a crash there)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(runfmt.run, "commit_locked", refuse)
+
+
+def test_a_flush_writes_its_deltas_once_before_its_last_data_frame(store: Store) -> None:
+    w = store.create_run("frames", **QUIET)
+    w.extend("generate", [{"i": i} for i in range(3)])
+    w.extend("score", [{"i": i} for i in range(3)])
+    w.count("tokens", 30)
+    w.count("cost", 0.5)
+    w.flush()
+    w.append("score", {"i": 3})  # no new delta: no counter frame
+    w.flush()
+    w.count("tokens", 1)
+    w.flush()  # a commit without records carries its delta in the manifest only
+    w.append("score", {"i": 4})
+    w.flush()
+    assert frames_of(stage_file(w, "generate"))[1] == []
+    data_starts, counter_frames = frames_of(stage_file(w, "score"))
+    assert counter_frames == [(data_starts[0] - len(b'{"counters":{"tokens":30,"cost":0.5}}') - 8,
+                               {"tokens": 30, "cost": 0.5})]  # fmt: skip
+    assert len(data_starts) == 3
+    assert w.finish().counters == {"tokens": 31, "cost": 0.5}
+    assert verify_run(w.storage) == []
+
+
+def test_repair_salvages_the_deltas_of_a_flush_whose_commit_never_happened(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = store.create_run("crash", **QUIET)
+    w.append("generate", {"i": 0})
+    w.count("tokens", 5)
+    w.flush()
+    failing_commits(monkeypatch)
+    w.extend("generate", [{"i": i} for i in range(1, 4)])
+    w.extend("score", [{"i": i} for i in range(1, 4)])
+    w.count("tokens", 7)
+    w.count("cost", 0.25)
+    with pytest.raises(OSError, match="disk gone"):
+        w.flush()
+    w.append("score", {"i": 4})
+    w.count("tokens", 100)
+    with pytest.raises(OSError, match="disk gone"):
+        w.flush()  # a second frame holds only the new delta
+    w.discard()
+    monkeypatch.undo()
+
+    report = repair_run(w.storage)
+    assert report.salvaged_records == 7
+    assert "salvaged counter delta tokens +107" in report.actions
+    reader = store.open_run(w.run_id)
+    assert reader.manifest.counters == {"tokens": 112, "cost": 0.25}
+    assert verify_run(w.storage) == []
+    assert repair_run(w.storage).actions == []
+    assert store.open_run(w.run_id).manifest.counters == {"tokens": 112, "cost": 0.25}
+
+
+def test_drop_loses_the_deltas_with_the_records(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = store.create_run("drop", **QUIET)
+    failing_commits(monkeypatch)
+    w.append("generate", {"i": 0})
+    w.count("tokens", 7)
+    with pytest.raises(OSError, match="disk gone"):
+        w.flush()
+    w.discard()
+    monkeypatch.undo()
+    repair_run(w.storage, salvage=False)
+    reader = store.open_run(w.run_id)
+    assert reader.manifest.counters == {}
+    assert reader.manifest.stages == ()
+
+
+def test_a_counter_frame_before_a_torn_data_frame_is_cut_with_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = store.create_run("torn", **QUIET)
+    failing_commits(monkeypatch)
+    w.append("generate", {"i": 0})
+    w.count("tokens", 7)
+    with pytest.raises(OSError, match="disk gone"):
+        w.flush()
+    w.append("generate", {"i": 1})
+    w.count("tokens", 100)
+    with pytest.raises(OSError, match="disk gone"):
+        w.flush()
+    w.discard()
+    monkeypatch.undo()
+    path = stage_file(w, "generate")
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])  # the crash tore the second flush's data frame
+    report = repair_run(w.storage)
+    assert report.salvaged_records == 1
+    reader = store.open_run(w.run_id)
+    assert reader.manifest.counters == {"tokens": 7}
+    assert list(reader.records("generate")) == [{"i": 0}]
+    assert verify_run(w.storage) == []
+
+
+def test_a_salvaged_delta_a_manifest_cannot_hold_is_reported_not_added(store: Store) -> None:
+    w = store.create_run("overflow", **QUIET)
+    w.append("generate", {"i": 0})
+    w.count("big", 2**63 - 1)
+    w.close()
+    with stage_file(w, "generate").open("ab") as f:  # what a writer that did not check left
+        f.write(encode_counters({"big": 1, "tokens": 3}) + FrameEncoder().encode(b'{"i":1}\n'))
+    report = repair_run(w.storage)
+    assert [(p.rule, "'big'" in p.problem) for p in report.left] == [("FRAME-6", True)]
+    reader = store.open_run(w.run_id)
+    assert reader.manifest.counters == {"big": 2**63 - 1, "tokens": 3}
+    assert list(reader.records("generate")) == [{"i": 0}, {"i": 1}]
+
+
+def test_every_zstd_reader_skips_counter_frames(store: Store) -> None:
+    with store.create_run("skip", **QUIET) as w:
+        w.append("generate", {"i": 0})
+        w.count("tokens", 1)
+    data = stage_file(w, "generate").read_bytes()
+    assert b'{"counters":{"tokens":1}}' in data
+    [(_, content)] = [
+        (e.start, e.content) for e in iter_frames(data) if isinstance(e, DataFrame) and e.content
+    ]
+    assert content == b'{"i":0}\n'
