@@ -903,14 +903,15 @@ class RunWriter:
             writer.extend(records)
 
     def _first_use(self, name: str, method: Callable[[StageWriter, Any], None], arg: Any) -> None:
-        """``method`` of a new stage's writer; a stage new to the run that took no record is
-        not declared after all: a refused record changes nothing (REC-3)."""
+        """``method`` of the writer of a stage this writer has not used yet; when it took no
+        record, the writer did not take the stage up (LIFE-5) nor declare it: a refused
+        record changes nothing (REC-3)."""
         with self._mutex:
             writer = self.stage(name)
             try:
                 method(writer, arg)
             finally:
-                if not writer.pending and writer._seq == 0 and self.manifest.stage(name) is None:
+                if not writer.pending and writer._seq == 0:
                     del self._stages[name]
                     self._changes.stages.pop(name, None)
 

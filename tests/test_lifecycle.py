@@ -219,6 +219,22 @@ def test_finishing_completes_what_the_newest_revision_shows_running(store: Store
     assert [(s.name, s.status) for s in finished.stages] == [("gen", "failed")]
 
 
+def test_a_refused_record_takes_up_no_stage(store: Store) -> None:
+    """REC-3, LIFE-5: a writer whose only record for a stage of the run was refused did
+    not take that stage up, so finishing leaves it as another writer left it."""
+    first = store.create_run("r", **QUIET)
+    first.append("log", {"i": 1})
+    first.flush()
+    second = store.resume_run(first.run_id, **QUIET)
+    with pytest.raises(InvalidInputError):
+        second.extend("log", [{"x": float("nan")}])
+    second.append("judge", {"i": 1})
+    finished = second.finish(through_stage="judge")
+    assert [(s.name, s.status) for s in finished.stages] == [
+        ("log", "running"), ("judge", "completed")]  # fmt: skip
+    first.discard()
+
+
 @pytest.mark.parametrize("bad", [[1], {"x": float("nan")}])
 def test_a_refused_first_record_declares_no_stage(store: Store, bad: object) -> None:
     """REC-3: a refused record changes nothing, not even the stage it was for."""
