@@ -11,6 +11,7 @@ import csv
 import html
 import io
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -177,11 +178,18 @@ def build_report(
 
 
 def _number(value: float | None, digits: int) -> str:
+    """``digits`` decimals; under 1 in magnitude, as many as ``digits`` significant digits
+    take (a small cost or rate never shows as zero), in exponent form past 6 more."""
     if value is None:
         return ""
     if isinstance(value, int):
         return str(value)
-    return f"{value:.{digits}f}"
+    decimals = digits
+    if 0 < abs(value) < 1:
+        decimals = max(digits, 1) - 1 - math.floor(math.log10(abs(value)))
+    if decimals > digits + 6:
+        return f"{value:.{max(digits, 1)}g}"
+    return f"{value:.{decimals}f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,12 +211,7 @@ def _columns(report: Report, digits: int) -> list[_Column]:
 
     def counter_cell(name: str) -> Callable[[RunRow], str]:
         def cell(row: RunRow) -> str:
-            value = row.counters.get(name)
-            if value is None:
-                return ""
-            if isinstance(value, int):
-                return str(value)
-            return f"{value:.{digits}f}" if abs(value) >= 1 else f"{value:.{max(digits, 1)}g}"
+            return _number(row.counters.get(name), digits)
 
         return cell
 

@@ -230,9 +230,12 @@ class Store:
                     "not a run: no revision and no manifest.json (LAYOUT-2)",
                     location=located.where(), hint=hint,
                 )  # fmt: skip
+        missing = self.storage.missing()
         raise RunNotFoundError(
-            f"no run {text!r}", location=self.storage.where(),
-            hint="give a run id from `runfmt ls`, or the path of a run folder",
+            f"no run {text!r}" + (f": the store has no such {missing}" if missing else ""),
+            location=self.storage.where(),
+            hint="check --store or RUNFMT_STORE" if missing
+            else "give a run id from `runfmt ls`, or the path of a run folder",
         )  # fmt: skip
 
     def resume_run(

@@ -598,6 +598,10 @@ def test_cli_verify_exit_codes_and_messages(
     code, out = cli(monkeypatch, capsys, "show", str(run_dir.parent / "no-such-run"))
     assert code == 1
     assert "no-such-run" in out
+    missing = str(run_dir.parent / "typo")
+    code, out = cli(monkeypatch, capsys, "--store", missing, "show", run_dir.name)
+    assert code == 1
+    assert f"{missing}: no run {run_dir.name!r}: the store has no such folder" in out
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")

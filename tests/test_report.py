@@ -78,7 +78,7 @@ def test_latex_is_booktabs_and_escaped(store: Store, runs: list[str], cli: Cli) 
     assert lines[2] == r"\toprule"
     assert lines[4] == r"\midrule"
     assert lines[-2:] == [r"\bottomrule", r"\end{tabular}"]
-    assert r"r1 & base\_line \& co & completed & 3 (1 failed) &  & 0.25 &  & 0.500 & 2 \\" in lines
+    assert r"r1 & base\_line \& co & completed & 3 (1 failed) &  & 0.250 &  & 0.500 & 2 \\" in lines
     assert r"cost\_usd" in lines[3]
     assert latex_escape("50% of $x_1^2 {a} #1 ~ \\") == (
         r"50\% of \$x\_1\textasciicircum{}2 \{a\} \#1 \textasciitilde{} \textbackslash{}"
@@ -184,3 +184,16 @@ def test_render_rejects_unknown_format(store: Store, runs: list[str]) -> None:
     report = build_report([store.open_run(runs[0])])
     with pytest.raises(InvalidInputError, match="unknown report format"):
         render(report, "pdf")  # type: ignore[arg-type]
+
+
+def test_small_values_keep_their_significant_digits(store: Store) -> None:
+    """A counter or a mean under 1 shows ``digits`` significant digits, never 0.000."""
+    with store.create_run("tiny", heartbeat_interval=None) as w:
+        w.count("cost_usd", 0.0197745)
+        w.count("tokens", 1234.5678)
+        w.extend("score", [{"p": 1e-9}, {"p": 2e-9}])
+    text = render(build_report([store.open_run(w.run_id)], "score", ["p"]), "md", digits=3)
+    row = text.splitlines()[-1]
+    assert "| 0.0198 |" in row
+    assert "| 1234.568 |" in row
+    assert "| 1.5e-09 |" in row

@@ -231,7 +231,12 @@ def report(
             help="Only the newest N runs (without RUN).",
         ),
     ] = None,
-    digits: Annotated[int, typer.Option("--digits", min=0, max=12, help="Decimals shown.")] = 3,
+    digits: Annotated[
+        int,
+        typer.Option(
+            "--digits", min=0, max=12, help="Decimals shown (significant digits under 1)."
+        ),
+    ] = 3,
     title: Annotated[str, typer.Option("--title", help="Title of the HTML page.")] = (
         "runfmt report"
     ),
