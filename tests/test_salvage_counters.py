@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from unittest.mock import Mock
 
 import pytest
 
@@ -37,13 +38,12 @@ def stage_file(writer: RunWriter, stage: str) -> Path:
     return path
 
 
-def failing_commits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every commit from now on fails after the stage files were written (a crash there)."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise OSError("disk gone")
-
-    monkeypatch.setattr(runfmt.run, "commit_locked", refuse)
+def flush_without_commit(writer: RunWriter) -> None:
+    """A flush that writes its frames and fails before the revision exists (a crash there)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runfmt.run, "commit_locked", Mock(side_effect=OSError("disk gone")))
+        with pytest.raises(OSError, match="disk gone"):
+            writer.flush()
 
 
 def test_a_flush_writes_its_deltas_once_before_its_last_data_frame(store: Store) -> None:
@@ -68,26 +68,20 @@ def test_a_flush_writes_its_deltas_once_before_its_last_data_frame(store: Store)
     assert verify_run(w.storage) == []
 
 
-def test_repair_salvages_the_deltas_of_a_flush_whose_commit_never_happened(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_repair_salvages_the_deltas_of_a_flush_whose_commit_never_happened(store: Store) -> None:
     w = store.create_run("crash", **QUIET)
     w.append("generate", {"i": 0})
     w.count("tokens", 5)
     w.flush()
-    failing_commits(monkeypatch)
     w.extend("generate", [{"i": i} for i in range(1, 4)])
     w.extend("score", [{"i": i} for i in range(1, 4)])
     w.count("tokens", 7)
     w.count("cost", 0.25)
-    with pytest.raises(OSError, match="disk gone"):
-        w.flush()
+    flush_without_commit(w)
     w.append("score", {"i": 4})
     w.count("tokens", 100)
-    with pytest.raises(OSError, match="disk gone"):
-        w.flush()  # a second frame holds only the new delta
+    flush_without_commit(w)  # a second frame holds only the new delta
     w.discard()
-    monkeypatch.undo()
 
     report = repair_run(w.storage)
     assert report.salvaged_records == 7
@@ -99,38 +93,27 @@ def test_repair_salvages_the_deltas_of_a_flush_whose_commit_never_happened(
     assert store.open_run(w.run_id).manifest.counters == {"tokens": 112, "cost": 0.25}
 
 
-def test_drop_loses_the_deltas_with_the_records(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_drop_loses_the_deltas_with_the_records(store: Store) -> None:
     w = store.create_run("drop", **QUIET)
-    failing_commits(monkeypatch)
     w.append("generate", {"i": 0})
     w.count("tokens", 7)
-    with pytest.raises(OSError, match="disk gone"):
-        w.flush()
+    flush_without_commit(w)
     w.discard()
-    monkeypatch.undo()
     repair_run(w.storage, salvage=False)
     reader = store.open_run(w.run_id)
     assert reader.manifest.counters == {}
     assert reader.manifest.stages == ()
 
 
-def test_a_counter_frame_before_a_torn_data_frame_is_cut_with_it(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_counter_frame_before_a_torn_data_frame_is_cut_with_it(store: Store) -> None:
     w = store.create_run("torn", **QUIET)
-    failing_commits(monkeypatch)
     w.append("generate", {"i": 0})
     w.count("tokens", 7)
-    with pytest.raises(OSError, match="disk gone"):
-        w.flush()
+    flush_without_commit(w)
     w.append("generate", {"i": 1})
     w.count("tokens", 100)
-    with pytest.raises(OSError, match="disk gone"):
-        w.flush()
+    flush_without_commit(w)
     w.discard()
-    monkeypatch.undo()
     path = stage_file(w, "generate")
     data = path.read_bytes()
     path.write_bytes(data[:-3])  # the crash tore the second flush's data frame
@@ -166,3 +149,13 @@ def test_every_zstd_reader_skips_counter_frames(store: Store) -> None:
         (e.start, e.content) for e in iter_frames(data) if isinstance(e, DataFrame) and e.content
     ]
     assert content == b'{"i":0}\n'
+
+
+def test_deltas_too_many_for_one_frame_go_in_the_commit_only(store: Store) -> None:
+    """FRAME-6 is a SHOULD: deltas whose frame would pass 64 KiB are committed, not framed."""
+    with store.create_run("many", **QUIET) as w:
+        for i in range(4000):
+            w.count(f"a-counter-with-a-long-name-{i:05d}", 1)
+        w.append("generate", {"i": 0})
+    assert frames_of(stage_file(w, "generate"))[1] == []
+    assert len(store.open_run(w.run_id).manifest.counters) == 4000
