@@ -184,6 +184,8 @@ class _Demo:
     def parse(self, item: dict[str, Any], generated: dict[str, Any]) -> dict[str, Any]:
         inputs = {"generate_key": generated[KEY_FIELD], "parser": self.config["parser"]}
 
+        parents = [{"stage": "generate", "key": generated[KEY_FIELD]}]
+
         def work(_: random.Random) -> dict[str, Any]:
             numbers = [w.strip(".,!") for w in generated["completion"].split()]
             numbers = [w for w in numbers if w.lstrip("-").isdigit()]
@@ -191,8 +193,9 @@ class _Demo:
                 return {
                     "item_id": item["id"],
                     "_error": {"type": "ParseError", "message": "no integer in the completion"},
+                    "_parents": parents,
                 }
-            return {"item_id": item["id"], "answer": int(numbers[-1])}
+            return {"item_id": item["id"], "answer": int(numbers[-1]), "_parents": parents}
 
         return self.result("parse", inputs, work)
 
@@ -212,6 +215,7 @@ class _Demo:
                 "reference": item["answer"],
                 "correct": correct,
                 "score": 1.0 if correct else 0.0,
+                "_parents": [{"stage": "parse", "key": parsed[KEY_FIELD]}],
             }
 
         return self.result("score", inputs, work)

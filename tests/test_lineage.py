@@ -189,3 +189,19 @@ def test_lineage_cli(store: Store, run_id: str) -> None:
     bad = CliRunner().invoke(app, ["--store", store.url, "lineage", run_id, "score", "c1"])
     assert bad.exit_code == 1
     assert "cycle: score/c1 -> score/c2 -> score/c1" in bad.output
+
+
+def test_the_demo_records_their_lineage(store: Store) -> None:
+    """Every scored item of the demo walks back to its parse and its generation."""
+    from runfmt.demo import write_demo_run
+
+    reader = store.open_run(write_demo_run(store).run_id)
+    for record in reader.records("score"):
+        node = lineage(reader, "score", record["key"])
+        [parse] = node.parents
+        [generate] = parse.parents
+        assert (parse.ref.stage, generate.ref.stage) == ("parse", "generate")
+        assert parse.record is not None
+        assert generate.record is not None
+        assert generate.record["item_id"] == record["item_id"]
+        assert not node.problems()

@@ -8,10 +8,12 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from unittest.mock import Mock
 
 import fsspec
 import pytest
 
+import runfmt.run
 from runfmt import check, lifecycle
 from runfmt.check import ANY_WRITER, being_written_by, repair_run, verify_run
 from runfmt.errors import ConflictError, FormatError, ReadOnlyError, RunNotFoundError
@@ -178,6 +180,28 @@ class TestStoreContract:
         writer.finish()
         assert being_written_by(storage) == []
         assert [p.rule for p in verify_run(storage)] == ["LAYOUT-4"]
+
+    def test_a_resume_salvages_counter_deltas_with_their_records(
+        self, any_store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """FRAME-6, COMMIT-8: the deltas of a flush whose commit never happened come back
+        with its records, on every backend (a new object per flush on object stores)."""
+        writer = any_store.create_run("tokens", flush_every=None, flush_interval=None)
+        writer.extend("gen", _records(2))
+        writer.count("tokens", 5)
+        writer.flush()
+        writer.extend("gen", _records(3, start=2))
+        writer.count("tokens", 7)
+        with monkeypatch.context() as patch:
+            patch.setattr(runfmt.run, "commit_locked", Mock(side_effect=OSError("disk gone")))
+            with pytest.raises(OSError, match="disk gone"):
+                writer.flush()
+        writer.discard()
+        resumed = any_store.resume_run(writer.run_id, heartbeat_interval=None)
+        assert resumed.manifest.counters == {"tokens": 12}
+        assert [r["i"] for r in any_store.open_run(writer.run_id).records("gen")] == list(range(5))
+        resumed.finish()
+        assert verify_run(any_store.locate(writer.run_id)) == []
 
     def test_an_artifact_stored_before_any_flush_is_a_live_writers(self, any_store: Store) -> None:
         """Where no lock names writers, a running run heard from lately may have one even
