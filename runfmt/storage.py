@@ -107,6 +107,10 @@ def _create_refused(exc: BaseException) -> bool:
     return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
+"""What ``link(2)`` fails with on a filesystem that has no hard links (FAT, exFAT)."""
+
+
 @contextlib.contextmanager
 def _translate(
     where: str, secrets: tuple[str, ...] = (), bucket: str | None = None
@@ -519,6 +523,16 @@ class Storage:
                     os.link(tmp, target)
                 except FileExistsError:
                     return False
+                except OSError as exc:
+                    if exc.errno not in _NO_HARD_LINKS:
+                        raise
+                    raise StorageError(
+                        "this filesystem makes no hard links, by which a local commit creates "
+                        "a file exclusively and whole (COMMIT-2)",
+                        location=target,
+                        hint="write runs on a filesystem with hard links (ext4, XFS, APFS, "
+                        "NTFS) and copy them here: reading, verifying and listing work here",
+                    ) from None
                 finally:
                     os.unlink(tmp)
                 _fsync_dir(os.path.dirname(target))

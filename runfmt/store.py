@@ -266,7 +266,11 @@ class Store:
         writer = RunWriter(storage, load_manifest(storage), **writer_options)
         if writer.manifest.status != "running":
             writer._changes.status = "running"
-        writer.heartbeat()
+        try:
+            writer.heartbeat()
+        except BaseException:
+            writer.discard()  # no commit: no writer of the run
+            raise
         return writer
 
     def open_or_create(

@@ -3,6 +3,8 @@ by path, as if written there: nothing in it points back to where it was made."""
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,8 @@ from typing import Any
 import pytest
 
 import runfmt
-from runfmt.check import repair_run, verify_run
+from runfmt.check import being_written_by, repair_run, verify_run
+from runfmt.errors import StorageError
 from runfmt.run import load_manifest, revisions
 from runfmt.storage import Storage
 from runfmt.store import Store
@@ -216,3 +219,26 @@ def test_copies_of_a_run_being_written_all_repair_with_no_record_lost(tmp_path: 
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_filesystem_without_hard_links_holds_runs_for_reading_only(
+    store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """STORE-2: on a FAT or exFAT stick, a copied run lists, verifies and reads, and a
+    commit is refused with a clear error instead of a half-made revision."""
+    with store.create_run("copied", heartbeat_interval=None) as w:
+        w.append("gen", {"i": 1})
+
+    def no_links(src: str, dst: str) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", dst)
+
+    monkeypatch.setattr(os, "link", no_links)
+    reader = store.open_run(w.run_id)
+    assert list(reader.records("gen")) == [{"i": 1}]
+    assert verify_run(reader.storage) == []
+    with pytest.raises(StorageError, match="no hard links") as info:
+        store.resume_run(w.run_id, heartbeat_interval=None)
+    assert "copy them here" in (info.value.hint or "")
+    assert being_written_by(reader.storage) == []
+    assert store.open_run(w.run_id).manifest.revision == reader.manifest.revision
+    assert verify_run(reader.storage) == []
