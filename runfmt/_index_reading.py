@@ -274,7 +274,10 @@ class LocalSource(Source):
         if not found:
             _no_revision(os.path.exists(f"{self.url}/{run_id}/{names.MANIFEST_FILE}"))
         newest = max(found)
-        with open_regular(self._file(run_id, names.revision_file(newest))) as f:
+        path = f"{self.url}/{run_id}/{names.revision_file(newest)}"
+        if os.path.islink(folder):  # the file itself is opened without following a link
+            raise FormatError("path goes through a link (LAYOUT-5)", location=path)
+        with open_regular(path) as f:
             return newest, f.read()
 
     def _file(self, run_id: str, path: str) -> str:
