@@ -370,7 +370,8 @@ def repair_run(
     """
     if not revisions(run):
         load_manifest(run)  # raises: not a run, or one copied without _manifests/ (LAYOUT-2)
-    if not (run.is_local or salvage) and being_written_by(run):
+    maybe_live = not run.is_local and bool(being_written_by(run))
+    if maybe_live and not salvage:
         raise ConflictError(
             f"the run is running and was heard from within {ABANDON_AFTER:g} s: a writer may "
             "be alive, and where no lock tells, dropping what is not committed yet could "
@@ -412,7 +413,8 @@ def repair_run(
                     Problem(path, f"has {size} bytes, {entry.bytes} committed", "CHECK-1")
                 )
                 continue
-            _repair_file(run, path, entry, stage, salvage, changes, report, manifest.created_at)
+            _repair_file(run, path, entry, stage, salvage, changes, report, manifest.created_at,
+                         count=not maybe_live)  # fmt: skip
         if artifacts != "leave":
             drop = artifacts == "drop" or not salvage
             _repair_artifacts(run, manifest, files, links, drop, changes, report)
@@ -552,9 +554,13 @@ def _repair_file(
     changes: ChangeSet,
     report: RepairReport,
     born: str,
+    *,
+    count: bool,
 ) -> None:
     """Salvage or cut what a dead writer left in one stage file past its committed bytes;
-    ``born`` is the run's ``created_at``, which a header naming another one contradicts."""
+    ``born`` is the run's ``created_at``, which a header naming another one contradicts.
+    ``count``: add the deltas of its counter frames (FRAME-6), which a writer that may be
+    alive would commit too (STORE-3)."""
     committed = entry.bytes if entry else 0
     keep, records, failures, header, counter_frames = (
         _complete_prefix(run.read(path)) if salvage else (0, 0, 0, None, [])
@@ -587,10 +593,13 @@ def _repair_file(
         report.actions.append(
             f"{path}: salvaged {records - (entry.records if entry else 0)} records"
         )
-        for frame in counter_frames:
-            if committed <= frame.start < keep:
-                for name, delta in frame.counters.items():
-                    changes.counters[name] = changes.counters.get(name, 0) + delta
+        frames = [f for f in counter_frames if committed <= f.start < keep]
+        if frames and not count:
+            report.actions.append(f"{path}: counter deltas not added: a writer of the run may "
+                                  "be alive and commit them itself (STORE-3)")  # fmt: skip
+        for frame in frames if count else []:
+            for name, delta in frame.counters.items():
+                changes.counters[name] = changes.counters.get(name, 0) + delta
     size = run.size(path) or 0
     if size > keep:
         if run.is_local:

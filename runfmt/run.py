@@ -1025,7 +1025,7 @@ class RunWriter:
                 for writer in self._stages.values():
                     counters = b""
                     if writer is last and self._unframed:
-                        with contextlib.suppress(StageFileError):  # too many for one frame:
+                        with contextlib.suppress(StageFileError):  # no frame holds them:
                             counters = encode_counters(self._unframed)  # the commit has them
                     entry = writer._write(self.storage, self._encoder, counters)
                     if entry is not None:

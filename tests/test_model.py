@@ -352,18 +352,19 @@ class RunfmtModel(RuleBasedStateMachine):
             run.debris.setdefault(name, []).extend(p)
         self.gone(run, w)
 
-    @staticmethod
-    def salvaged(run: RunModel, salvage: bool) -> int:
+    def salvaged(self, run: RunModel, salvage: bool) -> int:
         """COMMIT-8: dead writers' whole frames are listed (salvage), with the deltas of
-        their counter frames, or cut (drop); a listed file grows in place, new files follow
-        by writer id, then number."""
+        their counter frames unless a writer may be alive where no lock tells (a running
+        run on memory://, STORE-3), or cut (drop); a listed file grows in place, new files
+        follow by writer id, then number."""
         count = 0
+        add_deltas = not self.memory or run.finished
         if salvage:
             for name in sorted(run.debris):
                 by_file: dict[FileId, list[Record]] = {}
                 for fid, records, deltas in run.debris[name]:
                     by_file.setdefault(fid, []).extend(records)
-                    for counter, delta in deltas.items():
+                    for counter, delta in deltas.items() if add_deltas else ():
                         run.counters[counter] = run.counters.get(counter, 0) + delta
                 by_file = {fid: records for fid, records in by_file.items() if records}
                 if not by_file:

@@ -159,3 +159,40 @@ def test_deltas_too_many_for_one_frame_go_in_the_commit_only(store: Store) -> No
         w.append("generate", {"i": 0})
     assert frames_of(stage_file(w, "generate"))[1] == []
     assert len(store.open_run(w.run_id).manifest.counters) == 4000
+
+
+@pytest.mark.parametrize("how", ["repair", "resume"])
+def test_deltas_are_not_counted_twice_when_a_live_writers_object_is_salvaged(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """STORE-3: on an object store, a repair while a writer may be alive lists its newest
+    object but leaves its deltas to that writer's own commit."""
+    w = memory_store.create_run("race", **QUIET)
+    commit = runfmt.run.commit_locked
+
+    def repair_first(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(runfmt.run, "commit_locked", commit)  # once
+        if how == "repair":
+            repair_run(memory_store.locate(w.run_id))
+        else:
+            memory_store.resume_run(w.run_id, heartbeat_interval=None).close()
+        return commit(*args, **kwargs)
+
+    for _ in range(5):
+        w.append("generate", {"tokens": 10})
+        w.count("tokens", 10)
+    monkeypatch.setattr(runfmt.run, "commit_locked", repair_first)
+    w.flush()
+    reader = memory_store.open_run(w.run_id)
+    assert sum(r["tokens"] for r in reader.records("generate")) == 50
+    assert reader.manifest.counters == {"tokens": 50}
+
+
+def test_an_integer_delta_beyond_64_bits_goes_in_the_commit_only(store: Store) -> None:
+    w = store.create_run("big", **QUIET)
+    w.count("x", 2**63 - 1)
+    w.flush()
+    w.count("x", -(2**64 - 2))
+    w.append("generate", {"i": 0})
+    assert w.finish().counters == {"x": -(2**63 - 1)}
+    assert frames_of(stage_file(w, "generate"))[1] == []

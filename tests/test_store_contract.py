@@ -185,7 +185,8 @@ class TestStoreContract:
         self, any_store: Store, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """FRAME-6, COMMIT-8: the deltas of a flush whose commit never happened come back
-        with its records, on every backend (a new object per flush on object stores)."""
+        with its records, on every backend (a new object per flush on object stores), once
+        no writer may be alive (at once on local disk; elsewhere once abandoned, STORE-3)."""
         writer = any_store.create_run("tokens", flush_every=None, flush_interval=None)
         writer.extend("gen", _records(2))
         writer.count("tokens", 5)
@@ -197,6 +198,9 @@ class TestStoreContract:
             with pytest.raises(OSError, match="disk gone"):
                 writer.flush()
         writer.discard()
+        if not any_store.storage.is_local:
+            later = lifecycle.now() + timedelta(seconds=lifecycle.ABANDON_AFTER + 1)
+            monkeypatch.setattr(check, "now", lambda: later)
         resumed = any_store.resume_run(writer.run_id, heartbeat_interval=None)
         assert resumed.manifest.counters == {"tokens": 12}
         assert [r["i"] for r in any_store.open_run(writer.run_id).records("gen")] == list(range(5))

@@ -89,7 +89,10 @@ def encode_header(header: Header) -> bytes:
 
 def encode_counters(counters: dict[str, float | int]) -> bytes:
     """The skippable frame carrying counter deltas as ``{"counters": {...}}`` (FRAME-6)."""
-    body = orjson.dumps({"counters": counters})
+    try:
+        body = orjson.dumps({"counters": counters})
+    except orjson.JSONEncodeError as exc:  # an integer delta beyond 64 bits
+        raise StageFileError(f"counter deltas cannot be written in a frame: {exc}") from None
     if len(body) > MAX_HEADER_SIZE:
         raise StageFileError(f"counter frame is {len(body)} bytes, over {MAX_HEADER_SIZE}")
     return struct.pack("<II", COUNTERS_MAGIC, len(body)) + body
