@@ -527,6 +527,9 @@ class StageWriter:
         self._pending_failures = 0
         self._seq = seq
         self._open: _OpenFile | None = None
+        self._unsent: tuple[FileEntry, bytes] | None = None
+        """An object whose PUT raised, so it may have landed: its entry and bytes, sent again
+        as they are before anything else (object stores)."""
 
     def __repr__(self) -> str:
         return f"StageWriter({self.name!r}, pending={self._records})"
@@ -651,35 +654,40 @@ class StageWriter:
             }
         )
 
+    def _resend(self, storage: Storage) -> FileEntry | None:
+        """Send again, byte for byte, the object a failed PUT may have stored: a repair
+        that listed it meanwhile sees the same bytes, and no second object holds its
+        records (object stores)."""
+        if self._unsent is None:
+            return None
+        entry, body = self._unsent
+        storage.put(entry.path, body)
+        self._unsent = None
+        return entry
+
     def _write(
         self, storage: Storage, encoder: FrameEncoder, counters: bytes = b""
     ) -> FileEntry | None:
         """Write the buffered records as frames, with the ``counters`` frame before the last
-        one (FRAME-6); return the file's new entry."""
+        one (FRAME-6); return the file's new entry. On an object store a failed PUT keeps
+        the object's bytes for `_resend` instead of the records."""
         if not self._chunks:
             return None
         frames = self._frames(encoder)
         data = b"".join([*frames[:-1], counters, frames[-1]])
-        if storage.is_local:
-            f = self._local_file(storage)
-            handle = f.handle
-            assert handle is not None
-            try:
-                handle.write(data)
-                handle.sync()
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    handle.truncate(f.size)  # part of a frame may have been written
-                self._abandon()
-                raise
-        else:
-            self._seq += 1
-            f = _OpenFile(names.format_stage_file(self.name, self._seq, self._run.writer_id),
-                          self._seq)  # fmt: skip
-            head = self._header(self._seq)
-            f.digest.update(head)
-            f.size = len(head)
-            storage.put(f.path, head + data)
+        if not storage.is_local:
+            return self._put(storage, data)
+        f = self._local_file(storage)
+        handle = f.handle
+        assert handle is not None
+        try:
+            handle.write(data)
+            handle.sync()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                handle.truncate(f.size)  # part of a frame may have been written
+            self._abandon()
+            raise
         f.digest.update(data)
         f.size += len(data)
         f.records += self._records
@@ -687,8 +695,24 @@ class StageWriter:
         self._chunks.clear()
         self._records = self._pending_failures = 0
         entry = FileEntry(f.path, f.size, f.records, f.failures, f.digest.copy().hexdigest())
-        if f.handle is not None and f.size >= ROLL_BYTES:
+        if f.size >= ROLL_BYTES:
             self._abandon()
+        return entry
+
+    def _put(self, storage: Storage, data: bytes) -> FileEntry:
+        """Store the buffered records, framed as ``data``, as the stage's next object."""
+        self._seq += 1
+        path = names.format_stage_file(self.name, self._seq, self._run.writer_id)
+        body = self._header(self._seq) + data
+        entry = FileEntry(path, len(body), self._records, self._pending_failures,
+                          sha256_hex(body))  # fmt: skip
+        self._chunks.clear()
+        self._records = self._pending_failures = 0
+        try:
+            storage.put(path, body)
+        except BaseException:
+            self._unsent = (entry, body)
+            raise
         return entry
 
     def _local_file(self, storage: Storage) -> _OpenFile:
@@ -1021,12 +1045,18 @@ class RunWriter:
             if not self._changes and not any(w._chunks for w in self._stages.values()):
                 return self.manifest
             with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
+                for writer in self._stages.values():
+                    entry = writer._resend(self.storage)
+                    if entry is not None:
+                        self._changes.files[entry.path] = entry
                 last = next((w for w in reversed(self._stages.values()) if w._chunks), None)
                 for writer in self._stages.values():
                     counters = b""
                     if writer is last and self._unframed:
                         with contextlib.suppress(StageFileError):  # no frame holds them:
                             counters = encode_counters(self._unframed)  # the commit has them
+                        if counters and not self.storage.is_local:
+                            self._unframed = {}  # sent, or kept for `_resend` with its object
                     entry = writer._write(self.storage, self._encoder, counters)
                     if entry is not None:
                         self._changes.files[entry.path] = entry
@@ -1159,7 +1189,8 @@ class RunWriter:
         if not (replaced or (finished and current.finished)):
             return False
         committed = {} if replaced else self.manifest.listed_paths()
-        for path in self._changes.files:
+        unsent = [w._unsent[0].path for w in self._stages.values() if w._unsent is not None]
+        for path in [*self._changes.files, *unsent]:
             with contextlib.suppress(RunfmtError, OSError):
                 if committed.get(path) and self.storage.is_local:
                     self.storage.truncate(path, committed[path])

@@ -12,6 +12,7 @@ import pytest
 
 import runfmt.run
 from runfmt.check import repair_run, verify_run
+from runfmt.errors import StorageError
 from runfmt.format.frames import (
     DataFrame,
     FrameDecoder,
@@ -20,6 +21,7 @@ from runfmt.format.frames import (
     iter_frames,
 )
 from runfmt.run import RunWriter
+from runfmt.storage import Storage
 from runfmt.store import Store
 
 QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
@@ -196,3 +198,36 @@ def test_an_integer_delta_beyond_64_bits_goes_in_the_commit_only(store: Store) -
     w.append("generate", {"i": 0})
     assert w.finish().counters == {"x": -(2**63 - 1)}
     assert frames_of(stage_file(w, "generate"))[1] == []
+
+
+@pytest.mark.parametrize("landed", [True, False])
+def test_a_put_that_may_have_landed_is_sent_again_as_it_was(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch, landed: bool
+) -> None:
+    """An object store PUT that raised may have stored the object: the next flush sends the
+    same bytes to the same key before new records, so no second object holds its records
+    and a later salvage finds no orphan (COMMIT-1, COMMIT-8)."""
+    w = memory_store.create_run("put", **QUIET)
+    put = Storage.put
+
+    def lost_reply(self: Storage, rel: str, data: bytes) -> None:
+        monkeypatch.setattr(Storage, "put", put)  # once
+        if landed:
+            put(self, rel, data)
+        raise StorageError("connection reset", location=rel)
+
+    for tokens in (10, 20):
+        w.count("tokens", tokens)
+        w.append("generate", {"tokens": tokens})
+    monkeypatch.setattr(Storage, "put", lost_reply)
+    with pytest.raises(StorageError, match="connection reset"):
+        w.flush()
+    w.count("tokens", 30)
+    w.append("generate", {"tokens": 30})
+    w.close()
+    memory_store.resume_run(w.run_id, **QUIET).close()
+    reader = memory_store.open_run(w.run_id)
+    assert [r["tokens"] for r in reader.records("generate")] == [10, 20, 30]
+    assert reader.manifest.counters == {"tokens": 60}
+    assert [f.records for f in reader.manifest.stage("generate").files] == [2, 1]
+    assert verify_run(reader.storage) == []
