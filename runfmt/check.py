@@ -597,9 +597,10 @@ def _repair_file(
         if frames and not count:
             report.actions.append(f"{path}: counter deltas not added: a writer of the run may "
                                   "be alive and commit them itself (STORE-3)")  # fmt: skip
-        for frame in frames if count else []:
-            for name, delta in frame.counters.items():
-                changes.counters[name] = changes.counters.get(name, 0) + delta
+        elif count:
+            for frame in frames:
+                for name, delta in frame.counters.items():
+                    changes.counters[name] = changes.counters.get(name, 0) + delta
     size = run.size(path) or 0
     if size > keep:
         if run.is_local:

@@ -505,13 +505,14 @@ class RunReader:
 
 @dataclass(slots=True)
 class _OpenFile:
+    """The local stage file a writer appends to, with what it holds so far."""
+
     path: str
-    seq: int
+    handle: AppendFile
     size: int = 0
     records: int = 0
     failures: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
-    handle: AppendFile | None = None
 
 
 class StageWriter:
@@ -678,14 +679,12 @@ class StageWriter:
         if not storage.is_local:
             return self._put(storage, data)
         f = self._local_file(storage)
-        handle = f.handle
-        assert handle is not None
         try:
-            handle.write(data)
-            handle.sync()
+            f.handle.write(data)
+            f.handle.sync()
         except BaseException:
             with contextlib.suppress(OSError):
-                handle.truncate(f.size)  # part of a frame may have been written
+                f.handle.truncate(f.size)  # part of a frame may have been written
             self._abandon()
             raise
         f.digest.update(data)
@@ -719,9 +718,9 @@ class StageWriter:
         if self._open is None:
             self._seq += 1
             path = names.format_stage_file(self.name, self._seq, self._run.writer_id)
-            f = _OpenFile(path, self._seq, handle=storage.open_append(path))
+            f = _OpenFile(path, storage.open_append(path))
             head = self._header(self._seq)
-            f.handle.write(head)  # type: ignore[union-attr]
+            f.handle.write(head)
             f.digest.update(head)
             f.size = len(head)
             self._open = f
@@ -729,7 +728,7 @@ class StageWriter:
 
     def _abandon(self) -> None:
         """Stop appending to the current file; the next flush starts a new one."""
-        if self._open is not None and self._open.handle is not None:
+        if self._open is not None:
             self._open.handle.close()
         self._open = None
 
@@ -1045,21 +1044,19 @@ class RunWriter:
             if not self._changes and not any(w._chunks for w in self._stages.values()):
                 return self.manifest
             with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
-                for writer in self._stages.values():
-                    entry = writer._resend(self.storage)
-                    if entry is not None:
-                        self._changes.files[entry.path] = entry
                 last = next((w for w in reversed(self._stages.values()) if w._chunks), None)
                 for writer in self._stages.values():
                     counters = b""
                     if writer is last and self._unframed:
                         with contextlib.suppress(StageFileError):  # no frame holds them:
                             counters = encode_counters(self._unframed)  # the commit has them
-                        if counters and not self.storage.is_local:
-                            self._unframed = {}  # sent, or kept for `_resend` with its object
-                    entry = writer._write(self.storage, self._encoder, counters)
-                    if entry is not None:
-                        self._changes.files[entry.path] = entry
+                    resent = writer._resend(self.storage)
+                    if counters and not self.storage.is_local:
+                        self._unframed = {}  # sent, or kept for `_resend` with its object
+                    written = writer._write(self.storage, self._encoder, counters)
+                    for entry in (resent, written):
+                        if entry is not None:
+                            self._changes.files[entry.path] = entry
                 if last is not None:
                     self._unframed = {}  # written in a counter frame
                 self._changes.heartbeat = True

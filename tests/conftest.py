@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from unittest.mock import Mock
 
 import fsspec
 import pytest
 from hypothesis import HealthCheck, settings
 
+import runfmt.run
+from runfmt.run import RunWriter
 from runfmt.store import Store
 
 pytest_plugins: list[str] = ["tests.fixtures_tools", "tests.fixtures_s3", "tests.fixtures_manage"]
@@ -40,3 +43,17 @@ def memory_store() -> Iterator[Store]:
     fs = fsspec.filesystem("memory")
     if fs.exists(url):
         fs.rm(url, recursive=True)
+
+
+@pytest.fixture
+def flush_without_commit() -> Callable[[RunWriter], None]:
+    """A flush that writes its frames and fails before its revision exists, as a crash
+    there would leave them (COMMIT-8)."""
+
+    def flush(writer: RunWriter) -> None:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(runfmt.run, "commit_locked", Mock(side_effect=OSError("disk gone")))
+            with pytest.raises(OSError, match="disk gone"):
+                writer.flush()
+
+    return flush

@@ -80,6 +80,20 @@ def committed_counts(progress: Path) -> tuple[bool, int]:
     return "ready" in lines, counts[-1] if counts else 0
 
 
+def kill_at_random(
+    proc: multiprocessing.process.BaseProcess, progress: Path, after: float, *, wait_ready: bool
+) -> None:
+    """Start the writer, wait until it resumed the run (``wait_ready``, up to 10 s), let it
+    write for ``after`` seconds more, and kill it with SIGKILL."""
+    proc.start()
+    deadline = time.monotonic() + 10
+    while wait_ready and not committed_counts(progress)[0] and time.monotonic() < deadline:
+        time.sleep(0.002)
+    time.sleep(after)
+    os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    proc.join()
+
+
 def ids_by_tag(reader: RunReader, stage: str) -> dict[str, list[int]]:
     """Record numbers per writer tag, in stored order."""
     found: dict[str, list[int]] = defaultdict(list)
@@ -113,14 +127,7 @@ def test_kill_9_at_random_moments(
         proc = forkserver.Process(
             target=crash_writer, args=(store.url, run_id, tag, str(progress), rng.randrange(2**32))
         )
-        proc.start()
-        if rng.random() < 0.8:
-            deadline = time.monotonic() + 10
-            while not committed_counts(progress)[0] and time.monotonic() < deadline:
-                time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.2))
-        os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        proc.join()
+        kill_at_random(proc, progress, rng.uniform(0, 0.2), wait_ready=rng.random() < 0.8)
         assert proc.exitcode == -signal.SIGKILL, f"iteration {it} (seed {seed}): writer exited"
         ready, committed = committed_counts(progress)
         kills_while_writing += ready
@@ -179,13 +186,7 @@ def test_kill_9_leaves_counters_in_step_with_the_salvaged_records(
         proc = forkserver.Process(
             target=counting_writer, args=(store.url, run_id, str(progress), rng.randrange(2**32))
         )
-        proc.start()
-        deadline = time.monotonic() + 10
-        while not committed_counts(progress)[0] and time.monotonic() < deadline:
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.1))
-        os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        proc.join()
+        kill_at_random(proc, progress, rng.uniform(0, 0.1), wait_ready=True)
         reader = store.open_run(run_id)
         salvaged += repair_run(reader.storage).salvaged_records
         assert verify_run(reader.storage) == [], f"iteration {it} (seed {seed})"

@@ -4,9 +4,9 @@ run's counters exactly once (COMMIT-8)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest.mock import Mock
 
 import pytest
 
@@ -40,14 +40,6 @@ def stage_file(writer: RunWriter, stage: str) -> Path:
     return path
 
 
-def flush_without_commit(writer: RunWriter) -> None:
-    """A flush that writes its frames and fails before the revision exists (a crash there)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runfmt.run, "commit_locked", Mock(side_effect=OSError("disk gone")))
-        with pytest.raises(OSError, match="disk gone"):
-            writer.flush()
-
-
 def test_a_flush_writes_its_deltas_once_before_its_last_data_frame(store: Store) -> None:
     w = store.create_run("frames", **QUIET)
     w.extend("generate", [{"i": i} for i in range(3)])
@@ -70,7 +62,9 @@ def test_a_flush_writes_its_deltas_once_before_its_last_data_frame(store: Store)
     assert verify_run(w.storage) == []
 
 
-def test_repair_salvages_the_deltas_of_a_flush_whose_commit_never_happened(store: Store) -> None:
+def test_repair_salvages_the_deltas_of_a_flush_whose_commit_never_happened(
+    store: Store, flush_without_commit: Callable[[RunWriter], None]
+) -> None:
     w = store.create_run("crash", **QUIET)
     w.append("generate", {"i": 0})
     w.count("tokens", 5)
@@ -95,7 +89,9 @@ def test_repair_salvages_the_deltas_of_a_flush_whose_commit_never_happened(store
     assert store.open_run(w.run_id).manifest.counters == {"tokens": 112, "cost": 0.25}
 
 
-def test_drop_loses_the_deltas_with_the_records(store: Store) -> None:
+def test_drop_loses_the_deltas_with_the_records(
+    store: Store, flush_without_commit: Callable[[RunWriter], None]
+) -> None:
     w = store.create_run("drop", **QUIET)
     w.append("generate", {"i": 0})
     w.count("tokens", 7)
@@ -107,7 +103,9 @@ def test_drop_loses_the_deltas_with_the_records(store: Store) -> None:
     assert reader.manifest.stages == ()
 
 
-def test_a_counter_frame_before_a_torn_data_frame_is_cut_with_it(store: Store) -> None:
+def test_a_counter_frame_before_a_torn_data_frame_is_cut_with_it(
+    store: Store, flush_without_commit: Callable[[RunWriter], None]
+) -> None:
     w = store.create_run("torn", **QUIET)
     w.append("generate", {"i": 0})
     w.count("tokens", 7)
