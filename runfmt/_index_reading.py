@@ -450,17 +450,23 @@ def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
         strings = ("name", "status", "created_at", "updated_at", "config_hash")
         _check(all(isinstance(doc.get(k), str) for k in strings), "types")
         status, finished, error = doc["status"], doc.get("finished_at"), doc.get("error")
+        heartbeat = doc.get("heartbeat_at")
         _check(status in RUN_STATUSES, "status")
         _check((status == "running") == (finished is None), "finished_at")
-        _check(error is None or status in ("failed", "cancelled"), "error")
+        _check(finished is None or isinstance(finished, str), "finished_at")
+        _check(error is None or (isinstance(error, str) and status in ("failed", "cancelled")),
+               "error")  # fmt: skip
+        _check(heartbeat is None or isinstance(heartbeat, str), "heartbeat_at")
         tags, counters = doc.get("tags"), doc.get("counters")
         _check(isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values()), "tags")
         _check(isinstance(counters, dict), "counters")
+        _check(all(type(v) in (int, float) for v in counters.values()), "counters")
         stages, keyed = [], []
         for s in doc["stages"]:
             stage, key_field, schema = s["name"], s["key_field"], s["record_schema_version"]
             files = s["files"]
             _check(isinstance(stage, str) and isinstance(schema, str), "stage")
+            _check(isinstance(s["status"], str), "stage status")
             _check(key_field is None or isinstance(key_field, str), "key field")
             total = failures = size = 0
             for ordinal, f in enumerate(files):
@@ -479,7 +485,7 @@ def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
     listed = {
         "revision": revision, "name": doc["name"], "status": status,
         "created_at": doc["created_at"], "updated_at": doc["updated_at"],
-        "finished_at": finished, "heartbeat_at": doc.get("heartbeat_at"),
+        "finished_at": finished, "heartbeat_at": heartbeat,
         "config_hash": doc["config_hash"], "error": error, "problem": None,
         "tags": tags, "counters": counters, "stages": stages,
     }  # fmt: skip

@@ -20,7 +20,7 @@ from runfmt.errors import (
     UnsupportedFormatError,
 )
 from runfmt.format import names
-from runfmt.format.checksum import parse_sums
+from runfmt.format.checksum import parse_sums, sha256_hex
 from runfmt.format.frames import CounterFrame, DataFrame, FrameDecoder
 from runfmt.format.manifest import (
     ArtifactEntry,
@@ -107,10 +107,15 @@ def _problems(
     if misnamed is not None:
         problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
     current = _read_optional(run, names.MANIFEST_FILE)
-    if current != manifest_bytes and not live:  # a live writer replaces the copy next
+    copy = _judge_copy(run, current, manifest_bytes, manifest.revision)
+    if copy == "stale" and not live:  # a live writer replaces the copy next
         what = "is missing" if current is None else "differs from the newest revision"
         what += " (a crash leaves it so, as does a sync cut short: run that sync again)"
         problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
+    elif copy != "same":
+        problems.append(_copy_damage(copy, manifest.revision))
+    if copy == "damaged revision" and current is not None:  # the run as repair restores it
+        manifest, manifest_bytes = decode_manifest(current), current
     files = run.walk()
     links = frozenset(run.symlinks())
     problems += check_listing(manifest, files, links)
@@ -129,7 +134,7 @@ def _problems(
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
     problems = [p for p in problems if not _uncommitted_of(p, live)]
-    short = _cut_short(manifest, files)
+    short = _cut_short(run, manifest, files, links)
     if short and not live and all(p.repairable or p.location in short for p in problems):
         whole = _whole_revision(run, manifest, files, links, short)
         if whole is not None:
@@ -143,10 +148,24 @@ def _problems(
     return problems
 
 
-def _cut_short(manifest: Manifest, files: Mapping[str, int]) -> set[str]:
-    """The listed files missing or shorter than listed (COMMIT-13)."""
-    return {path for path, (size, _) in manifest.listed_files().items()
-            if files.get(path, -1) < size}  # fmt: skip
+def _cut_short(
+    run: Storage, manifest: Manifest, files: Mapping[str, int], links: frozenset[str]
+) -> set[str]:
+    """The listed files missing or shorter than listed (COMMIT-13): no link, or FIFO or
+    other file that is not regular, in their place (damage, not a copy cut short)."""
+    return {
+        path
+        for path, (size, _) in manifest.listed_files().items()
+        if files.get(path, -1) < size
+        and not _through_link(path, links)
+        and (path not in files or run.is_file(path))
+    }
+
+
+def _through_link(path: str, links: frozenset[str]) -> bool:
+    """Whether ``path`` is, or lies below, a symbolic link in the run folder."""
+    parts = path.split("/")
+    return any("/".join(parts[:i]) in links for i in range(1, len(parts) + 1))
 
 
 def _holds(
@@ -193,7 +212,7 @@ def _going_back(
     """The revision `repair_run` goes back to, when the newest lists files missing or cut
     short, the rest of what it lists is whole and no writer is alive (COMMIT-13); else
     why not ("" when nothing is cut short)."""
-    short = _cut_short(newest, files)
+    short = _cut_short(run, newest, files, links)
     if not short:
         return None, ""
     if live_writers(run):
@@ -299,7 +318,7 @@ def _read_optional(run: Storage, rel: str) -> bytes | None:
 def _check_file(
     run: Storage, entry: FileEntry, stage: StageEntry, size: int | None, links: frozenset[str]
 ) -> list[Problem]:
-    if size is not None and not run.inside(entry.path):
+    if _through_link(entry.path, links) or (size is not None and not run.inside(entry.path)):
         return [Problem(entry.path, "listed file goes through a link", "LAYOUT-5")]
     check = FileCheck(entry, stage)
     if size is not None:
@@ -383,6 +402,18 @@ def repair_run(
     report = RepairReport()
     with commit_lock(run, timeout=60.0):
         manifest = _newest_readable(run, report)
+        copy = _read_optional(run, names.MANIFEST_FILE)
+        state = _judge_copy(run, copy, run.read(names.revision_file(manifest.revision)),
+                            manifest.revision)  # fmt: skip
+        if state == "diverged":
+            report.left.append(_copy_damage(state, manifest.revision))
+            return report
+        if state == "damaged revision" and copy is not None:
+            rel = names.revision_file(decode_manifest(copy).revision)
+            run.write_atomic(rel, copy)
+            report.actions.append(f"{rel}: rewritten from manifest.json, which SHA256SUMS "
+                                  "vouches for")  # fmt: skip
+            manifest = load_manifest(run)
         files = run.walk()
         links = frozenset(run.symlinks())
         whole, why_not = _going_back(run, manifest, files, links)
@@ -404,6 +435,9 @@ def repair_run(
                 continue
             if writer_alive(run, parsed.writer):
                 report.actions.append(f"{path}: writer {parsed.writer} is still running; skipped")
+                continue
+            if not run.is_file(path):
+                report.left.append(Problem(path, "not a regular file; left alone", "LAYOUT-3"))
                 continue
             entry, stage = listed.get(path, (None, manifest.stage(stage_name)))
             if entry is not None and size == entry.bytes:
@@ -518,10 +552,57 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
 
 
 def _holds_revision(data: bytes, revision: int) -> bool:
+    return _revision_in(data) == revision
+
+
+def _revision_in(data: bytes) -> int | None:
+    """The revision number of a manifest's bytes; None when they hold no valid manifest."""
     try:
-        return decode_manifest(data).revision == revision
+        return decode_manifest(data).revision
     except FormatError:
-        return False
+        return None
+
+
+CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diverged"]
+
+
+def _judge_copy(run: Storage, copy: bytes | None, newest: bytes, revision: int) -> CopyState:
+    """How ``manifest.json`` (``copy``) stands beside the newest revision (``newest``).
+
+    A crash leaves it *stale*: missing, no manifest (empty after a power loss) or an older
+    revision (COMMIT-7). Other bytes of the same or a later revision are damage to one of
+    the two: ``SHA256SUMS`` tells which when it lists bytes of one of them (COMMIT-14).
+    """
+    if copy == newest:
+        return "same"
+    held = None if copy is None else _revision_in(copy)
+    if copy is None or held is None or held < revision:
+        return "stale"
+    try:
+        vouched = parse_sums(run.read(names.SUMS_FILE).decode()).get(names.MANIFEST_FILE)
+    except (FileNotFoundError, UnicodeDecodeError, FormatError):
+        vouched = None
+    if vouched == sha256_hex(copy):
+        return "damaged revision"
+    if vouched == sha256_hex(newest):
+        return "damaged copy"
+    return "diverged"
+
+
+def _copy_damage(state: CopyState, revision: int) -> Problem:
+    """The problem `_judge_copy` found, when no crash leaves it."""
+    rel = names.revision_file(revision)
+    if state == "damaged revision":
+        what = "differs from manifest.json, which SHA256SUMS vouches for: it was changed"
+        return Problem(rel, what, "COMMIT-14", repairable=True)
+    if state == "damaged copy":
+        what = f"holds other bytes than {rel}, which SHA256SUMS vouches for: it was changed"
+        return Problem(names.MANIFEST_FILE, what, "COMMIT-14", repairable=True)
+    what = (
+        f"holds revision {revision} or later with other bytes than {rel}: one of the two was "
+        "changed (no crash does this); compare them and put the right one in both places"
+    )
+    return Problem(names.MANIFEST_FILE, what, "COMMIT-14")
 
 
 def _check_salvaged_counters(manifest: Manifest, changes: ChangeSet, report: RepairReport) -> None:

@@ -96,6 +96,13 @@ class Store:
         if self.storage.is_local and os.path.lexists(root) and not os.path.isdir(root):
             hint = "give a folder as the store; it is made if missing"
             raise InvalidInputError("is a file, not a store folder", location=root, hint=hint)
+        markers = (names.MANIFESTS_DIR, names.MANIFEST_FILE)
+        if self.storage.is_local and any(os.path.lexists(os.path.join(root, n)) for n in markers):
+            raise InvalidInputError(
+                "is a run folder, not a store: runs created here would land inside that run",
+                location=root,
+                hint="open the run with runfmt.open_run(path), or give its parent as the store",
+            )
         self.read_only = read_only
 
     def __repr__(self) -> str:

@@ -25,13 +25,22 @@ from runfmt.errors import (
     ConflictError,
     FormatError,
     InvalidInputError,
+    ManifestError,
     RunfmtError,
     RunNotFoundError,
     StorageError,
 )
 from runfmt.format import names
 from runfmt.format.manifest import Manifest, decode_manifest
-from runfmt.run import KEEP_REVISIONS, revisions, unpublish, write_manifest_copy
+from runfmt.format.validate import folder_name_problem
+from runfmt.run import (
+    KEEP_REVISIONS,
+    load_revision,
+    revisions,
+    sums_of,
+    unpublish,
+    write_manifest_copy,
+)
 from runfmt.storage import Storage, check_url
 
 __all__ = ["Action", "RunResult", "SyncProgress", "SyncReport", "sync"]
@@ -198,12 +207,12 @@ def sync(
     report = SyncReport(source.url, target.url, dry_run)
     pairs: list[tuple[str, Storage, Storage]]
     one_run = _is_run(source)
+    run_id = _run_id_of(source) if one_run else ""
+    here = one_run and target.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] == run_id
     if one_run:
-        run_id = source.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1]
         if delete:
             raise InvalidInputError("--delete needs a store as SRC, not one run",
                                     location=source.where())  # fmt: skip
-        here = target.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] == run_id
         pairs = [(run_id, source, target if here else target.child(run_id))]
         _check_apart(source, pairs[0][2])
     elif source.is_dir():
@@ -212,6 +221,12 @@ def sync(
         pairs = [(i, source.child(i), target.child(i)) for i in ids]
     else:
         raise RunNotFoundError("no run or store here", location=source.where())
+    if not here and _is_run(target):
+        raise InvalidInputError(
+            "the destination is a run folder, not a store: the copy would land inside that run",
+            location=target.where(),
+            hint="give the store that holds it (its parent folder) as DST",
+        )
     engine = _Engine(dry_run, verify, force, workers, progress)
     report.runs = engine.run_all(pairs)
     if one_run and not report.runs:
@@ -221,11 +236,25 @@ def sync(
         extra = sorted(
             e.name
             for e in target.list()
-            if e.is_dir and names.is_run_id(e.name) and e.name not in known
+            if e.is_dir
+            and names.is_run_id(e.name)
+            and e.name not in known
+            and _is_run(target.child(e.name))  # a folder of the user's is no run to delete
         )
         for run_id in extra:
             report.runs.append(_delete_run(target.child(run_id), run_id, dry_run))
     return report
+
+
+def _run_id_of(run: Storage) -> str:
+    """The id of the run in the folder ``run`` (which may have another name); the folder's
+    name when its manifest cannot be read, which `_Engine` then reports."""
+    try:
+        return load_revision(run)[0].run_id
+    except RunNotFoundError:
+        raise
+    except FormatError:
+        return run.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1]
 
 
 def _check_apart(source: Storage, target: Storage) -> None:
@@ -311,13 +340,12 @@ class _Engine:
         return result
 
     def _plan(self, run_id: str, src: Storage, dst: Storage) -> _Plan:
-        revs = revisions(src)
-        if not revs:
-            if not src.exists(names.MANIFEST_FILE):
-                raise _NotARun
-            raise RunNotFoundError("no manifest revision in _manifests/", location=src.where())
-        src_bytes = src.read(names.revision_file(revs[-1]))
-        manifest = _decode(src_bytes, src.where(names.revision_file(revs[-1])))
+        if not revisions(src) and not src.exists(names.MANIFEST_FILE):
+            raise _NotARun
+        manifest, src_bytes = load_revision(src)  # refuses what a reader refuses (MAN-3, ...)
+        misnamed = folder_name_problem(manifest, run_id)
+        if misnamed is not None:
+            raise ManifestError(misnamed, location=src.where())
         plan = _Plan(RunResult(run_id, "new", manifest.revision), src_bytes, manifest)
         try:
             current = dst.read(names.MANIFEST_FILE)
@@ -420,8 +448,8 @@ class _Engine:
         copied = [c for c, f in zip(plan.copies, futures, strict=True) if f.result()]
         plan.result.files = len(copied)
         plan.result.bytes = sum(c.nbytes for c in copied)
-        if manifest.finished and (sums := _read_or_none(src, names.SUMS_FILE)) is not None:
-            dst.write_atomic(names.SUMS_FILE, sums)
+        if manifest.finished:  # made, not copied: it follows from the manifest (CHECK-3)
+            dst.write_atomic(names.SUMS_FILE, sums_of(manifest, plan.src_bytes))
         else:
             dst.delete(names.SUMS_FILE)
         rev = names.revision_file(manifest.revision)
@@ -516,10 +544,3 @@ def _continues(old: Manifest, new: Manifest) -> bool:
             if later.bytes == f.bytes and later.sha256 != f.sha256:
                 return False
     return True
-
-
-def _read_or_none(storage: Storage, rel: str) -> bytes | None:
-    try:
-        return storage.read(rel)
-    except FileNotFoundError:
-        return None

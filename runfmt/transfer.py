@@ -40,7 +40,7 @@ from runfmt.format.manifest import (
     decode_manifest,
     parse_timestamp,
 )
-from runfmt.format.records import Record, is_failure
+from runfmt.format.records import Record, is_failure, line_of
 from runfmt.format.schemas import schema_errors
 from runfmt.run import FRAME_TARGET, RunReader, RunWriter, load_manifest, revisions
 from runfmt.store import Store
@@ -102,7 +102,7 @@ def export_stage(run: RunReader, stage: str, dest: str | os.PathLike[str]) -> in
         with _atomic_output(dest) as out:
             for batch in run.record_batches(stage):
                 for record in batch:
-                    out.write(orjson.dumps(record) + b"\n")
+                    out.write(line_of(record))
                     failures += is_failure(record)
                 records += len(batch)
         return records
@@ -113,7 +113,7 @@ def export_stage(run: RunReader, stage: str, dest: str | os.PathLike[str]) -> in
         size = 0
         for batch in run.record_batches(stage):
             for record in batch:
-                line = orjson.dumps(record) + b"\n"
+                line = line_of(record)
                 pending.append(line)
                 size += len(line)
                 failures += is_failure(record)

@@ -565,6 +565,57 @@ def test_repair_rewrites_a_damaged_newest_revision_from_its_intact_copy(run_dir:
     assert verify_run(Storage(str(run_dir))) == []
 
 
+def _flip_counter(data: bytes) -> bytes:
+    """The manifest bytes with one valid-looking change: a counter of 3 made 7 (a bit flip)."""
+    assert b'"n": 3' in data or b'"n":3' in data
+    return data.replace(b'"n": 3', b'"n": 7').replace(b'"n":3', b'"n":7')
+
+
+@pytest.fixture
+def counted_dir(store: Store) -> Path:
+    """A completed run with a counter, so that a flipped bit leaves a valid manifest."""
+    with store.create_run("counted", {"m": 1}, **QUIET) as w:
+        w.count("n", 3)
+        w.extend("score", RECORDS)
+    return Path(store.url) / w.run_id
+
+
+@pytest.mark.parametrize("damaged", ["revision", "manifest.json"])
+def test_sha256sums_tells_which_of_revision_and_copy_was_changed(
+    counted_dir: Path, damaged: str
+) -> None:
+    """COMMIT-14: other bytes of the same revision in manifest.json are damage, not a crash;
+    SHA256SUMS vouches for one of the two, and repair restores the other from it."""
+    before = snapshot(counted_dir)
+    copy = counted_dir / "manifest.json"
+    target = newest_revision(counted_dir) if damaged == "revision" else copy
+    target.write_bytes(_flip_counter(target.read_bytes()))
+    [problem] = verify_run(Storage(str(counted_dir)))
+    assert problem.location == target.relative_to(counted_dir).as_posix()
+    assert (problem.rule, problem.repairable) == ("COMMIT-14", True)
+    assert "SHA256SUMS vouches" in problem.problem
+    repair_run(Storage(str(counted_dir)))
+    assert snapshot(counted_dir) == before
+    assert verify_run(Storage(str(counted_dir))) == []
+
+
+def test_a_revision_and_copy_that_differ_with_nothing_to_tell_are_left_alone(
+    counted_dir: Path,
+) -> None:
+    """COMMIT-14: with no SHA256SUMS to vouch for either, repair must not take the changed
+    revision as the truth and rewrite manifest.json (and SHA256SUMS) from it."""
+    (counted_dir / "SHA256SUMS").unlink()
+    rev = newest_revision(counted_dir)
+    rev.write_bytes(_flip_counter(rev.read_bytes()))
+    before = snapshot(counted_dir)
+    problems = verify_run(Storage(str(counted_dir)))
+    [diverged] = [p for p in problems if p.location == "manifest.json"]
+    assert (diverged.rule, diverged.repairable) == ("COMMIT-14", False)
+    report = repair_run(Storage(str(counted_dir)))
+    assert [p.rule for p in report.left] == ["COMMIT-14"]
+    assert snapshot(counted_dir) == before
+
+
 @pytest.mark.parametrize(
     ("rel", "repairable"),
     [("stages/score/part-000009-dead.jsonl.zst", True), ("stages/unknown/a.jsonl.zst", False),
@@ -651,6 +702,35 @@ def test_a_fifo_where_an_empty_artifact_belongs_is_a_missing_file(store: Store) 
     assert [(p.location, p.rule, p.problem) for p in problems] == [
         ("artifacts/empty.txt", "LAYOUT-3", "listed path is not a regular file")
     ]
+
+
+@pytest.mark.parametrize("what", ["linked file", "linked folder", "fifo"])
+def test_a_link_or_fifo_at_a_listed_path_is_no_copy_cut_short(
+    run_dir: Path, tmp_path: Path, what: str
+) -> None:
+    """COMMIT-13 takes back only a copy whose listed files are missing or cut short: a link
+    or a FIFO in their place is damage, which no rollback (dropping a stage's committed
+    records) may answer. verify does not offer one and repair makes none, nor raises."""
+    f = stage_file(run_dir)
+    if what == "linked folder":
+        f.parent.rename(tmp_path / "moved")
+        f.parent.symlink_to(tmp_path / "moved")
+    else:
+        (tmp_path / "copy").write_bytes(f.read_bytes())
+        f.unlink()
+        f.symlink_to(tmp_path / "copy") if what == "linked file" else os.mkfifo(f)
+    before = snapshot(run_dir) if what == "linked folder" else None
+    problems = verify_run(Storage(str(run_dir)))
+    assert problems
+    assert not any("rollback" in p.problem for p in problems)
+    assert {p.rule for p in problems} == ({"LAYOUT-3"} if what == "fifo" else {"LAYOUT-5"})
+    revision = newest_revision(run_dir).name
+    report = repair_run(Storage(str(run_dir)), rollback=True)
+    assert report.rollback_to is None
+    assert newest_revision(run_dir).name == revision
+    assert runfmt.open_run(run_dir).manifest.status == "completed"
+    if before is not None:
+        assert snapshot(run_dir) == before
 
 
 def test_repair_of_a_folder_that_holds_no_run_changes_nothing(tmp_path: Path) -> None:

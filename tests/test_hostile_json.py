@@ -16,6 +16,7 @@ import io
 import json
 import shutil
 import struct
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -345,3 +346,62 @@ def test_every_twin_of_every_record_value(
         relist(run_dir, header_frame(header) + recompress(frames, lambda _: changed))
 
     assert failures(run_dir, write, decode(frames)) == []
+
+
+def _deep(depth: int) -> bytes:
+    """JSON arrays nested ``depth`` levels deep."""
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize("depth", [300, 3000])
+@pytest.mark.parametrize("where", ["config", "stage status"])
+def test_a_manifest_nested_too_deep_is_refused_by_every_reader(
+    templates: dict[str, Path], tmp_path: Path, where: str, depth: int
+) -> None:
+    """MAN-1, ERR-1: a manifest nesting more than 254 levels is invalid; readers refuse it
+    with a ManifestError, and the index lists the run as unreadable instead of failing."""
+    run_dir = copy_of(templates, "finished", tmp_path)
+    doc = json.loads(newest_revision(run_dir).read_bytes())
+    if where == "config":
+        doc["config"] = {"deep": "@"}
+    else:
+        doc["stages"][0]["status"] = "@"
+    data = dumps(doc).replace(b'"@"', _deep(depth))
+    newest_revision(run_dir).write_bytes(data)
+    (run_dir / "manifest.json").write_bytes(data)
+    check_verdicts(run_dir)
+    [problem] = verify_run(Storage(str(run_dir)))
+    assert where == "stage status" or (problem.rule, problem.problem) == (
+        "MAN-1",
+        "objects and arrays nest more than 254 levels deep",
+    )
+    store = str(run_dir.parent)
+    for args in (["ls"], ["status"], ["report"], ["show", run_dir.name], ["index", "rebuild"]):
+        code, output = cli("--store", store, *args)
+        assert "Traceback" not in output
+        assert code in (0, 1), output
+    if where == "stage status":  # the index reads what it lists, not the config
+        assert "unreadable" in cli("--store", store, "ls")[1]
+
+
+@pytest.mark.parametrize("depth", [255, 1000])
+def test_a_record_nested_too_deep_is_reported_and_refused_not_crashed_on(
+    templates: dict[str, Path], tmp_path: Path, depth: int
+) -> None:
+    """REC-3: a record nesting more than 254 levels is no conforming writer's; verify names
+    its line, and readers that write it out again refuse it (ERR-1) instead of crashing."""
+    run_dir = copy_of(templates, "finished", tmp_path)
+    data = stage_file(run_dir).read_bytes()
+    _, frames = split_stage_file(data)
+    payload = b'{"id":"a","v":' + _deep(depth - 1) + b'}\n{"id":"b","_error":"x"}\n'
+    frame = zstandard.ZstdCompressor(write_checksum=True).compress(payload)
+    relist(run_dir, data[: len(data) - len(frames)] + frame)
+    problems = verify_run(Storage(str(run_dir)))
+    [deep] = [p for p in problems if p.rule == "REC-3"]
+    assert deep.location.endswith(".jsonl.zst:1")
+    export = ["export", str(run_dir), str(tmp_path / "out.jsonl"), "--stage", "score"]
+    for args in (["cat", str(run_dir), "score"], ["dump", str(run_dir)], export):
+        done = subprocess.run([sys.executable, "-m", "runfmt", *args], capture_output=True,
+                              text=True, timeout=120, check=False)  # fmt: skip
+        assert "Traceback" not in done.stderr
+        assert done.returncode == 1, done.stderr

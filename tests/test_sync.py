@@ -578,3 +578,77 @@ def test_large_files_are_streamed_or_uploaded_whole(
     assert {r.run_id: r.action for r in report.runs}[live.run_id] == "error"
     assert not Storage(s3_url + "-3", s3_options).child(live.run_id).exists(live_path)
     live.close()
+
+
+def test_delete_leaves_alone_a_destination_folder_that_holds_no_run(
+    src: Store, tmp_path: Path
+) -> None:
+    """SYNC-7 deletes runs: a folder of the user's, even one named like a run, stays."""
+    dst = tmp_path / "dst"
+    for name in ("notes", "20260101-000000000-0000beef"):
+        (dst / name).mkdir(parents=True)
+        (dst / name / "todo.txt").write_text("keep me")
+    report = sync(src.url, str(dst), delete=True)
+    assert report.ok
+    assert report.count("delete") == 0
+    assert (dst / "notes" / "todo.txt").read_text() == "keep me"
+    assert (dst / "20260101-000000000-0000beef" / "todo.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("source", ["store", "another run"])
+def test_a_destination_that_is_a_run_folder_is_refused(
+    src: Store, tmp_path: Path, source: str, cli: Cli
+) -> None:
+    """A copy into a run folder would land inside that run (and --delete would take its
+    stages for runs): refused, nothing written."""
+    host = tmp_path / "other"
+    host_id = _run(Store(host), 2, "host")
+    before = {p: p.read_bytes() for p in (host / host_id).rglob("*") if p.is_file()}
+    from_url = src.url if source == "store" else f"{src.url}/{src.run_ids()[0]}"
+    with pytest.raises(InvalidInputError, match="is a run folder, not a store"):
+        sync(from_url, str(host / host_id))
+    delete = ["--delete"] if source == "store" else []
+    code, _, err = cli(src, "sync", from_url, str(host / host_id), *delete)
+    assert code != 0
+    assert "run folder" in err
+    assert {p: p.read_bytes() for p in (host / host_id).rglob("*") if p.is_file()} == before
+    assert verify_run(Storage(str(host / host_id))) == []
+
+
+def test_a_run_folder_opened_as_a_store_is_refused(src: Store) -> None:
+    """Runs created there would land inside the run."""
+    with pytest.raises(InvalidInputError, match="is a run folder, not a store"):
+        Store(f"{src.url}/{src.run_ids()[0]}")
+
+
+def test_sha256sums_is_made_at_the_destination_not_copied(src: Store, tmp_path: Path) -> None:
+    """CHECK-3: SHA256SUMS follows from the manifest, so a damaged one is not carried over."""
+    run_id = src.run_ids()[0]
+    sums = Path(src.url) / run_id / "SHA256SUMS"
+    good = sums.read_bytes()
+    sums.write_bytes(good.replace(b"  ", b" ", 1))
+    assert sync(src.url, str(tmp_path / "dst")).ok
+    assert (tmp_path / "dst" / run_id / "SHA256SUMS").read_bytes() == good
+    assert verify_run(Storage(str(tmp_path / "dst" / run_id))) == []
+
+
+@pytest.mark.parametrize("damage", ["revision number", "run id"])
+def test_a_run_that_readers_refuse_is_not_synced(src: Store, tmp_path: Path, damage: str) -> None:
+    """MAN-3, LAYOUT-1: sync refuses what a reader refuses, instead of publishing it at the
+    destination as a run that verifies there."""
+    run_id = src.run_ids()[0]
+    run = Path(src.url) / run_id
+    rev = sorted((run / "_manifests").glob("*.json"))[-1]
+    doc = json.loads(rev.read_bytes())
+    if damage == "revision number":
+        rev.rename(rev.with_name(f"{doc['revision'] - 1:08d}.json.tmp"))
+        rev = rev.with_name(f"{doc['revision'] - 1:08d}.json")
+        rev.with_suffix(".json.tmp").replace(rev)
+    else:
+        doc["run_id"] = "20200101-000000000-00000000"
+        rev.write_bytes(json.dumps(doc).encode())
+    report = sync(src.url, str(tmp_path / "dst"))
+    [bad] = [r for r in report.runs if r.run_id == run_id]
+    assert bad.action == "error"
+    assert ("MAN-3" if damage == "revision number" else "LAYOUT-1") in bad.message
+    assert not (tmp_path / "dst" / run_id).exists()

@@ -174,7 +174,11 @@ def print_json(value: Any) -> None:
     """Write one JSON document to stdout."""
     import json
 
-    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+    try:
+        text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    except RecursionError:
+        fail("a value nests too deep to print (REC-3, MAN-1): run `runfmt verify` on its run")
+    sys.stdout.write(text + "\n")
 
 
 def store_index(ctx: typer.Context) -> "Index":

@@ -140,7 +140,7 @@ def cat(
 
 
 def _write_records(out: Any, reader: "RunReader", stage: str, limit: int | None) -> None:
-    import orjson
+    from runfmt.format.records import line_of
 
     left = limit
     if left == 0:
@@ -148,7 +148,7 @@ def _write_records(out: Any, reader: "RunReader", stage: str, limit: int | None)
         return
     for batch in reader.record_batches(stage):
         records = batch if left is None else batch[:left]
-        out.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
+        out.write(b"".join(map(line_of, records)))
         if output_closed():
             return
         if left is not None:

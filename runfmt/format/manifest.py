@@ -16,6 +16,7 @@ from runfmt.errors import ConflictError, InvalidInputError, ManifestError, Unsup
 from runfmt.format import names
 from runfmt.format.keys import compute_key
 from runfmt.format.lineage import parse_parents
+from runfmt.format.records import MAX_DEPTH, too_deep
 from runfmt.format.schemas import schema_errors
 
 __all__ = [
@@ -53,6 +54,7 @@ MAX_INTEGER = 2**63 - 1
 _TIMESTAMPS = ("created_at", "updated_at", "finished_at", "heartbeat_at")
 UPGRADE_HINT = "upgrade runfmt to read this run"
 _MAX_INT_TEXT = 320
+_TOO_DEEP = f"objects and arrays nest more than {MAX_DEPTH} levels deep (MAN-1)"
 """More characters than the longest integer finite as a double (309 digits and a sign)."""
 
 
@@ -267,6 +269,10 @@ def parse_json(data: bytes) -> Any:
         raise ManifestError(f"not UTF-8: {exc} (MAN-1)") from None
     except json.JSONDecodeError as exc:  # orjson's is one too
         raise ManifestError(f"not valid JSON: {exc} (MAN-1)") from None
+    except RecursionError:
+        raise ManifestError(_TOO_DEEP) from None
+    if data.count(b"{") + data.count(b"[") > MAX_DEPTH and too_deep(doc):
+        raise ManifestError(_TOO_DEEP)
     return doc
 
 

@@ -15,15 +15,19 @@ from runfmt.errors import InvalidInputError, StageFileError
 
 __all__ = [
     "ERROR_FIELD",
+    "MAX_DEPTH",
     "PARENTS_FIELD",
     "Record",
     "decode_lines",
     "encode_many",
     "encode_record",
     "encode_records",
+    "first_too_deep",
     "is_failure",
     "is_key",
+    "line_of",
     "record_key",
+    "too_deep",
 ]
 
 Record = dict[str, Any]
@@ -31,6 +35,9 @@ ERROR_FIELD = "_error"
 """A record whose ``_error`` member is present and not null marks a failure (REC-5)."""
 PARENTS_FIELD = "_parents"
 MAX_KEY_LENGTH = 1024
+MAX_DEPTH = 254
+"""How deep objects and arrays may nest in a record or manifest, counting the outermost
+(REC-3, MAN-1): as deep as orjson writes."""
 _OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _SCALARS = frozenset((str, int, bool, type(None)))
 _FLAT = _SCALARS | {float}
@@ -191,6 +198,47 @@ def _all_finite_nested(value: Any) -> bool:
         elif kind not in _SCALARS:
             return False
     return True
+
+
+def too_deep(value: Any) -> bool:
+    """Whether ``value``'s objects and arrays nest more than `MAX_DEPTH` levels deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        inner = item.values() if type(item) is dict else item if type(item) is list else ()
+        stack.extend((v, depth + 1) for v in inner if type(v) is dict or type(v) is list)
+    return False
+
+
+def first_too_deep(payload: bytes, records: list[Record]) -> int | None:
+    """The 1-based line of the first of ``records`` (decoded from ``payload``) that
+    `too_deep` refuses; lines too short to nest that deep are not looked into."""
+    shortest = 2 * MAX_DEPTH + 2
+    lines = payload.split(b"\n")
+    if max(map(len, lines)) < shortest:
+        return None
+    for n, (line, record) in enumerate(zip(lines, records, strict=False), 1):
+        if (
+            len(line) >= shortest
+            and line.count(b"{") + line.count(b"[") > MAX_DEPTH
+            and too_deep(record)
+        ):
+            return n
+    return None
+
+
+def line_of(record: Record) -> bytes:
+    """A record read from a stage file as a compact JSON line again; `StageFileError` for
+    one nested deeper than readers must take (REC-3), which orjson refuses to write."""
+    try:
+        return orjson.dumps(record) + b"\n"
+    except TypeError:
+        raise StageFileError(
+            f"a record nests objects and arrays more than {MAX_DEPTH} levels deep (REC-3)",
+            hint="run `runfmt verify` on the run: no conforming writer wrote it",
+        ) from None
 
 
 def encode_records(records: Iterable[Mapping[str, Any]], key_field: str | None = None) -> bytes:

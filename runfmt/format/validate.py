@@ -22,7 +22,14 @@ from runfmt.format.manifest import (
     check_compatible,
     parse_timestamp,
 )
-from runfmt.format.records import MAX_KEY_LENGTH, decode_lines, is_failure, is_key
+from runfmt.format.records import (
+    MAX_DEPTH,
+    MAX_KEY_LENGTH,
+    decode_lines,
+    first_too_deep,
+    is_failure,
+    is_key,
+)
 from runfmt.format.schemas import schema_errors
 
 __all__ = [
@@ -151,6 +158,11 @@ class FileCheck:
             at = _LINE.match(exc.problem)  # the frame's line: the problem names the file's
             line = None if at is None else self._records + int(at[1])
             self._fail(*cited_rule(exc.problem[at.end() if at else 0 :], "REC-1"), line)
+            return
+        deep = first_too_deep(frame.content, records)
+        if deep is not None:
+            what = f"nests objects and arrays more than {MAX_DEPTH} levels deep"
+            self._fail(what, "REC-3", self._records + deep)
             return
         key_field = self.stage.key_field
         if key_field is not None:
