@@ -571,7 +571,9 @@ def import_run(
     except FileNotFoundError:
         raise InvalidInputError(f"{path}: no such file") from None
     except tarfile.TarError as exc:
-        raise FormatError(f"not a tar archive: {exc}", location=path) from None
+        first = str(exc).splitlines()[0].rstrip(":")
+        raise FormatError(f"not a tar archive ({first})", location=path,
+                          hint="give a file that `runfmt export` wrote") from None  # fmt: skip
     with tar:
         try:
             archive = _Archive(path, tar)

@@ -93,9 +93,6 @@ def printable(text: str) -> str:
 
 
 def format_number(value: float) -> str:
-    """A counter's value, exact: up to 15 significant digits when they give the same float
-    back, else its shortest round-trip form (two different values never look the same)."""
-    if not isinstance(value, float):
-        return str(value)
-    short = f"{value:.15g}"
-    return short if float(short) == value else repr(value)
+    """A counter's value: an integer whole, a float to 15 significant digits (a sum of
+    floats' last digits are noise: 0.0007959, not 0.0007958999999999998)."""
+    return f"{value:.15g}" if isinstance(value, float) else str(value)

@@ -766,3 +766,24 @@ def test_a_command_is_built_alone_and_usage_stays_whole(
     assert (code, "Did you mean 'ls'" in err) == (2, True)
     code, out, _ = run_main(["--store", str(tmp_path), "ls", "--json"], monkeypatch, capsys)
     assert (code, json.loads(out)) == (0, [])
+
+
+def test_messages_name_what_was_wrong(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A malformed -o names the option; a file that is no tar says so on one line; the demo
+    on a memory:// store offers no next command, as the store ends with the process."""
+    said = CliRunner().invoke(app, ["-o", "foo", "ls"])
+    assert said.exit_code == 2
+    assert "'-o' / '--storage-option': expected KEY=VALUE" in said.output
+    bogus = tmp_path / "bogus.tar"
+    bogus.write_text("not a tar")
+    code, _, err = run_main(["--store", str(tmp_path / "runs"), "import", str(bogus)],
+                            monkeypatch, capsys)  # fmt: skip
+    assert code == 1
+    assert "not a tar archive" in err
+    assert "\\n" not in err
+    said = invoke("memory://demo-next", "demo", "--items", "3")
+    assert said.exit_code == 0
+    assert "next:" not in said.stdout
+    assert "memory:// store ends with this process" in said.stdout

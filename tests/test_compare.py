@@ -138,6 +138,24 @@ def test_diff_shows_what_tells_two_values_apart(store: Store, cli: Cli) -> None:
     assert "tokens=2500004" in out
 
 
+def test_counters_show_15_digits_and_diff_the_exact_form_only_to_tell_them_apart(
+    store: Store, cli: Cli
+) -> None:
+    """A float sum's last bits are noise (0.0014999999999999998 is 0.0015); two values
+    that 15 digits show alike are shown exactly, side by side."""
+    ids = []
+    for deltas in ([0.0003] * 5, [0.0015]):
+        with store.create_run("noise") as w:
+            for delta in deltas:
+                w.count("cost_usd", delta)
+        ids.append(w.run_id)
+    assert store.open_run(ids[0]).manifest.counters["cost_usd"] == 0.0014999999999999998
+    assert "cost_usd=0.0015\n" in cli(store, "show", ids[0])[1]
+    out = cli(store, "diff", *ids)[1]
+    assert "0.0014999999999999998" in out
+    assert "0.0015" in out
+
+
 def test_diff_by_folder_path(store: Store, pair: tuple[str, str], cli: Cli) -> None:
     code, out, _ = cli(
         "/nonexistent-store", "diff", store.storage.where(pair[0]), store.storage.where(pair[0])

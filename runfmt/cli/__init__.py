@@ -104,7 +104,10 @@ def _parse_options(values: list[str]) -> dict[str, Any]:
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter("expected KEY=VALUE (the value is not shown)")
+            raise typer.BadParameter(
+                "expected KEY=VALUE (the value is not shown)",
+                param_hint="'-o' / '--storage-option'",
+            )
         try:
             options[key] = json.loads(raw)
         except json.JSONDecodeError:

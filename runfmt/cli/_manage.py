@@ -47,8 +47,11 @@ def _show(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _counter(value: float | None) -> str:
-    return "" if value is None else format_number(value)
+def _counters(a: float | None, b: float | None) -> list[str]:
+    """Two runs' values of a counter, in their shortest exact form when 15 digits show
+    two different values alike."""
+    shown = ["" if v is None else format_number(v) for v in (a, b)]
+    return [repr(a), repr(b)] if a != b and shown[0] == shown[1] else shown
 
 
 @app.command()
@@ -86,7 +89,7 @@ def _print_diff(d: "RunDiff") -> None:
     if d.counters:
         echo()
         echo("counters:")
-        rows = [[k, _counter(a), _counter(b)] for k, (a, b) in d.counters.items()]
+        rows = [[k, *_counters(a, b)] for k, (a, b) in d.counters.items()]
         table(["  counter", "A", "B"], [["  " + r[0], *r[1:]] for r in rows], {1, 2})
     if d.stages:
         echo()

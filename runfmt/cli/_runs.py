@@ -60,10 +60,11 @@ def demo(
     sys.stdout.write(f"wrote run {result.run_id} to {store.url}\n\n")
     _print_summary(run_summary(store.open_run(result.run_id)))
     global_options, masked = _global_options(state(ctx))
-    sys.stdout.write(
-        f"\nreused {result.reused} of {result.total} results from earlier runs\n"
-        f"next: runfmt {global_options}cat {result.run_id} score | head -3\n"
-    )
+    sys.stdout.write(f"\nreused {result.reused} of {result.total} results from earlier runs\n")
+    if store.storage.protocol == "memory":
+        sys.stdout.write("(a memory:// store ends with this process: nothing to read next)\n")
+        return
+    sys.stdout.write(f"next: runfmt {global_options}cat {result.run_id} score | head -3\n")
     if masked:
         sys.stdout.write("(*** stands for the value you gave: secrets are not printed)\n")
 
@@ -499,7 +500,8 @@ def _print_summary(s: Mapping[str, Any]) -> None:
 def _status_text(s: Mapping[str, Any]) -> str:
     text = str(s["health"])
     if s["health"] == "abandoned":
-        text += " (status running, but no heartbeat for over 5 minutes: resume or repair it)"
+        text += (" (status running, but no heartbeat for over 5 minutes: its writer died; "
+                 "resume it to continue, e.g. store.resume_run(run_id))")  # fmt: skip
     if s["completed_through_stage"]:
         text += f" (through stage {s['completed_through_stage']})"
     return text
