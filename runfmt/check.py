@@ -108,10 +108,11 @@ def _problems(
         problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
     current = _read_optional(run, names.MANIFEST_FILE)
     copy = _judge_copy(run, current, manifest_bytes, manifest.revision)
-    if copy == "stale" and not live:  # a live writer replaces the copy next
-        what = "is missing" if current is None else "differs from the newest revision"
-        what += " (a crash leaves it so, as does a sync cut short: run that sync again)"
-        problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
+    if copy == "stale":
+        if not live:  # a live writer replaces the copy next
+            what = "is missing" if current is None else "differs from the newest revision"
+            what += " (a crash leaves it so, as does a sync cut short: run that sync again)"
+            problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
     elif copy != "same":
         problems.append(_copy_damage(copy, manifest.revision))
     if copy == "damaged revision" and current is not None:  # the run as repair restores it
@@ -409,7 +410,7 @@ def repair_run(
             report.left.append(_copy_damage(state, manifest.revision))
             return report
         if state == "damaged revision" and copy is not None:
-            rel = names.revision_file(decode_manifest(copy).revision)
+            rel = names.revision_file(manifest.revision)
             run.write_atomic(rel, copy)
             report.actions.append(f"{rel}: rewritten from manifest.json, which SHA256SUMS "
                                   "vouches for")  # fmt: skip
@@ -570,13 +571,13 @@ def _judge_copy(run: Storage, copy: bytes | None, newest: bytes, revision: int) 
     """How ``manifest.json`` (``copy``) stands beside the newest revision (``newest``).
 
     A crash leaves it *stale*: missing, no manifest (empty after a power loss) or an older
-    revision (COMMIT-7). Other bytes of the same or a later revision are damage to one of
-    the two: ``SHA256SUMS`` tells which when it lists bytes of one of them (COMMIT-14).
+    revision (COMMIT-7); a copy of the folder taken while a writer committed, a later
+    one. Other bytes of the same revision are damage to one of the two: ``SHA256SUMS``
+    tells which when it lists bytes of one of them (COMMIT-14).
     """
     if copy == newest:
         return "same"
-    held = None if copy is None else _revision_in(copy)
-    if copy is None or held is None or held < revision:
+    if copy is None or _revision_in(copy) != revision:
         return "stale"
     try:
         vouched = parse_sums(run.read(names.SUMS_FILE).decode()).get(names.MANIFEST_FILE)
@@ -599,7 +600,7 @@ def _copy_damage(state: CopyState, revision: int) -> Problem:
         what = f"holds other bytes than {rel}, which SHA256SUMS vouches for: it was changed"
         return Problem(names.MANIFEST_FILE, what, "COMMIT-14", repairable=True)
     what = (
-        f"holds revision {revision} or later with other bytes than {rel}: one of the two was "
+        f"holds revision {revision} with other bytes than {rel}: one of the two was "
         "changed (no crash does this); compare them and put the right one in both places"
     )
     return Problem(names.MANIFEST_FILE, what, "COMMIT-14")

@@ -272,7 +272,7 @@ def test_demo_next_command_names_the_store(
     assert code == 0
     run_id = out.split()[2]
     assert out.splitlines()[-1] == f"next: runfmt -s '{root}' cat {run_id} score | head -3"
-    url = "memory://d24-demo/runs"
+    url = str(tmp_path / "secret")
     args = ["-s", url, "-o", "secret_key=hunter2", "-o", "endpoint_url=http://x", "demo"]
     code, out, _ = run_main([*args, "--items", "3"], monkeypatch, capsys)
     assert code == 0
