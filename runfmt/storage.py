@@ -197,6 +197,7 @@ class Storage:
         options = as_dict("storage_options", storage_options)
         check_url(str(url))
         self._secrets = _secrets(options, str(url))
+        self._options = options
         with _translate(_redact(str(url), self._secrets), self._secrets):
             fs, root = url_to_fs(str(url), **options)
         self.fs: fsspec.AbstractFileSystem = fs
@@ -234,19 +235,22 @@ class Storage:
         """A `Storage` rooted at ``rel`` below this one, sharing the filesystem."""
         new = object.__new__(Storage)
         new.fs, new.protocol, new.is_local = self.fs, self.protocol, self.is_local
-        new._secrets, new.single_writer = self._secrets, self.single_writer
+        new._secrets, new._options = self._secrets, self._options
+        new.single_writer = self.single_writer
         new._set_root(self.path(rel))
         new.read_only = self.read_only if read_only is None else read_only
         return new
 
     def at(self, url: str, *, read_only: bool | None = None) -> Storage:
         """A `Storage` for another URL: on this filesystem (and its options) when the scheme
-        matches, else a new one with no options."""
+        matches; else a new one, with this one's options when this one is local (a local
+        folder takes none: they were given for the other location, as ``-o`` is), else none."""
         scheme = url.split("://", 1)[0] if "://" in url else "file"
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
         ro = self.read_only if read_only is None else read_only
         if scheme not in protocols or self.is_local:
-            return Storage(url, None, read_only=ro, single_writer=self.single_writer)
+            options = self._options if self.is_local else None
+            return Storage(url, options, read_only=ro, single_writer=self.single_writer)
         new = self.child("", read_only=ro)
         new._set_root(str(self.fs._strip_protocol(url)).rstrip("/"))
         return new

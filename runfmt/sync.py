@@ -379,7 +379,7 @@ class _Engine:
             check_first = size == nbytes and not self.force
             plan.copies.append(_Copy(path, nbytes, sha, check_first, manifest.finished))
         plan.dropped = sorted(set(listed_old) - set(wanted))
-        if plan.forced or not plan.dst_revisions:
+        if plan.forced or plan.checked or not plan.dst_revisions:
             plan.debris = sorted(
                 p
                 for p in files
@@ -390,9 +390,12 @@ class _Engine:
         plan.result.files = len(plan.copies)
         plan.result.bytes = sum(c.nbytes for c in plan.copies)
         if plan.checked:
-            plan.result.action = "update" if plan.copies else "same"
-            if plan.copies:
-                plan.result.message = f"DST had {len(plan.copies)} damaged or missing files"
+            plan.result.action = "update" if plan.copies or plan.debris else "same"
+            if plan.copies or plan.debris:
+                plan.result.message = (
+                    f"DST had {len(plan.copies)} damaged or missing files and "
+                    f"{len(plan.debris)} that SRC does not list"
+                )
         if plan.result.action == "update" and not plan.copies:
             plan.result.message = "manifest only"
         return plan

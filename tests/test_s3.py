@@ -338,3 +338,25 @@ def test_sync_into_a_missing_bucket_says_so_once(
     with pytest.raises(StorageError, match="the destination's bucket does not exist") as e:
         sync(src.url, "s3://no-such-bucket-runfmt/runs", dst_options=s3_options)
     assert e.value.location == "s3://no-such-bucket-runfmt/runs"
+
+
+def test_a_run_url_read_from_a_local_store_takes_its_storage_options(
+    s3_url: str,
+    s3_options: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`runfmt -o endpoint_url=... show s3://bucket/runs/RUN` with the default local store:
+    the options are for that URL (not silently dropped, which would reach another
+    endpoint), as they are for sync."""
+    with Store(s3_url, s3_options).create_run("remote") as w:
+        w.append("score", {"i": 1})
+    url = f"{s3_url}/{w.run_id}"
+    reader = Store(tmp_path / "runs", s3_options).open_run(url)
+    assert [r["i"] for r in reader.records("score")] == [1]
+    opts = [f"-o{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in s3_options.items()]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main([*opts, "show", url], monkeypatch, capsys)
+    assert code == 0, err
+    assert w.run_id in out

@@ -126,13 +126,16 @@ def test_force_copies_again_what_is_damaged_or_missing_in_dst(src: Store, tmp_pa
     (Path(dst.url) / run_id / gen).unlink()
     damaged = Path(dst.url) / run_id / score
     damaged.write_bytes(damaged.read_bytes()[:-1] + b"\0")
+    stray = Path(dst.url) / run_id / "stages" / "gen" / "part-000001-0badbeef.jsonl.zst"
+    stray.write_bytes(b"left by a killed sync")
     assert sync(src.url, dst.url).count("same") == 3
     for dry_run in (True, False):
         forced = sync(src.url, dst.url, force=True, dry_run=dry_run)
         (healed,) = [r for r in forced.runs if r.action == "update"]
         assert (healed.run_id, healed.files) == (run_id, 2)
-        assert healed.message == "DST had 2 damaged or missing files"
+        assert healed.message == "DST had 2 damaged or missing files and 1 that SRC does not list"
         assert forced.count("same") == 2
+    assert not stray.exists()
     _same_runs(src, dst)
     assert sync(src.url, dst.url, force=True, dry_run=True).count("same") == 3
 

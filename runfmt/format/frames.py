@@ -19,6 +19,7 @@ import orjson
 import zstandard
 
 from runfmt.errors import StageFileError
+from runfmt.format.checksum import sha256_hex
 from runfmt.format.manifest import LABEL
 from runfmt.format.records import Record, decode_lines
 
@@ -88,21 +89,27 @@ def encode_header(header: Header) -> bytes:
 
 
 def encode_counters(counters: dict[str, float | int]) -> bytes:
-    """The skippable frame carrying counter deltas as ``{"counters": {...}}`` (FRAME-6)."""
+    """The skippable frame carrying counter deltas: ``{"counters": {...}}``, a line feed and
+    the hex sha256 of that JSON text (FRAME-6)."""
     try:
-        body = orjson.dumps({"counters": counters})
+        text = orjson.dumps({"counters": counters})
     except orjson.JSONEncodeError as exc:  # an integer delta beyond 64 bits
         raise StageFileError(f"counter deltas cannot be written in a frame: {exc}") from None
+    body = text + b"\n" + sha256_hex(text).encode()
     if len(body) > MAX_HEADER_SIZE:
         raise StageFileError(f"counter frame is {len(body)} bytes, over {MAX_HEADER_SIZE}")
     return struct.pack("<II", COUNTERS_MAGIC, len(body)) + body
 
 
 def decode_counters(body: bytes) -> dict[str, float | int]:
-    """The deltas of a counter frame's body; `StageFileError` unless it is an object whose
-    only member ``counters`` maps counter names to finite numbers (FRAME-6)."""
+    """The deltas of a counter frame's body; `StageFileError` unless its JSON text matches
+    the sha256 after it and is an object whose only member ``counters`` maps counter names
+    to finite numbers (FRAME-6)."""
+    text, _, digest = body.rpartition(b"\n")
+    if digest != sha256_hex(text).encode():
+        raise StageFileError("counter frame's sha256 does not match its JSON text (FRAME-6)")
     try:
-        doc = orjson.loads(body)
+        doc = orjson.loads(text)
     except orjson.JSONDecodeError:
         doc = None
     counters = doc.get("counters") if isinstance(doc, dict) and len(doc) == 1 else None

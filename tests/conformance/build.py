@@ -116,9 +116,9 @@ def valid_cases() -> list[Case]:
     c.file(
         "generate",
         [
-            skippable(b'{"counters":{"tokens":7,"cost_usd":0.5}}', COUNTERS_MAGIC),
+            counter_frame(b'{"counters":{"tokens":7,"cost_usd":0.5}}'),
             [{"i": 0}],
-            skippable(b'{"counters":{"tokens":3}}', COUNTERS_MAGIC),
+            counter_frame(b'{"counters":{"tokens":3}}'),
             [{"i": 1}],
         ],
     )

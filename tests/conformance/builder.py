@@ -19,7 +19,7 @@ from typing import Any
 from runfmt.check import repair_run, verify_run
 from runfmt.conformance import normalized_view
 from runfmt.format.checksum import format_sums
-from runfmt.format.frames import PREFIX, FrameEncoder
+from runfmt.format.frames import COUNTERS_MAGIC, PREFIX, FrameEncoder
 from runfmt.format.keys import compute_key
 from runfmt.format.records import encode_record
 from runfmt.storage import Storage
@@ -56,6 +56,11 @@ def raw_frame(content: bytes, window_log: int = 17, dict_id: int | None = None) 
 
 def skippable(payload: bytes, magic: int = 0x184D2A5B) -> bytes:
     return struct.pack("<II", magic, len(payload)) + payload
+
+
+def counter_frame(text: bytes) -> bytes:
+    """A counter frame (FRAME-6) made with hashlib: the JSON text, a line feed, its sha256."""
+    return skippable(text + b"\n" + hashlib.sha256(text).hexdigest().encode(), COUNTERS_MAGIC)
 
 
 def header_frame(header: dict[str, Any], magic: int = HEADER_MAGIC) -> bytes:

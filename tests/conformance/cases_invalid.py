@@ -677,9 +677,9 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     path = c.doc["stages"][0]["files"][0]["path"]
     c.doc["counters"] = {"tokens": 5}
     c.files[path] += (
-        skippable(b'{"counters":{"tokens":7,"cost_usd":0.25}}', COUNTERS_MAGIC)
+        counter_frame(b'{"counters":{"tokens":7,"cost_usd":0.25}}')
         + data_frame([GEN[2]])
-        + skippable(b'{"counters":{"tokens":100}}', COUNTERS_MAGIC)
+        + counter_frame(b'{"counters":{"tokens":100}}')
         + data_frame([{"key": "k1:q4", "late": True}])[:-5]
     )
     c = add(
