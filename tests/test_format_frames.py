@@ -3,6 +3,7 @@ that does not fall on a frame boundary is reported."""
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import pytest
@@ -306,12 +307,24 @@ def test_counter_frames_round_trip_wherever_the_input_is_split(
     ],
 )
 def test_a_counter_frame_not_as_frame_6_says_is_an_error(body: bytes) -> None:
+    body += b"\n" + hashlib.sha256(body).hexdigest().encode()
     with pytest.raises(StageFileError, match="FRAME-6"):
         decode_counters(body)
     frame = struct.pack("<II", COUNTERS_MAGIC, len(body)) + body
     decoder = FrameDecoder(counters=True)
     with pytest.raises(StageFileError):
         decoder.feed(PREFIX + encode_header(HEADER) + frame)
+
+
+@pytest.mark.parametrize("at", range(0, 80, 7))
+def test_a_changed_byte_in_a_counter_frame_is_detected(at: int) -> None:
+    """FRAME-6: the sha256 after the JSON text catches what the zstd frame checksum does
+    for data frames: a flipped digit would otherwise be salvaged as a genuine delta."""
+    body = bytearray(encode_counters({"tokens": 5, "cost_usd": 0.25})[8:])
+    assert decode_counters(bytes(body)) == {"tokens": 5, "cost_usd": 0.25}
+    body[at % len(body)] ^= 0x02
+    with pytest.raises(StageFileError, match="FRAME-6"):
+        decode_counters(bytes(body))
 
 
 def test_a_counter_frame_is_bounded_in_size() -> None:

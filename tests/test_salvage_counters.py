@@ -55,8 +55,9 @@ def test_a_flush_writes_its_deltas_once_before_its_last_data_frame(store: Store)
     w.flush()
     assert frames_of(stage_file(w, "generate"))[1] == []
     data_starts, counter_frames = frames_of(stage_file(w, "score"))
-    assert counter_frames == [(data_starts[0] - len(b'{"counters":{"tokens":30,"cost":0.5}}') - 8,
-                               {"tokens": 30, "cost": 0.5})]  # fmt: skip
+    text = b'{"counters":{"tokens":30,"cost":0.5}}'
+    size = 8 + len(text) + 1 + 64  # magic, size, JSON text, a line feed, its sha256
+    assert counter_frames == [(data_starts[0] - size, {"tokens": 30, "cost": 0.5})]
     assert len(data_starts) == 3
     assert w.finish().counters == {"tokens": 31, "cost": 0.5}
     assert verify_run(w.storage) == []
@@ -121,6 +122,32 @@ def test_a_counter_frame_before_a_torn_data_frame_is_cut_with_it(
     assert report.salvaged_records == 1
     reader = store.open_run(w.run_id)
     assert reader.manifest.counters == {"tokens": 7}
+    assert list(reader.records("generate")) == [{"i": 0}]
+    assert verify_run(w.storage) == []
+
+
+def test_a_changed_counter_frame_is_not_salvaged_as_genuine(
+    store: Store, flush_without_commit: Callable[[RunWriter], None]
+) -> None:
+    """FRAME-6: a flipped digit in an uncommitted counter frame breaks its sha256, so
+    salvage keeps what comes before it, as it does before a torn frame."""
+    w = store.create_run("flipped", **QUIET)
+    w.append("generate", {"i": 0})
+    w.count("n", 5)
+    w.flush()
+    w.append("generate", {"i": 1})
+    w.count("n", 5)
+    flush_without_commit(w)
+    w.discard()
+    path = stage_file(w, "generate")
+    data = bytearray(path.read_bytes())
+    at = data.rindex(b'"n":5}') + 4
+    data[at] ^= 0x02  # 5 -> 7
+    path.write_bytes(bytes(data))
+    report = repair_run(w.storage)
+    assert report.salvaged_records == 0
+    reader = store.open_run(w.run_id)
+    assert reader.manifest.counters == {"n": 5}
     assert list(reader.records("generate")) == [{"i": 0}]
     assert verify_run(w.storage) == []
 

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from runfmt.format.frames import COUNTERS_MAGIC
 from runfmt.format.keys import compute_key
 from runfmt.store import Store
 from tests.conformance.build_lifecycle import lifecycle_cases
@@ -25,6 +24,7 @@ from tests.conformance.builder import (
     T0,
     Case,
     base,
+    counter_frame,
     finish_case,
     put_file,
     running,

@@ -10,7 +10,7 @@ from typing import Any
 
 import zstandard
 
-from runfmt.format.frames import COUNTERS_MAGIC, PREFIX
+from runfmt.format.frames import PREFIX
 from runfmt.format.keys import compute_key
 from tests.conformance.builder import (
     ENCODER,
@@ -18,6 +18,7 @@ from tests.conformance.builder import (
     HEADER_MAGIC,
     Case,
     base,
+    counter_frame,
     data_frame,
     flip,
     raw_frame,
