@@ -538,7 +538,7 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
         except FormatError as exc:
             rel = names.revision_file(rev)
             copy = _read_optional(run, names.MANIFEST_FILE) if rev == revs[-1] else None
-            if copy is not None and _holds_revision(copy, rev):
+            if copy is not None and _revision_in(copy) == rev:
                 run.write_atomic(rel, copy)
                 report.actions.append(f"{rel}: unreadable ({exc.problem}); rewritten from "
                                       "manifest.json, its copy")  # fmt: skip
@@ -552,10 +552,6 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
     return load_manifest(run)
 
 
-def _holds_revision(data: bytes, revision: int) -> bool:
-    return _revision_in(data) == revision
-
-
 def _revision_in(data: bytes) -> int | None:
     """The revision number of a manifest's bytes; None when they hold no valid manifest."""
     try:
@@ -564,10 +560,10 @@ def _revision_in(data: bytes) -> int | None:
         return None
 
 
-CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diverged"]
+_CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diverged"]
 
 
-def _judge_copy(run: Storage, copy: bytes | None, newest: bytes, revision: int) -> CopyState:
+def _judge_copy(run: Storage, copy: bytes | None, newest: bytes, revision: int) -> _CopyState:
     """How ``manifest.json`` (``copy``) stands beside the newest revision (``newest``).
 
     A crash leaves it *stale*: missing, no manifest (empty after a power loss) or an older
@@ -590,7 +586,7 @@ def _judge_copy(run: Storage, copy: bytes | None, newest: bytes, revision: int) 
     return "diverged"
 
 
-def _copy_damage(state: CopyState, revision: int) -> Problem:
+def _copy_damage(state: _CopyState, revision: int) -> Problem:
     """The problem `_judge_copy` found, when no crash leaves it."""
     rel = names.revision_file(revision)
     if state == "damaged revision":

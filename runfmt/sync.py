@@ -208,7 +208,7 @@ def sync(
     pairs: list[tuple[str, Storage, Storage]]
     one_run = _is_run(source)
     run_id = _run_id_of(source) if one_run else ""
-    here = one_run and target.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] == run_id
+    here = one_run and _name(target) == run_id
     if one_run:
         if delete:
             raise InvalidInputError("--delete needs a store as SRC, not one run",
@@ -254,7 +254,12 @@ def _run_id_of(run: Storage) -> str:
     except RunNotFoundError:
         raise
     except FormatError:
-        return run.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1]
+        return _name(run)
+
+
+def _name(storage: Storage) -> str:
+    """The last segment of a location: a run folder's name."""
+    return storage.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1]
 
 
 def _check_apart(source: Storage, target: Storage) -> None:
@@ -396,7 +401,7 @@ class _Engine:
                     f"DST had {len(plan.copies)} damaged or missing files and "
                     f"{len(plan.debris)} that SRC does not list"
                 )
-        if plan.result.action == "update" and not plan.copies:
+        if plan.result.action == "update" and not plan.copies and not plan.checked:
             plan.result.message = "manifest only"
         return plan
 

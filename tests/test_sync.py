@@ -136,6 +136,11 @@ def test_force_copies_again_what_is_damaged_or_missing_in_dst(src: Store, tmp_pa
         assert healed.message == "DST had 2 damaged or missing files and 1 that SRC does not list"
         assert forced.count("same") == 2
     assert not stray.exists()
+    stray.write_bytes(b"left by another killed sync")
+    (healed,) = [r for r in sync(src.url, dst.url, force=True).runs if r.action == "update"]
+    assert (healed.files, healed.message) == (0, "DST had 0 damaged or missing files and 1 "
+                                              "that SRC does not list")  # fmt: skip
+    assert not stray.exists()
     _same_runs(src, dst)
     assert sync(src.url, dst.url, force=True, dry_run=True).count("same") == 3
 

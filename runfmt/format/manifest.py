@@ -54,8 +54,8 @@ MAX_INTEGER = 2**63 - 1
 _TIMESTAMPS = ("created_at", "updated_at", "finished_at", "heartbeat_at")
 UPGRADE_HINT = "upgrade runfmt to read this run"
 _MAX_INT_TEXT = 320
-_TOO_DEEP = f"objects and arrays nest more than {MAX_DEPTH} levels deep (MAN-1)"
 """More characters than the longest integer finite as a double (309 digits and a sign)."""
+_TOO_DEEP = f"objects and arrays nest more than {MAX_DEPTH} levels deep (MAN-1)"
 
 
 def parse_timestamp(text: str) -> datetime:
