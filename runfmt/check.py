@@ -107,14 +107,14 @@ def _problems(
     if misnamed is not None:
         problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
     current = _read_optional(run, names.MANIFEST_FILE)
-    copy = _judge_copy(run, current, manifest_bytes, manifest.revision)
+    copy, held = judge_copy(run, current, manifest_bytes, manifest.revision)
     if copy == "stale":
         if not live:  # a live writer replaces the copy next
             what = "is missing" if current is None else "differs from the newest revision"
             what += " (a crash leaves it so, as does a sync cut short: run that sync again)"
             problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
     elif copy != "same":
-        problems.append(_copy_damage(copy, manifest.revision))
+        problems.append(copy_damage(copy, manifest.revision, held))
     if copy == "damaged revision" and current is not None:  # the run as repair restores it
         manifest, manifest_bytes = decode_manifest(current), current
     files = run.walk()
@@ -404,13 +404,13 @@ def repair_run(
     with commit_lock(run, timeout=60.0):
         manifest = _newest_readable(run, report)
         copy = _read_optional(run, names.MANIFEST_FILE)
-        state = _judge_copy(run, copy, run.read(names.revision_file(manifest.revision)),
-                            manifest.revision)  # fmt: skip
+        state, held = judge_copy(run, copy, run.read(names.revision_file(manifest.revision)),
+                                  manifest.revision)  # fmt: skip
         if state == "diverged":
-            report.left.append(_copy_damage(state, manifest.revision))
+            report.left.append(copy_damage(state, manifest.revision, held))
             return report
-        if state == "damaged revision" and copy is not None:
-            rel = names.revision_file(manifest.revision)
+        if state == "damaged revision" and copy is not None and held is not None:
+            rel = names.revision_file(held)
             run.write_atomic(rel, copy)
             report.actions.append(f"{rel}: rewritten from manifest.json, which SHA256SUMS "
                                   "vouches for")  # fmt: skip
@@ -560,35 +560,46 @@ def _revision_in(data: bytes) -> int | None:
         return None
 
 
-_CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diverged"]
+CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diverged"]
 
 
-def _judge_copy(run: Storage, copy: bytes | None, newest: bytes, revision: int) -> _CopyState:
-    """How ``manifest.json`` (``copy``) stands beside the newest revision (``newest``).
+def judge_copy(
+    run: Storage, copy: bytes | None, newest: bytes, revision: int
+) -> tuple[CopyState, int | None]:
+    """How ``manifest.json`` (``copy``) stands beside the newest revision (``newest``), and
+    the revision the copy holds.
 
     A crash leaves it *stale*: missing, no manifest (empty after a power loss) or an older
     revision (COMMIT-7); a copy of the folder taken while a writer committed, a later
     one. Other bytes of the same revision are damage to one of the two: ``SHA256SUMS``
-    tells which when it lists bytes of one of them (COMMIT-14).
+    tells which when it lists bytes of one of them (COMMIT-14); a later revision that it
+    vouches for is one of the run's that is missing from ``_manifests/``.
     """
     if copy == newest:
-        return "same"
-    if copy is None or _revision_in(copy) != revision:
-        return "stale"
+        return "same", revision
+    held = None if copy is None else _revision_in(copy)
+    if copy is None or held is None or held < revision:
+        return "stale", held
     try:
         vouched = parse_sums(run.read(names.SUMS_FILE).decode()).get(names.MANIFEST_FILE)
     except (FileNotFoundError, UnicodeDecodeError, FormatError):
         vouched = None
     if vouched == sha256_hex(copy):
-        return "damaged revision"
+        return "damaged revision", held
+    if held > revision:
+        return "stale", held
     if vouched == sha256_hex(newest):
-        return "damaged copy"
-    return "diverged"
+        return "damaged copy", held
+    return "diverged", held
 
 
-def _copy_damage(state: _CopyState, revision: int) -> Problem:
-    """The problem `_judge_copy` found, when no crash leaves it."""
+def copy_damage(state: CopyState, revision: int, held: int | None) -> Problem:
+    """The problem `judge_copy` found, when no crash leaves it (``held``: the revision
+    ``manifest.json`` holds)."""
     rel = names.revision_file(revision)
+    if state == "damaged revision" and held is not None and held != revision:
+        what = "is missing: manifest.json, which SHA256SUMS vouches for, holds it"
+        return Problem(names.revision_file(held), what, "COMMIT-14", repairable=True)
     if state == "damaged revision":
         what = "differs from manifest.json, which SHA256SUMS vouches for: it was changed"
         return Problem(rel, what, "COMMIT-14", repairable=True)

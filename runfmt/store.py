@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Unpack
 from runfmt.errors import (
     FormatError,
     InvalidInputError,
+    ManifestError,
     ReadOnlyError,
     RunExistsError,
     RunNotFoundError,
@@ -269,7 +270,11 @@ class Store:
         if storage.read_only:
             raise ReadOnlyError("the store was opened read-only", location=storage.where())
         keep = storage.is_local or bool(being_written_by(storage))
-        repair_run(storage, salvage=salvage, artifacts="leave" if keep else "drop")
+        report = repair_run(storage, salvage=salvage, artifacts="leave" if keep else "drop")
+        for problem in report.left:
+            if problem.rule == "COMMIT-14":  # a commit would take a changed revision as true
+                raise ManifestError(str(problem), location=storage.where(),
+                                    hint="then resume the run again")  # fmt: skip
         writer = RunWriter(storage, load_manifest(storage), **writer_options)
         if writer.manifest.status != "running":
             writer._changes.status = "running"

@@ -161,6 +161,10 @@ def _location(where: str | Storage, options: dict[str, Any] | None, single_write
     return Storage(url, options, single_writer=single_writer)
 
 
+_DATA_DIRS = (names.STAGES_DIR + "/", names.ARTIFACTS_DIR + "/")
+"""Where a run's listed files are: what an interrupted sync leaves there is its debris."""
+
+
 class _NotARun(Exception):
     """The source folder holds no revision and no ``manifest.json``: a creation or a copy
     cut short before its first revision, which is no run (LAYOUT-2) and is not synced."""
@@ -255,6 +259,29 @@ def _run_id_of(run: Storage) -> str:
         raise
     except FormatError:
         return _name(run)
+
+
+def _refuse_damaged_copy(src: Storage, src_bytes: bytes, revision: int) -> None:
+    """Refuse a source whose ``manifest.json`` and newest revision disagree as no crash
+    leaves them (COMMIT-14): sync would publish a changed revision as intact."""
+    from runfmt.check import copy_damage, judge_copy
+
+    try:
+        copy: bytes | None = src.read(names.MANIFEST_FILE)
+    except FileNotFoundError:
+        copy = None
+    state, held = judge_copy(src, copy, src_bytes, revision)
+    if state not in ("same", "stale"):
+        problem = copy_damage(state, revision, held)
+        raise ManifestError(str(problem), location=src.where(),
+                            hint="run `runfmt repair` on SRC first")  # fmt: skip
+
+
+def _run_path(path: str) -> bool:
+    """Whether ``path`` is one a run folder holds (LAYOUT-3): what sync may write or delete."""
+    return path in (names.MANIFEST_FILE, names.SUMS_FILE) or path.startswith(
+        (names.MANIFESTS_DIR + "/", *_DATA_DIRS)
+    )
 
 
 def _name(storage: Storage) -> str:
@@ -359,6 +386,7 @@ class _Engine:
         if current == src_bytes and not self.force:
             plan.result.action = "same"
             return plan
+        _refuse_damaged_copy(src, src_bytes, manifest.revision)
         plan.checked = current == src_bytes
         files = dst.walk()
         plan.dst_revisions = sorted(
@@ -367,6 +395,14 @@ class _Engine:
             if p.startswith(names.MANIFESTS_DIR + "/")
             and (r := names.parse_revision_file(p.split("/", 1)[1])) is not None
         )
+        foreign = sorted(p for p in files if not _run_path(p))
+        if foreign and not plan.dst_revisions:
+            raise ConflictError(
+                f"DST holds no run but other files ({foreign[0]}, ...): a run copied there "
+                "would mix with them",
+                location=dst.where(),
+                hint="move them away, or sync to another folder",
+            )
         old = self._check_ancestry(plan, src, dst) if plan.dst_revisions else None
         if old is not None:
             plan.result.action = "update"
@@ -389,8 +425,7 @@ class _Engine:
                 p
                 for p in files
                 if p not in wanted
-                and p not in (names.MANIFEST_FILE, names.SUMS_FILE)
-                and not p.startswith(names.MANIFESTS_DIR + "/")
+                and p.startswith((names.STAGES_DIR + "/", names.ARTIFACTS_DIR + "/"))
             )
         plan.result.files = len(plan.copies)
         plan.result.bytes = sum(c.nbytes for c in plan.copies)

@@ -614,6 +614,25 @@ def test_a_revision_and_copy_that_differ_with_nothing_to_tell_are_left_alone(
     report = repair_run(Storage(str(counted_dir)))
     assert [p.rule for p in report.left] == ["COMMIT-14"]
     assert snapshot(counted_dir) == before
+    with pytest.raises(ManifestError, match="COMMIT-14"):
+        Store(counted_dir.parent).resume_run(counted_dir.name)
+    assert snapshot(counted_dir) == before
+
+
+def test_a_missing_newest_revision_is_restored_from_the_copy_sha256sums_vouches_for(
+    counted_dir: Path,
+) -> None:
+    """COMMIT-14: a finished run's final revision deleted, manifest.json (listed in
+    SHA256SUMS) still holding it: repair restores the revision instead of rewriting the
+    only intact copy from the revision before it."""
+    before = snapshot(counted_dir)
+    rev = newest_revision(counted_dir)
+    rev.unlink()
+    [problem] = verify_run(Storage(str(counted_dir)))
+    assert (problem.location, problem.rule) == (f"_manifests/{rev.name}", "COMMIT-14")
+    repair_run(Storage(str(counted_dir)))
+    assert snapshot(counted_dir) == before
+    assert verify_run(Storage(str(counted_dir))) == []
 
 
 @pytest.mark.parametrize(

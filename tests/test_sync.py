@@ -660,3 +660,36 @@ def test_a_run_that_readers_refuse_is_not_synced(src: Store, tmp_path: Path, dam
     assert bad.action == "error"
     assert ("MAN-3" if damage == "revision number" else "LAYOUT-1") in bad.message
     assert not (tmp_path / "dst" / run_id).exists()
+
+
+@pytest.mark.parametrize("one_run", [True, False])
+def test_a_destination_folder_holding_no_run_but_other_files_is_never_written(
+    src: Store, tmp_path: Path, one_run: bool
+) -> None:
+    """A folder named as the run that holds the user's files, and no run, is no debris of
+    an interrupted sync: nothing of it is deleted, and no run is mixed into it."""
+    run_id = src.run_ids()[0]
+    mine = tmp_path / "dst" / run_id / "notes" / "thesis.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("years of work")
+    report = sync(f"{src.url}/{run_id}" if one_run else src.url, str(tmp_path / "dst"))
+    [result] = [r for r in report.runs if r.run_id == run_id]
+    assert result.action == "conflict"
+    assert "holds no run but other files" in result.message
+    assert mine.read_text() == "years of work"
+    assert sorted(p.name for p in (tmp_path / "dst" / run_id).rglob("*")) == ["notes", "thesis.txt"]
+
+
+def test_a_source_whose_revision_and_copy_disagree_is_not_synced(
+    src: Store, tmp_path: Path
+) -> None:
+    """COMMIT-14: sync must not publish a changed revision as an intact run (with a new
+    SHA256SUMS that would vouch for it at DST)."""
+    run_id = src.run_ids()[0]
+    rev = sorted((Path(src.url) / run_id / "_manifests").glob("*.json"))[-1]
+    rev.write_bytes(rev.read_bytes().replace(b'"name": "run', b'"name": "xun'))
+    report = sync(src.url, str(tmp_path / "dst"))
+    [bad] = [r for r in report.runs if r.run_id == run_id]
+    assert bad.action == "error"
+    assert "COMMIT-14" in bad.message
+    assert not (tmp_path / "dst" / run_id).exists()
