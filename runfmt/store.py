@@ -73,6 +73,21 @@ def open_run(
     return RunReader(Storage(str(location), storage_options, read_only=read_only))
 
 
+def run_folder_around(path: str) -> str | None:
+    """The local run folder that ``path`` is (it holds ``_manifests/`` or ``manifest.json``)
+    or lies in (an ancestor holds ``_manifests/``), else None."""
+    here = os.path.abspath(path)
+    if any(
+        os.path.lexists(os.path.join(here, n)) for n in (names.MANIFESTS_DIR, names.MANIFEST_FILE)
+    ):
+        return here
+    while (parent := os.path.dirname(here)) != here:
+        here = parent
+        if os.path.isdir(os.path.join(here, names.MANIFESTS_DIR)):
+            return here
+    return None
+
+
 class Store:
     """Runs under one root: create, open, resume and list them.
 
@@ -97,12 +112,13 @@ class Store:
         if self.storage.is_local and os.path.lexists(root) and not os.path.isdir(root):
             hint = "give a folder as the store; it is made if missing"
             raise InvalidInputError("is a file, not a store folder", location=root, hint=hint)
-        markers = (names.MANIFESTS_DIR, names.MANIFEST_FILE)
-        if self.storage.is_local and any(os.path.lexists(os.path.join(root, n)) for n in markers):
+        run = run_folder_around(root) if self.storage.is_local else None
+        if run is not None:
             raise InvalidInputError(
-                "is a run folder, not a store: runs created here would land inside that run",
+                f"is {'a run folder' if run == root else 'inside the run folder ' + run}, not a "
+                "store: runs created here would land inside that run",
                 location=root,
-                hint="open the run with runfmt.open_run(path), or give its parent as the store",
+                hint="open the run with runfmt.open_run(path), or give another folder as the store",
             )
         self.read_only = read_only
 

@@ -42,6 +42,7 @@ from runfmt.run import (
     write_manifest_copy,
 )
 from runfmt.storage import Storage, check_url
+from runfmt.store import run_folder_around
 
 __all__ = ["Action", "RunResult", "SyncProgress", "SyncReport", "sync"]
 
@@ -225,11 +226,14 @@ def sync(
         pairs = [(i, source.child(i), target.child(i)) for i in ids]
     else:
         raise RunNotFoundError("no run or store here", location=source.where())
-    if not here and _is_run(target):
+    outer = os.path.dirname(target.root) if here else target.root
+    around = run_folder_around(outer) if target.is_local else None
+    if around is not None or (not here and _is_run(target)):
         raise InvalidInputError(
-            "the destination is a run folder, not a store: the copy would land inside that run",
+            "the destination is, or lies in, a run folder, not a store: the copy would land "
+            "inside that run",
             location=target.where(),
-            hint="give the store that holds it (its parent folder) as DST",
+            hint="give a store (a folder of runs) as DST",
         )
     engine = _Engine(dry_run, verify, force, workers, progress)
     report.runs = engine.run_all(pairs)

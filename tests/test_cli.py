@@ -439,7 +439,7 @@ def test_schema_lists_names_and_prints_each(tmp_path: Path) -> None:
         (
             ["--store", "{file}/runs", "demo", "--items", "3"],
             1,
-            ": Not a directory (NotADirectoryError)\n",
+            "is inside the run folder",
         ),
     ],
 )

@@ -327,6 +327,12 @@ def test_a_changed_byte_in_a_counter_frame_is_detected(at: int) -> None:
         decode_counters(bytes(body))
 
 
+def test_a_counter_frame_without_its_sha256_is_read_as_first_written() -> None:
+    """FRAME-6: content with no line feed is the JSON text alone (runs written before the
+    sha256 was added salvage their deltas as they did)."""
+    assert decode_counters(b'{"counters":{"tokens":5}}') == {"tokens": 5}
+
+
 def test_a_counter_frame_is_bounded_in_size() -> None:
     huge = {f"c{i}": i for i in range(MAX_HEADER_SIZE // 8)}
     with pytest.raises(StageFileError, match="counter frame"):

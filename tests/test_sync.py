@@ -613,7 +613,7 @@ def test_a_destination_that_is_a_run_folder_is_refused(
     host_id = _run(Store(host), 2, "host")
     before = {p: p.read_bytes() for p in (host / host_id).rglob("*") if p.is_file()}
     from_url = src.url if source == "store" else f"{src.url}/{src.run_ids()[0]}"
-    with pytest.raises(InvalidInputError, match="is a run folder, not a store"):
+    with pytest.raises(InvalidInputError, match="is, or lies in, a run folder"):
         sync(from_url, str(host / host_id))
     delete = ["--delete"] if source == "store" else []
     code, _, err = cli(src, "sync", from_url, str(host / host_id), *delete)
@@ -623,10 +623,20 @@ def test_a_destination_that_is_a_run_folder_is_refused(
     assert verify_run(Storage(str(host / host_id))) == []
 
 
-def test_a_run_folder_opened_as_a_store_is_refused(src: Store) -> None:
+@pytest.mark.parametrize("inside", ["", "/artifacts", "/stages/gen"])
+def test_a_run_folder_or_one_inside_it_is_refused_as_a_store(src: Store, inside: str) -> None:
     """Runs created there would land inside the run."""
-    with pytest.raises(InvalidInputError, match="is a run folder, not a store"):
-        Store(f"{src.url}/{src.run_ids()[0]}")
+    with pytest.raises(InvalidInputError, match="run folder"):
+        Store(f"{src.url}/{src.run_ids()[0]}{inside}")
+
+
+def test_a_folder_inside_a_run_is_refused_as_a_destination(src: Store, tmp_path: Path) -> None:
+    host = tmp_path / "other"
+    host_id = _run(Store(host), 2, "host")
+    before = {p: p.read_bytes() for p in (host / host_id).rglob("*") if p.is_file()}
+    with pytest.raises(InvalidInputError, match="lies in, a run folder"):
+        sync(f"{src.url}/{src.run_ids()[0]}", str(host / host_id / "artifacts"))
+    assert {p: p.read_bytes() for p in (host / host_id).rglob("*") if p.is_file()} == before
 
 
 def test_sha256sums_is_made_at_the_destination_not_copied(src: Store, tmp_path: Path) -> None:

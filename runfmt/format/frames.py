@@ -103,10 +103,13 @@ def encode_counters(counters: dict[str, float | int]) -> bytes:
 
 def decode_counters(body: bytes) -> dict[str, float | int]:
     """The deltas of a counter frame's body; `StageFileError` unless its JSON text matches
-    the sha256 after it and is an object whose only member ``counters`` maps counter names
-    to finite numbers (FRAME-6)."""
-    text, _, digest = body.rpartition(b"\n")
-    if digest != sha256_hex(text).encode():
+    the sha256 after it (a body with no line feed is JSON text alone, as written before
+    counter frames had one) and is an object whose only member ``counters`` maps counter
+    names to finite numbers (FRAME-6)."""
+    text, newline, digest = body.rpartition(b"\n")
+    if not newline:
+        text = body
+    elif digest != sha256_hex(text).encode():
         raise StageFileError("counter frame's sha256 does not match its JSON text (FRAME-6)")
     try:
         doc = orjson.loads(text)
