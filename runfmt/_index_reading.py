@@ -20,6 +20,7 @@ import orjson
 from runfmt._local import open_regular
 from runfmt.errors import FormatError, RunfmtError, RunNotFoundError, StageFileError
 from runfmt.format import names
+from runfmt.format.records import MAX_DEPTH, too_deep
 
 if TYPE_CHECKING:
     from runfmt.storage import Storage
@@ -442,6 +443,7 @@ def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
     try:
         doc = orjson.loads(data)
         _check(isinstance(doc, dict), "not an object")
+        _check(data.count(b"{") + data.count(b"[") <= MAX_DEPTH or not too_deep(doc), "depth")
         version = doc.get("format_version")
         _check(isinstance(version, str) and version.split(".")[0] == "1", "format version")
         _check(not doc.get("required_features"), "required features")

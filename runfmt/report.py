@@ -178,8 +178,9 @@ def build_report(
 
 
 def _number(value: float | None, digits: int) -> str:
-    """``digits`` decimals; under 1 in magnitude, as many as ``digits`` significant digits
-    take (a small cost or rate never shows as zero), in exponent form past 6 more."""
+    """``digits`` decimals, but no more digits in all than the 15 a float holds; under 1 in
+    magnitude, as many as ``digits`` significant digits take (a small cost or rate never
+    shows as zero), in exponent form past 6 more."""
     if value is None:
         return ""
     if isinstance(value, int):
@@ -187,6 +188,8 @@ def _number(value: float | None, digits: int) -> str:
     decimals = digits
     if 0 < abs(value) < 1:
         decimals = max(digits, 1) - 1 - math.floor(math.log10(abs(value)))
+    elif abs(value) >= 1 and math.isfinite(value):
+        decimals = max(0, min(digits, 14 - math.floor(math.log10(abs(value)))))
     if decimals > digits + 6:
         return f"{value:.{max(digits, 1)}g}"
     return f"{value:.{decimals}f}"

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from runfmt._local import NotAFileError
 from runfmt.errors import (
     ChecksumMismatchError,
     ConflictError,
@@ -538,6 +539,9 @@ class _Engine:
                     digest.update(chunk)
                     self._advance(len(chunk))
                     yield chunk
+            except NotAFileError:
+                raise FormatError("listed path is not a regular file (LAYOUT-3)",
+                                  location=src.where(copy.path)) from None  # fmt: skip
             except FileNotFoundError as exc:  # a backend may not name the file
                 raise _SourceMissing(errno.ENOENT, str(exc), src.where(copy.path)) from exc
             if digest.hexdigest() != copy.sha256:

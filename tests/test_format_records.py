@@ -174,7 +174,7 @@ def test_records_nest_up_to_254_levels() -> None:
     """REC-3: writers refuse deeper records; readers accept that depth."""
     line = encode_record(_nested(254))
     assert decode_lines(line) == [_nested(254)]
-    with pytest.raises(InvalidInputError, match="not JSON-serializable"):
+    with pytest.raises(InvalidInputError, match=r"more than 254 levels deep \(REC-3\)"):
         encode_record(_nested(255))
 
 

@@ -405,3 +405,35 @@ def test_a_record_nested_too_deep_is_reported_and_refused_not_crashed_on(
                               text=True, timeout=120, check=False)  # fmt: skip
         assert "Traceback" not in done.stderr
         assert done.returncode == 1, done.stderr
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """Objects nested ``depth`` levels deep, counting the outermost."""
+    outer = inner = {}
+    for _ in range(depth - 1):
+        inner["c"] = {}
+        inner = inner["c"]
+    return outer
+
+
+@pytest.mark.parametrize("depth", [255, 1000, 5000])
+def test_writers_refuse_what_nests_too_deep_with_an_invalid_input_error(
+    tmp_path: Path, depth: int
+) -> None:
+    """REC-3, MAN-1: a record, a key's inputs or a config nested too deep is an
+    InvalidInputError that says so (never a RecursionError), and the run is as it was."""
+    from runfmt.errors import InvalidInputError
+    from runfmt.format.keys import compute_key
+
+    store = Store(tmp_path / "runs")
+    with pytest.raises(InvalidInputError, match="nests objects and arrays more than"):
+        compute_key(_nested(depth))
+    with pytest.raises(InvalidInputError, match="nests objects and arrays more than"):
+        store.create_run("deep", _nested(depth - 1))
+    assert Store(tmp_path / "runs").run_ids() == []
+    w = store.create_run("ok", _nested(253), **QUIET)
+    with pytest.raises(InvalidInputError, match=r"more than 254 levels deep \(REC-3\)"):
+        w.append("gen", _nested(depth))
+    w.append("gen", _nested(254))
+    w.finish()
+    assert list(runfmt.open_run(w.storage.root).records("gen")) == [_nested(254)]

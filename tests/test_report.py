@@ -197,3 +197,14 @@ def test_small_values_keep_their_significant_digits(store: Store) -> None:
     assert "| 0.0198 |" in row
     assert "| 1234.568 |" in row
     assert "| 1.5e-09 |" in row
+
+
+def test_large_values_show_no_digits_past_a_floats_precision(store: Store) -> None:
+    """15 significant digits at most: 123456789012345.67 is 123456789012346, not .672."""
+    with store.create_run("huge", heartbeat_interval=None) as w:
+        w.count("tokens", 123456789012345.67)
+        w.extend("score", [{"p": 1.5}])
+    text = render(build_report([store.open_run(w.run_id)], "score", ["p"]), "md", digits=3)
+    row = text.splitlines()[-1]
+    assert "| 123456789012346 |" in row
+    assert "| 1.500 |" in row

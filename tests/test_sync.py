@@ -703,3 +703,16 @@ def test_a_source_whose_revision_and_copy_disagree_is_not_synced(
     assert bad.action == "error"
     assert "COMMIT-14" in bad.message
     assert not (tmp_path / "dst" / run_id).exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_at_a_listed_source_path_is_named_as_such(src: Store, tmp_path: Path) -> None:
+    """LAYOUT-3: present but no regular file, not "missing"; and no hang."""
+    run_id = src.run_ids()[0]
+    art = Path(src.url) / run_id / "artifacts" / "notes.txt"
+    art.unlink()
+    os.mkfifo(art)
+    report = sync(src.url, str(tmp_path / "dst"))
+    [bad] = [r for r in report.runs if r.run_id == run_id]
+    assert bad.action == "error"
+    assert "not a regular file (LAYOUT-3)" in bad.message

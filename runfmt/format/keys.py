@@ -10,6 +10,7 @@ import orjson
 import rfc8785
 
 from runfmt.errors import InvalidInputError
+from runfmt.format.records import MAX_DEPTH, too_deep
 
 __all__ = ["KEY_SCHEME", "canonical_json", "compute_key"]
 
@@ -61,7 +62,11 @@ def canonical_json(value: Any) -> bytes:
         try:
             return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
         except orjson.JSONEncodeError:
-            pass  # a lone surrogate: the reference encoder says what is wrong
+            pass  # a lone surrogate, or nesting too deep: said below
+    if too_deep(value):
+        raise InvalidInputError(
+            f"value nests objects and arrays more than {MAX_DEPTH} levels deep (REC-3)"
+        )
     try:
         return bytes(rfc8785.dumps(value))
     except (rfc8785.CanonicalizationError, TypeError, UnicodeEncodeError) as exc:

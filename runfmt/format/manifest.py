@@ -228,9 +228,15 @@ def _artifact_json(a: ArtifactEntry) -> dict[str, Any]:
 
 def encode_manifest(m: Manifest) -> bytes:
     """Manifest bytes: UTF-8 JSON, two-space indent, trailing newline (MAN-1)."""
+    doc = to_json(m)
     try:
-        return orjson.dumps(to_json(m), option=_MANIFEST_OPTS)
+        return orjson.dumps(doc, option=_MANIFEST_OPTS)
     except orjson.JSONEncodeError as exc:
+        if too_deep(doc):
+            raise InvalidInputError(
+                f"the config nests objects and arrays more than {MAX_DEPTH - 1} levels deep: "
+                f"a manifest holds at most {MAX_DEPTH} (MAN-1)"
+            ) from None
         raise InvalidInputError(f"manifest is not valid JSON: {exc}") from None
 
 

@@ -57,6 +57,10 @@ def encode_record(record: Mapping[str, Any], key_field: str | None = None) -> by
     try:
         line = _line(record)
     except (TypeError, orjson.JSONEncodeError) as exc:
+        if too_deep(record):
+            raise InvalidInputError(
+                f"record nests objects and arrays more than {MAX_DEPTH} levels deep (REC-3)"
+            ) from None
         raise _unserializable(record, exc) from None
     if not _all_finite(record):
         _exact_check(record)
