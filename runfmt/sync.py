@@ -426,12 +426,7 @@ class _Engine:
             plan.copies.append(_Copy(path, nbytes, sha, check_first, manifest.finished))
         plan.dropped = sorted(set(listed_old) - set(wanted))
         if plan.forced or plan.checked or not plan.dst_revisions:
-            plan.debris = sorted(
-                p
-                for p in files
-                if p not in wanted
-                and p.startswith((names.STAGES_DIR + "/", names.ARTIFACTS_DIR + "/"))
-            )
+            plan.debris = sorted(p for p in files if p not in wanted and p.startswith(_DATA_DIRS))
         plan.result.files = len(plan.copies)
         plan.result.bytes = sum(c.nbytes for c in plan.copies)
         if plan.checked:
