@@ -75,16 +75,16 @@ def open_run(
 
 def run_folder_around(path: str) -> str | None:
     """The local run folder that ``path`` is (it holds ``_manifests/`` or ``manifest.json``)
-    or lies in (an ancestor holds ``_manifests/``), else None."""
-    here = os.path.abspath(path)
-    if any(
-        os.path.lexists(os.path.join(here, n)) for n in (names.MANIFESTS_DIR, names.MANIFEST_FILE)
-    ):
-        return here
-    while (parent := os.path.dirname(here)) != here:
-        here = parent
-        if os.path.isdir(os.path.join(here, names.MANIFESTS_DIR)):
-            return here
+    or lies in (an ancestor holds ``_manifests/``), by its path or through links, else None."""
+    markers = (names.MANIFESTS_DIR, names.MANIFEST_FILE)
+    for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        if any(os.path.lexists(os.path.join(start, n)) for n in markers):
+            return start
+        here = start
+        while (parent := os.path.dirname(here)) != here:
+            here = parent
+            if os.path.isdir(os.path.join(here, names.MANIFESTS_DIR)):
+                return here
     return None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import posixpath
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -227,9 +228,7 @@ def sync(
         pairs = [(i, source.child(i), target.child(i)) for i in ids]
     else:
         raise RunNotFoundError("no run or store here", location=source.where())
-    outer = os.path.dirname(target.root) if here else target.root
-    around = run_folder_around(outer) if target.is_local else None
-    if around is not None or (not here and _is_run(target)):
+    if _in_a_run(target, here):
         raise InvalidInputError(
             "the destination is, or lies in, a run folder, not a store: the copy would land "
             "inside that run",
@@ -253,6 +252,20 @@ def sync(
         for run_id in extra:
             report.runs.append(_delete_run(target.child(run_id), run_id, dry_run))
     return report
+
+
+def _in_a_run(target: Storage, here: bool) -> bool:
+    """Whether the destination is a run folder (unless it is the one run's own, ``here``) or
+    lies in one: a copy there would land inside that run."""
+    if target.is_local:
+        return run_folder_around(os.path.dirname(target.root) if here else target.root) is not None
+    if not here and _is_run(target):
+        return True
+    parts = target.root.split("/")
+    return any(
+        target.fs.exists(posixpath.join(*parts[:i], names.MANIFESTS_DIR))
+        for i in range(1, len(parts))
+    )
 
 
 def _run_id_of(run: Storage) -> str:
@@ -394,6 +407,13 @@ class _Engine:
         _refuse_damaged_copy(src, src_bytes, manifest.revision)
         plan.checked = current == src_bytes
         files = dst.walk()
+        links = sorted(dst.symlinks())
+        if links:
+            raise FormatError(
+                "DST run folder holds a symbolic link (LAYOUT-5): a copy would write through it",
+                location=dst.where(links[0]),
+                hint="replace the link by what it points to, or remove it",
+            )
         plan.dst_revisions = sorted(
             r
             for p in files

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from runfmt.check import verify_run
 from runfmt.cli import app
-from runfmt.errors import ReadOnlyError, StorageError
+from runfmt.errors import InvalidInputError, ReadOnlyError, StorageError
 from runfmt.format import names
 from runfmt.storage import Storage
 from runfmt.store import Store
@@ -360,3 +360,19 @@ def test_a_run_url_read_from_a_local_store_takes_its_storage_options(
     code, out, err = run_main([*opts, "show", url], monkeypatch, capsys)
     assert code == 0, err
     assert w.run_id in out
+
+
+def test_a_destination_inside_a_run_in_a_bucket_is_refused(
+    s3_url: str, s3_options: dict[str, Any], tmp_path: Path
+) -> None:
+    """SYNC-1 on an object store: a prefix inside a run folder is no store."""
+    with Store(s3_url, s3_options).create_run("host") as host:
+        host.append("score", {"i": 1})
+    local = Store(tmp_path / "src")
+    with local.create_run("mine") as w:
+        w.append("score", {"i": 2})
+    for inside in ("", "/artifacts", "/stages/score"):
+        with pytest.raises(InvalidInputError, match="run folder"):
+            sync(f"{local.url}/{w.run_id}", f"{s3_url}/{host.run_id}{inside}",
+                 dst_options=s3_options)  # fmt: skip
+    assert verify_run(Store(s3_url, s3_options).locate(host.run_id)) == []

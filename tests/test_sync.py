@@ -716,3 +716,30 @@ def test_a_fifo_at_a_listed_source_path_is_named_as_such(src: Store, tmp_path: P
     [bad] = [r for r in report.runs if r.run_id == run_id]
     assert bad.action == "error"
     assert "not a regular file (LAYOUT-3)" in bad.message
+
+
+def test_a_destination_run_folder_holding_a_link_is_not_written_through(
+    src: Store, tmp_path: Path
+) -> None:
+    """LAYOUT-5: a link in the DST run folder (its stages/ pointing at the user's folder)
+    would take the copy, and a forced sync's deletions, out of the run."""
+    run_id = src.run_ids()[0]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.txt").write_text("precious")
+    (tmp_path / "dst" / run_id).mkdir(parents=True)
+    (tmp_path / "dst" / run_id / "stages").symlink_to(user)
+    report = sync(src.url, str(tmp_path / "dst"), force=True)
+    [bad] = [r for r in report.runs if r.run_id == run_id]
+    assert bad.action == "error"
+    assert "LAYOUT-5" in bad.message
+    assert [p.name for p in user.iterdir()] == ["thesis.txt"]
+
+
+def test_a_store_reached_through_a_link_into_a_run_is_refused(src: Store, tmp_path: Path) -> None:
+    link = tmp_path / "lnk"
+    link.symlink_to(Path(src.url) / src.run_ids()[0] / "artifacts")
+    with pytest.raises(InvalidInputError, match="run folder"):
+        Store(link)
+    with pytest.raises(InvalidInputError, match="run folder"):
+        sync(f"{src.url}/{src.run_ids()[1]}", str(link))
