@@ -13,6 +13,7 @@ from runfmt.errors import (
     ConflictError,
     FormatError,
     InvalidInputError,
+    ManifestError,
     RunfmtError,
     RunNotFoundError,
     StageFileError,
@@ -538,7 +539,8 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
         except FormatError as exc:
             rel = names.revision_file(rev)
             copy = _read_optional(run, names.MANIFEST_FILE) if rev == revs[-1] else None
-            if copy is not None and _revision_in(copy) == rev:
+            held = None if copy is None else _manifest_in(copy)
+            if copy is not None and held is not None and held.revision == rev:
                 run.write_atomic(rel, copy)
                 report.actions.append(f"{rel}: unreadable ({exc.problem}); rewritten from "
                                       "manifest.json, its copy")  # fmt: skip
@@ -552,10 +554,10 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
     return load_manifest(run)
 
 
-def _revision_in(data: bytes) -> int | None:
-    """The revision number of a manifest's bytes; None when they hold no valid manifest."""
+def _manifest_in(data: bytes) -> Manifest | None:
+    """The manifest in ``data``; None when they hold no valid manifest."""
     try:
-        return decode_manifest(data).revision
+        return decode_manifest(data)
     except FormatError:
         return None
 
@@ -577,20 +579,34 @@ def judge_copy(
     """
     if copy == newest:
         return "same", revision
-    held = None if copy is None else _revision_in(copy)
-    if copy is None or held is None or held < revision:
+    found = None if copy is None else _manifest_in(copy)
+    held = None if found is None else found.revision
+    if copy is None or found is None or found.revision < revision:
         return "stale", held
+    truth = decode_manifest(newest)
+    if (found.run_id, found.created_at) != (truth.run_id, truth.created_at):
+        return "diverged", held  # another run's manifest: no evidence for this one
     try:
         vouched = parse_sums(run.read(names.SUMS_FILE).decode()).get(names.MANIFEST_FILE)
     except (FileNotFoundError, UnicodeDecodeError, FormatError):
         vouched = None
     if vouched == sha256_hex(copy):
         return "damaged revision", held
-    if held > revision:
+    if found.revision > revision:
         return "stale", held
     if vouched == sha256_hex(newest):
         return "damaged copy", held
     return "diverged", held
+
+
+def refuse_damaged_copy(run: Storage, newest: bytes, revision: int, hint: str) -> None:
+    """`ManifestError` when ``manifest.json`` and the newest revision (``newest``) disagree
+    as no crash leaves them (COMMIT-14): a copy of the run would publish a changed revision
+    as intact."""
+    state, held = judge_copy(run, _read_optional(run, names.MANIFEST_FILE), newest, revision)
+    if state not in ("same", "stale"):
+        raise ManifestError(str(copy_damage(state, revision, held)), location=run.where(),
+                            hint=hint)  # fmt: skip
 
 
 def copy_damage(state: CopyState, revision: int, held: int | None) -> Problem:

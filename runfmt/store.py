@@ -74,17 +74,20 @@ def open_run(
 
 
 def run_folder_around(path: str) -> str | None:
-    """The local run folder that ``path`` is (it holds ``_manifests/`` or ``manifest.json``)
-    or lies in (an ancestor holds ``_manifests/``), by its path or through links, else None."""
-    markers = (names.MANIFESTS_DIR, names.MANIFEST_FILE)
+    """The local run folder that ``path`` is or lies in, by its path or through links:
+    one whose ``_manifests/`` holds a revision (LAYOUT-2); else None."""
     for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
-        if any(os.path.lexists(os.path.join(start, n)) for n in markers):
-            return start
         here = start
-        while (parent := os.path.dirname(here)) != here:
-            here = parent
-            if os.path.isdir(os.path.join(here, names.MANIFESTS_DIR)):
+        while True:
+            try:
+                found = os.listdir(os.path.join(here, names.MANIFESTS_DIR))
+            except OSError:
+                found = []
+            if any(map(names.parse_revision_file, found)):
                 return here
+            if (parent := os.path.dirname(here)) == here:
+                break
+            here = parent
     return None
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from runfmt._local import NotAFileError
+from runfmt.check import refuse_damaged_copy
 from runfmt.errors import (
     ChecksumMismatchError,
     ConflictError,
@@ -279,22 +280,6 @@ def _run_id_of(run: Storage) -> str:
         return _name(run)
 
 
-def _refuse_damaged_copy(src: Storage, src_bytes: bytes, revision: int) -> None:
-    """Refuse a source whose ``manifest.json`` and newest revision disagree as no crash
-    leaves them (COMMIT-14): sync would publish a changed revision as intact."""
-    from runfmt.check import copy_damage, judge_copy
-
-    try:
-        copy: bytes | None = src.read(names.MANIFEST_FILE)
-    except FileNotFoundError:
-        copy = None
-    state, held = judge_copy(src, copy, src_bytes, revision)
-    if state not in ("same", "stale"):
-        problem = copy_damage(state, revision, held)
-        raise ManifestError(str(problem), location=src.where(),
-                            hint="run `runfmt repair` on SRC first")  # fmt: skip
-
-
 def _run_path(path: str) -> bool:
     """Whether ``path`` is one a run folder holds (LAYOUT-3): what sync may write or delete."""
     return path in (names.MANIFEST_FILE, names.SUMS_FILE) or path.startswith(
@@ -404,14 +389,15 @@ class _Engine:
         if current == src_bytes and not self.force:
             plan.result.action = "same"
             return plan
-        _refuse_damaged_copy(src, src_bytes, manifest.revision)
+        refuse_damaged_copy(src, src_bytes, manifest.revision, "run `runfmt repair` on SRC first")
         plan.checked = current == src_bytes
         files = dst.walk()
         links = sorted(dst.symlinks())
-        if links:
+        if links or (dst.is_local and os.path.islink(dst.root)):
             raise FormatError(
-                "DST run folder holds a symbolic link (LAYOUT-5): a copy would write through it",
-                location=dst.where(links[0]),
+                "DST run folder is, or holds, a symbolic link (LAYOUT-5): a copy would write "
+                "through it",
+                location=dst.where(links[0] if links else ""),
                 hint="replace the link by what it points to, or remove it",
             )
         plan.dst_revisions = sorted(

@@ -20,6 +20,7 @@ from typing import IO, Any
 
 import orjson
 
+from runfmt.check import refuse_damaged_copy
 from runfmt.errors import (
     ChecksumMismatchError,
     ConflictError,
@@ -42,7 +43,14 @@ from runfmt.format.manifest import (
 )
 from runfmt.format.records import Record, is_failure, line_of
 from runfmt.format.schemas import schema_errors
-from runfmt.run import FRAME_TARGET, RunReader, RunWriter, load_manifest, revisions
+from runfmt.run import (
+    FRAME_TARGET,
+    RunReader,
+    RunWriter,
+    load_revision,
+    revisions,
+    sums_of,
+)
 from runfmt.store import Store
 
 __all__ = [
@@ -354,8 +362,8 @@ def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
     that revision (COMMIT-7). Returns it.
     """
     storage = run.storage
-    manifest = load_manifest(storage)
-    newest = storage.read(names.revision_file(manifest.revision))
+    manifest, newest = load_revision(storage)
+    refuse_damaged_copy(storage, newest, manifest.revision, "run `runfmt repair` on it first")
     top = manifest.run_id
     stamp = _epoch(manifest.updated_at)
     members: list[tuple[str, int, str | None]] = [(names.MANIFEST_FILE, -1, None)]
@@ -363,7 +371,9 @@ def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
         (names.revision_file(r), -1, None) for r in revisions(storage) if r <= manifest.revision
     ]
     members += [(path, size, sha) for path, (size, sha) in manifest.listed_files().items()]
-    if manifest.finished and storage.exists(names.SUMS_FILE):
+    made = {names.MANIFEST_FILE: newest}
+    if manifest.finished:  # made from the manifest, not copied (CHECK-3)
+        made[names.SUMS_FILE] = sums_of(manifest, newest)
         members.append((names.SUMS_FILE, -1, None))
     with (
         _atomic_output(os.fspath(dest)) as out,
@@ -374,7 +384,7 @@ def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
             info.mtime, info.mode = stamp, 0o644
             if sha is None:
                 try:
-                    data = newest if rel == names.MANIFEST_FILE else storage.read(rel)
+                    data = made[rel] if rel in made else storage.read(rel)
                 except FileNotFoundError:
                     continue
                 info.size = len(data)

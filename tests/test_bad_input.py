@@ -619,6 +619,27 @@ def test_a_revision_and_copy_that_differ_with_nothing_to_tell_are_left_alone(
     assert snapshot(counted_dir) == before
 
 
+def test_another_runs_manifest_and_sums_are_no_evidence(store: Store, counted_dir: Path) -> None:
+    """COMMIT-14: a manifest.json and SHA256SUMS copied in from another run vouch for each
+    other, not for this run: verify reports it not repairable, and repair changes nothing
+    (it took the other run's manifest as a missing revision and deleted this run's data)."""
+    with store.create_run("other", {"m": 2}, **QUIET) as w:
+        w.count("n", 1)
+        for _ in range(5):
+            w.extend("score", RECORDS)
+            w.flush()
+    other = Path(store.url) / w.run_id
+    for name in ("manifest.json", "SHA256SUMS"):
+        (counted_dir / name).write_bytes((other / name).read_bytes())
+    before = snapshot(counted_dir)
+    problems = verify_run(Storage(str(counted_dir)))
+    assert ("manifest.json", "COMMIT-14", False) in {
+        (p.location, p.rule, p.repairable) for p in problems
+    }
+    repair_run(Storage(str(counted_dir)))
+    assert snapshot(counted_dir) == before
+
+
 def test_a_missing_newest_revision_is_restored_from_the_copy_sha256sums_vouches_for(
     counted_dir: Path,
 ) -> None:

@@ -734,6 +734,13 @@ def test_a_destination_run_folder_holding_a_link_is_not_written_through(
     assert bad.action == "error"
     assert "LAYOUT-5" in bad.message
     assert [p.name for p in user.iterdir()] == ["thesis.txt"]
+    (tmp_path / "dst" / run_id / "stages").unlink()
+    (tmp_path / "dst" / run_id).rmdir()
+    (tmp_path / "dst" / run_id).symlink_to(user)  # the run folder itself a link
+    report = sync(src.url, str(tmp_path / "dst"))
+    [bad] = [r for r in report.runs if r.run_id == run_id]
+    assert "LAYOUT-5" in bad.message
+    assert [p.name for p in user.iterdir()] == ["thesis.txt"]
 
 
 def test_a_store_reached_through_a_link_into_a_run_is_refused(src: Store, tmp_path: Path) -> None:
@@ -743,3 +750,14 @@ def test_a_store_reached_through_a_link_into_a_run_is_refused(src: Store, tmp_pa
         Store(link)
     with pytest.raises(InvalidInputError, match="run folder"):
         sync(f"{src.url}/{src.run_ids()[1]}", str(link))
+
+
+def test_folders_that_only_look_like_runs_do_not_stop_a_store(tmp_path: Path) -> None:
+    """A run folder is one whose _manifests/ holds a revision (LAYOUT-2): an empty
+    _manifests/ up the tree, or a web project's manifest.json, is none."""
+    (tmp_path / "web" / "_manifests").mkdir(parents=True)
+    (tmp_path / "web" / "manifest.json").write_text('{"name": "webapp"}')
+    for where in ("web", "web/runs", "web/_manifests/runs"):
+        with Store(tmp_path / where).create_run("fine") as w:
+            w.append("g", {"i": 1})
+        assert verify_run(w.storage) == []

@@ -16,6 +16,7 @@ from runfmt.check import verify_run
 from runfmt.errors import (
     ChecksumMismatchError,
     FormatError,
+    ManifestError,
     RunExistsError,
     StageFileError,
     UnsupportedFormatError,
@@ -406,3 +407,28 @@ def test_stage_export_from_a_newer_major_version_is_refused(
     newer.write_bytes(PREFIX + encode_header({**header, "format_version": "2.0"}) + raw[start:])
     with pytest.raises(UnsupportedFormatError, match="newer than this reader"):
         import_stage(store, newer, name="x")
+
+
+def test_an_archive_gets_sha256sums_made_from_the_manifest(
+    store: Store, source: str, other: Store, tmp_path: Path
+) -> None:
+    """EXP-2, CHECK-3: a damaged SHA256SUMS is not carried into the archive, which imports
+    as a valid run."""
+    sums = Path(store.url) / source / "SHA256SUMS"
+    good = sums.read_bytes()
+    sums.write_bytes(good.replace(b"  ", b" ", 1))
+    export_run(store.open_run(source), tmp_path / "run.tar")
+    imported = import_run(other, tmp_path / "run.tar")
+    assert verify_run(other.locate(imported.run_id)) == []
+
+
+def test_a_run_whose_revision_was_changed_is_not_exported(
+    store: Store, source: str, tmp_path: Path
+) -> None:
+    """COMMIT-14: SHA256SUMS vouches for manifest.json, not for the changed revision: the
+    archive would carry the change as intact."""
+    rev = sorted((Path(store.url) / source / "_manifests").glob("*.json"))[-1]
+    rev.write_bytes(rev.read_bytes().replace(b'"name": "eval"', b'"name": "evil"'))
+    with pytest.raises(ManifestError, match="COMMIT-14"):
+        export_run(store.open_run(source), tmp_path / "run.tar")
+    assert not (tmp_path / "run.tar").exists()
