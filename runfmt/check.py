@@ -108,14 +108,14 @@ def _problems(
     if misnamed is not None:
         problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
     current = _read_optional(run, names.MANIFEST_FILE)
-    copy, held = judge_copy(run, current, manifest_bytes, manifest.revision)
+    copy, held = _judge_copy(run, current, manifest_bytes, manifest.revision)
     if copy == "stale":
         if not live:  # a live writer replaces the copy next
             what = "is missing" if current is None else "differs from the newest revision"
             what += " (a crash leaves it so, as does a sync cut short: run that sync again)"
             problems.append(Problem(names.MANIFEST_FILE, what, "COMMIT-7", repairable=True))
     elif copy != "same":
-        problems.append(copy_damage(copy, manifest.revision, held))
+        problems.append(_copy_damage(copy, manifest.revision, held))
     if copy == "damaged revision" and current is not None:  # the run as repair restores it
         manifest, manifest_bytes = decode_manifest(current), current
     files = run.walk()
@@ -405,10 +405,10 @@ def repair_run(
     with commit_lock(run, timeout=60.0):
         manifest = _newest_readable(run, report)
         copy = _read_optional(run, names.MANIFEST_FILE)
-        state, held = judge_copy(run, copy, run.read(names.revision_file(manifest.revision)),
+        state, held = _judge_copy(run, copy, run.read(names.revision_file(manifest.revision)),
                                   manifest.revision)  # fmt: skip
         if state == "diverged":
-            report.left.append(copy_damage(state, manifest.revision, held))
+            report.left.append(_copy_damage(state, manifest.revision, held))
             return report
         if state == "damaged revision" and copy is not None and held is not None:
             rel = names.revision_file(held)
@@ -539,8 +539,8 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
         except FormatError as exc:
             rel = names.revision_file(rev)
             copy = _read_optional(run, names.MANIFEST_FILE) if rev == revs[-1] else None
-            held = None if copy is None else _manifest_in(copy)
-            if copy is not None and held is not None and held.revision == rev:
+            found = None if copy is None else _manifest_in(copy)
+            if copy is not None and found is not None and found.revision == rev:
                 run.write_atomic(rel, copy)
                 report.actions.append(f"{rel}: unreadable ({exc.problem}); rewritten from "
                                       "manifest.json, its copy")  # fmt: skip
@@ -562,12 +562,12 @@ def _manifest_in(data: bytes) -> Manifest | None:
         return None
 
 
-CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diverged"]
+_CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diverged"]
 
 
-def judge_copy(
+def _judge_copy(
     run: Storage, copy: bytes | None, newest: bytes, revision: int
-) -> tuple[CopyState, int | None]:
+) -> tuple[_CopyState, int | None]:
     """How ``manifest.json`` (``copy``) stands beside the newest revision (``newest``), and
     the revision the copy holds.
 
@@ -603,14 +603,14 @@ def refuse_damaged_copy(run: Storage, newest: bytes, revision: int, hint: str) -
     """`ManifestError` when ``manifest.json`` and the newest revision (``newest``) disagree
     as no crash leaves them (COMMIT-14): a copy of the run would publish a changed revision
     as intact."""
-    state, held = judge_copy(run, _read_optional(run, names.MANIFEST_FILE), newest, revision)
+    state, held = _judge_copy(run, _read_optional(run, names.MANIFEST_FILE), newest, revision)
     if state not in ("same", "stale"):
-        raise ManifestError(str(copy_damage(state, revision, held)), location=run.where(),
+        raise ManifestError(str(_copy_damage(state, revision, held)), location=run.where(),
                             hint=hint)  # fmt: skip
 
 
-def copy_damage(state: CopyState, revision: int, held: int | None) -> Problem:
-    """The problem `judge_copy` found, when no crash leaves it (``held``: the revision
+def _copy_damage(state: _CopyState, revision: int, held: int | None) -> Problem:
+    """The problem `_judge_copy` found, when no crash leaves it (``held``: the revision
     ``manifest.json`` holds)."""
     rel = names.revision_file(revision)
     if state == "damaged revision" and held is not None and held != revision:
