@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -540,7 +541,12 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
             rel = names.revision_file(rev)
             copy = _read_optional(run, names.MANIFEST_FILE) if rev == revs[-1] else None
             found = None if copy is None else _manifest_in(copy)
-            if copy is not None and found is not None and found.revision == rev:
+            if (
+                copy is not None
+                and found is not None
+                and found.revision == rev
+                and _same_run(run, found, revs[:-1])
+            ):
                 run.write_atomic(rel, copy)
                 report.actions.append(f"{rel}: unreadable ({exc.problem}); rewritten from "
                                       "manifest.json, its copy")  # fmt: skip
@@ -552,6 +558,18 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
             run.delete(rel)
             report.actions.append(f"{rel}: unreadable ({exc.problem}); moved aside")
     return load_manifest(run)
+
+
+def _same_run(run: Storage, found: Manifest, older: list[int]) -> bool:
+    """Whether ``found`` is a manifest of this run: of the newest older revision that reads,
+    else of the run its folder is named after (a copy from another run is no evidence)."""
+    for revision in reversed(older):
+        try:
+            kept = load_manifest(run, revision)
+        except FormatError:
+            continue
+        return (kept.run_id, kept.created_at) == (found.run_id, found.created_at)
+    return run.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] == found.run_id
 
 
 def _manifest_in(data: bytes) -> Manifest | None:

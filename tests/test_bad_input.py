@@ -640,6 +640,24 @@ def test_another_runs_manifest_and_sums_are_no_evidence(store: Store, counted_di
     assert snapshot(counted_dir) == before
 
 
+def test_an_unreadable_revision_is_not_rewritten_from_another_runs_copy(
+    store: Store, run_dir: Path
+) -> None:
+    """Only this run's manifest.json may stand in for its unreadable newest revision: one
+    copied from another run at the same revision number is no evidence."""
+    with store.create_run("other", {"m": 2}, **QUIET) as w:
+        w.extend("score", RECORDS)
+    other = Path(store.url) / w.run_id
+    rev = newest_revision(run_dir)
+    other_rev = other / "_manifests" / rev.name
+    assert other_rev.exists()
+    (run_dir / "manifest.json").write_bytes(other_rev.read_bytes())
+    rev.write_bytes(rev.read_bytes()[:100])
+    report = repair_run(Storage(str(run_dir)))
+    assert not any("rewritten from manifest.json" in a for a in report.actions)
+    assert runfmt.open_run(run_dir).manifest.run_id == run_dir.name
+
+
 def test_a_missing_newest_revision_is_restored_from_the_copy_sha256sums_vouches_for(
     counted_dir: Path,
 ) -> None:
