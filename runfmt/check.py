@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -569,7 +568,7 @@ def _same_run(run: Storage, found: Manifest, older: list[int]) -> bool:
         except FormatError:
             continue
         return (kept.run_id, kept.created_at) == (found.run_id, found.created_at)
-    return run.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1] == found.run_id
+    return run.name == found.run_id
 
 
 def _manifest_in(data: bytes) -> Manifest | None:

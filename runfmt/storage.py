@@ -213,6 +213,11 @@ class Storage:
         self.url = root if self.is_local or "://" in root else f"{self.protocol}://{root}"
         self._shown = _redact(self.url, self._secrets)
 
+    @property
+    def name(self) -> str:
+        """The last segment of the root: a run folder's name."""
+        return self.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1]
+
     def __repr__(self) -> str:
         return f"Storage({self._shown!r})"
 

@@ -216,7 +216,7 @@ def sync(
     pairs: list[tuple[str, Storage, Storage]]
     one_run = _is_run(source)
     run_id = _run_id_of(source) if one_run else ""
-    here = one_run and _name(target) == run_id
+    here = one_run and target.name == run_id
     if one_run:
         if delete:
             raise InvalidInputError("--delete needs a store as SRC, not one run",
@@ -277,7 +277,7 @@ def _run_id_of(run: Storage) -> str:
     except RunNotFoundError:
         raise
     except FormatError:
-        return _name(run)
+        return run.name
 
 
 def _run_path(path: str) -> bool:
@@ -285,11 +285,6 @@ def _run_path(path: str) -> bool:
     return path in (names.MANIFEST_FILE, names.SUMS_FILE) or path.startswith(
         (names.MANIFESTS_DIR + "/", *_DATA_DIRS)
     )
-
-
-def _name(storage: Storage) -> str:
-    """The last segment of a location: a run folder's name."""
-    return storage.root.replace(os.sep, "/").rstrip("/").rsplit("/", 1)[-1]
 
 
 def _check_apart(source: Storage, target: Storage) -> None:
@@ -393,7 +388,7 @@ class _Engine:
         plan.checked = current == src_bytes
         files = dst.walk()
         links = sorted(dst.symlinks())
-        if links or (dst.is_local and os.path.islink(dst.root)):
+        if links or dst.is_link(""):
             raise FormatError(
                 "DST run folder is, or holds, a symbolic link (LAYOUT-5): a copy would write "
                 "through it",

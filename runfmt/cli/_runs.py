@@ -4,7 +4,6 @@ RUN is a run id in the store or the path/URL of a run folder, so a copied
 folder works with no store. None of these commands needs the index.
 """
 
-import os
 import re
 import shlex
 import sys
@@ -203,7 +202,7 @@ def verify(
         try:
             check(run, run_id)
         except RunNotFoundError as exc:
-            skipped.append(f"skip  {_label(run)}: {exc.problem}")
+            skipped.append(f"skip  {run.name}: {exc.problem}")
     bad = [(run, problems) for run, problems, _ in found if problems]
     if json_:
         print_json([_problem_json(run, p) for run, problems in bad for p in problems] + unchecked)
@@ -252,7 +251,7 @@ def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str
     """The problems of a run, and its verdict line; ``live``: ids of its live writers."""
     from runfmt.check import ANY_WRITER
 
-    label = _label(run)
+    label = run.name
     if ANY_WRITER in live:
         note = " (running and heard from within 300 s: uncommitted data not checked)"
     elif live:
@@ -275,7 +274,7 @@ def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str
 
 def _problem_json(run: "Storage", p: "Problem") -> dict[str, Any]:
     return {
-        "run": _label(run),
+        "run": run.name,
         "location": _full_location(run, p.location),
         "problem": p.problem,
         "rule": p.rule,
@@ -285,10 +284,6 @@ def _problem_json(run: "Storage", p: "Problem") -> dict[str, Any]:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _label(run: "Storage") -> str:
-    return run.root.rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]
 
 
 def _full_location(run: "Storage", location: str) -> str:
@@ -338,7 +333,7 @@ def repair(
     storage = state(ctx).store().locate(run)
     if not revisions(storage):
         load_manifest(storage)  # raises for a folder that holds no run, before it is locked
-    with held_commit_lock(storage, REPAIR_LOCK_WAIT, _label(storage)):
+    with held_commit_lock(storage, REPAIR_LOCK_WAIT, storage.name):
         report = repair_run(storage, salvage=not drop, rollback=rollback)
     for action in report.actions:
         echo(action)
@@ -348,7 +343,7 @@ def repair(
         sys.stdout.write("nothing to repair\n")
     live = being_written_by(storage)
     problems = verify_run(storage, live=frozenset(live))
-    label = _label(storage)
+    label = storage.name
     if problems:
         _print_verdict(storage, problems, live)
         advice = "; ".join(dict.fromkeys(_by_hand(p.rule) for p in problems))
