@@ -108,7 +108,7 @@ def _problems(
     if misnamed is not None:
         problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
     current = _read_optional(run, names.MANIFEST_FILE)
-    copy, held = _judge_copy(run, current, manifest_bytes, manifest.revision)
+    copy, held = _judge_copy(run, current, manifest_bytes, manifest)
     if copy == "stale":
         if not live:  # a live writer replaces the copy next
             what = "is missing" if current is None else "differs from the newest revision"
@@ -123,7 +123,7 @@ def _problems(
     problems += check_listing(manifest, files, links)
     for stage in manifest.stages:
         for entry in stage.files:
-            problems += _check_file(run, entry, stage, files.get(entry.path), links)
+            problems += _check_file(run, entry, stage, files.get(entry.path))
     for art in manifest.artifacts:
         if art.path not in files:
             problems.append(Problem(art.path, "listed artifact is missing", "LAYOUT-3"))
@@ -136,7 +136,7 @@ def _problems(
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
     problems = [p for p in problems if not _uncommitted_of(p, live)]
-    short = _cut_short(run, manifest, files, links)
+    short = _cut_short(run, manifest, files)
     if short and not live and all(p.repairable or p.location in short for p in problems):
         whole = _whole_revision(run, manifest, files, links, short)
         if whole is not None:
@@ -150,24 +150,16 @@ def _problems(
     return problems
 
 
-def _cut_short(
-    run: Storage, manifest: Manifest, files: Mapping[str, int], links: frozenset[str]
-) -> set[str]:
+def _cut_short(run: Storage, manifest: Manifest, files: Mapping[str, int]) -> set[str]:
     """The listed files missing or shorter than listed (COMMIT-13): no link, or FIFO or
     other file that is not regular, in their place (damage, not a copy cut short)."""
     return {
         path
         for path, (size, _) in manifest.listed_files().items()
         if files.get(path, -1) < size
-        and not _through_link(path, links)
+        and run.inside(path)
         and (path not in files or run.is_file(path))
     }
-
-
-def _through_link(path: str, links: frozenset[str]) -> bool:
-    """Whether ``path`` is, or lies below, a symbolic link in the run folder."""
-    parts = path.split("/")
-    return any("/".join(parts[:i]) in links for i in range(1, len(parts) + 1))
 
 
 def _holds(
@@ -214,7 +206,7 @@ def _going_back(
     """The revision `repair_run` goes back to, when the newest lists files missing or cut
     short, the rest of what it lists is whole and no writer is alive (COMMIT-13); else
     why not ("" when nothing is cut short)."""
-    short = _cut_short(run, newest, files, links)
+    short = _cut_short(run, newest, files)
     if not short:
         return None, ""
     if live_writers(run):
@@ -318,9 +310,9 @@ def _read_optional(run: Storage, rel: str) -> bytes | None:
 
 
 def _check_file(
-    run: Storage, entry: FileEntry, stage: StageEntry, size: int | None, links: frozenset[str]
+    run: Storage, entry: FileEntry, stage: StageEntry, size: int | None
 ) -> list[Problem]:
-    if _through_link(entry.path, links) or (size is not None and not run.inside(entry.path)):
+    if not run.inside(entry.path):
         return [Problem(entry.path, "listed file goes through a link", "LAYOUT-5")]
     check = FileCheck(entry, stage)
     if size is not None:
@@ -406,7 +398,7 @@ def repair_run(
         manifest = _newest_readable(run, report)
         copy = _read_optional(run, names.MANIFEST_FILE)
         state, held = _judge_copy(run, copy, run.read(names.revision_file(manifest.revision)),
-                                  manifest.revision)  # fmt: skip
+                                  manifest)  # fmt: skip
         if state == "diverged":
             report.left.append(_copy_damage(state, manifest.revision, held))
             return report
@@ -583,10 +575,10 @@ _CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diver
 
 
 def _judge_copy(
-    run: Storage, copy: bytes | None, newest: bytes, revision: int
+    run: Storage, copy: bytes | None, newest: bytes, truth: Manifest
 ) -> tuple[_CopyState, int | None]:
-    """How ``manifest.json`` (``copy``) stands beside the newest revision (``newest``), and
-    the revision the copy holds.
+    """How ``manifest.json`` (``copy``) stands beside the newest revision (``truth``, whose
+    bytes are ``newest``), and the revision the copy holds.
 
     A crash leaves it *stale*: missing, no manifest (empty after a power loss) or an older
     revision (COMMIT-7); a copy of the folder taken while a writer committed, a later
@@ -595,12 +587,11 @@ def _judge_copy(
     vouches for is one of the run's that is missing from ``_manifests/``.
     """
     if copy == newest:
-        return "same", revision
+        return "same", truth.revision
     found = None if copy is None else _manifest_in(copy)
     held = None if found is None else found.revision
-    if copy is None or found is None or found.revision < revision:
+    if copy is None or found is None or found.revision < truth.revision:
         return "stale", held
-    truth = decode_manifest(newest)
     if (found.run_id, found.created_at) != (truth.run_id, truth.created_at):
         return "diverged", held  # another run's manifest: no evidence for this one
     try:
@@ -609,21 +600,21 @@ def _judge_copy(
         vouched = None
     if vouched == sha256_hex(copy):
         return "damaged revision", held
-    if found.revision > revision:
+    if found.revision > truth.revision:
         return "stale", held
     if vouched == sha256_hex(newest):
         return "damaged copy", held
     return "diverged", held
 
 
-def refuse_damaged_copy(run: Storage, newest: bytes, revision: int, hint: str) -> None:
-    """`ManifestError` when ``manifest.json`` and the newest revision (``newest``) disagree
-    as no crash leaves them (COMMIT-14): a copy of the run would publish a changed revision
-    as intact."""
-    state, held = _judge_copy(run, _read_optional(run, names.MANIFEST_FILE), newest, revision)
+def refuse_damaged_copy(run: Storage, newest: bytes, truth: Manifest, hint: str) -> None:
+    """`ManifestError` when ``manifest.json`` and the newest revision (``truth``, whose bytes
+    are ``newest``) disagree as no crash leaves them (COMMIT-14): a copy of the run would
+    publish a changed revision as intact."""
+    state, held = _judge_copy(run, _read_optional(run, names.MANIFEST_FILE), newest, truth)
     if state not in ("same", "stale"):
-        raise ManifestError(str(_copy_damage(state, revision, held)), location=run.where(),
-                            hint=hint)  # fmt: skip
+        raise ManifestError(str(_copy_damage(state, truth.revision, held)),
+                            location=run.where(), hint=hint)  # fmt: skip
 
 
 def _copy_damage(state: _CopyState, revision: int, held: int | None) -> Problem:

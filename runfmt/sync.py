@@ -384,7 +384,7 @@ class _Engine:
         if current == src_bytes and not self.force:
             plan.result.action = "same"
             return plan
-        refuse_damaged_copy(src, src_bytes, manifest.revision, "run `runfmt repair` on SRC first")
+        refuse_damaged_copy(src, src_bytes, manifest, "run `runfmt repair` on SRC first")
         plan.checked = current == src_bytes
         files = dst.walk()
         links = sorted(dst.symlinks())

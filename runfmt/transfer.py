@@ -363,7 +363,7 @@ def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
     """
     storage = run.storage
     manifest, newest = load_revision(storage)
-    refuse_damaged_copy(storage, newest, manifest.revision, "run `runfmt repair` on it first")
+    refuse_damaged_copy(storage, newest, manifest, "run `runfmt repair` on it first")
     top = manifest.run_id
     stamp = _epoch(manifest.updated_at)
     members: list[tuple[str, int, str | None]] = [(names.MANIFEST_FILE, -1, None)]
