@@ -1,7 +1,8 @@
-"""Opening local files for reading without ever blocking on what is not a file.
+"""Local-disk helpers: opening files for reading without ever blocking on what is not a
+file, and telling whether a folder is, or lies in, a run folder.
 
-Kept apart from `runfmt.storage` so that the index's local fast path can use it
-without importing fsspec.
+Kept apart from `runfmt.storage` so that the index's local fast path and the command
+line's start-up can use them without importing fsspec.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import os
 import stat
 from typing import IO
 
-__all__ = ["NotAFileError", "open_regular"]
+from runfmt.format import names
+
+__all__ = ["NotAFileError", "open_regular", "run_folder_around"]
 
 _FLAGS = (
     os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
@@ -46,3 +49,21 @@ def open_regular(path: str) -> IO[bytes]:
     except BaseException:
         os.close(fd)
         raise
+
+
+def run_folder_around(path: str) -> str | None:
+    """The local run folder that ``path`` is or lies in, by its path or through links:
+    one whose ``_manifests/`` holds a revision (LAYOUT-2); else None."""
+    for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        here = start
+        while True:
+            try:
+                found = os.listdir(os.path.join(here, names.MANIFESTS_DIR))
+            except OSError:
+                found = []
+            if any(map(names.parse_revision_file, found)):
+                return here
+            if (parent := os.path.dirname(here)) == here:
+                break
+            here = parent
+    return None

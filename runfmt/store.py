@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, Unpack
 
+from runfmt._local import run_folder_around
 from runfmt.errors import (
     FormatError,
     InvalidInputError,
@@ -71,24 +72,6 @@ def open_run(
 ) -> RunReader:
     """Open the run folder at a path or URL, with no store around it."""
     return RunReader(Storage(str(location), storage_options, read_only=read_only))
-
-
-def run_folder_around(path: str) -> str | None:
-    """The local run folder that ``path`` is or lies in, by its path or through links:
-    one whose ``_manifests/`` holds a revision (LAYOUT-2); else None."""
-    for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
-        here = start
-        while True:
-            try:
-                found = os.listdir(os.path.join(here, names.MANIFESTS_DIR))
-            except OSError:
-                found = []
-            if any(map(names.parse_revision_file, found)):
-                return here
-            if (parent := os.path.dirname(here)) == here:
-                break
-            here = parent
-    return None
 
 
 class Store:

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from runfmt._local import NotAFileError
+from runfmt._local import NotAFileError, run_folder_around
 from runfmt.check import refuse_damaged_copy
 from runfmt.errors import (
     ChecksumMismatchError,
@@ -45,7 +45,6 @@ from runfmt.run import (
     write_manifest_copy,
 )
 from runfmt.storage import Storage, check_url
-from runfmt.store import run_folder_around
 
 __all__ = ["Action", "RunResult", "SyncProgress", "SyncReport", "sync"]
 

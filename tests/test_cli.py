@@ -123,6 +123,9 @@ def test_a_run_folder_given_as_store_is_bad_usage(
         assert "is a run folder, not a store" in err
     assert run_main(["--store", folder, "ls", "--help"], monkeypatch, capsys)[0] == 0
     assert not (tmp_path / "runs" / run.run_id / ".runfmt").exists()
+    code, _, err = run_main(["--store", f"{folder}/stages", "ls"], monkeypatch, capsys)
+    assert code == 2
+    assert f"is inside the run {folder}, not a store" in err
 
 
 def test_help_lists_every_command_with_help_text(tmp_path: Path) -> None:
@@ -438,8 +441,8 @@ def test_schema_lists_names_and_prints_each(tmp_path: Path) -> None:
         (["--store", "{file}", "ls"], 2, "is a file, not a store folder"),
         (
             ["--store", "{file}/runs", "demo", "--items", "3"],
-            1,
-            "is inside the run folder",
+            2,
+            "is inside the run ",
         ),
     ],
 )

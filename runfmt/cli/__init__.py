@@ -75,16 +75,18 @@ class State:
         check_location(url, "--store")
         local = url.removeprefix("file://")
         if "://" not in local:
-            from runfmt.format.names import MANIFEST_FILE, MANIFESTS_DIR
+            from runfmt._local import run_folder_around
 
             if os.path.exists(local) and not os.path.isdir(local):
                 raise typer.BadParameter(
                     f"{url} is a file, not a store folder", param_hint="--store"
                 )
-            if any(os.path.exists(os.path.join(local, n)) for n in (MANIFESTS_DIR, MANIFEST_FILE)):
+            run = run_folder_around(local)
+            if run is not None:
+                what = "a run folder" if run == os.path.abspath(local) else f"inside the run {run}"
                 raise typer.BadParameter(
-                    f"{url} is a run folder, not a store: give it as RUN "
-                    f"(runfmt show {url}), or its parent folder as --store",
+                    f"{url} is {what}, not a store: give the run as RUN "
+                    f"(runfmt show {run}), or a folder of runs as --store",
                     param_hint="--store",
                 )
         return url
