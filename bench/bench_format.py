@@ -7,6 +7,9 @@ Baselines, measured in the same process on the same records:
 - bare read loop: read each frame of that file -> decompress -> split lines -> orjson;
 - atomic replace: temp file + fsync + ``os.replace`` + fsync of the folder.
 
+Append is also measured with a single commit, at the end: what appending costs
+without the per-flush commits.
+
 A commit is one `RunWriter.flush` of 5 records (frame appended and fsynced,
 revision created exclusively, ``manifest.json`` replaced) in a run already
 holding 1,000 or 1,000,000 records; the big run is written with ``extend`` and
@@ -139,9 +142,12 @@ def bare_read(path: Path, frame_sizes: list[int]) -> int:
     return count
 
 
-def runfmt_write(store: Store, records: list[Record], batch: int = 1) -> str:
-    """Write the records as one stage of a new run (``batch`` per call, a flush every 1,000)."""
-    with store.create_run("bench", flush_every=FLUSH_EVERY) as run:
+def runfmt_write(
+    store: Store, records: list[Record], batch: int = 1, flush_every: int | None = FLUSH_EVERY
+) -> str:
+    """Write the records as one stage of a new run (``batch`` per call, a flush every
+    ``flush_every`` records; None: one commit, at the end)."""
+    with store.create_run("bench", flush_every=flush_every) as run:
         stage = run.stage(STAGE)
         if batch == 1:
             for record in records:
@@ -176,6 +182,7 @@ def _throughput(tmp: Path, records: list[Record], label: str, repeat: int) -> It
             "durable": lambda: bare_durable_write(records, tmp / "bare-durable"),
             "runfmt": lambda: run_ids.append(runfmt_write(store, records)),
             "runfmt_extend": lambda: runfmt_write(store, records, batch=FLUSH_EVERY),
+            "runfmt_once": lambda: runfmt_write(store, records, flush_every=None),
         },
     )
     frame_sizes = bare_write(records, _orjson_line, bare)
@@ -202,6 +209,8 @@ def _throughput(tmp: Path, records: list[Record], label: str, repeat: int) -> It
                  "bare loop, orjson", rate(write["orjson"]), at_least=0.5)  # fmt: skip
     yield Row.vs(f"append {label} (vs its syscalls)", rate(write["runfmt"]), "rec/s",
                  "bare loop + commit syscalls", rate(write["durable"]))  # fmt: skip
+    yield Row.vs(f"append {label}, one commit at the end", rate(write["runfmt_once"]), "rec/s",
+                 "bare loop, orjson", rate(write["orjson"]))  # fmt: skip
     yield Row.vs(f"extend {label}, 1,000 per call", rate(write["runfmt_extend"]), "rec/s",
                  "bare loop, orjson", rate(write["orjson"]), at_least=0.5)  # fmt: skip
     yield Row.vs(f"read {label}", rate(read["runfmt"]), "rec/s",

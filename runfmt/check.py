@@ -21,7 +21,7 @@ from runfmt.errors import (
     UnsupportedFormatError,
 )
 from runfmt.format import names
-from runfmt.format.checksum import parse_sums, sha256_hex
+from runfmt.format.checksum import parse_sums
 from runfmt.format.frames import CounterFrame, DataFrame, FrameDecoder
 from runfmt.format.manifest import (
     ArtifactEntry,
@@ -35,7 +35,7 @@ from runfmt.format.manifest import (
     encode_manifest,
     parse_timestamp,
 )
-from runfmt.format.records import decode_lines, is_failure
+from runfmt.format.records import decode_lines, first_too_deep, is_failure
 from runfmt.format.validate import (
     FileCheck,
     Problem,
@@ -88,7 +88,11 @@ def verify_run(
         except RunNotFoundError:
             raise
         except RunfmtError as exc:
-            return [_manifest_problem(exc, exc.location or run.where())]
+            problem = _manifest_problem(exc, exc.location or run.where())
+            unreadable = isinstance(exc, FormatError) and not isinstance(
+                exc, UnsupportedFormatError
+            )
+            return [replace(problem, repairable=unreadable and _unreadable_repairable(run))]
         problems = _problems(run, manifest, manifest_bytes, run_id, live)
         if not problems or revisions(run)[-1:] == [manifest.revision]:
             break  # else a writer committed while the run was checked: check it again
@@ -441,13 +445,14 @@ def repair_run(
                     Problem(path, f"has {size} bytes, {entry.bytes} committed", "CHECK-1")
                 )
                 continue
-            _repair_file(run, path, entry, stage, salvage, changes, report, manifest.created_at,
+            _repair_file(run, path, entry, stage, salvage, changes, report, manifest,
                          count=not maybe_live)  # fmt: skip
         if artifacts != "leave":
             drop = artifacts == "drop" or not salvage
             _repair_artifacts(run, manifest, files, links, drop, changes, report)
         _remove_leftovers(run, report)
-        _check_salvaged_counters(manifest, changes, report)
+        report.actions += [f"salvaged counter delta {name} {delta:+}"
+                           for name, delta in changes.counters.items()]  # fmt: skip
         if changes:
             manifest = commit_locked(run, changes, manifest, repairing=True)
             report.actions.append(f"committed revision {manifest.revision}")
@@ -521,7 +526,8 @@ def _remove_leftovers(run: Storage, report: RepairReport) -> None:
 
 
 def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
-    """The newest revision that decodes; newer unreadable ones are set aside."""
+    """The newest revision that decodes; newer unreadable ones are set aside, or the newest
+    rewritten from its copy (§9.3)."""
     revs = revisions(run)
     for rev in reversed(revs):
         try:
@@ -530,14 +536,8 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
             raise
         except FormatError as exc:
             rel = names.revision_file(rev)
-            copy = _read_optional(run, names.MANIFEST_FILE) if rev == revs[-1] else None
-            found = None if copy is None else _manifest_in(copy)
-            if (
-                copy is not None
-                and found is not None
-                and found.revision == rev
-                and _same_run(run, found, revs[:-1])
-            ):
+            copy = _copy_of_unreadable(run, revs) if rev == revs[-1] else None
+            if copy is not None:
                 run.write_atomic(rel, copy)
                 report.actions.append(f"{rel}: unreadable ({exc.problem}); rewritten from "
                                       "manifest.json, its copy")  # fmt: skip
@@ -551,16 +551,49 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
     return load_manifest(run)
 
 
-def _same_run(run: Storage, found: Manifest, older: list[int]) -> bool:
-    """Whether ``found`` is a manifest of this run: of the newest older revision that reads,
-    else of the run its folder is named after (a copy from another run is no evidence)."""
+def _unreadable_repairable(run: Storage) -> bool:
+    """Whether `repair` mends the run's unreadable newest revision (§9.3): from its copy, or
+    by setting it aside for an older revision that reads."""
+    revs = revisions(run)
+    return bool(revs) and (
+        _copy_of_unreadable(run, revs) is not None
+        or any(_manifest_at(run, rev) is not None for rev in revs[:-1])
+    )
+
+
+def _copy_of_unreadable(run: Storage, revs: list[int]) -> bytes | None:
+    """``manifest.json``'s bytes when they may replace the unreadable newest revision: a
+    valid manifest of that revision of this run (§9.3)."""
+    copy = _read_optional(run, names.MANIFEST_FILE)
+    found = None if copy is None else _manifest_in(copy)
+    if copy is None or found is None or found.revision != revs[-1]:
+        return None
+    return copy if _same_run(run, found, copy, revs[:-1]) else None
+
+
+def _manifest_at(run: Storage, revision: int) -> Manifest | None:
+    try:
+        return load_manifest(run, revision)
+    except FormatError:
+        return None
+
+
+def _same_run(run: Storage, found: Manifest, copy: bytes, older: list[int]) -> bool:
+    """Whether ``found``, decoded from ``copy``, is a manifest of this run: of the newest
+    older revision that reads; else of the run its folder is named after, whose files it
+    lists are at hand, and of which any ``SHA256SUMS`` was made (a copy from another run
+    is no evidence)."""
     for revision in reversed(older):
-        try:
-            kept = load_manifest(run, revision)
-        except FormatError:
-            continue
-        return (kept.run_id, kept.created_at) == (found.run_id, found.created_at)
-    return run.name == found.run_id
+        kept = _manifest_at(run, revision)
+        if kept is not None:
+            return (kept.run_id, kept.created_at) == (found.run_id, found.created_at)
+    if run.name != found.run_id:
+        return False
+    sums = _read_optional(run, names.SUMS_FILE)
+    if sums is not None and sums != sums_of(found, copy):
+        return False
+    files = run.walk()
+    return all(files.get(path, -1) >= size for path, (size, _) in found.listed_files().items())
 
 
 def _manifest_in(data: bytes) -> Manifest | None:
@@ -583,8 +616,8 @@ def _judge_copy(
     A crash leaves it *stale*: missing, no manifest (empty after a power loss) or an older
     revision (COMMIT-7); a copy of the folder taken while a writer committed, a later
     one. Other bytes of the same revision are damage to one of the two: ``SHA256SUMS``
-    tells which when it lists bytes of one of them (COMMIT-14); a later revision that it
-    vouches for is one of the run's that is missing from ``_manifests/``.
+    tells which when it is what CHECK-3 makes of one of them, of this run (COMMIT-14); a
+    later revision of this run that it vouches for so is one missing from ``_manifests/``.
     """
     if copy == newest:
         return "same", truth.revision
@@ -592,17 +625,13 @@ def _judge_copy(
     held = None if found is None else found.revision
     if copy is None or found is None or found.revision < truth.revision:
         return "stale", held
-    if (found.run_id, found.created_at) != (truth.run_id, truth.created_at):
-        return "diverged", held  # another run's manifest: no evidence for this one
-    try:
-        vouched = parse_sums(run.read(names.SUMS_FILE).decode()).get(names.MANIFEST_FILE)
-    except (FileNotFoundError, UnicodeDecodeError, FormatError):
-        vouched = None
-    if vouched == sha256_hex(copy):
+    same_run = (found.run_id, found.created_at) == (truth.run_id, truth.created_at)
+    sums = _read_optional(run, names.SUMS_FILE)
+    if same_run and sums == sums_of(found, copy):
         return "damaged revision", held
     if found.revision > truth.revision:
         return "stale", held
-    if vouched == sha256_hex(newest):
+    if same_run and sums == sums_of(truth, newest):
         return "damaged copy", held
     return "diverged", held
 
@@ -637,20 +666,6 @@ def _copy_damage(state: _CopyState, revision: int, held: int | None) -> Problem:
     return Problem(names.MANIFEST_FILE, what, "COMMIT-14")
 
 
-def _check_salvaged_counters(manifest: Manifest, changes: ChangeSet, report: RepairReport) -> None:
-    """Report the counter deltas salvaged from counter frames (FRAME-6); leave out, as a
-    problem, one that would make its counter one that a manifest cannot hold."""
-    for name, delta in list(changes.counters.items()):
-        try:
-            check_counter(name, manifest.counters.get(name, 0) + delta)
-        except InvalidInputError as exc:
-            del changes.counters[name]
-            report.left.append(Problem("", f"salvaged counter delta not added: {exc.problem}",
-                                       "FRAME-6"))  # fmt: skip
-        else:
-            report.actions.append(f"salvaged counter delta {name} {delta:+}")
-
-
 def _written_for_another_run(header: Mapping[str, object], born: str) -> bool:
     """Whether a valid stage header's ``run_created_at`` names another instant than
     ``born`` (COMMIT-8); timestamps with other fraction digits can name the same one."""
@@ -666,21 +681,23 @@ def _repair_file(
     salvage: bool,
     changes: ChangeSet,
     report: RepairReport,
-    born: str,
+    manifest: Manifest,
     *,
     count: bool,
 ) -> None:
     """Salvage or cut what a dead writer left in one stage file past its committed bytes;
-    ``born`` is the run's ``created_at``, which a header naming another one contradicts.
+    a header naming another ``created_at`` than the run's (``manifest``) contradicts it.
     ``count``: add the deltas of its counter frames (FRAME-6), which a writer that may be
     alive would commit too (STORE-3)."""
     committed = entry.bytes if entry else 0
     keep, records, failures, header, counter_frames = (
-        _complete_prefix(run.read(path)) if salvage else (0, 0, 0, None, [])
+        _complete_prefix(run.read(path), committed) if salvage else (0, 0, 0, None, [])
     )
     stage_name, _ = names.parse_stage_file(path)
     usable = header is not None and header_problem(header, path, stage) is None
-    foreign = usable and header is not None and _written_for_another_run(header, born)
+    foreign = (
+        usable and header is not None and _written_for_another_run(header, manifest.created_at)
+    )
     usable = usable and not foreign
     if not usable or records <= (entry.records if entry else 0):
         keep = committed
@@ -706,14 +723,14 @@ def _repair_file(
         report.actions.append(
             f"{path}: salvaged {records - (entry.records if entry else 0)} records"
         )
-        frames = [f for f in counter_frames if committed <= f.start < keep]
+        frames = [f for f in counter_frames if f.start < keep]
         if frames and not count:
             report.actions.append(f"{path}: counter deltas not added: a writer of the run may "
                                   "be alive and commit them itself (STORE-3)")  # fmt: skip
         elif count:
             for frame in frames:
                 for name, delta in frame.counters.items():
-                    changes.counters[name] = changes.counters.get(name, 0) + delta
+                    _add_counter_delta(name, delta, manifest, changes, report)
     size = run.size(path) or 0
     if size > keep:
         if run.is_local:
@@ -724,12 +741,28 @@ def _repair_file(
             report.left.append(Problem(path, "object has a torn tail", "COMMIT-8"))
 
 
+def _add_counter_delta(
+    name: str, delta: float, manifest: Manifest, changes: ChangeSet, report: RepairReport
+) -> None:
+    """Add a salvaged counter delta (FRAME-6) to ``changes``; leave it out, as a problem,
+    when it would make its counter one that a manifest cannot hold (COMMIT-5)."""
+    total = changes.counters.get(name, 0) + delta
+    try:
+        check_counter(name, manifest.counters.get(name, 0) + total)
+    except InvalidInputError as exc:
+        report.left.append(
+            Problem("", f"salvaged counter delta not added: {exc.problem}", "FRAME-6")
+        )
+    else:
+        changes.counters[name] = total
+
+
 def _complete_prefix(
-    data: bytes,
+    data: bytes, committed: int
 ) -> tuple[int, int, int, dict[str, object] | None, list[CounterFrame]]:
     """Length, records and failures of the longest valid prefix of whole frames, the header,
-    and the counter frames read (FRAME-6)."""
-    decoder = FrameDecoder(counters=True)
+    and the counter frames read from the ``committed`` length on (FRAME-6)."""
+    decoder = FrameDecoder(counters_from=committed)
     records = failures = end = 0
     header = None
     try:
@@ -737,6 +770,8 @@ def _complete_prefix(
             for event in decoder.feed(data[start : start + _SALVAGE_STEP]):
                 if isinstance(event, DataFrame):
                     batch = decode_lines(event.content)
+                    if first_too_deep(event.content, batch) is not None:
+                        raise StageFileError("a record nests too deep (REC-3)")
                     records += len(batch)
                     failures += sum(map(is_failure, batch))
                     end = event.end

@@ -74,6 +74,7 @@ def fork_run(
     """
     if store.read_only:
         raise ReadOnlyError("the store was opened read-only", location=store.url)
+    store._refuse_in_run()
     check_writer_options(writer_options)
     src = store.locate(source)
     base = load_manifest(src)

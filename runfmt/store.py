@@ -98,14 +98,9 @@ class Store:
         if self.storage.is_local and os.path.lexists(root) and not os.path.isdir(root):
             hint = "give a folder as the store; it is made if missing"
             raise InvalidInputError("is a file, not a store folder", location=root, hint=hint)
-        run = run_folder_around(root) if self.storage.is_local else None
-        if run is not None:
-            raise InvalidInputError(
-                f"is {'a run folder' if run == root else 'inside the run folder ' + run}, not a "
-                "store: runs created here would land inside that run",
-                location=root,
-                hint="open the run with runfmt.open_run(path), or give another folder as the store",
-            )
+        self._in_run = run_folder_around(root) if self.storage.is_local else None
+        if os.path.lexists(root):
+            self._refuse_in_run()
         self.read_only = read_only
 
     def __repr__(self) -> str:
@@ -114,6 +109,18 @@ class Store:
     @property
     def url(self) -> str:
         return self.storage.url
+
+    def _refuse_in_run(self) -> None:
+        """`InvalidInputError` when the store folder is, or lies in, a run folder. One that
+        does not exist yet only stops runs being created: a run in it is read by its path."""
+        run, root = self._in_run, self.storage.path()
+        if run is not None:
+            raise InvalidInputError(
+                f"is {'a run folder' if run == root else 'inside the run folder ' + run}, not a "
+                "store: runs created here would land inside that run",
+                location=root,
+                hint="open the run with runfmt.open_run(path), or give another folder as the store",
+            )
 
     def _run_storage(self, run_id: str) -> Storage:
         return self.storage.child(names.validate_run_id(run_id))
@@ -153,6 +160,7 @@ class Store:
     ) -> RunWriter:
         """`create_run` of a name that may hold what writers avoid but readers take
         (MAN-10): an imported run keeps its name (EXP-4)."""
+        self._refuse_in_run()
         check_writer_options(writer_options)
         config = as_dict("config", config)
         if not isinstance(name, str) or not 0 < len(name) <= 200:

@@ -334,6 +334,25 @@ def test_a_symlinked_revision_is_never_followed(
     assert [r["status"] for r in json.loads(out)] == ["unreadable"]
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "SHA256SUMS"])
+def test_a_linked_copy_or_sums_file_is_repairable_and_replaced(
+    run_dir: Path, tmp_path: Path, name: str
+) -> None:
+    """LAYOUT-5: a link in place of manifest.json or SHA256SUMS counts as missing
+    (LAYOUT-2); verify says repair mends it, and repair writes the regular file."""
+    before = snapshot(run_dir)
+    moved = tmp_path / name
+    (run_dir / name).rename(moved)
+    (run_dir / name).symlink_to(moved)
+    problems = verify_run(Storage(str(run_dir)))
+    assert ("LAYOUT-5", True) in {(p.rule, p.repairable) for p in problems}
+    assert all(p.repairable for p in problems), problems
+    repair_run(Storage(str(run_dir)))
+    assert not (run_dir / name).is_symlink()
+    assert snapshot(run_dir) == before
+    assert verify_run(Storage(str(run_dir))) == []
+
+
 def test_a_newer_major_format_is_refused_and_left_untouched(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -621,21 +640,21 @@ def test_a_revision_and_copy_that_differ_with_nothing_to_tell_are_left_alone(
 
 def test_another_runs_manifest_and_sums_are_no_evidence(store: Store, counted_dir: Path) -> None:
     """COMMIT-14: a manifest.json and SHA256SUMS copied in from another run vouch for each
-    other, not for this run: verify reports it not repairable, and repair changes nothing
-    (it took the other run's manifest as a missing revision and deleted this run's data)."""
+    other, not for this run: repair took the other run's later revision as a missing one
+    and deleted this run's data. They are stale copies (COMMIT-7, CHECK-3), which repair
+    rewrites from the run's own newest revision."""
     with store.create_run("other", {"m": 2}, **QUIET) as w:
         w.count("n", 1)
         for _ in range(5):
             w.extend("score", RECORDS)
             w.flush()
     other = Path(store.url) / w.run_id
+    before = snapshot(counted_dir)
     for name in ("manifest.json", "SHA256SUMS"):
         (counted_dir / name).write_bytes((other / name).read_bytes())
-    before = snapshot(counted_dir)
     problems = verify_run(Storage(str(counted_dir)))
-    assert ("manifest.json", "COMMIT-14", False) in {
-        (p.location, p.rule, p.repairable) for p in problems
-    }
+    assert {(p.location, p.rule, p.repairable) for p in problems} == {
+        ("manifest.json", "COMMIT-7", True), ("SHA256SUMS", "CHECK-3", True)}  # fmt: skip
     repair_run(Storage(str(counted_dir)))
     assert snapshot(counted_dir) == before
 
@@ -672,6 +691,100 @@ def test_a_missing_newest_revision_is_restored_from_the_copy_sha256sums_vouches_
     repair_run(Storage(str(counted_dir)))
     assert snapshot(counted_dir) == before
     assert verify_run(Storage(str(counted_dir))) == []
+
+
+def _rerun_copy(store: Store, counted_dir: Path) -> bytes:
+    """The manifest of a run created anew under ``counted_dir``'s id (a rerun, POLICY-4),
+    at the revision number of ``counted_dir``'s newest, with files of its own."""
+    number = int(newest_revision(counted_dir).stem)
+    elsewhere = Store(counted_dir.parent.parent / "elsewhere")
+    with elsewhere.create_run("rerun", {"m": 1}, run_id=counted_dir.name, **QUIET) as w:
+        w.extend("score", [{"key": "other"}])
+        while w.manifest.revision < number - 1:
+            w.heartbeat()
+    return (Path(elsewhere.url) / w.run_id / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("sums", ["kept", "deleted"])
+def test_an_unreadable_only_revision_is_not_rewritten_from_a_reruns_copy(
+    store: Store, counted_dir: Path, sums: str
+) -> None:
+    """§9.3: with no older revision to compare with, a copy of a run with the folder's id is
+    this run's only when the files it lists are at hand and any SHA256SUMS was made from it.
+    A rerun's copy was taken for this run's; repair then deleted this run's committed files
+    as a replaced run's (COMMIT-8)."""
+    copy = _rerun_copy(store, counted_dir)
+    (counted_dir / "manifest.json").write_bytes(copy)
+    if sums == "deleted":
+        (counted_dir / "SHA256SUMS").unlink()
+    newest = newest_revision(counted_dir)
+    for older in (counted_dir / "_manifests").glob("*.json"):
+        if older != newest:
+            older.unlink()  # a copy that kept only the newest revision (COMMIT-9)
+    newest.write_bytes(newest.read_bytes()[:40])
+    before = snapshot(counted_dir)
+    [problem] = verify_run(Storage(str(counted_dir)))
+    assert problem.location.endswith(f"_manifests/{newest.name}")
+    assert not problem.repairable
+    with pytest.raises(ManifestError):
+        repair_run(Storage(str(counted_dir)))
+    assert snapshot(counted_dir) == before
+
+
+def test_verify_says_repair_mends_an_unreadable_newest_revision(run_dir: Path) -> None:
+    """ERR-3: an unreadable newest revision is repairable when its copy or an older revision
+    stands in for it (§9.3), and not when neither does."""
+    newest = newest_revision(run_dir)
+    newest.write_bytes(b"{")
+    [problem] = verify_run(Storage(str(run_dir)))
+    assert problem.repairable, "manifest.json holds the revision"
+    (run_dir / "manifest.json").unlink()
+    [problem] = verify_run(Storage(str(run_dir)))
+    assert problem.repairable, "an older revision reads"
+    for older in (run_dir / "_manifests").glob("*.json"):
+        if older != newest:
+            older.write_bytes(b"{")
+    [problem] = verify_run(Storage(str(run_dir)))
+    assert not problem.repairable
+    with pytest.raises(ManifestError):
+        repair_run(Storage(str(run_dir)))
+
+
+def test_a_later_copy_of_another_run_is_stale_not_damage(store: Store, counted_dir: Path) -> None:
+    """COMMIT-14 covers a copy of the newest revision's number; another run's later revision
+    in manifest.json is a stale copy (COMMIT-7), which repair rewrites."""
+    with store.create_run("other", {"m": 2}, **QUIET) as w:
+        while w.manifest.revision <= int(newest_revision(counted_dir).stem):
+            w.heartbeat()
+    before = snapshot(counted_dir)
+    (counted_dir / "manifest.json").write_bytes(
+        (Path(store.url) / w.run_id / "manifest.json").read_bytes()
+    )
+    [problem] = verify_run(Storage(str(counted_dir)))
+    assert (problem.location, problem.rule, problem.repairable) == (
+        "manifest.json", "COMMIT-7", True)  # fmt: skip
+    repair_run(Storage(str(counted_dir)))
+    assert verify_run(Storage(str(counted_dir))) == []
+    assert snapshot(counted_dir) == before
+
+
+def test_sha256sums_vouches_only_as_a_whole(counted_dir: Path) -> None:
+    """COMMIT-14: SHA256SUMS vouches for a manifest when it is what CHECK-3 makes of it; a
+    matching manifest.json line beside a changed line is no evidence."""
+    sums = counted_dir / "SHA256SUMS"
+    lines = sums.read_text().splitlines(keepends=True)
+    lines[-1] = ("0" * 64) + lines[-1][64:]
+    assert lines[-1].endswith(".jsonl.zst\n")
+    sums.write_text("".join(lines))
+    rev = newest_revision(counted_dir)
+    rev.write_bytes(_flip_counter(rev.read_bytes()))
+    before = snapshot(counted_dir)
+    problems = verify_run(Storage(str(counted_dir)))
+    assert ("manifest.json", "COMMIT-14", False) in {
+        (p.location, p.rule, p.repairable) for p in problems
+    }
+    repair_run(Storage(str(counted_dir)))
+    assert snapshot(counted_dir) == before
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,23 @@ def test_a_run_folder_given_as_store_is_bad_usage(
     assert f"is inside the run {folder}, not a store" in err
 
 
+def test_a_run_is_read_by_its_path_from_inside_its_folder(tmp_path: Path) -> None:
+    """The default store ./runs would lie in the run there: RUN given as a path needs no
+    store; a command that creates runs is refused, and nothing is written in the run."""
+    store = runfmt.Store(tmp_path / "runs")
+    with store.create_run("r") as w:
+        w.append("gen", {"i": 1})
+    folder = tmp_path / "runs" / w.run_id
+    before = sorted(folder.rglob("*"))
+    for args in (["verify", "."], ["show", "."], ["cat", ".", "gen"], ["repair", "."]):
+        proc = python_m(*args, cwd=folder)
+        assert proc.returncode == 0, (args, proc.stderr)
+    proc = python_m("demo", cwd=folder / "stages")
+    assert proc.returncode == 1
+    assert f"inside the run folder {folder}, not a store" in proc.stderr
+    assert sorted(folder.rglob("*")) == before
+
+
 def test_help_lists_every_command_with_help_text(tmp_path: Path) -> None:
     proc = python_m("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -648,7 +665,7 @@ def test_an_unreadable_manifest_is_named_by_show_and_verify(
     assert code == 1
     assert out.startswith(f"{newest}: not valid JSON")
     assert out.count("(MAN-1)") == 1, "the rule is named once"
-    assert f"FAIL  {run_id}: 1 problem\n" in out
+    assert f"FAIL  {run_id}: 1 problem; `runfmt repair {root / run_id}` fixes 1\n" in out
 
 
 def test_verify_leaves_a_live_writers_uncommitted_data_to_it(

@@ -95,10 +95,12 @@ def test_python_reader_passes_case(case: suite.Case) -> None:
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.valid], ids=lambda c: c.name)
 def test_invalid_case_fails_for_its_own_reason(case: suite.Case, tmp_path: Path) -> None:
-    """verify names a rule the case says it breaks; reading raises the case's error category."""
+    """verify names a rule the case says it breaks, and says repair mends it when the case
+    does (ERR-3); reading raises the case's error category."""
     run = suite._copy(case, tmp_path)
     problems = verify_run(Storage(str(run)))
     assert any(rule in str(p) for p in problems for rule in case.meta["rules"]), problems
+    assert all(p.repairable for p in problems) == case.meta["repairable"], problems
     for p in problems:
         assert f"({p.rule})" not in p.problem, f"{p}: the rule is named once, by verify"
     raised = _read_everything(run)

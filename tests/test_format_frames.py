@@ -284,7 +284,7 @@ def test_counter_frames_round_trip_wherever_the_input_is_split(
         starts.append(len(data))
         data += encode_counters(d) + encoder.encode(b'{"i":%d}\n' % i)
     cut %= len(data) + 1
-    decoder = FrameDecoder(counters=True)
+    decoder = FrameDecoder(counters_from=0)
     events = decoder.feed(data[:cut]) + decoder.feed(data[cut:])
     decoder.close()
     assert [f.counters for f in decoder.counter_frames] == deltas
@@ -311,7 +311,7 @@ def test_a_counter_frame_not_as_frame_6_says_is_an_error(body: bytes) -> None:
     with pytest.raises(StageFileError, match="FRAME-6"):
         decode_counters(body)
     frame = struct.pack("<II", COUNTERS_MAGIC, len(body)) + body
-    decoder = FrameDecoder(counters=True)
+    decoder = FrameDecoder(counters_from=0)
     with pytest.raises(StageFileError):
         decoder.feed(PREFIX + encode_header(HEADER) + frame)
 
@@ -339,4 +339,4 @@ def test_a_counter_frame_is_bounded_in_size() -> None:
         encode_counters(huge)
     frame = struct.pack("<II", COUNTERS_MAGIC, MAX_HEADER_SIZE + 1)
     with pytest.raises(StageFileError, match="counter frame of"):
-        FrameDecoder(counters=True).feed(PREFIX + encode_header(HEADER) + frame)
+        FrameDecoder(counters_from=0).feed(PREFIX + encode_header(HEADER) + frame)

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import runfmt
-from runfmt.check import verify_run
+from runfmt.check import repair_run, verify_run
 from runfmt.cli import main
 from runfmt.errors import RunfmtError
 from runfmt.format.frames import HEADER_MAGIC, PREFIX
@@ -404,6 +404,22 @@ def test_a_record_nested_too_deep_is_reported_and_refused_not_crashed_on(
                               text=True, timeout=120, check=False)  # fmt: skip
         assert "Traceback" not in done.stderr
         assert done.returncode == 1, done.stderr
+
+
+@pytest.mark.parametrize(("depth", "salvaged"), [(254, 1), (255, 0)])
+def test_salvage_keeps_no_record_nested_too_deep(
+    templates: dict[str, Path], tmp_path: Path, depth: int, salvaged: int
+) -> None:
+    """COMMIT-8: salvage keeps valid frames only, and a record nesting more than 254 levels
+    (REC-3) is invalid: repair committed one, which its own verify then reported."""
+    run_dir = copy_of(templates, "running", tmp_path)
+    payload = b'{"id":"c","v":' + _deep(depth - 1) + b"}\n"
+    with stage_file(run_dir).open("ab") as f:
+        f.write(zstandard.ZstdCompressor(write_checksum=True).compress(payload))
+    report = repair_run(Storage(str(run_dir)))
+    assert report.salvaged_records == salvaged
+    assert verify_run(Storage(str(run_dir))) == []
+    assert len(list(runfmt.open_run(run_dir).records("gen"))) == 1 + salvaged
 
 
 def _nested(depth: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ run's counters exactly once (COMMIT-8)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from runfmt.format.frames import (
     encode_counters,
     iter_frames,
 )
+from runfmt.format.manifest import ChangeSet, FileEntry
 from runfmt.run import RunWriter
 from runfmt.storage import Storage
 from runfmt.store import Store
@@ -30,7 +32,7 @@ QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat
 def frames_of(path: Path) -> tuple[list[int], list[tuple[int, dict[str, Any]]]]:
     """Where each data frame starts, and each counter frame's start and deltas."""
     data = path.read_bytes()
-    decoder = FrameDecoder(counters=True)
+    decoder = FrameDecoder(counters_from=0)
     starts = [e.start for e in decoder.feed(data) if isinstance(e, DataFrame)]
     return starts, [(f.start, f.counters) for f in decoder.counter_frames]
 
@@ -164,6 +166,49 @@ def test_a_salvaged_delta_a_manifest_cannot_hold_is_reported_not_added(store: St
     reader = store.open_run(w.run_id)
     assert reader.manifest.counters == {"big": 2**63 - 1, "tokens": 3}
     assert list(reader.records("generate")) == [{"i": 0}, {"i": 1}]
+
+
+def test_each_salvaged_delta_is_added_while_its_counter_can_hold_it(store: Store) -> None:
+    """COMMIT-8: the delta that would overflow its counter is left out, not those before
+    it."""
+    w = store.create_run("overflow-float", **QUIET)
+    w.append("generate", {"i": 0})
+    w.count("cost", 0.25)
+    w.close()
+    with stage_file(w, "generate").open("ab") as f:
+        for line in (b'{"i":1}\n', b'{"i":2}\n'):
+            f.write(encode_counters({"cost": 1.7e308}) + FrameEncoder().encode(line))
+    report = repair_run(w.storage)
+    assert [p.rule for p in report.left] == ["FRAME-6"]
+    reader = store.open_run(w.run_id)
+    assert reader.manifest.counters == {"cost": 0.25 + 1.7e308}
+    assert list(reader.records("generate")) == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_salvage_checks_only_the_counter_frames_past_the_committed_length(
+    store: Store,
+) -> None:
+    """FRAME-6: readers skip the counter frames of a listed prefix unchecked, and so does
+    salvage: a committed one whose sha256 does not match cut the valid frames after it."""
+    w = store.create_run("committed-counter-frame", **QUIET)
+    w.append("generate", {"i": 0})
+    w.close()
+    path = stage_file(w, "generate")
+    changed = encode_counters({"n": 1}).replace(b'"n":1', b'"n":2')
+    with path.open("ab") as f:
+        f.write(changed + FrameEncoder().encode(b'{"i":1}\n'))
+    data = path.read_bytes()
+    rel = path.relative_to(w.storage.url).as_posix()
+    entry = FileEntry(rel, len(data), 2, 0, hashlib.sha256(data).hexdigest())
+    runfmt.run.commit(w.storage, ChangeSet(files={rel: entry}), lock_timeout=5.0)
+    assert verify_run(w.storage) == []
+    with path.open("ab") as f:
+        f.write(encode_counters({"n": 3}) + FrameEncoder().encode(b'{"i":2}\n'))
+    assert repair_run(w.storage).salvaged_records == 1
+    reader = store.open_run(w.run_id)
+    assert reader.manifest.counters == {"n": 3}
+    assert list(reader.records("generate")) == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert verify_run(w.storage) == []
 
 
 def test_every_zstd_reader_skips_counter_frames(store: Store) -> None:

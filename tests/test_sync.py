@@ -630,6 +630,19 @@ def test_a_run_folder_or_one_inside_it_is_refused_as_a_store(src: Store, inside:
         Store(f"{src.url}/{src.run_ids()[0]}{inside}")
 
 
+@pytest.mark.parametrize("create", ["create_run", "fork_run"])
+def test_a_missing_store_folder_inside_a_run_creates_no_run(src: Store, create: str) -> None:
+    """A store folder that does not exist yet may lie in a run folder (a run in it is read
+    by its path), but runs are not created there."""
+    run_id = src.run_ids()[0]
+    inside = Store(f"{src.url}/{run_id}/runs")
+    make = {"create_run": lambda: inside.create_run("nested"),
+            "fork_run": lambda: inside.fork_run(f"{src.url}/{run_id}", "gen")}[create]  # fmt: skip
+    with pytest.raises(InvalidInputError, match="inside the run folder"):
+        make()
+    assert not Path(inside.url).exists()
+
+
 def test_a_folder_inside_a_run_is_refused_as_a_destination(src: Store, tmp_path: Path) -> None:
     host = tmp_path / "other"
     host_id = _run(Store(host), 2, "host")

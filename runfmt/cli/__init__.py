@@ -70,11 +70,12 @@ class State:
     @property
     def url(self) -> str:
         """The store's location; a file or a run folder given as the store is bad usage
-        (listing a run folder would find nothing and put an index inside the run)."""
+        (listing a run folder would find nothing and put an index inside the run). The
+        default, when missing, may lie in a run folder: a run there is given by its path."""
         url = self.store_url or "./runs"
         check_location(url, "--store")
         local = url.removeprefix("file://")
-        if "://" not in local:
+        if "://" not in local and (self.store_url is not None or os.path.lexists(local)):
             from runfmt._local import run_folder_around
 
             if os.path.exists(local) and not os.path.isdir(local):

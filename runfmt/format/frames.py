@@ -156,11 +156,15 @@ class FrameDecoder:
     """
 
     def __init__(
-        self, max_frame_content: int = MAX_FRAME_CONTENT, *, start: int = 0, counters: bool = False
+        self,
+        max_frame_content: int = MAX_FRAME_CONTENT,
+        *,
+        start: int = 0,
+        counters_from: int | None = None,
     ) -> None:
         """``start`` > 0: decode from that offset, a frame boundary after the header;
-        ``counters``: collect counter frames in `counter_frames` (else they are skipped as
-        any skippable frame)."""
+        ``counters_from``: check and collect in `counter_frames` the counter frames that
+        start at or past that offset (the others are skipped as any skippable frame)."""
         self._buf = bytearray()
         self._offset = start
         self._state = "frames" if start else "prefix"
@@ -172,7 +176,7 @@ class FrameDecoder:
         self._content_size = 0
         self._skip = 0
         self._max = max_frame_content
-        self._counters = counters
+        self._counters_from = counters_from
         self.counter_frames: list[CounterFrame] = []
         self.header: Header | None = None
         self.header_end = start
@@ -247,7 +251,11 @@ class FrameDecoder:
             self._state = "frames"
             self.complete_end = self._offset
             return True
-        if magic == COUNTERS_MAGIC and self._counters:
+        if (
+            magic == COUNTERS_MAGIC
+            and self._counters_from is not None
+            and self._frame_start >= self._counters_from
+        ):
             if size > MAX_HEADER_SIZE:
                 raise self._error(
                     f"counter frame of {size} bytes, over {MAX_HEADER_SIZE} (FRAME-6)"

@@ -232,9 +232,13 @@ def check_listing(
     """Problems in what the run folder holds besides the listed files' contents.
 
     ``files`` maps every run-relative file path (local state excluded) to its size;
-    ``links`` names those that are symbolic links.
+    ``links`` names those that are symbolic links (repair replaces one in place of
+    ``manifest.json`` or ``SHA256SUMS``, which counts as missing, LAYOUT-2).
     """
-    problems = [Problem(p, "symbolic link in a run folder", "LAYOUT-5") for p in sorted(links)]
+    problems = [
+        Problem(p, "symbolic link in a run folder", "LAYOUT-5", repairable=p in _RUN_FILES)
+        for p in sorted(links)
+    ]
     listed = manifest.listed_paths()
     for path in sorted(files):
         if path in listed or path in _RUN_FILES or path in links:
