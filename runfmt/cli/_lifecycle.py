@@ -17,12 +17,16 @@ from runfmt.cli import (
     no_runs,
     print_json,
     state,
+    store_index,
     usage_of,
 )
 
 if TYPE_CHECKING:
+    from runfmt.errors import FormatError
     from runfmt.lifecycle import RunSummary
     from runfmt.lineage import LineageNode
+    from runfmt.run import RunReader
+    from runfmt.store import Store
 
 _HEALTH = ("running", "abandoned", "completed", "failed", "cancelled", "unreadable")
 
@@ -61,19 +65,27 @@ def status(
         )
     store = state(ctx).store(read_only=True)
     clock = now()
-    with usage_of("--config"):
-        runs = (
-            [(r.run_id, r) for r in runs_with_config(store, config)]
-            if config
-            else list(store.runs())
-        )
+    if config:
+        with usage_of("--config"):
+            runs: list[tuple[str, RunReader | None]] = [
+                (r.run_id, r) for r in runs_with_config(store, config)
+            ]
+        unreadable = None
+    else:
+        listed = store_index(ctx).runs()  # newest first, kept in step with the folders
+        runs = [(r.run_id, None) for r in listed]  # read below, as far as they are shown
+        unreadable = {r.run_id for r in listed if r.status == "unreadable"}
     summaries: list[RunSummary] = []
     broken: list[tuple[str, FormatError]] = []
-    for run_id, run in runs:
+    for run_id, found in runs:
+        full = limit is not None and len(summaries) >= limit
+        if full and (unreadable is None or run_id not in unreadable):
+            continue  # the run is read only to show it, or to show it cannot be read
+        run = found if found is not None else _read(store, run_id)
         if isinstance(run, FormatError):
             if not health or "unreadable" in health:
                 broken.append((run_id, run))
-        else:
+        elif run is not None:
             summary = summarize(run.manifest, clock)
             if not health or summary.health in health:
                 summaries.append(summary)
@@ -95,6 +107,18 @@ def status(
             echo(no_runs(ctx, store.url, filtered=bool(health or config)))
     if broken:
         fail(f"{len(broken)} run(s) cannot be read; `runfmt verify` lists every problem")
+
+
+def _read(store: "Store", run_id: str) -> "RunReader | FormatError | None":
+    """The run's reader, or why it cannot be read; None when it is gone."""
+    from runfmt.errors import FormatError, RunNotFoundError
+
+    try:
+        return store.open_run(run_id)
+    except RunNotFoundError:
+        return None
+    except FormatError as exc:
+        return exc
 
 
 def _status_line(s: "RunSummary") -> str:
