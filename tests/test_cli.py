@@ -7,7 +7,9 @@ absence of tracebacks go through the real entry point (`main`, in-process or as
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import json
 import os
 import re
@@ -21,12 +23,14 @@ from unittest.mock import Mock
 
 import pytest
 import typer.main
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
 import runfmt
 from runfmt import check
 from runfmt.check import verify_run
-from runfmt.cli import _app_for, app, main
+from runfmt.cli import _app_for, app, main, print_json
 from runfmt.demo import STAGES, DemoResult, write_demo_run
 from runfmt.format.frames import FrameEncoder
 from runfmt.format.schemas import SCHEMA_NAMES, load_schema
@@ -143,6 +147,26 @@ def test_a_run_is_read_by_its_path_from_inside_its_folder(tmp_path: Path) -> Non
     assert proc.returncode == 1
     assert f"inside the run folder {folder}, not a store" in proc.stderr
     assert sorted(folder.rglob("*")) == before
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(_JSON)
+def test_json_output_is_written_item_by_item_as_json_dumps_writes_it(value: Any) -> None:
+    """`--json` listings stream their items (`ls --json` of 50,000 runs held 573 MB): the
+    text must stay what one `json.dumps` of the whole document makes."""
+    expected = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    inputs = [value, iter(value)] if isinstance(value, list) else [value]
+    for given_value in inputs:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_json(given_value)
+        assert out.getvalue() == expected
 
 
 def test_help_lists_every_command_with_help_text(tmp_path: Path) -> None:

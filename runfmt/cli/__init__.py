@@ -177,14 +177,25 @@ def state(ctx: typer.Context) -> State:
 
 
 def print_json(value: Any) -> None:
-    """Write one JSON document to stdout."""
+    """Write one JSON document to stdout. A list, or an iterator of items, is written as an
+    array item by item (the same text), so that a listing of many runs is never held whole
+    as text."""
     import json
 
-    try:
-        text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
-    except RecursionError:
-        fail("a value nests too deep to print (REC-3, MAN-1): run `runfmt verify` on its run")
-    sys.stdout.write(text + "\n")
+    def dumps(item: Any) -> str:
+        try:
+            return json.dumps(item, indent=2, ensure_ascii=False, default=str)
+        except RecursionError:
+            fail("a value nests too deep to print (REC-3, MAN-1): run `runfmt verify` on its run")
+
+    if not isinstance(value, list | Iterator):
+        sys.stdout.write(dumps(value) + "\n")
+        return
+    separator = "[\n  "
+    for item in value:
+        sys.stdout.write(separator + dumps(item).replace("\n", "\n  "))
+        separator = ",\n  "
+    sys.stdout.write("[]\n" if separator == "[\n  " else "\n]\n")
 
 
 def store_index(ctx: typer.Context) -> "Index":

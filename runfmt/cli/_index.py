@@ -97,7 +97,7 @@ def ls(
             status=status or None, name=name, tags=_tags(tag or []), since=moment, limit=limit
         )
     if json_:
-        print_json([r.to_json() for r in runs])
+        print_json(r.to_json() for r in runs)
     elif runs:
         _print_runs(runs)
     elif limit != 0:
