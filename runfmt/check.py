@@ -68,6 +68,7 @@ _CHUNK = 1 << 20
 _SNAPSHOTS = 3
 """Times `verify_run` checks a run that writers keep committing to before it reports."""
 _SALVAGE_STEP = 64 << 10
+_FOLDER = "is a folder, where the run keeps a file: move it away, then run repair"
 
 
 def verify_run(
@@ -113,7 +114,9 @@ def _problems(
         problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
     current = _read_optional(run, names.MANIFEST_FILE)
     copy, held = _judge_copy(run, current, manifest_bytes, manifest)
-    if copy == "stale":
+    if copy == "stale" and run.is_dir(names.MANIFEST_FILE):
+        problems.append(Problem(names.MANIFEST_FILE, _FOLDER, "LAYOUT-2"))
+    elif copy == "stale":
         if not live:  # a live writer replaces the copy next
             what = "is missing" if current is None else "differs from the newest revision"
             what += " (a crash leaves it so, as does a sync cut short: run that sync again)"
@@ -140,6 +143,8 @@ def _problems(
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
     problems = [p for p in problems if not _uncommitted_of(p, live)]
+    if copy == "diverged":  # repair changes nothing then (COMMIT-14)
+        problems = [replace(p, repairable=False) for p in problems]
     short = _cut_short(run, manifest, files)
     if short and not live and all(p.repairable or p.location in short for p in problems):
         whole = _whole_revision(run, manifest, files, links, short)
@@ -337,12 +342,12 @@ def _check_file(
 
 def _check_sums(run: Storage, manifest: Manifest, manifest_bytes: bytes) -> list[Problem]:
     """``SHA256SUMS`` must be byte for byte what CHECK-3 makes of the manifest."""
+    if manifest.status == "running":
+        return [Problem(names.SUMS_FILE, "present in a running run", "CHECK-3", repairable=True)]
     try:
         data = run.read(names.SUMS_FILE)
     except FileNotFoundError:
         return [Problem(names.SUMS_FILE, "missing in a finished run", "CHECK-3", repairable=True)]
-    if manifest.status == "running":
-        return [Problem(names.SUMS_FILE, "present in a running run", "CHECK-3", repairable=True)]
     if data == sums_of(manifest, manifest_bytes):
         return []
     try:
@@ -457,13 +462,16 @@ def repair_run(
             manifest = commit_locked(run, changes, manifest, repairing=True)
             report.actions.append(f"committed revision {manifest.revision}")
         data = run.read(names.revision_file(manifest.revision))
-        if _read_optional(run, names.MANIFEST_FILE) != data:
+        folders = [name for name in (names.MANIFEST_FILE, names.SUMS_FILE) if run.is_dir(name)]
+        report.left += [Problem(name, _FOLDER, "LAYOUT-2") for name in folders]
+        if names.MANIFEST_FILE not in folders and _read_optional(run, names.MANIFEST_FILE) != data:
             write_manifest_copy(run, data, finished=manifest.finished)
             report.actions.append("rewrote manifest.json from the newest revision")
-        if manifest.finished and _check_sums(run, manifest, data):
+        sums = names.SUMS_FILE not in folders
+        if sums and manifest.finished and _check_sums(run, manifest, data):
             write_sums(run, manifest)
             report.actions.append("rewrote SHA256SUMS")
-        elif not manifest.finished and run.exists(names.SUMS_FILE):
+        elif sums and not manifest.finished and run.exists(names.SUMS_FILE):
             run.delete(names.SUMS_FILE)
             report.actions.append("removed SHA256SUMS of a running run")
     return report
@@ -526,47 +534,72 @@ def _remove_leftovers(run: Storage, report: RepairReport) -> None:
 
 
 def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
-    """The newest revision that decodes; newer unreadable ones are set aside, or the newest
-    rewritten from its copy (§9.3)."""
+    """The newest revision; an unreadable one is rewritten from its copy, or set aside with
+    those after the newest older revision that reads (§9.3). Nothing changes when neither
+    can be done."""
     revs = revisions(run)
-    for rev in reversed(revs):
-        try:
-            return load_manifest(run, rev)
-        except UnsupportedFormatError:
+    try:
+        return load_manifest(run, revs[-1])
+    except UnsupportedFormatError:
+        raise
+    except FormatError as exc:
+        copy, older = _mending(run, revs)
+        rel = names.revision_file(revs[-1])
+        if copy is not None:
+            run.write_atomic(rel, copy)
+            report.actions.append(f"{rel}: unreadable ({exc.problem}); rewritten from "
+                                  "manifest.json, its copy")  # fmt: skip
+            return load_manifest(run, revs[-1])
+        if older is None:
             raise
-        except FormatError as exc:
+        for rev in reversed(revs):
+            if rev == older.revision:
+                break
             rel = names.revision_file(rev)
-            copy = _copy_of_unreadable(run, revs) if rev == revs[-1] else None
-            if copy is not None:
-                run.write_atomic(rel, copy)
-                report.actions.append(f"{rel}: unreadable ({exc.problem}); rewritten from "
-                                      "manifest.json, its copy")  # fmt: skip
-                return load_manifest(run, rev)
-            if rev == revs[0]:
-                raise
-            data = run.read(rel)
-            run.put(f"{names.MANIFESTS_DIR}/.corrupt-{rev:08d}.json", data)
+            run.put(f"{names.MANIFESTS_DIR}/.corrupt-{rev:08d}.json", run.read(rel))
             run.delete(rel)
-            report.actions.append(f"{rel}: unreadable ({exc.problem}); moved aside")
-    return load_manifest(run)
+            report.actions.append(f"{rel}: unreadable; moved aside")
+        return older
 
 
 def _unreadable_repairable(run: Storage) -> bool:
-    """Whether `repair` mends the run's unreadable newest revision (§9.3): from its copy, or
-    by setting it aside for an older revision that reads."""
+    """Whether `repair` mends the run's unreadable newest revision (§9.3)."""
     revs = revisions(run)
-    return bool(revs) and (
-        _copy_of_unreadable(run, revs) is not None
-        or any(_manifest_at(run, rev) is not None for rev in revs[:-1])
-    )
+    try:
+        copy, older = _mending(run, revs) if revs else (None, None)
+    except UnsupportedFormatError:
+        return False
+    return copy is not None or older is not None
+
+
+def _mending(run: Storage, revs: list[int]) -> tuple[bytes | None, Manifest | None]:
+    """How an unreadable newest revision is mended: ``manifest.json``'s bytes to rewrite it
+    from; else the newest older revision that reads, when every revision after it is a
+    regular file to set aside. `UnsupportedFormatError` for a revision of a newer format
+    met first: repair goes back no further."""
+    copy = _copy_of_unreadable(run, revs)
+    if copy is not None:
+        return copy, None
+    for rev in reversed(revs[:-1]):
+        try:
+            older = load_manifest(run, rev)
+        except UnsupportedFormatError:
+            raise
+        except FormatError:
+            continue
+        later = [names.revision_file(r) for r in revs if r > rev]
+        return None, older if all(map(run.is_file, later)) else None
+    return None, None
 
 
 def _copy_of_unreadable(run: Storage, revs: list[int]) -> bytes | None:
     """``manifest.json``'s bytes when they may replace the unreadable newest revision: a
-    valid manifest of that revision of this run (§9.3)."""
+    valid manifest of that revision of this run (§9.3), and no folder in its place."""
     copy = _read_optional(run, names.MANIFEST_FILE)
     found = None if copy is None else _manifest_in(copy)
     if copy is None or found is None or found.revision != revs[-1]:
+        return None
+    if run.is_dir(names.revision_file(revs[-1])):
         return None
     return copy if _same_run(run, found, copy, revs[:-1]) else None
 

@@ -353,6 +353,24 @@ def test_a_linked_copy_or_sums_file_is_repairable_and_replaced(
     assert verify_run(Storage(str(run_dir))) == []
 
 
+def test_a_linked_sums_file_in_a_running_run_is_not_called_missing(
+    store: Store, tmp_path: Path
+) -> None:
+    """CHECK-3: a running run has no SHA256SUMS; a link by that name is one to remove."""
+    w = store.create_run("running", **QUIET)
+    w.append("score", RECORDS[0])
+    w.close()
+    (tmp_path / "sums").write_text("x")
+    (Path(w.storage.path()) / "SHA256SUMS").symlink_to(tmp_path / "sums")
+    problems = verify_run(w.storage)
+    assert {(p.rule, p.problem) for p in problems} == {
+        ("LAYOUT-5", "symbolic link in a run folder"),
+        ("CHECK-3", "present in a running run"),
+    }
+    repair_run(w.storage)
+    assert verify_run(w.storage) == []
+
+
 def test_a_newer_major_format_is_refused_and_left_untouched(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -748,6 +766,66 @@ def test_verify_says_repair_mends_an_unreadable_newest_revision(run_dir: Path) -
     assert not problem.repairable
     with pytest.raises(ManifestError):
         repair_run(Storage(str(run_dir)))
+
+
+@pytest.mark.parametrize("older", ["unreadable", "newer format", "newest is a folder"])
+def test_repair_changes_nothing_when_no_revision_can_stand_in(run_dir: Path, older: str) -> None:
+    """§9.3: with no usable copy and no older revision to go back to, repair changes
+    nothing (it set every unreadable revision aside, one by one, before failing); verify
+    says so (ERR-3)."""
+    (run_dir / "manifest.json").unlink()
+    revs = sorted((run_dir / "_manifests").glob("*.json"))
+    for rev in revs[:-1]:
+        if older == "newer format":
+            doc = json.loads(rev.read_bytes())
+            doc["required_features"] = ["teleport"]
+            rev.write_text(json.dumps(doc))
+        elif older == "unreadable":
+            rev.write_bytes(b"{")
+    if older == "newest is a folder":
+        revs[-1].unlink()
+        revs[-1].mkdir()
+    else:
+        revs[-1].write_bytes(b"{")
+    before = snapshot(run_dir)
+    [problem] = verify_run(Storage(str(run_dir)))
+    assert not problem.repairable
+    with pytest.raises((ManifestError, UnsupportedFormatError)):
+        repair_run(Storage(str(run_dir)))
+    assert snapshot(run_dir) == before
+    assert sorted(p.name for p in (run_dir / "_manifests").iterdir()) == [r.name for r in revs]
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "SHA256SUMS"])
+def test_a_folder_where_the_run_keeps_a_file_is_left_to_the_user(run_dir: Path, name: str) -> None:
+    """LAYOUT-2: a folder named manifest.json or SHA256SUMS counts as missing, but repair
+    cannot write the file over it (it crashed); it says so and changes nothing else."""
+    (run_dir / name).unlink()
+    (run_dir / name).mkdir()
+    (run_dir / name / "notes.txt").write_text("mine")
+    if name == "manifest.json":
+        problems = verify_run(Storage(str(run_dir)))
+        assert (name, "LAYOUT-2", False) in {(p.location, p.rule, p.repairable) for p in problems}
+        assert not any(p.repairable for p in problems)
+    report = repair_run(Storage(str(run_dir)))
+    assert [(p.location, p.rule) for p in report.left] == [(name, "LAYOUT-2")]
+    assert (run_dir / name / "notes.txt").read_text() == "mine"
+
+
+def test_no_problem_is_repairable_beside_a_diverged_copy(store: Store, counted_dir: Path) -> None:
+    """ERR-3: repair changes nothing beside a copy that COMMIT-14 cannot judge, so verify
+    offers it for no problem (it offered to fix the SHA256SUMS copied in with it)."""
+    with store.create_run("other", {"m": 2}, **QUIET) as w:
+        while w.manifest.revision < int(newest_revision(counted_dir).stem) - 1:
+            w.heartbeat()
+    other = Path(store.url) / w.run_id
+    assert newest_revision(other).name == newest_revision(counted_dir).name
+    for name in ("manifest.json", "SHA256SUMS"):
+        (counted_dir / name).write_bytes((other / name).read_bytes())
+    problems = verify_run(Storage(str(counted_dir)))
+    assert {(p.location, p.rule) for p in problems} == {
+        ("manifest.json", "COMMIT-14"), ("SHA256SUMS", "CHECK-3")}  # fmt: skip
+    assert not any(p.repairable for p in problems)
 
 
 def test_a_later_copy_of_another_run_is_stale_not_damage(store: Store, counted_dir: Path) -> None:

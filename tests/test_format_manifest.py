@@ -500,3 +500,43 @@ def test_status_error_and_finish_time() -> None:
     assert (resumed.status, resumed.finished_at) == ("running", None)
     assert not ChangeSet()
     assert ChangeSet(counters={"c": 1})
+
+
+def test_validated_bytes_are_remembered_safely_across_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bytes validated once are not validated again, in a bounded memory that threads share
+    (its eviction raised 'dictionary changed size during iteration' under threads); an
+    invalid manifest is never remembered as valid."""
+    import sys
+    import threading
+
+    import runfmt.format.manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "_VALID_KEPT", 16)
+    monkeypatch.setattr(manifest_module, "_VALID", {})
+    blobs = [encode_manifest(base_manifest(revision=n)) for n in range(1, 401)]
+    bad = encode_manifest(base_manifest()).replace(b'"revision": 1', b'"revision": 0')
+    failures: list[BaseException] = []
+
+    def decode_all(offset: int) -> None:
+        try:
+            for data in blobs[offset:] + blobs[:offset]:
+                decode_manifest(data)
+                with pytest.raises(ManifestError):
+                    decode_manifest(bad)
+        except BaseException as exc:
+            failures.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=decode_all, args=(i * 100,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+    assert len(manifest_module._VALID) <= 16

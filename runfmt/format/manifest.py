@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -59,6 +60,7 @@ _VALID: dict[bytes, None] = {}
 decoded several times (a resume: to locate, repair and reopen the run), and its schema
 validation costs 95% of a decode."""
 _VALID_KEPT = 4096
+_VALID_LOCK = threading.Lock()
 _MAX_INT_TEXT = 320
 """More characters than the longest integer finite as a double (309 digits and a sign)."""
 _TOO_DEEP = f"objects and arrays nest more than {MAX_DEPTH} levels deep (MAN-1)"
@@ -414,9 +416,10 @@ def decode_manifest(data: bytes) -> Manifest:
         problems = manifest_problems(doc)
         if problems:
             raise ManifestError("invalid manifest: " + "; ".join(problems))
-        _VALID[digest] = None
-        if len(_VALID) > _VALID_KEPT:
-            _VALID.pop(next(iter(_VALID)), None)
+        with _VALID_LOCK:
+            _VALID[digest] = None
+            if len(_VALID) > _VALID_KEPT:
+                del _VALID[next(iter(_VALID))]
     return from_json(doc)
 
 
