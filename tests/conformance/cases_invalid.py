@@ -749,6 +749,55 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "only-revision-corrupt",
+            "The only revision kept is not JSON and manifest.json is gone: nothing can stand "
+            "in for it, so repair changes nothing.",
+            ["MAN-1"],
+        ),
+        "ManifestError",
+    )
+    c.revisions = {c.doc["revision"]: b'{"format": "runfmt", "revis'}
+    c.manifest_json = b""
+    c = add(
+        running(
+            "invalid",
+            "manifest-json-folder",
+            "A folder named manifest.json, holding a user's file: it counts as a missing "
+            "copy, but repair writes no file over it.",
+            ["LAYOUT-2"],
+        )
+    )
+    c.manifest_json = b""
+    c.files["manifest.json/notes.txt"] = b"my notes\n"
+    c = add(
+        base(
+            "invalid",
+            "sums-vouch-by-one-line",
+            "The newest revision was changed (tokens 420 made 421); SHA256SUMS lists "
+            "manifest.json's digest, but another of its lines is wrong, so it vouches for "
+            "neither: not repairable.",
+            ["COMMIT-14", "CHECK-3"],
+        )
+    )
+    c.manifest_json = c.manifest_bytes()
+    c.revisions = {c.doc["revision"]: c.manifest_json.replace(b'"tokens": 420', b'"tokens": 421')}
+    report_digest = sha256_of(b"accuracy 0.5\n").encode()
+    c.sums_mutate = lambda b: b.replace(report_digest, b"0" * 64)
+    c = add(
+        running(
+            "invalid",
+            "uncommitted-record-too-deep",
+            "A frame after the last commit holds a record nested 255 levels deep (REC-3): "
+            "salvage takes no invalid frame, so repair cuts it.",
+            ["COMMIT-8", "REC-3"],
+        ),
+        repairable=True,
+    )
+    deep = b'{"key":"k1:deep","v":' + b"[" * 254 + b"]" * 254 + b"}\n"
+    c.files[c.doc["stages"][0]["files"][0]["path"]] += ENCODER.encode(deep)
+    c = add(
+        running(
+            "invalid",
             "copy-cut-short",
             "A copy taken while the run was written: the newest revision lists a second frame "
             "that the file holds only part of. Only repair asked to roll back goes back to "
