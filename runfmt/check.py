@@ -93,7 +93,10 @@ def verify_run(
             unreadable = isinstance(exc, FormatError) and not isinstance(
                 exc, UnsupportedFormatError
             )
-            return [replace(problem, repairable=unreadable and _unreadable_repairable(run))]
+            repairable = unreadable and _unreadable_repairable(run)
+            newest = revisions(run)[-1:] or [0]
+            return [replace(problem, repairable=repairable),
+                    *_older_revision_problems(run, newest[0])]  # fmt: skip
         problems = _problems(run, manifest, manifest_bytes, run_id, live)
         if not problems or revisions(run)[-1:] == [manifest.revision]:
             break  # else a writer committed while the run was checked: check it again
@@ -108,13 +111,13 @@ def _problems(
     live: frozenset[str],
 ) -> list[Problem]:
     """`verify_run` of one revision of the run."""
-    problems = _older_revision_problems(run, manifest.revision)
+    problems = _older_revision_problems(run, manifest)
     misnamed = None if run_id is None else folder_name_problem(manifest, run_id)
     if misnamed is not None:
         problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
     current = _read_optional(run, names.MANIFEST_FILE)
     copy, held = _judge_copy(run, current, manifest_bytes, manifest)
-    if copy == "stale" and run.is_dir(names.MANIFEST_FILE):
+    if copy == "stale" and _folder(run, names.MANIFEST_FILE):
         problems.append(Problem(names.MANIFEST_FILE, _FOLDER, "LAYOUT-2"))
     elif copy == "stale":
         if not live:  # a live writer replaces the copy next
@@ -143,8 +146,8 @@ def _problems(
     if names.SUMS_FILE in files:
         problems += _check_sums(run, manifest, manifest_bytes)
     problems = [p for p in problems if not _uncommitted_of(p, live)]
-    if copy == "diverged":  # repair changes nothing then (COMMIT-14)
-        problems = [replace(p, repairable=False) for p in problems]
+    if copy in _UNJUDGED or any(p.rule == "COMMIT-4" for p in problems):
+        problems = [replace(p, repairable=False) for p in problems]  # repair changes nothing
     short = _cut_short(run, manifest, files)
     if short and not live and all(p.repairable or p.location in short for p in problems):
         whole = _whole_revision(run, manifest, files, links, short)
@@ -288,19 +291,48 @@ def _salvage_order(item: tuple[str, int]) -> tuple[str, str, int]:
     return stage, parsed.writer, parsed.seq
 
 
-def _older_revision_problems(run: Storage, newest: int) -> list[Problem]:
-    """Each kept older revision must be a valid manifest too (MAN-2): `repair` falls back
-    on them."""
+def _older_revision_problems(run: Storage, newest: Manifest | int) -> list[Problem]:
+    """Each kept older revision than ``newest`` (a manifest, or a revision number when it is
+    unreadable) must be a valid manifest too (MAN-2): `repair` falls back on them; and a
+    revision of the same run (`_other_runs`)."""
+    number = newest if isinstance(newest, int) else newest.revision
     problems = []
     for revision in revisions(run):
-        if revision < newest:
+        if revision < number:
             try:
-                load_manifest(run, revision)
+                older = load_manifest(run, revision)
             except RunNotFoundError:  # pruned by a live writer meanwhile
                 continue
             except RunfmtError as exc:
                 problems.append(_manifest_problem(exc, names.revision_file(revision)))
+                continue
+            if not isinstance(newest, int):
+                problems += _other_runs(older, newest)
     return problems
+
+
+def _other_runs(older: Manifest, newest: Manifest) -> list[Problem]:
+    """A kept revision of another run than the newest: two runs' revisions in one folder,
+    which neither a crash nor a rerun leaves (COMMIT-4, POLICY-4)."""
+    if (older.run_id, older.created_at) == (newest.run_id, newest.created_at):
+        return []
+    what = (
+        f"is a revision of another run than revision {newest.revision} (run {older.run_id} "
+        f"created {older.created_at}, not {newest.run_id} created {newest.created_at}): "
+        "two runs' revisions in one folder are no crash's; keep the folder of the run you "
+        "want from a copy"
+    )
+    return [Problem(names.revision_file(older.revision), what, "COMMIT-4")]
+
+
+def _mixed(run: Storage, newest: Manifest) -> list[Problem]:
+    """`_other_runs` of every kept older revision that reads."""
+    return [
+        problem
+        for revision in revisions(run)
+        if revision < newest.revision and (older := _manifest_at(run, revision)) is not None
+        for problem in _other_runs(older, newest)
+    ]
 
 
 def _manifest_problem(exc: RunfmtError, location: str) -> Problem:
@@ -309,6 +341,11 @@ def _manifest_problem(exc: RunfmtError, location: str) -> Problem:
     return Problem(
         location, *cited_rule(exc.problem, "" if isinstance(exc, StorageError) else "MAN-2")
     )
+
+
+def _folder(run: Storage, rel: str) -> bool:
+    """Whether ``rel`` is a folder, not a link to one (which repair replaces, LAYOUT-5)."""
+    return run.is_dir(rel) and not run.is_link(rel)
 
 
 def _read_optional(run: Storage, rel: str) -> bytes | None:
@@ -408,8 +445,9 @@ def repair_run(
         copy = _read_optional(run, names.MANIFEST_FILE)
         state, held = _judge_copy(run, copy, run.read(names.revision_file(manifest.revision)),
                                   manifest)  # fmt: skip
-        if state == "diverged":
-            report.left.append(_copy_damage(state, manifest.revision, held))
+        mixed = _mixed(run, manifest)
+        if state in _UNJUDGED or mixed:
+            report.left += mixed or [_copy_damage(state, manifest.revision, held)]
             return report
         if state == "damaged revision" and copy is not None and held is not None:
             rel = names.revision_file(held)
@@ -462,7 +500,7 @@ def repair_run(
             manifest = commit_locked(run, changes, manifest, repairing=True)
             report.actions.append(f"committed revision {manifest.revision}")
         data = run.read(names.revision_file(manifest.revision))
-        folders = [name for name in (names.MANIFEST_FILE, names.SUMS_FILE) if run.is_dir(name)]
+        folders = [name for name in (names.MANIFEST_FILE, names.SUMS_FILE) if _folder(run, name)]
         report.left += [Problem(name, _FOLDER, "LAYOUT-2") for name in folders]
         if names.MANIFEST_FILE not in folders and _read_optional(run, names.MANIFEST_FILE) != data:
             write_manifest_copy(run, data, finished=manifest.finished)
@@ -471,7 +509,11 @@ def repair_run(
         if sums and manifest.finished and _check_sums(run, manifest, data):
             write_sums(run, manifest)
             report.actions.append("rewrote SHA256SUMS")
-        elif sums and not manifest.finished and run.exists(names.SUMS_FILE):
+        elif (
+            sums
+            and not manifest.finished
+            and (run.exists(names.SUMS_FILE) or run.is_link(names.SUMS_FILE))
+        ):
             run.delete(names.SUMS_FILE)
             report.actions.append("removed SHA256SUMS of a running run")
     return report
@@ -490,7 +532,7 @@ def _repair_artifacts(
     is alive: a dead writer's, created whole but not committed (COMMIT-8, ART-1)."""
     listed = {a.path for a in manifest.artifacts}
     unlisted = [p for p in sorted(files) if p.startswith(names.ARTIFACTS_DIR + "/")
-                and p not in listed and p not in links and is_repairable(p)]  # fmt: skip
+                and p not in listed and p not in links and is_repairable(p, listed)]  # fmt: skip
     if not unlisted or live_writers(run):
         return
     for path in unlisted:
@@ -556,7 +598,10 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
             if rev == older.revision:
                 break
             rel = names.revision_file(rev)
-            run.put(f"{names.MANIFESTS_DIR}/.corrupt-{rev:08d}.json", run.read(rel))
+            aside = f"{names.MANIFESTS_DIR}/.corrupt-{rev:08d}.json"
+            if run.exists(aside):  # a revision of this number set aside before
+                aside = f"{names.MANIFESTS_DIR}/.corrupt-{rev:08d}-{time.time_ns()}.json"
+            run.put(aside, run.read(rel))
             run.delete(rel)
             report.actions.append(f"{rel}: unreadable; moved aside")
         return older
@@ -588,7 +633,11 @@ def _mending(run: Storage, revs: list[int]) -> tuple[bytes | None, Manifest | No
         except FormatError:
             continue
         later = [names.revision_file(r) for r in revs if r > rev]
-        return None, older if all(map(run.is_file, later)) else None
+        state, _ = _judge_copy(
+            run, _read_optional(run, names.MANIFEST_FILE), run.read(names.revision_file(rev)), older
+        )
+        usable = all(map(run.is_file, later)) and state not in _UNJUDGED
+        return None, older if usable and not _mixed(run, older) else None
     return None, None
 
 
@@ -599,9 +648,9 @@ def _copy_of_unreadable(run: Storage, revs: list[int]) -> bytes | None:
     found = None if copy is None else _manifest_in(copy)
     if copy is None or found is None or found.revision != revs[-1]:
         return None
-    if run.is_dir(names.revision_file(revs[-1])):
+    if _folder(run, names.revision_file(revs[-1])):
         return None
-    return copy if _same_run(run, found, copy, revs[:-1]) else None
+    return copy if _same_run(run, found, copy, revs[:-1]) and not _mixed(run, found) else None
 
 
 def _manifest_at(run: Storage, revision: int) -> Manifest | None:
@@ -625,8 +674,13 @@ def _same_run(run: Storage, found: Manifest, copy: bytes, older: list[int]) -> b
     sums = _read_optional(run, names.SUMS_FILE)
     if sums is not None and sums != sums_of(found, copy):
         return False
+    return _holds_all(run, found)
+
+
+def _holds_all(run: Storage, manifest: Manifest) -> bool:
+    """Whether every file ``manifest`` lists is present, with at least its listed length."""
     files = run.walk()
-    return all(files.get(path, -1) >= size for path, (size, _) in found.listed_files().items())
+    return all(files.get(path, -1) >= size for path, (size, _) in manifest.listed_files().items())
 
 
 def _manifest_in(data: bytes) -> Manifest | None:
@@ -637,7 +691,9 @@ def _manifest_in(data: bytes) -> Manifest | None:
         return None
 
 
-_CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diverged"]
+_CopyState = Literal["same", "stale", "damaged copy", "damaged revision", "diverged", "not held"]
+_UNJUDGED: frozenset[_CopyState] = frozenset({"diverged", "not held"})
+"""Copy states with which `repair` changes nothing (COMMIT-14)."""
 
 
 def _judge_copy(
@@ -661,6 +717,8 @@ def _judge_copy(
     same_run = (found.run_id, found.created_at) == (truth.run_id, truth.created_at)
     sums = _read_optional(run, names.SUMS_FILE)
     if same_run and sums == sums_of(found, copy):
+        if found.revision > truth.revision and not _holds_all(run, found):
+            return "not held", held
         return "damaged revision", held
     if found.revision > truth.revision:
         return "stale", held
@@ -683,6 +741,13 @@ def _copy_damage(state: _CopyState, revision: int, held: int | None) -> Problem:
     """The problem `_judge_copy` found, when no crash leaves it (``held``: the revision
     ``manifest.json`` holds)."""
     rel = names.revision_file(revision)
+    if state == "not held":
+        what = (
+            f"holds revision {held}, which SHA256SUMS vouches for, but the folder does not "
+            f"hold the files it lists whole (the newest revision here is {revision}): a copy "
+            "taken while the run was written? copy the run again"
+        )
+        return Problem(names.MANIFEST_FILE, what, "COMMIT-14")
     if state == "damaged revision" and held is not None and held != revision:
         what = "is missing: manifest.json, which SHA256SUMS vouches for, holds it"
         return Problem(names.revision_file(held), what, "COMMIT-14", repairable=True)

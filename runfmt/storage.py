@@ -517,7 +517,12 @@ class Storage:
                 return
             target = self.path(rel)
             tmp = self._local_temp(target, data, durable=durable)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             if durable:
                 _fsync_dir(os.path.dirname(target))
 

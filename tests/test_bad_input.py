@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from runfmt.errors import (
     ManifestError,
     RunfmtError,
     RunNotFoundError,
+    StorageError,
     UnsupportedFormatError,
 )
 from runfmt.format.frames import PREFIX, FrameEncoder, encode_header
@@ -369,6 +371,55 @@ def test_a_linked_sums_file_in_a_running_run_is_not_called_missing(
     }
     repair_run(w.storage)
     assert verify_run(w.storage) == []
+
+
+@pytest.mark.parametrize("target", ["dangling", "folder"])
+@pytest.mark.parametrize("name", ["manifest.json", "SHA256SUMS"])
+def test_a_link_in_place_of_the_copy_or_sums_is_replaced_wherever_it_points(
+    store: Store, tmp_path: Path, name: str, target: str
+) -> None:
+    """LAYOUT-5: repair replaces such a link whether it dangles or points to a folder (it
+    took one to a folder for a folder, and never removed a dangling SHA256SUMS)."""
+    w = store.create_run("linked", **QUIET)
+    w.append("score", RECORDS[0])
+    if name == "SHA256SUMS":
+        w.close()
+    else:
+        w.finish()
+    pointed = tmp_path / "elsewhere"
+    if target == "folder":
+        pointed.mkdir()
+    run = Path(w.storage.path())
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(pointed)
+    assert all(p.repairable for p in verify_run(w.storage))
+    repair_run(w.storage)
+    assert verify_run(w.storage) == []
+    assert not (run / name).is_symlink()
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(run_dir: Path) -> None:
+    """A commit while a folder stands where manifest.json belongs left a .tmp-* file at
+    the run's root on every commit."""
+    (run_dir / "manifest.json").unlink()
+    (run_dir / "manifest.json").mkdir()
+    (run_dir / "manifest.json" / "x").write_text("x")
+    with pytest.raises(StorageError, match="Is a directory"):
+        Storage(str(run_dir)).write_atomic("manifest.json", b"{}")
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_revision_set_aside_twice_keeps_both(run_dir: Path) -> None:
+    """§9.3: a revision number set aside once and used again by the next commit is set
+    aside under another name the second time: the first bytes are kept."""
+    newest = newest_revision(run_dir)
+    for text in (b"{first", b"{second"):
+        (run_dir / "manifest.json").unlink()  # else repair rewrites the revision from it
+        newest.write_bytes(text)
+        repair_run(Storage(str(run_dir)))
+        assert newest.exists(), "repair committed the same number again"
+    kept = {p.read_bytes() for p in (run_dir / "_manifests").glob(".corrupt-*")}
+    assert kept == {b"{first", b"{second"}
 
 
 def test_a_newer_major_format_is_refused_and_left_untouched(
@@ -762,8 +813,9 @@ def test_verify_says_repair_mends_an_unreadable_newest_revision(run_dir: Path) -
     for older in (run_dir / "_manifests").glob("*.json"):
         if older != newest:
             older.write_bytes(b"{")
-    [problem] = verify_run(Storage(str(run_dir)))
-    assert not problem.repairable
+    problems = verify_run(Storage(str(run_dir)))
+    assert len(problems) == len(list((run_dir / "_manifests").glob("*.json")))
+    assert not any(p.repairable for p in problems), "every revision is reported, none mended"
     with pytest.raises(ManifestError):
         repair_run(Storage(str(run_dir)))
 
@@ -788,8 +840,9 @@ def test_repair_changes_nothing_when_no_revision_can_stand_in(run_dir: Path, old
     else:
         revs[-1].write_bytes(b"{")
     before = snapshot(run_dir)
-    [problem] = verify_run(Storage(str(run_dir)))
-    assert not problem.repairable
+    problems = verify_run(Storage(str(run_dir)))
+    assert problems
+    assert not any(p.repairable for p in problems)
     with pytest.raises((ManifestError, UnsupportedFormatError)):
         repair_run(Storage(str(run_dir)))
     assert snapshot(run_dir) == before
@@ -826,6 +879,86 @@ def test_no_problem_is_repairable_beside_a_diverged_copy(store: Store, counted_d
     assert {(p.location, p.rule) for p in problems} == {
         ("manifest.json", "COMMIT-14"), ("SHA256SUMS", "CHECK-3")}  # fmt: skip
     assert not any(p.repairable for p in problems)
+
+
+def test_two_runs_revisions_in_one_folder_are_left_alone(store: Store, counted_dir: Path) -> None:
+    """COMMIT-4, POLICY-4: a rerun's revision on top of the old run's (a copy of the rerun
+    cut short over the old folder) is no crash: repair deleted every stage file the older
+    revisions list, as data of a run this one replaced. It now changes nothing."""
+    number = int(newest_revision(counted_dir).stem) + 1
+    elsewhere = Store(counted_dir.parent.parent / "elsewhere")
+    with elsewhere.create_run("rerun", {"m": 1}, run_id=counted_dir.name, **QUIET) as w:
+        w.extend("score", [{"key": "other"}])
+        while w.manifest.revision < number:
+            w.heartbeat()
+    rerun_rev = Path(elsewhere.url) / w.run_id / "_manifests" / f"{number:08d}.json"
+    (counted_dir / "_manifests" / rerun_rev.name).write_bytes(rerun_rev.read_bytes())
+    before = snapshot(counted_dir)
+    problems = verify_run(Storage(str(counted_dir)))
+    assert "COMMIT-4" in {p.rule for p in problems}
+    assert not any(p.repairable for p in problems)
+    report = repair_run(Storage(str(counted_dir)))
+    assert {p.rule for p in report.left} == {"COMMIT-4"}
+    assert snapshot(counted_dir) == before
+
+
+def test_a_vouched_later_copy_whose_files_are_not_here_creates_no_revision(
+    store: Store,
+) -> None:
+    """COMMIT-14: a copy taken while the run finished holds its final manifest.json and
+    SHA256SUMS but older stage files; repair created the final revision, listing bytes the
+    folder does not hold, and the run could no longer be read."""
+    w = store.create_run("finishing", **QUIET)
+    w.extend("score", RECORDS)
+    w.flush()
+    run = Path(w.storage.path())
+    copy = store.url + "-copy"
+    shutil.copytree(run, Path(copy) / run.name)
+    w.extend("score", RECORDS)
+    w.finish()
+    for name in ("manifest.json", "SHA256SUMS"):
+        (Path(copy) / run.name / name).write_bytes((run / name).read_bytes())
+    copied = Path(copy) / run.name
+    before = snapshot(copied)
+    problems = verify_run(Storage(str(copied)))
+    assert ("manifest.json", "COMMIT-14") in {(p.location, p.rule) for p in problems}
+    assert not any(p.repairable for p in problems)
+    repair_run(Storage(str(copied)))
+    assert snapshot(copied) == before
+    assert list(runfmt.open_run(copied).records("score")) == RECORDS
+
+
+def test_nothing_is_set_aside_for_a_revision_its_copy_contradicts(counted_dir: Path) -> None:
+    """COMMIT-14 before §9.3: an unreadable newest revision, and manifest.json holding the
+    revision before it with other bytes. Repair set the newest aside, then found it could
+    not judge the copy; it now changes nothing, and verify says so."""
+    revs = sorted((counted_dir / "_manifests").glob("*.json"))
+    edited = revs[-2].read_bytes().replace(b'"name": "counted"', b'"name": "edited"')
+    assert edited != revs[-2].read_bytes()
+    (counted_dir / "manifest.json").write_bytes(edited)
+    revs[-1].write_bytes(b"{")
+    before = snapshot(counted_dir)
+    problems = verify_run(Storage(str(counted_dir)))
+    assert not any(p.repairable for p in problems)
+    with pytest.raises(ManifestError):
+        repair_run(Storage(str(counted_dir)))
+    assert snapshot(counted_dir) == before
+
+
+def test_a_user_folder_in_a_listed_artifacts_place_is_not_listed(run_dir: Path) -> None:
+    """A folder where a listed artifact belongs holds the user's files, not an uncommitted
+    artifact: repair listed them, and the run listed one path as a file and a folder."""
+    artifact = run_dir / "artifacts" / "notes.txt"
+    artifact.unlink()
+    artifact.mkdir()
+    (artifact / "mine.txt").write_text("mine")
+    problems = verify_run(Storage(str(run_dir)))
+    assert ("artifacts/notes.txt/mine.txt", "LAYOUT-4", False) in {
+        (p.location, p.rule, p.repairable) for p in problems
+    }
+    before = snapshot(run_dir)
+    repair_run(Storage(str(run_dir)))
+    assert snapshot(run_dir) == before
 
 
 def test_a_later_copy_of_another_run_is_stale_not_damage(store: Store, counted_dir: Path) -> None:

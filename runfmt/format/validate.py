@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
 from runfmt.errors import InvalidInputError, StageFileError, UnsupportedFormatError
@@ -247,15 +247,18 @@ def check_listing(
             if names.parse_revision_file(path.split("/", 1)[1]) is None:
                 problems.append(Problem(path, "unexpected file in _manifests/", "LAYOUT-4"))
             continue
-        problems.append(
-            Problem(path, "file not listed in the manifest", "LAYOUT-4", is_repairable(path))
-        )
+        repairable = is_repairable(path, listed)
+        problems.append(Problem(path, "file not listed in the manifest", "LAYOUT-4", repairable))
     return problems
 
 
-def is_repairable(path: str) -> bool:
+def is_repairable(path: str, listed: Container[str] = ()) -> bool:
     """Whether an unlisted file at ``path`` is uncommitted data `repair` salvages or removes:
-    one named as a stage file (NAME-4) or an artifact (NAME-5; COMMIT-8)."""
+    one named as a stage file (NAME-4) or an artifact (NAME-5; COMMIT-8), and not inside a
+    folder where a ``listed`` path belongs (a user's folder in a listed artifact's place)."""
+    parts = path.split("/")
+    if any("/".join(parts[:n]) in listed for n in range(1, len(parts))):
+        return False
     try:
         if path.startswith(names.ARTIFACTS_DIR + "/"):
             names.validate_artifact_name(path.split("/", 1)[1])
