@@ -90,13 +90,14 @@ def verify_run(
             raise
         except RunfmtError as exc:
             problem = _manifest_problem(exc, exc.location or run.where())
+            revs = revisions(run)
             unreadable = isinstance(exc, FormatError) and not isinstance(
                 exc, UnsupportedFormatError
             )
-            repairable = unreadable and _unreadable_repairable(run)
-            newest = revisions(run)[-1:] or [0]
-            return [replace(problem, repairable=repairable),
-                    *_older_revision_problems(run, newest[0])]  # fmt: skip
+            copy, older = _mending(run, revs) if unreadable and revs else (None, None)
+            aside = None if older is None else older.revision  # repair sets aside those above
+            return [replace(problem, repairable=copy is not None or older is not None),
+                    *(_older_revision_problems(run, revs[-1], aside) if revs else [])]  # fmt: skip
         problems = _problems(run, manifest, manifest_bytes, run_id, live)
         if not problems or revisions(run)[-1:] == [manifest.revision]:
             break  # else a writer committed while the run was checked: check it again
@@ -111,7 +112,7 @@ def _problems(
     live: frozenset[str],
 ) -> list[Problem]:
     """`verify_run` of one revision of the run."""
-    problems = _older_revision_problems(run, manifest)
+    problems = _older_revision_problems(run, manifest.revision) + _mixed(run, manifest)
     misnamed = None if run_id is None else folder_name_problem(manifest, run_id)
     if misnamed is not None:
         problems.append(Problem(run.where(), *cited_rule(misnamed, "LAYOUT-1")))
@@ -291,48 +292,43 @@ def _salvage_order(item: tuple[str, int]) -> tuple[str, str, int]:
     return stage, parsed.writer, parsed.seq
 
 
-def _older_revision_problems(run: Storage, newest: Manifest | int) -> list[Problem]:
-    """Each kept older revision than ``newest`` (a manifest, or a revision number when it is
-    unreadable) must be a valid manifest too (MAN-2): `repair` falls back on them; and a
-    revision of the same run (`_other_runs`)."""
-    number = newest if isinstance(newest, int) else newest.revision
+def _older_revision_problems(
+    run: Storage, newest: int, set_aside_above: int | None = None
+) -> list[Problem]:
+    """Each kept older revision must be a valid manifest too (MAN-2): `repair` falls back
+    on them; one above ``set_aside_above`` it sets aside (§9.3)."""
     problems = []
     for revision in revisions(run):
-        if revision < number:
+        if revision < newest:
             try:
-                older = load_manifest(run, revision)
+                load_manifest(run, revision)
             except RunNotFoundError:  # pruned by a live writer meanwhile
                 continue
             except RunfmtError as exc:
-                problems.append(_manifest_problem(exc, names.revision_file(revision)))
-                continue
-            if not isinstance(newest, int):
-                problems += _other_runs(older, newest)
+                problem = _manifest_problem(exc, names.revision_file(revision))
+                aside = set_aside_above is not None and revision > set_aside_above
+                problems.append(replace(problem, repairable=aside))
     return problems
 
 
-def _other_runs(older: Manifest, newest: Manifest) -> list[Problem]:
-    """A kept revision of another run than the newest: two runs' revisions in one folder,
-    which neither a crash nor a rerun leaves (COMMIT-4, POLICY-4)."""
-    if (older.run_id, older.created_at) == (newest.run_id, newest.created_at):
-        return []
-    what = (
-        f"is a revision of another run than revision {newest.revision} (run {older.run_id} "
-        f"created {older.created_at}, not {newest.run_id} created {newest.created_at}): "
-        "two runs' revisions in one folder are no crash's; keep the folder of the run you "
-        "want from a copy"
-    )
-    return [Problem(names.revision_file(older.revision), what, "COMMIT-4")]
-
-
 def _mixed(run: Storage, newest: Manifest) -> list[Problem]:
-    """`_other_runs` of every kept older revision that reads."""
-    return [
-        problem
-        for revision in revisions(run)
-        if revision < newest.revision and (older := _manifest_at(run, revision)) is not None
-        for problem in _other_runs(older, newest)
-    ]
+    """The kept older revisions that read and are of another run than ``newest``: two runs'
+    revisions in one folder, which neither a crash nor a rerun leaves (COMMIT-4,
+    POLICY-4)."""
+    problems = []
+    identity = (newest.run_id, newest.created_at)
+    for revision in revisions(run):
+        older = _manifest_at(run, revision) if revision < newest.revision else None
+        if older is None or (older.run_id, older.created_at) == identity:
+            continue
+        what = (
+            f"is a revision of another run than revision {newest.revision} (run "
+            f"{older.run_id} created {older.created_at}, not {newest.run_id} created "
+            f"{newest.created_at}): two runs' revisions in one folder are no crash's; keep "
+            "the folder of the run you want from a copy"
+        )
+        problems.append(Problem(names.revision_file(revision), what, "COMMIT-4"))
+    return problems
 
 
 def _manifest_problem(exc: RunfmtError, location: str) -> Problem:
@@ -607,21 +603,11 @@ def _newest_readable(run: Storage, report: RepairReport) -> Manifest:
         return older
 
 
-def _unreadable_repairable(run: Storage) -> bool:
-    """Whether `repair` mends the run's unreadable newest revision (§9.3)."""
-    revs = revisions(run)
-    try:
-        copy, older = _mending(run, revs) if revs else (None, None)
-    except UnsupportedFormatError:
-        return False
-    return copy is not None or older is not None
-
-
 def _mending(run: Storage, revs: list[int]) -> tuple[bytes | None, Manifest | None]:
     """How an unreadable newest revision is mended: ``manifest.json``'s bytes to rewrite it
     from; else the newest older revision that reads, when every revision after it is a
-    regular file to set aside. `UnsupportedFormatError` for a revision of a newer format
-    met first: repair goes back no further."""
+    regular file to set aside; else neither, as when a revision of a newer format comes
+    first (repair goes back no further)."""
     copy = _copy_of_unreadable(run, revs)
     if copy is not None:
         return copy, None
@@ -629,8 +615,8 @@ def _mending(run: Storage, revs: list[int]) -> tuple[bytes | None, Manifest | No
         try:
             older = load_manifest(run, rev)
         except UnsupportedFormatError:
-            raise
-        except FormatError:
+            return None, None
+        except (FormatError, RunNotFoundError):
             continue
         later = [names.revision_file(r) for r in revs if r > rev]
         state, _ = _judge_copy(
@@ -654,9 +640,10 @@ def _copy_of_unreadable(run: Storage, revs: list[int]) -> bytes | None:
 
 
 def _manifest_at(run: Storage, revision: int) -> Manifest | None:
+    """Revision ``revision``; None when it does not read, or was pruned meanwhile."""
     try:
         return load_manifest(run, revision)
-    except FormatError:
+    except (FormatError, RunNotFoundError):
         return None
 
 

@@ -961,6 +961,26 @@ def test_a_user_folder_in_a_listed_artifacts_place_is_not_listed(run_dir: Path) 
     assert snapshot(run_dir) == before
 
 
+def test_revisions_repair_sets_aside_are_reported_repairable(store: Store) -> None:
+    """ERR-3: beside an unreadable newest revision, verify reports the older ones too, as
+    repairable when repair sets them aside for the one that reads below them."""
+    with store.create_run("three", **QUIET) as w:
+        for record in RECORDS:
+            w.append("score", record)
+            w.flush()
+    run_dir = Path(store.url) / w.run_id
+    (run_dir / "manifest.json").unlink()
+    revs = sorted((run_dir / "_manifests").glob("*.json"))
+    assert len(revs) >= 3
+    for rev in revs[-2:]:
+        rev.write_bytes(b"{")
+    problems = verify_run(Storage(str(run_dir)))
+    assert len(problems) == 2
+    assert all(p.repairable for p in problems)
+    repair_run(Storage(str(run_dir)))
+    assert verify_run(Storage(str(run_dir))) == []
+
+
 def test_a_later_copy_of_another_run_is_stale_not_damage(store: Store, counted_dir: Path) -> None:
     """COMMIT-14 covers a copy of the newest revision's number; another run's later revision
     in manifest.json is a stale copy (COMMIT-7), which repair rewrites."""
