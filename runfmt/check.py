@@ -89,19 +89,33 @@ def verify_run(
         except RunNotFoundError:
             raise
         except RunfmtError as exc:
-            problem = _manifest_problem(exc, exc.location or run.where())
-            revs = revisions(run)
-            unreadable = isinstance(exc, FormatError) and not isinstance(
-                exc, UnsupportedFormatError
-            )
-            copy, older = _mending(run, revs) if unreadable and revs else (None, None)
-            aside = None if older is None else older.revision  # repair sets aside those above
-            return [replace(problem, repairable=copy is not None or older is not None),
-                    *(_older_revision_problems(run, revs[-1], aside) if revs else [])]  # fmt: skip
+            return _unreadable_problems(run, exc, run_id, live)
         problems = _problems(run, manifest, manifest_bytes, run_id, live)
         if not problems or revisions(run)[-1:] == [manifest.revision]:
             break  # else a writer committed while the run was checked: check it again
     return problems
+
+
+def _unreadable_problems(
+    run: Storage, exc: RunfmtError, run_id: str | None, live: frozenset[str]
+) -> list[Problem]:
+    """`verify_run` of a run whose newest revision does not read: that problem and, when
+    repair mends it (§9.3), the revisions it sets aside and the run checked as the revision
+    standing in then describes it; else the older revisions' problems."""
+    problem = _manifest_problem(exc, exc.location or run.where())
+    revs = revisions(run)
+    unreadable = isinstance(exc, FormatError) and not isinstance(exc, UnsupportedFormatError)
+    copy, older = _mending(run, revs) if unreadable and revs else (None, None)
+    if copy is not None:
+        rest = _problems(run, decode_manifest(copy), copy, run_id, live)
+    elif older is not None:
+        aside = _older_revision_problems(run, revs[-1], older.revision)
+        rest = [p for p in aside if p.repairable] + _problems(
+            run, older, run.read(names.revision_file(older.revision)), run_id, live
+        )
+    else:
+        return [problem, *(_older_revision_problems(run, revs[-1]) if revs else [])]
+    return [replace(problem, repairable=True), *rest]
 
 
 def _problems(
