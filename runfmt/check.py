@@ -107,15 +107,16 @@ def _unreadable_problems(
     unreadable = isinstance(exc, FormatError) and not isinstance(exc, UnsupportedFormatError)
     copy, older = _mending(run, revs) if unreadable and revs else (None, None)
     if copy is not None:
-        rest = _problems(run, decode_manifest(copy), copy, run_id, live)
+        stand_in, data, aside = decode_manifest(copy), copy, []
     elif older is not None:
-        aside = _older_revision_problems(run, revs[-1], older.revision)
-        rest = [p for p in aside if p.repairable] + _problems(
-            run, older, run.read(names.revision_file(older.revision)), run_id, live
-        )
+        stand_in, data = older, run.read(names.revision_file(older.revision))
+        aside = [p for p in _older_revision_problems(run, revs[-1], older.revision) if p.repairable]
     else:
         return [problem, *(_older_revision_problems(run, revs[-1]) if revs else [])]
-    return [replace(problem, repairable=True), *rest]
+    # rewritten or set aside: their problems are the ones reported here
+    mended = {names.revision_file(r) for r in revs if r > stand_in.revision or r == revs[-1]}
+    rest = [p for p in _problems(run, stand_in, data, run_id, live) if p.location not in mended]
+    return [replace(problem, repairable=True), *aside, *rest]
 
 
 def _problems(
