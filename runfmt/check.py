@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+import orjson
+
 from runfmt._local import NotAFileError
 from runfmt.errors import (
     ConflictError,
@@ -327,23 +329,33 @@ def _older_revision_problems(
 
 
 def _mixed(run: Storage, newest: Manifest) -> list[Problem]:
-    """The kept older revisions that read and are of another run than ``newest``: two runs'
-    revisions in one folder, which neither a crash nor a rerun leaves (COMMIT-4,
-    POLICY-4)."""
+    """The kept older revisions of another run than ``newest``: two runs' revisions in one
+    folder, which neither a crash nor a rerun leaves (COMMIT-4, POLICY-4)."""
     problems = []
     identity = (newest.run_id, newest.created_at)
     for revision in revisions(run):
-        older = _manifest_at(run, revision) if revision < newest.revision else None
-        if older is None or (older.run_id, older.created_at) == identity:
+        older = _identity(run, revision) if revision < newest.revision else None
+        if older is None or older == identity:
             continue
         what = (
-            f"is a revision of another run than revision {newest.revision} (run "
-            f"{older.run_id} created {older.created_at}, not {newest.run_id} created "
-            f"{newest.created_at}): two runs' revisions in one folder are no crash's; keep "
-            "the folder of the run you want from a copy"
+            f"is a revision of another run than revision {newest.revision} (run {older[0]} "
+            f"created {older[1]}, not {newest.run_id} created {newest.created_at}): two "
+            "runs' revisions in one folder are no crash's; keep the folder of the run you "
+            "want from a copy"
         )
         problems.append(Problem(names.revision_file(revision), what, "COMMIT-4"))
     return problems
+
+
+def _identity(run: Storage, revision: int) -> tuple[object, object] | None:
+    """A kept revision's ``run_id`` and ``created_at``, read without validating it (a resume
+    repairs, and validating every kept revision tripled its cost; `verify` reports an
+    invalid one); None when it does not parse or is gone."""
+    try:
+        doc = orjson.loads(run.read(names.revision_file(revision)))
+    except (ValueError, OSError, RunfmtError):
+        return None
+    return (doc.get("run_id"), doc.get("created_at")) if isinstance(doc, dict) else None
 
 
 def _manifest_problem(exc: RunfmtError, location: str) -> Problem:
