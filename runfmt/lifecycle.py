@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal, Unpack, get_args
 
 from runfmt.errors import (
     ConflictError,
-    FormatError,
     InvalidInputError,
     RunExistsError,
     RunfmtError,
@@ -322,7 +321,7 @@ def runs_with_config(store: Store, config: Mapping[str, Any] | str) -> list[RunR
     return [
         run
         for _, run in store.runs()
-        if not isinstance(run, FormatError) and run.manifest.config_hash == wanted
+        if isinstance(run, RunReader) and run.manifest.config_hash == wanted
     ]
 
 

@@ -980,6 +980,11 @@ class RunWriter:
         path = names.artifact_path(name)
         if not isinstance(data, bytes | bytearray | memoryview):
             raise InvalidInputError(f"artifact data must be bytes, not {type(data).__name__}")
+        if not isinstance(media_type, str | None):
+            raise InvalidInputError(
+                f"media type must be a string, not {type(media_type).__name__}",
+                hint="e.g. image/png, or None to guess it from the name",
+            )
         media_type = media_type or guess_media_type(name)
         if not _MEDIA_TYPE.fullmatch(media_type):
             raise InvalidInputError(f"invalid media type {media_type!r}", hint="e.g. image/png")

@@ -143,6 +143,8 @@ def _translate(
         text = _describe(exc, where)
         message = _redact(text, secrets)
         hint = _OPTIONS_HINT if isinstance(exc, TypeError) else ""
+        if isinstance(exc, PermissionError):
+            hint = "ask for access to it, or run as a user who has it"
         if isinstance(exc, ImportError):
             hint = (
                 "install the backend: pip install 'runfmt[s3]'"

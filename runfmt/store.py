@@ -18,6 +18,7 @@ from runfmt.errors import (
     ReadOnlyError,
     RunExistsError,
     RunNotFoundError,
+    StorageError,
 )
 from runfmt.format import names
 from runfmt.format.keys import canonical_json, compute_key
@@ -71,7 +72,16 @@ def open_run(
     read_only: bool = True,
 ) -> RunReader:
     """Open the run folder at a path or URL, with no store around it."""
-    return RunReader(Storage(str(location), storage_options, read_only=read_only))
+    if not isinstance(location, str | os.PathLike):
+        raise InvalidInputError(f"a run is a folder's path or URL, not {type(location).__name__}")
+    storage = Storage(os.fspath(location), storage_options, read_only=read_only)
+    if storage.is_local and not _may_hold_run(storage):
+        if os.path.lexists(storage.path()):
+            _refuse_folder(storage.path())
+        raise RunNotFoundError(
+            "no such folder", location=storage.path(), hint="give the path of a run folder"
+        )
+    return RunReader(storage)
 
 
 class Store:
@@ -229,7 +239,7 @@ class Store:
                 return by_id, text
             if by_id.is_local and os.path.isdir(by_id.path()):
                 _refuse_folder(by_id.path())
-        if "://" in text or os.sep in text or "/" in text or os.path.isdir(text):
+        if "://" in text or os.sep in text or "/" in text or os.path.lexists(text):
             located = self.storage.at(text if "://" in text else os.path.abspath(text))
             if _may_hold_run(located):
                 return located, None
@@ -357,16 +367,17 @@ class Store:
         ids = [e.name for e in self.storage.list() if e.is_dir and names.is_run_id(e.name)]
         return sorted(ids, reverse=True)
 
-    def runs(self) -> Iterator[tuple[str, RunReader | FormatError]]:
+    def runs(self) -> Iterator[tuple[str, RunReader | FormatError | StorageError]]:
         """Every run in the store, newest id first, as its id and its reader, or the error
-        that makes it unreadable."""
+        that makes it unreadable (a `FormatError`, or a `StorageError` such as a folder
+        this user may not read)."""
         for run_id in self.run_ids():
             run = self._run_storage(run_id)
             try:
                 yield run_id, RunReader(run, check_folder_name(load_manifest(run), run, run_id))
             except RunNotFoundError:
                 continue
-            except FormatError as exc:
+            except (FormatError, StorageError) as exc:
                 yield run_id, exc
 
 
@@ -384,11 +395,13 @@ def _refuse_folder(path: str) -> NoReturn:
         entries = os.listdir(path)
     except PermissionError:
         denied = "permission denied: cannot look into the folder"
-        raise RunNotFoundError(denied, location=path, hint="ask for read access") from None
+        raise StorageError(denied, location=path, hint="ask for read access") from None
     runs = (os.path.isdir(os.path.join(path, e, names.MANIFESTS_DIR)) for e in entries)
     if ".runfmt" in entries or any(runs):
         hint = f"it holds runs: list them with `runfmt --store {path} ls`"
         raise RunNotFoundError("is a store, not a run folder", location=path, hint=hint)
+    if (around := run_folder_around(path)) is not None:
+        hint = f"give the run folder that holds it: {around}"
     raise RunNotFoundError(
         "not a run: no revision and no manifest.json (LAYOUT-2)", location=path, hint=hint
     )

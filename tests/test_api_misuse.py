@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from runfmt.errors import InvalidInputError, RunNotFoundError, StorageError
-from runfmt.store import Store
+from runfmt.store import Store, open_run
 from tests.test_cli import run_main
 
 QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
@@ -133,28 +133,38 @@ def test_keys_of_a_stage_without_a_key_field_is_an_error(store: Store) -> None:
         reader.keys("Not A Stage")
 
 
-def test_what_a_run_path_names_is_told_apart(store: Store, tmp_path: Path) -> None:
+def test_what_a_run_path_names_is_told_apart(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By a store and by `runfmt.open_run`, which has none."""
     with store.create_run("x", **QUIET) as w:
-        pass
+        w.append("s", {"a": 1})
     run_dir = Path(store.url) / w.run_id
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a run")
     (tmp_path / "no-revision" / "_manifests").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
     for given, message in [
         (run_dir / "manifest.json", f"is a file, not a run folder.*holds it: {run_dir}"),
         (run_dir / "_manifests" / "00000002.json", f"holds it: {run_dir}"),
+        (run_dir / "stages", f"not a run: .*holds it: {run_dir}"),
         (tmp_path / "notes.txt", r"is a file, not a run folder \(give a run id from"),
+        ("notes.txt", r"is a file, not a run folder"),
         (Path(store.url), "is a store, not a run folder"),
         (tmp_path / "empty", r"not a run: no revision and no manifest.json \(LAYOUT-2\)"),
         (tmp_path / "no-revision", r"not a run: no revision and no manifest.json \(LAYOUT-2\)"),
     ]:
-        with pytest.raises(RunNotFoundError, match=message):
-            store.open_run(given)
-    with pytest.raises(RunNotFoundError, match="no such folder") as missing:
-        store.open_run(tmp_path / "gone")
-    assert missing.value.location == str(tmp_path / "gone")
+        for open_it in (store.open_run, open_run):
+            with pytest.raises(RunNotFoundError, match=message):
+                open_it(given)
+    for open_it in (store.open_run, open_run):
+        with pytest.raises(RunNotFoundError, match="no such folder") as missing:
+            open_it(tmp_path / "gone")
+        assert missing.value.location == str(tmp_path / "gone")
     with pytest.raises(RunNotFoundError, match="no run 'nope'"):
         store.open_run("nope")
+    with pytest.raises(InvalidInputError, match="not NoneType"):
+        open_run(None)  # type: ignore[arg-type]
 
 
 def test_a_store_that_is_a_file_is_refused(tmp_path: Path) -> None:
@@ -229,19 +239,40 @@ def _as_unprivileged() -> list[str]:
 
 
 def test_a_run_folder_that_cannot_be_read_is_listed_as_unreadable(store: Store) -> None:
+    """ls lists it; status shows it and exits 1; verify of the store checks the other runs
+    and names it as not checked; nothing calls it gone."""
     with store.create_run("x", **QUIET) as w:
+        pass
+    with store.create_run("y", **QUIET) as other:
         pass
     run_dir = Path(store.url) / w.run_id
     run_dir.chmod(0)
     try:
         cli = [*_as_unprivileged(), sys.executable, "-m", "runfmt", "--store", store.url]
-        ls = subprocess.run([*cli, "ls", "--json"], capture_output=True, text=True, check=False)
-        [listed] = json.loads(ls.stdout)
-        assert (ls.returncode, listed["run_id"], listed["status"]) == (0, w.run_id, "unreadable")
-        assert "permission denied" in listed["problem"]
-        show = subprocess.run([*cli, "show", w.run_id], capture_output=True, text=True, check=False)
+
+        def runfmt(*args: str) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run([*cli, *args], capture_output=True, text=True, check=False)
+            assert "Traceback" not in done.stderr
+            return done
+
+        ls = runfmt("ls", "--json")
+        listed = {r["run_id"]: r for r in json.loads(ls.stdout)}
+        assert (ls.returncode, listed[w.run_id]["status"]) == (0, "unreadable")
+        assert "permission denied" in listed[w.run_id]["problem"]
+        show = runfmt("show", w.run_id)
         assert show.returncode == 1
         assert "permission denied" in show.stderr
-        assert "Traceback" not in ls.stderr + show.stderr
+        status = runfmt("status", "--json")
+        health = {r["run_id"]: r["health"] for r in json.loads(status.stdout)}
+        assert status.returncode == 1
+        assert health == {w.run_id: "unreadable", other.run_id: "completed"}
+        assert runfmt("status", "--status", "unreadable", "--limit", "0").returncode == 1
+        verify = runfmt("verify")
+        assert verify.returncode == 1
+        assert f"ok    {other.run_id}" in verify.stdout
+        assert "1 could not be checked" in verify.stdout
+        assert "Permission denied" in verify.stderr
+        [entry] = json.loads(runfmt("verify", "--json").stdout)
+        assert (entry["run"], entry["repairable"]) == (w.run_id, False)
     finally:
         run_dir.chmod(0o755)

@@ -155,6 +155,8 @@ def test_a_commit_never_relists_an_artifact_another_writer_listed() -> None:
         ("a:b", b"x", None, "NAME-5"),
         ("ok.bin", "text", None, "must be bytes"),
         ("ok.bin", b"x", "Not A Type", "invalid media type"),
+        ("ok.bin", b"x", 5, "media type must be a string, not int"),
+        ("ok.bin", b"x", b"application/json", "media type must be a string, not bytes"),
     ],
 )
 def test_bad_artifacts_are_refused_and_nothing_is_written(

@@ -632,7 +632,10 @@ def test_verify_of_several_runs_checks_each_even_when_one_names_no_run(
     args = ["--store", str(root), "verify", "no-such-run", run_id, other]
     code, out, err = run_main(args, monkeypatch, capsys)
     assert code == 1
-    assert out.splitlines() == [f"ok    {run_id}", "checked 1 run: 0 with problems"]
+    assert out.splitlines() == [
+        f"ok    {run_id}",
+        "checked 1 run: 0 with problems, 2 could not be checked",
+    ]
     errors = err.splitlines()
     assert errors[0].startswith(f"runfmt: error: {root}: no run 'no-such-run'")
     assert errors[1].startswith(f"runfmt: error: {root / other}: manifest names run {run_id!r}")

@@ -22,7 +22,7 @@ from runfmt.cli import (
 )
 
 if TYPE_CHECKING:
-    from runfmt.errors import FormatError
+    from runfmt.errors import FormatError, StorageError
     from runfmt.lifecycle import RunSummary
     from runfmt.lineage import LineageNode
     from runfmt.run import RunReader
@@ -55,7 +55,7 @@ def status(
     """One line per run, newest first: id, name, state (abandoned when a running run's
     writer is gone), progress per stage, age; then the runs that cannot be read. Exit 1 if
     one of those is shown."""
-    from runfmt.errors import FormatError
+    from runfmt.errors import FormatError, StorageError
     from runfmt.lifecycle import RunSummary, now, runs_with_config, summarize
 
     unknown = sorted(set(health or ()) - set(_HEALTH))
@@ -76,13 +76,13 @@ def status(
         runs = [(r.run_id, None) for r in listed]  # read below, as far as they are shown
         unreadable = {r.run_id for r in listed if r.status == "unreadable"}
     summaries: list[RunSummary] = []
-    broken: list[tuple[str, FormatError]] = []
+    broken: list[tuple[str, FormatError | StorageError]] = []
     for run_id, found in runs:
         full = limit is not None and len(summaries) >= limit
         if full and (unreadable is None or run_id not in unreadable):
             continue  # the run is read only to show it, or to show it cannot be read
         run = found if found is not None else _read(store, run_id)
-        if isinstance(run, FormatError):
+        if isinstance(run, FormatError | StorageError):
             if not health or "unreadable" in health:
                 broken.append((run_id, run))
         elif run is not None:
@@ -109,15 +109,16 @@ def status(
         fail(f"{len(broken)} run(s) cannot be read; `runfmt verify` lists every problem")
 
 
-def _read(store: "Store", run_id: str) -> "RunReader | FormatError | None":
-    """The run's reader, or why it cannot be read; None when it is gone."""
-    from runfmt.errors import FormatError, RunNotFoundError
+def _read(store: "Store", run_id: str) -> "RunReader | FormatError | StorageError | None":
+    """The run's reader, or why it cannot be read (damage, or a folder this user may not
+    read); None when it is gone."""
+    from runfmt.errors import FormatError, RunNotFoundError, StorageError
 
     try:
         return store.open_run(run_id)
     except RunNotFoundError:
         return None
-    except FormatError as exc:
+    except (FormatError, StorageError) as exc:
         return exc
 
 

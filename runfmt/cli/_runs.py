@@ -203,6 +203,9 @@ def verify(
             check(run, run_id)
         except RunNotFoundError as exc:
             skipped.append(f"skip  {run.name}: {exc.problem}")
+        except RunfmtError as exc:  # a folder this user may not read, a backend failure
+            unchecked.append(_error_json(run_id, exc))
+            sys.stderr.write(f"runfmt: error: {printable(str(exc))}\n")
     bad = [(run, problems) for run, problems, _ in found if problems]
     if json_:
         print_json([_problem_json(run, p) for run, problems in bad for p in problems] + unchecked)
@@ -213,7 +216,8 @@ def verify(
             _print_verdict(run, problems, live)
         for line in skipped:
             echo(line)
-        sys.stdout.write(f"checked {_count(len(found), 'run')}: {len(bad)} with problems\n")
+        failed = f", {len(unchecked)} could not be checked" if unchecked else ""
+        sys.stdout.write(f"checked {_count(len(found), 'run')}: {len(bad)} with problems{failed}\n")
     if bad:
         total = sum(len(problems) for _, problems in bad)
         fail(f"{_count(total, 'problem')} in {len(bad)} of {_count(len(found), 'run')}")
@@ -221,8 +225,10 @@ def verify(
         require_store(ctx)
     if unchecked and len(runs) == 1:
         raise typer.Exit(1)  # its error is said above
-    if unchecked:
+    if unchecked and runs:
         fail(f"{len(unchecked)} of {len(runs)} RUNs name no run that could be checked")
+    if unchecked:
+        fail(f"{_count(len(unchecked), 'run')} could not be checked")
 
 
 def _error_json(arg: str, exc: "RunfmtError") -> dict[str, Any]:

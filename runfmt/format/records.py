@@ -42,6 +42,8 @@ _OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _SCALARS = frozenset((str, int, bool, type(None)))
 _FLAT = _SCALARS | {float}
 _KEY_TYPES = frozenset((str, type(None)))
+_MIN_INT, _MAX_INT = -(2**63), 2**64 - 1
+"""The integers orjson writes."""
 
 
 def encode_record(record: Mapping[str, Any], key_field: str | None = None) -> bytes:
@@ -164,8 +166,10 @@ def _first_unwritable(record: dict[str, Any]) -> str:
             stack.extend((f"{path}.{k}".lstrip("."), v) for k, v in reversed(value.items()))
         elif kind is list:
             stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
-        elif (kind is float and value - value) or (
-            kind not in _FLAT and not isinstance(value, str | int | float | list)
+        elif (
+            (kind is float and value - value)
+            or (kind is int and not _MIN_INT <= value <= _MAX_INT)
+            or (kind not in _FLAT and not isinstance(value, str | int | float | list))
         ):
             return repr(path)
     return "?"
