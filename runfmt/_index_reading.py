@@ -38,10 +38,11 @@ __all__ = [
     "Stamp",
     "StorageSource",
     "is_racy",
+    "moment_key",
     "pending",
     "scan_file",
     "summarize",
-    "timestamp",
+    "time_key",
     "unreadable",
 ]
 
@@ -55,6 +56,8 @@ RUN_STATUSES = ("running", "completed", "failed", "cancelled")
 """`runfmt.format.manifest.RUN_STATUSES`, not imported from there: it loads jsonschema,
 which ``runfmt ls`` must not wait for."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_COUNT = 2**63 - 1
+"""The largest count the index stores (SQLite integers, MAN-5)."""
 RACY_NS = 3_000_000_000
 """A run whose ``_manifests/`` changed this recently is re-read at the next refresh,
 since a later commit within the same timestamp tick would leave its stamp unchanged."""
@@ -84,14 +87,23 @@ def is_racy(stamp: Stamp) -> bool:
     return isinstance(stamp, str) and stamp.startswith("racy:")
 
 
-def timestamp(value: object) -> float | None:
-    if not isinstance(value, str):
+_TIMESTAMP = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8})(?:\.([0-9]{1,9}))?Z")
+
+
+def time_key(value: object) -> str | None:
+    """A MAN-9 timestamp as text that sorts as the times do, to the nanosecond
+    (``YYYY-MM-DDTHH:MM:SS.fffffffff``); None for anything else."""
+    found = _TIMESTAMP.fullmatch(value) if isinstance(value, str) else None
+    if found is None:
         return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    return f"{found[1]}.{(found[2] or '').ljust(9, '0')}"
+
+
+def moment_key(moment: datetime) -> str:
+    """`time_key` of an aware time."""
+    m = moment.astimezone(UTC)
+    return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:"
+            f"{m.second:02d}.{m.microsecond:06d}000")  # fmt: skip
 
 
 class Changes(NamedTuple):
@@ -387,8 +399,8 @@ class Row:
     listed: dict[str, Any]
     """What the index lists of the run (`runfmt.index.RunSummary` members)."""
     keyed: list[KeyedFile]
-    created_ts: float | None = None
-    """The creation time as a POSIX timestamp."""
+    created_key: str | None = None
+    """The creation time as `time_key`."""
     partial: bool = False
     """Whether some of its keyed files could not be indexed: the next refresh reads it again."""
     keys_pending: bool = False
@@ -411,7 +423,7 @@ class Row:
     def values(self) -> tuple[Any, ...]:
         """The runs table's columns after ``run_id`` and ``stamp``."""
         d = self.listed
-        return (d["revision"], d["name"], d["status"], d["created_at"], self.created_ts,
+        return (d["revision"], d["name"], d["status"], d["created_at"], self.created_key,
                 d["updated_at"], d["finished_at"], d["heartbeat_at"], d["config_hash"],
                 d["error"], orjson.dumps(d).decode(), d["problem"])  # fmt: skip
 
@@ -463,11 +475,14 @@ def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
         _check(isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values()), "tags")
         _check(isinstance(counters, dict), "counters")
         _check(all(type(v) in (int, float) for v in counters.values()), "counters")
-        stages, keyed = [], []
+        stages: list[list[Any]] = []
+        keyed: list[KeyedFile] = []
+        paths: set[str] = set()
         for s in doc["stages"]:
             stage, key_field, schema = s["name"], s["key_field"], s["record_schema_version"]
             files = s["files"]
             _check(isinstance(stage, str) and isinstance(schema, str), "stage")
+            _check(all(stage != other[0] for other in stages), "stage listed twice")
             _check(isinstance(s["status"], str), "stage status")
             _check(key_field is None or isinstance(key_field, str), "key field")
             total = failures = size = 0
@@ -476,7 +491,10 @@ def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
                 _check(type(n) is int and type(fails) is int and type(b) is int, "file counts")
                 _check(min(n, fails, b) >= 0, "file counts")
                 _check(isinstance(sha, str) and _SHA256.fullmatch(sha) is not None, "sha256")
+                _check(f["path"] not in paths, "file listed twice")
+                paths.add(f["path"])
                 total, failures, size = total + n, failures + fails, size + b
+                _check(max(total, failures, size) <= _MAX_COUNT, "file counts")
                 if key_field is not None:
                     _check(names.parse_stage_file(f["path"])[0] == stage, "file path")
                     keyed.append(KeyedFile(f["path"], stage, key_field, schema, b, sha, ordinal))
@@ -491,7 +509,7 @@ def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
         "config_hash": doc["config_hash"], "error": error, "problem": None,
         "tags": tags, "counters": counters, "stages": stages,
     }  # fmt: skip
-    return Row(run_id, stamp, listed, keyed, timestamp(doc["created_at"]))
+    return Row(run_id, stamp, listed, keyed, time_key(doc["created_at"]))
 
 
 def _problem(data: bytes, run_id: str, revision: int) -> str:

@@ -34,7 +34,7 @@ _FRAME_BYTES = 16 << 20
 frame at 64 MiB): so at most max(16 MiB, one frame) of content is held."""
 
 _COLUMNS = (
-    "f.created_ts, f.run_id, f.ordinal, c.frame_start, c.line, "
+    "f.created_key, f.run_id, f.ordinal, c.frame_start, c.line, "
     "f.path, f.record_schema_version, c.frame_end, f.key_field"
 )
 """A candidate: its rank (`_rank`), then the rest of its provenance and its key field."""
@@ -97,8 +97,8 @@ def _frame(where: Provenance) -> _Frame:
 def _rank(candidate: Sequence[Any]) -> tuple[Any, ...]:
     """Newest run first; within a run, the last record written: the later file in its
     stage's list, then the later frame and line."""
-    created_ts, run_id, ordinal, start, line = candidate[:5]
-    return created_ts or 0.0, run_id, ordinal, start, line
+    created_key, run_id, ordinal, start, line = candidate[:5]
+    return created_key or "", run_id, ordinal, start, line
 
 
 class Cache:

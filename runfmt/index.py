@@ -39,6 +39,7 @@ from runfmt._index_reading import (
     Stamp,
     StorageSource,
     is_racy,
+    moment_key,
     pending,
     scan_file,
     summarize,
@@ -70,9 +71,9 @@ __all__ = [
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 9
-"""Version of the index's tables and of what they hold (``PRAGMA user_version``; 9: keys
-obey REC-6); another version is rebuilt."""
+SCHEMA_VERSION = 10
+"""Version of the index's tables and of what they hold (``PRAGMA user_version``; 10:
+creation times sort to the nanosecond); another version is rebuilt."""
 APPLICATION_ID = 0x52554E46
 """``PRAGMA application_id`` of a runfmt index ("RUNF"): anything else is a foreign file."""
 CACHE_KIB = 32768
@@ -97,7 +98,7 @@ CREATE TABLE runs(
     name TEXT NOT NULL,
     status TEXT NOT NULL,
     created_at TEXT,
-    created_ts REAL,
+    created_key TEXT,  -- time_key: sorts as the times do
     updated_at TEXT,
     finished_at TEXT,
     heartbeat_at TEXT,
@@ -106,12 +107,12 @@ CREATE TABLE runs(
     detail TEXT NOT NULL,
     problem TEXT
 );
-CREATE INDEX runs_newest ON runs(created_ts DESC, run_id DESC);
+CREATE INDEX runs_newest ON runs(created_key DESC, run_id DESC);
 CREATE INDEX runs_stamp ON runs(run_id, stamp);
 CREATE TABLE files(
     file_id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
-    created_ts REAL,
+    created_key TEXT,  -- time_key: sorts as the times do
     path TEXT NOT NULL,
     stage TEXT NOT NULL,
     key_field TEXT NOT NULL,
@@ -760,7 +761,7 @@ class Index:
                     entries += self._write_files(con, row, work.get(row.run_id, []))
             con.executemany(
                 "INSERT OR REPLACE INTO runs(run_id, stamp, revision, name, status, "
-                "created_at, created_ts, updated_at, finished_at, heartbeat_at, config_hash, "
+                "created_at, created_key, updated_at, finished_at, heartbeat_at, config_hash, "
                 "error, detail, problem) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(row.run_id, _stamp(row), *row.values) for row in accepted],
             )  # fmt: skip
@@ -803,10 +804,10 @@ class Index:
                 continue
             if found is None:
                 file_id = con.execute(
-                    "INSERT INTO files(run_id, created_ts, path, stage, key_field, "
+                    "INSERT INTO files(run_id, created_key, path, stage, key_field, "
                     "record_schema_version, ordinal, indexed_bytes, sha256) "
                     "VALUES (?,?,?,?,?,?,?,?,?)",
-                    (row.run_id, row.created_ts, file.path, file.stage, file.key_field,
+                    (row.run_id, row.created_key, file.path, file.stage, file.key_field,
                      file.record_schema_version, file.ordinal, file.bytes, file.sha256),
                 ).lastrowid  # fmt: skip
             else:
@@ -887,8 +888,8 @@ class Index:
                          "WHERE t.key=? AND t.value=?)")  # fmt: skip
             params += [key, value]
         if since is not None:
-            where.append("created_ts >= ?")
-            params.append(_moment(since).timestamp())
+            where.append("created_key >= ?")
+            params.append(moment_key(_moment(since)))
         if limit is not None and (
             not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
         ):
@@ -898,7 +899,7 @@ class Index:
         sql = (
             f"SELECT {_RUN_COLUMNS} FROM runs"
             + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY created_ts DESC, run_id DESC"
+            + " ORDER BY created_key DESC, run_id DESC"
             + (" LIMIT ?" if limit is not None else "")
         )
         if limit is not None:

@@ -222,7 +222,7 @@ def sync(
                                     location=source.where())  # fmt: skip
         pairs = [(run_id, source, target if here else target.child(run_id))]
         _check_apart(source, pairs[0][2])
-    elif source.is_dir():
+    elif source.is_dir() and (source.is_local or source.list()):  # an empty bucket: nothing
         _check_apart(source, target)
         ids = sorted(e.name for e in source.list() if e.is_dir and names.is_run_id(e.name))
         pairs = [(i, source.child(i), target.child(i)) for i in ids]
@@ -462,7 +462,10 @@ class _Engine:
             if ancestor is not None and ancestor != dst_bytes:
                 reason = f"DST revision {newest} differs from SRC's revision {newest}"
             elif ancestor is None and not _continues(old, plan.manifest):
-                reason = f"DST revision {newest} lists files SRC's revision {mine} does not extend"
+                reason = (
+                    f"DST revision {newest} lists stages, files or artifacts that SRC's "
+                    f"revision {mine} does not extend"
+                )
         if reason and not self.force:
             raise ConflictError(
                 f"{reason}: it changed independently (SYNC-4)",
@@ -480,6 +483,11 @@ class _Engine:
             # mix of two runs: the next sync finds no revision and copies SRC afresh.
             unpublish(dst)
             plan.dst_revisions = []
+        # made, not copied: it follows from the manifest (CHECK-3)
+        sums = sums_of(manifest, plan.src_bytes) if manifest.finished else None
+        shown = bool(plan.dst_revisions)
+        if shown or sums is None:  # an interruption leaves no SHA256SUMS, never a stale one
+            dst.delete(names.SUMS_FILE)
         for path in plan.debris:
             dst.delete(path)
         if self.progress is not None:
@@ -491,10 +499,8 @@ class _Engine:
         copied = [c for c, f in zip(plan.copies, futures, strict=True) if f.result()]
         plan.result.files = len(copied)
         plan.result.bytes = sum(c.nbytes for c in copied)
-        if manifest.finished:  # made, not copied: it follows from the manifest (CHECK-3)
-            dst.write_atomic(names.SUMS_FILE, sums_of(manifest, plan.src_bytes))
-        else:
-            dst.delete(names.SUMS_FILE)
+        if sums is not None and not shown:  # a new run is shown finished with it
+            dst.write_atomic(names.SUMS_FILE, sums)
         rev = names.revision_file(manifest.revision)
         if not dst.create_exclusive(rev, plan.src_bytes) and dst.read(rev) != plan.src_bytes:
             raise ConflictError(
@@ -502,6 +508,8 @@ class _Engine:
                 location=dst.where(rev),
                 hint="run sync again to see what changed",
             )
+        if sums is not None and shown:
+            dst.write_atomic(names.SUMS_FILE, sums)
         write_manifest_copy(dst, plan.src_bytes, finished=manifest.finished)
         for path in plan.dropped:
             dst.delete(path)
@@ -580,7 +588,13 @@ def _decode(data: bytes, where: str) -> Manifest:
 
 
 def _continues(old: Manifest, new: Manifest) -> bool:
-    """Whether every file ``old`` lists is listed by ``new`` unchanged or with a longer prefix."""
+    """Whether ``new`` lists every stage and artifact ``old`` lists, each artifact unchanged
+    and each stage file unchanged or with a longer prefix."""
+    artifacts = {(a.path, a.bytes, a.sha256) for a in new.artifacts}
+    if any((a.path, a.bytes, a.sha256) not in artifacts for a in old.artifacts):
+        return False
+    if {s.name for s in old.stages} - {s.name for s in new.stages}:
+        return False
     now = {f.path: f for s in new.stages for f in s.files}
     for stage in old.stages:
         for f in stage.files:

@@ -297,6 +297,12 @@ def stage_doc(name: str, paths: list[str]) -> dict[str, Any]:
     }
 
 
+def _counting(stage: dict[str, Any], records: int) -> dict[str, Any]:
+    for f in stage["files"]:
+        f["records"] = records
+    return stage
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -310,6 +316,21 @@ def stage_doc(name: str, paths: list[str]) -> dict[str, Any]:
             r"\$\.stages\[0\]\.files\[0\]\.path",
         ),
         ({"stages": [stage_doc("a", ["/etc/passwd"])]}, r"\$\.stages\[0\]\.files\[0\]\.path"),
+        (
+            {"stages": [_counting(stage_doc("a", ["stages/a/part-000001-w.jsonl.zst"]), 2**63)]},
+            r"\$\.stages\[0\]\.files\[0\]\.records",
+        ),
+        (
+            {
+                "stages": [
+                    _counting(
+                        stage_doc("a", [f"stages/a/part-00000{i}-w.jsonl.zst" for i in (1, 2)]),
+                        2**62,
+                    )
+                ]
+            },
+            r"files' records add up past 2\^63-1 \(MAN-5\)",
+        ),
         ({"stages": [stage_doc("a", ["stages/a/part-000001-w.jsonl.zst"] * 2)]}, "collides.*MAN-7"),
         (
             {

@@ -539,6 +539,78 @@ def test_unreadable_run_is_listed_with_its_problem(store: Store) -> None:
     assert good not in result.stdout
 
 
+def test_runs_are_ordered_by_creation_time_to_the_nanosecond(store: Store) -> None:
+    """§14.1: the latest created_at (compared as times, then the greatest run id) comes
+    first in listings and wins cache lookups, however little the times differ, and
+    ``since`` compares to the same precision."""
+    times = {
+        "run-b": "2030-01-01T00:00:00.0000009Z",
+        "run-z": "2030-01-01T00:00:00.0000001Z",
+        "run-a": "9999-12-31T23:59:59.99999Z",
+        "run-y": "9999-12-31T23:59:59.99998Z",
+        "run-c": "2030-01-01T00:00:00Z",
+    }
+    for run_id, created in times.items():
+        with store.create_run("a", {"r": run_id}, run_id=run_id, created_at=created) as w:
+            w.stage("gen", key_field="key").append({"key": "K", "run": run_id})
+    newest_first = ["run-a", "run-y", "run-b", "run-z", "run-c"]
+    for index in (store.index, Store(store.url).index):
+        assert [r.run_id for r in index.runs()] == newest_first
+    hit = Store(store.url).cache.get("gen", "K")
+    assert hit is not None
+    assert hit.provenance.run_id == "run-a"
+    since = datetime(2030, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
+    assert [r.run_id for r in store.index.runs(since=since)] == ["run-a", "run-y"]
+
+
+def _listed_twice(doc: dict[str, Any]) -> None:
+    doc["stages"][0]["files"].append(dict(doc["stages"][0]["files"][0]))
+
+
+def _stage_twice(doc: dict[str, Any]) -> None:
+    doc["stages"].append(json.loads(json.dumps(doc["stages"][0])))
+
+
+def _huge_counter(doc: dict[str, Any]) -> None:
+    doc["counters"]["tokens"] = 2**70
+
+
+def _counts_past_64_bits(doc: dict[str, Any]) -> None:
+    [first] = doc["stages"][0]["files"]
+    second = dict(first, path=first["path"].replace("part-000001", "part-000002"))
+    first["records"] = second["records"] = 2**63 - 1
+    doc["stages"][0]["files"].append(second)
+
+
+@pytest.mark.parametrize(
+    ("damage", "status"),
+    [(_listed_twice, "unreadable"), (_stage_twice, "unreadable"),
+     (_counts_past_64_bits, "unreadable"), (_huge_counter, "completed")],
+)  # fmt: skip
+def test_a_revision_the_index_cannot_hold_is_one_unreadable_run(
+    store: Store, damage: Any, status: str
+) -> None:
+    """A hand-made revision that lists a file or a stage twice, or counts past 64 bits
+    (MAN-4, MAN-5, MAN-7), is listed as unreadable by ls and status alike, and the rest of
+    the store is listed and looked up; a counter past 64 bits is valid (read as a double)."""
+    good = write_run(store, "good")
+    bad = write_run(store, "bad")
+    folder = Path(store.url) / bad / "_manifests"
+    doc = json.loads(max(folder.glob("0*.json")).read_bytes())
+    damage(doc)
+    doc["revision"] += 1
+    (folder / f"{doc['revision']:08d}.json").write_text(json.dumps(doc))
+    for index in (store.index, Store(store.url).index):
+        assert {r.run_id: r.status for r in index.runs()} == {good: "completed", bad: status}
+    assert Store(store.url).cache.get("score", "good-1") is not None
+    assert cli(store, "index", "rebuild").exit_code == 0
+    assert cli(store, "cache", "get", "score", "good-1").exit_code == 0
+    shown = cli(store, "status", "--json")
+    assert shown.exit_code == (status == "unreadable")
+    assert {r["run_id"]: r["health"] for r in json.loads(shown.stdout)} == {
+        good: "completed", bad: status}  # fmt: skip
+
+
 def test_reading_a_run_never_needs_the_index(
     store: Store,
     monkeypatch: pytest.MonkeyPatch,

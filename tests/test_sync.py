@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from runfmt.check import verify_run
 from runfmt.cli import app
-from runfmt.errors import InvalidInputError, RunNotFoundError
+from runfmt.errors import InvalidInputError, RunNotFoundError, StorageError
 from runfmt.format import names
 from runfmt.run import RunWriter, load_manifest, revisions, write_manifest_copy
 from runfmt.storage import Storage
@@ -222,6 +222,63 @@ def test_diverged_history_is_a_conflict(src: Store, tmp_path: Path) -> None:
     (result,) = [r for r in sync(src.url, dst_url).runs if r.run_id == run_id]
     assert result.action == "conflict"
     assert "differs from SRC's revision" in result.message
+
+
+@pytest.mark.parametrize("change", ["artifact", "stage"])
+def test_a_change_at_dst_is_a_conflict_after_src_dropped_that_revision(
+    src: Store, tmp_path: Path, change: str
+) -> None:
+    """SYNC-4: with DST's revision pruned at SRC, an artifact or a stage that only DST
+    lists still shows that DST changed on its own; a push never deletes it."""
+    run_id = src.run_ids()[0]
+    dst_url = str(tmp_path / "dst")
+    sync(src.url, dst_url)
+    with Store(dst_url).resume_run(run_id) as writer:
+        if change == "artifact":
+            writer.add_artifact("only-at-dst.txt", b"made at DST")
+        else:
+            writer.stage("only-at-dst").complete()
+    with src.resume_run(run_id, flush_every=1) as writer:
+        writer.extend("gen", [{"i": "src"}] * 40)
+    dst_revision = load_manifest(Store(dst_url).locate(run_id)).revision
+    assert not src.locate(run_id).exists(names.revision_file(dst_revision))
+    (result,) = [r for r in sync(src.url, dst_url).runs if r.run_id == run_id]
+    assert result.action == "conflict"
+    assert "does not extend" in result.message
+    dst_manifest = load_manifest(Store(dst_url).locate(run_id))
+    assert dst_manifest.revision == dst_revision
+    if change == "artifact":
+        assert (tmp_path / "dst" / run_id / "artifacts" / "only-at-dst.txt").exists()
+
+
+def test_an_update_interrupted_before_its_revision_leaves_no_stale_sums(
+    src: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-11, SYNC-5: over a finished DST run, SHA256SUMS goes first and comes back
+    after the revision, so an interruption between leaves none that the shown revision
+    contradicts; the next sync completes the job."""
+    run_id = src.run_ids()[0]
+    dst_url = str(tmp_path / "dst")
+    assert sync(src.url, dst_url).ok
+    with src.resume_run(run_id) as writer:
+        writer.append("gen", {"i": "more"})
+    create = Storage.create_exclusive
+
+    def interrupted(self: Storage, rel: str, data: bytes) -> bool:
+        if rel.startswith(names.MANIFESTS_DIR) and self.root.startswith(dst_url):
+            raise StorageError("the connection dropped", location=self.where(rel))
+        return create(self, rel, data)
+
+    monkeypatch.setattr(Storage, "create_exclusive", interrupted)
+    [failed] = [r for r in sync(src.url, dst_url).runs if r.run_id == run_id]
+    assert failed.action == "error"
+    dst_run = Store(dst_url).locate(run_id)
+    assert not dst_run.exists(names.SUMS_FILE)
+    assert {p.rule for p in verify_run(dst_run)} == {"LAYOUT-4"}  # the files copied so far
+    monkeypatch.setattr(Storage, "create_exclusive", create)
+    assert sync(src.url, dst_url).ok
+    assert verify_run(dst_run) == []
+    _same_runs(src, Store(dst_url))
 
 
 def test_dry_run_writes_nothing(src: Store, tmp_path: Path) -> None:
@@ -490,6 +547,24 @@ def test_a_killed_sync_never_shows_a_partial_run_and_resumes(
     report = sync(src.url, dst_url, dst_options=options)
     assert report.ok
     _same_runs(src, Store(dst_url, options))
+
+
+def test_an_empty_bucket_as_source_is_an_error_and_deletes_nothing(
+    src: Store, tmp_path: Path, s3_endpoint: str, s3_options: dict[str, Any]
+) -> None:
+    """An object store's root that exists but holds nothing is no store: a bucket just made,
+    or the wrong one, must not empty the destination through --delete."""
+    import s3fs
+
+    bucket = f"empty-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(**s3_options).mkdir(bucket)
+    dst_url = str(tmp_path / "dst")
+    assert sync(src.url, dst_url).ok
+    for source in (f"s3://{bucket}", f"s3://{bucket}/"):
+        for dry_run in (True, False):
+            with pytest.raises(RunNotFoundError, match="no run or store here"):
+                sync(source, dst_url, src_options=s3_options, delete=True, dry_run=dry_run)
+    assert Store(dst_url).run_ids() == src.run_ids()
 
 
 def test_writer_running_at_source_is_synced_as_committed(tmp_path: Path) -> None:

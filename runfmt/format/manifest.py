@@ -332,6 +332,9 @@ def manifest_problems(doc: Any) -> list[str]:
         if stage["name"] in stage_names:
             problems.append(f"$.stages[{i}]: duplicate stage {stage['name']!r} (MAN-4)")
         stage_names.add(stage["name"])
+        for total in ("bytes", "records"):
+            if sum(f[total] for f in stage["files"]) > MAX_INTEGER:
+                problems.append(f"$.stages[{i}]: its files' {total} add up past 2^63-1 (MAN-5)")
         for j, f in enumerate(stage["files"]):
             where = f"$.stages[{i}].files[{j}]"
             if f["path"].split("/")[1] != stage["name"]:
