@@ -5,6 +5,7 @@ that ``runfmt ls`` starts fast); any other store through `runfmt.storage.Storage
 
 from __future__ import annotations
 
+import json
 import operator
 import os
 import re
@@ -57,7 +58,7 @@ RUN_STATUSES = ("running", "completed", "failed", "cancelled")
 which ``runfmt ls`` must not wait for."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_COUNT = 2**63 - 1
-"""The largest count the index stores (SQLite integers, MAN-5)."""
+"""The largest count or integer counter the index stores (SQLite integers; MAN-5, COMMIT-5)."""
 RACY_NS = 3_000_000_000
 """A run whose ``_manifests/`` changed this recently is re-read at the next refresh,
 since a later commit within the same timestamp tick would leave its stamp unchanged."""
@@ -100,8 +101,12 @@ def time_key(value: object) -> str | None:
 
 
 def moment_key(moment: datetime) -> str:
-    """`time_key` of an aware time."""
-    m = moment.astimezone(UTC)
+    """`time_key` of an aware time; one that is no MAN-9 time in UTC sorts before or after
+    every one."""
+    try:
+        m = moment.astimezone(UTC)
+    except OverflowError:
+        return "" if moment.year == 1 else "~"
     return (f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:"
             f"{m.second:02d}.{m.microsecond:06d}000")  # fmt: skip
 
@@ -475,6 +480,10 @@ def summarize(run_id: str, stamp: Stamp, revision: int, data: bytes) -> Row:
         _check(isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values()), "tags")
         _check(isinstance(counters, dict), "counters")
         _check(all(type(v) in (int, float) for v in counters.values()), "counters")
+        big = [k for k, v in counters.items() if type(v) is float and abs(v) > _MAX_COUNT]
+        if big:  # orjson reads an integer beyond 64 bits as a float: no counter may be one
+            exact = json.loads(data)["counters"]
+            _check(all(type(exact[k]) is float for k in big), "counters")
         stages: list[list[Any]] = []
         keyed: list[KeyedFile] = []
         paths: set[str] = set()

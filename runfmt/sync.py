@@ -226,6 +226,13 @@ def sync(
         _check_apart(source, target)
         ids = sorted(e.name for e in source.list() if e.is_dir and names.is_run_id(e.name))
         pairs = [(i, source.child(i), target.child(i)) for i in ids]
+        if delete and not any(_is_run(run) for _, run, _ in pairs):
+            raise RunNotFoundError(
+                "SRC holds no run: --delete would remove every run of DST",
+                location=source.where(),
+                hint="check SRC (a store is the folder that holds the run folders); to remove "
+                "runs, use `runfmt gc` or delete their folders",
+            )
     else:
         raise RunNotFoundError("no run or store here", location=source.where())
     if _in_a_run(target, here):

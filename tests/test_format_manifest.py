@@ -332,6 +332,8 @@ def _counting(stage: dict[str, Any], records: int) -> dict[str, Any]:
             r"files' records add up past 2\^63-1 \(MAN-5\)",
         ),
         ({"stages": [stage_doc("a", ["stages/a/part-000001-w.jsonl.zst"] * 2)]}, "collides.*MAN-7"),
+        ({"counters": {"tokens": 2**70}}, r"\$\.counters\.tokens: .* \(COMMIT-5\)"),
+        ({"counters": {"tokens": -(2**63)}}, r"\$\.counters\.tokens: .* \(COMMIT-5\)"),
         (
             {
                 "artifacts": [

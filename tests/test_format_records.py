@@ -47,6 +47,10 @@ class Level(enum.IntEnum):
     HIGH = 3
 
 
+class Big(enum.IntEnum):
+    HUGE = 2**64
+
+
 def same(a: Any, b: Any) -> bool:
     """Equal as JSON values, with -0.0 and 0.0 and int/float kept apart."""
     if isinstance(a, dict):
@@ -95,6 +99,7 @@ def test_many_records_round_trip_in_order(batch: list[dict[str, Any]]) -> None:
         ({"x": b"bytes"}, "not JSON-serializable"),
         ({"x": 2**64}, "member 'x' is not JSON-serializable"),
         ({"a": {"b": [1, -(2**63) - 1]}}, r"member 'a\.b\[1\]' is not JSON-serializable"),
+        ({"a": (1, Big.HUGE)}, r"member 'a\[1\]' is not JSON-serializable"),
         ({"x": object()}, "not JSON-serializable"),
         ({"id": uuid.UUID(int=1)}, "not JSON-serializable"),
         ({"x": [{"color": Color.RED}]}, "not JSON-serializable"),

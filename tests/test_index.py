@@ -561,6 +561,10 @@ def test_runs_are_ordered_by_creation_time_to_the_nanosecond(store: Store) -> No
     assert hit.provenance.run_id == "run-a"
     since = datetime(2030, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
     assert [r.run_id for r in store.index.runs(since=since)] == ["run-a", "run-y"]
+    for beyond, listed in (("0001-01-01T00:00:00+01:00", newest_first),
+                           ("9999-12-31T23:59:59-01:00", [])):  # fmt: skip
+        assert [r.run_id for r in store.index.runs(since=beyond)] == listed
+        assert cli(store, "ls", "--since", beyond).exit_code == 0
 
 
 def _listed_twice(doc: dict[str, Any]) -> None:
@@ -585,14 +589,14 @@ def _counts_past_64_bits(doc: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("damage", "status"),
     [(_listed_twice, "unreadable"), (_stage_twice, "unreadable"),
-     (_counts_past_64_bits, "unreadable"), (_huge_counter, "completed")],
+     (_counts_past_64_bits, "unreadable"), (_huge_counter, "unreadable")],
 )  # fmt: skip
 def test_a_revision_the_index_cannot_hold_is_one_unreadable_run(
     store: Store, damage: Any, status: str
 ) -> None:
     """A hand-made revision that lists a file or a stage twice, or counts past 64 bits
-    (MAN-4, MAN-5, MAN-7), is listed as unreadable by ls and status alike, and the rest of
-    the store is listed and looked up; a counter past 64 bits is valid (read as a double)."""
+    (MAN-4, MAN-5, MAN-7, COMMIT-5), is listed as unreadable by ls and status alike, and the
+    rest of the store is listed and looked up."""
     good = write_run(store, "good")
     bad = write_run(store, "bad")
     folder = Path(store.url) / bad / "_manifests"

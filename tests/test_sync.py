@@ -567,6 +567,29 @@ def test_an_empty_bucket_as_source_is_an_error_and_deletes_nothing(
     assert Store(dst_url).run_ids() == src.run_ids()
 
 
+@pytest.mark.parametrize("holds", ["nothing", "a note", "a store below"])
+def test_delete_from_a_source_that_holds_no_run_is_an_error(
+    src: Store, tmp_path: Path, holds: str
+) -> None:
+    """A SRC that exists but holds no run (an empty folder, the folder above the store)
+    must not empty the destination through --delete."""
+    dst_url = str(tmp_path / "dst")
+    assert sync(src.url, dst_url).ok
+    source = tmp_path / "elsewhere"
+    source.mkdir()
+    if holds == "a note":
+        (source / "notes.txt").write_text("mine")
+    if holds == "a store below":
+        _run(Store(source / "runs"), 2)
+    for dry_run in (True, False):
+        with pytest.raises(RunNotFoundError, match="SRC holds no run"):
+            sync(str(source), dst_url, delete=True, dry_run=dry_run)
+    assert Store(dst_url).run_ids() == src.run_ids()
+    result = CliRunner().invoke(app, ["sync", str(source), dst_url, "--delete"])
+    assert result.exit_code == 1
+    assert Store(dst_url).run_ids() == src.run_ids()
+
+
 def test_writer_running_at_source_is_synced_as_committed(tmp_path: Path) -> None:
     src = Store(tmp_path / "src")
     writer: RunWriter = src.create_run("live", flush_every=None, flush_interval=None)

@@ -326,6 +326,11 @@ def manifest_problems(doc: Any) -> list[str]:
     problems = schema_errors("manifest", doc)
     if problems or not isinstance(doc, dict):
         return problems or ["$: not a JSON object"]
+    problems += [
+        f"$.counters.{name}: {value} is beyond ±(2^63-1) (COMMIT-5)"
+        for name, value in doc["counters"].items()
+        if type(value) is int and abs(value) > MAX_INTEGER
+    ]
     seen_paths: dict[str, str] = {}
     stage_names = set()
     for i, stage in enumerate(doc["stages"]):

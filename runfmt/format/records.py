@@ -164,11 +164,11 @@ def _first_unwritable(record: dict[str, Any]) -> str:
                 if not isinstance(k, str):
                     return f"{path}.{k!r}".lstrip(".") + " (a member name that is no string)"
             stack.extend((f"{path}.{k}".lstrip("."), v) for k, v in reversed(value.items()))
-        elif kind is list:
+        elif isinstance(value, list | tuple):
             stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
         elif (
             (kind is float and value - value)
-            or (kind is int and not _MIN_INT <= value <= _MAX_INT)
+            or (isinstance(value, int) and not _MIN_INT <= value <= _MAX_INT)
             or (kind not in _FLAT and not isinstance(value, str | int | float | list))
         ):
             return repr(path)
