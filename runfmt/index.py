@@ -43,6 +43,7 @@ from runfmt._index_reading import (
     pending,
     scan_file,
     summarize,
+    time_key,
     unreadable,
 )
 from runfmt._local import NotAFileError
@@ -889,7 +890,7 @@ class Index:
             params += [key, value]
         if since is not None:
             where.append("created_key >= ?")
-            params.append(moment_key(_moment(since)))
+            params.append(time_key(since) or moment_key(_moment(since)))
         if limit is not None and (
             not isinstance(limit, int) or isinstance(limit, bool) or limit < 0
         ):

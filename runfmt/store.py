@@ -65,6 +65,9 @@ def resolve_store_url(url: str | os.PathLike[str] | None = None) -> str:
     return os.fspath(url) if url else os.environ.get(STORE_ENV) or DEFAULT_STORE
 
 
+_RUN_HINT = "give a run id from `runfmt ls`, or the path of a run folder"
+
+
 def open_run(
     location: str | os.PathLike[str],
     storage_options: dict[str, Any] | None = None,
@@ -76,11 +79,10 @@ def open_run(
         raise InvalidInputError(f"a run is a folder's path or URL, not {type(location).__name__}")
     storage = Storage(os.fspath(location), storage_options, read_only=read_only)
     if storage.is_local and not _may_hold_run(storage):
+        hint = "give the path of a run folder"
         if os.path.lexists(storage.path()):
-            _refuse_folder(storage.path())
-        raise RunNotFoundError(
-            "no such folder", location=storage.path(), hint="give the path of a run folder"
-        )
+            _refuse_folder(storage.path(), hint)
+        raise RunNotFoundError("no such folder", location=storage.path(), hint=hint)
     return RunReader(storage)
 
 
@@ -232,7 +234,9 @@ class Store:
 
     def _find(self, run: str | os.PathLike[str]) -> tuple[Storage, str | None]:
         """The storage of a run, and the run id it was found by (None: found by path)."""
-        text = str(run)
+        if not isinstance(run, str | os.PathLike):
+            raise InvalidInputError(f"a run is a run id or a path, not {type(run).__name__}")
+        text = os.fspath(run)
         if names.is_run_id(text):
             by_id = self._run_storage(text)
             if _may_hold_run(by_id):
@@ -263,7 +267,7 @@ class Store:
             f"no run {text!r}" + (f": the store has no such {missing}" if missing else ""),
             location=self.storage.where(),
             hint="check --store or RUNFMT_STORE" if missing
-            else "give a run id from `runfmt ls`, or the path of a run folder",
+            else _RUN_HINT,
         )  # fmt: skip
 
     def resume_run(
@@ -381,15 +385,11 @@ class Store:
                 yield run_id, exc
 
 
-def _refuse_folder(path: str) -> NoReturn:
+def _refuse_folder(path: str, hint: str = _RUN_HINT) -> NoReturn:
     """Say why the local ``path`` that a user gave as a run is none."""
-    hint = "give a run id from `runfmt ls`, or the path of a run folder"
+    if (around := run_folder_around(path)) is not None:
+        hint = f"give the run folder that holds it: {around}"
     if not os.path.isdir(path):
-        parent = os.path.dirname(path)
-        if os.path.basename(parent) == names.MANIFESTS_DIR:
-            parent = os.path.dirname(parent)
-        if os.path.isdir(os.path.join(parent, names.MANIFESTS_DIR)):
-            hint = f"give the run folder that holds it: {parent}"
         raise RunNotFoundError("is a file, not a run folder", location=path, hint=hint)
     try:
         entries = os.listdir(path)
@@ -400,8 +400,6 @@ def _refuse_folder(path: str) -> NoReturn:
     if ".runfmt" in entries or any(runs):
         hint = f"it holds runs: list them with `runfmt --store {path} ls`"
         raise RunNotFoundError("is a store, not a run folder", location=path, hint=hint)
-    if (around := run_folder_around(path)) is not None:
-        hint = f"give the run folder that holds it: {around}"
     raise RunNotFoundError(
         "not a run: no revision and no manifest.json (LAYOUT-2)", location=path, hint=hint
     )

@@ -148,7 +148,8 @@ def test_what_a_run_path_names_is_told_apart(
         (run_dir / "manifest.json", f"is a file, not a run folder.*holds it: {run_dir}"),
         (run_dir / "_manifests" / "00000002.json", f"holds it: {run_dir}"),
         (run_dir / "stages", f"not a run: .*holds it: {run_dir}"),
-        (tmp_path / "notes.txt", r"is a file, not a run folder \(give a run id from"),
+        (next((run_dir / "stages" / "s").iterdir()), f"is a file, .*holds it: {run_dir}"),
+        (tmp_path / "notes.txt", r"is a file, not a run folder \(give .*the path of a run"),
         ("notes.txt", r"is a file, not a run folder"),
         (Path(store.url), "is a store, not a run folder"),
         (tmp_path / "empty", r"not a run: no revision and no manifest.json \(LAYOUT-2\)"),
@@ -163,8 +164,9 @@ def test_what_a_run_path_names_is_told_apart(
         assert missing.value.location == str(tmp_path / "gone")
     with pytest.raises(RunNotFoundError, match="no run 'nope'"):
         store.open_run("nope")
-    with pytest.raises(InvalidInputError, match="not NoneType"):
-        open_run(None)  # type: ignore[arg-type]
+    for open_it in (store.open_run, open_run):
+        with pytest.raises(InvalidInputError, match="not NoneType"):
+            open_it(None)  # type: ignore[arg-type]
 
 
 def test_a_store_that_is_a_file_is_refused(tmp_path: Path) -> None:

@@ -561,6 +561,10 @@ def test_runs_are_ordered_by_creation_time_to_the_nanosecond(store: Store) -> No
     assert hit.provenance.run_id == "run-a"
     since = datetime(2030, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
     assert [r.run_id for r in store.index.runs(since=since)] == ["run-a", "run-y"]
+    by_text = store.index.runs(since="2030-01-01T00:00:00.0000005Z")
+    assert [r.run_id for r in by_text] == ["run-a", "run-y", "run-b"]
+    listed = cli(store, "ls", "--json", "--since", "2030-01-01T00:00:00.0000005Z")
+    assert [r["run_id"] for r in json.loads(listed.stdout)] == ["run-a", "run-y", "run-b"]
     for beyond, listed in (("0001-01-01T00:00:00+01:00", newest_first),
                            ("9999-12-31T23:59:59-01:00", [])):  # fmt: skip
         assert [r.run_id for r in store.index.runs(since=beyond)] == listed

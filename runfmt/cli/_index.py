@@ -89,12 +89,13 @@ def ls(
     """List the store's runs, newest first, from the index (kept in step with the folders)."""
     from runfmt.units import parse_since
 
-    with usage_of("--since"):
-        moment = parse_since(since) if since is not None else None
+    if since is not None:
+        with usage_of("--since"):
+            parse_since(since)
     index = store_index(ctx)
     with usage_of("--status"):
         runs = index.runs(
-            status=status or None, name=name, tags=_tags(tag or []), since=moment, limit=limit
+            status=status or None, name=name, tags=_tags(tag or []), since=since, limit=limit
         )
     if json_:
         print_json(r.to_json() for r in runs)
