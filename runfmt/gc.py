@@ -8,7 +8,9 @@ writer, or updated within ``active_within``) is never chosen.
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
+import os
+from collections import Counter, defaultdict
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -71,6 +73,20 @@ def _entry(run: RunReader, size: int, reason: str) -> GcEntry:
     return GcEntry(m.run_id, m.name, m.status, m.created_at, m.updated_at, m.revision, size, reason)
 
 
+def _files(run: RunReader) -> dict[Hashable, int]:
+    """The run's files by identity, with their sizes: on local disk the inode, which hard
+    links share, else the path."""
+    sizes = run.storage.walk()
+    if not run.storage.is_local:
+        return {(run.run_id, rel): n for rel, n in sizes.items()}
+    found: dict[Hashable, int] = {}
+    for rel, n in sizes.items():
+        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+            st = os.lstat(run.storage.path(rel))
+            found[st.st_dev, st.st_ino] = n
+    return found
+
+
 def _being_written(run: RunReader, now: datetime, active_within: timedelta) -> str | None:
     if run.manifest.status != "running":
         return None
@@ -109,10 +125,12 @@ def plan_gc(
     now = now or datetime.now(UTC)
     plan = GcPlan()
     candidates: list[tuple[RunReader, int]] = []
+    files: dict[str, dict[Hashable, int]] = {}
     for run_id in store.run_ids():
         try:
             run = store.open_run(run_id)
-            size = sum(run.storage.walk().values())
+            files[run_id] = _files(run)
+            size = sum(files[run_id].values())
         except FormatError as exc:
             plan.unreadable.append({"run_id": run_id, "error": str(exc)})
             continue
@@ -148,11 +166,22 @@ def plan_gc(
             chosen.append((run, size, "; ".join(reasons)))
         else:
             kept.append((run, size, keep_reason or "within the size cap"))
+    holders = Counter(f for held in files.values() for f in held)
+    sizes = {f: n for held in files.values() for f, n in held.items()}
+
+    def freed(run: RunReader) -> int:
+        """What deleting ``run`` frees, once the runs chosen before it are gone: files that
+        hard links share with a run that stays (a fork's, FORK-3) free nothing."""
+        holders.subtract(files[run.run_id].keys())
+        return sum(n for f, n in files[run.run_id].items() if not holders[f])
+
+    chosen = [(run, freed(run), why) for run, _, why in chosen]
     if max_size is not None:
-        total = sum(e.bytes for e in plan.protected + plan.keep) + sum(s for _, s, _ in kept)
+        total = sum(n for f, n in sizes.items() if holders[f])
         kept.sort(key=lambda c: (c[0].manifest.created_at, c[0].run_id))
         while kept and total > max_size:
-            run, size, _ = kept.pop(0)
+            run, _, _ = kept.pop(0)
+            size = freed(run)
             chosen.append((run, size, f"oldest while the store is over {format_size(max_size)}"))
             total -= size
         plan.over_cap = max(0, total - max_size)

@@ -635,11 +635,31 @@ class Storage:
             return AppendFile(target)
 
     def truncate(self, rel: str, size: int) -> None:
-        """Cut a local file back to ``size`` bytes, durably."""
+        """Cut a local file back to ``size`` bytes, durably. A file that other hard links
+        share (a fork's, FORK-3) is not cut in place: its first ``size`` bytes replace it
+        as a file of its own, and the other names keep every byte."""
         self._writable(rel)
-        with self._io(rel), open(self.path(rel), "r+b") as f:
-            f.truncate(size)
-            os.fsync(f.fileno())
+        target = self.path(rel)
+        with self._io(rel), open(target, "r+b") as f:
+            if os.fstat(f.fileno()).st_nlink == 1:
+                f.truncate(size)
+                os.fsync(f.fileno())
+                return
+            tmp = os.path.join(os.path.dirname(target), _TEMP_PREFIX + secrets.token_hex(16))
+            try:
+                with open(tmp, "xb") as out:
+                    left = size
+                    while left and (chunk := f.read(min(left, _READ_CHUNK))):
+                        out.write(chunk)
+                        left -= len(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        _fsync_dir(os.path.dirname(target))
 
     def delete(self, rel: str) -> None:
         self._writable(rel)

@@ -226,7 +226,7 @@ def sync(
         _check_apart(source, target)
         ids = sorted(e.name for e in source.list() if e.is_dir and names.is_run_id(e.name))
         pairs = [(i, source.child(i), target.child(i)) for i in ids]
-        if delete and not any(_is_run(run) for _, run, _ in pairs):
+        if delete and not any(revisions(run) for _, run, _ in pairs):
             raise RunNotFoundError(
                 "SRC holds no run: --delete would remove every run of DST",
                 location=source.where(),
@@ -470,8 +470,8 @@ class _Engine:
                 reason = f"DST revision {newest} differs from SRC's revision {newest}"
             elif ancestor is None and not _continues(old, plan.manifest):
                 reason = (
-                    f"DST revision {newest} lists stages, files or artifacts that SRC's "
-                    f"revision {mine} does not extend"
+                    f"DST revision {newest} holds a name, config, stage, file or artifact "
+                    f"that SRC's revision {mine} does not extend"
                 )
         if reason and not self.force:
             raise ConflictError(
@@ -595,12 +595,16 @@ def _decode(data: bytes, where: str) -> Manifest:
 
 
 def _continues(old: Manifest, new: Manifest) -> bool:
-    """Whether ``new`` lists every stage and artifact ``old`` lists, each artifact unchanged
-    and each stage file unchanged or with a longer prefix."""
-    artifacts = {(a.path, a.bytes, a.sha256) for a in new.artifacts}
-    if any((a.path, a.bytes, a.sha256) not in artifacts for a in old.artifacts):
+    """Whether ``new`` could be a later revision of ``old``: the same name and config, every
+    stage and artifact ``old`` lists unchanged, every stage file unchanged or with a longer
+    prefix."""
+    if (old.name, old.config_hash) != (new.name, new.config_hash):
         return False
-    if {s.name for s in old.stages} - {s.name for s in new.stages}:
+    artifacts = {(a.path, a.bytes, a.sha256, a.media_type) for a in new.artifacts}
+    if any((a.path, a.bytes, a.sha256, a.media_type) not in artifacts for a in old.artifacts):
+        return False
+    stages = {(s.name, s.record_schema_version, s.key_field) for s in new.stages}
+    if any((s.name, s.record_schema_version, s.key_field) not in stages for s in old.stages):
         return False
     now = {f.path: f for s in new.stages for f in s.files}
     for stage in old.stages:

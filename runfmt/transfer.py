@@ -592,9 +592,11 @@ def import_run(
             raise FormatError(f"damaged tar archive: {exc}", location=path) from None
         m = archive.manifest
         target = names.validate_run_id(run_id or m.run_id)
-        if store.storage.child(target).exists(names.MANIFESTS_DIR):
+        if store.storage.exists(target):  # a run, or a folder of the user's: never written
             raise RunExistsError(
-                f"run {target} exists in the store",
+                f"run {target} exists in the store"
+                if store.storage.child(target).exists(names.MANIFESTS_DIR)
+                else f"a folder named {target} that holds no run exists in the store",
                 location=store.storage.where(target),
                 hint="pass --run-id NEW_ID to import a copy under another id",
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from runfmt.check import verify_run
+from runfmt.check import repair_run, verify_run
 from runfmt.cli import app
 from runfmt.errors import (
     ChecksumMismatchError,
@@ -79,6 +79,34 @@ def test_fork_of_a_finished_run_hard_links_its_files(store: Store) -> None:
         assert os.stat(path).st_ino == os.stat(source).st_ino
     art = root / "fork1" / "artifacts" / "prompt.txt"
     assert os.stat(art).st_ino == os.stat(root / "src" / "artifacts" / "prompt.txt").st_ino
+
+
+def test_repairing_the_source_never_cuts_a_forks_shared_file(store: Store) -> None:
+    """FORK-3: a repair that rolls the source back cuts its own copy of a file it shares
+    with a fork by a hard link, never the fork's bytes."""
+    w = store.create_run("src", run_id="src", heartbeat_interval=None)
+    for first in (0, 3):
+        for i in range(first, first + 3):
+            w.append("gen", {"i": i})
+            w.append("score", {"i": i})
+        w.flush()
+    w.stage("gen").complete()
+    w.finish()
+    store.fork_run("src", "score", run_id="fork1", heartbeat_interval=None).close()
+    root = Path(store.url)
+    [gen] = (root / "fork1" / "stages" / "gen").iterdir()
+    source_gen = root / "src" / gen.relative_to(root / "fork1")
+    assert os.stat(gen).st_ino == os.stat(source_gen).st_ino
+    before = gen.read_bytes()
+    [score] = (root / "src" / "stages" / "score").iterdir()
+    os.truncate(score, score.stat().st_size - 10)  # a copy cut short: roll the source back
+    report = repair_run(store.locate("src"), salvage=False, rollback=True)
+    assert any("gen" in action and "cut" in action for action in report.actions)
+    assert source_gen.stat().st_size < len(before)
+    assert gen.read_bytes() == before
+    assert verify_run(store.locate("fork1")) == []
+    assert verify_run(store.locate("src")) == []
+    assert [r["i"] for r in store.open_run("fork1").records("gen")] == list(range(6))
 
 
 def test_fork_of_a_running_run_copies_only_the_listed_bytes(store: Store) -> None:

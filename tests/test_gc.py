@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +142,20 @@ def test_unreadable_runs_are_left_alone(runs: Store, cli: Cli) -> None:
     assert code == 0
     assert "leaving unreadable a0 alone" in out
     assert runs.run_ids() == ["a0"]
+
+
+def test_files_a_fork_shares_count_once_and_free_nothing_while_it_stays(
+    store: Store, make_run: MakeRun
+) -> None:
+    """A fork's hard links (FORK-3) hold its source's bytes: the store's size counts them
+    once, and deleting the source frees only what the fork does not hold."""
+    stages = {s: (None, [{"text": "x" * 200, "i": i} for i in range(50)]) for s in "st"}
+    make_run(store, "src", {}, stages, run_id="src")
+    store.fork_run("src", "t", run_id="fork", heartbeat_interval=None).close()
+    files = [p for p in Path(store.url).rglob("*") if p.is_file() and ".runfmt" not in p.parts]
+    on_disk = sum(os.lstat(p).st_size for p in {os.lstat(p).st_ino: p for p in files}.values())
+    assert plan_gc(store, max_size=on_disk).delete == []
+    alone = {e.run_id: e.bytes for e in plan_gc(store, keep_last=99).keep}["src"]
+    [chosen] = plan_gc(store, max_size=0).delete  # the fork is being written: it stays
+    assert chosen.run_id == "src"
+    assert 0 < chosen.bytes < alone  # its stage file "s" stays with the fork

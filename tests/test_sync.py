@@ -224,20 +224,30 @@ def test_diverged_history_is_a_conflict(src: Store, tmp_path: Path) -> None:
     assert "differs from SRC's revision" in result.message
 
 
-@pytest.mark.parametrize("change", ["artifact", "stage"])
+@pytest.mark.parametrize("change", ["artifact", "stage", "stage schema", "name"])
 def test_a_change_at_dst_is_a_conflict_after_src_dropped_that_revision(
     src: Store, tmp_path: Path, change: str
 ) -> None:
     """SYNC-4: with DST's revision pruned at SRC, an artifact or a stage that only DST
-    lists still shows that DST changed on its own; a push never deletes it."""
+    lists, or a member no writer changes, still shows that DST changed on its own; a push
+    never deletes or overwrites it."""
     run_id = src.run_ids()[0]
     dst_url = str(tmp_path / "dst")
     sync(src.url, dst_url)
     with Store(dst_url).resume_run(run_id) as writer:
         if change == "artifact":
             writer.add_artifact("only-at-dst.txt", b"made at DST")
-        else:
+        elif change == "stage":
             writer.stage("only-at-dst").complete()
+    if change in ("stage schema", "name"):  # a hand-made revision: no writer changes these
+        revs = tmp_path / "dst" / run_id / names.MANIFESTS_DIR
+        doc = json.loads(max(revs.glob("0*.json")).read_bytes())
+        if change == "name":
+            doc["name"] = "renamed at DST"
+        else:
+            doc["stages"][0]["record_schema_version"] = "2"
+        doc["revision"] += 1
+        (revs / names.revision_file(doc["revision"]).split("/")[-1]).write_text(json.dumps(doc))
     with src.resume_run(run_id, flush_every=1) as writer:
         writer.extend("gen", [{"i": "src"}] * 40)
     dst_revision = load_manifest(Store(dst_url).locate(run_id)).revision
@@ -567,7 +577,7 @@ def test_an_empty_bucket_as_source_is_an_error_and_deletes_nothing(
     assert Store(dst_url).run_ids() == src.run_ids()
 
 
-@pytest.mark.parametrize("holds", ["nothing", "a note", "a store below"])
+@pytest.mark.parametrize("holds", ["nothing", "a note", "a store below", "no revision"])
 def test_delete_from_a_source_that_holds_no_run_is_an_error(
     src: Store, tmp_path: Path, holds: str
 ) -> None:
@@ -581,6 +591,8 @@ def test_delete_from_a_source_that_holds_no_run_is_an_error(
         (source / "notes.txt").write_text("mine")
     if holds == "a store below":
         _run(Store(source / "runs"), 2)
+    if holds == "no revision":  # a creation cut short (LAYOUT-2)
+        (source / "20200101-000000000-00000001" / names.MANIFESTS_DIR).mkdir(parents=True)
     for dry_run in (True, False):
         with pytest.raises(RunNotFoundError, match="SRC holds no run"):
             sync(str(source), dst_url, delete=True, dry_run=dry_run)

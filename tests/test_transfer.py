@@ -290,6 +290,23 @@ def test_unsafe_archive_members_are_refused(other: Store, tmp_path: Path) -> Non
         import_run(other, tmp_path / "not.tar")
 
 
+def test_a_folder_of_the_users_named_as_the_run_is_never_written_or_removed(
+    store: Store, source: str, other: Store, tmp_path: Path
+) -> None:
+    """EXP-3: a folder that holds no run but is named as the imported one is refused before
+    anything is written, and stays as it was."""
+    archive = tmp_path / "run.tar"
+    export_run(store.open_run(source), archive)
+    mine = Path(other.url) / source
+    (mine / "stages" / "gen").mkdir(parents=True)
+    (mine / "notes.txt").write_text("years of work")
+    with pytest.raises(RunExistsError, match="holds no run"):
+        import_run(other, archive)
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == [
+        "notes.txt", "stages", "stages/gen"]  # fmt: skip
+    assert import_run(other, archive, run_id="copy-2").run_id == "copy-2"
+
+
 def test_existing_run_id_is_refused_then_imported_under_a_new_id(
     store: Store, source: str, tmp_path: Path, cli: Cli
 ) -> None:
