@@ -224,6 +224,8 @@ def _keyed_values(
                 failed.add(key)
                 values.pop(key, None)
             continue
+        if key is None:  # a record with no key (REC-6) pairs with none
+            continue
         if not isinstance(key, str):
             raise InvalidInputError(
                 f"record {n} has no string key in field {key_field!r}",
@@ -364,8 +366,17 @@ def compare_runs(
         )
     pairs = [(values_a[k], values_b[k]) for k in common]
     diffs = [y - x for x, y in pairs]
-    low, high = bootstrap_ci(diffs, resamples=resamples, confidence=confidence, seed=seed)
     n = len(pairs)
+    try:
+        if not all(map(math.isfinite, diffs)):
+            raise OverflowError
+        low, high = bootstrap_ci(diffs, resamples=resamples, confidence=confidence, seed=seed)
+        means = [math.fsum(column) / n for column in (*zip(*pairs, strict=True), diffs)]
+    except OverflowError:
+        raise InvalidInputError(
+            f"field {field!r} holds values whose sums or differences are beyond a double",
+            hint="compare the field on a smaller scale",
+        ) from None
     return Comparison(
         run_a=a.run_id,
         run_b=b.run_id,
@@ -373,9 +384,9 @@ def compare_runs(
         field=field,
         key_field=key_field,
         n=n,
-        mean_a=math.fsum(x for x, _ in pairs) / n,
-        mean_b=math.fsum(y for _, y in pairs) / n,
-        mean_diff=math.fsum(diffs) / n,
+        mean_a=means[0],
+        mean_b=means[1],
+        mean_diff=means[2],
         ci_low=low,
         ci_high=high,
         confidence=confidence,

@@ -19,7 +19,7 @@ from runfmt.format.manifest import ArtifactEntry
 from runfmt.format.records import PARENTS_FIELD, Record, is_failure
 from runfmt.run import RunReader
 
-__all__ = ["LineageNode", "artifact_lineage", "lineage"]
+__all__ = ["MAX_DEPTH", "LineageNode", "artifact_lineage", "lineage"]
 
 
 @dataclass(slots=True)
@@ -62,12 +62,22 @@ class LineageNode:
         return doc
 
 
+MAX_DEPTH = 100
+"""The deepest a lineage walk goes: its JSON nests two levels a node, and JSON writers stop
+at 254 (REC-3)."""
+
+
 class _Walker:
     def __init__(self, reader: RunReader, max_depth: int) -> None:
         if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
             raise InvalidInputError(
                 f"max_depth must be a whole number >= 1, not {max_depth!r}",
                 hint="1 follows the record's own parents only",
+            )
+        if max_depth > MAX_DEPTH:
+            raise InvalidInputError(
+                f"max_depth must be at most {MAX_DEPTH}, not {max_depth}",
+                hint="a tree is shown, and written as JSON, nested as deep as it goes",
             )
         self.reader = reader
         self.max_depth = max_depth
@@ -134,7 +144,7 @@ class _Walker:
         return LineageNode(ref, record=record), record.get(PARENTS_FIELD)
 
 
-def lineage(reader: RunReader, stage: str, key: str, *, max_depth: int = 1000) -> LineageNode:
+def lineage(reader: RunReader, stage: str, key: str, *, max_depth: int = MAX_DEPTH) -> LineageNode:
     """The lineage tree of the committed record with ``key`` in ``stage`` (LIN-2).
 
     Raises `InvalidInputError` when the run has no such stage, the stage no key
@@ -156,7 +166,7 @@ def lineage(reader: RunReader, stage: str, key: str, *, max_depth: int = 1000) -
     return root
 
 
-def artifact_lineage(reader: RunReader, name: str, *, max_depth: int = 1000) -> LineageNode:
+def artifact_lineage(reader: RunReader, name: str, *, max_depth: int = MAX_DEPTH) -> LineageNode:
     """The lineage tree of an artifact (its name below ``artifacts/``, or its path)."""
     entry = reader.artifact(name)
     return _Walker(reader, max_depth).node(Parent(artifact=entry.path), ())

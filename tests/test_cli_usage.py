@@ -40,8 +40,7 @@ HUGE = "999999999999999999999"
 @pytest.mark.parametrize(
     "args",
     [["ls", "--limit", HUGE], ["status", "--limit", HUGE], ["cat", "chain", "s", "--limit", HUGE],
-     ["report", "--limit", HUGE], ["gc", "--keep-last", HUGE],
-     ["lineage", "chain", "s", "c", "--max-depth", HUGE]],
+     ["report", "--limit", HUGE], ["gc", "--keep-last", HUGE]],
 )  # fmt: skip
 def test_a_huge_count_option_is_a_usage_error(
     one_run: tuple[Path, str],

@@ -317,6 +317,31 @@ def test_failure_records_without_a_key_are_counted(store: Store, make_run: MakeR
     assert (c.n, c.mean_diff, c.failures_a) == (1, 2.0, 1)
 
 
+def test_records_without_a_key_pair_with_none(store: Store, make_run: MakeRun) -> None:
+    """REC-6: a null or absent key is no key; such a record is left out, not an error."""
+    a = make_run(store, "e", {}, {"s": ("id", [{"id": "a", "v": 1}, {"id": None, "v": 5}])})
+    b = make_run(store, "e", {}, {"s": ("id", [{"id": "a", "v": 3}, {"v": 7}])})
+    c = compare_runs(store.open_run(a), store.open_run(b), "s", "v", resamples=10)
+    assert (c.n, c.mean_diff, c.only_a, c.only_b) == (1, 2.0, [], [])
+
+
+@pytest.mark.parametrize(
+    ("va", "vb"), [([-1e308, 1e308], [1e308, -1e308]), ([1e308, 1e308], [1e308, 1e308])]
+)
+def test_values_beyond_a_double_are_bad_input(
+    store: Store, make_run: MakeRun, cli: Cli, va: list[float], vb: list[float]
+) -> None:
+    """Differences or sums past 1.8e308 are refused with a message, never a traceback."""
+    a = make_run(store, "e", {}, {"s": ("id", [{"id": str(i), "v": v} for i, v in enumerate(va)])})
+    b = make_run(store, "e", {}, {"s": ("id", [{"id": str(i), "v": v} for i, v in enumerate(vb)])})
+    with pytest.raises(InvalidInputError, match="beyond a double"):
+        compare_runs(store.open_run(a), store.open_run(b), "s", "v", resamples=10)
+    code, _, err = cli(store, "compare", a, b, "--stage", "s", "--field", "v")
+    assert code == 1
+    assert "beyond a double" in err
+    assert "Traceback" not in err
+
+
 def test_exact_binomial_draws_follow_the_binomial_law() -> None:
     rng = random.Random(5)
     draws = 30_000

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from runfmt.cli import app
 from runfmt.errors import InvalidInputError
 from runfmt.format.lineage import Parent, parse_parents
-from runfmt.lineage import artifact_lineage, lineage
+from runfmt.lineage import MAX_DEPTH, artifact_lineage, lineage
 from runfmt.store import Store
 
 
@@ -95,6 +95,29 @@ def test_max_depth_stops_the_walk(store: Store, run_id: str) -> None:
             lineage(store.open_run(run_id), "score", "a", max_depth=depth)  # type: ignore[arg-type]
         with pytest.raises(InvalidInputError, match="max_depth"):
             artifact_lineage(store.open_run(run_id), "plot.png", max_depth=depth)  # type: ignore[arg-type]
+
+
+def test_a_chain_deeper_than_the_walk_goes_is_cut_and_shown(store: Store) -> None:
+    """A chain of 150 parents is followed MAX_DEPTH deep, printed and written as JSON; a
+    deeper walk is bad input."""
+    with store.create_run("chain", heartbeat_interval=None) as w:
+        w.stage("step", key_field="id")
+        w.append("step", {"id": "s0"})
+        for i in range(1, 150):
+            w.append("step", {"id": f"s{i}", "_parents": [{"stage": "step", "key": f"s{i - 1}"}]})
+    root = lineage(store.open_run(w.run_id), "step", "s149")
+    [cut] = [n for n in root.walk() if n.cut]
+    assert cut.ref.key == f"s{149 - MAX_DEPTH}"
+    with pytest.raises(InvalidInputError, match=f"at most {MAX_DEPTH}"):
+        lineage(store.open_run(w.run_id), "step", "s149", max_depth=MAX_DEPTH + 1)
+    runner = CliRunner()
+    for args in ([], ["--json"]):
+        result = runner.invoke(app, ["--store", store.url, "lineage", w.run_id, "step", "s149",
+                                     *args])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "cut at --max-depth 100" in result.stderr
+    too_deep = ["--store", store.url, "lineage", w.run_id, "step", "s149", "--max-depth", "101"]
+    assert runner.invoke(app, too_deep).exit_code == 2
 
 
 def test_json_nodes_of_records_always_carry_a_record(store: Store, run_id: str) -> None:

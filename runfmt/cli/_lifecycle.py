@@ -161,10 +161,10 @@ def lineage(
         typer.Option(
             "--max-depth",
             min=1,
-            callback=at_most_max_count,
+            max=100,
             help="Stop following parents this deep (a cut there is noted, not a problem).",
         ),
-    ] = 1000,
+    ] = 100,
 ) -> None:
     """Walk a record's lineage (its _parents, their parents, ...) and print the tree.
 
