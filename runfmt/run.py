@@ -568,7 +568,9 @@ class StageWriter:
         """`append` each record, encoding up to a flush's worth at a time at C speed.
 
         Flushes fall on the same records as with `append`; a bad record raises, naming
-        its position, after the records before it were appended.
+        its position, after the records before it were appended. Records are taken up
+        to 1,000 at a time before they are encoded: a generator that yields one dict
+        again and again, changed in place, must yield copies.
         """
         self._run._check_open()
         it = iter(records)
@@ -911,19 +913,21 @@ class RunWriter:
 
     def append(self, stage: str, record: Mapping[str, Any]) -> None:
         """`StageWriter.append` to ``stage``, declared by the first record it takes."""
-        writer = self._stages.get(stage)
-        if writer is None:
-            self._first_use(stage, StageWriter.append, record)
-        else:
-            writer.append(record)
+        with self._mutex:  # not while another thread's first use may still drop the writer
+            writer = self._stages.get(stage)
+            if writer is None:
+                self._first_use(stage, StageWriter.append, record)
+                return
+        writer.append(record)
 
     def extend(self, stage: str, records: Iterable[Mapping[str, Any]]) -> None:
         """`StageWriter.extend` of ``stage``, declared by the first record it takes."""
-        writer = self._stages.get(stage)
-        if writer is None:
-            self._first_use(stage, StageWriter.extend, records)
-        else:
-            writer.extend(records)
+        with self._mutex:
+            writer = self._stages.get(stage)
+            if writer is None:
+                self._first_use(stage, StageWriter.extend, records)
+                return
+        writer.extend(records)
 
     def _first_use(self, name: str, method: Callable[[StageWriter, Any], None], arg: Any) -> None:
         """``method`` of the writer of a stage this writer has not used yet; when it took no
@@ -960,6 +964,7 @@ class RunWriter:
         except InvalidInputError as exc:
             raise exc.at(self.storage.where()) from None
         with self._mutex:
+            self._check_open()  # finished by another thread meanwhile
             self._changes.tags.update(tags)
 
     def add_artifact(
@@ -1008,6 +1013,10 @@ class RunWriter:
             self.storage.write_atomic(path, data)
         entry = ArtifactEntry(path, len(data), sha256_hex(data), media_type, refs)
         with self._mutex:
+            if self._closed:  # finished by another thread meanwhile: no commit will list it
+                with contextlib.suppress(RunfmtError, OSError):
+                    self.storage.delete(path)
+                self._check_open()
             self._changes.artifacts[path] = entry
         return path
 
@@ -1231,7 +1240,8 @@ class RunWriter:
         if exc is None:
             try:
                 self.finish("completed")
-            except InvalidInputError as refused:  # a through stage the run does not have
+            # a through stage the run does not have; Ctrl-C while waiting for the lock
+            except (InvalidInputError, KeyboardInterrupt) as refused:
                 self.__exit__(type(refused), refused, None)
                 raise
             return

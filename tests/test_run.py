@@ -105,6 +105,32 @@ def test_an_exception_in_the_with_block_fails_the_run(store: Store) -> None:
     assert (m.status, m.error) == ("cancelled", "KeyboardInterrupt"), "no dangling ': '"
 
 
+def test_ctrl_c_while_the_closing_commit_waits_for_the_lock_cancels_the_run(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: a `with` block's run finishes cancelled on KeyboardInterrupt, also when it
+    comes while the closing commit waits for the run's lock; buffered records go in."""
+    import contextlib
+
+    from runfmt import run as run_module
+
+    lock = run_module.commit_lock
+    waits = iter([True])
+
+    @contextlib.contextmanager
+    def interrupted_once(*args: Any) -> Any:
+        if next(waits, False):
+            raise KeyboardInterrupt
+        with lock(*args):
+            yield
+
+    with pytest.raises(KeyboardInterrupt), store.create_run("x", flush_every=None) as w:  # noqa: PT012
+        monkeypatch.setattr(run_module, "commit_lock", interrupted_once)
+        w.append("s", {"i": 1})
+    m = store.open_run(w.run_id).manifest
+    assert (m.status, m.error, m.stage("s").records) == ("cancelled", "KeyboardInterrupt", 1)
+
+
 @pytest.mark.parametrize(("how", "status"), [("fail", "failed"), ("cancel", "cancelled")])
 def test_finish_as_failed_or_cancelled(store: Store, how: str, status: str) -> None:
     w = store.create_run("eval", **QUIET)
@@ -269,6 +295,63 @@ def test_threads_share_one_writer(store: Store) -> None:
     assert (m.stage("gen").records, m.stage("gen").failures) == (4000, 4 * 100)
     assert m.counters["tokens"] == 4 * 1500 * 2
     assert m.tags == {f"t{t}": "1000" for t in range(4)}
+
+
+def test_an_append_racing_a_first_use_that_takes_nothing_is_committed(store: Store) -> None:
+    """A thread's `extend` of a stage new to the writer takes no record while another
+    thread appends to that stage: the appended record is committed, not dropped with the
+    stage writer the first use made and let go."""
+    import threading
+
+    writer = store.create_run("race", flush_interval=None, heartbeat_interval=None)
+    started = threading.Event()
+
+    def nothing() -> Any:
+        started.set()
+        time.sleep(0.2)  # the other thread looks the stage up meanwhile
+        yield from ()
+
+    def late() -> None:
+        started.wait()
+        writer.append("score", {"id": 1})
+
+    thread = threading.Thread(target=late)
+    thread.start()
+    writer.extend("score", nothing())
+    thread.join()
+    writer.append("score", {"id": 2})
+    writer.finish()
+    assert [r["id"] for r in store.open_run(writer.run_id).records("score")] == [1, 2]
+
+
+def test_an_artifact_racing_a_finish_is_refused_not_lost(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An artifact being written while another thread finishes the run: `add_artifact`
+    raises as on a closed writer, and the run keeps no unlisted file."""
+    import threading
+
+    from runfmt.storage import Storage
+
+    writer = store.create_run("race", flush_interval=None, heartbeat_interval=None)
+    writer.append("s", {"x": 1})
+    create = Storage.create_exclusive
+
+    def finished_meanwhile(self: Storage, rel: str, data: bytes) -> bool:
+        created = create(self, rel, data)
+        if rel.startswith("artifacts/"):
+            finisher = threading.Thread(target=writer.finish)
+            finisher.start()
+            finisher.join()
+        return created
+
+    monkeypatch.setattr(Storage, "create_exclusive", finished_meanwhile)
+    with pytest.raises(InvalidInputError, match="this writer is closed"):
+        writer.add_artifact("big.bin", b"\0" * 1000)
+    reader = store.open_run(writer.run_id)
+    assert (reader.manifest.status, reader.manifest.artifacts) == ("completed", ())
+    assert verify_run(store.locate(writer.run_id)) == []
+    assert not (Path(store.url) / writer.run_id / "artifacts" / "big.bin").exists()
 
 
 def test_an_append_racing_a_finish_is_refused_not_lost(store: Store) -> None:
