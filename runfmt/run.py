@@ -544,15 +544,7 @@ class StageWriter:
         if self._run._closed:
             self._run._check_open()
         try:
-            line = encode_record(record, self.entry.key_field)
-            if len(line) > MAX_RECORD_BYTES:
-                raise InvalidInputError(
-                    f"record of {len(line)} bytes is over the {MAX_RECORD_BYTES}-byte limit "
-                    "(a frame holds at most 64 MiB, FRAME-4)",
-                    hint="store large values as artifacts (add_artifact) and refer to them",
-                )
-            if PARENTS_FIELD in record:
-                parse_parents(record[PARENTS_FIELD])
+            line = writable_line(record, self.entry.key_field)
         except InvalidInputError as exc:
             raise exc.at(self._run.storage.where(f"{names.STAGES_DIR}/{self.name}")) from None
         with self._run._mutex:
@@ -733,6 +725,21 @@ class StageWriter:
         if self._open is not None:
             self._open.handle.close()
         self._open = None
+
+
+def writable_line(record: Mapping[str, Any], key_field: str | None) -> bytes:
+    """The record's line, or `InvalidInputError` for what a writer refuses: what
+    `encode_record` refuses, a line over `MAX_RECORD_BYTES`, malformed ``_parents``."""
+    line = encode_record(record, key_field)
+    if len(line) > MAX_RECORD_BYTES:
+        raise InvalidInputError(
+            f"record of {len(line)} bytes is over the {MAX_RECORD_BYTES}-byte limit "
+            "(a frame holds at most 64 MiB, FRAME-4)",
+            hint="store large values as artifacts (add_artifact) and refer to them",
+        )
+    if PARENTS_FIELD in record:
+        parse_parents(record[PARENTS_FIELD])
+    return line
 
 
 def guess_media_type(name: str) -> str:

@@ -50,6 +50,7 @@ from runfmt.run import (
     load_revision,
     revisions,
     sums_of,
+    writable_line,
 )
 from runfmt.store import Store
 
@@ -264,6 +265,22 @@ def read_stage_file(path: str | os.PathLike[str]) -> StageFile:
     return StageFile(path, header, records, failures)
 
 
+def _check_writable(path: str, key_field: str | None) -> None:
+    """Refuse, before anything is written, a file holding a record the writer would refuse."""
+    line = 0
+    for _, batch in _stage_batches(path):
+        for record in batch:
+            line += 1
+            try:
+                writable_line(record, key_field)
+            except InvalidInputError as exc:
+                raise InvalidInputError(
+                    f"record {line} (counted from 1): {exc.problem}",
+                    location=path,
+                    hint="nothing was imported",
+                ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class ImportResult:
     run_id: str
@@ -327,6 +344,7 @@ def import_stage(
             f"{existing.record_schema_version!r}; the file has {key!r} and {version!r}",
             hint="import into a new run (--name), or into a run without this stage",
         )
+    _check_writable(found.path, key)
     if previous is None:
         source = str(header.get("run_id", os.path.basename(found.path)))
         writer = store.create_run(
@@ -335,9 +353,10 @@ def import_stage(
             flush_every=_IMPORT_FLUSH,
             flush_interval=None,
         )
-        status, error = "completed", None
+        status, error, through = "completed", None, None
     else:
         status, error = previous.status, previous.error
+        through = previous.completed_through_stage
         assert run is not None
         writer = store.resume_run(run, flush_every=_IMPORT_FLUSH, flush_interval=None)
     try:
@@ -350,7 +369,7 @@ def import_stage(
     if status == "running":
         writer.close()
     else:
-        writer.finish(status, error)  # type: ignore[arg-type]
+        writer.finish(status, error, through_stage=through)  # type: ignore[arg-type]
     return ImportResult(writer.run_id, {target: found.records})
 
 
@@ -637,12 +656,15 @@ def _write_run(archive: _Archive, writer: RunWriter) -> dict[str, int]:
             mark()
     for a in m.artifacts:
         writer.add_artifact(
-            a.path.removeprefix("artifacts/"), archive.read(a.path)[: a.bytes], a.media_type
+            a.path.removeprefix("artifacts/"),
+            archive.read(a.path)[: a.bytes],
+            a.media_type,
+            parents=[dict(p) for p in a.parents] or None,
         )
     for counter, value in m.counters.items():
         writer.count(counter, value)
     if m.status == "running":
         writer.close()
     else:
-        writer.finish(m.status, m.error)
+        writer.finish(m.status, m.error, through_stage=m.completed_through_stage)
     return counts

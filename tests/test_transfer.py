@@ -9,6 +9,7 @@ import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ from runfmt.check import verify_run
 from runfmt.errors import (
     ChecksumMismatchError,
     FormatError,
+    InvalidInputError,
     ManifestError,
     RunExistsError,
     StageFileError,
@@ -205,6 +207,49 @@ def test_run_archive_round_trip(store: Store, source: str, other: Store, tmp_pat
     assert records(other, "src-run", "score") == SCORES
     assert other.open_run("src-run").read_artifact("plots/a.txt") == b"hello"
     assert verify_run(other.open_run("src-run").storage) == []
+
+
+def test_a_run_completed_through_a_stage_keeps_it_and_its_lineage(
+    store: Store, other: Store, tmp_path: Path
+) -> None:
+    """EXP-4, LIFE-2, LIN-1: stage statuses, ``completed_through_stage`` and an artifact's
+    parents come through export and import, and through an import into such a run."""
+    w = store.create_run("thr", until_stage="gen", heartbeat_interval=None)
+    w.stage("gen", key_field="key").append({"key": "a"})
+    w.stage("parse", key_field="key").append({"key": "b"})
+    w.add_artifact("plot.txt", b"x", parents=[{"stage": "gen", "key": "a"}])
+    w.finish()
+    archive = tmp_path / "run.tar"
+    export_run(store.open_run(w.run_id), archive)
+    import_run(other, archive)
+    a, b = store.open_run(w.run_id).manifest, other.open_run(w.run_id).manifest
+
+    def shape(m: Any) -> Any:
+        return (m.completed_through_stage, [(s.name, s.status) for s in m.stages],
+                [a.parents for a in m.artifacts])  # fmt: skip
+
+    assert shape(b) == shape(a) == ("gen", [("gen", "completed"), ("parse", "running")],
+                                    [({"stage": "gen", "key": "a"},)])  # fmt: skip
+    export_stage(store.open_run(w.run_id), "gen", tmp_path / "gen.jsonl")
+    import_stage(other, tmp_path / "gen.jsonl", run=w.run_id, stage="extra")
+    assert other.open_run(w.run_id).manifest.completed_through_stage == "gen"
+    assert verify_run(other.locate(w.run_id)) == []
+
+
+def test_a_stage_file_with_a_record_the_writer_refuses_changes_nothing(
+    store: Store, source: str, make_run: MakeRun, tmp_path: Path
+) -> None:
+    """A record the writer would refuse (here a key that is no string) is found before
+    anything is written: the finished target run stays as it was."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"key": "a"}\n{"key": 5}\n')
+    target = make_run(store, "t", {}, {"gen": ("key", [{"key": "x"}])})
+    before = store.open_run(target).manifest
+    with pytest.raises(InvalidInputError, match=r"record 2 \(counted from 1\): record key field"):
+        import_stage(store, path, run=target, stage="gen")
+    after = store.open_run(target).manifest
+    assert (after.revision, after.status) == (before.revision, "completed")
+    assert verify_run(store.locate(target)) == []
 
 
 def test_archive_of_a_running_run_holds_only_committed_bytes(
