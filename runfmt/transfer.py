@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from runfmt.errors import (
     InvalidInputError,
     RunExistsError,
     StageFileError,
+    StorageError,
     UnsupportedFormatError,
 )
 from runfmt.format import names
@@ -43,6 +45,7 @@ from runfmt.format.manifest import (
 )
 from runfmt.format.records import Record, is_failure, line_of
 from runfmt.format.schemas import schema_errors
+from runfmt.locking import live_writers
 from runfmt.run import (
     FRAME_TARGET,
     RunReader,
@@ -66,6 +69,8 @@ __all__ = [
 _CHUNK = 1 << 20
 _EXPORT_WRITER = "export"
 _IMPORT_FLUSH = 100_000
+_BUILD_PREFIX = ".import-"
+"""A run archive is imported into a hidden folder of the store, then renamed into place."""
 
 
 def _stage_kind(path: str) -> str:
@@ -592,7 +597,8 @@ def import_run(
 
     The archive is checked first; then the run is written through `RunWriter`
     (name, config, tags, creation time, stages, records, counters, artifacts, status).
-    On an error the partly imported run is removed.
+    On local disk it is built in a hidden folder of the store and renamed into place, so it
+    appears whole or not at all; elsewhere, on an error the partly imported run is removed.
     """
     path = os.fspath(path)
     try:
@@ -619,7 +625,10 @@ def import_run(
                 location=store.storage.where(target),
                 hint="pass --run-id NEW_ID to import a copy under another id",
             )
-        writer = store._create_run(
+        _remove_dead_builds(store)
+        build = f"{_BUILD_PREFIX}{secrets.token_hex(6)}" if store.storage.is_local else ""
+        builder = Store(store.storage.child(build).path()) if build else store
+        writer = builder._create_run(
             m.name,
             m.config,
             tags=m.tags,
@@ -630,11 +639,33 @@ def import_run(
         )
         try:
             counts = _write_run(archive, writer)
+            if build:
+                try:
+                    store.storage.rename(f"{build}/{target}", target)
+                except StorageError:
+                    where = store.storage.where(target)
+                    raise RunExistsError(
+                        f"run {target} was created meanwhile", location=where
+                    ) from None
         except BaseException:
             writer.discard()
-            store.storage.child(target).delete_tree("")
+            if not build:
+                store.storage.child(target).delete_tree("")
             raise
+        finally:
+            if build:
+                store.storage.delete_tree(build)
     return ImportResult(target, counts)
+
+
+def _remove_dead_builds(store: Store) -> None:
+    """Delete the hidden folders of archive imports whose process is gone (killed)."""
+    for leftover in store.storage.local_state():
+        build = store.storage.child(leftover)
+        if leftover.startswith(_BUILD_PREFIX) and not any(
+            live_writers(build.child(run_id)) for run_id in build.names()
+        ):
+            store.storage.delete_tree(leftover)
 
 
 def _write_run(archive: _Archive, writer: RunWriter) -> dict[str, int]:

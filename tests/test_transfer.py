@@ -6,6 +6,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -350,6 +351,38 @@ def test_a_folder_of_the_users_named_as_the_run_is_never_written_or_removed(
     assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == [
         "notes.txt", "stages", "stages/gen"]  # fmt: skip
     assert import_run(other, archive, run_id="copy-2").run_id == "copy-2"
+
+
+def test_an_archive_import_killed_midway_leaves_no_run(
+    store: Store, source: str, other: Store, tmp_path: Path
+) -> None:
+    """EXP-3: on local disk an import appears whole or not at all; a killed one leaves a
+    hidden folder that is never listed and that the next import removes."""
+    archive = tmp_path / "run.tar"
+    export_run(store.open_run(source), archive)
+    code = (
+        "import sys, time\n"
+        "from runfmt import store, transfer\n"
+        "real = transfer._write_run\n"
+        "def written(archive, writer):\n"
+        "    counts = real(archive, writer)\n"
+        "    print('written', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    return counts\n"
+        "transfer._write_run = written\n"
+        "transfer.import_run(store.Store(sys.argv[1]), sys.argv[2])\n"
+    )
+    args = [sys.executable, "-c", code, other.url, str(archive)]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "written\n"
+        proc.kill()
+    assert Store(other.url).run_ids() == []
+    assert [r.run_id for r in Store(other.url).index.runs()] == []
+    assert sorted(p.name[:8] for p in Path(other.url).iterdir()) == [".import-", ".runfmt"]
+    assert import_run(other, archive).run_id == source
+    assert verify_run(other.locate(source)) == []
+    assert not [p for p in Path(other.url).iterdir() if p.name.startswith(".import-")]
 
 
 def test_existing_run_id_is_refused_then_imported_under_a_new_id(
