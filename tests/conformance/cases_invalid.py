@@ -118,6 +118,28 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     )
     raw(c, lambda b: b.replace(b'"counters": {}', b'"counters": {"big": 1e400}', 1))
     c = add(
+        running(
+            "invalid",
+            "manifest-counter-beyond-64-bits",
+            "A counter written as an integer is 2^63, past the ±(2^63-1) integer counters "
+            "stay within.",
+            ["COMMIT-5", "MAN-2"],
+        ),
+        "ManifestError",
+    )
+    raw(c, lambda b: b.replace(b'"counters": {}', b'"counters": {"n": 9223372036854775808}', 1))
+    c = add(
+        running(
+            "invalid",
+            "manifest-count-beyond-64-bits",
+            "A file entry's records count is 2^63, past the 2^63-1 every count of the "
+            "manifest is at most.",
+            ["MAN-5", "MAN-2"],
+        ),
+        "ManifestError",
+    )
+    raw(c, lambda b: b.replace(b'"records": 2,', b'"records": 9223372036854775808,', 1))
+    c = add(
         running("invalid", "manifest-not-json", "The revision is cut in the middle.", ["MAN-1"]),
         "ManifestError",
     )
