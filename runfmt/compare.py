@@ -372,7 +372,9 @@ def compare_runs(
             raise OverflowError
         low, high = bootstrap_ci(diffs, resamples=resamples, confidence=confidence, seed=seed)
         means = [math.fsum(column) / n for column in (*zip(*pairs, strict=True), diffs)]
-    except OverflowError:
+        if not all(map(math.isfinite, (low, high, *means))):
+            raise OverflowError
+    except (OverflowError, ValueError):  # fsum of +inf and -inf: ValueError
         raise InvalidInputError(
             f"field {field!r} holds values whose sums or differences are beyond a double",
             hint="compare the field on a smaller scale",

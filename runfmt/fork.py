@@ -31,7 +31,7 @@ from runfmt.format.manifest import (
     manifest_problems,
     to_json,
 )
-from runfmt.locking import hold_writer_lock, writer_alive
+from runfmt.locking import hold_writer_lock, remove_dead_builds
 from runfmt.run import (
     WRITER,
     RunWriter,
@@ -142,7 +142,7 @@ def _copy_files(src: Storage, dst: Storage, manifest: Manifest, link: bool) -> N
 
 def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool) -> None:
     """Build the fork in a hidden folder, then rename it into place (FORK-3)."""
-    _remove_dead_builds(store)
+    remove_dead_builds(store.storage, _BUILD_PREFIX, _BUILDER)
     build = f"{_BUILD_PREFIX}{secrets.token_hex(6)}"
     work = store.storage.child(build)
     work.makedirs("")
@@ -167,15 +167,6 @@ def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool) -> 
     if lock is not None:
         lock.release()
     store.storage.child(manifest.run_id).delete(f".writer-{_BUILDER}.lock")
-
-
-def _remove_dead_builds(store: Store) -> None:
-    """Delete hidden build folders of forks whose process is gone (killed mid-fork)."""
-    for leftover in store.storage.local_state():
-        if leftover.startswith(_BUILD_PREFIX) and not writer_alive(
-            store.storage.child(leftover), _BUILDER
-        ):
-            store.storage.delete_tree(leftover)
 
 
 def _build_remote(store: Store, src: Storage, manifest: Manifest) -> None:

@@ -20,6 +20,7 @@ from runfmt.format import names
 from runfmt.format.manifest import parse_timestamp
 from runfmt.locking import commit_lock, live_writers
 from runfmt.run import RunReader, load_manifest, unpublish
+from runfmt.storage import Storage
 from runfmt.store import Store
 from runfmt.units import format_size
 
@@ -73,16 +74,16 @@ def _entry(run: RunReader, size: int, reason: str) -> GcEntry:
     return GcEntry(m.run_id, m.name, m.status, m.created_at, m.updated_at, m.revision, size, reason)
 
 
-def _files(run: RunReader) -> dict[Hashable, int]:
-    """The run's files by identity, with their sizes: on local disk the inode, which hard
-    links share, else the path."""
-    sizes = run.storage.walk()
-    if not run.storage.is_local:
-        return {(run.run_id, rel): n for rel, n in sizes.items()}
+def _files(run: Storage) -> dict[Hashable, int]:
+    """The run folder's files by identity, with their sizes: on local disk the inode, which
+    hard links share, else the path."""
+    sizes = run.walk()
+    if not run.is_local:
+        return {(run.name, rel): n for rel, n in sizes.items()}
     found: dict[Hashable, int] = {}
     for rel, n in sizes.items():
         with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
-            st = os.lstat(run.storage.path(rel))
+            st = os.lstat(run.path(rel))
             found[st.st_dev, st.st_ino] = n
     return found
 
@@ -126,13 +127,16 @@ def plan_gc(
     plan = GcPlan()
     candidates: list[tuple[RunReader, int]] = []
     files: dict[str, dict[Hashable, int]] = {}
+    left_alone: dict[Hashable, int] = {}
     for run_id in store.run_ids():
         try:
             run = store.open_run(run_id)
-            files[run_id] = _files(run)
+            files[run_id] = _files(run.storage)
             size = sum(files[run_id].values())
         except FormatError as exc:
             plan.unreadable.append({"run_id": run_id, "error": str(exc)})
+            with contextlib.suppress(RunfmtError):  # left alone: what it holds stays
+                left_alone.update(_files(store.storage.child(run_id)))
             continue
         except RunfmtError:
             continue
@@ -166,7 +170,7 @@ def plan_gc(
             chosen.append((run, size, "; ".join(reasons)))
         else:
             kept.append((run, size, keep_reason or "within the size cap"))
-    holders = Counter(f for held in files.values() for f in held)
+    holders = Counter(f for held in [*files.values(), left_alone] for f in held)
     sizes = {f: n for held in files.values() for f, n in held.items()}
 
     def freed(run: RunReader) -> int:

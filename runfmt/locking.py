@@ -17,13 +17,21 @@ from filelock import FileLock, Timeout, lock_descriptor, unlock_descriptor
 from runfmt.errors import LockTimeoutError, ReadOnlyError, RunNotFoundError, StorageError
 from runfmt.storage import Storage
 
-__all__ = ["commit_lock", "file_lock", "hold_writer_lock", "live_writers", "writer_alive"]
+__all__ = [
+    "commit_lock",
+    "file_lock",
+    "hold_writer_lock",
+    "live_writers",
+    "remove_dead_builds",
+    "writer_alive",
+]
 
 COMMIT_LOCK = ".lock"
 _COMMIT_POLL = 0.002
 """Seconds between tries for a held commit lock (filelock's 0.05 s default let one busy
 writer win every race while another waited, measured in tests/test_locking.py)."""
 _OWN_LOCK_WAIT = 5.0
+_BUILD_GRACE = 60.0
 """Seconds a new writer waits for its own liveness lock: its id is fresh, so only a
 `writer_alive` probe of another process (a repair) can hold it, for microseconds."""
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -138,6 +146,21 @@ def hold_writer_lock(run: Storage, writer: str) -> FileLock | None:
             hint="another process probes it only for an instant: retry",
         ) from None
     return lock
+
+
+def remove_dead_builds(store: Storage, prefix: str, builder: str) -> None:
+    """Delete the store's hidden build folders (named ``prefix``...) whose builder is gone:
+    ``builder``'s lock in it is free, and it is over a minute old (a builder makes the
+    folder, then takes the lock)."""
+    for name in store.local_state():
+        build = store.child(name)
+        with contextlib.suppress(OSError):
+            if (
+                name.startswith(prefix)
+                and not writer_alive(build, builder)
+                and time.time() - os.path.getmtime(build.path()) > _BUILD_GRACE
+            ):
+                store.delete_tree(name)
 
 
 def writer_alive(run: Storage, writer: str) -> bool:

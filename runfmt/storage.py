@@ -634,17 +634,22 @@ class Storage:
             _make_folders(os.path.dirname(target))
             return AppendFile(target)
 
-    def truncate(self, rel: str, size: int) -> None:
-        """Cut a local file back to ``size`` bytes, durably. A file that other hard links
-        share (a fork's, FORK-3) is not cut in place: its first ``size`` bytes replace it
-        as a file of its own, and the other names keep every byte."""
+    def truncate(self, rel: str, size: int, *, shared: int | None = None) -> None:
+        """Cut a local file back to ``size`` bytes, durably.
+
+        ``shared`` is the length that other hard links to the file (a fork's, FORK-3) may
+        list: a cut below it cuts the file for all of them down to it, then replaces this
+        name's with a file of its own holding the first ``size`` bytes.
+        """
         self._writable(rel)
         target = self.path(rel)
         with self._io(rel), open(target, "r+b") as f:
-            if os.fstat(f.fileno()).st_nlink == 1:
+            if shared is None or size >= shared or os.fstat(f.fileno()).st_nlink == 1:
                 f.truncate(size)
                 os.fsync(f.fileno())
                 return
+            f.truncate(shared)
+            os.fsync(f.fileno())
             tmp = os.path.join(os.path.dirname(target), _TEMP_PREFIX + secrets.token_hex(16))
             try:
                 with open(tmp, "xb") as out:

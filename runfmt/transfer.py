@@ -45,7 +45,7 @@ from runfmt.format.manifest import (
 )
 from runfmt.format.records import Record, is_failure, line_of
 from runfmt.format.schemas import schema_errors
-from runfmt.locking import live_writers
+from runfmt.locking import hold_writer_lock, remove_dead_builds
 from runfmt.run import (
     FRAME_TARGET,
     RunReader,
@@ -69,8 +69,9 @@ __all__ = [
 _CHUNK = 1 << 20
 _EXPORT_WRITER = "export"
 _IMPORT_FLUSH = 100_000
-_BUILD_PREFIX = ".import-"
-"""A run archive is imported into a hidden folder of the store, then renamed into place."""
+_BUILD_PREFIX, _BUILDER = ".import-", "import"
+"""A run archive is imported into a hidden folder of the store, which its importer holds
+the lock of ``_BUILDER`` in, then renamed into place."""
 
 
 def _stage_kind(path: str) -> str:
@@ -625,8 +626,12 @@ def import_run(
                 location=store.storage.where(target),
                 hint="pass --run-id NEW_ID to import a copy under another id",
             )
-        _remove_dead_builds(store)
+        remove_dead_builds(store.storage, _BUILD_PREFIX, _BUILDER)
         build = f"{_BUILD_PREFIX}{secrets.token_hex(6)}" if store.storage.is_local else ""
+        lock = None
+        if build:
+            store.storage.child(build).makedirs("")
+            lock = hold_writer_lock(store.storage.child(build), _BUILDER)
         builder = Store(store.storage.child(build).path()) if build else store
         writer = builder._create_run(
             m.name,
@@ -653,19 +658,11 @@ def import_run(
                 store.storage.child(target).delete_tree("")
             raise
         finally:
+            if lock is not None:
+                lock.release()
             if build:
                 store.storage.delete_tree(build)
     return ImportResult(target, counts)
-
-
-def _remove_dead_builds(store: Store) -> None:
-    """Delete the hidden folders of archive imports whose process is gone (killed)."""
-    for leftover in store.storage.local_state():
-        build = store.storage.child(leftover)
-        if leftover.startswith(_BUILD_PREFIX) and not any(
-            live_writers(build.child(run_id)) for run_id in build.names()
-        ):
-            store.storage.delete_tree(leftover)
 
 
 def _write_run(archive: _Archive, writer: RunWriter) -> dict[str, int]:

@@ -326,7 +326,13 @@ def test_records_without_a_key_pair_with_none(store: Store, make_run: MakeRun) -
 
 
 @pytest.mark.parametrize(
-    ("va", "vb"), [([-1e308, 1e308], [1e308, -1e308]), ([1e308, 1e308], [1e308, 1e308])]
+    ("va", "vb"),
+    [
+        ([-1e308, 1e308], [1e308, -1e308]),
+        ([1e308, 1e308], [1e308, 1e308]),
+        ([0.0] * 10, [1e308] * 5 + [-1e308] * 5),  # only resampled sums overflow
+        ([0.0, 0.0], [1e308, -5e307]),
+    ],
 )
 def test_values_beyond_a_double_are_bad_input(
     store: Store, make_run: MakeRun, cli: Cli, va: list[float], vb: list[float]

@@ -15,6 +15,7 @@ from runfmt.check import repair_run, verify_run
 from runfmt.cli import app
 from runfmt.errors import (
     ChecksumMismatchError,
+    ConflictError,
     InvalidInputError,
     ReadOnlyError,
     RunExistsError,
@@ -107,6 +108,28 @@ def test_repairing_the_source_never_cuts_a_forks_shared_file(store: Store) -> No
     assert verify_run(store.locate("fork1")) == []
     assert verify_run(store.locate("src")) == []
     assert [r["i"] for r in store.open_run("fork1").records("gen")] == list(range(6))
+
+
+def test_a_refused_writer_never_leaves_bytes_in_a_file_a_fork_shares(store: Store) -> None:
+    """FORK-3: a writer whose run another finished (and a fork then linked its open file)
+    appends before its commit is refused; its cleanup cuts those bytes for every link."""
+    stale = store.create_run("src", run_id="src", heartbeat_interval=None)
+    stale.extend("gen", [{"i": i} for i in range(3)])
+    stale.append("score", {"i": 0})
+    stale.flush()
+    finisher = store.resume_run("src", heartbeat_interval=None)
+    finisher.stage("gen").complete()
+    finisher.finish()
+    store.fork_run("src", "score", run_id="fork1", heartbeat_interval=None).finish()
+    root = Path(store.url)
+    [gen] = (root / "fork1" / "stages" / "gen").iterdir()
+    before = gen.read_bytes()
+    stale.extend("gen", [{"i": i} for i in range(3, 6)])
+    with pytest.raises(ConflictError, match="finished"):
+        stale.flush()
+    assert gen.read_bytes() == before
+    assert verify_run(store.locate("fork1")) == []
+    assert verify_run(store.locate("src")) == []
 
 
 def test_fork_of_a_running_run_copies_only_the_listed_bytes(store: Store) -> None:

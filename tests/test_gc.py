@@ -159,3 +159,8 @@ def test_files_a_fork_shares_count_once_and_free_nothing_while_it_stays(
     [chosen] = plan_gc(store, max_size=0).delete  # the fork is being written: it stays
     assert chosen.run_id == "src"
     assert 0 < chosen.bytes < alone  # its stage file "s" stays with the fork
+    for revision in (Path(store.url) / "fork" / "_manifests").iterdir():
+        revision.write_text("{damaged")  # unreadable: left alone, with what it holds
+    plan = plan_gc(store, max_size=0)
+    assert [u["run_id"] for u in plan.unreadable] == ["fork"]
+    assert [(e.run_id, e.bytes) for e in plan.delete] == [("src", chosen.bytes)]

@@ -115,7 +115,10 @@ def test_a_chain_deeper_than_the_walk_goes_is_cut_and_shown(store: Store) -> Non
         result = runner.invoke(app, ["--store", store.url, "lineage", w.run_id, "step", "s149",
                                      *args])  # fmt: skip
         assert result.exit_code == 0, result.output
-        assert "cut at --max-depth 100" in result.stderr
+        assert (
+            "cut at --max-depth 100 (walk on from a cut record: runfmt lineage RUN step "
+            f"s{149 - MAX_DEPTH})" in result.stderr
+        )
     too_deep = ["--store", store.url, "lineage", w.run_id, "step", "s149", "--max-depth", "101"]
     assert runner.invoke(app, too_deep).exit_code == 2
 

@@ -170,6 +170,7 @@ def lineage(
 
     Exit 1 if a parent is dangling, part of a cycle, or malformed; a tree cut at
     --max-depth is noted on stderr and exits 0."""
+    from runfmt.lineage import MAX_DEPTH
     from runfmt.lineage import lineage as walk
 
     reader = state(ctx).store(read_only=True).open_run(run)
@@ -182,10 +183,15 @@ def lineage(
     problems = root.problems()
     if cut:
         branches = "1 branch" if len(cut) == 1 else f"{len(cut)} branches"
-        sys.stderr.write(
-            f"runfmt: note: {branches} cut at --max-depth {max_depth} (raise it to follow "
-            "further)\n"
+        further = (
+            "raise it to follow further"
+            if max_depth < MAX_DEPTH
+            else f"walk on from a cut record: runfmt lineage RUN {cut[0].ref.stage} "
+            f"{cut[0].ref.key}"
+            if cut[0].ref.key is not None
+            else "walk on from the cut artifact's parents"
         )
+        sys.stderr.write(f"runfmt: note: {branches} cut at --max-depth {max_depth} ({further})\n")
     if problems:
         fail(f"{len(problems)} lineage problem(s): " + "; ".join(problems))
 
