@@ -31,9 +31,11 @@ _COMMIT_POLL = 0.002
 """Seconds between tries for a held commit lock (filelock's 0.05 s default let one busy
 writer win every race while another waited, measured in tests/test_locking.py)."""
 _OWN_LOCK_WAIT = 5.0
-_BUILD_GRACE = 60.0
 """Seconds a new writer waits for its own liveness lock: its id is fresh, so only a
 `writer_alive` probe of another process (a repair) can hold it, for microseconds."""
+_BUILD_GRACE = 60.0
+"""Seconds a hidden build folder is spared even with its lock free: its builder may not
+have taken the lock yet."""
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _held = threading.local()
 _memory_locks: dict[str, threading.RLock] = {}

@@ -650,21 +650,14 @@ class Storage:
                 return
             f.truncate(shared)
             os.fsync(f.fileno())
-            tmp = os.path.join(os.path.dirname(target), _TEMP_PREFIX + secrets.token_hex(16))
-            try:
-                with open(tmp, "xb") as out:
-                    left = size
-                    while left and (chunk := f.read(min(left, _READ_CHUNK))):
-                        out.write(chunk)
-                        left -= len(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-        _fsync_dir(os.path.dirname(target))
+
+            def prefix() -> Iterator[bytes]:
+                left = size
+                while left and (chunk := f.read(min(left, _READ_CHUNK))):
+                    left -= len(chunk)
+                    yield chunk
+
+            self.put_stream(rel, prefix())
 
     def delete(self, rel: str) -> None:
         self._writable(rel)

@@ -183,14 +183,14 @@ def lineage(
     problems = root.problems()
     if cut:
         branches = "1 branch" if len(cut) == 1 else f"{len(cut)} branches"
-        further = (
-            "raise it to follow further"
-            if max_depth < MAX_DEPTH
-            else f"walk on from a cut record: runfmt lineage RUN {cut[0].ref.stage} "
-            f"{cut[0].ref.key}"
-            if cut[0].ref.key is not None
-            else "walk on from the cut artifact's parents"
-        )
+        further = "raise it to follow further"
+        if max_depth >= MAX_DEPTH:  # as deep as a walk goes: start another from a cut node
+            ref = cut[0].ref
+            further = (
+                f"walk on from a cut record: runfmt lineage RUN {ref.stage} {ref.key}"
+                if ref.key is not None
+                else "walk on from the cut artifact's parents"
+            )
         sys.stderr.write(f"runfmt: note: {branches} cut at --max-depth {max_depth} ({further})\n")
     if problems:
         fail(f"{len(problems)} lineage problem(s): " + "; ".join(problems))
