@@ -831,6 +831,7 @@ def _repair_file(
                 str(header["record_schema_version"]),
                 None if header["key_field"] is None else str(header["key_field"]),
             )
+        run.unshare(path)  # the records it lists now are no fork's (FORK-3)
         digest = hashlib.sha256(run.read_range(path, 0, keep)).hexdigest()
         changes.files[path] = FileEntry(path, keep, records, failures, digest)
         report.salvaged_records += records - (entry.records if entry else 0)

@@ -31,7 +31,7 @@ from runfmt.format.manifest import (
     manifest_problems,
     to_json,
 )
-from runfmt.locking import hold_writer_lock, remove_dead_builds
+from runfmt.locking import hold_writer_lock, live_writers, remove_dead_builds
 from runfmt.run import (
     WRITER,
     RunWriter,
@@ -119,7 +119,7 @@ def fork_run(
     problems = manifest_problems(to_json(manifest))
     if problems:
         raise InvalidInputError("invalid fork: " + "; ".join(problems))
-    link = base.status != "running"
+    link = base.status != "running" and not live_writers(src)  # none may append to it
     if store.storage.is_local:
         _build_local(store, src, manifest, link)
     else:

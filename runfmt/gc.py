@@ -170,6 +170,9 @@ def plan_gc(
             chosen.append((run, size, "; ".join(reasons)))
         else:
             kept.append((run, size, keep_reason or "within the size cap"))
+    for hidden in store.storage.local_state():  # a killed fork's or import's build folder
+        with contextlib.suppress(RunfmtError):
+            left_alone.update(_files(store.storage.child(hidden)))
     holders = Counter(f for held in [*files.values(), left_alone] for f in held)
     sizes = {f: n for held in files.values() for f, n in held.items()}
 

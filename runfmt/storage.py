@@ -644,12 +644,14 @@ class Storage:
         self._writable(rel)
         target = self.path(rel)
         with self._io(rel), open(target, "r+b") as f:
-            if shared is None or size >= shared or os.fstat(f.fileno()).st_nlink == 1:
+            held = os.fstat(f.fileno())
+            if shared is None or size >= shared or held.st_nlink == 1:
                 f.truncate(size)
                 os.fsync(f.fileno())
                 return
-            f.truncate(shared)
-            os.fsync(f.fileno())
+            if held.st_size > shared:
+                f.truncate(shared)
+                os.fsync(f.fileno())
 
             def prefix() -> Iterator[bytes]:
                 left = size
@@ -658,6 +660,16 @@ class Storage:
                     yield chunk
 
             self.put_stream(rel, prefix())
+
+    def unshare(self, rel: str) -> None:
+        """Give a local file that other hard links share (a fork's, FORK-3) a copy of its
+        own under ``rel``, so that what is written to it next reaches no other name."""
+        self._writable(rel)
+        if not self.is_local:
+            return
+        with self._io(rel), open(self.path(rel), "rb") as f:
+            if os.fstat(f.fileno()).st_nlink > 1:
+                self.put_stream(rel, iter(lambda: f.read(_READ_CHUNK), b""))
 
     def delete(self, rel: str) -> None:
         self._writable(rel)

@@ -21,8 +21,10 @@ from runfmt.errors import (
     RunExistsError,
     RunNotFoundError,
 )
+from runfmt.format.frames import FrameEncoder
 from runfmt.format.keys import compute_key
 from runfmt.run import RunWriter
+from runfmt.storage import Storage
 from runfmt.store import Store, open_run
 
 CONFIG = {"model": "m1", "judge": "j1"}
@@ -110,9 +112,9 @@ def test_repairing_the_source_never_cuts_a_forks_shared_file(store: Store) -> No
     assert [r["i"] for r in store.open_run("fork1").records("gen")] == list(range(6))
 
 
-def test_a_refused_writer_never_leaves_bytes_in_a_file_a_fork_shares(store: Store) -> None:
-    """FORK-3: a writer whose run another finished (and a fork then linked its open file)
-    appends before its commit is refused; its cleanup cuts those bytes for every link."""
+def test_a_file_a_live_writer_may_still_append_to_is_never_shared(store: Store) -> None:
+    """FORK-3: a writer of a run another finished may append before its commit is refused:
+    a fork taken meanwhile copies that writer's file, and its cleanup cuts its own."""
     stale = store.create_run("src", run_id="src", heartbeat_interval=None)
     stale.extend("gen", [{"i": i} for i in range(3)])
     stale.append("score", {"i": 0})
@@ -123,6 +125,7 @@ def test_a_refused_writer_never_leaves_bytes_in_a_file_a_fork_shares(store: Stor
     store.fork_run("src", "score", run_id="fork1", heartbeat_interval=None).finish()
     root = Path(store.url)
     [gen] = (root / "fork1" / "stages" / "gen").iterdir()
+    assert gen.stat().st_ino != (root / "src" / gen.relative_to(root / "fork1")).stat().st_ino
     before = gen.read_bytes()
     stale.extend("gen", [{"i": i} for i in range(3, 6)])
     with pytest.raises(ConflictError, match="finished"):
@@ -130,6 +133,38 @@ def test_a_refused_writer_never_leaves_bytes_in_a_file_a_fork_shares(store: Stor
     assert gen.read_bytes() == before
     assert verify_run(store.locate("fork1")) == []
     assert verify_run(store.locate("src")) == []
+
+
+def test_salvage_into_a_shared_file_gives_the_source_a_copy_of_its_own(store: Store) -> None:
+    """FORK-3, COMMIT-8: a dead writer's complete frame past the committed bytes of a file a
+    fork shares is salvaged into the source's own copy; the fork keeps what it lists, and
+    its repair cuts the frame from its file alone."""
+    pipeline(store)
+    store.fork_run("src", "score", run_id="fork1", heartbeat_interval=None).close()
+    root = Path(store.url)
+    [gen] = (root / "src" / "stages" / "generate").iterdir()
+    forked = root / "fork1" / gen.relative_to(root / "src")
+    assert gen.stat().st_ino == forked.stat().st_ino
+    with gen.open("ab") as f:  # what a dead writer left
+        f.write(FrameEncoder().encode(b'{"key": "late", "stage": "generate"}\n'))
+    assert repair_run(store.locate("src")).salvaged_records == 1
+    assert gen.stat().st_ino != forked.stat().st_ino
+    repair_run(store.locate("fork1"))
+    for run_id, records in (("src", 4), ("fork1", 3)):
+        assert verify_run(store.locate(run_id)) == []
+        assert len(list(store.open_run(run_id).records("generate"))) == records
+
+
+def test_a_cut_below_a_shared_length_never_lengthens_the_shared_file(tmp_path: Path) -> None:
+    """A shared file already shorter than what its links list is left as it is for them."""
+    storage = Storage(str(tmp_path))
+    (tmp_path / "a").write_bytes(b"0123456789")
+    os.link(tmp_path / "a", tmp_path / "b")
+    storage.truncate("a", 4, shared=20)
+    assert ((tmp_path / "a").read_bytes(), (tmp_path / "b").read_bytes()) == (
+        b"0123",
+        b"0123456789",
+    )
 
 
 def test_fork_of_a_running_run_copies_only_the_listed_bytes(store: Store) -> None:

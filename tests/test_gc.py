@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -164,3 +165,6 @@ def test_files_a_fork_shares_count_once_and_free_nothing_while_it_stays(
     plan = plan_gc(store, max_size=0)
     assert [u["run_id"] for u in plan.unreadable] == ["fork"]
     assert [(e.run_id, e.bytes) for e in plan.delete] == [("src", chosen.bytes)]
+    shutil.move(Path(store.url) / "fork", Path(store.url) / ".fork-killed")  # a killed build's
+    assert [(e.run_id, e.bytes) for e in plan_gc(store, max_size=0).delete] == [
+        ("src", chosen.bytes)]  # fmt: skip
