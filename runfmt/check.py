@@ -481,7 +481,6 @@ def repair_run(
         files = run.walk()
         links = frozenset(run.symlinks())
         whole, why_not = _going_back(run, manifest, files, links)
-        newest = manifest.listed_paths()  # what a fork sharing a file may list (FORK-3)
         if whole is not None and rollback:
             manifest = _go_back(run, manifest, whole, report)
         elif whole is not None:
@@ -513,7 +512,7 @@ def repair_run(
                 )
                 continue
             _repair_file(run, path, entry, stage, salvage, changes, report, manifest,
-                         count=not maybe_live, shared=newest.get(path))  # fmt: skip
+                         count=not maybe_live)  # fmt: skip
         if artifacts != "leave":
             drop = artifacts == "drop" or not salvage
             _repair_artifacts(run, manifest, files, links, drop, changes, report)
@@ -797,7 +796,6 @@ def _repair_file(
     manifest: Manifest,
     *,
     count: bool,
-    shared: int | None,
 ) -> None:
     """Salvage or cut what a dead writer left in one stage file past its committed bytes;
     a header naming another ``created_at`` than the run's (``manifest``) contradicts it.
@@ -849,7 +847,7 @@ def _repair_file(
     size = run.size(path) or 0
     if size > keep:
         if run.is_local:
-            run.truncate(path, keep, shared=shared)
+            run.truncate(path, keep)
             after = "the last committed byte" if keep == committed else "the last complete frame"
             report.actions.append(f"{path}: cut {size - keep} bytes after {after}")
         else:

@@ -8,6 +8,7 @@ listed bytes otherwise. It appears in the store whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from runfmt.format.manifest import (
     manifest_problems,
     to_json,
 )
-from runfmt.locking import hold_writer_lock, live_writers, remove_dead_builds
+from runfmt.locking import commit_lock, hold_writer_lock, live_writers, remove_dead_builds
 from runfmt.run import (
     WRITER,
     RunWriter,
@@ -51,6 +52,8 @@ __all__ = ["fork_run"]
 
 _BUILD_PREFIX = ".fork-"
 _BUILDER = "fork"
+_LINK_LOCK_WAIT = 60.0
+"""Seconds a fork waits for its source's commit lock to link its files (a repair holds it)."""
 
 
 def fork_run(
@@ -148,7 +151,13 @@ def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool) -> 
     work.makedirs("")
     lock = hold_writer_lock(work, _BUILDER)
     try:
-        _copy_files(src, work, manifest, link)
+        with contextlib.ExitStack() as held:
+            if link:  # under the source's commit lock, no repair cuts a file while it is linked
+                try:
+                    held.enter_context(commit_lock(src, _LINK_LOCK_WAIT))
+                except (ReadOnlyError, StorageError):
+                    link = False  # a source this user may not lock is copied
+            _copy_files(src, work, manifest, link)
         data = encode_manifest(manifest)
         work.create_exclusive(names.revision_file(1), data)
         write_manifest_copy(work, data, finished=manifest.finished)

@@ -634,24 +634,16 @@ class Storage:
             _make_folders(os.path.dirname(target))
             return AppendFile(target)
 
-    def truncate(self, rel: str, size: int, *, shared: int | None = None) -> None:
-        """Cut a local file back to ``size`` bytes, durably.
-
-        ``shared`` is the length that other hard links to the file (a fork's, FORK-3) may
-        list: a cut below it cuts the file for all of them down to it, then replaces this
-        name's with a file of its own holding the first ``size`` bytes.
-        """
+    def truncate(self, rel: str, size: int) -> None:
+        """Cut a local file back to ``size`` bytes, durably. A file that other hard links
+        share (a fork's, FORK-3) is not cut: its first ``size`` bytes replace this name's
+        as a file of its own, and the other names keep every byte."""
         self._writable(rel)
-        target = self.path(rel)
-        with self._io(rel), open(target, "r+b") as f:
-            held = os.fstat(f.fileno())
-            if shared is None or size >= shared or held.st_nlink == 1:
+        with self._io(rel), open(self.path(rel), "r+b") as f:
+            if os.fstat(f.fileno()).st_nlink == 1:
                 f.truncate(size)
                 os.fsync(f.fileno())
                 return
-            if held.st_size > shared:
-                f.truncate(shared)
-                os.fsync(f.fileno())
 
             def prefix() -> Iterator[bytes]:
                 left = size

@@ -155,12 +155,13 @@ def test_salvage_into_a_shared_file_gives_the_source_a_copy_of_its_own(store: St
         assert len(list(store.open_run(run_id).records("generate"))) == records
 
 
-def test_a_cut_below_a_shared_length_never_lengthens_the_shared_file(tmp_path: Path) -> None:
-    """A shared file already shorter than what its links list is left as it is for them."""
+def test_a_cut_of_a_shared_file_changes_no_other_name(tmp_path: Path) -> None:
+    """FORK-3: whatever a repair of one run cuts, a file that hard links share keeps every
+    byte under the other names."""
     storage = Storage(str(tmp_path))
     (tmp_path / "a").write_bytes(b"0123456789")
     os.link(tmp_path / "a", tmp_path / "b")
-    storage.truncate("a", 4, shared=20)
+    storage.truncate("a", 4)
     assert ((tmp_path / "a").read_bytes(), (tmp_path / "b").read_bytes()) == (
         b"0123",
         b"0123456789",
