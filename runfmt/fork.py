@@ -8,7 +8,6 @@ listed bytes otherwise. It appears in the store whole or not at all.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from runfmt.errors import (
     ChecksumMismatchError,
+    ConflictError,
     InvalidInputError,
     ReadOnlyError,
     RunExistsError,
@@ -32,7 +32,13 @@ from runfmt.format.manifest import (
     manifest_problems,
     to_json,
 )
-from runfmt.locking import commit_lock, hold_writer_lock, live_writers, remove_dead_builds
+from runfmt.locking import (
+    COMMIT_LOCK,
+    commit_lock,
+    hold_writer_lock,
+    live_writers,
+    remove_dead_builds,
+)
 from runfmt.run import (
     WRITER,
     RunWriter,
@@ -41,6 +47,7 @@ from runfmt.run import (
     create_revision,
     load_manifest,
     now_utc,
+    revisions,
     write_manifest_copy,
 )
 
@@ -124,26 +131,53 @@ def fork_run(
         raise InvalidInputError("invalid fork: " + "; ".join(problems))
     link = base.status != "running" and not live_writers(src)  # none may append to it
     if store.storage.is_local:
-        _build_local(store, src, manifest, link)
+        _build_local(store, src, manifest, link, base.revision)
     else:
         _build_remote(store, src, manifest)
     return RunWriter(store._run_storage(run_id), manifest, **writer_options)
 
 
-def _copy_files(src: Storage, dst: Storage, manifest: Manifest, link: bool) -> None:
+def _copy_files(
+    src: Storage, dst: Storage, manifest: Manifest, link: bool, revision: int = 0
+) -> None:
     """Link or copy each taken file, checked against its listed sha256: a fork never starts
-    from damaged data (CHECK-1)."""
+    from damaged data (CHECK-1). With ``link``, files of source revision ``revision`` that
+    can be are linked (`_link`); the rest are copied."""
     for path, (length, sha256) in manifest.listed_files().items():
         if not src.inside(path):
             raise InvalidInputError(f"{path} goes through a link (LAYOUT-5)", location=src.where())
         try:
-            dst.link_from(src, path, path, length, sha256, link=link)
+            if not (link and _link(src, dst, path, length, sha256, revision)):
+                dst.link_from(src, path, path, length, sha256, link=False)
         except FileNotFoundError:
             raise ChecksumMismatchError("listed file is missing (LAYOUT-3)",
                                         location=src.where(path)) from None  # fmt: skip
 
 
-def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool) -> None:
+def _link(src: Storage, dst: Storage, path: str, length: int, sha256: str, revision: int) -> bool:
+    """Check and link one file under the source's commit lock, so that no repair cuts it in
+    between (FORK-3); False, having done nothing, when it is to be copied instead: on
+    another filesystem, of another length, or with a lock this user may not take or that
+    no writer made (a fork never creates one in its source)."""
+    if (
+        not src.exists(COMMIT_LOCK)
+        or src.size(path) != length
+        or os.stat(src.path(path)).st_dev != os.stat(dst.path()).st_dev
+    ):
+        return False
+    try:
+        with commit_lock(src, _LINK_LOCK_WAIT):
+            if revisions(src)[-1:] != [revision]:
+                raise ConflictError(
+                    "the source run changed while it was forked", location=src.where(),
+                    hint="fork it again",
+                )  # fmt: skip
+            return dst.link_from(src, path, path, length, sha256, link=True)
+    except (ReadOnlyError, StorageError):
+        return False
+
+
+def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool, revision: int) -> None:
     """Build the fork in a hidden folder, then rename it into place (FORK-3)."""
     remove_dead_builds(store.storage, _BUILD_PREFIX, _BUILDER)
     build = f"{_BUILD_PREFIX}{secrets.token_hex(6)}"
@@ -151,13 +185,7 @@ def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool) -> 
     work.makedirs("")
     lock = hold_writer_lock(work, _BUILDER)
     try:
-        with contextlib.ExitStack() as held:
-            if link:  # under the source's commit lock, no repair cuts a file while it is linked
-                try:
-                    held.enter_context(commit_lock(src, _LINK_LOCK_WAIT))
-                except (ReadOnlyError, StorageError):
-                    link = False  # a source this user may not lock is copied
-            _copy_files(src, work, manifest, link)
+        _copy_files(src, work, manifest, link, revision)
         data = encode_manifest(manifest)
         work.create_exclusive(names.revision_file(1), data)
         write_manifest_copy(work, data, finished=manifest.finished)

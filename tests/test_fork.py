@@ -168,6 +168,22 @@ def test_a_cut_of_a_shared_file_changes_no_other_name(tmp_path: Path) -> None:
     )
 
 
+def test_a_fork_never_creates_its_sources_commit_lock(store: Store) -> None:
+    """A source with no `.lock` (a folder copied without it) is copied, not linked: linking
+    needs that lock, and a fork only reads its source (another user could not remove a
+    lock file it made)."""
+    pipeline(store)
+    root = Path(store.url)
+    (root / "src" / ".lock").unlink()
+    store.fork_run("src", "parse", run_id="fork1", heartbeat_interval=None).close()
+    assert not (root / "src" / ".lock").exists()
+    for path in (root / "fork1" / "stages").rglob("*.zst"):
+        assert (
+            os.stat(path).st_ino != os.stat(root / "src" / path.relative_to(root / "fork1")).st_ino
+        )
+    assert verify_run(store.locate("fork1")) == []
+
+
 def test_fork_of_a_running_run_copies_only_the_listed_bytes(store: Store) -> None:
     """FORK-3: no hard link to a file a live writer may extend."""
     src = pipeline(store, finish=False)
