@@ -184,6 +184,21 @@ def test_a_fork_never_creates_its_sources_commit_lock(store: Store) -> None:
     assert verify_run(store.locate("fork1")) == []
 
 
+def test_a_source_that_changed_before_its_files_are_linked_is_a_conflict(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FORK-3: once it holds the source's commit lock, a fork that finds the source at
+    another revision than the one it read (a repair committed meanwhile) fails with a
+    conflict, not a false CHECK-1, and leaves nothing."""
+    from runfmt import fork
+
+    pipeline(store)
+    monkeypatch.setattr(fork, "revisions", lambda run: [999])
+    with pytest.raises(ConflictError, match="changed while it was forked"):
+        store.fork_run("src", "parse", run_id="fork1", heartbeat_interval=None)
+    assert sorted(p.name for p in Path(store.url).iterdir() if p.name != ".runfmt") == ["src"]
+
+
 def test_fork_of_a_running_run_copies_only_the_listed_bytes(store: Store) -> None:
     """FORK-3: no hard link to a file a live writer may extend."""
     src = pipeline(store, finish=False)
