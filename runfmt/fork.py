@@ -32,13 +32,7 @@ from runfmt.format.manifest import (
     manifest_problems,
     to_json,
 )
-from runfmt.locking import (
-    COMMIT_LOCK,
-    commit_lock,
-    hold_writer_lock,
-    live_writers,
-    remove_dead_builds,
-)
+from runfmt.locking import COMMIT_LOCK, commit_lock, hidden_build, live_writers
 from runfmt.run import (
     WRITER,
     RunWriter,
@@ -178,31 +172,19 @@ def _link(src: Storage, dst: Storage, path: str, length: int, sha256: str, revis
 
 
 def _build_local(store: Store, src: Storage, manifest: Manifest, link: bool, revision: int) -> None:
-    """Build the fork in a hidden folder, then rename it into place (FORK-3)."""
-    remove_dead_builds(store.storage, _BUILD_PREFIX, _BUILDER)
-    build = f"{_BUILD_PREFIX}{secrets.token_hex(6)}"
-    work = store.storage.child(build)
-    work.makedirs("")
-    lock = hold_writer_lock(work, _BUILDER)
-    try:
+    """Build the fork in a hidden folder, then rename it into place (FORK-3, FORK-4)."""
+    with hidden_build(store.storage, _BUILD_PREFIX, _BUILDER) as work:
         _copy_files(src, work, manifest, link, revision)
         data = encode_manifest(manifest)
         work.create_exclusive(names.revision_file(1), data)
         write_manifest_copy(work, data, finished=manifest.finished)
         try:
-            store.storage.rename(build, manifest.run_id)
+            store.storage.rename(work.name, manifest.run_id)
         except StorageError:
             raise RunExistsError(
                 "a run with this id exists", location=store.storage.where(manifest.run_id),
                 hint="choose another run_id",
             ) from None  # fmt: skip
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        store.storage.delete_tree(build)
-        raise
-    if lock is not None:
-        lock.release()
     store.storage.child(manifest.run_id).delete(f".writer-{_BUILDER}.lock")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +21,9 @@ from runfmt.storage import Storage
 __all__ = [
     "commit_lock",
     "file_lock",
+    "hidden_build",
     "hold_writer_lock",
     "live_writers",
-    "remove_dead_builds",
     "writer_alive",
 ]
 
@@ -150,8 +151,27 @@ def hold_writer_lock(run: Storage, writer: str) -> FileLock | None:
     return lock
 
 
-def remove_dead_builds(store: Storage, prefix: str, builder: str) -> None:
-    """Delete the store's hidden build folders (named ``prefix``...) whose builder is gone:
+@contextlib.contextmanager
+def hidden_build(store: Storage, prefix: str, builder: str) -> Iterator[Storage]:
+    """A new hidden folder of the local ``store`` (``prefix`` and random hex: local state,
+    never listed), held by ``builder``'s liveness lock, to build a run in and rename into
+    place; on leaving, the lock is released and what is left of the folder deleted. The
+    folders of builders that are gone (killed) are deleted first."""
+    _remove_dead_builds(store, prefix, builder)
+    name = f"{prefix}{secrets.token_hex(6)}"
+    work = store.child(name)
+    work.makedirs("")
+    lock = hold_writer_lock(work, builder)
+    try:
+        yield work
+    finally:
+        if lock is not None:
+            lock.release()
+        store.delete_tree(name)
+
+
+def _remove_dead_builds(store: Storage, prefix: str, builder: str) -> None:
+    """Delete the store's build folders (named ``prefix``...) whose builder is gone:
     ``builder``'s lock in it is free, and it is over a minute old (a builder makes the
     folder, then takes the lock)."""
     for name in store.local_state():

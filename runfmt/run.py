@@ -544,7 +544,9 @@ class StageWriter:
         if self._run._closed:
             self._run._check_open()
         try:
-            line = writable_line(record, self.entry.key_field)
+            line = encode_record(record, self.entry.key_field)
+            if len(line) > MAX_RECORD_BYTES or PARENTS_FIELD in record:  # rare: no call else
+                _refuse_unwritable(record, line)
         except InvalidInputError as exc:
             raise exc.at(self._run.storage.where(f"{names.STAGES_DIR}/{self.name}")) from None
         with self._run._mutex:
@@ -731,6 +733,12 @@ def writable_line(record: Mapping[str, Any], key_field: str | None) -> bytes:
     """The record's line, or `InvalidInputError` for what a writer refuses: what
     `encode_record` refuses, a line over `MAX_RECORD_BYTES`, malformed ``_parents``."""
     line = encode_record(record, key_field)
+    _refuse_unwritable(record, line)
+    return line
+
+
+def _refuse_unwritable(record: Mapping[str, Any], line: bytes) -> None:
+    """`InvalidInputError` for a line over `MAX_RECORD_BYTES` or malformed ``_parents``."""
     if len(line) > MAX_RECORD_BYTES:
         raise InvalidInputError(
             f"record of {len(line)} bytes is over the {MAX_RECORD_BYTES}-byte limit "
@@ -739,7 +747,6 @@ def writable_line(record: Mapping[str, Any], key_field: str | None) -> bytes:
         )
     if PARENTS_FIELD in record:
         parse_parents(record[PARENTS_FIELD])
-    return line
 
 
 def guess_media_type(name: str) -> str:
@@ -920,34 +927,29 @@ class RunWriter:
 
     def append(self, stage: str, record: Mapping[str, Any]) -> None:
         """`StageWriter.append` to ``stage``, declared by the first record it takes."""
-        with self._mutex:  # not while another thread's first use may still drop the writer
-            writer = self._stages.get(stage)
-            if writer is None:
-                self._first_use(stage, StageWriter.append, record)
-                return
-        writer.append(record)
+        self._use(stage, StageWriter.append, record)
 
     def extend(self, stage: str, records: Iterable[Mapping[str, Any]]) -> None:
         """`StageWriter.extend` of ``stage``, declared by the first record it takes."""
-        with self._mutex:
-            writer = self._stages.get(stage)
-            if writer is None:
-                self._first_use(stage, StageWriter.extend, records)
-                return
-        writer.extend(records)
+        self._use(stage, StageWriter.extend, records)
 
-    def _first_use(self, name: str, method: Callable[[StageWriter, Any], None], arg: Any) -> None:
-        """``method`` of the writer of a stage this writer has not used yet; when it took no
+    def _use(self, name: str, method: Callable[[StageWriter, Any], None], arg: Any) -> None:
+        """``method`` of stage ``name``'s writer. On the first use of a stage, when it took no
         record, the writer did not take the stage up (LIFE-5) nor declare it: a refused
-        record changes nothing (REC-3)."""
+        record changes nothing (REC-3). The writer is looked up under the lock, never while
+        another thread's first use may still drop it."""
         with self._mutex:
-            writer = self.stage(name)
-            try:
-                method(writer, arg)
-            finally:
-                if not writer.pending and writer._seq == 0:
-                    del self._stages[name]
-                    self._changes.stages.pop(name, None)
+            writer = self._stages.get(name)
+            if writer is None:
+                writer = self.stage(name)
+                try:
+                    method(writer, arg)
+                finally:
+                    if not writer.pending and writer._seq == 0:
+                        del self._stages[name]
+                        self._changes.stages.pop(name, None)
+                return
+        method(writer, arg)
 
     def count(self, counter: str, delta: float = 1) -> None:
         """Add ``delta`` to a per-run counter (cost, tokens, ...) at the next commit."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import operator
 import os
 import posixpath
 import threading
@@ -600,11 +601,11 @@ def _continues(old: Manifest, new: Manifest) -> bool:
     prefix."""
     if (old.name, old.config_hash) != (new.name, new.config_hash):
         return False
-    artifacts = {(a.path, a.bytes, a.sha256, a.media_type) for a in new.artifacts}
-    if any((a.path, a.bytes, a.sha256, a.media_type) not in artifacts for a in old.artifacts):
+    artifact_key = operator.attrgetter("path", "bytes", "sha256", "media_type")
+    stage_key = operator.attrgetter("name", "record_schema_version", "key_field")
+    if not set(map(artifact_key, old.artifacts)) <= set(map(artifact_key, new.artifacts)):
         return False
-    stages = {(s.name, s.record_schema_version, s.key_field) for s in new.stages}
-    if any((s.name, s.record_schema_version, s.key_field) not in stages for s in old.stages):
+    if not set(map(stage_key, old.stages)) <= set(map(stage_key, new.stages)):
         return False
     now = {f.path: f for s in new.stages for f in s.files}
     for stage in old.stages:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import secrets
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -45,7 +44,7 @@ from runfmt.format.manifest import (
 )
 from runfmt.format.records import Record, is_failure, line_of
 from runfmt.format.schemas import schema_errors
-from runfmt.locking import hold_writer_lock, remove_dead_builds
+from runfmt.locking import hidden_build
 from runfmt.run import (
     FRAME_TARGET,
     RunReader,
@@ -626,43 +625,42 @@ def import_run(
                 location=store.storage.where(target),
                 hint="pass --run-id NEW_ID to import a copy under another id",
             )
-        remove_dead_builds(store.storage, _BUILD_PREFIX, _BUILDER)
-        build = f"{_BUILD_PREFIX}{secrets.token_hex(6)}" if store.storage.is_local else ""
-        lock = None
-        if build:
-            store.storage.child(build).makedirs("")
-            lock = hold_writer_lock(store.storage.child(build), _BUILDER)
-        builder = Store(store.storage.child(build).path()) if build else store
-        writer = builder._create_run(
-            m.name,
-            m.config,
-            tags=m.tags,
-            run_id=target,
-            created_at=m.created_at,
-            flush_every=_IMPORT_FLUSH,
-            flush_interval=None,
-        )
-        try:
-            counts = _write_run(archive, writer)
-            if build:
+        if not store.storage.is_local:  # no rename: written in place, removed on failure
+            counts = _import_into(store, archive, target, remove_on_failure=True)
+        else:
+            with hidden_build(store.storage, _BUILD_PREFIX, _BUILDER) as work:
+                counts = _import_into(Store(work.path()), archive, target)
                 try:
-                    store.storage.rename(f"{build}/{target}", target)
+                    store.storage.rename(f"{work.name}/{target}", target)
                 except StorageError:
                     where = store.storage.where(target)
                     raise RunExistsError(
                         f"run {target} was created meanwhile", location=where
                     ) from None
-        except BaseException:
-            writer.discard()
-            if not build:
-                store.storage.child(target).delete_tree("")
-            raise
-        finally:
-            if lock is not None:
-                lock.release()
-            if build:
-                store.storage.delete_tree(build)
     return ImportResult(target, counts)
+
+
+def _import_into(
+    store: Store, archive: _Archive, target: str, *, remove_on_failure: bool = False
+) -> dict[str, int]:
+    """Write the archived run into ``store`` as run ``target``; records per stage."""
+    m = archive.manifest
+    writer = store._create_run(
+        m.name,
+        m.config,
+        tags=m.tags,
+        run_id=target,
+        created_at=m.created_at,
+        flush_every=_IMPORT_FLUSH,
+        flush_interval=None,
+    )
+    try:
+        return _write_run(archive, writer)
+    except BaseException:
+        writer.discard()
+        if remove_on_failure:
+            store.storage.child(target).delete_tree("")
+        raise
 
 
 def _write_run(archive: _Archive, writer: RunWriter) -> dict[str, int]:
