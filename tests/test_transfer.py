@@ -390,6 +390,21 @@ def test_an_archive_import_killed_midway_leaves_no_run(
     assert not [p for p in Path(other.url).iterdir() if p.name.startswith(".import-")]
 
 
+def test_an_import_that_cannot_create_its_run_leaves_no_build_folder(
+    store: Store, source: str, other: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = tmp_path / "run.tar"
+    export_run(store.open_run(source), archive)
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise InvalidInputError("no run for you")
+
+    monkeypatch.setattr(Store, "_create_run", refused)
+    with pytest.raises(InvalidInputError, match="no run for you"):
+        import_run(other, archive)
+    assert not [p for p in Path(other.url).iterdir() if p.name.startswith(".import-")]
+
+
 def test_existing_run_id_is_refused_then_imported_under_a_new_id(
     store: Store, source: str, tmp_path: Path, cli: Cli
 ) -> None:
