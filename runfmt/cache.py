@@ -168,15 +168,22 @@ class Cache:
 
         Reads the one zstd frame that holds it (its checksum is verified), unless
         that frame is one of the few kept from earlier calls. A candidate whose
-        file no longer matches the index is re-indexed and skipped.
+        file no longer matches the index is skipped and its run re-indexed; after a
+        few such candidates, the index is asked again.
         """
-        for row in self._candidates(stage, key, record_schema_version)[:_CANDIDATES]:
-            where, key_field = self._provenance(stage, row)
-            record = _record(self._line(self._kept(where), where, key), key_field, key)
-            if record is not None:
-                return CacheHit(key, record, where)
-            self.index.run(where.run_id, keys=True)
-        return None
+        tried: set[tuple[Any, ...]] = set()
+        while True:
+            rows = self._candidates(stage, key, record_schema_version)
+            fresh = [row for row in rows if row not in tried][:_CANDIDATES]
+            if not fresh:
+                return None
+            for row in fresh:
+                where, key_field = self._provenance(stage, row)
+                record = _record(self._line(self._kept(where), where, key), key_field, key)
+                if record is not None:
+                    return CacheHit(key, record, where)
+                tried.add(row)
+                self.index.run(where.run_id, keys=True)
 
     def get_many(
         self,

@@ -272,18 +272,26 @@ def read_stage_file(path: str | os.PathLike[str]) -> StageFile:
 
 def _check_writable(path: str, key_field: str | None) -> None:
     """Refuse, before anything is written, a file holding a record the writer would refuse."""
-    line = 0
+    before = 0
     for _, batch in _stage_batches(path):
-        for record in batch:
-            line += 1
-            try:
-                writable_line(record, key_field)
-            except InvalidInputError as exc:
-                raise InvalidInputError(
-                    f"record {line} (counted from 1): {exc.problem}",
-                    location=path,
-                    hint="nothing was imported",
-                ) from None
+        _refuse_unwritable(batch, key_field, before, path)
+        before += len(batch)
+
+
+def _refuse_unwritable(
+    batch: list[Record], key_field: str | None, before: int, location: str
+) -> None:
+    """Raise for the first record of ``batch`` that the writer refuses, numbered in its file
+    (``before`` records precede the batch)."""
+    for number, record in enumerate(batch, before + 1):
+        try:
+            writable_line(record, key_field)
+        except InvalidInputError as exc:
+            raise InvalidInputError(
+                f"record {number} (counted from 1): {exc.problem}",
+                location=location,
+                hint="nothing was imported",
+            ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -672,9 +680,15 @@ def _write_run(archive: _Archive, writer: RunWriter) -> dict[str, int]:
         )
         counts[s.name] = 0
         for f in s.files:
+            before = 0
             for batch in archive.batches(f, s.name):
-                stage.extend(batch)
-                counts[s.name] += len(batch)
+                try:
+                    stage.extend(batch)
+                except InvalidInputError:
+                    _refuse_unwritable(batch, s.key_field, before, archive.where(f.path))
+                    raise
+                before += len(batch)
+            counts[s.name] += before
         mark: Callable[[], None] | None = {"completed": stage.complete, "failed": stage.fail}.get(
             s.status
         )

@@ -115,6 +115,21 @@ def test_deleted_or_rewritten_runs_stop_hitting(store: Store, tmp_path: Path) ->
     assert store.index.runs() == []
 
 
+def test_a_hit_behind_more_stale_candidates_than_one_round_checks(store: Store) -> None:
+    oldest = write_scores(store, ["a"])
+    cache = store.cache
+    assert cache.get("score", "a") is not None
+    newer = [write_scores(store, ["a"]) for _ in range(cache_module._CANDIDATES + 3)]
+    store.index.refresh()
+    assert cache.get("score", "a").provenance.run_id == newer[-1]
+    for run_id in newer:
+        shutil.rmtree(Path(store.url) / run_id)
+    hit = cache.get("score", "a")
+    assert hit is not None
+    assert hit.provenance.run_id == oldest
+    assert [run.run_id for run in store.index.runs()] == [oldest]
+
+
 @pytest.fixture(params=["local", "memory"])
 def any_store(request: pytest.FixtureRequest) -> Store:
     """The local store, then the memory:// one."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,6 +29,7 @@ from runfmt.errors import (
 from runfmt.format.frames import PREFIX, encode_header, iter_frames
 from runfmt.store import Store
 from runfmt.transfer import export_run, export_stage, import_run, import_stage, read_stage_file
+from tests.conformance import builder
 from tests.fixtures_manage import Cli, MakeRun
 
 SCORES = [{"id": f"q{i}", "correct": i % 3 == 0, "text": "é" * (i % 5)} for i in range(40)] + [
@@ -547,3 +549,25 @@ def test_a_run_whose_revision_was_changed_is_not_exported(
     with pytest.raises(ManifestError, match="COMMIT-14"):
         export_run(store.open_run(source), tmp_path / "run.tar")
     assert not (tmp_path / "run.tar").exists()
+
+
+def test_an_archived_record_the_writer_refuses_is_named_in_its_file(
+    store: Store, other: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EXP-3: a record no writer would write, in a run that verifies, fails the import by its
+    place in its file."""
+    monkeypatch.setattr(builder, "SUITE", tmp_path / "suite")
+    case = builder.Case("valid", "refused", "", [])
+    case.stage("score", key_field="key")
+    good = [{"key": f"k{i}"} for i in range(1501)]
+    path = case.file("score", [good, [{"key": "b", "_parents": "a"}]])
+    case.finish()
+    shutil.copytree(case.write() / "run", Path(store.url) / builder.RUN_ID)
+    assert verify_run(store.locate(builder.RUN_ID)) == []
+    archive = tmp_path / "run.tar"
+    export_run(store.open_run(builder.RUN_ID), archive)
+    refused = r"record 1502 \(counted from 1\): _parents"
+    with pytest.raises(InvalidInputError, match=refused) as info:
+        import_run(other, archive)
+    assert info.value.location.endswith(path)
+    assert other.run_ids() == []
