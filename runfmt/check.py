@@ -37,7 +37,8 @@ from runfmt.format.manifest import (
     encode_manifest,
     parse_timestamp,
 )
-from runfmt.format.records import decode_lines, first_too_deep, is_failure
+from runfmt.format.media import guess_media_type
+from runfmt.format.records import decode_lines, first_too_deep, is_failure, is_key
 from runfmt.format.validate import (
     FileCheck,
     Problem,
@@ -53,7 +54,6 @@ from runfmt.run import (
     WRITER,
     commit_locked,
     create_revision,
-    guess_media_type,
     load_manifest,
     load_revision,
     now_utc,
@@ -438,6 +438,7 @@ def repair_run(
     salvage: bool = True,
     artifacts: Literal["auto", "leave", "drop"] = "auto",
     rollback: bool = False,
+    writer: str | None = None,
 ) -> RepairReport:
     """Bring a crashed run back to a consistent state without losing a committed record.
 
@@ -448,7 +449,8 @@ def repair_run(
     (``"leave"``: a local resume, whose writer replaces them, ART-1). ``rollback`` takes a
     copy made while the run was written back to the newest revision its files hold whole
     (COMMIT-13); without it, the report names that revision (``rollback_to``). Where no
-    lock tells, dropping is refused while a writer may be alive (STORE-3).
+    lock tells, dropping is refused while a writer may be alive (STORE-3). ``writer``: the
+    id of a live writer (one finishing the run, COMMIT-11) whose files are left alone.
     """
     if not revisions(run):
         load_manifest(run)  # raises: not a run, or one copied without _manifests/ (LAYOUT-2)
@@ -497,13 +499,14 @@ def repair_run(
             except InvalidInputError:
                 report.left.append(Problem(path, "not a stage file name; left alone", "NAME-4"))
                 continue
-            if writer_alive(run, parsed.writer):
+            if parsed.writer == writer or writer_alive(run, parsed.writer):
                 report.actions.append(f"{path}: writer {parsed.writer} is still running; skipped")
                 continue
             if not run.is_file(path):
                 report.left.append(Problem(path, "not a regular file; left alone", "LAYOUT-3"))
                 continue
-            entry, stage = listed.get(path, (None, manifest.stage(stage_name)))
+            declared = manifest.stage(stage_name) or changes.stages.get(stage_name)
+            entry, stage = listed.get(path, (None, declared))
             if entry is not None and size == entry.bytes:
                 continue
             if entry is not None and size < entry.bytes:
@@ -806,18 +809,26 @@ def _repair_file(
         _complete_prefix(run.read(path), committed) if salvage else (0, 0, 0, None, [])
     )
     stage_name, _ = names.parse_stage_file(path)
-    usable = header is not None and header_problem(header, path, stage) is None
+    misfit = None if header is None else header_problem(header, path, stage)
     foreign = (
-        usable and header is not None and _written_for_another_run(header, manifest.created_at)
+        header is not None
+        and misfit is None
+        and _written_for_another_run(header, manifest.created_at)
     )
-    usable = usable and not foreign
-    if not usable or records <= (entry.records if entry else 0):
+    if (
+        header is None
+        or misfit is not None
+        or foreign
+        or records <= (entry.records if entry else 0)
+    ):
         keep = committed
     if keep == 0:
         run.delete(path)
         why = "no committed or complete records" if salvage else "uncommitted, dropped"
         if foreign:
             why = "written for a run this one replaced"
+        elif misfit is not None:
+            why = f"{misfit[0]} ({misfit[1]})"
         report.actions.append(f"{path}: removed ({why})")
         return
     if keep > committed:
@@ -880,11 +891,17 @@ def _complete_prefix(
     header = None
     try:
         for start in range(0, len(data), _SALVAGE_STEP):
-            for event in decoder.feed(data[start : start + _SALVAGE_STEP]):
+            for event in decoder.decode(data[start : start + _SALVAGE_STEP]):
                 if isinstance(event, DataFrame):
                     batch = decode_lines(event.content)
                     if first_too_deep(event.content, batch) is not None:
                         raise StageFileError("a record nests too deep (REC-3)")
+                    key_field = header.get("key_field") if header else None
+                    if isinstance(key_field, str) and any(
+                        (key := record.get(key_field)) is not None and not is_key(key)
+                        for record in batch
+                    ):
+                        raise StageFileError("a record's key field holds no key (REC-6)")
                     records += len(batch)
                     failures += sum(map(is_failure, batch))
                     end = event.end

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import itertools
 import math
-import mimetypes
 import operator
 import re
 import secrets
@@ -71,6 +70,7 @@ from runfmt.format.manifest import (
     encode_manifest,
     parse_timestamp,
 )
+from runfmt.format.media import guess_media_type
 from runfmt.format.records import (
     ERROR_FIELD,
     PARENTS_FIELD,
@@ -679,7 +679,7 @@ class StageWriter:
             f.handle.write(data)
             f.handle.sync()
         except BaseException:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(RunfmtError, OSError):
                 f.handle.truncate(f.size)  # part of a frame may have been written
             self._abandon()
             raise
@@ -716,7 +716,13 @@ class StageWriter:
             path = names.format_stage_file(self.name, self._seq, self._run.writer_id)
             f = _OpenFile(path, storage.open_append(path))
             head = self._header(self._seq)
-            f.handle.write(head)
+            try:
+                f.handle.write(head)
+            except BaseException:
+                f.handle.close()
+                with contextlib.suppress(RunfmtError, OSError):
+                    storage.delete(path)  # new and never listed
+                raise
             f.digest.update(head)
             f.size = len(head)
             self._open = f
@@ -727,6 +733,15 @@ class StageWriter:
         if self._open is not None:
             self._open.handle.close()
         self._open = None
+
+
+def _holds_unlisted(run: Storage, manifest: Manifest) -> bool:
+    """Whether a stage file of ``run`` holds bytes that ``manifest`` does not list."""
+    listed = manifest.listed_paths()
+    return any(
+        listed.get(f"{names.STAGES_DIR}/{path}") != size
+        for path, size in run.walk(names.STAGES_DIR).items()
+    )
 
 
 def writable_line(record: Mapping[str, Any], key_field: str | None) -> bytes:
@@ -747,11 +762,6 @@ def _refuse_unwritable(record: Mapping[str, Any], line: bytes) -> None:
         )
     if PARENTS_FIELD in record:
         parse_parents(record[PARENTS_FIELD])
-
-
-def guess_media_type(name: str) -> str:
-    """An artifact's media type from its name's extension, else a plain byte stream (ART-1)."""
-    return mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
 
 
 def _is_number(value: object) -> bool:
@@ -986,7 +996,7 @@ class RunWriter:
     ) -> str:
         """Store a binary artifact in the run, listed at the next commit; returns its path.
 
-        ``media_type`` defaults to a guess from the name (`mimetypes`), else
+        ``media_type`` defaults to the one spec ART-1 gives the name's extension, else
         ``application/octet-stream``; ``parents`` names what it was made from (LIN-1).
         A listed artifact is never overwritten: listed bytes do not change (LAYOUT-3).
         """
@@ -1003,9 +1013,15 @@ class RunWriter:
         if not _MEDIA_TYPE.fullmatch(media_type):
             raise InvalidInputError(f"invalid media type {media_type!r}", hint="e.g. image/png")
         refs = tuple(parent_json(p) for p in parse_parents(parents)) if parents is not None else ()
-        if path in self._changes.artifacts or any(a.path == path for a in self.manifest.artifacts):
-            raise ConflictError(f"artifact {path!r} exists; listed bytes never change",
-                                location=self.storage.where(path),
+        folded = path.casefold()
+        taken = next((p for p in [*self._changes.artifacts, *(a.path for a in
+                     self.manifest.artifacts)] if p.casefold() == folded), None)  # fmt: skip
+        if taken is not None:
+            same = "exists; listed bytes never change" if taken == path else (
+                f"differs from artifact {taken!r} only in case, which a case-insensitive "
+                "filesystem would store as one file (MAN-7)"
+            )  # fmt: skip
+            raise ConflictError(f"artifact {path!r} {same}", location=self.storage.where(path),
                                 hint="store the new version under a new name")  # fmt: skip
         if not self.storage.inside(path):
             raise InvalidInputError(f"artifact path {path!r} goes through a link")
@@ -1051,7 +1067,13 @@ class RunWriter:
             self.flush_interval is not None
             and time.monotonic() - self._last_flush >= self.flush_interval
         ):
-            self.flush()
+            try:
+                self.flush()
+            except RunfmtError as exc:
+                if not self._closed:
+                    taken = "the records given were taken: the next flush commits them, so do "
+                    exc.hint = f"{exc.hint}; {taken}not give them again".lstrip("; ")
+                raise
 
     def flush(self) -> Manifest:
         """Write buffered records and commit a new revision (if anything changed).
@@ -1131,9 +1153,11 @@ class RunWriter:
     ) -> Manifest:
         """Commit what is buffered, set the final status, write ``SHA256SUMS`` and close.
 
-        A completed run stopped on purpose after a stage records it as
-        ``completed_through_stage`` (``through_stage``, else the writer's
-        ``until_stage``; LIFE-2); that stage is marked completed.
+        What dead writers of the run appended to stage files and never committed is then
+        salvaged into it as `runfmt.check.repair_run` does (COMMIT-11), so that the finished
+        run's stage files hold only what it lists. A completed run stopped on purpose after
+        a stage records it as ``completed_through_stage`` (``through_stage``, else the
+        writer's ``until_stage``; LIFE-2); that stage is marked completed.
         """
         if status not in ("completed", "failed", "cancelled"):
             raise InvalidInputError(f"finish needs completed, failed or cancelled, not {status!r}")
@@ -1159,7 +1183,13 @@ class RunWriter:
             self._changes.error = error
             self._changes.completed_through_stage = through
             manifest = self.flush()
-            write_sums(self.storage, manifest)
+            if _holds_unlisted(self.storage, manifest):
+                from runfmt.check import repair_run
+
+                repair_run(self.storage, artifacts="leave", writer=self.writer_id)  # + sums
+                manifest = load_manifest(self.storage)
+            else:
+                write_sums(self.storage, manifest)
             self._release()
             return manifest
 
@@ -1199,8 +1229,8 @@ class RunWriter:
     def _stop_if_refused(self, *, finished: bool = True) -> bool:
         """After a refused commit: when the run now is another run with this id (a rerun,
         COMMIT-4) or, with ``finished``, was finished (COMMIT-11), the commit is dropped for
-        good. Undo the stage writes made for it, which no revision lists (a later repair
-        would salvage them), and close. Whether it was so."""
+        good. Undo the stage writes made for it that the newest revision does not list (a later
+        repair would salvage them), and close. Whether it was so."""
         try:
             current = load_manifest(self.storage)
         except (RunfmtError, OSError):
@@ -1208,7 +1238,7 @@ class RunWriter:
         replaced = current.created_at != self.manifest.created_at
         if not (replaced or (finished and current.finished)):
             return False
-        committed = {} if replaced else self.manifest.listed_paths()
+        committed = {} if replaced else current.listed_paths()  # a repair may list more
         unsent = [w._unsent[0].path for w in self._stages.values() if w._unsent is not None]
         for path in [*self._changes.files, *unsent]:
             with contextlib.suppress(RunfmtError, OSError):
@@ -1253,10 +1283,13 @@ class RunWriter:
             except (InvalidInputError, KeyboardInterrupt) as refused:
                 self.__exit__(type(refused), refused, None)
                 raise
+            except BaseException:
+                self._release()  # as a crash would: `repair` or a resume takes it from here
+                raise
             return
         status: RunStatus = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
         try:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.finish(status, error[:MAX_ERROR])
-        except RunfmtError:
+        except Exception:
             self._release()

@@ -145,6 +145,8 @@ def _translate(
         hint = _OPTIONS_HINT if isinstance(exc, TypeError) else ""
         if isinstance(exc, PermissionError):
             hint = "ask for access to it, or run as a user who has it"
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = "free space there, then try again: what was committed is intact"
         if isinstance(exc, ImportError):
             hint = (
                 "install the backend: pip install 'runfmt[s3]'"
@@ -766,8 +768,12 @@ class Storage:
             _write_all(fd, data)
             if durable:
                 os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # a full disk gets its space back
+            raise
+        os.close(fd)
         return tmp
 
 
@@ -781,21 +787,24 @@ class AppendFile:
         self._new = self.size == 0
 
     def write(self, data: bytes) -> None:
-        _write_all(self._fd, data)
+        with _translate(self.path):
+            _write_all(self._fd, data)
         self.size += len(data)
 
     def truncate(self, size: int) -> None:
         """Cut the file back to ``size`` bytes, durably, if it holds more."""
-        if os.fstat(self._fd).st_size > size:
-            os.ftruncate(self._fd, size)
-            os.fsync(self._fd)
+        with _translate(self.path):
+            if os.fstat(self._fd).st_size > size:
+                os.ftruncate(self._fd, size)
+                os.fsync(self._fd)
         self.size = size
 
     def sync(self) -> None:
-        os.fsync(self._fd)
-        if self._new:
-            _fsync_dir(os.path.dirname(self.path))
-            self._new = False
+        with _translate(self.path):
+            os.fsync(self._fd)
+            if self._new:
+                _fsync_dir(os.path.dirname(self.path))
+                self._new = False
 
     def close(self) -> None:
         if self._fd >= 0:

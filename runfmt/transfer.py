@@ -27,6 +27,7 @@ from runfmt.errors import (
     FormatError,
     InvalidInputError,
     RunExistsError,
+    RunfmtError,
     StageFileError,
     StorageError,
     UnsupportedFormatError,
@@ -376,13 +377,16 @@ def import_stage(
         stage_writer = writer.stage(target, record_schema_version=version, key_field=key)
         for _, batch in _stage_batches(found.path):
             stage_writer.extend(batch)
+        if status == "running":
+            writer.close()
+        else:
+            writer.finish(status, error, through_stage=through)  # type: ignore[arg-type]
     except BaseException:
         writer.discard()
+        if previous is None:  # the run this import made: nothing of it stays
+            with contextlib.suppress(RunfmtError, OSError):
+                writer.storage.delete_tree("")
         raise
-    if status == "running":
-        writer.close()
-    else:
-        writer.finish(status, error, through_stage=through)  # type: ignore[arg-type]
     return ImportResult(writer.run_id, {target: found.records})
 
 

@@ -27,6 +27,12 @@ BLOB = bytes(range(256)) * 1000
         ("plot.png", None, "image/png"),
         ("trace.json", None, "application/json"),
         ("notes/readme.md", None, "text/markdown"),
+        ("Plot.PNG", None, "image/png"),
+        ("logs/run.log", None, "text/plain"),
+        ("cfg.yaml", None, "application/yaml"),
+        ("data.tar.gz", None, "application/gzip"),
+        ("preds.jsonl", None, "application/octet-stream"),
+        ("v1.2/weights", None, "application/octet-stream"),
         ("weights.bin", None, "application/octet-stream"),
         ("no-extension", None, "application/octet-stream"),
         ("out.png", "application/x-custom+v1", "application/x-custom+v1"),
@@ -90,6 +96,24 @@ def test_listed_artifact_is_never_overwritten(store: Store) -> None:
         w.add_artifact("a.txt", b"three")
     w.finish()
     assert store.open_run(w.run_id).read_artifact("a.txt") == b"one"
+
+
+@pytest.mark.parametrize("first_commits", [True, False])
+@pytest.mark.parametrize(("first", "second"), [("Report.txt", "report.txt"), ("d/x", "D/x")])
+def test_artifact_names_differing_only_in_case_are_refused(
+    store: Store, first_commits: bool, first: str, second: str
+) -> None:
+    """MAN-7: a case-insensitive filesystem (a USB stick, macOS, Windows) would hold one
+    file for both, and the manifest would be invalid."""
+    w = store.create_run("art", heartbeat_interval=None)
+    w.add_artifact(first, b"one")
+    if first_commits:
+        w.flush()
+    with pytest.raises(ConflictError, match=r"only in case.*\(MAN-7\)"):
+        w.add_artifact(second, b"two")
+    w.finish()
+    assert verify_run(w.storage) == []
+    assert [a.path for a in store.open_run(w.run_id).manifest.artifacts] == [f"artifacts/{first}"]
 
 
 @pytest.mark.parametrize("where", ["store", "memory_store"])

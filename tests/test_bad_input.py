@@ -36,6 +36,7 @@ from runfmt.run import MAX_RECORD_BYTES
 from runfmt.storage import Storage
 from runfmt.store import Store
 from runfmt.transfer import export_run, import_run
+from tests.conformance import builder
 from tests.conformance.builder import skippable
 
 QUIET: dict[str, Any] = {"flush_every": None, "flush_interval": None, "heartbeat_interval": None}
@@ -1150,19 +1151,17 @@ def test_repair_of_a_folder_that_holds_no_run_changes_nothing(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.rglob("*")) == [".tmp-0a1b", "_manifests"]
 
 
-def test_verify_counts_every_key_value_that_breaks_rec_6(store: Store) -> None:
-    """ERR-3: one problem for the file names the first bad key value and how many more."""
-    w = store.create_run("eval", **QUIET)
-    w.stage("score", key_field="key").append({"key": "ok"})
-    w.flush()
-    w.close()
-    run_dir = Path(store.url) / w.run_id
+def test_verify_counts_every_key_value_that_breaks_rec_6(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ERR-3: one problem for the file names the first bad key value and how many more
+    (a run written by a writer that breaks REC-6: no repair salvages such records)."""
+    monkeypatch.setattr(builder, "SUITE", tmp_path)
+    case = builder.Case("invalid", "bad-keys", "", [])
+    case.stage("score", key_field="key")
     bad = [{"key": ""}, {"key": 5}, {"key": "x" * 1025}, {"key": []}, {"key": None}]
-    lines = b"".join(json.dumps(r).encode() + b"\n" for r in bad)
-    f = stage_file(run_dir)
-    f.write_bytes(f.read_bytes() + FrameEncoder().encode(lines))
-    w = store.resume_run(w.run_id, heartbeat_interval=None)
-    w.close()
+    case.file("score", [[{"key": "ok"}, *bad]])
+    run_dir = case.write() / "run"
     problems = [p for p in verify_run(Storage(str(run_dir))) if p.rule == "REC-6"]
     assert [(p.location.rsplit(":", 1)[1], p.problem) for p in problems] == [
         ("2", "key field 'key' holds '', not a string of 1 to 1024 characters (and 3 more records)")

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from runfmt import lifecycle
+from runfmt import run as run_module
 from runfmt.check import repair_run, verify_run
 from runfmt.errors import ConflictError, InvalidInputError, RunExistsError, StorageError
 from runfmt.format import names
@@ -211,6 +212,33 @@ def test_a_refused_commit_leaves_no_bytes_to_salvage_in_a_file_it_had_committed_
     again = store.resume_run(w1.run_id, heartbeat_interval=None)
     assert again.finish().status == "completed"
     assert sorted(r["i"] for r in store.open_run(w1.run_id).records("gen")) == [1, 2]
+
+
+def test_a_refused_writer_keeps_what_a_repair_listed_before_the_run_finished(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-11 with COMMIT-8 on an object store: between storing its object and its
+    commit, a repair listed the writer's object, then another writer finished the run. The
+    refused writer deletes only what the newest revision does not list."""
+    w1 = memory_store.create_run("two", heartbeat_interval=None, flush_interval=None)
+    w1.append("gen", {"i": 1})
+    w1.flush()
+    w2 = memory_store.resume_run(w1.run_id, heartbeat_interval=None, flush_interval=None)
+    w2.append("gen", {"i": 2})
+    run = memory_store.locate(w1.run_id)
+    commit = run_module.commit_locked
+
+    def meanwhile(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(run_module, "commit_locked", commit)
+        assert repair_run(run).salvaged_records == 1
+        w1.finish()
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "commit_locked", meanwhile)
+    with pytest.raises(ConflictError, match="finished"):
+        w2.flush()
+    assert verify_run(run) == []
+    assert sorted(r["i"] for r in memory_store.open_run(w1.run_id).records("gen")) == [1, 2]
 
 
 def test_close_after_a_passing_storage_failure_can_be_called_again(

@@ -357,3 +357,35 @@ def test_ctrl_c_at_random_moments_cancels_a_run_that_verifies(
         assert records == list(range(len(records))), where
         counted = 7 * ((len(records) + 6) // 7)  # interrupted between append and count: 7 less
         assert reader.manifest.counters.get("n", 0) in (counted, counted - 7), where
+
+
+def test_finishing_salvages_what_a_dead_co_writer_left(store: Store) -> None:
+    """COMMIT-11: a second writer of the run died after storing a flush's frames, before
+    committing them; finishing the run salvages them (COMMIT-8), so the finished run's
+    stage files hold exactly what it lists and `SHA256SUMS` covers them."""
+    w1 = store.create_run("two", **WRITER_OPTIONS)
+    w1.extend("gen", [{"v": i} for i in range(10)])
+    w1.flush()
+    code = f"""
+        import os
+        import runfmt.run
+        from runfmt.store import Store
+        w2 = Store({store.url!r}).resume_run({w1.run_id!r}, **{WRITER_OPTIONS!r})
+        w2.extend("gen", [{{"v": 100 + i}} for i in range(5)])
+        runfmt.run.commit_locked = lambda *args, **kwargs: os._exit(9)
+        w2.flush()
+    """
+    died = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False)
+    assert died.returncode == 9
+    w1.extend("gen", [{"v": i} for i in range(10, 20)])
+    done = w1.finish()
+    assert done.status == "completed"
+    run = store.locate(w1.run_id)
+    assert verify_run(run) == []
+    assert run.walk("stages") == {
+        f.path.removeprefix("stages/"): f.bytes for s in done.stages for f in s.files
+    }
+    values = sorted(r["v"] for r in store.open_run(w1.run_id).records("gen"))
+    assert values == [*range(20), *range(100, 105)]
+    sums = (Path(store.url) / w1.run_id / "SHA256SUMS").read_text()
+    assert all(f.path in sums for s in done.stages for f in s.files)

@@ -134,6 +134,24 @@ def test_stage_events_name_the_file_and_the_records_before_a_bad_line() -> None:
     assert info.value.location == "f.jsonl.zst"
 
 
+@settings(max_examples=60)
+@given(junk=st.binary(min_size=1, max_size=64), cut=st.integers(min_value=0))
+def test_decode_gives_every_frame_before_a_malformed_one(junk: bytes, cut: int) -> None:
+    """Salvage (COMMIT-8) keeps the frames before damage fed in the same chunk as them."""
+    data = SMALL + b"\x00" + junk
+    decoder = FrameDecoder()
+    events: list[Header | DataFrame] = []
+
+    def decode_all() -> None:
+        for chunk in (data[: cut % len(data)], data[cut % len(data) :]):
+            events.extend(decoder.decode(chunk))
+        decoder.close()
+
+    with pytest.raises(StageFileError):
+        decode_all()
+    assert events == list(iter_frames(SMALL))
+
+
 def test_every_truncation_off_a_frame_boundary_is_detected() -> None:
     decoder = FrameDecoder()
     whole = decoder.feed(SMALL)

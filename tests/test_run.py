@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,11 @@ from typing import Any
 import pytest
 
 import runfmt
+from runfmt import storage as storage_module
 from runfmt.check import verify_run
 from runfmt.errors import ConflictError, InvalidInputError, ReadOnlyError, StorageError
 from runfmt.format.keys import compute_key
+from runfmt.locking import writer_alive
 from runfmt.store import Store
 
 QUIET: dict[str, Any] = {"flush_interval": None, "heartbeat_interval": None}
@@ -379,3 +382,72 @@ def test_an_append_racing_a_finish_is_refused_not_lost(store: Store) -> None:
     assert [str(e) for e in outcome if e is not None] == [f"{writer.storage.where()}: "
         "this writer is closed (resume the run to write more)"]  # fmt: skip
     assert store.open_run(writer.run_id).stage("gen").records == 0
+
+
+def disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write to a stage file fails as on a full disk."""
+
+    def refuse(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage_module, "_write_all", refuse)
+
+
+def test_a_full_disk_is_a_storage_error_and_a_retry_commits_each_record_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = store.create_run("full", flush_every=2, heartbeat_interval=None)
+    w.append("gen", {"i": 0})
+    with monkeypatch.context() as patched:
+        disk_full(patched)
+        with pytest.raises(StorageError, match="No space left") as info:
+            w.append("gen", {"i": 1})
+    assert "free space there" in info.value.hint
+    assert "do not give them again" in info.value.hint
+    assert "/stages/gen/part-000001-" in info.value.location
+    assert stage_files(store, w.run_id) == [], "the new file holds nothing: it was removed"
+    w.finish()
+    assert [r["i"] for r in store.open_run(w.run_id).records("gen")] == [0, 1]
+    assert verify_run(w.storage) == []
+
+
+def test_a_with_block_whose_finish_fails_releases_its_writer(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that cannot finish stops as a crashed one would: no heartbeat, no lock."""
+    w = store.create_run("full", heartbeat_interval=1)
+
+    def write_in_a_with_block() -> None:
+        with w:
+            w.append("gen", {"i": 0})
+
+    with monkeypatch.context() as patched:
+        disk_full(patched)
+        with pytest.raises(StorageError):
+            write_in_a_with_block()
+    assert not writer_alive(w.storage, w.writer_id)
+    revision = w.storage.walk("_manifests")
+    time.sleep(1.5)
+    assert w.storage.walk("_manifests") == revision, "no heartbeat commits any more"
+    again = store.resume_run(w.run_id, heartbeat_interval=None)
+    again.append("gen", {"i": 1})
+    again.finish()
+    assert [r["i"] for r in store.open_run(w.run_id).records("gen")] == [1]
+    assert verify_run(w.storage) == []
+
+
+def test_a_write_that_fails_leaves_no_temporary_file(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = store.create_run("full", heartbeat_interval=None)
+    with monkeypatch.context() as patched:
+        disk_full(patched)
+        with pytest.raises(StorageError, match="No space left"):
+            w.add_artifact("a.bin", b"x" * 1000)
+        w.tag(t="1")
+        with pytest.raises(StorageError, match="No space left"):
+            w.flush()
+    w.finish()
+    run = Path(store.url) / w.run_id
+    assert [p.name for p in run.rglob(".tmp-*")] == []
+    assert verify_run(w.storage) == []

@@ -24,9 +24,11 @@ from runfmt.errors import (
     ManifestError,
     RunExistsError,
     StageFileError,
+    StorageError,
     UnsupportedFormatError,
 )
 from runfmt.format.frames import PREFIX, encode_header, iter_frames
+from runfmt.storage import AppendFile
 from runfmt.store import Store
 from runfmt.transfer import export_run, export_stage, import_run, import_stage, read_stage_file
 from tests.conformance import builder
@@ -571,3 +573,20 @@ def test_an_archived_record_the_writer_refuses_is_named_in_its_file(
         import_run(other, archive)
     assert info.value.location.endswith(path)
     assert other.run_ids() == []
+
+
+def test_a_stage_import_that_fails_midway_leaves_no_run(
+    store: Store, source: str, other: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while the records are written: the run the import made is removed."""
+    path = tmp_path / "score.jsonl.zst"
+    export_stage(store.open_run(source), "score", path)
+
+    def refuse(self: AppendFile, data: bytes) -> None:
+        raise StorageError("No space left on device", location=self.path)
+
+    monkeypatch.setattr(AppendFile, "write", refuse)
+    with pytest.raises(StorageError, match="No space left"):
+        import_stage(other, path, name="copied")
+    assert other.run_ids() == []
+    assert [p.name for p in Path(other.url).iterdir() if not p.name.startswith(".")] == []

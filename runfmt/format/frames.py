@@ -184,11 +184,16 @@ class FrameDecoder:
         """Offset just past the last complete frame (where a torn tail begins)."""
 
     def feed(self, chunk: bytes) -> list[Header | DataFrame]:
+        return list(self.decode(chunk))
+
+    def decode(self, chunk: bytes) -> Iterator[Header | DataFrame]:
+        """`feed` as a generator: each event comes out as soon as it is decoded, so the
+        frames before a malformed one are seen before its error (salvage keeps them)."""
         self._buf += chunk
         events: list[Header | DataFrame] = []
         while self._step(events):
-            pass
-        return events
+            yield from events
+            events.clear()
 
     def close(self) -> None:
         """Check that the input ended on a frame boundary, after the header."""

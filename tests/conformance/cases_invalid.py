@@ -720,6 +720,18 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "uncommitted-frame-then-zeros",
+            "After the last commit, a whole frame and then 4096 zero bytes (what a power "
+            "loss can leave): repair salvages the frame and cuts the zeros.",
+            ["COMMIT-8"],
+        ),
+        repairable=True,
+    )
+    path = c.doc["stages"][0]["files"][0]["path"]
+    c.files[path] += data_frame([GEN[2]]) + bytes(4096)
+    c = add(
+        running(
+            "invalid",
             "unlisted-stage-file",
             "A stage file that no revision lists (a "
             "crash before its first commit): repair salvages its complete frames.",
@@ -751,6 +763,41 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         header={"run_created_at": "2026-10-01T08:00:00.000000Z"},
     )
     c.doc["stages"][0]["files"] = [listed]
+    c = add(
+        running(
+            "invalid",
+            "unlisted-files-declare-a-stage-two-ways",
+            "Two stage files of a stage no revision declares, whose headers declare it "
+            "differently: repair declares it from the first file by writer id and salvages "
+            "it, and removes the other, which does not match that declaration.",
+            ["COMMIT-8", "LAYOUT-4", "FRAME-2"],
+        ),
+        repairable=True,
+    )
+    c.stage("extra", key_field="key", status="running")
+    c.file("extra", [[{"key": "k1:b"}]], writer="b0b0b0b0")
+    c.file(
+        "extra",
+        [[{"n": 1}, {"n": 2}]],
+        writer="a0a0a0a0",
+        header={"record_schema_version": "2", "key_field": None},
+    )
+    c.doc["stages"].pop()
+    c = add(
+        running(
+            "invalid",
+            "uncommitted-frame-with-a-bad-key",
+            "After the last commit, a frame holding a record whose key field is an empty "
+            "string, which no writer may write: repair salvages the frame before it and cuts "
+            "the rest.",
+            ["COMMIT-8", "REC-6"],
+        ),
+        repairable=True,
+    )
+    path = c.doc["stages"][0]["files"][0]["path"]
+    c.files[path] += (
+        data_frame([GEN[2]]) + data_frame([{"key": ""}]) + data_frame([{"key": "k1:q5"}])
+    )
     c = add(
         running(
             "invalid",
