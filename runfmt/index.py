@@ -85,7 +85,8 @@ _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph",
      "glusterfs", "lustre", "gpfs", "beegfs", "davfs", "sshfs", "fuse"}
 )  # fmt: skip
-_CORRUPT_CODES = frozenset({10, 11, 26})  # SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB
+_SQLITE_IOERR, _SQLITE_FULL = 10, 13
+_CORRUPT_CODES = frozenset({_SQLITE_IOERR, 11, 26})  # and SQLITE_CORRUPT, SQLITE_NOTADB
 _JOURNALS = ("-wal", "-shm", "-journal")
 _DAMAGE = ("no such table", "no such column", "has no column named", "Could not decode")
 """What SQLite says of a file whose tables or text a process other than runfmt changed."""
@@ -421,7 +422,7 @@ class Index:
             try:
                 problem = self._prepare(con)
             except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
-                if not _is_corrupt(exc):
+                if not _is_corrupt(exc) or _out_of_space(exc, self.path):
                     con.close()
                     raise
                 problem = f"is corrupt ({exc})"
@@ -548,6 +549,12 @@ class Index:
         opened again) or is corrupt (it is discarded first)."""
         if self._moved():
             self.close()
+            raise _Retry from None
+        if _out_of_space(exc, self.path):
+            log_warning("runfmt: no space left to keep the index at %s (%s); indexing in memory",
+                        self.path, exc)  # fmt: skip
+            self.close()
+            self.path = ":memory:"
             raise _Retry from None
         if not _is_corrupt(exc):
             raise _translate(exc, self.path) from exc
@@ -1021,6 +1028,23 @@ def _translate(exc: Exception, path: str) -> RunfmtError:
                                 hint="retry, or raise the index timeout")  # fmt: skip
     return StorageError(f"the index failed: {exc}", location=path,
                         hint="delete the index file; it is rebuilt from the store")  # fmt: skip
+
+
+def _out_of_space(exc: Exception, path: str) -> bool:
+    """Whether ``exc`` is SQLite failing to grow the index file ``path``: "database or disk
+    is full", or an I/O error while its filesystem has under a megabyte left."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None or path == ":memory:":
+        return False
+    if code & 0xFF == _SQLITE_FULL:
+        return True
+    if code & 0xFF != _SQLITE_IOERR:
+        return False
+    try:
+        fs = os.statvfs(os.path.dirname(path))
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+    return fs.f_bavail * fs.f_frsize < 1 << 20
 
 
 def _is_corrupt(exc: Exception) -> bool:

@@ -462,6 +462,37 @@ def test_a_damaged_index_never_fails_a_run_that_uses_the_cache(store: Store) -> 
     assert Store(store.url).open_run(second.run_id).manifest.status == "completed"
 
 
+def test_an_index_that_cannot_grow_is_kept_in_memory_not_discarded(
+    store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: the index file stays as it is (it is not damaged), lists and lookups
+    answer from an index in memory, with a warning."""
+    first = write_run(store, "a")
+    Store(store.url).index.refresh()
+    later = [write_run(store, f"b{i}") for i in range(20)]
+    prepare = Index._prepare
+
+    def full(self: Index, con: sqlite3.Connection) -> str | None:
+        problem = prepare(self, con)
+        if self.path != ":memory:":
+            pages = con.execute("PRAGMA page_count").fetchone()[0]
+            con.execute(f"PRAGMA max_page_count={pages}")
+        return problem
+
+    monkeypatch.setattr(Index, "_prepare", full)
+    with caplog.at_level(logging.WARNING, logger="runfmt.index"):
+        found = Store(store.url).index.runs()
+    assert sorted(r.run_id for r in found) == sorted([first, *later])
+    assert "no space left to keep the index" in caplog.text
+    con = sqlite3.connect(index_path(store))
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert (first,) in con.execute("SELECT run_id FROM runs").fetchall()
+    finally:
+        con.close()
+    assert Store(store.url).cache.get("score", "b2-0") is not None
+
+
 def test_an_index_path_that_is_a_folder_is_indexed_in_memory(
     store: Store,
     caplog: pytest.LogCaptureFixture,

@@ -60,6 +60,21 @@ def test_index_example_runs_after_the_demo(
     assert run_id in out
 
 
+def test_compare_example_runs_after_two_demos(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RUNFMT_STORE", raising=False)
+    for seed in ("1", "2"):
+        assert CliRunner().invoke(app, ["demo", "--seed", seed]).exit_code == 0
+    section = _section("Inspect, compare and manage runs")
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    n, *_ = capsys.readouterr().out.split()
+    assert int(n) > 0
+
+
 def _commands(group: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
     """Every command below ``group`` (typer's own click), by its words."""
     ctx = group.context_class(group)

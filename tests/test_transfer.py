@@ -113,8 +113,10 @@ def test_plain_jsonl_needs_a_stage_and_may_name_a_key(
     path = tmp_path / "in.jsonl"
     path.write_text('{"k": "a", "v": 1}\n\n{"k": "b", "v": 2}\n')
     code, _, err = cli(store, "import", str(path))
-    assert code == 1
+    assert code == 2, "bad usage"
     assert "plain JSON Lines name no stage" in err
+    with pytest.raises(InvalidInputError, match="plain JSON Lines name no stage"):
+        import_stage(store, path)
     code, out, _ = cli(store, "import", str(path), "--stage", "s", "--key-field", "k", "--json")
     assert code == 0
     run = store.open_run(json.loads(out)["run_id"])

@@ -460,7 +460,9 @@ IMPORT_LOCK_WAIT = 30.0
 @app.command("import")
 def import_(
     ctx: typer.Context,
-    file: Annotated[str, typer.Argument(help="A run archive (.tar) or a stage file.")],
+    file: Annotated[
+        str, typer.Argument(help="A run archive (.tar, .tar.gz, .tgz) or a stage file.")
+    ],
     run_id: Annotated[
         str | None, typer.Option("--run-id", help="Archive: import under this run id.")
     ] = None,
@@ -503,6 +505,8 @@ def import_(
         fail("--run-id is for run archives (.tar)", 2)
     if into and name:
         fail("--into appends to an existing run; --name names a new one: give one", 2)
+    if file.endswith(".jsonl") and stage is None:
+        fail(f"{file}: plain JSON Lines name no stage: give --stage", 2)
     store = state(ctx).store()
     if into is not None:
         target = store.locate(into)

@@ -72,7 +72,7 @@ def canonical_json(value: Any) -> bytes:
     except (rfc8785.CanonicalizationError, TypeError, UnicodeEncodeError) as exc:
         raise InvalidInputError(
             f"value has no canonical JSON form: {exc}",
-            hint="keys take JSON values only: no NaN/Infinity, integers within ±2^53, "
+            hint="keys take JSON values only: no NaN/Infinity, integers within ±(2^53-1), "
             "string member names",
         ) from None
 
