@@ -285,6 +285,8 @@ def test_an_update_interrupted_before_its_revision_leaves_no_stale_sums(
     dst_run = Store(dst_url).locate(run_id)
     assert not dst_run.exists(names.SUMS_FILE)
     assert {p.rule for p in verify_run(dst_run)} == {"LAYOUT-4"}  # the files copied so far
+    shown = CliRunner().invoke(app, ["verify", dst_run.where()])
+    assert "run that sync again instead" in shown.stdout
     monkeypatch.setattr(Storage, "create_exclusive", create)
     assert sync(src.url, dst_url).ok
     assert verify_run(dst_run) == []

@@ -253,6 +253,10 @@ def _unchecked_json(
     }
 
 
+_LEFT_BY_SYNC = frozenset({"LAYOUT-4", "COMMIT-7", "CHECK-3"})
+"""What a sync stopped before its revision's `manifest.json` leaves (SYNC-5)."""
+
+
 def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str]) -> None:
     """The problems of a run, and its verdict line; ``live``: ids of its live writers."""
     from runfmt.check import ANY_WRITER
@@ -275,6 +279,8 @@ def _print_verdict(run: "Storage", problems: "Sequence[Problem]", live: list[str
         echo(f"{_full_location(run, p.location)}: {p.problem}{rule}")
     fixable = sum(p.repairable for p in problems)
     hint = f"; `runfmt repair {shlex.quote(run.where())}` fixes {fixable}" if fixable else ""
+    if fixable and {p.rule for p in problems} <= _LEFT_BY_SYNC:
+        hint += " (if an interrupted `runfmt sync` made this copy, run that sync again instead)"
     echo(f"FAIL  {label}: {_count(len(problems), 'problem')}{hint}{note}")
 
 
