@@ -337,7 +337,8 @@ def test_cli_cache_miss_exits_1(
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 1
-    assert "no run has a keyed stage 'scroe' (keyed stages: 'score')" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no run the index could read has a keyed stage 'scroe' (keyed stages: 'score';" in err
 
     argv = ["runfmt", "--store", store.url, "cache", "get", "score", "a"]
     monkeypatch.setattr(sys, "argv", [*argv, "--record-schema-version", "2"])

@@ -579,6 +579,21 @@ def test_verify_of_an_empty_store(tmp_path: Path) -> None:
     assert result.stdout.startswith("no runs in ")
 
 
+def test_store_wide_verify_names_a_run_copied_in_under_another_name(
+    copied: tuple[Path, str],
+) -> None:
+    """LAYOUT-1: a store lists only folders named as run ids; a copy renamed by hand is
+    named, with what to do, instead of passing unseen."""
+    root, run_id = copied
+    shutil.copytree(root / run_id, root / "My copy")
+    result = invoke(root, "verify")
+    assert result.exit_code == 0, result.output
+    assert (
+        "skip  My copy: holds a run, but a store lists only folders named as run ids "
+        "(LAYOUT-1): rename it to its run id" in result.stdout.splitlines()
+    )
+
+
 def test_store_wide_verify_skips_folders_that_hold_no_run(
     copied: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -172,11 +172,12 @@ def cache_get(
             )
         elif stage not in stages:
             known = (
-                f"; no run has a keyed stage {stage!r} (keyed stages: "
-                f"{', '.join(map(repr, stages)) or 'none'})"
+                f"; no run the index could read has a keyed stage {stage!r} (keyed stages: "
+                f"{', '.join(map(repr, stages)) or 'none'}; `runfmt status` shows unreadable "
+                "runs)"
             )
         else:
-            known = " that is not a failure (a failure record is never a hit, REC-5)"
+            known = " (a failure record, or one whose key field is not that key, is no hit)"
         fail(f"no committed record with key {key!r} in stage {stage!r}{known}")
     if json_:
         print_json(hit.to_json())

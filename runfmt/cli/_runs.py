@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from runfmt.format.validate import Problem
     from runfmt.run import RunReader
     from runfmt.storage import Storage
+    from runfmt.store import Store
 
 
 @app.command()
@@ -206,6 +207,8 @@ def verify(
         except RunfmtError as exc:  # a folder this user may not read, a backend failure
             unchecked.append(_error_json(run_id, exc))
             sys.stderr.write(f"runfmt: error: {printable(str(exc))}\n")
+    if not (runs or missing_store):
+        skipped += _misnamed_runs(store)
     bad = [(run, problems) for run, problems, _ in found if problems]
     if json_:
         print_json([_problem_json(run, p) for run, problems in bad for p in problems] + unchecked)
@@ -251,6 +254,24 @@ def _unchecked_json(
         "rule": rule,
         "repairable": False,
     }
+
+
+def _misnamed_runs(store: "Store") -> list[str]:
+    """A skip line for each folder of the store that holds a run but is not named as a run
+    id, so that the store does not list it (LAYOUT-1): a copy renamed by hand."""
+    from runfmt.format import names
+
+    lines = []
+    for entry in store.storage.list():
+        if not entry.is_dir or entry.name.startswith(".") or names.is_run_id(entry.name):
+            continue
+        folder = store.storage.child(entry.name)
+        if folder.exists(names.MANIFESTS_DIR) or folder.exists(names.MANIFEST_FILE):
+            lines.append(
+                f"skip  {printable(entry.name)}: holds a run, but a store lists only folders "
+                "named as run ids (LAYOUT-1): rename it to its run id"
+            )
+    return lines
 
 
 _LEFT_BY_SYNC = frozenset({"LAYOUT-4", "COMMIT-7", "CHECK-3"})
