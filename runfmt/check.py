@@ -169,14 +169,15 @@ def _problems(
     short = _cut_short(run, manifest, files)
     if short and not live and all(p.repairable or p.location in short for p in problems):
         whole = _whole_revision(run, manifest, files, links, short)
-        if whole is not None:
-            went_back = (
-                f"`repair --rollback` goes back to revision {whole.revision}, the "
-                "newest the folder holds whole, if this is a copy taken while the "
-                "run was written (COMMIT-13)"
-            )
-            problems = [replace(p, problem=f"{p.problem}; {went_back}") if p.location in short
-                        else p for p in problems]  # fmt: skip
+        went_back = (
+            "if this is a copy cut short, copy the run again from its source: no revision "
+            "this folder keeps is whole"
+            if whole is None
+            else f"`repair --rollback` goes back to revision {whole.revision}, the newest the "
+            "folder holds whole, if this is a copy taken while the run was written (COMMIT-13)"
+        )
+        problems = [replace(p, problem=f"{p.problem}; {went_back}") if p.location in short
+                    else p for p in problems]  # fmt: skip
     return problems
 
 

@@ -158,6 +158,23 @@ def test_a_copy_taken_while_the_run_was_written_goes_back_to_a_whole_revision(
     assert _keys(src, "score")[: len(RECORDS)] == [r["id"] for r in RECORDS]
 
 
+def test_a_copy_cut_short_with_no_whole_revision_says_to_copy_again(
+    store: Store, tmp_path: Path
+) -> None:
+    """COMMIT-13 with the run's early revisions pruned (COMMIT-9): none is whole."""
+    w = store.create_run("cut", **QUIET)
+    for record in RECORDS[:40]:
+        w.append("score", record)
+        w.flush()
+    w.finish()
+    dst = tmp_path / "copy"
+    shutil.copytree(Path(store.url) / w.run_id, dst)
+    part = next((dst / "stages" / "score").iterdir())
+    part.write_bytes(part.read_bytes()[:100])
+    [problem] = [p for p in verify_run(Storage(str(dst))) if p.rule == "CHECK-1"]
+    assert "copy the run again from its source" in problem.problem
+
+
 def test_a_damaged_file_keeps_repair_from_going_back(store: Store, tmp_path: Path) -> None:
     """COMMIT-13 is for files cut short only: a listed file whose bytes were changed is
     damage, and repair then changes nothing (it would cut that file's later frames)."""
