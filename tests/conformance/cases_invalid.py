@@ -786,6 +786,36 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "unlisted-files-of-two-undeclared-stages",
+            "Stage files of two stages no revision declares, each by one writer, two files "
+            "of one stage numbered 999999 and 1000000: repair declares the stages in name "
+            "order and lists the files by sequence number as an integer.",
+            ["COMMIT-8", "LAYOUT-4", "MAN-8"],
+        ),
+        repairable=True,
+    )
+    c.stage("zeta", status="running")
+    c.stage("alpha", key_field="key", status="running")
+    c.file("zeta", [[{"z": 1}]], writer="c0c0c0c0")
+    c.file("alpha", [[{"key": "k1:second"}]], seq=1000000, writer="c0c0c0c0")
+    c.file("alpha", [[{"key": "k1:first"}]], seq=999999, writer="c0c0c0c0")
+    del c.doc["stages"][1:]
+    c = add(
+        running(
+            "invalid",
+            "unlisted-artifacts",
+            "Artifacts no revision lists, left by a writer that died: repair lists them by "
+            "path, each with the media type ART-1's table gives its name.",
+            ["COMMIT-8", "ART-1", "LAYOUT-4"],
+        ),
+        repairable=True,
+    )
+    for name in ("z/plot.PNG", "b.tar.gz", "a.yml", "c.jsonl"):
+        c.artifact(name, name.encode())
+    c.doc["artifacts"] = []
+    c = add(
+        running(
+            "invalid",
             "uncommitted-frame-with-a-bad-key",
             "After the last commit, a frame holding a record whose key field is an empty "
             "string, which no writer may write: repair salvages the frame before it and cuts "
