@@ -556,7 +556,11 @@ class StageWriter:
             self._records += 1
             if record.get(ERROR_FIELD) is not None:
                 self._pending_failures += 1
-            self._run._appended()
+            try:
+                self._run._appended()
+            except RunfmtError as exc:
+                _say_taken(exc, self._run, "this record: do not append it again")
+                raise
 
     def extend(self, records: Iterable[Mapping[str, Any]]) -> None:
         """`append` each record, encoding up to a flush's worth at a time at C speed.
@@ -596,7 +600,11 @@ class StageWriter:
                     self._chunks.append(lines)
                     self._records += len(batch)
                     self._pending_failures += len(errors) - errors.count(None)
-                    self._run._appended(len(batch))
+                    try:
+                        self._run._appended(len(batch))
+                    except RunfmtError as exc:
+                        _say_taken(exc, self._run, _first(taken + len(batch)))
+                        raise
             taken += len(batch)
 
     def _append_each(self, batch: list[Mapping[str, Any]], first: int) -> None:
@@ -609,6 +617,9 @@ class StageWriter:
                     f"record {i} given to extend (counted from 0; the records before it "
                     f"were appended): {exc.problem}"
                 )
+                raise
+            except RunfmtError as exc:
+                _say_taken(exc, self._run, _first(i + 1))
                 raise
 
     def complete(self) -> None:
@@ -680,7 +691,10 @@ class StageWriter:
             f.handle.sync()
         except BaseException:
             with contextlib.suppress(RunfmtError, OSError):
-                f.handle.truncate(f.size)  # part of a frame may have been written
+                if f.records:
+                    f.handle.truncate(f.size)  # part of a frame may have been written
+                else:
+                    storage.delete(f.path)  # new: it holds no record a revision could list
             self._abandon()
             raise
         f.digest.update(data)
@@ -733,6 +747,30 @@ class StageWriter:
         if self._open is not None:
             self._open.handle.close()
         self._open = None
+
+
+_TAKEN = "the next flush commits "
+_STOPPED = (
+    "the writer stopped, committing nothing given since its last commit: resume the run "
+    "(what reached the disk is salvaged) and give the rest again"
+)
+
+
+def _first(n: int) -> str:
+    first = "the first record" if n == 1 else f"the first {n} records"
+    return f"{first} given to extend: give it the rest, from record {n} (counted from 0)"
+
+
+def _say_taken(exc: RunfmtError, run: RunWriter, what: str) -> None:
+    """After the flush that an append triggered failed: say in ``exc``'s hint what the call
+    took, which the next flush commits, unless the flush stopped the writer."""
+    if not run._closed:
+        exc.hint = "; ".join(filter(None, [_untaken(exc.hint), _TAKEN + what]))
+
+
+def _untaken(hint: str) -> str:
+    """``hint`` without what `_say_taken` added."""
+    return "" if hint.startswith(_TAKEN) else hint.split("; " + _TAKEN, 1)[0]
 
 
 def _holds_unlisted(run: Storage, manifest: Manifest) -> bool:
@@ -1067,13 +1105,7 @@ class RunWriter:
             self.flush_interval is not None
             and time.monotonic() - self._last_flush >= self.flush_interval
         ):
-            try:
-                self.flush()
-            except RunfmtError as exc:
-                if not self._closed:
-                    taken = "the records given were taken: the next flush commits them, so do "
-                    exc.hint = f"{exc.hint}; {taken}not give them again".lstrip("; ")
-                raise
+            self.flush()
 
     def flush(self) -> Manifest:
         """Write buffered records and commit a new revision (if anything changed).
@@ -1293,3 +1325,5 @@ class RunWriter:
             self.finish(status, error[:MAX_ERROR])
         except Exception:
             self._release()
+            if isinstance(exc, RunfmtError) and _TAKEN in exc.hint:
+                exc.hint = "; ".join(filter(None, [_untaken(exc.hint), _STOPPED]))

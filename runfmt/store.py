@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -205,7 +206,8 @@ class Store:
         if exists or not create_revision(run, 1, data):
             raise RunExistsError("a run with this id exists", location=run.where(),
                                  hint="choose another run_id, or resume the run")  # fmt: skip
-        write_manifest_copy(run, data, finished=False)
+        with contextlib.suppress(StorageError):  # a copy: the next commit writes it again
+            write_manifest_copy(run, data, finished=False)
         return RunWriter(run, manifest, **writer_options)
 
     def open_run(self, run: str | os.PathLike[str]) -> RunReader:

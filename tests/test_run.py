@@ -403,7 +403,7 @@ def test_a_full_disk_is_a_storage_error_and_a_retry_commits_each_record_once(
         with pytest.raises(StorageError, match="No space left") as info:
             w.append("gen", {"i": 1})
     assert "free space there" in info.value.hint
-    assert "do not give them again" in info.value.hint
+    assert "the next flush commits this record: do not append it again" in info.value.hint
     assert "/stages/gen/part-000001-" in info.value.location
     assert stage_files(store, w.run_id) == [], "the new file holds nothing: it was removed"
     w.finish()
@@ -450,4 +450,92 @@ def test_a_write_that_fails_leaves_no_temporary_file(
     w.finish()
     run = Path(store.url) / w.run_id
     assert [p.name for p in run.rglob(".tmp-*")] == []
+    assert verify_run(w.storage) == []
+
+
+def test_an_extend_whose_flush_fails_says_how_many_records_it_took(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = store.create_run("full", flush_every=3, heartbeat_interval=None)
+    w.extend("gen", [{"i": i} for i in range(2)])
+    with monkeypatch.context() as patched:
+        disk_full(patched)
+        with pytest.raises(StorageError) as info:
+            w.extend("gen", [{"i": i} for i in range(2, 10)])
+        assert "the first record given to extend: give it the rest, from record 1" in (
+            info.value.hint
+        )
+        parent = [{"stage": "gen", "key": "x"}]
+        with pytest.raises(StorageError) as info:
+            w.extend("gen", [{"i": i, "_parents": parent} for i in range(3, 7)])
+        assert "the first 3 records given to extend: give it the rest, from record 3" in (
+            info.value.hint
+        )
+    w.extend("gen", [{"i": i} for i in range(6, 10)])
+    w.finish()
+    assert [r["i"] for r in store.open_run(w.run_id).records("gen")] == list(range(10))
+    assert verify_run(w.storage) == []
+
+
+def test_a_failed_write_to_a_new_file_leaves_no_file_and_the_retry_verifies(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header fits, the records do not: the file holding only its header goes."""
+    w = store.create_run("full", heartbeat_interval=None)
+    w.append("gen", {"i": 0})
+    write = storage_module._write_all
+    calls: list[int] = []
+
+    def header_only(fd: int, data: bytes) -> None:
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(fd, data)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(storage_module, "_write_all", header_only)
+        with pytest.raises(StorageError):
+            w.flush()
+    assert stage_files(store, w.run_id) == []
+    w.finish()
+    assert verify_run(w.storage) == []
+    assert [r["i"] for r in store.open_run(w.run_id).records("gen")] == [0]
+
+
+def test_a_with_block_that_stops_its_writer_says_the_records_were_not_taken(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = store.create_run("full", flush_every=1, heartbeat_interval=None)
+
+    def write_in_a_with_block() -> None:
+        with w:
+            w.append("gen", {"i": 0})
+
+    with monkeypatch.context() as patched:
+        disk_full(patched)
+        with pytest.raises(StorageError) as info:
+            write_in_a_with_block()
+    assert "do not append it again" not in info.value.hint
+    assert "the writer stopped" in info.value.hint
+    assert "free space there" in info.value.hint
+
+
+def test_a_run_whose_manifest_copy_cannot_be_written_is_still_created(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-7: `manifest.json` is a copy; once revision 1 exists the run does, and the
+    caller gets its writer, whose next commit writes the copy."""
+    write_atomic = storage_module.Storage.write_atomic
+
+    def full(self: storage_module.Storage, rel: str, data: bytes, **kwargs: Any) -> None:
+        if rel == "manifest.json":
+            raise StorageError("No space left on device", location=self.where(rel))
+        write_atomic(self, rel, data, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(storage_module.Storage, "write_atomic", full)
+        w = store.create_run("full", heartbeat_interval=None)
+    assert not (Path(store.url) / w.run_id / "manifest.json").exists()
+    w.append("gen", {"i": 0})
+    w.finish()
     assert verify_run(w.storage) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from runfmt import transfer
 from runfmt.check import verify_run
 from runfmt.errors import (
     ChecksumMismatchError,
@@ -469,6 +471,19 @@ def test_cli_export_replaces_an_existing_file_only_with_force(
     code, _, _ = cli(store, "export", source, str(out), "--force")
     assert code == 0
     assert tarfile.is_tarfile(out)
+
+
+def test_cli_export_onto_a_full_disk_names_the_file_and_what_to_do(
+    store: Store, source: str, tmp_path: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(transfer, "export_run", full)
+    out = tmp_path / "run.tar"
+    code, _, err = cli(store, "export", source, str(out))
+    assert code == 1
+    assert f"{out}: cannot write: No space left on device (in {tmp_path}); free space" in err
 
 
 def test_conflicting_declaration_is_refused_before_the_run_changes(

@@ -4,6 +4,7 @@ RUN is a run id in the store or the path of a run folder. Heavy modules are
 imported inside the commands.
 """
 
+import errno
 import json
 import math
 import os
@@ -447,10 +448,10 @@ def export(
         else:
             count = export_stage(reader, stage, output)
             sys.stderr.write(f"exported {count} records of {reader.run_id}/{stage} to {output}\n")
-    except OSError as exc:
-        if not os.path.basename(str(exc.filename or "")).startswith(".tmp-"):
-            raise
-        fail(f"{output}: cannot write: {exc.strerror or exc} (in {folder})")
+    except OSError as exc:  # the run is read through storage: its errors are RunfmtErrors
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        fail(f"{output}: cannot write: {exc.strerror or exc} (in {folder})"
+             + ("; free space there, then export again" if full else ""))  # fmt: skip
 
 
 IMPORT_LOCK_WAIT = 30.0
