@@ -35,7 +35,7 @@ from runfmt.format.manifest import (
     check_counter,
     decode_manifest,
     encode_manifest,
-    parse_timestamp,
+    same_instant,
 )
 from runfmt.format.media import guess_media_type
 from runfmt.format.records import decode_lines, first_too_deep, is_failure, is_key
@@ -786,7 +786,7 @@ def _written_for_another_run(header: Mapping[str, object], born: str) -> bool:
     """Whether a valid stage header's ``run_created_at`` names another instant than
     ``born`` (COMMIT-8); timestamps with other fraction digits can name the same one."""
     stamp = header.get("run_created_at")
-    return isinstance(stamp, str) and parse_timestamp(stamp) != parse_timestamp(born)
+    return isinstance(stamp, str) and not same_instant(stamp, born)
 
 
 def _repair_file(

@@ -1185,9 +1185,10 @@ class RunWriter:
     ) -> Manifest:
         """Commit what is buffered, set the final status, write ``SHA256SUMS`` and close.
 
-        What dead writers of the run appended to stage files and never committed is then
-        salvaged into it as `runfmt.check.repair_run` does (COMMIT-11), so that the finished
-        run's stage files hold only what it lists. A completed run stopped on purpose after
+        Where a commit lock tells live writers from dead ones (local disk), what dead
+        writers of the run appended to stage files and never committed is then salvaged
+        into it as `runfmt.check.repair_run` does (COMMIT-11), so that the finished run's
+        stage files hold only what it lists. A completed run stopped on purpose after
         a stage records it as ``completed_through_stage`` (``through_stage``, else the
         writer's ``until_stage``; LIFE-2); that stage is marked completed.
         """
@@ -1215,7 +1216,7 @@ class RunWriter:
             self._changes.error = error
             self._changes.completed_through_stage = through
             manifest = self.flush()
-            if _holds_unlisted(self.storage, manifest):
+            if self.storage.is_local and _holds_unlisted(self.storage, manifest):
                 from runfmt.check import repair_run
 
                 repair_run(self.storage, artifacts="leave", writer=self.writer_id)  # + sums
@@ -1272,7 +1273,7 @@ class RunWriter:
             return False
         committed = {} if replaced else current.listed_paths()  # a repair may list more
         unsent = [w._unsent[0].path for w in self._stages.values() if w._unsent is not None]
-        for path in [*self._changes.files, *unsent]:
+        for path in [*self._changes.files, *unsent, *self._changes.artifacts]:
             with contextlib.suppress(RunfmtError, OSError):
                 if committed.get(path) and self.storage.is_local:
                     self.storage.truncate(path, committed[path])

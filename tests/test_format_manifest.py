@@ -27,6 +27,7 @@ from runfmt.format.manifest import (
     decode_manifest,
     encode_manifest,
     later_version,
+    same_instant,
     to_json,
 )
 
@@ -563,3 +564,19 @@ def test_validated_bytes_are_remembered_safely_across_threads(
         sys.setswitchinterval(interval)
     assert failures == []
     assert len(manifest_module._VALID) <= 16
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("2026-11-22T20:00:52Z", "2026-11-22T20:00:52.000000000Z", True),
+        ("2026-11-22T20:00:52.5Z", "2026-11-22T20:00:52.500Z", True),
+        ("2026-11-22T20:00:52.5021537Z", "2026-11-22T20:00:52.502153Z", False),
+        ("2026-11-22T20:00:52.502153700Z", "2026-11-22T20:00:52.5021537Z", True),
+        ("2026-11-22T20:00:52.000000001Z", "2026-11-22T20:00:52Z", False),
+    ],
+)
+def test_same_instant_compares_timestamps_to_the_nanosecond(a: str, b: str, same: bool) -> None:
+    """COMMIT-8: a header's run_created_at names the run's created_at as times, not text."""
+    assert same_instant(a, b) is same
+    assert same_instant(b, a) is same

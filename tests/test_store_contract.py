@@ -180,6 +180,44 @@ class TestStoreContract:
         assert being_written_by(storage) == []
         assert [p.rule for p in verify_run(storage)] == ["LAYOUT-4"]
 
+    def test_finishing_salvages_a_co_writers_uncommitted_data_only_where_locks_tell(
+        self, shared_store: Store, flush_without_commit: Callable[[RunWriter], None]
+    ) -> None:
+        """COMMIT-11: on local disk a writer whose lock is free is dead, and finishing
+        salvages its stage files; elsewhere it may be alive (STORE-3) and its commit would
+        then be refused with its records committed: they are left, for a later repair."""
+        w1 = shared_store.create_run("two", flush_every=None, flush_interval=None)
+        w1.extend("gen", _records(2))
+        w1.flush()
+        w2 = shared_store.resume_run(w1.run_id, flush_every=None, flush_interval=None)
+        w2.extend("gen", _records(3, 100))
+        flush_without_commit(w2)
+        w2.discard()  # on local disk its lock goes, as when its process dies
+        done = w1.finish()
+        storage = shared_store.locate(w1.run_id)
+        if storage.is_local:
+            assert done.stage("gen").records == 5
+            assert verify_run(storage) == []
+        else:
+            assert done.stage("gen").records == 2
+            assert [p.rule for p in verify_run(storage)] == ["LAYOUT-4"]
+
+    def test_a_refused_writer_deletes_the_artifacts_it_stored(self, shared_store: Store) -> None:
+        """COMMIT-11: a writer refused because the run was finished meanwhile drops its
+        changes, its stored artifacts with them, and the finished run verifies."""
+        w1 = shared_store.create_run("two", flush_every=None, flush_interval=None)
+        w1.extend("gen", _records(2))
+        w1.flush()
+        w2 = shared_store.resume_run(w1.run_id, flush_every=None, flush_interval=None)
+        w2.extend("gen", _records(1, 100))
+        w2.add_artifact("late.txt", b"late")
+        w1.finish()
+        with pytest.raises(ConflictError, match="finished"):
+            w2.flush()
+        storage = shared_store.locate(w1.run_id)
+        assert not storage.exists("artifacts/late.txt")
+        assert verify_run(storage) == []
+
     def test_a_resume_salvages_counter_deltas_with_their_records(
         self,
         any_store: Store,

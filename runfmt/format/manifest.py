@@ -38,6 +38,7 @@ __all__ = [
     "encode_manifest",
     "manifest_problems",
     "parse_timestamp",
+    "same_instant",
 ]
 
 FORMAT_VERSION = "1.0"
@@ -70,6 +71,13 @@ def parse_timestamp(text: str) -> datetime:
     """An RFC 3339 UTC timestamp as written in manifests (fractions beyond µs dropped)."""
     head, _, frac = text.rstrip("Z").partition(".")
     return datetime.fromisoformat(f"{head}.{(frac or '0')[:6]:0<6}+00:00")
+
+
+def same_instant(a: str, b: str) -> bool:
+    """Whether two MAN-9 timestamps name the same instant, to the nanosecond (``…52.5Z``
+    and ``…52.500Z`` do; ``…52.5021537Z`` and ``…52.502153Z`` do not)."""
+    nanos = [t.rstrip("Z").partition(".")[2][6:].ljust(3, "0") for t in (a, b)]
+    return parse_timestamp(a) == parse_timestamp(b) and nanos[0] == nanos[1]
 
 
 @dataclass(frozen=True, slots=True)
