@@ -811,17 +811,9 @@ def _repair_file(
     )
     stage_name, _ = names.parse_stage_file(path)
     misfit = None if header is None else header_problem(header, path, stage)
-    foreign = (
-        header is not None
-        and misfit is None
-        and _written_for_another_run(header, manifest.created_at)
-    )
-    if (
-        header is None
-        or misfit is not None
-        or foreign
-        or records <= (entry.records if entry else 0)
-    ):
+    fits = header is not None and misfit is None
+    foreign = header is not None and fits and _written_for_another_run(header, manifest.created_at)
+    if not fits or foreign or records <= (entry.records if entry else 0):
         keep = committed
     if keep == 0:
         run.delete(path)

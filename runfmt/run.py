@@ -1185,7 +1185,7 @@ class RunWriter:
     ) -> Manifest:
         """Commit what is buffered, set the final status, write ``SHA256SUMS`` and close.
 
-        Where a commit lock tells live writers from dead ones (local disk), what dead
+        Where locks tell live writers from dead ones (local disk), what dead
         writers of the run appended to stage files and never committed is then salvaged
         into it as `runfmt.check.repair_run` does (COMMIT-11), so that the finished run's
         stage files hold only what it lists. A completed run stopped on purpose after
@@ -1262,8 +1262,10 @@ class RunWriter:
     def _stop_if_refused(self, *, finished: bool = True) -> bool:
         """After a refused commit: when the run now is another run with this id (a rerun,
         COMMIT-4) or, with ``finished``, was finished (COMMIT-11), the commit is dropped for
-        good. Undo the stage writes made for it that the newest revision does not list (a later
-        repair would salvage them), and close. Whether it was so."""
+        good. Undo the writes made for it that the newest revision does not list (a later
+        repair would salvage them): stage files, and artifacts still holding this writer's
+        bytes (another run with this id may store one by the same name). Then close. Whether
+        it was so."""
         try:
             current = load_manifest(self.storage)
         except (RunfmtError, OSError):
@@ -1273,12 +1275,20 @@ class RunWriter:
             return False
         committed = {} if replaced else current.listed_paths()  # a repair may list more
         unsent = [w._unsent[0].path for w in self._stages.values() if w._unsent is not None]
-        for path in [*self._changes.files, *unsent, *self._changes.artifacts]:
+        for path in [*self._changes.files, *unsent]:
             with contextlib.suppress(RunfmtError, OSError):
                 if committed.get(path) and self.storage.is_local:
                     self.storage.truncate(path, committed[path])
                 elif not committed.get(path):
                     self.storage.delete(path)
+        for art in self._changes.artifacts.values():
+            with contextlib.suppress(RunfmtError, OSError):
+                if (
+                    art.path not in committed
+                    and self.storage.size(art.path) == art.bytes
+                    and self.storage.prefix_sha256(art.path, art.bytes) == art.sha256
+                ):
+                    self.storage.delete(art.path)
         self._release()
         return True
 

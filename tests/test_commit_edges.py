@@ -138,6 +138,26 @@ def test_a_writer_whose_run_was_replaced_cannot_commit_into_the_new_run(
         old.append("gen", {"i": "later"})
 
 
+def test_a_refused_writer_deletes_only_artifacts_holding_its_own_bytes(
+    any_store: Store,
+) -> None:
+    """COMMIT-11, COMMIT-4: a file by the name of one of its artifacts that holds other
+    bytes is another writer's (a run that replaced this one may store the same name)."""
+    w1 = any_store.create_run("two", heartbeat_interval=None, flush_interval=None)
+    w1.flush()
+    w2 = any_store.resume_run(w1.run_id, heartbeat_interval=None, flush_interval=None)
+    w2.add_artifact("mine.txt", b"mine")
+    w2.add_artifact("theirs.txt", b"w2")
+    run = any_store.locate(w1.run_id)
+    run.delete("artifacts/theirs.txt")
+    run.put("artifacts/theirs.txt", b"another writer's")
+    w1.finish()
+    with pytest.raises(ConflictError, match="finished"):
+        w2.flush()
+    assert not run.exists("artifacts/mine.txt")
+    assert run.read("artifacts/theirs.txt") == b"another writer's"
+
+
 def test_repair_never_salvages_a_replaced_runs_file_into_its_successor(
     memory_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
