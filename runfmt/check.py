@@ -48,7 +48,7 @@ from runfmt.format.validate import (
     header_problem,
     is_repairable,
 )
-from runfmt.lifecycle import ABANDON_AFTER, health, now
+from runfmt.lifecycle import ABANDON_AFTER, may_be_alive, now
 from runfmt.locking import commit_lock, live_writers, writer_alive
 from runfmt.run import (
     WRITER,
@@ -278,7 +278,7 @@ def being_written_by(run: Storage) -> list[str]:
         except OSError:
             return []
     try:
-        return [ANY_WRITER] if health(load_manifest(run), now()) == "running" else []
+        return [ANY_WRITER] if may_be_alive(run, load_manifest(run), now()) else []
     except RunfmtError:
         return []
 

@@ -93,7 +93,9 @@ def _being_written(run: RunReader, now: datetime, active_within: timedelta) -> s
         return None
     if live_writers(run.storage):
         return "being written (a live writer holds its lock)"
-    idle = now - parse_timestamp(run.manifest.updated_at)
+    written = run.storage.modified(names.revision_file(run.manifest.revision))
+    updated = parse_timestamp(run.manifest.updated_at)
+    idle = now - (updated if written is None else max(updated, written))  # a clock behind
     if idle < active_within:
         return f"being written (updated {int(idle.total_seconds())} s ago)"
     return None

@@ -45,6 +45,7 @@ __all__ = [
     "StageSummary",
     "deterministic_run_id",
     "health",
+    "may_be_alive",
     "open_or_create",
     "remove_run",
     "runs_with_config",
@@ -74,6 +75,17 @@ def health(m: Manifest, now: datetime) -> Health:
         return m.status
     age = (now - parse_timestamp(last_sign_of_life(m))).total_seconds()
     return "abandoned" if age > ABANDON_AFTER else "running"
+
+
+def may_be_alive(run: Storage, m: Manifest, now: datetime) -> bool:
+    """Whether a writer of ``m``, a revision of ``run`` where no lock tells, may be alive
+    (STORE-3): the run is running and was heard from within `ABANDON_AFTER` s, by its
+    stamps or by when the storage says its newest revision was written, which a writer
+    whose clock is behind does not set back (LIFE-4)."""
+    if m.status != "running" or health(m, now) == "running":
+        return m.status == "running"
+    written = run.modified(names.revision_file(m.revision))
+    return written is not None and (now - written).total_seconds() <= ABANDON_AFTER
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +305,7 @@ def remove_run(store: Store, run_id: str) -> bool:
         )  # fmt: skip
     if not storage.is_local:
         existing = _existing(storage, run_id)
-        if existing is not None and health(existing, now()) == "running":
+        if existing is not None and may_be_alive(storage, existing, now()):
             raise ConflictError(
                 f"run {run_id} is running: its writer was heard from at "
                 f"{last_sign_of_life(existing)} (LIFE-4)",

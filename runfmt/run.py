@@ -223,11 +223,16 @@ def create_revision(run: Storage, revision: int, data: bytes) -> bool:
 
 
 def commit(
-    run: Storage, changes: ChangeSet, lock_timeout: float, base: Manifest | None = None
+    run: Storage,
+    changes: ChangeSet,
+    lock_timeout: float,
+    base: Manifest | None = None,
+    *,
+    age: float = 0.0,
 ) -> Manifest:
     """Create the next revision with ``changes`` merged in; retry on a lost race (COMMIT-1..5)."""
     with commit_lock(run, lock_timeout):
-        return commit_locked(run, changes, base)
+        return commit_locked(run, changes, base, age=age)
 
 
 def _silent_since(base: Manifest) -> float:
@@ -236,7 +241,12 @@ def _silent_since(base: Manifest) -> float:
 
 
 def commit_locked(
-    run: Storage, changes: ChangeSet, base: Manifest | None = None, *, repairing: bool = False
+    run: Storage,
+    changes: ChangeSet,
+    base: Manifest | None = None,
+    *,
+    repairing: bool = False,
+    age: float = 0.0,
 ) -> Manifest:
     """`commit` for a caller that holds the commit lock already.
 
@@ -246,10 +256,11 @@ def commit_locked(
     then `ConflictError`, and nothing is written. A ``base`` committed longer ago than any
     heartbeat interval is read again even when it is still the newest number: its writer
     may have been judged abandoned meanwhile and the run replaced by one at the same
-    revision (COMMIT-4).
+    revision (COMMIT-4). How long ago is told by its ``updated_at`` and by ``age``, the
+    seconds since the caller saw it by a monotonic clock, which no clock step sets back.
     """
     born = None if base is None else base.created_at
-    if base is not None and _silent_since(base) > MAX_HEARTBEAT_INTERVAL:
+    if base is not None and max(age, _silent_since(base)) > MAX_HEARTBEAT_INTERVAL:
         base = None
     for _ in range(_COMMIT_ATTEMPTS):
         newest = revisions(run)
@@ -315,8 +326,15 @@ def sums_of(manifest: Manifest, manifest_bytes: bytes) -> bytes:
 
 
 def write_sums(run: Storage, manifest: Manifest) -> None:
-    """Write ``SHA256SUMS`` for a finished run."""
+    """Write ``SHA256SUMS`` for a finished run, after making sure ``manifest.json``, which
+    it lists, is the revision's copy (the commit leaves a failed copy to the next one)."""
     current = run.read(names.revision_file(manifest.revision))
+    try:
+        copy = run.read(names.MANIFEST_FILE)
+    except FileNotFoundError:
+        copy = None
+    if copy != current:
+        write_manifest_copy(run, current, finished=True)
     run.write_atomic(names.SUMS_FILE, sums_of(manifest, current))
 
 
@@ -1138,13 +1156,28 @@ class RunWriter:
                     self._unframed = {}  # written in a counter frame
                 self._changes.heartbeat = True
                 try:
-                    self.manifest = commit_locked(self.storage, self._changes, self.manifest)
+                    self.manifest = commit_locked(
+                        self.storage, self._changes, self.manifest, age=self._base_age()
+                    )
                 except ConflictError:
                     self._stop_if_refused()
                     raise
                 self._changes = ChangeSet()
                 self._unframed = {}
             return self.manifest
+
+    @property
+    def manifest(self) -> Manifest:
+        """The newest revision this writer has seen: its base for the next commit."""
+        return self._manifest
+
+    @manifest.setter
+    def manifest(self, value: Manifest) -> None:
+        self._manifest = value
+        self._based_at = time.monotonic()
+
+    def _base_age(self) -> float:
+        return time.monotonic() - self._based_at
 
     def heartbeat(self) -> Manifest:
         """Commit that this writer is alive (``heartbeat_at``, LIFE-3) and what is buffered."""
@@ -1162,9 +1195,9 @@ class RunWriter:
                 try:
                     if not self.storage.exists(names.MANIFESTS_DIR):
                         return
-                    self.manifest = commit(
-                        self.storage, ChangeSet(heartbeat=True), self.lock_timeout, self.manifest
-                    )
+                    self.manifest = commit(self.storage, ChangeSet(heartbeat=True),
+                                           self.lock_timeout, self.manifest,
+                                           age=self._base_age())  # fmt: skip
                 except RunNotFoundError:
                     return
                 except ConflictError:  # a finished run stops the heartbeat, not the writer
@@ -1335,6 +1368,7 @@ class RunWriter:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.finish(status, error[:MAX_ERROR])
         except Exception:
+            dropped = any(writer._chunks for writer in self._stages.values())
             self._release()
-            if isinstance(exc, RunfmtError) and _TAKEN in exc.hint:
+            if dropped and isinstance(exc, RunfmtError) and _TAKEN in exc.hint:
                 exc.hint = "; ".join(filter(None, [_untaken(exc.hint), _STOPPED]))

@@ -18,6 +18,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -146,7 +147,7 @@ def _translate(
         if isinstance(exc, PermissionError):
             hint = "ask for access to it, or run as a user who has it"
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            hint = "free space there, then try again: what was committed is intact"
+            hint = "free space there; what was committed is intact"
         if isinstance(exc, ImportError):
             hint = (
                 "install the backend: pip install 'runfmt[s3]'"
@@ -407,6 +408,23 @@ class Storage:
                 return int(self.fs.size(self.path(rel)))
         except FileNotFoundError:
             return None
+
+    def modified(self, rel: str) -> datetime | None:
+        """When the storage says a file was last written, by its own clock (an object
+        store's, or this machine's for local disk); None when missing or not told."""
+        try:
+            with self._io(rel):
+                if self.is_local:
+                    return datetime.fromtimestamp(os.stat(self.path(rel)).st_mtime, UTC)
+                try:
+                    found = self.fs.modified(self.path(rel))
+                except (NotImplementedError, IsADirectoryError):  # a backend that keeps none
+                    return None
+        except FileNotFoundError:
+            return None
+        if not isinstance(found, datetime):
+            return None
+        return found if found.tzinfo else found.replace(tzinfo=UTC)
 
     def mtime_ns(self, rel: str) -> int | None:
         """A change stamp of a file (local mtime), or None where the backend has none cheaply."""

@@ -158,6 +158,20 @@ def test_a_refused_writer_deletes_only_artifacts_holding_its_own_bytes(
     assert run.read("artifacts/theirs.txt") == b"another writer's"
 
 
+def test_a_writer_whose_clock_stepped_back_still_sees_its_run_was_replaced(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT-4: the old writer's base looks fresh by its ``updated_at`` (the clock stepped
+    back), but by the monotonic clock it has been silent past any heartbeat interval."""
+    old, new = rerun_under(memory_store, monkeypatch, 1)
+    assert new.manifest.revision == old.manifest.revision
+    monkeypatch.setattr(old, "_based_at", old._based_at - MAX_HEARTBEAT_INTERVAL - 1)
+    old.append("gen", {"i": "late"})
+    with pytest.raises(ConflictError, match="replaced by another run"):
+        old.flush()
+    assert [r["i"] for r in memory_store.open_run(new.run_id).records("gen")] == [0]
+
+
 def test_repair_never_salvages_a_replaced_runs_file_into_its_successor(
     memory_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -539,3 +539,34 @@ def test_a_run_whose_manifest_copy_cannot_be_written_is_still_created(
     w.append("gen", {"i": 0})
     w.finish()
     assert verify_run(w.storage) == []
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_finish_never_leaves_sums_that_contradict_manifest_json(
+    store: Store, monkeypatch: pytest.MonkeyPatch, failures: int
+) -> None:
+    """COMMIT-11, CHECK-3: the final commit's copy of the revision failed (a full disk),
+    which a commit leaves to the next one; SHA256SUMS lists the copy, so it is written
+    again first, and when that fails too, no SHA256SUMS is written (§9.3 state 9)."""
+    w = store.create_run("full", heartbeat_interval=None)
+    w.append("gen", {"i": 0})
+    w.flush()
+    write_atomic = storage_module.Storage.write_atomic
+    left = [failures]
+
+    def full(self: storage_module.Storage, rel: str, data: bytes, **kwargs: Any) -> None:
+        if rel == "manifest.json" and left[0]:
+            left[0] -= 1
+            raise StorageError("No space left on device", location=self.where(rel))
+        write_atomic(self, rel, data, **kwargs)
+
+    monkeypatch.setattr(storage_module.Storage, "write_atomic", full)
+    run = Path(store.url) / w.run_id
+    if failures == 1:
+        assert w.finish().status == "completed"
+        assert verify_run(w.storage) == []
+        return
+    with pytest.raises(StorageError):
+        w.finish()
+    assert not (run / "SHA256SUMS").exists()
+    assert runfmt.open_run(run).manifest.status == "completed"

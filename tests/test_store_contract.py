@@ -6,17 +6,19 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import fsspec
 import pytest
 
 from runfmt import check, lifecycle
+from runfmt import run as run_module
 from runfmt.check import ANY_WRITER, being_written_by, repair_run, verify_run
 from runfmt.errors import ConflictError, FormatError, ReadOnlyError, RunNotFoundError
 from runfmt.format import names
-from runfmt.run import RunWriter
+from runfmt.gc import plan_gc
+from runfmt.run import RunWriter, load_manifest
 from runfmt.store import Store
 
 _SHARED = ["file", "memory", "s3"]
@@ -217,6 +219,32 @@ class TestStoreContract:
         storage = shared_store.locate(w1.run_id)
         assert not storage.exists("artifacts/late.txt")
         assert verify_run(storage) == []
+
+    def test_a_writer_whose_clock_is_behind_is_not_taken_for_dead(
+        self, shared_store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """LIFE-4, STORE-3: its stamps say it was last heard from 10 minutes ago, but the
+        storage wrote its newest revision just now: it may be alive, so dropping its
+        uncommitted data, rerunning the run and collecting it are refused."""
+        behind = datetime.now(UTC) - timedelta(minutes=10)
+        monkeypatch.setattr(run_module, "now_utc",
+                            lambda: behind.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))  # fmt: skip
+        writer = shared_store.open_or_create("skewed", {"a": 1}, heartbeat_interval=None).writer
+        writer.extend("gen", _records(2))
+        writer.flush()
+        storage = shared_store.locate(writer.run_id)
+        if storage.is_local:
+            writer.close()  # no lock tells any more: only the times can
+        assert lifecycle.health(load_manifest(storage), lifecycle.now()) == "abandoned"
+        assert lifecycle.may_be_alive(storage, load_manifest(storage), lifecycle.now())
+        if not storage.is_local:
+            assert being_written_by(storage) == [ANY_WRITER]
+            with pytest.raises(ConflictError, match="may be alive"):
+                repair_run(storage, salvage=False)
+            with pytest.raises(ConflictError, match="is running"):
+                shared_store.open_or_create("skewed", {"a": 1}, policy="rerun")
+        plan = plan_gc(shared_store, keep_last=0, active_within=timedelta(minutes=5))
+        assert [r.run_id for r in plan.delete] == []
 
     def test_a_resume_salvages_counter_deltas_with_their_records(
         self,
