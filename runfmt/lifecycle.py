@@ -46,6 +46,7 @@ __all__ = [
     "deterministic_run_id",
     "health",
     "may_be_alive",
+    "observed_health",
     "open_or_create",
     "remove_run",
     "runs_with_config",
@@ -75,6 +76,19 @@ def health(m: Manifest, now: datetime) -> Health:
         return m.status
     age = (now - parse_timestamp(last_sign_of_life(m))).total_seconds()
     return "abandoned" if age > ABANDON_AFTER else "running"
+
+
+def observed_health(run: Storage, m: Manifest, now: datetime) -> Health:
+    """`health`, with a run whose stamps say abandoned shown running when its writer is
+    seen alive otherwise: by its lock on local disk, elsewhere by `may_be_alive`."""
+    found = health(m, now)
+    if found != "abandoned":
+        return found
+    try:
+        alive = bool(live_writers(run)) if run.is_local else may_be_alive(run, m, now)
+    except OSError:  # locks this user may not probe
+        alive = False
+    return "running" if alive else found
 
 
 def may_be_alive(run: Storage, m: Manifest, now: datetime) -> bool:

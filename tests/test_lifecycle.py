@@ -631,6 +631,25 @@ def test_status_shows_abandoned_runs(store: Store) -> None:
     assert json.loads(shown.output)["health"] == "abandoned"
 
 
+def test_status_shows_a_writer_holding_its_lock_as_running_whatever_its_clock(
+    store: Store,
+) -> None:
+    """LIFE-4 is a reading of the stamps; on local disk a held lock (COMMIT-12) tells."""
+    w = store.create_run("behind", heartbeat_interval=None)
+    run = Path(w.storage.root)
+    for path in [run / "manifest.json", *(run / "_manifests").iterdir()]:
+        doc = json.loads(path.read_bytes())
+        doc["heartbeat_at"] = doc["updated_at"] = "2026-01-01T00:00:00Z"
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    shown = CliRunner().invoke(app, ["--store", store.url, "status", "--json"])
+    assert [r["health"] for r in json.loads(shown.output)] == ["running"]
+    shown = CliRunner().invoke(app, ["--store", store.url, "show", w.run_id, "--json"])
+    assert json.loads(shown.output)["health"] == "running"
+    w.close()
+    shown = CliRunner().invoke(app, ["--store", store.url, "status", "--json"])
+    assert [r["health"] for r in json.loads(shown.output)] == ["abandoned"]
+
+
 def test_status_filters_by_config_and_reports_bad_input(store: Store) -> None:
     store.create_run("a", CONFIG, heartbeat_interval=None).finish()
     store.create_run("b", {"other": 1}, heartbeat_interval=None).finish()

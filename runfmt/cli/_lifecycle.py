@@ -1,5 +1,6 @@
 """Commands on the life of runs: status (quick check), lineage, fork."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def status(
     writer is gone), progress per stage, age; then the runs that cannot be read. Exit 1 if
     one of those is shown."""
     from runfmt.errors import FormatError, StorageError
-    from runfmt.lifecycle import RunSummary, now, runs_with_config, summarize
+    from runfmt.lifecycle import RunSummary, now, observed_health, runs_with_config, summarize
 
     unknown = sorted(set(health or ()) - set(_HEALTH))
     if unknown:
@@ -87,6 +88,9 @@ def status(
                 broken.append((run_id, run))
         elif run is not None:
             summary = summarize(run.manifest, clock)
+            if summary.health == "abandoned":  # unless its writer is seen alive otherwise
+                seen = observed_health(run.storage, run.manifest, clock)
+                summary = dataclasses.replace(summary, health=seen)
             if not health or summary.health in health:
                 summaries.append(summary)
     # newest first by creation time, as `ls` (run ids need not sort by time: --run-id)

@@ -432,14 +432,14 @@ def run_summary(reader: "RunReader") -> dict[str, Any]:
         }
         for a in m.artifacts
     ]
-    from runfmt.lifecycle import health, now
+    from runfmt.lifecycle import now, observed_health
 
     return {
         "run_id": m.run_id,
         "name": m.name,
         "location": reader.storage.where(),
         "status": m.status,
-        "health": health(m, now()),
+        "health": observed_health(reader.storage, m, now()),
         "completed_through_stage": m.completed_through_stage,
         "heartbeat_at": m.heartbeat_at,
         "forked_from": m.forked_from,
