@@ -24,6 +24,7 @@ from runfmt.format.keys import compute_key
 from runfmt.format.manifest import Manifest, parse_timestamp
 from runfmt.locking import live_writers
 from runfmt.run import (
+    ABANDON_AFTER,
     RunReader,
     RunWriter,
     WriterOptions,
@@ -53,8 +54,6 @@ __all__ = [
     "summarize",
 ]
 
-ABANDON_AFTER = 300.0
-"""A running run whose last heartbeat is older than this many seconds is abandoned (LIFE-4)."""
 
 Health = Literal["running", "abandoned", "completed", "failed", "cancelled"]
 Policy = Literal["auto", "error", "rerun"]
@@ -98,7 +97,10 @@ def may_be_alive(run: Storage, m: Manifest, now: datetime) -> bool:
     whose clock is behind does not set back (LIFE-4)."""
     if m.status != "running" or health(m, now) == "running":
         return m.status == "running"
-    written = run.modified(names.revision_file(m.revision))
+    try:
+        written = run.modified(names.revision_file(m.revision))
+    except RunfmtError:
+        return True  # not told: a destructive step must not take the writer for dead
     return written is not None and (now - written).total_seconds() <= ABANDON_AFTER
 
 

@@ -109,6 +109,8 @@ HEARTBEAT_INTERVAL = 60.0
 """Seconds between a writer's heartbeat commits by default (LIFE-3)."""
 MAX_HEARTBEAT_INTERVAL = 100.0
 """Writers heartbeat at least this often, well inside the abandonment threshold (LIFE-3)."""
+ABANDON_AFTER = 300.0
+"""Seconds without a commit after which a running run is abandoned to readers (LIFE-4)."""
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
 
 
@@ -918,6 +920,7 @@ class RunWriter:
         self._last_flush = time.monotonic()
         self._lock: FileLock | None = hold_writer_lock(run, self.writer_id)
         self._closed = False
+        self._taken_over: ConflictError | None = None
         self._mutex = threading.RLock()
         self._stop_heartbeat = threading.Event()
         if heartbeat_interval is not None:
@@ -1138,6 +1141,7 @@ class RunWriter:
             self._last_flush = time.monotonic()
             if not self._changes and not any(w._chunks for w in self._stages.values()):
                 return self.manifest
+            self._stop_if_taken_over()
             with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
                 last = next((w for w in reversed(self._stages.values()) if w._chunks), None)
                 for writer in self._stages.values():
@@ -1195,6 +1199,7 @@ class RunWriter:
                 try:
                     if not self.storage.exists(names.MANIFESTS_DIR):
                         return
+                    self._stop_if_taken_over()
                     self.manifest = commit(self.storage, ChangeSet(heartbeat=True),
                                            self.lock_timeout, self.manifest,
                                            age=self._base_age())  # fmt: skip
@@ -1202,7 +1207,8 @@ class RunWriter:
                     return
                 except ConflictError:  # a finished run stops the heartbeat, not the writer
                     if (
-                        self._stop_if_refused(finished=False)
+                        self._closed  # taken over
+                        or self._stop_if_refused(finished=False)
                         or load_manifest(self.storage).finished
                     ):
                         return
@@ -1338,8 +1344,32 @@ class RunWriter:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise InvalidInputError("this writer is closed", location=self.storage.where(),
-                                    hint="resume the run to write more")  # fmt: skip
+            raise self._taken_over or InvalidInputError(
+                "this writer is closed", location=self.storage.where(),
+                hint="resume the run to write more",
+            )  # fmt: skip
+
+    def _stop_if_taken_over(self) -> None:
+        """Where no lock tells (STORE-3), after this writer was silent longer than
+        `ABANDON_AFTER`: stop with a `ConflictError` when another machine, taking the run
+        for abandoned, listed or deleted what it stored and has not committed (LIFE-4);
+        committing it then would list a file twice, count its counters twice, or list one
+        that is gone."""
+        mine = [*self._changes.files, *self._changes.artifacts]
+        if self.storage.is_local or self._base_age() <= ABANDON_AFTER or not mine:
+            return
+        listed = load_manifest(self.storage).listed_paths()
+        if not any(path in listed or not self.storage.exists(path) for path in mine):
+            return
+        self._taken_over = ConflictError(
+            f"this writer was silent for {self._base_age():.0f} s, so the run was taken for "
+            "abandoned and what it stored but had not committed was repaired (listed or "
+            "deleted) meanwhile",
+            location=self.storage.where(),
+            hint="resume the run, and give again what is not in it since this writer's last commit",
+        )
+        self._release()
+        raise self._taken_over
 
     def __enter__(self) -> Self:
         return self

@@ -15,7 +15,7 @@ from runfmt import run as run_module
 from runfmt.check import repair_run, verify_run
 from runfmt.errors import ConflictError, InvalidInputError, RunExistsError, StorageError
 from runfmt.format import names
-from runfmt.run import KEEP_REVISIONS, MAX_HEARTBEAT_INTERVAL, revisions
+from runfmt.run import ABANDON_AFTER, KEEP_REVISIONS, MAX_HEARTBEAT_INTERVAL, revisions
 from runfmt.storage import Storage
 from runfmt.store import Store
 
@@ -170,6 +170,38 @@ def test_a_writer_whose_clock_stepped_back_still_sees_its_run_was_replaced(
     with pytest.raises(ConflictError, match="replaced by another run"):
         old.flush()
     assert [r["i"] for r in memory_store.open_run(new.run_id).records("gen")] == [0]
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "salvaged", "dropped"])
+def test_a_writer_silent_past_abandonment_commits_only_what_is_still_its_own(
+    memory_store: Store, flush_without_commit: Any, meanwhile: str
+) -> None:
+    """LIFE-4, STORE-3: silent for over 300 s (a process frozen), the writer was taken for
+    abandoned; a repair may have listed or deleted what it had stored: it then stops."""
+    w = memory_store.create_run("frozen", heartbeat_interval=None, flush_interval=None)
+    w.append("gen", {"i": 0})
+    w.flush()
+    w.append("gen", {"i": 1})
+    flush_without_commit(w)
+    w.add_artifact("late.txt", b"late")
+    run = memory_store.locate(w.run_id)
+    if meanwhile == "salvaged":
+        assert repair_run(run).salvaged_records == 1
+    elif meanwhile == "dropped":  # as `repair --drop` does once the run is abandoned
+        for path in [*w._changes.files, "artifacts/late.txt"]:
+            run.delete(path)
+    w._based_at -= ABANDON_AFTER + 1
+    if meanwhile == "nothing":
+        assert w.finish().stage("gen").records == 2
+        assert verify_run(run) == []
+        return
+    with pytest.raises(ConflictError, match="taken for abandoned"):
+        w.flush()
+    with pytest.raises(ConflictError, match="taken for abandoned"):
+        w.append("gen", {"i": 2})
+    records = [r["i"] for r in memory_store.open_run(w.run_id).records("gen")]
+    assert records == ([0, 1] if meanwhile == "salvaged" else [0])
+    assert verify_run(run) == []
 
 
 def test_repair_never_salvages_a_replaced_runs_file_into_its_successor(

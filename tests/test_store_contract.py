@@ -15,10 +15,17 @@ import pytest
 from runfmt import check, lifecycle
 from runfmt import run as run_module
 from runfmt.check import ANY_WRITER, being_written_by, repair_run, verify_run
-from runfmt.errors import ConflictError, FormatError, ReadOnlyError, RunNotFoundError
+from runfmt.errors import (
+    ConflictError,
+    FormatError,
+    ReadOnlyError,
+    RunNotFoundError,
+    StorageError,
+)
 from runfmt.format import names
 from runfmt.gc import plan_gc
 from runfmt.run import RunWriter, load_manifest
+from runfmt.storage import Storage
 from runfmt.store import Store
 
 _SHARED = ["file", "memory", "s3"]
@@ -245,6 +252,14 @@ class TestStoreContract:
                 shared_store.open_or_create("skewed", {"a": 1}, policy="rerun")
         plan = plan_gc(shared_store, keep_last=0, active_within=timedelta(minutes=5))
         assert [r.run_id for r in plan.delete] == []
+
+        def not_told(self: Storage, rel: str) -> None:
+            raise StorageError("Access Denied", location=self.where(rel))
+
+        monkeypatch.setattr(Storage, "modified", not_told)
+        assert lifecycle.may_be_alive(storage, load_manifest(storage), lifecycle.now()), (
+            "a time the storage would not tell does not make the writer dead"
+        )
 
     def test_a_resume_salvages_counter_deltas_with_their_records(
         self,
