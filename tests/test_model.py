@@ -31,6 +31,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+import runfmt.check
 import runfmt.run
 from runfmt.check import repair_run, verify_run
 from runfmt.errors import ConflictError, InvalidInputError, StorageError
@@ -595,7 +596,10 @@ class RunfmtModel(RuleBasedStateMachine):
             return
         final = functools.partial(w.handle.finish, status, error, through_stage=through)
         if sums_crash:
-            with failing(runfmt.run, "write_sums", SimulatedCrash()):
+            with (
+                failing(runfmt.run, "write_sums", SimulatedCrash()),
+                failing(runfmt.check, "write_sums", SimulatedCrash()),
+            ):
                 self.expect(SimulatedCrash, final)
             w.handle.discard()
         else:
@@ -610,10 +614,16 @@ class RunfmtModel(RuleBasedStateMachine):
                 if name in w.taken and name not in w.stage_status and current == "running":
                     w.stage_status[name] = "completed"
         self.committed(run, w)
+        self.finished_salvaging(run)
         if status == "completed":
             run.through = through
         run.status, run.error, run.sums = status, error, not sums_crash
         self.gone(run, w)
+
+    def finished_salvaging(self, run: RunModel) -> None:
+        """COMMIT-11: on local disk, finishing salvages what dead writers left."""
+        if not self.memory:
+            self.salvaged(run, salvage=True)
 
     @precondition(lambda self: self.writing())
     @rule(pick=PICK, interrupt=st.booleans(), message=st.sampled_from(["", "judge crashed"]))
@@ -626,6 +636,7 @@ class RunfmtModel(RuleBasedStateMachine):
             raise exc
         name = type(exc).__name__
         self.committed(run, w)
+        self.finished_salvaging(run)
         run.status = "cancelled" if interrupt else "failed"
         run.error = f"{name}: {message}" if message else name
         run.sums = True
