@@ -271,7 +271,7 @@ def being_written_by(run: Storage) -> list[str]:
     """Ids of the run's live writers: on local disk those holding their locks (COMMIT-12),
     none when the locks cannot be probed (a run this user may not write); elsewhere, with
     no locks, `ANY_WRITER` while the run is running and was heard from within
-    `ABANDON_AFTER` (LIFE-4, STORE-3)."""
+    `ABANDON_AFTER`, or when that cannot be told (LIFE-4, STORE-3)."""
     if run.is_local:
         try:
             return live_writers(run)
@@ -280,7 +280,7 @@ def being_written_by(run: Storage) -> list[str]:
     try:
         return [ANY_WRITER] if may_be_alive(run, load_manifest(run), now()) else []
     except RunfmtError:
-        return []
+        return [ANY_WRITER]  # not told: nothing may be taken for a dead writer's
 
 
 def _uncommitted_of(problem: Problem, writers: frozenset[str]) -> bool:

@@ -1141,7 +1141,6 @@ class RunWriter:
             self._last_flush = time.monotonic()
             if not self._changes and not any(w._chunks for w in self._stages.values()):
                 return self.manifest
-            self._stop_if_taken_over()
             with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
                 last = next((w for w in reversed(self._stages.values()) if w._chunks), None)
                 for writer in self._stages.values():
@@ -1159,6 +1158,7 @@ class RunWriter:
                 if last is not None:
                     self._unframed = {}  # written in a counter frame
                 self._changes.heartbeat = True
+                self._stop_if_taken_over()
                 try:
                     self.manifest = commit_locked(
                         self.storage, self._changes, self.manifest, age=self._base_age()
@@ -1312,24 +1312,31 @@ class RunWriter:
         replaced = current.created_at != self.manifest.created_at
         if not (replaced or (finished and current.finished)):
             return False
-        committed = {} if replaced else current.listed_paths()  # a repair may list more
-        unsent = [w._unsent[0].path for w in self._stages.values() if w._unsent is not None]
-        for path in [*self._changes.files, *unsent]:
+        self._undo({} if replaced else current.listed_paths())  # a repair may list more
+        return True
+
+    def _unsent(self) -> list[str]:
+        return [w._unsent[0].path for w in self._stages.values() if w._unsent is not None]
+
+    def _undo(self, listed: Mapping[str, int]) -> None:
+        """Delete (or cut back to what ``listed`` holds) the stage files written for changes
+        that will never be committed, and the artifacts still holding this writer's bytes
+        (another run with this id may store one by the same name); then close."""
+        for path in [*self._changes.files, *self._unsent()]:
             with contextlib.suppress(RunfmtError, OSError):
-                if committed.get(path) and self.storage.is_local:
-                    self.storage.truncate(path, committed[path])
-                elif not committed.get(path):
+                if listed.get(path) and self.storage.is_local:
+                    self.storage.truncate(path, listed[path])
+                elif not listed.get(path):
                     self.storage.delete(path)
         for art in self._changes.artifacts.values():
             with contextlib.suppress(RunfmtError, OSError):
                 if (
-                    art.path not in committed
+                    art.path not in listed
                     and self.storage.size(art.path) == art.bytes
                     and self.storage.prefix_sha256(art.path, art.bytes) == art.sha256
                 ):
                     self.storage.delete(art.path)
         self._release()
-        return True
 
     def _release(self) -> None:
         with self._mutex:
@@ -1355,7 +1362,7 @@ class RunWriter:
         for abandoned, listed or deleted what it stored and has not committed (LIFE-4);
         committing it then would list a file twice, count its counters twice, or list one
         that is gone."""
-        mine = [*self._changes.files, *self._changes.artifacts]
+        mine = [*self._changes.files, *self._unsent(), *self._changes.artifacts]
         if self.storage.is_local or self._base_age() <= ABANDON_AFTER or not mine:
             return
         listed = load_manifest(self.storage).listed_paths()
@@ -1368,7 +1375,7 @@ class RunWriter:
             location=self.storage.where(),
             hint="resume the run, and give again what is not in it since this writer's last commit",
         )
-        self._release()
+        self._undo(listed)  # what a repair listed stays; the rest goes
         raise self._taken_over
 
     def __enter__(self) -> Self:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from runfmt import lifecycle
+from runfmt import check, lifecycle
 from runfmt import run as run_module
 from runfmt.check import repair_run, verify_run
 from runfmt.errors import ConflictError, InvalidInputError, RunExistsError, StorageError
@@ -202,6 +202,56 @@ def test_a_writer_silent_past_abandonment_commits_only_what_is_still_its_own(
     records = [r["i"] for r in memory_store.open_run(w.run_id).records("gen")]
     assert records == ([0, 1] if meanwhile == "salvaged" else [0])
     assert verify_run(run) == []
+
+
+@pytest.mark.parametrize("meanwhile", ["salvaged", "dropped"])
+def test_a_writer_frozen_between_storing_and_committing_commits_nothing(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """STORE-3: the check comes right before the commit, after the flush stored its
+    objects: a repair meanwhile must not see its records or counter deltas twice."""
+    w = memory_store.create_run("frozen", heartbeat_interval=None, flush_interval=None)
+    w.append("gen", {"i": 0})
+    w.count("c", 1)
+    w.flush()
+    w.append("gen", {"i": 1})
+    w.count("c", 1)
+    run = memory_store.locate(w.run_id)
+    put = Storage.put
+
+    def frozen_after(self: Storage, rel: str, data: bytes) -> None:
+        put(self, rel, data)
+        if rel.startswith("stages/"):
+            w._based_at -= ABANDON_AFTER + 1
+            if meanwhile == "salvaged":
+                repair_run(run)
+            else:
+                run.delete(rel)
+
+    monkeypatch.setattr(Storage, "put", frozen_after)
+    with pytest.raises(ConflictError, match="taken for abandoned"):
+        w.flush()
+    monkeypatch.setattr(Storage, "put", put)
+    reader = memory_store.open_run(w.run_id)
+    salvaged = meanwhile == "salvaged"
+    assert [r["i"] for r in reader.records("gen")] == ([0, 1] if salvaged else [0])
+    assert reader.manifest.counters == {"c": 1}, "a repair of a run heard from lately adds none"
+    assert verify_run(run) == []
+
+
+def test_a_run_whose_newest_revision_cannot_be_read_may_have_a_live_writer(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STORE-3: where no lock tells, not being told is no sign of death."""
+    w = memory_store.create_run("flaky", heartbeat_interval=None)
+    w.add_artifact("late.txt", b"late")
+    run = memory_store.locate(w.run_id)
+
+    def flaky(*args: Any, **kwargs: Any) -> None:
+        raise StorageError("the connection dropped")
+
+    monkeypatch.setattr(check, "load_manifest", flaky)
+    assert check.being_written_by(run) == [check.ANY_WRITER]
 
 
 def test_repair_never_salvages_a_replaced_runs_file_into_its_successor(
