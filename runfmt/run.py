@@ -249,6 +249,7 @@ def commit_locked(
     *,
     repairing: bool = False,
     age: float = 0.0,
+    flushed_at: float | None = None,
 ) -> Manifest:
     """`commit` for a caller that holds the commit lock already.
 
@@ -260,6 +261,9 @@ def commit_locked(
     may have been judged abandoned meanwhile and the run replaced by one at the same
     revision (COMMIT-4). How long ago is told by its ``updated_at`` and by ``age``, the
     seconds since the caller saw it by a monotonic clock, which no clock step sets back.
+    A writer whose last flush committed (``flushed_at``, by that clock) more than
+    `ABANDON_AFTER` s ago may have been taken for abandoned: a revision that lists already
+    what ``changes`` list is then refused (STORE-3).
     """
     born = None if base is None else base.created_at
     if base is not None and max(age, _silent_since(base)) > MAX_HEARTBEAT_INTERVAL:
@@ -281,6 +285,8 @@ def commit_locked(
                 location=run.where(),
                 hint="resume the run to add to it (COMMIT-11); this commit is dropped",
             )
+        if flushed_at is not None and time.monotonic() - flushed_at > ABANDON_AFTER:
+            _refuse_taken(run, base, changes)
         if base.finished and changes.status is not None:
             run.delete(names.SUMS_FILE)  # a crash from here on leaves none, not a stale one
         new = apply_changes(base, changes, base.revision + 1, now_utc(), WRITER)
@@ -299,6 +305,22 @@ def commit_locked(
     raise ConflictError(
         f"lost {_COMMIT_ATTEMPTS} commit races in a row", location=run.where(), hint="retry later"
     )
+
+
+def _refuse_taken(run: Storage, base: Manifest, changes: ChangeSet) -> None:
+    """`ConflictError` when ``base`` lists already, whole, a stage file or artifact that
+    ``changes`` list: a repair salvaged it, with its counter deltas, while its writer was
+    silent long enough to be taken for abandoned (STORE-3)."""
+    listed = base.listed_paths()
+    taken = [path for path, entry in changes.files.items() if listed.get(path, -1) >= entry.bytes]
+    taken += [path for path in changes.artifacts if path in listed]
+    if taken:
+        raise ConflictError(
+            f"{taken[0]} is listed already: a repair took over what this writer stored "
+            "and had not committed, taking the run for abandoned",
+            location=run.where(),
+            hint="resume the run, and give again what is not in it since this writer's last commit",
+        )
 
 
 def write_manifest_copy(run: Storage, data: bytes, *, finished: bool) -> None:
@@ -921,6 +943,7 @@ class RunWriter:
         self._lock: FileLock | None = hold_writer_lock(run, self.writer_id)
         self._closed = False
         self._taken_over: ConflictError | None = None
+        self._flushed_at = time.monotonic()
         self._mutex = threading.RLock()
         self._stop_heartbeat = threading.Event()
         if heartbeat_interval is not None:
@@ -1160,12 +1183,14 @@ class RunWriter:
                 self._changes.heartbeat = True
                 self._stop_if_taken_over()
                 try:
-                    self.manifest = commit_locked(
-                        self.storage, self._changes, self.manifest, age=self._base_age()
-                    )
+                    self.manifest = commit_locked(self.storage, self._changes, self.manifest,
+                                                  age=self._base_age(),
+                                                  flushed_at=self._flushed_at)  # fmt: skip
                 except ConflictError:
-                    self._stop_if_refused()
+                    if not self._stop_if_refused():
+                        self._stop_if_taken_over(always=True)
                     raise
+                self._flushed_at = time.monotonic()
                 self._changes = ChangeSet()
                 self._unframed = {}
             return self.manifest
@@ -1356,20 +1381,22 @@ class RunWriter:
                 hint="resume the run to write more",
             )  # fmt: skip
 
-    def _stop_if_taken_over(self) -> None:
-        """Where no lock tells (STORE-3), after this writer was silent longer than
-        `ABANDON_AFTER`: stop with a `ConflictError` when another machine, taking the run
-        for abandoned, listed or deleted what it stored and has not committed (LIFE-4);
+    def _stop_if_taken_over(self, *, always: bool = False) -> None:
+        """Where no lock tells (STORE-3), when this writer's flushes committed nothing for
+        longer than `ABANDON_AFTER` (heartbeats commit none of what it stored) or
+        ``always``: stop with a `ConflictError` when another machine, taking the run for
+        abandoned, listed or deleted what it stored and has not committed (LIFE-4);
         committing it then would list a file twice, count its counters twice, or list one
         that is gone."""
         mine = [*self._changes.files, *self._unsent(), *self._changes.artifacts]
-        if self.storage.is_local or self._base_age() <= ABANDON_AFTER or not mine:
+        silent = time.monotonic() - self._flushed_at
+        if self.storage.is_local or not mine or (silent <= ABANDON_AFTER and not always):
             return
         listed = load_manifest(self.storage).listed_paths()
         if not any(path in listed or not self.storage.exists(path) for path in mine):
             return
         self._taken_over = ConflictError(
-            f"this writer was silent for {self._base_age():.0f} s, so the run was taken for "
+            f"this writer was silent for {silent:.0f} s, so the run was taken for "
             "abandoned and what it stored but had not committed was repaired (listed or "
             "deleted) meanwhile",
             location=self.storage.where(),

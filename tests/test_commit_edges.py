@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import runfmt.run
 from runfmt import check, lifecycle
 from runfmt import run as run_module
 from runfmt.check import repair_run, verify_run
@@ -190,7 +191,7 @@ def test_a_writer_silent_past_abandonment_commits_only_what_is_still_its_own(
     elif meanwhile == "dropped":  # as `repair --drop` does once the run is abandoned
         for path in [*w._changes.files, "artifacts/late.txt"]:
             run.delete(path)
-    w._based_at -= ABANDON_AFTER + 1
+    w._flushed_at -= ABANDON_AFTER + 1
     if meanwhile == "nothing":
         assert w.finish().stage("gen").records == 2
         assert verify_run(run) == []
@@ -222,7 +223,7 @@ def test_a_writer_frozen_between_storing_and_committing_commits_nothing(
     def frozen_after(self: Storage, rel: str, data: bytes) -> None:
         put(self, rel, data)
         if rel.startswith("stages/"):
-            w._based_at -= ABANDON_AFTER + 1
+            w._flushed_at -= ABANDON_AFTER + 1
             if meanwhile == "salvaged":
                 repair_run(run)
             else:
@@ -237,6 +238,56 @@ def test_a_writer_frozen_between_storing_and_committing_commits_nothing(
     assert [r["i"] for r in reader.records("gen")] == ([0, 1] if salvaged else [0])
     assert reader.manifest.counters == {"c": 1}, "a repair of a run heard from lately adds none"
     assert verify_run(run) == []
+
+
+def test_a_commit_retried_on_a_revision_that_lists_its_files_is_refused(
+    memory_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STORE-3, COMMIT-4: a writer silent past abandonment lost the race for its revision
+    to a repair that salvaged the very objects it was committing: re-applying its changes
+    to that revision could count their counter deltas twice. (A writer heard from lately
+    may: such a repair adds no deltas, test_salvage_counters.)"""
+    w = memory_store.create_run("raced", heartbeat_interval=None, flush_interval=None)
+    w.append("gen", {"i": 0})
+    w.count("c", 1)
+    w.flush()
+    w.append("gen", {"i": 1})
+    w.count("c", 1)
+    run = memory_store.locate(w.run_id)
+    create = runfmt.run.create_revision
+
+    def repaired_first(storage: Storage, revision: int, data: bytes) -> bool:
+        monkeypatch.setattr(runfmt.run, "create_revision", create)
+        assert repair_run(run).salvaged_records == 1
+        return create(storage, revision, data)
+
+    monkeypatch.setattr(runfmt.run, "create_revision", repaired_first)
+    w._flushed_at -= ABANDON_AFTER + 1  # frozen: the repair may have counted its deltas
+    with pytest.raises(ConflictError, match="taken for abandoned"):
+        w.flush()
+    reader = memory_store.open_run(w.run_id)
+    assert [r["i"] for r in reader.records("gen")] == [0, 1]
+    assert reader.manifest.counters == {"c": 1}
+    assert verify_run(run) == []
+    with pytest.raises(ConflictError):
+        w.append("gen", {"i": 2})
+
+
+def test_heartbeats_do_not_hide_a_writers_silence_from_its_check(
+    memory_store: Store,
+) -> None:
+    """STORE-3: a heartbeat commits none of what the writer stored, so the time since its
+    last flush, not its last heartbeat, says whether it was silent."""
+    w = memory_store.create_run("frozen", heartbeat_interval=None, flush_interval=None)
+    w.flush()
+    w.add_artifact("late.txt", b"late")
+    memory_store.locate(w.run_id).delete("artifacts/late.txt")  # `repair --drop` meanwhile
+    w._flushed_at -= ABANDON_AFTER + 1
+    w.manifest = runfmt.run.commit(  # what the heartbeat thread does
+        w.storage, runfmt.run.ChangeSet(heartbeat=True), 1.0, w.manifest
+    )
+    with pytest.raises(ConflictError, match="taken for abandoned"):
+        w.flush()
 
 
 def test_a_run_whose_newest_revision_cannot_be_read_may_have_a_live_writer(
