@@ -307,6 +307,11 @@ def commit_locked(
     )
 
 
+_TAKEN_OVER_HINT = (
+    "resume the run, and give again what is not in it since this writer's last commit"
+)
+
+
 def _refuse_taken(run: Storage, base: Manifest, changes: ChangeSet) -> None:
     """`ConflictError` when ``base`` lists already, whole, a stage file or artifact that
     ``changes`` list: a repair salvaged it, with its counter deltas, while its writer was
@@ -319,7 +324,7 @@ def _refuse_taken(run: Storage, base: Manifest, changes: ChangeSet) -> None:
             f"{taken[0]} is listed already: a repair took over what this writer stored "
             "and had not committed, taking the run for abandoned",
             location=run.where(),
-            hint="resume the run, and give again what is not in it since this writer's last commit",
+            hint=_TAKEN_OVER_HINT,
         )
 
 
@@ -1400,7 +1405,7 @@ class RunWriter:
             "abandoned and what it stored but had not committed was repaired (listed or "
             "deleted) meanwhile",
             location=self.storage.where(),
-            hint="resume the run, and give again what is not in it since this writer's last commit",
+            hint=_TAKEN_OVER_HINT,
         )
         self._undo(listed)  # what a repair listed stays; the rest goes
         raise self._taken_over
