@@ -314,15 +314,17 @@ _TAKEN_OVER_HINT = (
 
 def _refuse_taken(run: Storage, base: Manifest, changes: ChangeSet) -> None:
     """`ConflictError` when ``base`` lists already, whole, a stage file or artifact that
-    ``changes`` list: a repair salvaged it, with its counter deltas, while its writer was
-    silent long enough to be taken for abandoned (STORE-3)."""
+    ``changes`` list, or one of them is gone: a repair salvaged it, with its counter deltas,
+    or dropped it, while its writer was silent long enough to be taken for abandoned
+    (STORE-3)."""
     listed = base.listed_paths()
     taken = [path for path, entry in changes.files.items() if listed.get(path, -1) >= entry.bytes]
     taken += [path for path in changes.artifacts if path in listed]
+    taken += [path for path in [*changes.files, *changes.artifacts] if not run.exists(path)]
     if taken:
         raise ConflictError(
-            f"{taken[0]} is listed already: a repair took over what this writer stored "
-            "and had not committed, taking the run for abandoned",
+            f"{taken[0]} is listed already or gone: a repair took over what this writer "
+            "stored and had not committed, taking the run for abandoned",
             location=run.where(),
             hint=_TAKEN_OVER_HINT,
         )
