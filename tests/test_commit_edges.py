@@ -205,19 +205,24 @@ def test_a_writer_silent_past_abandonment_commits_only_what_is_still_its_own(
     assert verify_run(run) == []
 
 
+def committed_one_pending_one(store: Store) -> tuple[Any, Storage]:
+    """A writer with one record and counter delta committed and one of each buffered."""
+    w = store.create_run("frozen", heartbeat_interval=None, flush_interval=None)
+    w.append("gen", {"i": 0})
+    w.count("c", 1)
+    w.flush()
+    w.append("gen", {"i": 1})
+    w.count("c", 1)
+    return w, store.locate(w.run_id)
+
+
 @pytest.mark.parametrize("meanwhile", ["salvaged", "dropped"])
 def test_a_writer_frozen_between_storing_and_committing_commits_nothing(
     memory_store: Store, monkeypatch: pytest.MonkeyPatch, meanwhile: str
 ) -> None:
     """STORE-3: the check comes right before the commit, after the flush stored its
     objects: a repair meanwhile must not see its records or counter deltas twice."""
-    w = memory_store.create_run("frozen", heartbeat_interval=None, flush_interval=None)
-    w.append("gen", {"i": 0})
-    w.count("c", 1)
-    w.flush()
-    w.append("gen", {"i": 1})
-    w.count("c", 1)
-    run = memory_store.locate(w.run_id)
+    w, run = committed_one_pending_one(memory_store)
     put = Storage.put
 
     def frozen_after(self: Storage, rel: str, data: bytes) -> None:
@@ -248,13 +253,7 @@ def test_a_commit_retried_on_a_revision_that_lists_its_files_is_refused(
     to a repair that salvaged the very objects it was committing: re-applying its changes
     to that revision could count their counter deltas twice. (A writer heard from lately
     may: such a repair adds no deltas, test_salvage_counters.)"""
-    w = memory_store.create_run("raced", heartbeat_interval=None, flush_interval=None)
-    w.append("gen", {"i": 0})
-    w.count("c", 1)
-    w.flush()
-    w.append("gen", {"i": 1})
-    w.count("c", 1)
-    run = memory_store.locate(w.run_id)
+    w, run = committed_one_pending_one(memory_store)
     create = runfmt.run.create_revision
 
     def repaired_first(storage: Storage, revision: int, data: bytes) -> bool:
