@@ -24,7 +24,7 @@ from runfmt.errors import (
 )
 from runfmt.format import names
 from runfmt.format.checksum import parse_sums
-from runfmt.format.frames import CounterFrame, DataFrame, FrameDecoder
+from runfmt.format.frames import MAX_HEADER_SIZE, PREFIX, CounterFrame, DataFrame, FrameDecoder
 from runfmt.format.manifest import (
     ArtifactEntry,
     ChangeSet,
@@ -148,7 +148,8 @@ def _problems(
         manifest, manifest_bytes = decode_manifest(current), current
     files = run.walk()
     links = frozenset(run.symlinks())
-    problems += check_listing(manifest, files, links)
+    problems += [_name_replaced_runs(run, p, manifest.created_at)
+                 for p in check_listing(manifest, files, links)]  # fmt: skip
     for stage in manifest.stages:
         for entry in stage.files:
             problems += _check_file(run, entry, stage, files.get(entry.path))
@@ -780,6 +781,23 @@ def _copy_damage(state: _CopyState, revision: int, held: int | None) -> Problem:
         "changed (no crash does this); compare them and put the right one in both places"
     )
     return Problem(names.MANIFEST_FILE, what, "COMMIT-14")
+
+
+def _name_replaced_runs(run: Storage, problem: Problem, born: str) -> Problem:
+    """``problem``, saying so when it is an unlisted stage file written for a run that this
+    one replaced, which `repair` deletes rather than salvages (COMMIT-8)."""
+    if problem.rule != "LAYOUT-4" or not problem.location.startswith(names.STAGES_DIR + "/"):
+        return problem
+    decoder = FrameDecoder()
+    try:
+        head = run.read_range(problem.location, 0, len(PREFIX) + 8 + MAX_HEADER_SIZE)
+        header = next((e for e in decoder.decode(head) if not isinstance(e, DataFrame)), None)
+    except (RunfmtError, OSError):
+        return problem
+    if header is None or not _written_for_another_run(header, born):
+        return problem
+    what = f"{problem.problem}: written for a run this one replaced; `repair` deletes it"
+    return replace(problem, problem=what)
 
 
 def _written_for_another_run(header: Mapping[str, object], born: str) -> bool:

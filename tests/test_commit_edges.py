@@ -331,6 +331,8 @@ def test_repair_never_salvages_a_replaced_runs_file_into_its_successor(
     monkeypatch.setattr(Storage, "delete", delete)
     run = memory_store.locate(new.run_id)
     [left] = [p for p in run.walk() if old.writer_id in p]
+    [told] = [p.problem for p in verify_run(run) if p.location == left]
+    assert told.endswith("written for a run this one replaced; `repair` deletes it")
     report = repair_run(run)
     assert f"{left}: removed (written for a run this one replaced)" in report.actions
     assert report.salvaged_records == 0
