@@ -1430,8 +1430,8 @@ class RunWriter:
             except (InvalidInputError, KeyboardInterrupt) as refused:
                 self.__exit__(type(refused), refused, None)
                 raise
-            except BaseException:
-                self._release()  # as a crash would: `repair` or a resume takes it from here
+            except BaseException as failed:
+                self._stop(failed)  # as a crash would: `repair` or a resume takes it from here
                 raise
             return
         status: RunStatus = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -1439,7 +1439,12 @@ class RunWriter:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.finish(status, error[:MAX_ERROR])
         except Exception:
-            dropped = any(writer._chunks for writer in self._stages.values())
-            self._release()
-            if dropped and isinstance(exc, RunfmtError) and _TAKEN in exc.hint:
-                exc.hint = "; ".join(filter(None, [_untaken(exc.hint), _STOPPED]))
+            self._stop(exc)
+
+    def _stop(self, exc: BaseException) -> None:
+        """Release the writer whose ``with`` block could not finish the run; when that drops
+        buffered records, ``exc`` says so in its hint instead of what it said they would be."""
+        dropped = any(writer._chunks for writer in self._stages.values())
+        self._release()
+        if dropped and isinstance(exc, RunfmtError):
+            exc.hint = "; ".join(filter(None, [_untaken(exc.hint), _STOPPED]))

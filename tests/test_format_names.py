@@ -96,6 +96,9 @@ ARTIFACT_NAMES = {
     "aux2.log": True,
     "x.con": True,
     "trailing.": False,
+    "\u212aelvin.txt": False,  # KELVIN SIGN, which case-folds to k
+    "long\u017f.txt": False,  # LONG S, which case-folds to s
+    "\u0130ndex.md": False,
     "new\nline": False,
     "a" * 201: False,
 }

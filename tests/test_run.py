@@ -502,6 +502,22 @@ def test_a_failed_write_to_a_new_file_leaves_no_file_and_the_retry_verifies(
     assert [r["i"] for r in store.open_run(w.run_id).records("gen")] == [0]
 
 
+def test_a_with_block_whose_only_commit_fails_says_its_writer_stopped(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = store.create_run("full", flush_every=None, heartbeat_interval=None)
+
+    def write_in_a_with_block() -> None:
+        with w:
+            w.extend("gen", [{"i": i} for i in range(5)])
+
+    with monkeypatch.context() as patched:
+        disk_full(patched)
+        with pytest.raises(StorageError) as info:
+            write_in_a_with_block()
+    assert "the writer stopped" in info.value.hint
+
+
 def test_a_with_block_that_stops_its_writer_says_the_records_were_not_taken(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -34,7 +34,7 @@ SUMS_FILE = "SHA256SUMS"
 STAGES_DIR = "stages"
 ARTIFACTS_DIR = "artifacts"
 
-_NOT_DEVICE = r"(?!(?:con|prn|aux|nul|com[1-9]|lpt[1-9])(?:\.|$))"
+_NOT_DEVICE = r"(?!(?i:con|prn|aux|nul|com[1-9]|lpt[1-9])(?:\.|$))"
 """Not a device name, which Windows reserves in every folder with any extension (§3.2)."""
 _RUN_ID = re.compile(_NOT_DEVICE + r"[a-z0-9](?:[a-z0-9._-]{0,98}[a-z0-9])?")
 _STAGE = re.compile(_NOT_DEVICE + r"[a-z][a-z0-9_-]{0,63}")
@@ -44,7 +44,8 @@ _STAGE_FILE = re.compile(
 )
 _REVISION_FILE = re.compile(r"((?!00000000\.)[0-9]{8}|[1-9][0-9]{8,})\.json")
 _SEGMENT_SHAPE = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,198}[A-Za-z0-9_-])?"
-_SEGMENT = re.compile(_NOT_DEVICE + _SEGMENT_SHAPE, re.IGNORECASE)
+_SEGMENT = re.compile(_NOT_DEVICE + _SEGMENT_SHAPE)
+"""ASCII letters only: under re.IGNORECASE the Kelvin sign and the long s match k and s."""
 
 
 def _check(pattern: re.Pattern[str], value: object, what: str, rule: str) -> str:
