@@ -305,6 +305,17 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c = add(
         running(
             "invalid",
+            "artifact-name-not-ascii",
+            "An artifact named with the Kelvin sign (U+212A), which case-folds to 'k': "
+            "artifact names take ASCII letters only.",
+            ["MAN-6", "NAME-5"],
+        ),
+        "ManifestError",
+    )
+    c.artifact("\u212aelvin.txt", b"x")
+    c = add(
+        running(
+            "invalid",
             "case-colliding-paths",
             "Artifacts 'Report.txt' and 'report.txt' collide on case-insensitive filesystems.",
             ["MAN-7"],
