@@ -39,115 +39,96 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         out.append((c, extra))
         return c
 
+    def invalid(
+        name: str,
+        description: str,
+        rules: list[str],
+        error: str | None = None,
+        repairable: bool = False,
+    ) -> Case:
+        """A running run (`running`) with one fault, which the caller adds."""
+        return add(running("invalid", name, description, rules), error, repairable)
+
     def raw(c: Case, mutate: Callable[[bytes], bytes]) -> None:
         data = mutate(c.manifest_bytes())
         c.revisions = {c.doc["revision"]: data}
         c.manifest_json = data
 
     # manifest and versions
-    c = add(
-        running(
-            "invalid",
-            "manifest-newer-major",
-            "format_version 2.0: a newer MAJOR is refused.",
-            ["VER-2"],
-        ),
+    c = invalid(
+        "manifest-newer-major",
+        "format_version 2.0: a newer MAJOR is refused.",
+        ["VER-2"],
         "UnsupportedFormatError",
     )
     c.doc["format_version"] = "2.0"
-    c = add(
-        running(
-            "invalid",
-            "manifest-unknown-required-feature",
-            "required_features names a feature this reader does not know.",
-            ["VER-3"],
-        ),
+    c = invalid(
+        "manifest-unknown-required-feature",
+        "required_features names a feature this reader does not know.",
+        ["VER-3"],
         "UnsupportedFormatError",
     )
     c.doc["required_features"] = ["time-travel"]
-    c = add(
-        running(
-            "invalid",
-            "manifest-major-zero",
-            "format_version 0.9: versions start at 1.0, so no reader implements MAJOR 0.",
-            ["VER-1"],
-        ),
+    c = invalid(
+        "manifest-major-zero",
+        "format_version 0.9: versions start at 1.0, so no reader implements MAJOR 0.",
+        ["VER-1"],
         "UnsupportedFormatError",
     )
     c.doc["format_version"] = "0.9"
-    c = add(
-        running(
-            "invalid",
-            "manifest-integer-with-fraction",
-            "A file entry's records count is written 2.0: integer members are JSON integers.",
-            ["MAN-1", "MAN-2"],
-        ),
+    c = invalid(
+        "manifest-integer-with-fraction",
+        "A file entry's records count is written 2.0: integer members are JSON integers.",
+        ["MAN-1", "MAN-2"],
         "ManifestError",
     )
     raw(c, lambda b: b.replace(b'"records": 2,', b'"records": 2.0,', 1))
-    c = add(
-        running(
-            "invalid",
-            "manifest-tag-name-line-feed",
-            "A tag name ends with a line feed, which its pattern's final $ does not match "
-            "(ECMA-262 semantics, section 11.2).",
-            ["MAN-2"],
-        ),
+    c = invalid(
+        "manifest-tag-name-line-feed",
+        "A tag name ends with a line feed, which its pattern's final $ does not match "
+        "(ECMA-262 semantics, section 11.2).",
+        ["MAN-2"],
         "ManifestError",
     )
     c.doc["tags"] = {"suite\n": "conformance"}
-    c = add(
-        running(
-            "invalid",
-            "manifest-lone-surrogate",
-            "The run's name begins with an escaped lone surrogate (\\ud800): a manifest's "
-            "strings hold Unicode scalar values only.",
-            ["MAN-1"],
-        ),
+    c = invalid(
+        "manifest-lone-surrogate",
+        "The run's name begins with an escaped lone surrogate (\\ud800): a manifest's "
+        "strings hold Unicode scalar values only.",
+        ["MAN-1"],
         "ManifestError",
     )
     raw(c, lambda b: b.replace(b'"name": "', b'"name": "\\ud800', 1))
-    c = add(
-        running(
-            "invalid",
-            "manifest-number-not-finite",
-            "A counter is 1e400, which is no finite double.",
-            ["MAN-1"],
-        ),
+    c = invalid(
+        "manifest-number-not-finite",
+        "A counter is 1e400, which is no finite double.",
+        ["MAN-1"],
         "ManifestError",
     )
     raw(c, lambda b: b.replace(b'"counters": {}', b'"counters": {"big": 1e400}', 1))
-    c = add(
-        running(
-            "invalid",
-            "manifest-counter-beyond-64-bits",
-            "A counter written as an integer is 2^63, past the ±(2^63-1) integer counters "
-            "stay within.",
-            ["COMMIT-5", "MAN-2"],
-        ),
+    c = invalid(
+        "manifest-counter-beyond-64-bits",
+        "A counter written as an integer is 2^63, past the ±(2^63-1) integer counters stay within.",
+        ["COMMIT-5", "MAN-2"],
         "ManifestError",
     )
     raw(c, lambda b: b.replace(b'"counters": {}', b'"counters": {"n": 9223372036854775808}', 1))
-    c = add(
-        running(
-            "invalid",
-            "manifest-count-beyond-64-bits",
-            "A file entry's records count is 2^63, past the 2^63-1 every count of the "
-            "manifest is at most.",
-            ["MAN-5", "MAN-2"],
-        ),
+    c = invalid(
+        "manifest-count-beyond-64-bits",
+        "A file entry's records count is 2^63, past the 2^63-1 every count of the "
+        "manifest is at most.",
+        ["MAN-5", "MAN-2"],
         "ManifestError",
     )
     raw(c, lambda b: b.replace(b'"records": 2,', b'"records": 9223372036854775808,', 1))
-    c = add(
-        running("invalid", "manifest-not-json", "The revision is cut in the middle.", ["MAN-1"]),
-        "ManifestError",
+    c = invalid(
+        "manifest-not-json", "The revision is cut in the middle.", ["MAN-1"], "ManifestError"
     )
     raw(c, lambda b: b[: len(b) // 2])
-    c = add(
-        running(
-            "invalid", "manifest-duplicate-member", "The manifest names 'status' twice.", ["MAN-1"]
-        ),
+    c = invalid(
+        "manifest-duplicate-member",
+        "The manifest names 'status' twice.",
+        ["MAN-1"],
         "ManifestError",
     )
     raw(
@@ -156,80 +137,57 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
             b'"status": "running",', b'"status": "running",\n  "status": "completed",', 1
         ),
     )
-    c = add(
-        running("invalid", "manifest-nan", "A counter holds NaN, which JSON has not.", ["MAN-1"]),
-        "ManifestError",
+    c = invalid(
+        "manifest-nan", "A counter holds NaN, which JSON has not.", ["MAN-1"], "ManifestError"
     )
     raw(c, lambda b: b.replace(b'"counters": {}', b'"counters": {"x": NaN}', 1))
-    c = add(
-        running(
-            "invalid", "manifest-not-utf8", "The name holds a byte that is not UTF-8.", ["MAN-1"]
-        ),
-        "ManifestError",
+    c = invalid(
+        "manifest-not-utf8", "The name holds a byte that is not UTF-8.", ["MAN-1"], "ManifestError"
     )
     raw(c, lambda b: b.replace(b'"name": "manifest-not-utf8"', b'"name": "bad \xff"', 1))
-    c = add(
-        running("invalid", "manifest-missing-member", "The manifest has no run_id.", ["MAN-2"]),
-        "ManifestError",
+    c = invalid(
+        "manifest-missing-member", "The manifest has no run_id.", ["MAN-2"], "ManifestError"
     )
     del c.doc["run_id"]
-    c = add(
-        running(
-            "invalid",
-            "manifest-bad-run-id",
-            "The run id has capitals and a colon.",
-            ["MAN-2", "NAME-1"],
-        ),
+    c = invalid(
+        "manifest-bad-run-id",
+        "The run id has capitals and a colon.",
+        ["MAN-2", "NAME-1"],
         "ManifestError",
     )
     c.doc["run_id"] = "Run:1"
-    c = add(
-        running(
-            "invalid",
-            "manifest-bad-stage-name",
-            "A stage is named 'Generate'.",
-            ["MAN-2", "NAME-2"],
-        ),
+    c = invalid(
+        "manifest-bad-stage-name",
+        "A stage is named 'Generate'.",
+        ["MAN-2", "NAME-2"],
         "ManifestError",
     )
     c.doc["stages"][0]["name"] = "Generate"
-    c = add(
-        running(
-            "invalid",
-            "manifest-stage-device-name",
-            "A stage is named 'aux', a device name on Windows.",
-            ["MAN-2", "NAME-2"],
-        ),
+    c = invalid(
+        "manifest-stage-device-name",
+        "A stage is named 'aux', a device name on Windows.",
+        ["MAN-2", "NAME-2"],
         "ManifestError",
     )
     c.doc["stages"][0]["name"] = "aux"
-    c = add(
-        running(
-            "invalid",
-            "manifest-run-id-device-name",
-            "The run id is 'con.1', whose part before the dot is a device name on Windows.",
-            ["MAN-2", "NAME-1"],
-        ),
+    c = invalid(
+        "manifest-run-id-device-name",
+        "The run id is 'con.1', whose part before the dot is a device name on Windows.",
+        ["MAN-2", "NAME-1"],
         "ManifestError",
     )
     c.doc["run_id"] = "con.1"
-    c = add(
-        running(
-            "invalid",
-            "manifest-bad-config-hash",
-            "config_hash is not a k1 key.",
-            ["MAN-2", "KEY-2"],
-        ),
+    c = invalid(
+        "manifest-bad-config-hash",
+        "config_hash is not a k1 key.",
+        ["MAN-2", "KEY-2"],
         "ManifestError",
     )
     c.doc["config_hash"] = "sha256:" + "0" * 64
-    c = add(
-        running(
-            "invalid",
-            "config-hash-mismatch",
-            "config_hash is a well-formed key, but of another config.",
-            ["KEY-4"],
-        ),
+    c = invalid(
+        "config-hash-mismatch",
+        "config_hash is a well-formed key, but of another config.",
+        ["KEY-4"],
         "ManifestError",
     )
     c.doc["config_hash"] = compute_key({"model": "another"})
@@ -240,159 +198,115 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         ("timestamp-not-a-date", "created_at matches the pattern but is month 13, day 45.",
          {"created_at": "2026-13-45T12:00:00.000000Z"}),
     ):  # fmt: skip
-        c = add(running("invalid", name, description, ["MAN-9"]), "ManifestError")
+        c = invalid(name, description, ["MAN-9"], "ManifestError")
         c.doc.update(changes)
-    c = add(
-        running(
-            "invalid",
-            "manifest-revision-mismatch",
-            "_manifests/00000003.json holds revision 2.",
-            ["MAN-3"],
-        ),
+    c = invalid(
+        "manifest-revision-mismatch",
+        "_manifests/00000003.json holds revision 2.",
+        ["MAN-3"],
         "ManifestError",
     )
     c.doc["revision"] = 2
     c.revisions = {3: c.manifest_bytes()}
-    c = add(
-        running("invalid", "duplicate-stage", "Two stages are named 'generate'.", ["MAN-4"]),
-        "ManifestError",
-    )
+    c = invalid("duplicate-stage", "Two stages are named 'generate'.", ["MAN-4"], "ManifestError")
     c.doc["stages"].append(copy.deepcopy(c.doc["stages"][0]) | {"files": []})
-    c = add(
-        running(
-            "invalid",
-            "file-in-other-stage",
-            "Stage 'score' lists a file under stages/generate/.",
-            ["MAN-5"],
-        ),
+    c = invalid(
+        "file-in-other-stage",
+        "Stage 'score' lists a file under stages/generate/.",
+        ["MAN-5"],
         "ManifestError",
     )
     c.stage("score")
     c.doc["stages"][1]["files"] = c.doc["stages"][0]["files"]
     c.doc["stages"][0]["files"] = []
-    c = add(
-        running(
-            "invalid",
-            "failures-exceed-records",
-            "A file lists more failures than records.",
-            ["MAN-5"],
-        ),
+    c = invalid(
+        "failures-exceed-records",
+        "A file lists more failures than records.",
+        ["MAN-5"],
         "ManifestError",
     )
     c.doc["stages"][0]["files"][0]["failures"] = 5
-    c = add(
-        running(
-            "invalid",
-            "path-escapes-run",
-            "An artifact path climbs out of the run with '..'.",
-            ["MAN-6", "LAYOUT-5", "NAME-5"],
-        ),
+    c = invalid(
+        "path-escapes-run",
+        "An artifact path climbs out of the run with '..'.",
+        ["MAN-6", "LAYOUT-5", "NAME-5"],
         "ManifestError",
     )
     del c.files[c.artifact("report.txt", b"x")]
     c.doc["artifacts"][0]["path"] = "artifacts/../../outside.txt"
     c.outside["outside.txt"] = b"x"
-    c = add(
-        running(
-            "invalid",
-            "artifact-device-name",
-            "An artifact named 'aux.txt', a device name on Windows.",
-            ["MAN-6", "NAME-5"],
-        ),
+    c = invalid(
+        "artifact-device-name",
+        "An artifact named 'aux.txt', a device name on Windows.",
+        ["MAN-6", "NAME-5"],
         "ManifestError",
     )
     c.artifact("aux.txt", b"x")
-    c = add(
-        running(
-            "invalid",
-            "artifact-name-not-ascii",
-            "An artifact named with the Kelvin sign (U+212A), which case-folds to 'k': "
-            "artifact names take ASCII letters only.",
-            ["MAN-6", "NAME-5"],
-        ),
+    c = invalid(
+        "artifact-name-not-ascii",
+        "An artifact named with the Kelvin sign (U+212A), which case-folds to 'k': "
+        "artifact names take ASCII letters only.",
+        ["MAN-6", "NAME-5"],
         "ManifestError",
     )
     c.artifact("\u212aelvin.txt", b"x")
-    c = add(
-        running(
-            "invalid",
-            "case-colliding-paths",
-            "Artifacts 'Report.txt' and 'report.txt' collide on case-insensitive filesystems.",
-            ["MAN-7"],
-        ),
+    c = invalid(
+        "case-colliding-paths",
+        "Artifacts 'Report.txt' and 'report.txt' collide on case-insensitive filesystems.",
+        ["MAN-7"],
         "ManifestError",
     )
     c.artifact("Report.txt", b"A")
     c.artifact("report.txt", b"b")
 
     # layout
-    c = add(
-        running(
-            "invalid",
-            "no-revisions",
-            "manifest.json without _manifests/ (a copy that left the folder out).",
-            ["LAYOUT-2"],
-        ),
+    c = invalid(
+        "no-revisions",
+        "manifest.json without _manifests/ (a copy that left the folder out).",
+        ["LAYOUT-2"],
         "ManifestError",
     )
     c.revisions = {0: b""}
-    c = add(
-        running(
-            "invalid", "missing-stage-file", "A listed stage file does not exist.", ["LAYOUT-3"]
-        ),
+    c = invalid(
+        "missing-stage-file",
+        "A listed stage file does not exist.",
+        ["LAYOUT-3"],
         "ChecksumMismatchError",
     )
     c.files.clear()
-    c = add(
-        running("invalid", "missing-artifact", "A listed artifact does not exist.", ["LAYOUT-3"]),
+    c = invalid(
+        "missing-artifact",
+        "A listed artifact does not exist.",
+        ["LAYOUT-3"],
         "ChecksumMismatchError",
     )
     path = c.artifact("gone.bin", b"\x00\x01")
     del c.files[path]
-    c = add(
-        running(
-            "invalid",
-            "unlisted-file",
-            "A file at the run root that no manifest lists.",
-            ["LAYOUT-4"],
-        )
-    )
+    c = invalid("unlisted-file", "A file at the run root that no manifest lists.", ["LAYOUT-4"])
     c.files["notes.txt"] = b"hello\n"
-    c = add(
-        running(
-            "invalid",
-            "unexpected-file-in-manifests",
-            "_manifests/ holds a file that is not a revision.",
-            ["LAYOUT-4", "NAME-6"],
-        )
+    c = invalid(
+        "unexpected-file-in-manifests",
+        "_manifests/ holds a file that is not a revision.",
+        ["LAYOUT-4", "NAME-6"],
     )
     c.files["_manifests/latest.json"] = b"{}\n"
-    c = add(
-        running(
-            "invalid",
-            "revision-name-not-canonical",
-            "_manifests/ also holds 000000003.json, a second spelling of revision 3.",
-            ["LAYOUT-4", "NAME-6"],
-        )
+    c = invalid(
+        "revision-name-not-canonical",
+        "_manifests/ also holds 000000003.json, a second spelling of revision 3.",
+        ["LAYOUT-4", "NAME-6"],
     )
     c.files["_manifests/000000003.json"] = c.manifest_bytes()
-    c = add(
-        running(
-            "invalid",
-            "older-revision-corrupt",
-            "Revision 2, older than the current 3, is not JSON.",
-            ["MAN-2", "MAN-1"],
-        )
+    c = invalid(
+        "older-revision-corrupt",
+        "Revision 2, older than the current 3, is not JSON.",
+        ["MAN-2", "MAN-1"],
     )
     c.revisions = {2: b'{"format": "runfmt", "revis', 3: c.manifest_bytes()}
-    c = add(
-        running(
-            "invalid",
-            "symlink-stage-file",
-            "The listed stage file is a symbolic link "
-            "to a copy outside the run (made at test time: see setup).",
-            ["LAYOUT-5"],
-        ),
+    c = invalid(
+        "symlink-stage-file",
+        "The listed stage file is a symbolic link "
+        "to a copy outside the run (made at test time: see setup).",
+        ["LAYOUT-5"],
         "FormatError",
     )
     target = c.doc["stages"][0]["files"][0]["path"]
@@ -408,7 +322,7 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         mutate: Callable[[bytes], bytes],
         relist: bool = True,
     ) -> Case:
-        c = add(running("invalid", name, description, rules), error)
+        c = invalid(name, description, rules, error)
         path = c.doc["stages"][0]["files"][0]["path"]
         c.files[path] = mutate(c.files[path])
         if relist:
@@ -443,23 +357,19 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         ("header-newer-major", "A stage file's header says format_version 2.0 in a 1.0 run.",
          "VER-2", "UnsupportedFormatError", {"format_version": "2.0"}),
     ]:  # fmt: skip
-        c = add(running("invalid", name, about, [rule]), error)
+        c = invalid(name, about, [rule], error)
         c.doc["stages"][0]["files"].clear()
         c.file("generate", [GEN[:2]], header=header)
-    c = add(
-        running(
-            "invalid",
-            "header-declaration-mismatch",
-            "The header's key_field differs from the stage's declaration.",
-            ["FRAME-2", "VER-5"],
-        ),
+    c = invalid(
+        "header-declaration-mismatch",
+        "The header's key_field differs from the stage's declaration.",
+        ["FRAME-2", "VER-5"],
         "StageFileError",
     )
     c.doc["stages"][0]["files"].clear()
     c.file("generate", [GEN[:2]], header={"key_field": "id"})
-    c = add(
-        running("invalid", "header-not-json", "The header frame's body is not JSON.", ["FRAME-2"]),
-        "StageFileError",
+    c = invalid(
+        "header-not-json", "The header frame's body is not JSON.", ["FRAME-2"], "StageFileError"
     )
     c.doc["stages"][0]["files"].clear()
     path = c.file("generate", [GEN[:2]])
@@ -520,13 +430,10 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         lambda b: flip(b, len(b) - 12),
         relist=False,
     )
-    c = add(
-        running(
-            "invalid",
-            "sha256-mismatch",
-            "The file is intact but the manifest lists another sha256.",
-            ["CHECK-1"],
-        ),
+    c = invalid(
+        "sha256-mismatch",
+        "The file is intact but the manifest lists another sha256.",
+        ["CHECK-1"],
         "ChecksumMismatchError",
     )
     c.doc["stages"][0]["files"][0]["sha256"] = "0" * 64
@@ -538,64 +445,48 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         lambda b: b[:-7],
         relist=False,
     )
-    c = add(
-        running(
-            "invalid",
-            "artifact-sha256-mismatch",
-            "An artifact's bytes differ from its listed sha256.",
-            ["CHECK-1"],
-        ),
+    c = invalid(
+        "artifact-sha256-mismatch",
+        "An artifact's bytes differ from its listed sha256.",
+        ["CHECK-1"],
         "ChecksumMismatchError",
     )
     path = c.artifact("report.txt", b"accuracy 0.5\n")
     c.files[path] = b"accuracy 0.9\n"
-    c = add(
-        running(
-            "invalid",
-            "record-count-mismatch",
-            "The manifest lists 3 records where the file holds 2.",
-            ["CHECK-2"],
-        ),
+    c = invalid(
+        "record-count-mismatch",
+        "The manifest lists 3 records where the file holds 2.",
+        ["CHECK-2"],
         "ChecksumMismatchError",
     )
     c.doc["stages"][0]["files"][0]["records"] = 3
-    c = add(
-        running(
-            "invalid",
-            "failure-count-mismatch",
-            "The manifest lists 1 failure where the file holds none.",
-            ["CHECK-2"],
-        )
+    c = invalid(
+        "failure-count-mismatch",
+        "The manifest lists 1 failure where the file holds none.",
+        ["CHECK-2"],
     )
     c.doc["stages"][0]["files"][0]["failures"] = 1
 
-    c = add(
-        running(
-            "invalid",
-            "stage-file-seq-zero",
-            "A listed stage file is numbered 000000: a run's files are numbered from 1 "
-            "(seq 0 marks a stage export).",
-            ["NAME-4", "MAN-2"],
-        ),
+    c = invalid(
+        "stage-file-seq-zero",
+        "A listed stage file is numbered 000000: a run's files are numbered from 1 "
+        "(seq 0 marks a stage export).",
+        ["NAME-4", "MAN-2"],
         "ManifestError",
     )
     c.doc["stages"][0]["files"].clear()
     c.files.clear()
     c.file("generate", [GEN[:2]], seq=0)
-    c = add(
-        running(
-            "invalid",
-            "record-key-empty",
-            "A record of the stage keyed by 'key' holds the key \"\": a key has 1 to 1024 "
-            "characters.",
-            ["REC-6"],
-        )
+    c = invalid(
+        "record-key-empty",
+        "A record of the stage keyed by 'key' holds the key \"\": a key has 1 to 1024 characters.",
+        ["REC-6"],
     )
     c.doc["stages"][0]["files"].clear()
     c.file("generate", [GEN[:1], [{"key": "", "question": "?", "answer": "!"}]])
 
     def bad_lines(name: str, description: str, rules: list[str], payload: bytes) -> None:
-        c = add(running("invalid", name, description, rules), "StageFileError")
+        c = invalid(name, description, rules, "StageFileError")
         c.doc["stages"][0]["files"].clear()
         path = c.file("generate", [])
         c.files[path] += ENCODER.encode(payload)
@@ -641,18 +532,14 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c.sums_mutate = lambda b: b"".join(
         sorted(b.splitlines(keepends=True), key=lambda line: b"  manifest.json" not in line)
     )
-    c = add(
-        running("invalid", "sums-on-running-run", "A running run carries SHA256SUMS.", ["CHECK-3"]),
-        repairable=True,
+    c = invalid(
+        "sums-on-running-run", "A running run carries SHA256SUMS.", ["CHECK-3"], repairable=True
     )
     c.files["SHA256SUMS"] = b"0" * 64 + b"  manifest.json\n"
-    c = add(
-        running(
-            "invalid",
-            "sums-malformed",
-            "SHA256SUMS holds a line that is not '<sha256>  <path>'.",
-            ["CHECK-3"],
-        ),
+    c = invalid(
+        "sums-malformed",
+        "SHA256SUMS holds a line that is not '<sha256>  <path>'.",
+        ["CHECK-3"],
         repairable=True,
     )
     c.finish()
@@ -660,52 +547,40 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c.sums = False
 
     # crash states (repair fixes them)
-    c = add(
-        running(
-            "invalid",
-            "stale-manifest-json",
-            "A crash between creating revision 3 and "
-            "replacing manifest.json: manifest.json holds revision 2.",
-            ["COMMIT-7"],
-        ),
+    c = invalid(
+        "stale-manifest-json",
+        "A crash between creating revision 3 and "
+        "replacing manifest.json: manifest.json holds revision 2.",
+        ["COMMIT-7"],
         repairable=True,
     )
     older = copy.deepcopy(c.doc) | {"revision": 2, "stages": []}
     c.manifest_json = (
         json.dumps(older | {"config_hash": compute_key(older["config"])}, indent=2) + "\n"
     ).encode()
-    c = add(
-        running(
-            "invalid",
-            "missing-manifest-json",
-            "manifest.json is gone; the revisions are intact.",
-            ["COMMIT-7"],
-        ),
+    c = invalid(
+        "missing-manifest-json",
+        "manifest.json is gone; the revisions are intact.",
+        ["COMMIT-7"],
         repairable=True,
     )
     c.manifest_json = b""
 
-    c = add(
-        running(
-            "invalid",
-            "uncommitted-frames",
-            "Complete frames appended after the last "
-            "commit (a crash before the next revision): repair salvages them.",
-            ["COMMIT-8"],
-        ),
+    c = invalid(
+        "uncommitted-frames",
+        "Complete frames appended after the last "
+        "commit (a crash before the next revision): repair salvages them.",
+        ["COMMIT-8"],
         repairable=True,
     )
     path = c.doc["stages"][0]["files"][0]["path"]
     c.files[path] += data_frame([GEN[2]]) + data_frame([{"key": "k1:q4", "late": True}])
-    c = add(
-        running(
-            "invalid",
-            "uncommitted-frames-with-counters",
-            "Two flushes after the last commit, each a counter frame before its data frame; "
-            "the second data frame is torn: repair salvages the first flush's record and "
-            "adds its deltas, and cuts the second flush with its counter frame.",
-            ["COMMIT-8", "FRAME-6"],
-        ),
+    c = invalid(
+        "uncommitted-frames-with-counters",
+        "Two flushes after the last commit, each a counter frame before its data frame; "
+        "the second data frame is torn: repair salvages the first flush's record and "
+        "adds its deltas, and cuts the second flush with its counter frame.",
+        ["COMMIT-8", "FRAME-6"],
         repairable=True,
     )
     path = c.doc["stages"][0]["files"][0]["path"]
@@ -716,38 +591,29 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         + counter_frame(b'{"counters":{"tokens":100}}')
         + data_frame([{"key": "k1:q4", "late": True}])[:-5]
     )
-    c = add(
-        running(
-            "invalid",
-            "torn-tail",
-            "A frame cut short after the last commit: repair "
-            "cuts it off, keeping the committed records.",
-            ["COMMIT-8"],
-        ),
+    c = invalid(
+        "torn-tail",
+        "A frame cut short after the last commit: repair "
+        "cuts it off, keeping the committed records.",
+        ["COMMIT-8"],
         repairable=True,
     )
     path = c.doc["stages"][0]["files"][0]["path"]
     c.files[path] += data_frame([GEN[2]])[:-6]
-    c = add(
-        running(
-            "invalid",
-            "uncommitted-frame-then-zeros",
-            "After the last commit, a whole frame and then 4096 zero bytes (what a power "
-            "loss can leave): repair salvages the frame and cuts the zeros.",
-            ["COMMIT-8"],
-        ),
+    c = invalid(
+        "uncommitted-frame-then-zeros",
+        "After the last commit, a whole frame and then 4096 zero bytes (what a power "
+        "loss can leave): repair salvages the frame and cuts the zeros.",
+        ["COMMIT-8"],
         repairable=True,
     )
     path = c.doc["stages"][0]["files"][0]["path"]
     c.files[path] += data_frame([GEN[2]]) + bytes(4096)
-    c = add(
-        running(
-            "invalid",
-            "unlisted-stage-file",
-            "A stage file that no revision lists (a "
-            "crash before its first commit): repair salvages its complete frames.",
-            ["COMMIT-8", "LAYOUT-4"],
-        ),
+    c = invalid(
+        "unlisted-stage-file",
+        "A stage file that no revision lists (a "
+        "crash before its first commit): repair salvages its complete frames.",
+        ["COMMIT-8", "LAYOUT-4"],
         repairable=True,
     )
     listed = c.doc["stages"][0]["files"][0]
@@ -755,15 +621,12 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         "generate", [[{"key": "k1:late", "n": 1}], [{"key": "k1:later", "n": 2}]], writer="e5f6a7b8"
     )
     c.doc["stages"][0]["files"] = [listed]
-    c = add(
-        running(
-            "invalid",
-            "unlisted-file-of-replaced-run",
-            "A stage file left by a writer of the run this one replaced under the same id "
-            "(its header's run_created_at is not the run's created_at): repair removes it "
-            "and salvages nothing.",
-            ["COMMIT-8", "LAYOUT-4", "FRAME-2"],
-        ),
+    c = invalid(
+        "unlisted-file-of-replaced-run",
+        "A stage file left by a writer of the run this one replaced under the same id "
+        "(its header's run_created_at is not the run's created_at): repair removes it "
+        "and salvages nothing.",
+        ["COMMIT-8", "LAYOUT-4", "FRAME-2"],
         repairable=True,
     )
     listed = c.doc["stages"][0]["files"][0]
@@ -774,15 +637,12 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         header={"run_created_at": "2026-10-01T08:00:00.000000Z"},
     )
     c.doc["stages"][0]["files"] = [listed]
-    c = add(
-        running(
-            "invalid",
-            "unlisted-files-declare-a-stage-two-ways",
-            "Two stage files of a stage no revision declares, whose headers declare it "
-            "differently: repair declares it from the first file by writer id and salvages "
-            "it, and removes the other, which does not match that declaration.",
-            ["COMMIT-8", "LAYOUT-4", "FRAME-2"],
-        ),
+    c = invalid(
+        "unlisted-files-declare-a-stage-two-ways",
+        "Two stage files of a stage no revision declares, whose headers declare it "
+        "differently: repair declares it from the first file by writer id and salvages "
+        "it, and removes the other, which does not match that declaration.",
+        ["COMMIT-8", "LAYOUT-4", "FRAME-2"],
         repairable=True,
     )
     c.stage("extra", key_field="key", status="running")
@@ -794,15 +654,12 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         header={"record_schema_version": "2", "key_field": None},
     )
     c.doc["stages"].pop()
-    c = add(
-        running(
-            "invalid",
-            "unlisted-files-of-two-undeclared-stages",
-            "Stage files of two stages no revision declares, each by one writer, two files "
-            "of one stage numbered 999999 and 1000000: repair declares the stages in name "
-            "order and lists the files by sequence number as an integer.",
-            ["COMMIT-8", "LAYOUT-4", "MAN-8"],
-        ),
+    c = invalid(
+        "unlisted-files-of-two-undeclared-stages",
+        "Stage files of two stages no revision declares, each by one writer, two files "
+        "of one stage numbered 999999 and 1000000: repair declares the stages in name "
+        "order and lists the files by sequence number as an integer.",
+        ["COMMIT-8", "LAYOUT-4", "MAN-8"],
         repairable=True,
     )
     c.stage("zeta", status="running")
@@ -811,42 +668,33 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c.file("alpha", [[{"key": "k1:second"}]], seq=1000000, writer="c0c0c0c0")
     c.file("alpha", [[{"key": "k1:first"}]], seq=999999, writer="c0c0c0c0")
     del c.doc["stages"][1:]
-    c = add(
-        running(
-            "invalid",
-            "unlisted-artifacts",
-            "Artifacts no revision lists, left by a writer that died: repair lists them by "
-            "path, each with the media type ART-1's table gives its name.",
-            ["COMMIT-8", "ART-1", "LAYOUT-4"],
-        ),
+    c = invalid(
+        "unlisted-artifacts",
+        "Artifacts no revision lists, left by a writer that died: repair lists them by "
+        "path, each with the media type ART-1's table gives its name.",
+        ["COMMIT-8", "ART-1", "LAYOUT-4"],
         repairable=True,
     )
     for name in ("z/plot.PNG", "b.tar.gz", "a.yml", "c.jsonl"):
         c.artifact(name, name.encode())
     c.doc["artifacts"] = []
-    c = add(
-        running(
-            "invalid",
-            "uncommitted-frame-with-a-bad-key",
-            "After the last commit, a frame holding a record whose key field is an empty "
-            "string, which no writer may write: repair salvages the frame before it and cuts "
-            "the rest.",
-            ["COMMIT-8", "REC-6"],
-        ),
+    c = invalid(
+        "uncommitted-frame-with-a-bad-key",
+        "After the last commit, a frame holding a record whose key field is an empty "
+        "string, which no writer may write: repair salvages the frame before it and cuts "
+        "the rest.",
+        ["COMMIT-8", "REC-6"],
         repairable=True,
     )
     path = c.doc["stages"][0]["files"][0]["path"]
     c.files[path] += (
         data_frame([GEN[2]]) + data_frame([{"key": ""}]) + data_frame([{"key": "k1:q5"}])
     )
-    c = add(
-        running(
-            "invalid",
-            "newest-revision-corrupt",
-            "The newest revision is not JSON "
-            "(storage damage): repair sets it aside and the previous one is current.",
-            ["COMMIT-7", "MAN-1"],
-        ),
+    c = invalid(
+        "newest-revision-corrupt",
+        "The newest revision is not JSON "
+        "(storage damage): repair sets it aside and the previous one is current.",
+        ["COMMIT-7", "MAN-1"],
         "ManifestError",
         repairable=True,
     )
@@ -856,26 +704,20 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     ).encode()
     c.revisions = {2: prev_bytes, 3: b'{"format": "runfmt", "revis'}
     c.manifest_json = prev_bytes
-    c = add(
-        running(
-            "invalid",
-            "only-revision-corrupt",
-            "The only revision kept is not JSON and manifest.json is gone: nothing can stand "
-            "in for it, so repair changes nothing.",
-            ["MAN-1"],
-        ),
+    c = invalid(
+        "only-revision-corrupt",
+        "The only revision kept is not JSON and manifest.json is gone: nothing can stand "
+        "in for it, so repair changes nothing.",
+        ["MAN-1"],
         "ManifestError",
     )
     c.revisions = {c.doc["revision"]: b'{"format": "runfmt", "revis'}
     c.manifest_json = b""
-    c = add(
-        running(
-            "invalid",
-            "manifest-json-folder",
-            "A folder named manifest.json, holding a user's file: it counts as a missing "
-            "copy, but repair writes no file over it.",
-            ["LAYOUT-2"],
-        )
+    c = invalid(
+        "manifest-json-folder",
+        "A folder named manifest.json, holding a user's file: it counts as a missing "
+        "copy, but repair writes no file over it.",
+        ["LAYOUT-2"],
     )
     c.manifest_json = b""
     c.files["manifest.json/notes.txt"] = b"my notes\n"
@@ -893,27 +735,21 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c.revisions = {c.doc["revision"]: c.manifest_json.replace(b'"tokens": 420', b'"tokens": 421')}
     report_digest = sha256_of(b"accuracy 0.5\n").encode()
     c.sums_mutate = lambda b: b.replace(report_digest, b"0" * 64)
-    c = add(
-        running(
-            "invalid",
-            "uncommitted-record-too-deep",
-            "A frame after the last commit holds a record nested 255 levels deep (REC-3): "
-            "salvage takes no invalid frame, so repair cuts it.",
-            ["COMMIT-8", "REC-3"],
-        ),
+    c = invalid(
+        "uncommitted-record-too-deep",
+        "A frame after the last commit holds a record nested 255 levels deep (REC-3): "
+        "salvage takes no invalid frame, so repair cuts it.",
+        ["COMMIT-8", "REC-3"],
         repairable=True,
     )
     deep = b'{"key":"k1:deep","v":' + b"[" * 254 + b"]" * 254 + b"}\n"
     c.files[c.doc["stages"][0]["files"][0]["path"]] += ENCODER.encode(deep)
-    c = add(
-        running(
-            "invalid",
-            "copy-cut-short",
-            "A copy taken while the run was written: the newest revision lists a second frame "
-            "that the file holds only part of. Only repair asked to roll back goes back to "
-            "the previous revision, which the file holds whole.",
-            ["COMMIT-13", "LAYOUT-3", "CHECK-1"],
-        ),
+    c = invalid(
+        "copy-cut-short",
+        "A copy taken while the run was written: the newest revision lists a second frame "
+        "that the file holds only part of. Only repair asked to roll back goes back to "
+        "the previous revision, which the file holds whole.",
+        ["COMMIT-13", "LAYOUT-3", "CHECK-1"],
         "ChecksumMismatchError",
     )
     path = c.doc["stages"][0]["files"][0]["path"]
