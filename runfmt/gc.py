@@ -18,6 +18,7 @@ from typing import Any
 from runfmt.errors import FormatError, InvalidInputError, RunfmtError
 from runfmt.format import names
 from runfmt.format.manifest import parse_timestamp
+from runfmt.lifecycle import revision_written
 from runfmt.locking import commit_lock, live_writers
 from runfmt.run import RunReader, load_manifest, unpublish
 from runfmt.storage import Storage
@@ -93,9 +94,10 @@ def _being_written(run: RunReader, now: datetime, active_within: timedelta) -> s
         return None
     if live_writers(run.storage):
         return "being written (a live writer holds its lock)"
-    written = run.storage.modified(names.revision_file(run.manifest.revision))
-    updated = parse_timestamp(run.manifest.updated_at)
-    idle = now - (updated if written is None else max(updated, written))  # a clock behind
+    idle = now - parse_timestamp(run.manifest.updated_at)
+    if idle >= active_within:  # unless the storage wrote it lately: its writer's clock is behind
+        written = revision_written(run.storage, run.manifest)
+        idle = idle if written is None else min(idle, now - written)
     if idle < active_within:
         return f"being written (updated {int(idle.total_seconds())} s ago)"
     return None

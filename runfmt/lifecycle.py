@@ -50,6 +50,7 @@ __all__ = [
     "observed_health",
     "open_or_create",
     "remove_run",
+    "revision_written",
     "runs_with_config",
     "summarize",
 ]
@@ -98,10 +99,15 @@ def may_be_alive(run: Storage, m: Manifest, now: datetime) -> bool:
     if m.status != "running" or health(m, now) == "running":
         return m.status == "running"
     try:
-        written = run.modified(names.revision_file(m.revision))
+        written = revision_written(run, m)
     except RunfmtError:
         return True  # not told: a destructive step must not take the writer for dead
     return written is not None and (now - written).total_seconds() <= ABANDON_AFTER
+
+
+def revision_written(run: Storage, m: Manifest) -> datetime | None:
+    """When the storage, by its own clock, wrote revision ``m`` of ``run`` (LIFE-4)."""
+    return run.modified(names.revision_file(m.revision))
 
 
 @dataclass(frozen=True, slots=True)
