@@ -331,7 +331,8 @@ def import_stage(
     """Append the records of a stage export to run ``run``, or to a new run called ``name``.
 
     The file is checked to its end before anything is written. A finished
-    target run is resumed for the import and finished again with its status.
+    target run is resumed for the import and finished again with its status; a new run
+    is built as `import_run` builds one.
     """
     found = read_stage_file(path)
     target = _resolve_stage(found, stage)
@@ -359,35 +360,76 @@ def import_stage(
             hint="import into a new run (--name), or into a run without this stage",
         )
     _check_writable(found.path, key)
-    if previous is None:
-        source = str(header.get("run_id", os.path.basename(found.path)))
-        writer = store.create_run(
-            name or "import",
-            tags={"imported_from": source},
-            flush_every=_IMPORT_FLUSH,
-            flush_interval=None,
-        )
-        status, error, through = "completed", None, None
-    else:
-        status, error = previous.status, previous.error
-        through = previous.completed_through_stage
-        assert run is not None
-        writer = store.resume_run(run, flush_every=_IMPORT_FLUSH, flush_interval=None)
-    try:
+
+    def write(writer: RunWriter) -> None:
         stage_writer = writer.stage(target, record_schema_version=version, key_field=key)
         for _, batch in _stage_batches(found.path):
             stage_writer.extend(batch)
-        if status == "running":
+
+    if previous is None:
+        source = str(header.get("run_id", os.path.basename(found.path)))
+
+        def create(into: Store) -> RunWriter:
+            return into.create_run(name or "import", tags={"imported_from": source},
+                                   flush_every=_IMPORT_FLUSH, flush_interval=None)  # fmt: skip
+
+        def fill(writer: RunWriter) -> None:
+            write(writer)
+            writer.finish("completed")
+
+        run_id = _as_new_run(store, create, fill)
+        return ImportResult(run_id, {target: found.records})
+    assert run is not None
+    writer = store.resume_run(run, flush_every=_IMPORT_FLUSH, flush_interval=None)
+    try:
+        write(writer)
+        if previous.status == "running":
             writer.close()
         else:
-            writer.finish(status, error, through_stage=through)  # type: ignore[arg-type]
+            writer.finish(previous.status, previous.error,
+                          through_stage=previous.completed_through_stage)  # fmt: skip
     except BaseException:
         writer.discard()
-        if previous is None:  # the run this import made: nothing of it stays
+        raise
+    return ImportResult(writer.run_id, {target: found.records})
+
+
+def _as_new_run(
+    store: Store, create: Callable[[Store], RunWriter], fill: Callable[[RunWriter], None]
+) -> str:
+    """Create a new run with ``create`` and write it whole with ``fill``; its id. On local
+    disk it is built in a hidden folder of ``store`` and renamed into place, so it appears
+    whole or not at all (a killed build leaves only that folder, which a later build
+    removes); elsewhere it is written in place and removed again on an error."""
+    if store.storage.is_local:
+        with hidden_build(store.storage, _BUILD_PREFIX, _BUILDER) as work:
+            run_id = _filled(Store(work.path()), create, fill, remove_on_failure=False)
+            try:
+                store.storage.rename(f"{work.name}/{run_id}", run_id)
+            except StorageError:
+                raise RunExistsError(f"run {run_id} was created meanwhile",
+                                     location=store.storage.where(run_id)) from None  # fmt: skip
+        return run_id
+    return _filled(store, create, fill, remove_on_failure=True)
+
+
+def _filled(
+    store: Store,
+    create: Callable[[Store], RunWriter],
+    fill: Callable[[RunWriter], None],
+    *,
+    remove_on_failure: bool,
+) -> str:
+    writer = create(store)
+    try:
+        fill(writer)
+    except BaseException:
+        writer.discard()
+        if remove_on_failure:
             with contextlib.suppress(RunfmtError, OSError):
                 writer.storage.delete_tree("")
         raise
-    return ImportResult(writer.run_id, {target: found.records})
+    return writer.run_id
 
 
 def export_run(run: RunReader, dest: str | os.PathLike[str]) -> Manifest:
@@ -637,42 +679,18 @@ def import_run(
                 location=store.storage.where(target),
                 hint="pass --run-id NEW_ID to import a copy under another id",
             )
-        if not store.storage.is_local:  # no rename: written in place, removed on failure
-            counts = _import_into(store, archive, target, remove_on_failure=True)
-        else:
-            with hidden_build(store.storage, _BUILD_PREFIX, _BUILDER) as work:
-                counts = _import_into(Store(work.path()), archive, target)
-                try:
-                    store.storage.rename(f"{work.name}/{target}", target)
-                except StorageError:
-                    where = store.storage.where(target)
-                    raise RunExistsError(
-                        f"run {target} was created meanwhile", location=where
-                    ) from None
+        counts: dict[str, int] = {}
+
+        def create(into: Store) -> RunWriter:
+            return into._create_run(m.name, m.config, tags=m.tags, run_id=target,
+                                    created_at=m.created_at, flush_every=_IMPORT_FLUSH,
+                                    flush_interval=None)  # fmt: skip
+
+        def fill(writer: RunWriter) -> None:
+            counts.update(_write_run(archive, writer))
+
+        _as_new_run(store, create, fill)
     return ImportResult(target, counts)
-
-
-def _import_into(
-    store: Store, archive: _Archive, target: str, *, remove_on_failure: bool = False
-) -> dict[str, int]:
-    """Write the archived run into ``store`` as run ``target``; records per stage."""
-    m = archive.manifest
-    writer = store._create_run(
-        m.name,
-        m.config,
-        tags=m.tags,
-        run_id=target,
-        created_at=m.created_at,
-        flush_every=_IMPORT_FLUSH,
-        flush_interval=None,
-    )
-    try:
-        return _write_run(archive, writer)
-    except BaseException:
-        writer.discard()
-        if remove_on_failure:
-            store.storage.child(target).delete_tree("")
-        raise
 
 
 def _write_run(archive: _Archive, writer: RunWriter) -> dict[str, int]:
