@@ -211,13 +211,13 @@ class LocalSource(Source):
     def _run_folders(self, racy: int) -> _Listing:
         """The store's folders named like runs (links excluded), listed again only when
         the store folder's own stat changed: adding, removing or renaming an entry changes
-        its mtime (POSIX) and a folder its link count, so an unchanged, non-racy stat means
-        the same names."""
+        its change time (POSIX; unlike its mtime, no copy or ``touch`` sets it back), so an
+        unchanged, non-racy stat means the same names."""
         try:
             st = os.stat(self.url)
         except FileNotFoundError:
             return _Listing([], [], frozenset())
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_nlink)
+        stamp = (st.st_ino, _change_ns(st), st.st_nlink)
         if self._listing is not None and self._listing[0] == stamp:
             return self._listing[1]
         with os.scandir(self.url) as entries:
@@ -225,7 +225,7 @@ class LocalSource(Source):
         runs = names.run_ids(folders)
         suffix = "/" + names.MANIFESTS_DIR
         listing = _Listing(runs, [f"{self.url}/{r}{suffix}" for r in runs], frozenset(runs))
-        self._listing = (stamp, listing) if st.st_mtime_ns <= racy else None
+        self._listing = (stamp, listing) if stamp[1] <= racy else None
         return listing
 
     def stamp(self, run_id: str) -> Stamp | None:

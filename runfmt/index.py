@@ -50,7 +50,6 @@ from runfmt._local import NotAFileError
 from runfmt.errors import (
     FormatError,
     InvalidInputError,
-    LockTimeoutError,
     RunfmtError,
     RunNotFoundError,
     StorageError,
@@ -85,7 +84,7 @@ _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p", "ceph",
      "glusterfs", "lustre", "gpfs", "beegfs", "davfs", "sshfs", "fuse"}
 )  # fmt: skip
-_SQLITE_IOERR, _SQLITE_FULL = 10, 13
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13
 _CORRUPT_CODES = frozenset({_SQLITE_IOERR, 11, 26})  # and SQLITE_CORRUPT, SQLITE_NOTADB
 _JOURNALS = ("-wal", "-shm", "-journal")
 _DAMAGE = ("no such table", "no such column", "has no column named", "Could not decode")
@@ -550,9 +549,15 @@ class Index:
         if self._moved():
             self.close()
             raise _Retry from None
-        if _out_of_space(exc, self.path):
-            log_warning("runfmt: no space left to keep the index at %s (%s); indexing in memory",
-                        self.path, exc)  # fmt: skip
+        trouble = (
+            "no space left to keep the index at %s (%s)"
+            if _out_of_space(exc, self.path)
+            else f"the index at %s stayed locked by another process for {self.timeout:g} s (%s)"
+            if _is_locked(exc)
+            else None
+        )
+        if trouble is not None:
+            log_warning(f"runfmt: {trouble}; indexing in memory", self.path, exc)
             self.close()
             self.path = ":memory:"
             raise _Retry from None
@@ -1022,10 +1027,13 @@ def log_warning(message: str, *args: object) -> None:
     logging.getLogger("runfmt.index").warning(message, *(printable(str(a)) for a in args))
 
 
+def _is_locked(exc: Exception) -> bool:
+    """Whether ``exc`` is SQLite giving up on a lock another connection held."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
 def _translate(exc: Exception, path: str) -> RunfmtError:
-    if "locked" in str(exc) or "busy" in str(exc):
-        return LockTimeoutError("the index stayed locked by another process", location=path,
-                                hint="retry, or raise the index timeout")  # fmt: skip
     return StorageError(f"the index failed: {exc}", location=path,
                         hint="delete the index file; it is rebuilt from the store")  # fmt: skip
 

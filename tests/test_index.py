@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from runfmt import _index_reading as reading
 from runfmt import index as index_module
+from runfmt.cache import Cache
 from runfmt.check import verify_run
 from runfmt.cli import app
 from runfmt.demo import write_demo_run
@@ -135,23 +136,22 @@ def test_cli_ls_bad_usage_exits_2(store: Store, args: list[str], message: str) -
     assert message in result.output
 
 
-def _settle(store: Store, settled: bool) -> None:
-    """With ``settled``, date the store folder a minute back and list it: the index then
+def _settle(store: Store, settled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``settled``, take no change as recent and list the store: the index then
     remembers the listing until the folder's own stamp changes."""
     if settled:
-        past = datetime.now(UTC).timestamp() - 60
-        os.utime(store.url, (past, past))
+        monkeypatch.setattr(reading, "RACY_NS", 0)
         store.index.runs()
 
 
 @pytest.mark.parametrize("settled", [False, True])
 def test_copied_folder_appears_and_deleted_folder_disappears(
-    store: Store, tmp_path: Path, settled: bool
+    store: Store, tmp_path: Path, settled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a = write_run(store, "a")
     b = write_run(store, "b")
     assert len(store.index.runs()) == 2
-    _settle(store, settled)
+    _settle(store, settled, monkeypatch)
 
     other = Store(tmp_path / "other")
     c = write_run(other, "copied")
@@ -162,14 +162,34 @@ def test_copied_folder_appears_and_deleted_folder_disappears(
     assert [r.run_id for r in Store(store.url).index.runs()] == [c, b]
 
 
+def test_a_folder_swapped_in_shows_though_the_store_folder_mtime_was_set_back(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run folder deleted and another moved in keep the store folder's link count, and
+    ``touch -d`` (or ``rsync -a``) sets its mtime back: its change time still tells."""
+    gone = write_run(store, "gone")
+    _settle(store, True, monkeypatch)
+    before = os.stat(store.url)
+    other = Store(tmp_path / "other")
+    moved = write_run(other, "moved")
+    shutil.rmtree(Path(store.url) / gone)
+    shutil.move(Path(other.url) / moved, Path(store.url) / moved)
+    os.utime(store.url, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(store.url).st_nlink == before.st_nlink
+
+    assert [r.run_id for r in store.index.runs()] == [moved]
+
+
 @pytest.mark.parametrize("settled", [False, True])
-def test_reconciling_lists_run_folders_only(store: Store, tmp_path: Path, settled: bool) -> None:
+def test_reconciling_lists_run_folders_only(
+    store: Store, tmp_path: Path, settled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Files, links and names outside the run id grammar are never listed; a listed run
     whose folder became a file or a link is dropped; one left with only ``manifest.json``
     is listed as unreadable."""
     keep, bare, to_file, to_link = (write_run(store, n) for n in ("k", "b", "f", "l"))
     assert len(store.index.runs()) == 4
-    _settle(store, settled)
+    _settle(store, settled, monkeypatch)
     root = Path(store.url)
     outside = Store(tmp_path / "outside")
     linked = write_run(outside, "linked")
@@ -460,6 +480,34 @@ def test_a_damaged_index_never_fails_a_run_that_uses_the_cache(store: Store) -> 
     second = write_demo_run(again, reuse=again.cache.record)
     assert 0 < second.reused < first.total, "all but the failures reused"
     assert Store(store.url).open_run(second.run_id).manifest.status == "completed"
+
+
+def test_an_index_locked_by_another_process_is_kept_in_memory_not_waited_on_for_good(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock another program keeps on the index (a ``sqlite3`` shell in a transaction):
+    after the index timeout, lists, lookups and a run that uses the cache answer from an
+    index in memory, with a warning, and the file is left as it is."""
+    first = write_run(store, "a")
+    store.index.refresh()
+    store.index.close()
+    holder = sqlite3.connect(index_path(store), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        later = write_run(store, "b")
+        index = Index.for_storage(store.storage, timeout=0.2)
+        with caplog.at_level(logging.WARNING, logger="runfmt.index"):
+            assert sorted(r.run_id for r in index.runs()) == sorted([first, later])
+            assert Cache(index).record("score", "b-1") == {"key": "b-1", "value": 1}
+            demo = write_demo_run(store, reuse=Cache(index).record)
+        assert "stayed locked by another process for 0.2 s" in caplog.text
+        assert "indexing in memory" in caplog.text
+        assert store.open_run(demo.run_id).manifest.status == "completed"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    kept = sqlite3.connect(index_path(store)).execute("SELECT run_id FROM runs").fetchall()
+    assert kept == [(first,)]
 
 
 def test_an_index_that_cannot_grow_is_kept_in_memory_not_discarded(
