@@ -111,8 +111,7 @@ class Store:
         if self.storage.is_local and os.path.lexists(root) and not os.path.isdir(root):
             hint = "give a folder as the store; it is made if missing"
             raise InvalidInputError("is a file, not a store folder", location=root, hint=hint)
-        self._in_run = run_folder_around(root) if self.storage.is_local else None
-        if os.path.lexists(root):
+        if self.storage.is_local and os.path.lexists(root):
             self._refuse_in_run()
         self.read_only = read_only
 
@@ -123,10 +122,23 @@ class Store:
     def url(self) -> str:
         return self.storage.url
 
+    @functools.cached_property
+    def _in_run(self) -> str | None:
+        """The run folder that the store folder is or lies in (LAYOUT-2), or None. On object
+        stores it is looked up only before a run is created: one listing a level."""
+        if self.storage.is_local:
+            return run_folder_around(self.storage.path())
+        parts = self.storage.root.split("/")
+        for depth in range(len(parts), 0, -1):
+            here = self.storage.at(f"{self.storage.protocol}://{'/'.join(parts[:depth])}")
+            if any(map(names.parse_revision_file, here.names(names.MANIFESTS_DIR))):
+                return here.where()
+        return None
+
     def _refuse_in_run(self) -> None:
         """`InvalidInputError` when the store folder is, or lies in, a run folder. One that
         does not exist yet only stops runs being created: a run in it is read by its path."""
-        run, root = self._in_run, self.storage.path()
+        run, root = self._in_run, self.storage.where()
         if run is not None:
             raise InvalidInputError(
                 f"is {'a run folder' if run == root else 'inside the run folder ' + run}, not a "

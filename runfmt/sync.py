@@ -339,14 +339,20 @@ class _Engine:
         self._lock = threading.Lock()
 
     def run_all(self, pairs: list[tuple[str, Storage, Storage]]) -> list[RunResult]:
-        with (
-            ThreadPoolExecutor(self.workers, thread_name_prefix="runfmt-sync-file") as files,
-            ThreadPoolExecutor(
-                min(self.workers, _RUN_WORKERS), thread_name_prefix="runfmt-sync-run"
-            ) as runs,
-        ):
+        """Each pair's result. On an interruption (Ctrl-C) or an error that stops the sync,
+        the runs and files not started yet are dropped, and the runs under way stop at
+        their next file: none of them is published (SYNC-2)."""
+        files = ThreadPoolExecutor(self.workers, thread_name_prefix="runfmt-sync-file")
+        runs = ThreadPoolExecutor(
+            min(self.workers, _RUN_WORKERS), thread_name_prefix="runfmt-sync-run"
+        )
+        try:
             futures = [runs.submit(self._one, i, s, d, files) for i, s, d in pairs]
             return [result for f in futures if (result := f.result()) is not None]
+        finally:
+            files.shutdown(wait=False, cancel_futures=True)
+            runs.shutdown(cancel_futures=True)
+            files.shutdown()
 
     def _one(
         self, run_id: str, src: Storage, dst: Storage, pool: ThreadPoolExecutor

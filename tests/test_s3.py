@@ -302,6 +302,29 @@ def test_an_unreachable_endpoint_is_no_missing_bucket(
         assert "connect" in err.lower(), (command, err)
 
 
+def test_a_run_folder_in_a_bucket_is_no_store_to_write_to(
+    s3_url: str,
+    s3_options: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """LAYOUT-2: runs created in a run folder (or a folder inside one) would land in that run;
+    on a bucket it is found before a run is created, and a writing command says bad usage."""
+    with Store(s3_url, s3_options).create_run("r") as writer:
+        writer.append("gen", {"i": 1})
+    folder = f"{s3_url}/{writer.run_id}"
+    for inside in (folder, f"{folder}/stages/gen"):
+        with pytest.raises(InvalidInputError, match=f"run folder {folder}, not a store|is a run"):
+            Store(inside, s3_options).create_run("other")
+    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+    for command in (["demo"], ["fork", writer.run_id, "gen"]):
+        code, _, err = run_main(["-s", folder, *opts, *command], monkeypatch, capsys)
+        assert code == 2, (command, err)
+        assert "is a run folder, not a store" in err
+    assert verify_run(Storage(folder, s3_options)) == []
+    assert Store(s3_url, s3_options).run_ids() == [writer.run_id]
+
+
 def test_folder_markers_in_a_bucket_are_no_files(s3_url: str, s3_options: dict[str, Any]) -> None:
     """STORE-3: zero-byte keys ending in "/" (the AWS console's "Create folder", some sync
     tools) are folders to every S3 browser: a run holding them verifies and reads."""

@@ -26,7 +26,7 @@ from runfmt.format import names
 from runfmt.run import RunWriter, load_manifest, revisions, write_manifest_copy
 from runfmt.storage import Storage
 from runfmt.store import Store
-from runfmt.sync import _check_apart, sync
+from runfmt.sync import _check_apart, _Engine, sync
 from tests.fixtures_manage import Cli
 
 
@@ -356,6 +356,36 @@ def test_a_forced_sync_interrupted_after_publishing_leaves_no_other_run_behind(
     copy = theirs.locate(run_id)
     assert verify_run(copy) == []
     assert [r["of"] for r in theirs.open_run(run_id).records("gen")] == ["ours"] * 3
+
+
+def test_an_interrupted_sync_stops_soon_and_the_next_one_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C drops the runs and files not started yet instead of copying them first; what
+    it stopped is not published, and the next sync copies the rest."""
+    src, dst = Store(tmp_path / "src"), Store(tmp_path / "dst")
+    for i in range(40):
+        _run(src, 3, name=f"r{i}")
+    copy = _Engine._copy
+    calls = 0
+
+    def interrupted(self: _Engine, *args: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return copy(self, *args)
+
+    monkeypatch.setattr(_Engine, "_copy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sync(src.url, dst.url, workers=2)
+    assert calls < 10, "queued runs were copied after the interruption"
+    published = [r for r in dst.run_ids() if (Path(dst.url) / r / names.MANIFEST_FILE).exists()]
+    assert len(published) < 5
+    assert all(verify_run(dst.locate(run_id)) == [] for run_id in published)
+    monkeypatch.undo()
+    assert sync(src.url, dst.url).ok
+    _same_runs(src, dst)
 
 
 def test_verify_checks_checksums_at_the_destination(src: Store, tmp_path: Path) -> None:

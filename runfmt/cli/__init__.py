@@ -93,11 +93,17 @@ class State:
         return url
 
     def store(self, *, read_only: bool = False) -> "Store":
+        """The store; for a command that writes, one on an object store that is or lies in a
+        run folder is bad usage too (local ones are refused by `url`)."""
         from runfmt.store import Store
 
-        return Store(
+        store = Store(
             self.url, self.storage_options, read_only=read_only, single_writer=self.single_writer
         )
+        if not read_only and not store.storage.is_local:
+            with usage_of("--store"):
+                store._refuse_in_run()
+        return store
 
 
 def _parse_options(values: list[str]) -> dict[str, Any]:
