@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from runfmt.errors import FormatError, InvalidInputError, RunfmtError
+from runfmt.errors import FormatError, InvalidInputError, RunfmtError, RunNotFoundError
 from runfmt.format import names
 from runfmt.format.manifest import parse_timestamp
 from runfmt.lifecycle import revision_written
 from runfmt.locking import commit_lock, live_writers
-from runfmt.run import RunReader, load_manifest, unpublish
+from runfmt.run import RunReader, load_manifest, revisions, unpublish
 from runfmt.storage import Storage
 from runfmt.store import Store
 from runfmt.units import format_size
@@ -59,10 +59,13 @@ class GcPlan:
     """Folders whose manifest cannot be read: left alone (see `runfmt verify`)."""
     over_cap: int = 0
     """Bytes still above ``max_size`` after every run that may go was chosen."""
+    leftovers: list[dict[str, Any]] = field(default_factory=list)
+    """Folders of runs whose delete was interrupted (`DELETING` in them, no revision left):
+    ``run_id`` and ``bytes``; deleted whatever the policy."""
 
     @property
     def bytes_freed(self) -> int:
-        return sum(e.bytes for e in self.delete)
+        return sum(e.bytes for e in self.delete) + sum(int(x["bytes"]) for x in self.leftovers)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -87,6 +90,15 @@ def _files(run: Storage) -> dict[Hashable, int]:
             st = os.lstat(run.path(rel))
             found[st.st_dev, st.st_ino] = n
     return found
+
+
+DELETING = ".deleting"
+"""Local state put in a run folder before its delete starts: a folder that holds it and no
+revision is what an interrupted delete left."""
+
+
+def _interrupted(folder: Storage) -> bool:
+    return folder.exists(DELETING) and not revisions(folder)
 
 
 def _being_written(run: RunReader, now: datetime, active_within: timedelta) -> str | None:
@@ -141,6 +153,11 @@ def plan_gc(
             plan.unreadable.append({"run_id": run_id, "error": str(exc)})
             with contextlib.suppress(RunfmtError):  # left alone: what it holds stays
                 left_alone.update(_files(store.storage.child(run_id)))
+            continue
+        except RunNotFoundError:
+            with contextlib.suppress(RunfmtError):
+                if _interrupted(folder := store.storage.child(run_id)):
+                    plan.leftovers.append({"run_id": run_id, "bytes": sum(_files(folder).values())})
             continue
         except RunfmtError:
             continue
@@ -224,11 +241,20 @@ def delete_planned(
     Each run is checked again under its commit lock: one that gained a
     revision or a live writer since the plan was made is skipped. The
     manifest revisions go first, so an interrupted delete leaves no folder
-    that reads as a run. The store's index is told at once; had that failed,
-    its next refresh would notice the missing folders anyway.
+    that reads as a run; it leaves `DELETING` in it, and the next plan lists it
+    in ``leftovers``, deleted here. The store's index is told at once; had that
+    failed, its next refresh would notice the missing folders anyway.
     """
     deleted: list[str] = []
     skipped: list[dict[str, str]] = []
+    for left in plan.leftovers:
+        folder = store.storage.child(names.validate_run_id(left["run_id"]))
+        try:
+            if _interrupted(folder):
+                folder.delete_tree("")
+                deleted.append(left["run_id"])
+        except RunfmtError as exc:
+            skipped.append({"run_id": left["run_id"], "reason": str(exc)})
     for entry in plan.delete:
         run = store.storage.child(names.validate_run_id(entry.run_id))
         try:
@@ -243,6 +269,7 @@ def delete_planned(
                         }
                     )
                     continue
+                run.write_atomic(DELETING, b"", durable=False)
                 unpublish(run)
             run.delete_tree("")
         except RunfmtError as exc:

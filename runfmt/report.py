@@ -103,11 +103,19 @@ class Report:
         }
 
 
+_SCALE = 64
+"""Values are summed times 2**-64, which is exact (bar subnormals), so that no sum of
+finite values overflows and a mean is finite."""
+
+
 def _metrics(run: RunReader, stage: str, fields: Sequence[str]) -> dict[str, Metric]:
-    sums = dict.fromkeys(fields, 0.0)
+    """Each field's mean over the stage's non-failure records: an exact sum (`math.fsum`)
+    of each batch, so neither the order of the records nor big values change it."""
+    sums: dict[str, list[float]] = {name: [] for name in fields}
     counts = dict.fromkeys(fields, 0)
     missing = dict.fromkeys(fields, 0)
     where = f"{run.storage.where()} stage {stage}"
+    values: dict[str, list[float]] = {name: [] for name in fields}
     for batch in run.record_batches(stage):
         for record in batch:
             if is_failure(record):
@@ -121,14 +129,18 @@ def _metrics(run: RunReader, stage: str, fields: Sequence[str]) -> dict[str, Met
                     except KeyError:
                         missing[name] += 1
                         continue
-                if type(raw) is float or type(raw) is int or type(raw) is bool:
-                    sums[name] += raw
-                else:
-                    sums[name] += numeric_value(raw, name, where)
-                counts[name] += 1
+                if type(raw) is not float and type(raw) is not int:
+                    raw = numeric_value(raw, name, where)
+                values[name].append(math.ldexp(raw, -_SCALE))
+        for name, got in values.items():
+            sums[name].append(math.fsum(got))
+            counts[name] += len(got)
+            got.clear()
     return {
         name: Metric(
-            sums[name] / counts[name] if counts[name] else None, counts[name], missing[name]
+            math.ldexp(math.fsum(sums[name]) / counts[name], _SCALE) if counts[name] else None,
+            counts[name],
+            missing[name],
         )
         for name in fields
     }

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from runfmt.format import names
 from runfmt.gc import delete_planned, plan_gc
+from runfmt.storage import Storage
 from runfmt.store import Store
 from tests.fixtures_manage import Cli, MakeRun
 
@@ -168,3 +170,37 @@ def test_files_a_fork_shares_count_once_and_free_nothing_while_it_stays(
     shutil.move(Path(store.url) / "fork", Path(store.url) / ".fork-killed")  # a killed build's
     assert [(e.run_id, e.bytes) for e in plan_gc(store, max_size=0).delete] == [
         ("src", chosen.bytes)]  # fmt: skip
+
+
+def test_a_delete_cut_short_is_finished_by_the_next_gc_whatever_its_policy(
+    runs: Store, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete interrupted after the revisions went leaves a folder that is no run: it is
+    marked, so the next ``gc --yes`` deletes it; a folder named like a run with no marker
+    (a copy under way) is left alone."""
+    delete_tree = Storage.delete_tree
+
+    def cut_short(self: Storage, rel: str) -> None:
+        self.delete(names.STAGES_DIR + "/s/" + self.names("stages/s")[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Storage, "delete_tree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        delete_planned(runs, plan_gc(runs, keep_last=2))
+    monkeypatch.setattr(Storage, "delete_tree", delete_tree)
+    copying = Path(runs.url) / "20260101-000000000-0000000c"
+    shutil.copytree(Path(runs.url) / "a1" / "stages", copying / "stages")
+    assert "a0" in runs.run_ids()
+    assert runs.storage.exists("a0/stages")
+    assert not runs.storage.exists("a0/manifest.json")
+
+    code, out, _ = cli(runs, "gc", "--keep-last", "5", "--json")
+    plan = json.loads(out)
+    assert (code, plan["delete"], [x["run_id"] for x in plan["leftovers"]]) == (0, [], ["a0"])
+    assert plan["bytes_freed"] == plan["leftovers"][0]["bytes"] > 0
+    code, out, _ = cli(runs, "gc", "--keep-last", "5", "--yes")
+    assert code == 0
+    assert "deleting 1 folder(s) that an interrupted gc left" in out
+    assert not (Path(runs.url) / "a0").exists()
+    assert copying.exists()
+    assert sorted(runs.run_ids()) == sorted(["a1", "a2", "b0", "b1", copying.name])

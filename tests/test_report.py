@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,18 @@ def test_large_values_show_no_digits_past_a_floats_precision(store: Store) -> No
     row = text.splitlines()[-1]
     assert "| 123456789012346 |" in row
     assert "| 1.500 |" in row
+
+
+def test_means_are_exact_and_finite_whatever_the_values(store: Store) -> None:
+    """Huge values neither overflow a mean to Infinity (no valid JSON) nor lose the
+    small ones; the order of the records does not change a mean."""
+    values = [1e308, 1e308, -1e308, 0.1, 0.2, 0.3]
+    with store.create_run("extremes", heartbeat_interval=None) as w:
+        w.extend("score", [{"p": v, "q": [0.1, 0.2, 0.3][i % 3]} for i, v in enumerate(values)])
+    report = build_report([store.open_run(w.run_id)], "score", ["p", "q"])
+    assert report.rows[0].metrics["p"].mean == pytest.approx(1e308 / 6, rel=1e-15)
+    assert report.rows[0].metrics["q"].mean == math.fsum([0.1, 0.2, 0.3] * 2) / 6
+    document = json.loads(
+        render(report, "json"), parse_constant=lambda c: pytest.fail(f"not JSON: {c}")
+    )
+    assert document["runs"][0]["metrics"]["p"]["mean"] == pytest.approx(1e308 / 6, rel=1e-15)

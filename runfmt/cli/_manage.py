@@ -362,15 +362,15 @@ def _delete(
     from runfmt.format.names import validate_run_id
     from runfmt.gc import delete_planned
 
-    deleted: list[str] = []
-    skipped: list[dict[str, str]] = []
+    deleted, skipped = delete_planned(store, dataclasses.replace(plan, delete=[]))
     for entry in plan.delete:
         run = store.storage.child(validate_run_id(entry.run_id))
         try:
             with held_commit_lock(run, GC_LOCK_WAIT, entry.run_id):
                 done, refused = delete_planned(
-                    store, dataclasses.replace(plan, delete=[entry]), active_within=active
-                )
+                    store, dataclasses.replace(plan, delete=[entry], leftovers=[]),
+                    active_within=active,
+                )  # fmt: skip
         except RunfmtError as exc:
             reason = cli_lock_error(exc) if isinstance(exc, LockTimeoutError) else exc
             skipped.append({"run_id": entry.run_id, "reason": str(reason)})
@@ -387,13 +387,18 @@ def _print_plan(
 
     verb = "deleting" if applied else "would delete"
     if plan.delete:
-        echo(f"{verb} {len(plan.delete)} run(s), {format_size(plan.bytes_freed)}:")
+        echo(f"{verb} {len(plan.delete)} run(s), {format_size(sum(e.bytes for e in plan.delete))}:")
         rows = [
             ["  " + e.run_id, e.name, e.status, format_size(e.bytes), e.reason] for e in plan.delete
         ]
         table(["  run", "name", "status", "size", "why"], rows, {3})
-    else:
+    elif not plan.leftovers:
         echo("nothing to delete")
+    if plan.leftovers:
+        size = format_size(sum(left["bytes"] for left in plan.leftovers))
+        echo(f"{verb} {len(plan.leftovers)} folder(s) that an interrupted gc left, {size}:")
+        for left in plan.leftovers:
+            echo(f"  {left['run_id']}")
     echo(f"keeping {len(plan.keep)} run(s)")
     for e in plan.protected:
         echo(f"  never deleting {e.run_id} ({e.name}): {e.reason}")
@@ -405,7 +410,7 @@ def _print_plan(
         echo(f"deleted {len(deleted)} run(s)")
         for s in skipped:
             sys.stderr.write(printable(f"runfmt: skipped {s['run_id']}: {s['reason']}") + "\n")
-    elif plan.delete:
+    elif plan.delete or plan.leftovers:
         echo("run again with --yes to delete")
 
 
