@@ -562,7 +562,7 @@ def scan_file(
             if not chunk:
                 raise StageFileError("file is shorter than its listed length (CHECK-1)")
             remaining -= len(chunk)
-            for event in decoder.feed(chunk):
+            for event in decoder.decode(chunk):
                 if isinstance(event, DataFrame):
                     for line, record in enumerate(decode_lines(event.content)):
                         key = record_key(record, key_field)

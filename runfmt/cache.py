@@ -277,7 +277,7 @@ class Cache:
             data = self.index.read_range(where.run_id, where.path, where.frame_start,
                                          where.frame_end)  # fmt: skip
             decoder = FrameDecoder(start=where.frame_start)
-            frames = [e for e in decoder.feed(data) if isinstance(e, DataFrame)]
+            frames = [e for e in decoder.decode(data) if isinstance(e, DataFrame)]
             decoder.close()
         except FileNotFoundError:  # the run was removed or replaced since it was indexed
             return None

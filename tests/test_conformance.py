@@ -545,7 +545,7 @@ def test_a_commit_keeps_the_later_minor_version_of_its_base(tmp_path: Path) -> N
     new_file = doc["stages"][0]["files"][-1]["path"]
     assert w.writer_id in new_file
     decoder = FrameDecoder()
-    decoder.feed((run / new_file).read_bytes())
+    list(decoder.decode((run / new_file).read_bytes()))
     assert decoder.header is not None
     assert decoder.header["format_version"] == FORMAT_VERSION
     assert verify_run(Storage(str(run))) == []

@@ -49,7 +49,7 @@ def stage_file(payloads: list[bytes], header: Header = HEADER) -> bytes:
 
 def decode(chunks: list[bytes]) -> list[Header | DataFrame]:
     decoder = FrameDecoder()
-    events = [e for chunk in chunks for e in decoder.feed(chunk)]
+    events = [e for chunk in chunks for e in decoder.decode(chunk)]
     decoder.close()
     return events
 
@@ -154,7 +154,7 @@ def test_decode_gives_every_frame_before_a_malformed_one(junk: bytes, cut: int) 
 
 def test_every_truncation_off_a_frame_boundary_is_detected() -> None:
     decoder = FrameDecoder()
-    whole = decoder.feed(SMALL)
+    whole = list(decoder.decode(SMALL))
     cuts_ok = boundaries(whole, decoder.header_end)
     for length in range(len(SMALL)):
         truncated = SMALL[:length]
@@ -168,7 +168,7 @@ def test_every_truncation_off_a_frame_boundary_is_detected() -> None:
 
 def test_truncation_reports_where_the_complete_part_ends() -> None:
     decoder = FrameDecoder()
-    events = decoder.feed(SMALL[:-3])
+    events = list(decoder.decode(SMALL[:-3]))
     with pytest.raises(StageFileError, match="truncated frame") as info:
         decoder.close()
     last_complete = [e for e in events if isinstance(e, DataFrame)][-1].end
@@ -179,7 +179,7 @@ def test_truncation_reports_where_the_complete_part_ends() -> None:
 
 def test_every_byte_flip_inside_data_frames_is_detected() -> None:
     decoder = FrameDecoder()
-    decoder.feed(SMALL)
+    list(decoder.decode(SMALL))
     for pos in range(decoder.header_end, len(SMALL)):
         flipped = bytearray(SMALL)
         flipped[pos] ^= 0xFF
@@ -209,7 +209,7 @@ def test_file_must_start_with_the_empty_zstd_frame() -> None:
     with pytest.raises(StageFileError, match="FRAME-1"):
         decode([encode_header(HEADER) + FrameEncoder().encode(b"{}\n")])
     with pytest.raises(StageFileError, match="FRAME-1"):
-        FrameDecoder().feed(b"\x28\xb5\x2f\xfc")
+        list(FrameDecoder().decode(b"\x28\xb5\x2f\xfc"))
 
 
 def test_header_frame_must_follow_the_prefix() -> None:
@@ -247,7 +247,7 @@ def test_declared_size_is_bounded_before_decompressing() -> None:
     assert len(bomb) < 200
     decoder = FrameDecoder(max_frame_content=50_000)
     with pytest.raises(StageFileError, match=r"declares 100000 bytes, over 50000 \(FRAME-4\)"):
-        decoder.feed(PREFIX + encode_header(HEADER) + bomb)
+        list(decoder.decode(PREFIX + encode_header(HEADER) + bomb))
 
 
 @pytest.mark.parametrize(
@@ -279,7 +279,7 @@ def test_oversized_header_is_refused() -> None:
     with pytest.raises(StageFileError, match="over"):
         encode_header({"pad": "x" * 70_000})
     with pytest.raises(StageFileError, match="header frame of"):
-        FrameDecoder().feed(PREFIX + struct.pack("<II", HEADER_MAGIC, 10**9))
+        list(FrameDecoder().decode(PREFIX + struct.pack("<II", HEADER_MAGIC, 10**9)))
 
 
 COUNTER_NAMES = st.from_regex(r"[A-Za-z0-9_.:/-]{1,128}", fullmatch=True)
@@ -303,7 +303,7 @@ def test_counter_frames_round_trip_wherever_the_input_is_split(
         data += encode_counters(d) + encoder.encode(b'{"i":%d}\n' % i)
     cut %= len(data) + 1
     decoder = FrameDecoder(counters_from=0)
-    events = decoder.feed(data[:cut]) + decoder.feed(data[cut:])
+    events = [*decoder.decode(data[:cut]), *decoder.decode(data[cut:])]
     decoder.close()
     assert [f.counters for f in decoder.counter_frames] == deltas
     assert [f.start for f in decoder.counter_frames] == starts
@@ -331,7 +331,7 @@ def test_a_counter_frame_not_as_frame_6_says_is_an_error(body: bytes) -> None:
     frame = struct.pack("<II", COUNTERS_MAGIC, len(body)) + body
     decoder = FrameDecoder(counters_from=0)
     with pytest.raises(StageFileError):
-        decoder.feed(PREFIX + encode_header(HEADER) + frame)
+        list(decoder.decode(PREFIX + encode_header(HEADER) + frame))
 
 
 @pytest.mark.parametrize("at", range(0, 80, 7))
@@ -357,4 +357,4 @@ def test_a_counter_frame_is_bounded_in_size() -> None:
         encode_counters(huge)
     frame = struct.pack("<II", COUNTERS_MAGIC, MAX_HEADER_SIZE + 1)
     with pytest.raises(StageFileError, match="counter frame of"):
-        FrameDecoder(counters_from=0).feed(PREFIX + encode_header(HEADER) + frame)
+        list(FrameDecoder(counters_from=0).decode(PREFIX + encode_header(HEADER) + frame))

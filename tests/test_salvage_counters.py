@@ -33,7 +33,7 @@ def frames_of(path: Path) -> tuple[list[int], list[tuple[int, dict[str, Any]]]]:
     """Where each data frame starts, and each counter frame's start and deltas."""
     data = path.read_bytes()
     decoder = FrameDecoder(counters_from=0)
-    starts = [e.start for e in decoder.feed(data) if isinstance(e, DataFrame)]
+    starts = [e.start for e in decoder.decode(data) if isinstance(e, DataFrame)]
     return starts, [(f.start, f.counters) for f in decoder.counter_frames]
 
 

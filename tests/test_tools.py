@@ -44,7 +44,7 @@ def finished_run(store: Store) -> Path:
         frames = [e for e in iter_frames(f.read_bytes()) if isinstance(e, DataFrame)]
         assert len(frames) >= 4
     decoder = FrameDecoder(counters_from=0)
-    decoder.feed(stage_files(run_dir, "score")[0].read_bytes())
+    list(decoder.decode(stage_files(run_dir, "score")[0].read_bytes()))
     assert len(decoder.counter_frames) >= 4
     return run_dir
 

@@ -183,12 +183,11 @@ class FrameDecoder:
         self.complete_end = start
         """Offset just past the last complete frame (where a torn tail begins)."""
 
-    def feed(self, chunk: bytes) -> list[Header | DataFrame]:
-        return list(self.decode(chunk))
-
     def decode(self, chunk: bytes) -> Iterator[Header | DataFrame]:
-        """`feed` as a generator: each event comes out as soon as it is decoded, so the
-        frames before a malformed one are seen before its error (salvage keeps them)."""
+        """Feed the next bytes of the file and yield each event as soon as it is decoded:
+        one frame's content in memory at a time whatever the chunk's size, and the frames
+        before a malformed one seen before its error (salvage keeps them). Consume it
+        whole before the next chunk."""
         self._buf += chunk
         events: list[Header | DataFrame] = []
         while self._step(events):
@@ -340,7 +339,7 @@ def _is_prefix_of_magic(buf: bytearray) -> bool:
 def iter_frames(data: bytes) -> Iterator[Header | DataFrame]:
     """Decode a whole stage file held in memory; raises on a torn or corrupt file."""
     decoder = FrameDecoder()
-    yield from decoder.feed(data)
+    yield from decoder.decode(data)
     decoder.close()
 
 
@@ -356,11 +355,14 @@ def stage_events(
     decoder = decoder or FrameDecoder()
     line = 0
     for chunk in chunks:
-        try:
-            events = decoder.feed(chunk)
-        except StageFileError as exc:
-            raise exc.at(where) from None
-        for event in events:
+        events = decoder.decode(chunk)
+        while True:
+            try:
+                event = next(events, None)
+            except StageFileError as exc:
+                raise exc.at(where) from None
+            if event is None:
+                break
             if not isinstance(event, DataFrame):
                 yield event
                 continue

@@ -136,15 +136,13 @@ class FileCheck:
         if self._error is not None:
             return
         try:
-            events = self._decoder.feed(chunk)
+            for event in self._decoder.decode(chunk):
+                if isinstance(event, DataFrame):
+                    self._frame(event)
+                else:
+                    self._header(event)
         except StageFileError as exc:
             self._fail(exc.problem, "FRAME-5")
-            return
-        for event in events:
-            if isinstance(event, DataFrame):
-                self._frame(event)
-            else:
-                self._header(event)
 
     def _header(self, header: Mapping[str, object]) -> None:
         found = header_problem(header, self.entry.path, self.stage)

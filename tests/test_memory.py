@@ -1,0 +1,67 @@
+"""Streaming holds one frame's records at a time, whatever the stage's compression ratio."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from runfmt.check import verify_run
+from runfmt.store import Store
+from runfmt.transfer import export_stage
+
+FRAMES = 600
+PER_FRAME = 10
+PAD = 10_000
+"""600 frames of 100 KB that compress about 300 times: 60 MB of records in one 1 MiB read."""
+BOUND = 12 << 20
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    store = Store(tmp_path_factory.mktemp("memory") / "runs")
+    with store.create_run("compressible", flush_every=PER_FRAME, flush_interval=None) as run:
+        stage = run.stage("pad", key_field="key")
+        for i in range(FRAMES * PER_FRAME):
+            stage.append({"key": f"k{i}", "pad": "a" * PAD})
+    return store
+
+
+def _peak(work: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _drain(records: Iterator[object]) -> None:
+    for _ in records:
+        pass
+
+
+def _cache_hit(store: Store) -> None:
+    assert Store(store.url).cache.record("pad", "k5") == {"key": "k5", "pad": "a" * PAD}
+
+
+@pytest.mark.parametrize(
+    "work",
+    [
+        pytest.param(lambda s, r, tmp: _drain(s.open_run(r).records("pad")), id="records"),
+        pytest.param(lambda s, r, tmp: verify_run(s.locate(r)), id="verify"),
+        pytest.param(
+            lambda s, r, tmp: export_stage(s.open_run(r), "pad", tmp / "pad.jsonl"), id="export"
+        ),
+        pytest.param(lambda s, r, tmp: _cache_hit(s), id="cache-scan"),
+    ],
+)
+def test_streaming_memory_is_one_frame_not_one_read(
+    store: Store, tmp_path: Path, work: Callable[[Store, str, Path], object]
+) -> None:
+    (run_id,) = store.run_ids()
+    size = sum(f.stat().st_size for f in (Path(store.url) / run_id / "stages").rglob("*.zst"))
+    assert size < 1 << 20, "the whole stage is one read"
+    assert _peak(lambda: work(store, run_id, tmp_path)) < BOUND
