@@ -443,6 +443,45 @@ def test_a_closed_stdout_keeps_the_commands_exit_code(
     assert proc.stderr == (b"runfmt: error: 1 problem in 1 of 2 runs\n" if code else b"")
 
 
+@pytest.mark.parametrize(("command", "code"), [("ls", 0), ("verify", 1), ("demo", 0)])
+def test_no_stdout_at_all_keeps_the_commands_exit_code(
+    tmp_path: Path, command: str, code: int
+) -> None:
+    """`runfmt verify >&-`: Python starts with no ``sys.stdout``; the output is lost, the
+    exit code is the command's own, and no traceback is written."""
+    store = runfmt.Store(tmp_path / "runs")
+    with store.create_run("bad") as bad:
+        bad.append("score", {"i": 2})
+    stage_file = next((tmp_path / "runs" / bad.run_id).glob("stages/score/*.zst"))
+    stage_file.write_bytes(stage_file.read_bytes() + b"x")
+    proc = subprocess.run(
+        [sys.executable, "-m", "runfmt", "--store", str(tmp_path / "runs"), command],
+        stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1), timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert b"Traceback" not in proc.stderr
+
+
+def test_output_in_an_encoding_without_the_names_is_escaped(tmp_path: Path) -> None:
+    """A terminal that cannot show a name (``LC_ALL=C`` with UTF-8 mode off, or
+    ``PYTHONIOENCODING=ascii``) gets backslash escapes, and JSON ``\\u`` escapes."""
+    store = runfmt.Store(tmp_path / "runs")
+    with store.create_run("héllo €") as run:
+        run.append("score", {"answer": "é"})
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    for args in (["ls"], ["status"], ["show", run.run_id], ["ls", "--json"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "runfmt", "--store", str(tmp_path / "runs"), *args],
+            capture_output=True, env=env, timeout=120, check=False,
+        )  # fmt: skip
+        assert (proc.returncode, proc.stderr) == (0, b""), args
+        proc.stdout.decode("ascii")
+        if args == ["ls", "--json"]:
+            assert json.loads(proc.stdout)[0]["name"] == "héllo €"
+        else:
+            assert b"h\\xe9llo \\u20ac" in proc.stdout, args
+
+
 # schema
 
 

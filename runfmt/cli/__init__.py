@@ -190,7 +190,7 @@ def print_json(value: Any) -> None:
 
     def dumps(item: Any) -> str:
         try:
-            return json.dumps(item, indent=2, ensure_ascii=False, default=str)
+            return json.dumps(item, indent=2, ensure_ascii=not _utf8(sys.stdout), default=str)
         except RecursionError:
             fail("a value nests too deep to print (REC-3, MAN-1): run `runfmt verify` on its run")
 
@@ -399,6 +399,15 @@ class _GuardedOutput:
         return getattr(self._stream, name)
 
 
+def _utf8(stream: Any) -> bool:
+    """Whether ``stream`` writes any text: its encoding is UTF-8 (else names and records
+    are written with backslash escapes, JSON with ``\\u`` escapes)."""
+    return str(getattr(stream, "encoding", "") or "").lower().replace("-", "").replace("_", "") in (
+        "utf8",
+        "",
+    )
+
+
 def _discard_output(stream: Any) -> None:
     """Point ``stream``'s descriptor at the null device, so that what Python still holds
     in its buffers can be flushed at exit without another error."""
@@ -414,6 +423,12 @@ def main() -> None:
     """Entry point: run the app; a `RunfmtError` or a failed file operation becomes a
     message and exit 1. A closed stdout discards the rest of the output: the command
     still exits with its own code (``runfmt verify | head -1`` exits 1 on a problem)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:  # closed (`>&-`): what goes there is lost, the exit code is not
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115
+        elif not _utf8(stream) and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     stdout = sys.stdout
     sys.stdout = _GuardedOutput(stdout)
     try:
