@@ -519,6 +519,8 @@ def test_schema_lists_names_and_prints_each(tmp_path: Path) -> None:
         (["report", "--output", "/nonexistent/r.md"], 1, "No such file or directory"),
         (["export", "{run}", "/nonexistent/r.tar"], 1, "No such file or directory"),
         (["--store", "{file}", "ls"], 2, "is a file, not a store folder"),
+        (["fork", "{run}", "score", "--run-id", "BAD ID"], 2, "Invalid value for --run-id"),
+        (["import", "{file}.tar", "--run-id", "BAD ID"], 2, "Invalid value for --run-id"),
         (
             ["--store", "{file}/runs", "demo", "--items", "3"],
             2,
@@ -543,12 +545,18 @@ def test_user_errors_exit_with_a_message_and_no_traceback(
     assert "Traceback" not in err + out
 
 
-def test_bad_store_url_is_an_error_not_a_crash(tmp_path: Path) -> None:
+def test_bad_store_url_is_bad_usage_not_a_crash(tmp_path: Path) -> None:
     proc = python_m("--store", "nosuchproto://bucket/runs", "show", "r1", cwd=tmp_path)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("runfmt: error: nosuchproto://bucket/runs")
-    assert "Protocol not known" in proc.stderr
+    assert proc.returncode == 2
+    assert "unknown protocol 'nosuchproto'" in proc.stderr
     assert "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "runfmt", "ls"], cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "RUNFMT_STORE": "file://"}, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "'file://' names no folder or bucket" in proc.stderr
+    assert not (tmp_path / ".runfmt").exists()
 
 
 def test_unknown_run_end_to_end(tmp_path: Path) -> None:

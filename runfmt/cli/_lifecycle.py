@@ -13,6 +13,7 @@ from runfmt.cli import (
     RunArg,
     app,
     at_most_max_count,
+    checked_run_id,
     echo,
     fail,
     no_runs,
@@ -252,7 +253,7 @@ def fork(
     writer = store.fork_run(
         run,
         at_stage,
-        run_id=run_id,
+        run_id=checked_run_id(run_id),
         name=name,
         config=config,
         artifacts=not no_artifacts,

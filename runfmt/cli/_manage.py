@@ -18,6 +18,7 @@ from runfmt.cli import (
     RunArg,
     app,
     at_most_max_count,
+    checked_run_id,
     cli_lock_error,
     echo,
     fail,
@@ -490,6 +491,7 @@ def import_(
     """Import a run archive into the store, or a stage file into a run, checking checksums."""
     from runfmt.transfer import import_run, import_stage
 
+    checked_run_id(run_id)
     is_archive = file.endswith((".tar", ".tar.gz", ".tgz"))
     if not os.path.exists(file):
         fail(f"{file}: no such file")
