@@ -403,8 +403,15 @@ def test_repair_says_what_to_do_about_what_it_leaves(
     assert f"left after repair ({advice})" in err
 
 
-def test_ctrl_c_says_the_command_was_interrupted(tmp_path: Path) -> None:
-    """Exit 130 with a line on stderr; the demo run it stopped is cancelled and verifies."""
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [(signal.SIGINT, 130, "runfmt: interrupted"), (signal.SIGTERM, 143, "runfmt: terminated")],
+)
+def test_ctrl_c_and_sigterm_say_the_command_was_stopped(
+    tmp_path: Path, signum: int, code: int, said: str
+) -> None:
+    """Exit 130 (Ctrl-C) or 143 (SIGTERM: `timeout`, `docker stop`) with a line on stderr;
+    the demo run it stopped is cancelled and verifies."""
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "runfmt", "--store", str(runs), "demo", "--items", "100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -412,10 +419,10 @@ def test_ctrl_c_says_the_command_was_interrupted(tmp_path: Path) -> None:
     while not list(runs.glob("*/_manifests")) and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "runfmt: interrupted" in err
+    assert proc.returncode == code
+    assert said in err
     assert "Traceback" not in err
     [run] = runfmt.Store(runs).run_ids()
     assert runfmt.Store(runs).open_run(run).manifest.status == "cancelled"

@@ -12,6 +12,7 @@ checking are quoted instead. Exit codes: 0 ok, 1 a problem found or an operation
 import contextlib
 import copy
 import os
+import signal
 import sys
 from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
@@ -454,6 +455,11 @@ def main() -> None:
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115
         elif not _utf8(stream) and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    if (
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not a background job
+    ):
+        signal.signal(signal.SIGTERM, _terminate)
     stdout = sys.stdout
     sys.stdout = _GuardedOutput(stdout)
     try:
@@ -461,6 +467,17 @@ def main() -> None:
     finally:
         sys.stdout.flush()
         sys.stdout = stdout
+
+
+_terminated = False
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (``timeout``, ``docker stop``, a CI job cancelled) stops a command as Ctrl-C
+    does, also where a commit holds Ctrl-C back until it is recorded; exit 143."""
+    global _terminated
+    _terminated = True
+    signal.raise_signal(signal.SIGINT)
 
 
 def _run() -> None:
@@ -490,13 +507,16 @@ def _run() -> None:
             show()
             sys.exit(exit_code)
         raise
-    if code == _INTERRUPTED:  # typer turns Ctrl-C into this exit code, silently
+    if code == _INTERRUPTED and _terminated:
+        sys.stderr.write("runfmt: terminated\n")
+        code = _TERMINATED
+    elif code == _INTERRUPTED:  # typer turns Ctrl-C into this exit code, silently
         sys.stderr.write("runfmt: interrupted\n")
     sys.exit(code if isinstance(code, int) else 0)
 
 
-_INTERRUPTED = 130
-"""The exit code of a command stopped by Ctrl-C (128 + SIGINT)."""
+_INTERRUPTED, _TERMINATED = 130, 143
+"""The exit codes of a command stopped by Ctrl-C (128 + SIGINT) or SIGTERM (128 + 15)."""
 
 
 _ROOT_VALUE_OPTIONS = frozenset({"--store", "-s", "--storage-option", "-o"})
