@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TypeVar
@@ -436,13 +436,16 @@ class Row:
 @dataclass(slots=True)
 class FileWork:
     """A keyed file's newly scanned bytes: what was indexed before (length, sha256), whether
-    that is dropped (a replaced file), and the (key, frame start, frame end, line) found."""
+    that is dropped (a replaced file), and where the (key, frame start, frame end, line)
+    found wait to be stored."""
 
     file: KeyedFile
     seen: tuple[int, str] | None
     reset: bool
-    entries: list[tuple[str, int, int, int]] | None
-    """None when not scanned (keys pending): a reset then only drops the old entries."""
+    scan: int | None
+    """The ``scan`` of the rows of the connection's ``temp.scan`` table holding the entries
+    found (spilled there, so that a run of millions of keys is never held in memory); None
+    when not scanned (keys pending): a reset then only drops the old entries."""
 
 
 def _check(cond: bool, what: str) -> None:
@@ -548,12 +551,11 @@ def unreadable(run_id: str, stamp: Stamp, problem: str) -> Row:
 
 def scan_file(
     source: Source, run_id: str, path: str, key_field: str, start: int, end: int
-) -> list[tuple[str, int, int, int]]:
+) -> Iterator[tuple[str, int, int, int]]:
     """(key, frame start, frame end, line) of the non-failure keyed records in ``[start, end)``."""
     from runfmt.format.frames import DataFrame, FrameDecoder
     from runfmt.format.records import decode_lines, is_failure, record_key
 
-    entries: list[tuple[str, int, int, int]] = []
     decoder = FrameDecoder(start=start)
     remaining = end - start
     with source.open_range(run_id, path, start) as stream:
@@ -567,6 +569,5 @@ def scan_file(
                     for line, record in enumerate(decode_lines(event.content)):
                         key = record_key(record, key_field)
                         if key is not None and not is_failure(record):
-                            entries.append((key, event.start, event.end, line))
+                            yield key, event.start, event.end, line
     decoder.close()
-    return entries

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 import os
 import re
 import sqlite3
@@ -135,6 +136,11 @@ CREATE INDEX cache_key ON cache(stage, key);
 CREATE INDEX cache_file ON cache(file_id);
 """
 
+_SCAN_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS scan(scan INTEGER, key TEXT, start INTEGER, end INTEGER, "
+    "line INTEGER)"
+)
+"""Where a refresh puts the cache entries it scans until it stores them (`FileWork.scan`)."""
 _SCHEMA_OBJECTS = frozenset(
     (kind.lower(), name, statement)
     for statement in map(str.strip, _SCHEMA.split(";"))
@@ -680,6 +686,10 @@ class Index:
         entries of replaced files are dropped.
         """
         work: dict[str, list[FileWork]] = {}
+        scans = itertools.count()
+        if keys:
+            con.execute(_SCAN_TABLE)
+            con.execute("DELETE FROM temp.scan")  # what an interrupted refresh left
         for row in rows:
             row.replace = fresh
             if not row.keyed:
@@ -704,10 +714,16 @@ class Index:
                         items.append(FileWork(file, seen, reset, None))
                     continue
                 start = seen[0] if seen is not None and not reset else 0
+                scan = next(scans)
+                found = scan_file(self._source, row.run_id, file.path, file.key_field,
+                                  start, file.bytes)  # fmt: skip
+                con.execute("BEGIN")  # the temp database alone: no lock on the index
                 try:
-                    entries = scan_file(self._source, row.run_id, file.path, file.key_field,
-                                        start, file.bytes)  # fmt: skip
+                    con.executemany("INSERT INTO temp.scan VALUES (?,?,?,?,?)",
+                                    ((scan, *entry) for entry in found))  # fmt: skip
+                    con.execute("COMMIT")
                 except (RunfmtError, OSError) as exc:
+                    con.execute("ROLLBACK")
                     why = (
                         "the listed file is missing" if isinstance(exc, FileNotFoundError) else exc
                     )  # a backend's FileNotFoundError may only name the path
@@ -715,7 +731,10 @@ class Index:
                                 self._source.where(row.run_id, file.path), why)  # fmt: skip
                     row.partial = True
                     continue
-                items.append(FileWork(file, seen, reset, entries))
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                items.append(FileWork(file, seen, reset, scan))
             work[row.run_id] = items
         return work
 
@@ -783,6 +802,10 @@ class Index:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
+        finally:
+            if work:
+                with contextlib.suppress(sqlite3.Error):
+                    con.execute("DROP TABLE IF EXISTS temp.scan")
         return entries, raced
 
     @staticmethod
@@ -808,8 +831,7 @@ class Index:
             if (None if found is None else found[1]) != item.seen:
                 row.partial = True
                 continue
-            scanned = item.entries
-            if scanned is None:  # keys pending: a replaced file's old entries go
+            if item.scan is None:  # keys pending: a replaced file's old entries go
                 if found is not None:
                     con.execute("DELETE FROM cache WHERE file_id=?", (found[0],))
                     con.execute("UPDATE files SET indexed_bytes=0, sha256='' WHERE file_id=?",
@@ -829,12 +851,10 @@ class Index:
                     con.execute("DELETE FROM cache WHERE file_id=?", (file_id,))
                 con.execute("UPDATE files SET indexed_bytes=?, sha256=? WHERE file_id=?",
                             (file.bytes, file.sha256, file_id))  # fmt: skip
-            con.executemany(
-                "INSERT INTO cache VALUES (?,?,?,?,?,?)",
-                [(file.stage, key, file_id, start, end, line)
-                 for key, start, end, line in scanned],
-            )  # fmt: skip
-            entries += len(scanned)
+            entries += con.execute(
+                "INSERT INTO cache SELECT ?, key, ?, start, end, line FROM temp.scan WHERE scan=?",
+                (file.stage, file_id, item.scan),
+            ).rowcount
         return entries
 
     def forget(self, run_ids: Sequence[str]) -> None:

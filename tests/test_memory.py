@@ -65,3 +65,16 @@ def test_streaming_memory_is_one_frame_not_one_read(
     size = sum(f.stat().st_size for f in (Path(store.url) / run_id / "stages").rglob("*.zst"))
     assert size < 1 << 20, "the whole stage is one read"
     assert _peak(lambda: work(store, run_id, tmp_path)) < BOUND
+
+
+def test_indexing_the_keys_of_a_big_run_holds_no_list_of_them(tmp_path: Path) -> None:
+    """The cache entries a refresh finds wait in SQLite (a temporary table), not in a
+    Python list: hundreds of thousands of keys take no more memory than a few."""
+    store = Store(tmp_path / "runs")
+    with store.create_run("keys", flush_interval=None) as run:
+        run.stage("t", key_field="key")
+        run.extend("t", ({"key": f"key-{i:07d}", "v": i} for i in range(200_000)))
+    index = Store(store.url).index
+    assert _peak(index.refresh) < BOUND
+    assert Store(store.url).cache.record("t", "key-0199999") == {"key": "key-0199999", "v": 199999}
+    assert index.query("SELECT count(*) FROM cache") == [(200_000,)]
