@@ -23,6 +23,7 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.registry import known_implementations, registry
 
 from runfmt._local import open_regular
 from runfmt.errors import (
@@ -837,8 +838,18 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def check_url(url: str) -> None:
-    """Refuse ``s3:/bucket`` and ``s3:bucket``: a URL missing a slash would name a local
-    folder ``s3:``."""
+    """Refuse ``s3:/bucket`` and ``s3:bucket`` (a URL missing a slash would name a local
+    folder ``s3:``), a protocol fsspec does not know, and a URL naming no folder or bucket
+    (``file://`` would be the working directory)."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "::" not in url:
+        if scheme.lower() not in known_implementations.keys() | registry.keys():
+            raise InvalidInputError(
+                f"{url!r}: unknown protocol {scheme!r}",
+                hint="fsspec knows file, memory, s3, gs, az, … (some need their package)",
+            )
+        if not rest.strip("/"):
+            raise InvalidInputError(f"{url!r} names no folder or bucket")
     found = _SHORT_URL.match(url)
     scheme = found[1].lower() if found else "file"
     if scheme not in ("file", "local") and scheme in fsspec.available_protocols():

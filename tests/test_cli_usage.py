@@ -83,6 +83,16 @@ def test_a_url_with_one_slash_is_bad_usage(
     assert runfmt.Store(f"file:{tmp_path}/SRC").run_ids() != []
 
 
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [("bogus://x/runs", "unknown protocol 'bogus'"), ("file://", "names no folder or bucket"),
+     ("memory:///", "names no folder or bucket")],
+)  # fmt: skip
+def test_a_url_of_no_known_protocol_or_with_no_path_is_refused(url: str, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        runfmt.Store(url)
+
+
 def test_status_lists_newest_first_by_creation_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

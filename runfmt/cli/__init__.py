@@ -277,28 +277,13 @@ def _width(text: str) -> int:
 
 
 def check_location(location: str, option: str) -> None:
-    """Bad usage of ``option`` when ``location`` is a URL missing a slash (``s3:/bucket``),
-    of a protocol fsspec does not know, or with no path (``file://``); fsspec is imported
-    only for a location that could be a URL."""
-    if ":" not in location:
-        return
-    scheme, sep, rest = location.partition("://")
-    if not sep:
+    """Bad usage of ``option`` when ``location`` is a URL `runfmt.storage.check_url`
+    refuses; fsspec is imported only for a location that could be a URL."""
+    if ":" in location:
         from runfmt.storage import check_url
 
         with usage_of(option):
             check_url(location)
-        return
-    if not rest.strip("/"):
-        raise typer.BadParameter(f"{location!r} names no folder or bucket", param_hint=option)
-    if "::" not in location:
-        from fsspec.registry import known_implementations, registry
-
-        if scheme.lower() not in known_implementations.keys() | registry.keys():
-            raise typer.BadParameter(
-                f"{location!r}: unknown protocol {scheme!r} (fsspec knows s3, gs, az, memory, …)",
-                param_hint=option,
-            )
 
 
 def checked_run_id(run_id: str | None) -> str | None:
