@@ -442,10 +442,10 @@ class FileWork:
     file: KeyedFile
     seen: tuple[int, str] | None
     reset: bool
-    scan: int | None
-    """The ``scan`` of the rows of the connection's ``temp.scan`` table holding the entries
-    found (spilled there, so that a run of millions of keys is never held in memory); None
-    when not scanned (keys pending): a reset then only drops the old entries."""
+    scan: tuple[int, int] | None
+    """The first and last rowid of the rows of the connection's ``temp.scan`` table holding
+    the entries found (spilled there, so that a run of millions of keys is never held in
+    memory); None when not scanned (keys pending): a reset then only drops the old entries."""
 
 
 def _check(cond: bool, what: str) -> None:
@@ -550,24 +550,34 @@ def unreadable(run_id: str, stamp: Stamp, problem: str) -> Row:
 
 
 def scan_file(
-    source: Source, run_id: str, path: str, key_field: str, start: int, end: int
+    source: Source, run_id: str, file: KeyedFile, start: int
 ) -> Iterator[tuple[str, int, int, int]]:
-    """(key, frame start, frame end, line) of the non-failure keyed records in ``[start, end)``."""
+    """(key, frame start, frame end, line) of the non-failure keyed records of ``file`` from
+    ``start`` to its listed length. A header that does not carry the stage's declaration
+    makes the file unreadable, as to every reader (FRAME-2)."""
     from runfmt.format.frames import DataFrame, FrameDecoder
     from runfmt.format.records import decode_lines, is_failure, record_key
 
     decoder = FrameDecoder(start=start)
-    remaining = end - start
-    with source.open_range(run_id, path, start) as stream:
+    remaining = file.bytes - start
+    declared = (file.stage, file.key_field, file.record_schema_version)
+    with source.open_range(run_id, file.path, start) as stream:
         while remaining:
             chunk = stream.read(min(1 << 20, remaining))
             if not chunk:
                 raise StageFileError("file is shorter than its listed length (CHECK-1)")
             remaining -= len(chunk)
             for event in decoder.decode(chunk):
-                if isinstance(event, DataFrame):
-                    for line, record in enumerate(decode_lines(event.content)):
-                        key = record_key(record, key_field)
-                        if key is not None and not is_failure(record):
-                            yield key, event.start, event.end, line
+                if not isinstance(event, DataFrame):
+                    found = tuple(map(event.get, ("stage", "key_field", "record_schema_version")))
+                    if found != declared:
+                        raise StageFileError(
+                            "header record schema version or key field differs from the "
+                            "stage's (FRAME-2)"
+                        )
+                    continue
+                for line, record in enumerate(decode_lines(event.content)):
+                    key = record_key(record, file.key_field)
+                    if key is not None and not is_failure(record):
+                        yield key, event.start, event.end, line
     decoder.close()

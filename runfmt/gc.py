@@ -98,7 +98,20 @@ revision is what an interrupted delete left."""
 
 
 def _interrupted(folder: Storage) -> bool:
-    return folder.exists(DELETING) and not revisions(folder)
+    """Whether ``folder`` is what an interrupted delete left: `DELETING` in it, no revision,
+    and no file written since `DELETING` was, by the storage's clock (a copy or a sync into
+    the folder would have)."""
+    marked = folder.modified(DELETING)
+    if marked is None or revisions(folder):
+        return False
+    return all((at := folder.modified(rel)) is not None and at <= marked for rel in folder.walk())
+
+
+def _delete_marked(folder: Storage) -> None:
+    """Delete the folder, `DELETING` last, so that a delete cut short anywhere leaves it."""
+    for name in folder.names():
+        folder.delete_tree(name)
+    folder.delete_tree("")
 
 
 def _being_written(run: RunReader, now: datetime, active_within: timedelta) -> str | None:
@@ -251,7 +264,7 @@ def delete_planned(
         folder = store.storage.child(names.validate_run_id(left["run_id"]))
         try:
             if _interrupted(folder):
-                folder.delete_tree("")
+                _delete_marked(folder)
                 deleted.append(left["run_id"])
         except RunfmtError as exc:
             skipped.append({"run_id": left["run_id"], "reason": str(exc)})
@@ -271,7 +284,7 @@ def delete_planned(
                     continue
                 run.write_atomic(DELETING, b"", durable=False)
                 unpublish(run)
-            run.delete_tree("")
+            _delete_marked(run)
         except RunfmtError as exc:
             skipped.append({"run_id": entry.run_id, "reason": str(exc)})
             continue

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import itertools
 import os
 import re
 import sqlite3
@@ -137,8 +136,7 @@ CREATE INDEX cache_file ON cache(file_id);
 """
 
 _SCAN_TABLE = (
-    "CREATE TEMP TABLE IF NOT EXISTS scan(scan INTEGER, key TEXT, start INTEGER, end INTEGER, "
-    "line INTEGER)"
+    "CREATE TEMP TABLE IF NOT EXISTS scan(key TEXT, start INTEGER, end INTEGER, line INTEGER)"
 )
 """Where a refresh puts the cache entries it scans until it stores them (`FileWork.scan`)."""
 _SCHEMA_OBJECTS = frozenset(
@@ -686,7 +684,6 @@ class Index:
         entries of replaced files are dropped.
         """
         work: dict[str, list[FileWork]] = {}
-        scans = itertools.count()
         if keys:
             con.execute(_SCAN_TABLE)
             con.execute("DELETE FROM temp.scan")  # what an interrupted refresh left
@@ -714,16 +711,10 @@ class Index:
                         items.append(FileWork(file, seen, reset, None))
                     continue
                 start = seen[0] if seen is not None and not reset else 0
-                scan = next(scans)
-                found = scan_file(self._source, row.run_id, file.path, file.key_field,
-                                  start, file.bytes)  # fmt: skip
-                con.execute("BEGIN")  # the temp database alone: no lock on the index
+                found = scan_file(self._source, row.run_id, file, start)
                 try:
-                    con.executemany("INSERT INTO temp.scan VALUES (?,?,?,?,?)",
-                                    ((scan, *entry) for entry in found))  # fmt: skip
-                    con.execute("COMMIT")
+                    scan = self._spill(con, found)
                 except (RunfmtError, OSError) as exc:
-                    con.execute("ROLLBACK")
                     why = (
                         "the listed file is missing" if isinstance(exc, FileNotFoundError) else exc
                     )  # a backend's FileNotFoundError may only name the path
@@ -731,12 +722,34 @@ class Index:
                                 self._source.where(row.run_id, file.path), why)  # fmt: skip
                     row.partial = True
                     continue
-                except BaseException:
-                    con.execute("ROLLBACK")
-                    raise
                 items.append(FileWork(file, seen, reset, scan))
             work[row.run_id] = items
         return work
+
+    def _spill(
+        self, con: sqlite3.Connection, entries: Iterator[tuple[str, int, int, int]]
+    ) -> tuple[int, int]:
+        """Put ``entries`` in ``temp.scan``, in a transaction of the temporary database alone
+        (no lock on the index): the first and last rowid they took. Where there is no room
+        for SQLite's temporary files (``SQLITE_TMPDIR``, ``TMPDIR``, ``/var/tmp``), they
+        are kept in memory from then on and the refresh starts again (`_Retry`)."""
+        first = con.execute("SELECT coalesce(max(rowid), 0) + 1 FROM temp.scan").fetchone()[0]
+        con.execute("BEGIN")
+        try:
+            con.executemany("INSERT INTO temp.scan VALUES (?,?,?,?)", entries)
+            con.execute("COMMIT")
+        except BaseException as exc:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code not in (_SQLITE_FULL, _SQLITE_IOERR):
+                raise
+            log_warning("runfmt: no room for SQLite's temporary files (%s); indexing the "
+                        "keys found in memory", exc)  # fmt: skip
+            con.execute("PRAGMA temp_store=MEMORY")  # drops the temporary tables
+            raise _Retry from None
+        last = con.execute("SELECT coalesce(max(rowid), 0) FROM temp.scan").fetchone()[0]
+        return first, last
 
     def _write(
         self,
@@ -852,8 +865,9 @@ class Index:
                 con.execute("UPDATE files SET indexed_bytes=?, sha256=? WHERE file_id=?",
                             (file.bytes, file.sha256, file_id))  # fmt: skip
             entries += con.execute(
-                "INSERT INTO cache SELECT ?, key, ?, start, end, line FROM temp.scan WHERE scan=?",
-                (file.stage, file_id, item.scan),
+                "INSERT INTO cache SELECT ?, key, ?, start, end, line FROM temp.scan "
+                "WHERE rowid BETWEEN ? AND ?",
+                (file.stage, file_id, *item.scan),
             ).rowcount
         return entries
 

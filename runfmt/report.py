@@ -104,15 +104,45 @@ class Report:
 
 
 _SCALE = 64
-"""Values are summed times 2**-64, which is exact (bar subnormals), so that no sum of
-finite values overflows and a mean is finite."""
+"""A sum that overflows is taken again of the values times 2**-64, which is exact for
+values that large, so that the mean of finite values is finite."""
+
+
+class _Mean:
+    """The mean of many floats, from exact (`math.fsum`) sums of batches of them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sums: list[float] = []
+        self._scaled: list[float] = []
+        self._overflowed = False
+
+    def add(self, values: list[float]) -> None:
+        self.count += len(values)
+        try:
+            total = math.fsum(values)
+        except OverflowError:
+            self._overflowed = True
+            self._scaled.append(math.fsum(math.ldexp(v, -_SCALE) for v in values))
+        else:
+            self._sums.append(total)
+            self._scaled.append(math.ldexp(total, -_SCALE))
+
+    def value(self) -> float | None:
+        if not self.count:
+            return None
+        if not self._overflowed:
+            try:
+                return math.fsum(self._sums) / self.count
+            except OverflowError:
+                pass
+        return math.ldexp(math.fsum(self._scaled) / self.count, _SCALE)
 
 
 def _metrics(run: RunReader, stage: str, fields: Sequence[str]) -> dict[str, Metric]:
     """Each field's mean over the stage's non-failure records: an exact sum (`math.fsum`)
     of each batch, so neither the order of the records nor big values change it."""
-    sums: dict[str, list[float]] = {name: [] for name in fields}
-    counts = dict.fromkeys(fields, 0)
+    means = {name: _Mean() for name in fields}
     missing = dict.fromkeys(fields, 0)
     where = f"{run.storage.where()} stage {stage}"
     values: dict[str, list[float]] = {name: [] for name in fields}
@@ -131,19 +161,11 @@ def _metrics(run: RunReader, stage: str, fields: Sequence[str]) -> dict[str, Met
                         continue
                 if type(raw) is not float and type(raw) is not int:
                     raw = numeric_value(raw, name, where)
-                values[name].append(math.ldexp(raw, -_SCALE))
+                values[name].append(raw)
         for name, got in values.items():
-            sums[name].append(math.fsum(got))
-            counts[name] += len(got)
+            means[name].add(got)
             got.clear()
-    return {
-        name: Metric(
-            math.ldexp(math.fsum(sums[name]) / counts[name], _SCALE) if counts[name] else None,
-            counts[name],
-            missing[name],
-        )
-        for name in fields
-    }
+    return {name: Metric(means[name].value(), means[name].count, missing[name]) for name in fields}
 
 
 def build_report(

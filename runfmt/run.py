@@ -588,6 +588,11 @@ class StageWriter:
     def pending(self) -> int:
         return self._records
 
+    @property
+    def pending_bytes(self) -> int:
+        """The encoded size of the records buffered for the next flush."""
+        return sum(map(len, self._chunks))
+
     def append(self, record: Mapping[str, Any]) -> None:
         """Buffer one record; a bad record raises `InvalidInputError` and changes nothing."""
         if self._run._closed:

@@ -843,11 +843,14 @@ def check_url(url: str) -> None:
     (``file://`` would be the working directory)."""
     scheme, sep, rest = url.partition("://")
     if sep and "::" not in url:
-        if scheme.lower() not in known_implementations.keys() | registry.keys():
+        known = known_implementations.keys() | registry.keys()
+        if scheme not in known:
+            lower = scheme.lower() in known
             raise InvalidInputError(
                 f"{url!r}: unknown protocol {scheme!r}",
-                hint="fsspec knows file, memory, s3, gs, az, … (some need their package)",
-            )
+                hint=f"write {scheme.lower()}://{rest}" if lower
+                else "fsspec knows file, memory, s3, gs, az, … (some need their package)",
+            )  # fmt: skip
         if not rest.strip("/"):
             raise InvalidInputError(f"{url!r} names no folder or bucket")
     found = _SHORT_URL.match(url)

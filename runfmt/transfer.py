@@ -50,6 +50,7 @@ from runfmt.run import (
     FRAME_TARGET,
     RunReader,
     RunWriter,
+    StageWriter,
     load_revision,
     revisions,
     sums_of,
@@ -69,6 +70,8 @@ __all__ = [
 _CHUNK = 1 << 20
 _EXPORT_WRITER = "export"
 _IMPORT_FLUSH = 100_000
+_IMPORT_FLUSH_BYTES = 64 << 20
+"""An import flushes after this many bytes too (a frame's worth, FRAME-4)."""
 _BUILD_PREFIX, _BUILDER = ".import-", "import"
 """A run archive is imported into a hidden folder of the store, which its importer holds
 the lock of ``_BUILDER`` in, then renamed into place."""
@@ -364,7 +367,7 @@ def import_stage(
     def write(writer: RunWriter) -> None:
         stage_writer = writer.stage(target, record_schema_version=version, key_field=key)
         for _, batch in _stage_batches(found.path):
-            stage_writer.extend(batch)
+            _extend(writer, stage_writer, batch)
 
     if previous is None:
         source = str(header.get("run_id", os.path.basename(found.path)))
@@ -693,6 +696,14 @@ def import_run(
     return ImportResult(target, counts)
 
 
+def _extend(writer: RunWriter, stage: StageWriter, batch: list[Record]) -> None:
+    """`StageWriter.extend`, then a flush once `_IMPORT_FLUSH_BYTES` are buffered: records
+    that compress many times over are never held whole."""
+    stage.extend(batch)
+    if stage.pending_bytes >= _IMPORT_FLUSH_BYTES:
+        writer.flush()
+
+
 def _write_run(archive: _Archive, writer: RunWriter) -> dict[str, int]:
     m = archive.manifest
     counts: dict[str, int] = {}
@@ -705,7 +716,7 @@ def _write_run(archive: _Archive, writer: RunWriter) -> dict[str, int]:
             before = 0
             for batch in archive.batches(f, s.name):
                 try:
-                    stage.extend(batch)
+                    _extend(writer, stage, batch)
                 except InvalidInputError:
                     _refuse_unwritable(batch, s.key_field, before, archive.where(f.path))
                     raise

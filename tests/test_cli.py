@@ -469,7 +469,8 @@ def test_output_in_an_encoding_without_the_names_is_escaped(tmp_path: Path) -> N
     with store.create_run("héllo €") as run:
         run.append("score", {"answer": "é"})
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
-    for args in (["ls"], ["status"], ["show", run.run_id], ["ls", "--json"]):
+    for args in (["ls"], ["status"], ["show", run.run_id], ["ls", "--json"],
+                 ["report", "--format", "json"]):  # fmt: skip
         proc = subprocess.run(
             [sys.executable, "-m", "runfmt", "--store", str(tmp_path / "runs"), *args],
             capture_output=True, env=env, timeout=120, check=False,
@@ -478,6 +479,8 @@ def test_output_in_an_encoding_without_the_names_is_escaped(tmp_path: Path) -> N
         proc.stdout.decode("ascii")
         if args == ["ls", "--json"]:
             assert json.loads(proc.stdout)[0]["name"] == "héllo €"
+        elif "json" in args:
+            assert json.loads(proc.stdout)["runs"][0]["name"] == "héllo €"
         else:
             assert b"h\\xe9llo \\u20ac" in proc.stdout, args
 

@@ -510,6 +510,28 @@ def test_an_index_locked_by_another_process_is_kept_in_memory_not_waited_on_for_
     assert kept == [(first,)]
 
 
+def test_no_room_for_sqlites_temporary_files_keeps_the_scanned_keys_in_memory(
+    store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keys a refresh finds wait in a temporary table; where SQLite's temporary files
+    have no room (a small ``TMPDIR``), the refresh starts again with them in memory."""
+    with store.create_run("many", flush_interval=None) as run:
+        run.stage("t", key_field="key")
+        run.extend("t", ({"key": f"k{i}", "v": i} for i in range(20_000)))
+    spill = Index._spill
+
+    def cramped(self: Index, con: sqlite3.Connection, entries: Any) -> tuple[int, int]:
+        if con.execute("PRAGMA temp_store").fetchone()[0] != 2:  # not in memory yet
+            con.execute("PRAGMA temp.max_page_count=8")
+        return spill(self, con, entries)
+
+    monkeypatch.setattr(Index, "_spill", cramped)
+    with caplog.at_level(logging.WARNING, logger="runfmt.index"):
+        assert Cache(Store(store.url).index).record("t", "k19999") == {"key": "k19999", "v": 19999}
+    assert "no room for SQLite's temporary files" in caplog.text
+    assert store.index.query("SELECT count(*) FROM cache") == [(20_000,)]
+
+
 def test_an_index_that_cannot_grow_is_kept_in_memory_not_discarded(
     store: Store, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

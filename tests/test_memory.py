@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from runfmt import transfer
 from runfmt.check import verify_run
 from runfmt.store import Store
-from runfmt.transfer import export_stage
+from runfmt.transfer import export_run, export_stage, import_run
 
 FRAMES = 600
 PER_FRAME = 10
@@ -78,3 +79,16 @@ def test_indexing_the_keys_of_a_big_run_holds_no_list_of_them(tmp_path: Path) ->
     assert _peak(index.refresh) < BOUND
     assert Store(store.url).cache.record("t", "key-0199999") == {"key": "key-0199999", "v": 199999}
     assert index.query("SELECT count(*) FROM cache") == [(200_000,)]
+
+
+def test_importing_records_that_compress_many_times_over_holds_a_frame_not_a_stage(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An archive of 60 MB of records in a few KB imports with a bounded buffer: a flush
+    once a frame's worth (64 MiB; 4 MiB here) is buffered."""
+    (run_id,) = store.run_ids()
+    export_run(store.open_run(run_id), tmp_path / "run.tar")
+    monkeypatch.setattr(transfer, "_IMPORT_FLUSH_BYTES", 4 << 20)
+    into = Store(tmp_path / "into")
+    assert _peak(lambda: import_run(into, tmp_path / "run.tar")) < BOUND + (4 << 20)
+    assert sum(1 for _ in into.open_run(run_id).records("pad")) == FRAMES * PER_FRAME

@@ -220,6 +220,11 @@ def test_means_are_exact_and_finite_whatever_the_values(store: Store) -> None:
     report = build_report([store.open_run(w.run_id)], "score", ["p", "q"])
     assert report.rows[0].metrics["p"].mean == pytest.approx(1e308 / 6, rel=1e-15)
     assert report.rows[0].metrics["q"].mean == math.fsum([0.1, 0.2, 0.3] * 2) / 6
+    tiny = [1e-300, 3e-300, 2e-300, 1e-310, 1e-310, 1e-310]
+    with store.create_run("tiny", heartbeat_interval=None) as w:
+        w.extend("score", [{"p": v} for v in tiny])
+    [row] = build_report([store.open_run(w.run_id)], "score", ["p"]).rows
+    assert row.metrics["p"].mean == math.fsum(tiny) / 6
     document = json.loads(
         render(report, "json"), parse_constant=lambda c: pytest.fail(f"not JSON: {c}")
     )

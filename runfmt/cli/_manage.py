@@ -260,6 +260,9 @@ def report(
 
     store = state(ctx).store(read_only=True)
     result = build_report(_runs(ctx, store, runs or [], name, limit), stage, metric or [])
+    if fmt == "json" and output is None:  # as every --json: \u escapes where not UTF-8
+        print_json(result.to_json())
+        return
     text = render(result, fmt, digits=digits, title=title)  # type: ignore[arg-type]
     if output is None:
         sys.stdout.write(text)
