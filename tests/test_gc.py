@@ -204,3 +204,51 @@ def test_a_delete_cut_short_is_finished_by_the_next_gc_whatever_its_policy(
     assert not (Path(runs.url) / "a0").exists()
     assert copying.exists()
     assert sorted(runs.run_ids()) == sorted(["a1", "a2", "b0", "b1", copying.name])
+
+
+@pytest.mark.parametrize("cut_at", [1, 2, 3, 4])
+def test_the_delete_marker_goes_last_wherever_the_delete_is_cut(
+    runs: Store, monkeypatch: pytest.MonkeyPatch, cut_at: int
+) -> None:
+    """Whichever part of the folder a cut-short delete reached, the marker is still there
+    while anything else is, so the next gc finds the folder."""
+    delete_tree = Storage.delete_tree
+    calls = 0
+
+    def cut(self: Storage, rel: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == cut_at:
+            raise KeyboardInterrupt
+        delete_tree(self, rel)
+
+    monkeypatch.setattr(Storage, "delete_tree", cut)
+    with pytest.raises(KeyboardInterrupt):
+        delete_planned(runs, plan_gc(runs, keep_last=2))
+    monkeypatch.setattr(Storage, "delete_tree", delete_tree)
+    assert (Path(runs.url) / "a0" / ".deleting").exists()
+    assert [x["run_id"] for x in plan_gc(runs, keep_last=5).leftovers] == ["a0"]
+
+
+def test_a_leftover_written_to_after_its_marker_is_no_leftover(
+    runs: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync or copy into a folder that a delete left is not deleted under it: a file
+    newer than the marker means the folder is being filled again."""
+    monkeypatch.setattr(Storage, "delete_tree", lambda self, rel: _raise(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        delete_planned(runs, plan_gc(runs, keep_last=2))
+    monkeypatch.undo()
+    folder = Path(runs.url) / "a0"
+    marked = (folder / ".deleting").stat().st_mtime
+    arriving = folder / "stages" / "s" / "part-000009-0000abcd.jsonl.zst"
+    arriving.write_bytes(b"being copied")
+    os.utime(arriving, (marked + 10, marked + 10))
+    plan = plan_gc(runs, keep_last=5)
+    assert plan.leftovers == []
+    assert delete_planned(runs, plan) == ([], [])
+    assert arriving.exists()
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
