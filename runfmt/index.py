@@ -85,6 +85,8 @@ _NETWORK_FS = frozenset(
      "glusterfs", "lustre", "gpfs", "beegfs", "davfs", "sshfs", "fuse"}
 )  # fmt: skip
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13
+_TEMP_IN_MEMORY = 2
+"""``PRAGMA temp_store`` for temporary tables in memory."""
 _CORRUPT_CODES = frozenset({_SQLITE_IOERR, 11, 26})  # and SQLITE_CORRUPT, SQLITE_NOTADB
 _JOURNALS = ("-wal", "-shm", "-journal")
 _DAMAGE = ("no such table", "no such column", "has no column named", "Could not decode")
@@ -742,11 +744,12 @@ class Index:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-            if code not in (_SQLITE_FULL, _SQLITE_IOERR):
+            in_memory = con.execute("PRAGMA temp_store").fetchone()[0] == _TEMP_IN_MEMORY
+            if code not in (_SQLITE_FULL, _SQLITE_IOERR) or in_memory:
                 raise
             log_warning("runfmt: no room for SQLite's temporary files (%s); indexing the "
                         "keys found in memory", exc)  # fmt: skip
-            con.execute("PRAGMA temp_store=MEMORY")  # drops the temporary tables
+            con.execute(f"PRAGMA temp_store={_TEMP_IN_MEMORY}")  # drops the temporary tables
             raise _Retry from None
         last = con.execute("SELECT coalesce(max(rowid), 0) FROM temp.scan").fetchone()[0]
         return first, last

@@ -521,7 +521,7 @@ def test_no_room_for_sqlites_temporary_files_keeps_the_scanned_keys_in_memory(
     spill = Index._spill
 
     def cramped(self: Index, con: sqlite3.Connection, entries: Any) -> tuple[int, int]:
-        if con.execute("PRAGMA temp_store").fetchone()[0] != 2:  # not in memory yet
+        if con.execute("PRAGMA temp_store").fetchone()[0] != 2:  # not in memory yet (MEMORY)
             con.execute("PRAGMA temp.max_page_count=8")
         return spill(self, con, entries)
 

@@ -9,6 +9,7 @@ checking are quoted instead. Exit codes: 0 ok, 1 a problem found or an operation
 2 bad usage.
 """
 
+import codecs
 import contextlib
 import copy
 import os
@@ -413,10 +414,10 @@ class _GuardedOutput:
 def _utf8(stream: Any) -> bool:
     """Whether ``stream`` writes any text: its encoding is UTF-8 (else names and records
     are written with backslash escapes, JSON with ``\\u`` escapes)."""
-    return str(getattr(stream, "encoding", "") or "").lower().replace("-", "").replace("_", "") in (
-        "utf8",
-        "",
-    )
+    try:
+        return codecs.lookup(getattr(stream, "encoding", None) or "utf-8").name == "utf-8"
+    except LookupError:
+        return False
 
 
 def _discard_output(stream: Any) -> None:
