@@ -20,7 +20,7 @@ from runfmt.format import names
 from runfmt.format.manifest import parse_timestamp
 from runfmt.lifecycle import revision_written
 from runfmt.locking import commit_lock, live_writers
-from runfmt.run import RunReader, load_manifest, revisions, unpublish
+from runfmt.run import RunReader, interrupts_held, load_manifest, revisions, unpublish
 from runfmt.storage import Storage
 from runfmt.store import Store
 from runfmt.units import format_size
@@ -60,8 +60,8 @@ class GcPlan:
     over_cap: int = 0
     """Bytes still above ``max_size`` after every run that may go was chosen."""
     leftovers: list[dict[str, Any]] = field(default_factory=list)
-    """Folders of runs whose delete was interrupted (`DELETING` in them, no revision left):
-    ``run_id`` and ``bytes``; deleted whatever the policy."""
+    """Folders that a delete cut short left, untouched since (`_interrupted`): ``run_id``
+    and ``bytes``; deleted whatever the policy."""
 
     @property
     def bytes_freed(self) -> int:
@@ -92,23 +92,23 @@ def _files(run: Storage) -> dict[Hashable, int]:
     return found
 
 
-DELETING = ".deleting"
-"""Local state put in a run folder before its delete starts: a folder that holds it and no
-revision is what an interrupted delete left."""
+LEFTOVER_AFTER = timedelta(hours=1)
+"""How long a folder that an interrupted delete left waits before a gc deletes it."""
 
 
-def _interrupted(folder: Storage) -> bool:
-    """Whether ``folder`` is what an interrupted delete left: `DELETING` in it, no revision,
-    and no file written since `DELETING` was, by the storage's clock (a copy or a sync into
-    the folder would have)."""
-    marked = folder.modified(DELETING)
-    if marked is None or revisions(folder):
+def _interrupted(folder: Storage, now: datetime) -> bool:
+    """Whether ``folder`` is what a delete cut short left (killed, or its connection lost),
+    untouched since: `names.DELETING_FILE` in it for over `LEFTOVER_AFTER` by the
+    storage's clock, no revision, and no file written or copied in since it was."""
+    marked = folder.changed(names.DELETING_FILE)
+    if marked is None or now - marked < LEFTOVER_AFTER or revisions(folder):
         return False
-    return all((at := folder.modified(rel)) is not None and at <= marked for rel in folder.walk())
+    return all((at := folder.changed(rel)) is not None and at <= marked for rel in folder.walk())
 
 
 def _delete_marked(folder: Storage) -> None:
-    """Delete the folder, `DELETING` last, so that a delete cut short anywhere leaves it."""
+    """Delete the folder, `names.DELETING_FILE` last, so that a delete cut short anywhere
+    leaves it."""
     for name in folder.names():
         folder.delete_tree(name)
     folder.delete_tree("")
@@ -169,7 +169,7 @@ def plan_gc(
             continue
         except RunNotFoundError:
             with contextlib.suppress(RunfmtError):
-                if _interrupted(folder := store.storage.child(run_id)):
+                if _interrupted(folder := store.storage.child(run_id), now):
                     plan.leftovers.append({"run_id": run_id, "bytes": sum(_files(folder).values())})
             continue
         except RunfmtError:
@@ -254,37 +254,38 @@ def delete_planned(
     Each run is checked again under its commit lock: one that gained a
     revision or a live writer since the plan was made is skipped. The
     manifest revisions go first, so an interrupted delete leaves no folder
-    that reads as a run; it leaves `DELETING` in it, and the next plan lists it
-    in ``leftovers``, deleted here. The store's index is told at once; had that
-    failed, its next refresh would notice the missing folders anyway.
+    that reads as a run. Ctrl-C waits for the run to be gone; a delete cut short
+    otherwise leaves `names.DELETING_FILE` in it, and a plan lists the folder in
+    ``leftovers``, deleted here, once it was left untouched for `LEFTOVER_AFTER`. The
+    store's index is told at once; had that failed, its next refresh would notice the
+    missing folders anyway.
     """
     deleted: list[str] = []
     skipped: list[dict[str, str]] = []
     for left in plan.leftovers:
         folder = store.storage.child(names.validate_run_id(left["run_id"]))
         try:
-            if _interrupted(folder):
-                _delete_marked(folder)
+            if _interrupted(folder, datetime.now(UTC)):
+                with interrupts_held():
+                    _delete_marked(folder)
                 deleted.append(left["run_id"])
         except RunfmtError as exc:
             skipped.append({"run_id": left["run_id"], "reason": str(exc)})
     for entry in plan.delete:
         run = store.storage.child(names.validate_run_id(entry.run_id))
         try:
-            with commit_lock(run, lock_timeout):
-                current = load_manifest(run)
-                if current.revision != entry.revision or live_writers(run):
-                    busy = _being_written(RunReader(run, current), datetime.now(UTC), active_within)
-                    skipped.append(
-                        {
-                            "run_id": entry.run_id,
-                            "reason": busy or "changed since the plan was made",
-                        }
-                    )
-                    continue
-                run.write_atomic(DELETING, b"", durable=False)
-                unpublish(run)
-            _delete_marked(run)
+            with interrupts_held():  # Ctrl-C and SIGTERM wait for the run to be gone
+                with commit_lock(run, lock_timeout):
+                    current = load_manifest(run)
+                    if current.revision != entry.revision or live_writers(run):
+                        now = datetime.now(UTC)
+                        busy = _being_written(RunReader(run, current), now, active_within)
+                        reason = busy or "changed since the plan was made"
+                        skipped.append({"run_id": entry.run_id, "reason": reason})
+                        continue
+                    run.write_atomic(names.DELETING_FILE, b"", durable=False)
+                    unpublish(run)
+                _delete_marked(run)
         except RunfmtError as exc:
             skipped.append({"run_id": entry.run_id, "reason": str(exc)})
             continue

@@ -720,8 +720,9 @@ class Index:
                     why = (
                         "the listed file is missing" if isinstance(exc, FileNotFoundError) else exc
                     )  # a backend's FileNotFoundError may only name the path
-                    log_warning("runfmt: %s: not indexed for the cache yet: %s",
-                                self._source.where(row.run_id, file.path), why)  # fmt: skip
+                    log_warning("runfmt: %s: not indexed for the cache (tried again at the "
+                                "next refresh): %s", self._source.where(row.run_id, file.path),
+                                why)  # fmt: skip
                     row.partial = True
                     continue
                 items.append(FileWork(file, seen, reset, scan))

@@ -192,7 +192,7 @@ def check_folder_name(manifest: Manifest, run: Storage, folder: str) -> Manifest
 
 
 @contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
+def interrupts_held() -> Iterator[None]:
     """Hold SIGINT back for the block (main thread only, where Python raises
     KeyboardInterrupt) and deliver it when the block ends."""
     if (
@@ -1176,7 +1176,7 @@ class RunWriter:
             self._last_flush = time.monotonic()
             if not self._changes and not any(w._chunks for w in self._stages.values()):
                 return self.manifest
-            with commit_lock(self.storage, self.lock_timeout), _interrupts_held():
+            with commit_lock(self.storage, self.lock_timeout), interrupts_held():
                 last = next((w for w in reversed(self._stages.values()) if w._chunks), None)
                 for writer in self._stages.values():
                     counters = b""

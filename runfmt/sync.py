@@ -500,6 +500,8 @@ class _Engine:
         # made, not copied: it follows from the manifest (CHECK-3)
         sums = sums_of(manifest, plan.src_bytes) if manifest.finished else None
         shown = bool(plan.dst_revisions)
+        if not shown:  # a folder a delete left is being filled again: no longer a leftover
+            dst.delete(names.DELETING_FILE)
         if shown or sums is None:  # an interruption leaves no SHA256SUMS, never a stale one
             dst.delete(names.SUMS_FILE)
         for path in plan.debris:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from runfmt import gc
+from runfmt.check import verify_run
 from runfmt.format import names
 from runfmt.gc import delete_planned, plan_gc
 from runfmt.storage import Storage
 from runfmt.store import Store
+from runfmt.sync import sync
 from tests.fixtures_manage import Cli, MakeRun
 
 LATER = datetime.now(UTC) + timedelta(days=3)
@@ -188,6 +192,8 @@ def test_a_delete_cut_short_is_finished_by_the_next_gc_whatever_its_policy(
     with pytest.raises(KeyboardInterrupt):
         delete_planned(runs, plan_gc(runs, keep_last=2))
     monkeypatch.setattr(Storage, "delete_tree", delete_tree)
+    assert plan_gc(runs, keep_last=5).leftovers == [], "left alone for an hour"
+    monkeypatch.setattr(gc, "LEFTOVER_AFTER", timedelta(0))
     copying = Path(runs.url) / "20260101-000000000-0000000c"
     shutil.copytree(Path(runs.url) / "a1" / "stages", copying / "stages")
     assert "a0" in runs.run_ids()
@@ -201,6 +207,7 @@ def test_a_delete_cut_short_is_finished_by_the_next_gc_whatever_its_policy(
     code, out, _ = cli(runs, "gc", "--keep-last", "5", "--yes")
     assert code == 0
     assert "deleting 1 folder(s) that an interrupted gc left" in out
+    assert "deleted 0 run(s) and 1 folder(s) an interrupted gc left" in out
     assert not (Path(runs.url) / "a0").exists()
     assert copying.exists()
     assert sorted(runs.run_ids()) == sorted(["a1", "a2", "b0", "b1", copying.name])
@@ -226,28 +233,56 @@ def test_the_delete_marker_goes_last_wherever_the_delete_is_cut(
     with pytest.raises(KeyboardInterrupt):
         delete_planned(runs, plan_gc(runs, keep_last=2))
     monkeypatch.setattr(Storage, "delete_tree", delete_tree)
+    monkeypatch.setattr(gc, "LEFTOVER_AFTER", timedelta(0))
     assert (Path(runs.url) / "a0" / ".deleting").exists()
     assert [x["run_id"] for x in plan_gc(runs, keep_last=5).leftovers] == ["a0"]
 
 
-def test_a_leftover_written_to_after_its_marker_is_no_leftover(
-    runs: Store, monkeypatch: pytest.MonkeyPatch
+def test_a_leftover_being_filled_again_is_no_leftover(
+    runs: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sync or copy into a folder that a delete left is not deleted under it: a file
-    newer than the marker means the folder is being filled again."""
+    """A copy into a folder that a delete left is not deleted under it: a file copied in
+    after the marker, even one whose modification time a ``cp -a`` set back, tells; a
+    sync into it removes the marker first."""
+    backup = tmp_path / "backup"
+    shutil.copytree(runs.url, backup, symlinks=True)
     monkeypatch.setattr(Storage, "delete_tree", lambda self, rel: _raise(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         delete_planned(runs, plan_gc(runs, keep_last=2))
     monkeypatch.undo()
+    monkeypatch.setattr(gc, "LEFTOVER_AFTER", timedelta(0))
     folder = Path(runs.url) / "a0"
     marked = (folder / ".deleting").stat().st_mtime
     arriving = folder / "stages" / "s" / "part-000009-0000abcd.jsonl.zst"
     arriving.write_bytes(b"being copied")
-    os.utime(arriving, (marked + 10, marked + 10))
+    os.utime(arriving, (marked - 1000, marked - 1000))
     plan = plan_gc(runs, keep_last=5)
     assert plan.leftovers == []
     assert delete_planned(runs, plan) == ([], [])
     assert arriving.exists()
+
+    arriving.unlink()
+    assert [x["run_id"] for x in plan_gc(runs, keep_last=5).leftovers] == ["a0"]
+    assert sync(str(backup / "a0"), runs.url).ok
+    assert not (folder / ".deleting").exists()
+    assert plan_gc(runs, keep_last=5).leftovers == []
+    assert verify_run(runs.locate("a0")) == []
+
+
+def test_ctrl_c_waits_for_the_run_being_deleted_to_be_gone(
+    runs: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delete_tree = Storage.delete_tree
+
+    def interrupted(self: Storage, rel: str) -> None:
+        signal.raise_signal(signal.SIGINT)
+        delete_tree(self, rel)
+
+    monkeypatch.setattr(Storage, "delete_tree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        delete_planned(runs, plan_gc(runs, keep_last=2))
+    assert not (Path(runs.url) / "a0").exists()
+    assert sorted(runs.run_ids()) == ["a1", "a2", "b0", "b1"]
 
 
 def _raise(exc: BaseException) -> None:

@@ -399,10 +399,10 @@ def _print_plan(
     elif not plan.leftovers:
         echo("nothing to delete")
     if plan.leftovers:
-        size = format_size(sum(left["bytes"] for left in plan.leftovers))
+        size = format_size(sum(x["bytes"] for x in plan.leftovers))
         echo(f"{verb} {len(plan.leftovers)} folder(s) that an interrupted gc left, {size}:")
-        for left in plan.leftovers:
-            echo(f"  {left['run_id']}")
+        for x in plan.leftovers:
+            echo(f"  {x['run_id']}")
     echo(f"keeping {len(plan.keep)} run(s)")
     for e in plan.protected:
         echo(f"  never deleting {e.run_id} ({e.name}): {e.reason}")
@@ -411,7 +411,10 @@ def _print_plan(
     if plan.over_cap:
         echo(f"still {format_size(plan.over_cap)} over --max-size: the rest may not be deleted")
     if applied:
-        echo(f"deleted {len(deleted)} run(s)")
+        leftovers = {x["run_id"] for x in plan.leftovers}
+        folders = sum(run_id in leftovers for run_id in deleted)
+        echo(f"deleted {len(deleted) - folders} run(s)"
+             + (f" and {folders} folder(s) an interrupted gc left" if folders else ""))  # fmt: skip
         for s in skipped:
             sys.stderr.write(printable(f"runfmt: skipped {s['run_id']}: {s['reason']}") + "\n")
     elif plan.delete or plan.leftovers:

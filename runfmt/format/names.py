@@ -31,6 +31,9 @@ __all__ = [
 MANIFEST_FILE = "manifest.json"
 MANIFESTS_DIR = "_manifests"
 SUMS_FILE = "SHA256SUMS"
+DELETING_FILE = ".deleting"
+"""Local state a delete puts in a run folder first and removes last: a folder holding it
+and no revision is what an interrupted delete left."""
 STAGES_DIR = "stages"
 ARTIFACTS_DIR = "artifacts"
 
