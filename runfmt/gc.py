@@ -60,12 +60,13 @@ class GcPlan:
     over_cap: int = 0
     """Bytes still above ``max_size`` after every run that may go was chosen."""
     leftovers: list[dict[str, Any]] = field(default_factory=list)
-    """Folders that a delete cut short left, untouched since (`_interrupted`): ``run_id``
-    and ``bytes``; deleted whatever the policy."""
+    """Folders that a delete cut short left (`names.DELETING_FILE` in them, no revision):
+    ``run_id`` and ``bytes``. Never deleted here: without a lock that copies take too, gc
+    cannot tell one left alone from one a copy or a sync is filling again."""
 
     @property
     def bytes_freed(self) -> int:
-        return sum(e.bytes for e in self.delete) + sum(int(x["bytes"]) for x in self.leftovers)
+        return sum(e.bytes for e in self.delete)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -90,20 +91,6 @@ def _files(run: Storage) -> dict[Hashable, int]:
             st = os.lstat(run.path(rel))
             found[st.st_dev, st.st_ino] = n
     return found
-
-
-LEFTOVER_AFTER = timedelta(hours=1)
-"""How long a folder that an interrupted delete left waits before a gc deletes it."""
-
-
-def _interrupted(folder: Storage, now: datetime) -> bool:
-    """Whether ``folder`` is what a delete cut short left (killed, or its connection lost),
-    untouched since: `names.DELETING_FILE` in it for over `LEFTOVER_AFTER` by the
-    storage's clock, no revision, and no file written or copied in since it was."""
-    marked = folder.changed(names.DELETING_FILE)
-    if marked is None or now - marked < LEFTOVER_AFTER or revisions(folder):
-        return False
-    return all((at := folder.changed(rel)) is not None and at <= marked for rel in folder.walk())
 
 
 def _delete_marked(folder: Storage) -> None:
@@ -169,7 +156,8 @@ def plan_gc(
             continue
         except RunNotFoundError:
             with contextlib.suppress(RunfmtError):
-                if _interrupted(folder := store.storage.child(run_id), now):
+                folder = store.storage.child(run_id)
+                if folder.exists(names.DELETING_FILE) and not revisions(folder):
                     plan.leftovers.append({"run_id": run_id, "bytes": sum(_files(folder).values())})
             continue
         except RunfmtError:
@@ -254,23 +242,13 @@ def delete_planned(
     Each run is checked again under its commit lock: one that gained a
     revision or a live writer since the plan was made is skipped. The
     manifest revisions go first, so an interrupted delete leaves no folder
-    that reads as a run. Ctrl-C waits for the run to be gone; a delete cut short
-    otherwise leaves `names.DELETING_FILE` in it, and a plan lists the folder in
-    ``leftovers``, deleted here, once it was left untouched for `LEFTOVER_AFTER`. The
-    store's index is told at once; had that failed, its next refresh would notice the
-    missing folders anyway.
+    that reads as a run. Ctrl-C (and the CLI's SIGTERM) wait for the run to be gone; a
+    delete cut short otherwise leaves `names.DELETING_FILE` in it, and a plan lists the
+    folder in ``leftovers``. The store's index is told at once; had that failed, its
+    next refresh would notice the missing folders anyway.
     """
     deleted: list[str] = []
     skipped: list[dict[str, str]] = []
-    for left in plan.leftovers:
-        folder = store.storage.child(names.validate_run_id(left["run_id"]))
-        try:
-            if _interrupted(folder, datetime.now(UTC)):
-                with interrupts_held():
-                    _delete_marked(folder)
-                deleted.append(left["run_id"])
-        except RunfmtError as exc:
-            skipped.append({"run_id": left["run_id"], "reason": str(exc)})
     for entry in plan.delete:
         run = store.storage.child(names.validate_run_id(entry.run_id))
         try:

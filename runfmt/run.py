@@ -193,22 +193,24 @@ def check_folder_name(manifest: Manifest, run: Storage, folder: str) -> Manifest
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold SIGINT back for the block (main thread only, where Python raises
-    KeyboardInterrupt) and deliver it when the block ends."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is None  # a handler Python did not install
-    ):
+    """Hold SIGINT, and SIGTERM where Python handles it (the CLI does), back for the block
+    (main thread only, where Python runs signal handlers) and deliver them when it ends."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    previous = {
+        signum: signal.signal(signum, lambda received, frame: held.append(received))
+        for signum in (signal.SIGINT, signal.SIGTERM)
+        if callable(signal.getsignal(signum))
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if held:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(held[0])
 
 
 def create_revision(run: Storage, revision: int, data: bytes) -> bool:

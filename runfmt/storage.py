@@ -427,18 +427,6 @@ class Storage:
             return None
         return found if found.tzinfo else found.replace(tzinfo=UTC)
 
-    def changed(self, rel: str) -> datetime | None:
-        """When a file was last written or copied in, by the storage's clock: on local disk
-        its change time, which no copy (``cp -a``, ``rsync -a``) sets back; elsewhere
-        `modified`."""
-        if not self.is_local:
-            return self.modified(rel)
-        try:
-            with self._io(rel):
-                return datetime.fromtimestamp(os.stat(self.path(rel)).st_ctime, UTC)
-        except FileNotFoundError:
-            return None
-
     def mtime_ns(self, rel: str) -> int | None:
         """A change stamp of a file (local mtime), or None where the backend has none cheaply."""
         if not self.is_local:

@@ -414,16 +414,23 @@ def test_repair_says_what_to_do_about_what_it_leaves(
 
 
 @pytest.mark.parametrize(
-    ("signum", "code", "said"),
-    [(signal.SIGINT, 130, "runfmt: interrupted"), (signal.SIGTERM, 143, "runfmt: terminated")],
+    ("signum", "code", "said", "background"),
+    [
+        (signal.SIGINT, 130, "runfmt: interrupted", False),
+        (signal.SIGTERM, 143, "runfmt: terminated", False),
+        (signal.SIGTERM, 143, "runfmt: terminated", True),
+    ],
 )
 def test_ctrl_c_and_sigterm_say_the_command_was_stopped(
-    tmp_path: Path, signum: int, code: int, said: str
+    tmp_path: Path, signum: int, code: int, said: str, background: bool
 ) -> None:
     """Exit 130 (Ctrl-C) or 143 (SIGTERM: `timeout`, `docker stop`) with a line on stderr;
-    the demo run it stopped is cancelled and verifies."""
+    the demo run it stopped is cancelled and verifies. So too in a script's background job
+    (``cmd &``), which starts with Ctrl-C ignored."""
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "runfmt", "--store", str(runs), "demo", "--items", "100000"]
+    if background:
+        cmd = ["sh", "-c", 'trap \'\' INT; exec "$0" "$@"', *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not list(runs.glob("*/_manifests")) and time.monotonic() < deadline:

@@ -441,10 +441,7 @@ def main() -> None:
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115
         elif not _utf8(stream) and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    if (
-        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not a background job
-    ):
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
     stdout = sys.stdout
     sys.stdout = _GuardedOutput(stdout)
@@ -460,10 +457,10 @@ _terminated = False
 
 def _terminate(signum: int, frame: object) -> None:
     """SIGTERM (``timeout``, ``docker stop``, a CI job cancelled) stops a command as Ctrl-C
-    does, also where a commit holds Ctrl-C back until it is recorded; exit 143."""
+    does, held back as Ctrl-C is while a commit or a delete is recorded; exit 143."""
     global _terminated
     _terminated = True
-    signal.raise_signal(signal.SIGINT)
+    raise KeyboardInterrupt
 
 
 def _run() -> None:

@@ -366,15 +366,15 @@ def _delete(
     from runfmt.format.names import validate_run_id
     from runfmt.gc import delete_planned
 
-    deleted, skipped = delete_planned(store, dataclasses.replace(plan, delete=[]))
+    deleted: list[str] = []
+    skipped: list[dict[str, str]] = []
     for entry in plan.delete:
         run = store.storage.child(validate_run_id(entry.run_id))
         try:
             with held_commit_lock(run, GC_LOCK_WAIT, entry.run_id):
                 done, refused = delete_planned(
-                    store, dataclasses.replace(plan, delete=[entry], leftovers=[]),
-                    active_within=active,
-                )  # fmt: skip
+                    store, dataclasses.replace(plan, delete=[entry]), active_within=active
+                )
         except RunfmtError as exc:
             reason = cli_lock_error(exc) if isinstance(exc, LockTimeoutError) else exc
             skipped.append({"run_id": entry.run_id, "reason": str(reason)})
@@ -396,11 +396,12 @@ def _print_plan(
             ["  " + e.run_id, e.name, e.status, format_size(e.bytes), e.reason] for e in plan.delete
         ]
         table(["  run", "name", "status", "size", "why"], rows, {3})
-    elif not plan.leftovers:
+    else:
         echo("nothing to delete")
     if plan.leftovers:
         size = format_size(sum(x["bytes"] for x in plan.leftovers))
-        echo(f"{verb} {len(plan.leftovers)} folder(s) that an interrupted gc left, {size}:")
+        echo(f"{len(plan.leftovers)} folder(s), {size}, that a delete cut short left: no run; "
+             "delete them by hand once nothing is copying into them:")  # fmt: skip
         for x in plan.leftovers:
             echo(f"  {x['run_id']}")
     echo(f"keeping {len(plan.keep)} run(s)")
@@ -411,13 +412,10 @@ def _print_plan(
     if plan.over_cap:
         echo(f"still {format_size(plan.over_cap)} over --max-size: the rest may not be deleted")
     if applied:
-        leftovers = {x["run_id"] for x in plan.leftovers}
-        folders = sum(run_id in leftovers for run_id in deleted)
-        echo(f"deleted {len(deleted) - folders} run(s)"
-             + (f" and {folders} folder(s) an interrupted gc left" if folders else ""))  # fmt: skip
+        echo(f"deleted {len(deleted)} run(s)")
         for s in skipped:
             sys.stderr.write(printable(f"runfmt: skipped {s['run_id']}: {s['reason']}") + "\n")
-    elif plan.delete or plan.leftovers:
+    elif plan.delete:
         echo("run again with --yes to delete")
 
 
