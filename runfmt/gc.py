@@ -154,11 +154,13 @@ def plan_gc(
             with contextlib.suppress(RunfmtError):  # left alone: what it holds stays
                 left_alone.update(_files(store.storage.child(run_id)))
             continue
-        except RunNotFoundError:
+        except RunNotFoundError:  # left alone too: a leftover, or a copy under way
             with contextlib.suppress(RunfmtError):
                 folder = store.storage.child(run_id)
+                held = _files(folder)
+                left_alone.update(held)
                 if folder.exists(names.DELETING_FILE) and not revisions(folder):
-                    plan.leftovers.append({"run_id": run_id, "bytes": sum(_files(folder).values())})
+                    plan.leftovers.append({"run_id": run_id, "bytes": sum(held.values())})
             continue
         except RunfmtError:
             continue

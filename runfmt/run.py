@@ -209,8 +209,8 @@ def interrupts_held() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if held:
-            signal.raise_signal(held[0])
+        if held:  # the stronger, when both came
+            signal.raise_signal(signal.SIGTERM if signal.SIGTERM in held else held[0])
 
 
 def create_revision(run: Storage, revision: int, data: bytes) -> bool:

@@ -14,6 +14,7 @@ import pytest
 from runfmt.check import verify_run
 from runfmt.format import names
 from runfmt.gc import delete_planned, plan_gc
+from runfmt.run import interrupts_held
 from runfmt.storage import Storage
 from runfmt.store import Store
 from runfmt.sync import sync
@@ -173,6 +174,16 @@ def test_files_a_fork_shares_count_once_and_free_nothing_while_it_stays(
     shutil.move(Path(store.url) / "fork", Path(store.url) / ".fork-killed")  # a killed build's
     assert [(e.run_id, e.bytes) for e in plan_gc(store, max_size=0).delete] == [
         ("src", chosen.bytes)]  # fmt: skip
+    fork = shutil.move(Path(store.url) / ".fork-killed", Path(store.url) / "fork")
+    shutil.rmtree(fork / "_manifests")  # what a delete cut short leaves
+    (fork / "manifest.json").unlink()
+    (fork / names.DELETING_FILE).write_bytes(b"")
+    plan = plan_gc(store, max_size=0)
+    assert [x["run_id"] for x in plan.leftovers] == ["fork"]
+    assert [(e.run_id, e.bytes) for e in plan.delete] == [("src", chosen.bytes)]
+    (fork / names.DELETING_FILE).unlink()  # a copy under way holds its files too
+    assert [(e.run_id, e.bytes) for e in plan_gc(store, max_size=0).delete] == [
+        ("src", chosen.bytes)]  # fmt: skip
 
 
 def test_a_delete_cut_short_is_listed_with_its_size_and_left_alone(
@@ -277,3 +288,25 @@ def test_ctrl_c_and_sigterm_wait_for_the_run_being_deleted_to_be_gone(
 
 def _raise(exc: BaseException) -> None:
     raise exc
+
+
+def test_ctrl_c_and_sigterm_both_held_deliver_sigterm() -> None:
+    """Both came while a delete or commit held them: the command ends as terminated."""
+
+    class Terminated(Exception):
+        pass
+
+    def stop(received: int, frame: object) -> None:
+        raise Terminated
+
+    def both() -> None:
+        with interrupts_held():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Terminated):
+            both()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
