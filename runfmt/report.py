@@ -212,13 +212,15 @@ def build_report(
 
 
 def _number(value: float | None, digits: int) -> str:
-    """``digits`` decimals, but no more digits in all than the 15 a float holds; under 1 in
-    magnitude, as many as ``digits`` significant digits take (a small cost or rate never
-    shows as zero), in exponent form past 6 more."""
+    """``digits`` decimals, but no more digits in all than the 15 a float holds (in exponent
+    form from 1e15 on); under 1 in magnitude, as many as ``digits`` significant digits take
+    (a small cost or rate never shows as zero), in exponent form past 6 more."""
     if value is None:
         return ""
     if isinstance(value, int):
         return str(value)
+    if abs(value) >= 1e15:
+        return f"{value:.15g}"
     decimals = digits
     if 0 < abs(value) < 1:
         decimals = max(digits, 1) - 1 - math.floor(math.log10(abs(value)))

@@ -209,6 +209,10 @@ def test_large_values_show_no_digits_past_a_floats_precision(store: Store) -> No
     row = text.splitlines()[-1]
     assert "| 123456789012346 |" in row
     assert "| 1.500 |" in row
+    with store.create_run("huger", heartbeat_interval=None) as w:
+        w.extend("score", [{"p": 1.7e308}, {"p": 1.7e308}])
+    text = render(build_report([store.open_run(w.run_id)], "score", ["p"]), "md", digits=3)
+    assert "| 1.7e+308 |" in text.splitlines()[-1]
 
 
 def test_means_are_exact_and_finite_whatever_the_values(store: Store) -> None:
