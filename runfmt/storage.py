@@ -839,10 +839,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def check_url(url: str) -> None:
     """Refuse ``s3:/bucket`` and ``s3:bucket`` (a URL missing a slash would name a local
-    folder ``s3:``), a protocol fsspec does not know, and a URL naming no folder or bucket
-    (``file://`` would be the working directory)."""
+    folder ``s3:``), a protocol fsspec does not know, a URL naming no folder or bucket
+    (``file://`` would be the working directory), and a chained one (``simplecache::``)."""
+    if "::" in url:
+        raise InvalidInputError(
+            f"{url!r} chains filesystems (fsspec's `::`), which runfmt does not",
+            hint="give the store's own URL, such as s3://bucket/runs",
+        )
     scheme, sep, rest = url.partition("://")
-    if sep and "::" not in url:
+    if sep:
         known = known_implementations.keys() | registry.keys()
         if scheme not in known:
             lower = scheme.lower() in known

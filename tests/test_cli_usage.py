@@ -86,7 +86,8 @@ def test_a_url_with_one_slash_is_bad_usage(
 @pytest.mark.parametrize(
     ("url", "message"),
     [("bogus://x/runs", "unknown protocol 'bogus'"), ("file://", "names no folder or bucket"),
-     ("memory:///", "names no folder or bucket"), ("S3://b/runs", "write s3://b/runs")],
+     ("memory:///", "names no folder or bucket"), ("S3://b/runs", "write s3://b/runs"),
+     ("simplecache::s3://b/runs", "chains filesystems")],
 )  # fmt: skip
 def test_a_url_of_no_known_protocol_or_with_no_path_is_refused(url: str, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
