@@ -7,6 +7,7 @@ server that cannot start skips those tests; with it, they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -133,6 +134,11 @@ def s3_options(s3_endpoint: str) -> dict[str, Any]:
         "key": DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
         "secret": DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
     }
+
+
+def cli_options(options: dict[str, Any]) -> list[str]:
+    """``options`` as the CLI takes them: ``-oKEY=VALUE``, a dict value as JSON."""
+    return [f"-o{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in options.items()]
 
 
 @pytest.fixture

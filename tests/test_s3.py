@@ -23,6 +23,7 @@ from runfmt.format import names
 from runfmt.storage import Storage
 from runfmt.store import Store
 from runfmt.sync import sync
+from tests.fixtures_s3 import cli_options
 from tests.test_cli import run_main
 
 SECRET = "s3cr3t-value-never-shown"
@@ -205,7 +206,7 @@ def test_commands_work_on_a_bucket(
     assert len(listed) == 1
     run_id = listed[0]["run_id"]
     runner = CliRunner()
-    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+    opts = cli_options(s3_options)
 
     def invoke(*args: str, code: int = 0) -> str:
         result = runner.invoke(app, ["-s", s3_url, *opts, *args])
@@ -237,7 +238,7 @@ def test_reading_from_a_bucket_fetches_only_what_it_needs(
             writer.extend(stage, [{"i": i, "stage": stage} for i in range(50)])
     reader = store.open_run(writer.run_id)
     runner = CliRunner()
-    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+    opts = cli_options(s3_options)
     served = s3_requests()
     assert runner.invoke(app, ["-s", s3_url, *opts, "show", writer.run_id]).exit_code == 0
     assert not [r for r in s3_requests()[len(served) :] if "/stages/" in r]
@@ -267,7 +268,7 @@ def test_a_walk_leaves_no_listing_behind_for_exists_to_trust(
 def test_ls_tells_a_missing_bucket_from_an_empty_store(
     s3_url: str, s3_options: dict[str, Any]
 ) -> None:
-    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+    opts = cli_options(s3_options)
     for url, said in (
         (
             "s3://no-such-bucket-runfmt/runs",
@@ -294,7 +295,7 @@ def test_an_unreachable_endpoint_is_no_missing_bucket(
     with pytest.raises(StorageError) as failed:
         Storage(s3_url, down).missing()
     assert "no such bucket" not in str(failed.value)
-    opts = [f"-o{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in down.items()]
+    opts = cli_options(down)
     for command in (["verify"], ["gc", "--keep-last", "1"], ["index", "rebuild"]):
         code, _, err = run_main(["-s", s3_url, *opts, *command], monkeypatch, capsys)
         assert code == 1, command
@@ -316,7 +317,7 @@ def test_a_run_folder_in_a_bucket_is_no_store_to_write_to(
     for inside in (folder, f"{folder}/stages/gen"):
         with pytest.raises(InvalidInputError, match=f"run folder {folder}, not a store|is a run"):
             Store(inside, s3_options).create_run("other")
-    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+    opts = cli_options(s3_options)
     for command in (["demo"], ["fork", writer.run_id, "gen"]):
         code, _, err = run_main(["-s", folder, *opts, *command], monkeypatch, capsys)
         assert code == 2, (command, err)
@@ -346,7 +347,7 @@ def test_writing_to_a_missing_bucket_names_it(
     with pytest.raises(StorageError, match="no such bucket 'no-such-bucket-runfmt'") as e:
         store.create_run("x")
     assert "create it first" in e.value.hint
-    opts = [f"-o{k}={v}" for k, v in s3_options.items()]
+    opts = cli_options(s3_options)
     code, _, err = run_main(["-s", "s3://no-such-bucket-runfmt/runs", *opts, "demo"],
                             monkeypatch, capsys)  # fmt: skip
     assert code == 1
@@ -378,7 +379,7 @@ def test_a_run_url_read_from_a_local_store_takes_its_storage_options(
     url = f"{s3_url}/{w.run_id}"
     reader = Store(tmp_path / "runs", s3_options).open_run(url)
     assert [r["i"] for r in reader.records("score")] == [1]
-    opts = [f"-o{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in s3_options.items()]
+    opts = cli_options(s3_options)
     monkeypatch.chdir(tmp_path)
     code, out, err = run_main([*opts, "show", url], monkeypatch, capsys)
     assert code == 0, err

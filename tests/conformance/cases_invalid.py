@@ -235,29 +235,20 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     del c.files[c.artifact("report.txt", b"x")]
     c.doc["artifacts"][0]["path"] = "artifacts/../../outside.txt"
     c.outside["outside.txt"] = b"x"
-    c = invalid(
-        "artifact-device-name",
-        "An artifact named 'aux.txt', a device name on Windows.",
-        ["MAN-6", "NAME-5"],
-        "ManifestError",
-    )
-    c.artifact("aux.txt", b"x")
-    c = invalid(
-        "artifact-name-not-ascii",
-        "An artifact named with the Kelvin sign (U+212A), which case-folds to 'k': "
-        "artifact names take ASCII letters only.",
-        ["MAN-6", "NAME-5"],
-        "ManifestError",
-    )
-    c.artifact("\u212aelvin.txt", b"x")
-    c = invalid(
-        "case-colliding-paths",
-        "Artifacts 'Report.txt' and 'report.txt' collide on case-insensitive filesystems.",
-        ["MAN-7"],
-        "ManifestError",
-    )
-    c.artifact("Report.txt", b"A")
-    c.artifact("report.txt", b"b")
+    for name, description, rules, artifacts in (
+        ("artifact-device-name", "An artifact named 'aux.txt', a device name on Windows.",
+         ["MAN-6", "NAME-5"], {"aux.txt": b"x"}),
+        ("artifact-name-not-ascii",
+         "An artifact named with the Kelvin sign (U+212A), which case-folds to 'k': "
+         "artifact names take ASCII letters only.",
+         ["MAN-6", "NAME-5"], {"\u212aelvin.txt": b"x"}),
+        ("case-colliding-paths",
+         "Artifacts 'Report.txt' and 'report.txt' collide on case-insensitive filesystems.",
+         ["MAN-7"], {"Report.txt": b"A", "report.txt": b"b"}),
+    ):  # fmt: skip
+        c = invalid(name, description, rules, "ManifestError")
+        for artifact, data in artifacts.items():
+            c.artifact(artifact, data)
 
     # layout
     c = invalid(
