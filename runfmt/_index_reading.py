@@ -555,12 +555,11 @@ def scan_file(
     """(key, frame start, frame end, line) of the non-failure keyed records of ``file`` from
     ``start`` to its listed length. A header that does not carry the stage's declaration
     makes the file unreadable, as to every reader (FRAME-2)."""
-    from runfmt.format.frames import DataFrame, FrameDecoder
+    from runfmt.format.frames import DECLARATION_DIFFERS, DataFrame, FrameDecoder, declares
     from runfmt.format.records import decode_lines, is_failure, record_key
 
     decoder = FrameDecoder(start=start)
     remaining = file.bytes - start
-    declared = (file.stage, file.key_field, file.record_schema_version)
     with source.open_range(run_id, file.path, start) as stream:
         while remaining:
             chunk = stream.read(min(1 << 20, remaining))
@@ -569,12 +568,10 @@ def scan_file(
             remaining -= len(chunk)
             for event in decoder.decode(chunk):
                 if not isinstance(event, DataFrame):
-                    found = tuple(map(event.get, ("stage", "key_field", "record_schema_version")))
-                    if found != declared:
-                        raise StageFileError(
-                            "header record schema version or key field differs from the "
-                            "stage's (FRAME-2)"
-                        )
+                    if event.get("stage") != file.stage:
+                        raise StageFileError("header names another stage (FRAME-2)")
+                    if not declares(event, file.record_schema_version, file.key_field):
+                        raise StageFileError(f"{DECLARATION_DIFFERS} (FRAME-2)")
                     continue
                 for line, record in enumerate(decode_lines(event.content)):
                     key = record_key(record, file.key_field)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from runfmt.format.records import Record, decode_lines
 
 __all__ = [
     "COUNTERS_MAGIC",
+    "DECLARATION_DIFFERS",
     "HEADER_MAGIC",
     "MAX_FRAME_CONTENT",
     "MAX_HEADER_SIZE",
@@ -34,6 +35,7 @@ __all__ = [
     "FrameDecoder",
     "FrameEncoder",
     "Header",
+    "declares",
     "decode_counters",
     "decode_header",
     "encode_counters",
@@ -123,6 +125,19 @@ def decode_counters(body: bytes) -> dict[str, float | int]:
     ):  # fmt: skip
         raise StageFileError('counter frame is not {"counters": {name: number, ...}} (FRAME-6)')
     return counters
+
+
+DECLARATION_DIFFERS = "header record schema version or key field differs from the stage's"
+
+
+def declares(
+    header: Mapping[str, object], record_schema_version: str, key_field: str | None
+) -> bool:
+    """Whether a stage file's header carries its stage's declaration (FRAME-2)."""
+    return (header.get("record_schema_version"), header.get("key_field")) == (
+        record_schema_version,
+        key_field,
+    )
 
 
 def decode_header(body: bytes) -> Header:

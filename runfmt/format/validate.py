@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from runfmt.errors import InvalidInputError, StageFileError, UnsupportedFormatError
 from runfmt.format import names
-from runfmt.format.frames import DataFrame, FrameDecoder
+from runfmt.format.frames import DECLARATION_DIFFERS, DataFrame, FrameDecoder, declares
 from runfmt.format.manifest import (
     FileEntry,
     Manifest,
@@ -86,11 +86,8 @@ def header_problem(
     name, parsed = names.parse_stage_file(path)
     if (header["stage"], header["writer"], header["seq"]) != (name, parsed.writer, parsed.seq):
         return "header names another stage or writer than the file name", "FRAME-2"
-    if stage is not None and (header["record_schema_version"], header["key_field"]) != (
-        stage.record_schema_version,
-        stage.key_field,
-    ):
-        return "header record schema version or key field differs from the stage's", "FRAME-2"
+    if stage is not None and not declares(header, stage.record_schema_version, stage.key_field):
+        return DECLARATION_DIFFERS, "FRAME-2"
     return None
 
 
