@@ -857,7 +857,10 @@ def check_url(url: str) -> None:
                 else "fsspec knows file, memory, s3, gs, az, … (some need their package)",
             )  # fmt: skip
         if not rest.strip("/"):
-            raise InvalidInputError(f"{url!r} names no folder or bucket")
+            raise InvalidInputError(
+                f"{url!r} names no folder or bucket",
+                hint="give one, such as file:///data/runs or s3://bucket/runs",
+            )
     found = _SHORT_URL.match(url)
     scheme = found[1].lower() if found else "file"
     if scheme not in ("file", "local") and scheme in fsspec.available_protocols():

@@ -152,6 +152,8 @@ class _Plan:
     debris: list[str] = field(default_factory=list)
     """Files at a destination with no revision (or one being replaced) that the new revision
     does not list, left by an interrupted sync or removal: deleted before it is published."""
+    leftover: bool = False
+    """DST holds files but no revision: what an interrupted sync or delete left."""
     forced: bool = False
     checked: bool = False
     """DST held SRC's manifest already and ``force`` had every file checked (SYNC-4)."""
@@ -422,6 +424,7 @@ class _Engine:
                 location=dst.where(),
                 hint="move them away, or sync to another folder",
             )
+        plan.leftover = bool(files) and not plan.dst_revisions
         old = self._check_ancestry(plan, src, dst) if plan.dst_revisions else None
         if old is not None:
             plan.result.action = "update"
@@ -500,7 +503,7 @@ class _Engine:
         # made, not copied: it follows from the manifest (CHECK-3)
         sums = sums_of(manifest, plan.src_bytes) if manifest.finished else None
         shown = bool(plan.dst_revisions)
-        if not shown:  # a folder a delete left is being filled again: no longer a leftover
+        if plan.leftover:  # a folder a gc left is filled again: no longer gc's leftover
             dst.delete(names.DELETING_FILE)
         if shown or sums is None:  # an interruption leaves no SHA256SUMS, never a stale one
             dst.delete(names.SUMS_FILE)
