@@ -558,15 +558,6 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     c.manifest_json = b""
 
     c = invalid(
-        "uncommitted-frames",
-        "Complete frames appended after the last "
-        "commit (a crash before the next revision): repair salvages them.",
-        ["COMMIT-8"],
-        repairable=True,
-    )
-    path = c.doc["stages"][0]["files"][0]["path"]
-    c.files[path] += data_frame([GEN[2]]) + data_frame([{"key": "k1:q4", "late": True}])
-    c = invalid(
         "uncommitted-frames-with-counters",
         "Two flushes after the last commit, each a counter frame before its data frame; "
         "the second data frame is torn: repair salvages the first flush's record and "
@@ -582,24 +573,18 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         + counter_frame(b'{"counters":{"tokens":100}}')
         + data_frame([{"key": "k1:q4", "late": True}])[:-5]
     )
-    c = invalid(
-        "torn-tail",
-        "A frame cut short after the last commit: repair "
-        "cuts it off, keeping the committed records.",
-        ["COMMIT-8"],
-        repairable=True,
-    )
-    path = c.doc["stages"][0]["files"][0]["path"]
-    c.files[path] += data_frame([GEN[2]])[:-6]
-    c = invalid(
-        "uncommitted-frame-then-zeros",
-        "After the last commit, a whole frame and then 4096 zero bytes (what a power "
-        "loss can leave): repair salvages the frame and cuts the zeros.",
-        ["COMMIT-8"],
-        repairable=True,
-    )
-    path = c.doc["stages"][0]["files"][0]["path"]
-    c.files[path] += data_frame([GEN[2]]) + bytes(4096)
+    for name, description, tail in (
+        ("uncommitted-frames", "Complete frames appended after the last commit (a crash "
+         "before the next revision): repair salvages them.",
+         data_frame([GEN[2]]) + data_frame([{"key": "k1:q4", "late": True}])),
+        ("torn-tail", "A frame cut short after the last commit: repair cuts it off, keeping "
+         "the committed records.", data_frame([GEN[2]])[:-6]),
+        ("uncommitted-frame-then-zeros", "After the last commit, a whole frame and then 4096 "
+         "zero bytes (what a power loss can leave): repair salvages the frame and cuts the "
+         "zeros.", data_frame([GEN[2]]) + bytes(4096)),
+    ):  # fmt: skip
+        c = invalid(name, description, ["COMMIT-8"], repairable=True)
+        c.files[c.doc["stages"][0]["files"][0]["path"]] += tail
     c = invalid(
         "unlisted-stage-file",
         "A stage file that no revision lists (a "
