@@ -573,17 +573,21 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
         + counter_frame(b'{"counters":{"tokens":100}}')
         + data_frame([{"key": "k1:q4", "late": True}])[:-5]
     )
-    for name, description, tail in (
+    for name, description, rules, tail in (
         ("uncommitted-frames", "Complete frames appended after the last commit (a crash "
-         "before the next revision): repair salvages them.",
+         "before the next revision): repair salvages them.", ["COMMIT-8"],
          data_frame([GEN[2]]) + data_frame([{"key": "k1:q4", "late": True}])),
         ("torn-tail", "A frame cut short after the last commit: repair cuts it off, keeping "
-         "the committed records.", data_frame([GEN[2]])[:-6]),
+         "the committed records.", ["COMMIT-8"], data_frame([GEN[2]])[:-6]),
         ("uncommitted-frame-then-zeros", "After the last commit, a whole frame and then 4096 "
          "zero bytes (what a power loss can leave): repair salvages the frame and cuts the "
-         "zeros.", data_frame([GEN[2]]) + bytes(4096)),
+         "zeros.", ["COMMIT-8"], data_frame([GEN[2]]) + bytes(4096)),
+        ("uncommitted-frame-with-a-bad-key", "After the last commit, a frame holding a record "
+         "whose key field is an empty string, which no writer may write: repair salvages the "
+         "frame before it and cuts the rest.", ["COMMIT-8", "REC-6"],
+         data_frame([GEN[2]]) + data_frame([{"key": ""}]) + data_frame([{"key": "k1:q5"}])),
     ):  # fmt: skip
-        c = invalid(name, description, ["COMMIT-8"], repairable=True)
+        c = invalid(name, description, rules, repairable=True)
         c.files[c.doc["stages"][0]["files"][0]["path"]] += tail
     c = invalid(
         "unlisted-stage-file",
@@ -654,18 +658,6 @@ def invalid_cases() -> list[tuple[Case, dict[str, Any]]]:
     for name in ("z/plot.PNG", "b.tar.gz", "a.yml", "c.jsonl"):
         c.artifact(name, name.encode())
     c.doc["artifacts"] = []
-    c = invalid(
-        "uncommitted-frame-with-a-bad-key",
-        "After the last commit, a frame holding a record whose key field is an empty "
-        "string, which no writer may write: repair salvages the frame before it and cuts "
-        "the rest.",
-        ["COMMIT-8", "REC-6"],
-        repairable=True,
-    )
-    path = c.doc["stages"][0]["files"][0]["path"]
-    c.files[path] += (
-        data_frame([GEN[2]]) + data_frame([{"key": ""}]) + data_frame([{"key": "k1:q5"}])
-    )
     c = invalid(
         "newest-revision-corrupt",
         "The newest revision is not JSON "
